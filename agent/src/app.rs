@@ -1,0 +1,279 @@
+//! Wiring: starts the coordinator's and the agent's long-lived tasks, and stops them along one shutdown path.
+//!
+//! Every task gets the same cancellation token and runs on one task tracker,
+//! so a shutdown cancels them all, waits up to the grace period, then reports
+//! whether it was graceful. This module owns no protocol or policy.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::cluster::{ClusterTask, ClusterView, EVENTS_PER_NODE, SharedView};
+use crate::config::Config;
+use crate::gateway::{self, GatewayState};
+use crate::history::{History, HistoryError};
+use crate::identity::{self, ClusterToken, IdentityError, NodeId};
+use crate::join::{self, JoinError, JoinParams};
+use crate::membership::{self, Membership};
+use crate::telemetry::Sampler;
+
+/// The coordinator's history database, inside the data directory.
+pub const HISTORY_FILE: &str = "coordinator.db";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error(transparent)]
+    History(#[from] HistoryError),
+    #[error("cannot listen on {address} ({what}): {source}")]
+    Bind {
+        what: &'static str,
+        address: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Usage(String),
+}
+
+/// How a shutdown ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Shutdown {
+    Graceful,
+    /// The grace period ran out with tasks still running.
+    Forced,
+}
+
+impl Shutdown {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Graceful => "graceful",
+            Self::Forced => "forced",
+        }
+    }
+}
+
+/// A running coordinator.
+#[derive(Debug)]
+pub struct CoordinatorHandle {
+    pub gateway_address: SocketAddr,
+    pub cluster_address: SocketAddr,
+    pub token: ClusterToken,
+    pub data_dir: PathBuf,
+    view: SharedView,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+    history: History,
+}
+
+impl CoordinatorHandle {
+    /// The current cluster snapshot.
+    pub fn view(&self) -> Arc<ClusterView> {
+        self.view.load_full()
+    }
+
+    /// Stops accepting work, closes agent connections, drains the history writer.
+    pub async fn shutdown(self, grace: Duration) -> Shutdown {
+        self.shutdown.cancel();
+        self.tasks.close();
+        let outcome = match tokio::time::timeout(grace, self.tasks.wait()).await {
+            Ok(()) => Shutdown::Graceful,
+            Err(_) => Shutdown::Forced,
+        };
+        // The cluster task has stopped (or been abandoned), so the history gets no more records: drain it.
+        if tokio::time::timeout(grace, self.history.close())
+            .await
+            .is_err()
+        {
+            return Shutdown::Forced;
+        }
+        outcome
+    }
+}
+
+/// Starts a coordinator: history, cluster task, cluster port and HTTP gateway.
+pub async fn start_coordinator(config: &Config) -> Result<CoordinatorHandle, StartError> {
+    let data_dir = config.data_dir.clone();
+    identity::ensure_private_dir(&data_dir)?;
+    let token = ClusterToken::load_or_create(&data_dir)?;
+    let settings = &config.coordinator;
+    let history_path = data_dir.join(HISTORY_FILE);
+    let retention = settings.event_retention.get();
+    let (history, remembered) = tokio::task::spawn_blocking(move || {
+        History::open(&history_path, retention, EVENTS_PER_NODE)
+    })
+    .await
+    .map_err(|error| StartError::Usage(format!("history start-up panicked: {error}")))??;
+    if !remembered.nodes.is_empty() {
+        tracing::info!(
+            nodes = remembered.nodes.len(),
+            "remembered nodes from the history; down until they reconnect"
+        );
+    }
+
+    let cluster_listener = bind(settings.cluster_bind, "cluster port").await?;
+    let gateway_listener = bind(settings.gateway_bind, "gateway").await?;
+    let cluster_address = local_address(&cluster_listener, settings.cluster_bind);
+    let gateway_address = local_address(&gateway_listener, settings.gateway_bind);
+
+    let shutdown = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    let cluster_task = ClusterTask::new(
+        remembered,
+        history.sender(),
+        settings.down_after_missed.get(),
+    );
+    let view = cluster_task.view();
+    let (events_sender, events) = mpsc::channel(1024);
+    tasks.spawn(cluster_task.run(events, shutdown.clone()));
+
+    let membership = Arc::new(Membership::new(
+        token.clone(),
+        events_sender,
+        settings.handshake_timeout,
+        settings.down_after_missed.get(),
+        u64::from(settings.max_cluster_connections.get()),
+        shutdown.clone(),
+    ));
+    let gateway_state = Arc::new(GatewayState::new(
+        Arc::clone(&view),
+        gateway_address,
+        cluster_address,
+        Arc::clone(&membership.connections),
+        history.dropped(),
+    ));
+    tasks.spawn(membership::serve(
+        cluster_listener,
+        membership,
+        tasks.clone(),
+    ));
+    tasks.spawn(gateway::serve(
+        gateway_listener,
+        Arc::clone(&gateway_state),
+        shutdown.clone(),
+    ));
+    gateway_state.ready.store(true, Ordering::Release);
+    tracing::info!(address = %gateway_address, "gateway listening");
+    tracing::info!(address = %cluster_address, "cluster port listening");
+    if !gateway_address.ip().is_loopback() {
+        tracing::warn!(address = %gateway_address, "the gateway is reachable from other machines and has no API key yet");
+    }
+    Ok(CoordinatorHandle {
+        gateway_address,
+        cluster_address,
+        token,
+        data_dir,
+        view,
+        shutdown,
+        tasks,
+        history,
+    })
+}
+
+/// A running agent.
+#[derive(Debug)]
+pub struct AgentHandle {
+    pub node_id: NodeId,
+    shutdown: CancellationToken,
+    task: JoinHandle<Result<(), JoinError>>,
+}
+
+impl AgentHandle {
+    /// Says goodbye to the coordinator and stops.
+    pub async fn stop(self, grace: Duration) -> Result<Shutdown, JoinError> {
+        self.shutdown.cancel();
+        let mut task = self.task;
+        match tokio::time::timeout(grace, &mut task).await {
+            Ok(Ok(result)) => result.map(|()| Shutdown::Graceful),
+            Ok(Err(_)) => Ok(Shutdown::Forced),
+            Err(_) => {
+                task.abort();
+                Ok(Shutdown::Forced)
+            }
+        }
+    }
+
+    /// Stops at once without a goodbye, as a crash would.
+    pub fn abort(self) {
+        self.task.abort();
+    }
+
+    /// Waits until the agent ends by itself (a refusal it cannot recover from) or is stopped.
+    pub async fn finished(&mut self) -> Result<(), JoinError> {
+        match (&mut self.task).await {
+            Ok(result) => result,
+            Err(_) => Ok(()),
+        }
+    }
+}
+
+/// Starts an agent that joins `address` with `token`.
+pub async fn start_agent(
+    config: &Config,
+    address: String,
+    token: ClusterToken,
+) -> Result<AgentHandle, StartError> {
+    identity::ensure_private_dir(&config.data_dir)?;
+    let node_id = NodeId::load_or_create(&config.data_dir)?;
+    let agent = &config.agent;
+    let models_dir = agent.models_dir.clone();
+    let ollama_url = agent.ollama_url.clone();
+    let sampler =
+        tokio::task::spawn_blocking(move || Sampler::detect(models_dir, ollama_url.as_deref()))
+            .await
+            .map_err(|error| StartError::Usage(format!("hardware detection panicked: {error}")))?;
+    tracing::debug!(?sampler, "hardware probes");
+    let params = JoinParams {
+        address,
+        token,
+        node_id: node_id.clone(),
+        node_name: agent.name.clone(),
+        heartbeat_interval: agent.heartbeat_interval,
+        initial_backoff: agent.reconnect_initial_backoff,
+        max_backoff: agent.reconnect_max_backoff,
+    };
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(join::run(params, sampler, shutdown.clone()));
+    Ok(AgentHandle {
+        node_id,
+        shutdown,
+        task,
+    })
+}
+
+/// The agent settings `sollol agent` needs: where to join and with which token.
+pub fn join_target(config: &Config) -> Result<(String, ClusterToken), StartError> {
+    let address = config.agent.join.clone().ok_or_else(|| {
+        StartError::Usage(
+            "`agent.join` is required: pass --join HOST:PORT (printed by `sollol up`)".to_owned(),
+        )
+    })?;
+    let token = config.agent.token.as_deref().ok_or_else(|| {
+        StartError::Usage("`agent.token` is required: pass --token TOKEN (printed by `sollol up` and `sollol token`)".to_owned())
+    })?;
+    let token = ClusterToken::parse(token)
+        .map_err(|error| StartError::Usage(format!("`agent.token`: {error}")))?;
+    Ok((address, token))
+}
+
+async fn bind(address: SocketAddr, what: &'static str) -> Result<TcpListener, StartError> {
+    TcpListener::bind(address)
+        .await
+        .map_err(|source| StartError::Bind {
+            what,
+            address,
+            source,
+        })
+}
+
+fn local_address(listener: &TcpListener, requested: SocketAddr) -> SocketAddr {
+    listener.local_addr().unwrap_or(requested)
+}

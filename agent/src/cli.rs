@@ -1,0 +1,613 @@
+//! The command line: argument definitions, the config sources they give, and what each command does.
+//!
+//! Exit codes: 0 success, 64 bad usage or configuration, 1 start-up or run-time failure.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use sollol_shared::BUILD_VERSION;
+use sollol_shared::api::{API_PREFIX, ClusterSummary, Node, NodeList};
+use sollol_shared::protocol::PROTOCOL_VERSION;
+
+use crate::app::{self, StartError};
+use crate::config::{self, Config, ConfigSources, RawConfig};
+use crate::http_client::HttpClient;
+use crate::identity::ClusterToken;
+
+/// Exit code for bad usage or configuration (BSD `EX_USAGE`).
+pub const EXIT_USAGE: u8 = 64;
+/// Exit code for a failure to start or run.
+pub const EXIT_FAILURE: u8 = 1;
+
+const API_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// sollol: one endpoint in front of all your Ollama nodes.
+#[derive(Debug, Parser)]
+#[command(name = "sollol", version, about, long_about = None, propagate_version = true)]
+pub struct Cli {
+    /// Config file (TOML). Default: `sollol/config.toml` in the platform config directory. Env: SOLLOL_CONFIG.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Data directory (token, node id, history). Env: SOLLOL_DATA_DIR.
+    #[arg(long, global = true, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Log filter, e.g. `info` or `sollol=debug`. Env: SOLLOL_LOG.
+    #[arg(long, global = true, value_name = "FILTER")]
+    pub log_level: Option<String>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Start a coordinator and a local agent in one process, and print how other nodes join.
+    Up {
+        #[command(flatten)]
+        coordinator: CoordinatorArgs,
+        #[command(flatten)]
+        agent: AgentArgs,
+    },
+    /// Start a coordinator only.
+    Coordinator {
+        #[command(flatten)]
+        coordinator: CoordinatorArgs,
+    },
+    /// Start an agent that joins a coordinator and reports this machine.
+    Agent {
+        /// The coordinator's cluster address, HOST:PORT. Env: SOLLOL_JOIN.
+        #[arg(long, value_name = "HOST:PORT")]
+        join: Option<String>,
+        /// The cluster token (`sollol token` on the coordinator prints it). Env: SOLLOL_TOKEN.
+        #[arg(long, value_name = "TOKEN")]
+        token: Option<String>,
+        #[command(flatten)]
+        agent: AgentArgs,
+    },
+    /// Show the cluster summary of a running coordinator.
+    Status(ClientArgs),
+    /// List the nodes a running coordinator knows.
+    Nodes(ClientArgs),
+    /// Print this coordinator's cluster token (created on first start).
+    Token,
+    /// Print the effective configuration and where each value comes from.
+    PrintConfig,
+    /// Print the build and protocol versions.
+    Version,
+}
+
+#[derive(Debug, Args)]
+pub struct CoordinatorArgs {
+    /// HTTP gateway address. Env: SOLLOL_GATEWAY_BIND. Default 127.0.0.1:11435.
+    #[arg(long, value_name = "IP:PORT")]
+    pub gateway_bind: Option<String>,
+    /// Address agents join on. Env: SOLLOL_CLUSTER_BIND. Default 0.0.0.0:11436.
+    #[arg(long, value_name = "IP:PORT")]
+    pub cluster_bind: Option<String>,
+    /// Heartbeats missed before a node is down. Env: SOLLOL_DOWN_AFTER_MISSED. Default 3.
+    #[arg(long, value_name = "N")]
+    pub down_after_missed: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// Name shown for this node. Env: SOLLOL_NODE_NAME. Default: the host name.
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+    /// Report interval, e.g. 2s. Env: SOLLOL_HEARTBEAT_INTERVAL. Default 2s.
+    #[arg(long, value_name = "DURATION")]
+    pub heartbeat_interval: Option<String>,
+    /// This node's Ollama, http://HOST:PORT. Env: SOLLOL_OLLAMA_URL. Default: http://127.0.0.1:11434 if it answers.
+    #[arg(long, value_name = "URL")]
+    pub ollama_url: Option<String>,
+    /// Model directory. Env: SOLLOL_MODELS_DIR. Default: DATA_DIR/models.
+    #[arg(long, value_name = "DIR")]
+    pub models_dir: Option<PathBuf>,
+    /// Cap of the reconnect backoff, e.g. 30s. Env: SOLLOL_RECONNECT_MAX_BACKOFF.
+    #[arg(long, value_name = "DURATION")]
+    pub reconnect_max_backoff: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ClientArgs {
+    /// The coordinator's HTTP address. Env: SOLLOL_COORDINATOR_URL. Default: from coordinator.gateway_bind.
+    #[arg(long, value_name = "URL")]
+    pub url: Option<String>,
+    /// Print JSON (the API's own) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Parses arguments; on `--help`/`--version` prints and gives exit code 0, on bad usage 64.
+pub fn parse() -> Result<Cli, ExitCode> {
+    Cli::try_parse().map_err(|error| {
+        let _ = error.print();
+        if error.use_stderr() {
+            ExitCode::from(EXIT_USAGE)
+        } else {
+            ExitCode::SUCCESS
+        }
+    })
+}
+
+impl Cli {
+    /// The config sources these arguments give, over the given environment.
+    pub fn config_sources(&self, env: BTreeMap<String, String>) -> ConfigSources {
+        let (file, file_is_explicit) = match (&self.config, env.get("SOLLOL_CONFIG")) {
+            (Some(path), _) => (Some(path.clone()), true),
+            (None, Some(path)) => (Some(PathBuf::from(path)), true),
+            (None, None) => (config::default_config_file(), false),
+        };
+        let mut cli = Vec::new();
+        let mut push = |key: &'static str, value: Option<String>| {
+            if let Some(value) = value {
+                cli.push((key, value));
+            }
+        };
+        push(
+            "data_dir",
+            self.data_dir
+                .as_ref()
+                .map(|path| path.display().to_string()),
+        );
+        push("log_level", self.log_level.clone());
+        match &self.command {
+            Command::Up { coordinator, agent } => {
+                coordinator.push_into(&mut push);
+                agent.push_into(&mut push);
+            }
+            Command::Coordinator { coordinator } => coordinator.push_into(&mut push),
+            Command::Agent { join, token, agent } => {
+                push("agent.join", join.clone());
+                push("agent.token", token.clone());
+                agent.push_into(&mut push);
+            }
+            Command::Status(client) | Command::Nodes(client) => {
+                push("coordinator_url", client.url.clone())
+            }
+            Command::Token | Command::PrintConfig | Command::Version => {}
+        }
+        ConfigSources {
+            file,
+            file_is_explicit,
+            env,
+            cli,
+        }
+    }
+}
+
+impl CoordinatorArgs {
+    fn push_into(&self, push: &mut impl FnMut(&'static str, Option<String>)) {
+        push("coordinator.gateway_bind", self.gateway_bind.clone());
+        push("coordinator.cluster_bind", self.cluster_bind.clone());
+        push(
+            "coordinator.down_after_missed",
+            self.down_after_missed.clone(),
+        );
+    }
+}
+
+impl AgentArgs {
+    fn push_into(&self, push: &mut impl FnMut(&'static str, Option<String>)) {
+        push("agent.name", self.name.clone());
+        push("agent.heartbeat_interval", self.heartbeat_interval.clone());
+        push("agent.ollama_url", self.ollama_url.clone());
+        push(
+            "agent.models_dir",
+            self.models_dir
+                .as_ref()
+                .map(|path| path.display().to_string()),
+        );
+        push(
+            "agent.reconnect_max_backoff",
+            self.reconnect_max_backoff.clone(),
+        );
+    }
+}
+
+/// Loads and validates the configuration; errors are usage errors.
+pub fn load_config(
+    cli: &Cli,
+    env: BTreeMap<String, String>,
+) -> Result<(RawConfig, Config), config::ConfigError> {
+    let raw = RawConfig::load(&cli.config_sources(env))?;
+    let config = Config::try_from(&raw)?;
+    Ok((raw, config))
+}
+
+/// Runs one command to completion.
+pub async fn run(command: Command, raw: &RawConfig, config: Config) -> ExitCode {
+    match command {
+        Command::Version => {
+            println!("sollol {BUILD_VERSION} (protocol v{PROTOCOL_VERSION})");
+            ExitCode::SUCCESS
+        }
+        Command::PrintConfig => {
+            print!("{}", raw.to_toml());
+            ExitCode::SUCCESS
+        }
+        Command::Token => match ClusterToken::load(&config.data_dir) {
+            Ok(Some(token)) => {
+                println!("{}", token.expose());
+                ExitCode::SUCCESS
+            }
+            Ok(None) => {
+                eprintln!(
+                    "error: no cluster token in {} yet; `sollol up` or `sollol coordinator` creates it on first start",
+                    config.data_dir.display()
+                );
+                ExitCode::from(EXIT_FAILURE)
+            }
+            Err(error) => fail(&error),
+        },
+        Command::Status(client) => status(&config, client.json).await,
+        Command::Nodes(client) => nodes(&config, client.json).await,
+        Command::Coordinator { .. } => serve(&config, false).await,
+        Command::Up { .. } => serve(&config, true).await,
+        Command::Agent { .. } => agent(&config).await,
+    }
+}
+
+async fn serve(config: &Config, with_agent: bool) -> ExitCode {
+    let coordinator = match app::start_coordinator(config).await {
+        Ok(coordinator) => coordinator,
+        Err(error) => return start_failed(&error),
+    };
+    let local_join = config::loopback_if_unspecified(coordinator.cluster_address).to_string();
+    let mut agent = if with_agent {
+        match app::start_agent(config, local_join, coordinator.token.clone()).await {
+            Ok(agent) => Some(agent),
+            Err(error) => {
+                coordinator.shutdown(config.shutdown_grace).await;
+                return start_failed(&error);
+            }
+        }
+    } else {
+        None
+    };
+    print!("{}", banner(&coordinator));
+    let agent_failed = async {
+        match agent.as_mut() {
+            Some(agent) => agent.finished().await,
+            None => std::future::pending().await,
+        }
+    };
+    let mut exit = ExitCode::SUCCESS;
+    tokio::select! {
+        signal = wait_for_signal() => tracing::info!(%signal, "shutting down"),
+        result = agent_failed => {
+            if let Err(error) = result {
+                tracing::error!(%error, "local agent stopped");
+                exit = ExitCode::from(EXIT_FAILURE);
+            }
+            agent = None;
+        }
+    }
+    let mut outcome = app::Shutdown::Graceful;
+    if let Some(agent) = agent {
+        if !matches!(
+            agent.stop(config.shutdown_grace).await,
+            Ok(app::Shutdown::Graceful)
+        ) {
+            outcome = app::Shutdown::Forced;
+        }
+    }
+    if coordinator.shutdown(config.shutdown_grace).await == app::Shutdown::Forced {
+        outcome = app::Shutdown::Forced;
+    }
+    tracing::info!(shutdown = outcome.as_str(), "stopped");
+    exit
+}
+
+async fn agent(config: &Config) -> ExitCode {
+    let (address, token) = match app::join_target(config) {
+        Ok(target) => target,
+        Err(error) => return start_failed(&error),
+    };
+    let mut agent = match app::start_agent(config, address.clone(), token).await {
+        Ok(agent) => agent,
+        Err(error) => return start_failed(&error),
+    };
+    tracing::info!(id = %agent.node_id, name = %config.agent.name, coordinator = %address, "agent started");
+    tokio::select! {
+        signal = wait_for_signal() => {
+            tracing::info!(%signal, "shutting down");
+            let outcome = match agent.stop(config.shutdown_grace).await {
+                Ok(outcome) => outcome,
+                Err(error) => return fail(&error),
+            };
+            tracing::info!(shutdown = outcome.as_str(), "stopped");
+            ExitCode::SUCCESS
+        }
+        result = agent.finished() => match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => fail(&error),
+        },
+    }
+}
+
+async fn status(config: &Config, json: bool) -> ExitCode {
+    let url = format!("{}{API_PREFIX}/cluster", config.coordinator_url);
+    match HttpClient::default()
+        .get_json::<ClusterSummary>(&url, API_TIMEOUT)
+        .await
+    {
+        Ok(summary) if json => print_json(&summary),
+        Ok(summary) => {
+            print!("{}", render_status(&summary));
+            ExitCode::SUCCESS
+        }
+        Err(error) => fail(&error),
+    }
+}
+
+async fn nodes(config: &Config, json: bool) -> ExitCode {
+    let url = format!("{}{API_PREFIX}/nodes", config.coordinator_url);
+    match HttpClient::default()
+        .get_json::<NodeList>(&url, API_TIMEOUT)
+        .await
+    {
+        Ok(list) if json => print_json(&list),
+        Ok(list) => {
+            print!(
+                "{}",
+                render_nodes(
+                    &list.nodes,
+                    crate::telemetry::unix_ms(std::time::SystemTime::now())
+                )
+            );
+            ExitCode::SUCCESS
+        }
+        Err(error) => fail(&error),
+    }
+}
+
+fn print_json<T: serde::Serialize>(value: &T) -> ExitCode {
+    match serde_json::to_string_pretty(value) {
+        Ok(text) => {
+            println!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(error) => fail(&error),
+    }
+}
+
+fn banner(coordinator: &app::CoordinatorHandle) -> String {
+    let gateway = config::loopback_if_unspecified(coordinator.gateway_address);
+    let cluster = coordinator.cluster_address;
+    let join_host = if cluster.ip().is_unspecified() {
+        crate::identity::host_name()
+    } else {
+        cluster.ip().to_string()
+    };
+    let mut text = String::new();
+    let _ = writeln!(text, "sollol {BUILD_VERSION} is running");
+    let _ = writeln!(text, "  Gateway:   http://{gateway}  (Ollama API)");
+    let _ = writeln!(text, "  Dashboard: http://{gateway}/dashboard/");
+    let _ = writeln!(text, "  Cluster:   {cluster}");
+    let _ = writeln!(text, "  Data:      {}", coordinator.data_dir.display());
+    let _ = writeln!(text, "Join other nodes with:");
+    let _ = writeln!(
+        text,
+        "  sollol agent --join {join_host}:{} --token {}",
+        cluster.port(),
+        coordinator.token.expose()
+    );
+    if cluster.ip().is_loopback() {
+        let _ = writeln!(
+            text,
+            "  (the cluster port is loopback-only; set coordinator.cluster_bind to accept other machines)"
+        );
+    }
+    text
+}
+
+/// `sollol status` as text.
+pub fn render_status(summary: &ClusterSummary) -> String {
+    let mut text = String::new();
+    let _ = writeln!(
+        text,
+        "coordinator  sollol {} (protocol v{}), up {}",
+        summary.build_version,
+        summary.protocol_version,
+        human_duration(summary.uptime_ms)
+    );
+    let _ = writeln!(text, "gateway      {}", summary.gateway_address);
+    let _ = writeln!(text, "cluster      {}", summary.cluster_address);
+    let _ = writeln!(
+        text,
+        "nodes        {} known: {} up, {} suspect, {} down, {} left",
+        summary.nodes_total,
+        summary.nodes_up,
+        summary.nodes_suspect,
+        summary.nodes_down,
+        summary.nodes_left
+    );
+    if summary.history_dropped > 0 {
+        let _ = writeln!(
+            text,
+            "warning      {} history records dropped (writer behind)",
+            summary.history_dropped
+        );
+    }
+    text
+}
+
+/// `sollol nodes` as a table.
+pub fn render_nodes(nodes: &[Node], now_ms: u64) -> String {
+    if nodes.is_empty() {
+        return "no nodes yet: start `sollol agent --join HOST:PORT --token TOKEN` on a machine\n"
+            .to_owned();
+    }
+    let header = [
+        "NAME",
+        "STATUS",
+        "CPU",
+        "LOAD",
+        "RAM USED/TOTAL",
+        "GPUS",
+        "TEMP",
+        "OLLAMA",
+        "LAST SEEN",
+        "ID",
+    ];
+    let rows: Vec<[String; 10]> = nodes
+        .iter()
+        .map(|node| {
+            let hardware = node.hardware.as_ref();
+            let cpu = hardware.map_or("-".to_owned(), |hw| {
+                format!("{} cores", hw.cpu.logical_cores)
+            });
+            let load = hardware.map_or("-".to_owned(), |hw| {
+                format!("{:.2}", hw.cpu.load_average[0])
+            });
+            let ram = hardware.map_or("-".to_owned(), |hw| {
+                let used = hw
+                    .memory
+                    .total_bytes
+                    .saturating_sub(hw.memory.available_bytes);
+                format!("{}/{}", gib(used), gib(hw.memory.total_bytes))
+            });
+            let gpus = hardware.map_or("-".to_owned(), |hw| {
+                if hw.gpus.is_empty() {
+                    "none".to_owned()
+                } else {
+                    hw.gpus
+                        .iter()
+                        .map(|gpu| {
+                            format!(
+                                "{} {}/{}",
+                                gpu.name,
+                                gib(gpu.vram_used_bytes),
+                                gib(gpu.vram_total_bytes)
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                }
+            });
+            let temperature = hardware
+                .and_then(|hw| {
+                    hw.temperatures
+                        .iter()
+                        .map(|reading| reading.celsius)
+                        .reduce(f32::max)
+                })
+                .map_or("-".to_owned(), |celsius| format!("{celsius:.0}°C"));
+            let ollama = match &node.ollama {
+                None => "-".to_owned(),
+                Some(state) if !state.reachable => "unreachable".to_owned(),
+                Some(state) => format!(
+                    "{} models, {} loaded",
+                    state.models.len(),
+                    state.loaded.len()
+                ),
+            };
+            let last_seen = format!(
+                "{} ago",
+                human_duration(now_ms.saturating_sub(node.last_seen_ms))
+            );
+            [
+                node.name.clone(),
+                node.status.as_str().to_owned(),
+                cpu,
+                load,
+                ram,
+                gpus,
+                temperature,
+                ollama,
+                last_seen,
+                node.id.chars().take(8).collect(),
+            ]
+        })
+        .collect();
+    let mut widths = header.map(|title| title.chars().count());
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut text = String::new();
+    let mut line = |cells: Vec<&str>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
+        let _ = writeln!(text, "{}", padded.join("  ").trim_end());
+    };
+    line(header.to_vec());
+    for row in &rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+    text
+}
+
+fn gib(bytes: u64) -> String {
+    format!("{:.1}G", bytes as f64 / (1024.0 * 1024.0 * 1024.0))
+}
+
+fn human_duration(ms: u64) -> String {
+    let seconds = ms / 1000;
+    match seconds {
+        0..60 => format!("{seconds}s"),
+        60..3600 => format!("{}m{}s", seconds / 60, seconds % 60),
+        3600..86400 => format!("{}h{}m", seconds / 3600, seconds % 3600 / 60),
+        _ => format!("{}d{}h", seconds / 86400, seconds % 86400 / 3600),
+    }
+}
+
+async fn wait_for_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut interrupt), Ok(mut terminate)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = interrupt.recv() => "SIGINT",
+        _ = terminate.recv() => "SIGTERM",
+    }
+}
+
+fn start_failed(error: &StartError) -> ExitCode {
+    match error {
+        StartError::Usage(message) => {
+            eprintln!("error: {message}");
+            ExitCode::from(EXIT_USAGE)
+        }
+        error => fail(error),
+    }
+}
+
+fn fail(error: &dyn std::fmt::Display) -> ExitCode {
+    eprintln!("error: {error}");
+    ExitCode::from(EXIT_FAILURE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_well() {
+        fn check(ms: u64, expected: &str) {
+            assert_eq!(human_duration(ms), expected);
+        }
+        check(999, "0s");
+        check(59_000, "59s");
+        check(61_000, "1m1s");
+        check(3_600_000 + 120_000, "1h2m");
+        check(90_000_000, "1d1h");
+    }
+
+    #[test]
+    fn empty_node_table_says_how_to_add_one() {
+        assert!(render_nodes(&[], 0).contains("sollol agent --join"));
+    }
+}

@@ -1,0 +1,421 @@
+//! The coordinator's live cluster view: one task owns the node table and publishes an immutable snapshot on every change.
+//!
+//! Connection tasks send [`ClusterEvent`]s; readers (HTTP handlers, later the
+//! router) load the current [`ClusterView`] from an `ArcSwap` and never take a
+//! lock. Health is judged by `health::status` on every tick. This module
+//! writes history records but never waits for them.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use arc_swap::ArcSwap;
+use sollol_shared::api::{Node, NodeEvent, NodeEventKind, NodeStatus};
+use sollol_shared::hardware::NodeReport;
+use sollol_shared::protocol::Hello;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::health::{self, Liveness};
+use crate::history::{HistorySender, Record, Remembered};
+use crate::telemetry::unix_ms;
+
+/// Events kept in memory per node for the API (the history keeps more).
+pub const EVENTS_PER_NODE: usize = 50;
+
+/// A node's row is written to the history at most this often while it only reports.
+const PERSIST_REPORTS_EVERY: Duration = Duration::from_secs(10);
+
+const ADDRESSES_KEPT: usize = 4;
+
+/// Identifies one TCP connection, so a stale connection's events are ignored after the node reconnects.
+pub type ConnectionId = u64;
+
+/// What connection tasks tell the cluster task.
+#[derive(Debug)]
+pub enum ClusterEvent {
+    Joined {
+        hello: Hello,
+        peer: SocketAddr,
+        connection: ConnectionId,
+        /// Cancelled by the cluster task to close this connection (when the node connects again elsewhere).
+        closer: CancellationToken,
+    },
+    Report {
+        node_id: String,
+        connection: ConnectionId,
+        report: Box<NodeReport>,
+    },
+    Goodbye {
+        node_id: String,
+        connection: ConnectionId,
+        reason: String,
+    },
+    Disconnected {
+        node_id: String,
+        connection: ConnectionId,
+        reason: String,
+    },
+}
+
+/// An immutable snapshot of every known node.
+#[derive(Debug, Default)]
+pub struct ClusterView {
+    /// Sorted by name, then id.
+    pub nodes: Vec<Arc<Node>>,
+    /// Newest first, per node id.
+    pub events: HashMap<String, Arc<Vec<NodeEvent>>>,
+}
+
+impl ClusterView {
+    pub fn node(&self, id: &str) -> Option<&Arc<Node>> {
+        self.nodes.iter().find(|node| node.id == id)
+    }
+
+    pub fn count(&self, status: NodeStatus) -> u32 {
+        let count = self
+            .nodes
+            .iter()
+            .filter(|node| node.status == status)
+            .count();
+        u32::try_from(count).unwrap_or(u32::MAX)
+    }
+}
+
+/// Shared read access to the current snapshot.
+pub type SharedView = Arc<ArcSwap<ClusterView>>;
+
+#[derive(Debug)]
+struct Entry {
+    node: Arc<Node>,
+    last_report: Option<Instant>,
+    connection: Option<(ConnectionId, CancellationToken)>,
+    events: VecDeque<NodeEvent>,
+    last_persisted: Option<Instant>,
+}
+
+/// Owns the node table; runs until `shutdown` is cancelled and every event sender is gone or the shutdown arrives.
+#[derive(Debug)]
+pub struct ClusterTask {
+    entries: HashMap<String, Entry>,
+    view: SharedView,
+    history: HistorySender,
+    down_after_missed: u32,
+}
+
+impl ClusterTask {
+    pub fn new(remembered: Remembered, history: HistorySender, down_after_missed: u32) -> Self {
+        let entries = remembered
+            .nodes
+            .into_iter()
+            .map(|(node, events)| {
+                let id = node.id.clone();
+                let entry = Entry {
+                    node: Arc::new(node),
+                    last_report: None,
+                    connection: None,
+                    events: events.into_iter().collect(),
+                    last_persisted: None,
+                };
+                (id, entry)
+            })
+            .collect();
+        let task = Self {
+            entries,
+            view: Arc::new(ArcSwap::from_pointee(ClusterView::default())),
+            history,
+            down_after_missed,
+        };
+        task.publish();
+        task
+    }
+
+    pub fn view(&self) -> SharedView {
+        Arc::clone(&self.view)
+    }
+
+    pub async fn run(
+        mut self,
+        mut events: mpsc::Receiver<ClusterEvent>,
+        shutdown: CancellationToken,
+    ) {
+        loop {
+            let tick = self.tick_interval();
+            tokio::select! {
+                event = events.recv() => match event {
+                    Some(event) => self.handle(event),
+                    None => break,
+                },
+                () = tokio::time::sleep(tick) => {
+                    if self.evaluate() {
+                        self.publish();
+                    }
+                }
+                () = shutdown.cancelled() => break,
+            }
+        }
+        // Persist the final state so a restarted coordinator starts from it.
+        for entry in self.entries.values() {
+            self.history
+                .record(Record::Node(Box::new((*entry.node).clone())));
+        }
+    }
+
+    fn handle(&mut self, event: ClusterEvent) {
+        let now = Instant::now();
+        let now_ms = unix_ms(SystemTime::now());
+        match event {
+            ClusterEvent::Joined {
+                hello,
+                peer,
+                connection,
+                closer,
+            } => self.joined(hello, peer, connection, closer, now, now_ms),
+            ClusterEvent::Report {
+                node_id,
+                connection,
+                report,
+            } => {
+                let Some(entry) = self.current(&node_id, connection) else {
+                    return;
+                };
+                entry.last_report = Some(now);
+                let node = Arc::make_mut(&mut entry.node);
+                node.last_seen_ms = now_ms;
+                node.hardware = Some(report.hardware);
+                node.ollama = report.ollama;
+                let persist = entry
+                    .last_persisted
+                    .is_none_or(|at| now.duration_since(at) >= PERSIST_REPORTS_EVERY);
+                if persist {
+                    entry.last_persisted = Some(now);
+                    let node = (*entry.node).clone();
+                    self.history.record(Record::Node(Box::new(node)));
+                }
+                // A report changes hardware figures even when no status changes.
+                self.evaluate();
+                self.publish();
+            }
+            ClusterEvent::Goodbye {
+                node_id,
+                connection,
+                reason,
+            } => {
+                let Some(entry) = self.current(&node_id, connection) else {
+                    return;
+                };
+                entry.connection = None;
+                let node = Arc::make_mut(&mut entry.node);
+                node.connected = false;
+                node.last_seen_ms = now_ms;
+                tracing::info!(node = %node.name, id = %node_id, %reason, "node left");
+                self.transition(
+                    &node_id,
+                    NodeStatus::Left,
+                    format!("said goodbye: {reason}"),
+                    now_ms,
+                );
+                self.publish();
+            }
+            ClusterEvent::Disconnected {
+                node_id,
+                connection,
+                reason,
+            } => {
+                let Some(entry) = self.current(&node_id, connection) else {
+                    return;
+                };
+                entry.connection = None;
+                Arc::make_mut(&mut entry.node).connected = false;
+                tracing::info!(id = %node_id, %reason, "node connection lost");
+                self.evaluate();
+                self.publish();
+            }
+        }
+    }
+
+    fn joined(
+        &mut self,
+        hello: Hello,
+        peer: SocketAddr,
+        connection: ConnectionId,
+        closer: CancellationToken,
+        now: Instant,
+        now_ms: u64,
+    ) {
+        let peer_text = peer.to_string();
+        let existing = self.entries.get_mut(&hello.node_id);
+        let (kind, detail) = match existing {
+            Some(entry) => {
+                if let Some((_, old_closer)) = entry.connection.take() {
+                    tracing::warn!(id = %hello.node_id, %peer, "node connected again; closing its previous connection");
+                    old_closer.cancel();
+                }
+                entry.connection = Some((connection, closer));
+                entry.last_report = Some(now);
+                entry.last_persisted = Some(now);
+                let node = Arc::make_mut(&mut entry.node);
+                node.name = hello.node_name.clone();
+                node.build_version = hello.build_version.clone();
+                node.protocol_version = hello.protocol_version;
+                node.heartbeat_interval_ms = hello.heartbeat_interval_ms;
+                node.last_seen_ms = now_ms;
+                node.connected = true;
+                node.addresses.retain(|address| address != &peer_text);
+                node.addresses.insert(0, peer_text.clone());
+                node.addresses.truncate(ADDRESSES_KEPT);
+                (NodeEventKind::Up, format!("reconnected from {peer_text}"))
+            }
+            None => {
+                let node = Node {
+                    id: hello.node_id.clone(),
+                    name: hello.node_name.clone(),
+                    status: NodeStatus::Up,
+                    addresses: vec![peer_text.clone()],
+                    build_version: hello.build_version.clone(),
+                    protocol_version: hello.protocol_version,
+                    first_seen_ms: now_ms,
+                    last_seen_ms: now_ms,
+                    heartbeat_interval_ms: hello.heartbeat_interval_ms,
+                    connected: true,
+                    hardware: None,
+                    ollama: None,
+                };
+                self.entries.insert(
+                    hello.node_id.clone(),
+                    Entry {
+                        node: Arc::new(node),
+                        last_report: Some(now),
+                        connection: Some((connection, closer)),
+                        events: VecDeque::new(),
+                        last_persisted: Some(now),
+                    },
+                );
+                (
+                    NodeEventKind::Joined,
+                    format!("joined from {peer_text} (sollol {})", hello.build_version),
+                )
+            }
+        };
+        tracing::info!(node = %hello.node_name, id = %hello.node_id, %peer, "node joined");
+        if let Some(entry) = self.entries.get_mut(&hello.node_id) {
+            Arc::make_mut(&mut entry.node).status = NodeStatus::Up;
+        }
+        self.push_event(&hello.node_id, kind, detail, now_ms);
+        self.persist(&hello.node_id);
+        self.publish();
+    }
+
+    /// Re-judges every node's health and records what changed; says whether anything did.
+    fn evaluate(&mut self) -> bool {
+        let now = Instant::now();
+        let now_ms = unix_ms(SystemTime::now());
+        let mut changes = Vec::new();
+        for (id, entry) in &self.entries {
+            let liveness = Liveness {
+                since_last_report: entry
+                    .last_report
+                    .map_or(Duration::MAX, |at| now.duration_since(at)),
+                heartbeat_interval: Duration::from_millis(entry.node.heartbeat_interval_ms),
+                connected: entry.connection.is_some(),
+                left: entry.node.status == NodeStatus::Left,
+            };
+            let status = health::status(liveness, self.down_after_missed);
+            if status != entry.node.status {
+                let detail = match status {
+                    NodeStatus::Up => "reporting again".to_owned(),
+                    NodeStatus::Suspect if !liveness.connected => "connection lost".to_owned(),
+                    _ => format!(
+                        "no report for {} ms (heartbeat every {} ms)",
+                        liveness.since_last_report.as_millis(),
+                        entry.node.heartbeat_interval_ms
+                    ),
+                };
+                changes.push((id.clone(), status, detail));
+            }
+        }
+        let changed = !changes.is_empty();
+        for (id, status, detail) in changes {
+            match status {
+                NodeStatus::Down => tracing::warn!(%id, %detail, "node down"),
+                _ => tracing::info!(%id, status = status.as_str(), %detail, "node status changed"),
+            }
+            self.transition(&id, status, detail, now_ms);
+        }
+        changed
+    }
+
+    fn transition(&mut self, id: &str, status: NodeStatus, detail: String, now_ms: u64) {
+        let Some(entry) = self.entries.get_mut(id) else {
+            return;
+        };
+        Arc::make_mut(&mut entry.node).status = status;
+        let kind = match status {
+            NodeStatus::Up => NodeEventKind::Up,
+            NodeStatus::Suspect => NodeEventKind::Suspect,
+            NodeStatus::Down => NodeEventKind::Down,
+            NodeStatus::Left => NodeEventKind::Left,
+        };
+        self.push_event(id, kind, detail, now_ms);
+        self.persist(id);
+    }
+
+    fn push_event(&mut self, id: &str, kind: NodeEventKind, detail: String, now_ms: u64) {
+        let Some(entry) = self.entries.get_mut(id) else {
+            return;
+        };
+        let event = NodeEvent {
+            at_ms: now_ms,
+            kind,
+            detail,
+        };
+        entry.events.push_front(event.clone());
+        entry.events.truncate(EVENTS_PER_NODE);
+        self.history.record(Record::Event {
+            node_id: id.to_owned(),
+            event,
+        });
+    }
+
+    fn persist(&self, id: &str) {
+        if let Some(entry) = self.entries.get(id) {
+            self.history
+                .record(Record::Node(Box::new((*entry.node).clone())));
+        }
+    }
+
+    /// The entry for `id` if `connection` is its current connection.
+    fn current(&mut self, id: &str, connection: ConnectionId) -> Option<&mut Entry> {
+        self.entries.get_mut(id).filter(
+            |entry| matches!(&entry.connection, Some((current, _)) if *current == connection),
+        )
+    }
+
+    fn publish(&self) {
+        let mut nodes: Vec<Arc<Node>> = self
+            .entries
+            .values()
+            .map(|entry| Arc::clone(&entry.node))
+            .collect();
+        nodes.sort_by(|a, b| a.name.cmp(&b.name).then_with(|| a.id.cmp(&b.id)));
+        let events = self
+            .entries
+            .iter()
+            .map(|(id, entry)| (id.clone(), Arc::new(entry.events.iter().cloned().collect())))
+            .collect();
+        self.view.store(Arc::new(ClusterView { nodes, events }));
+    }
+
+    /// A quarter of the shortest heartbeat interval, between 25 ms and 500 ms.
+    fn tick_interval(&self) -> Duration {
+        let shortest = self
+            .entries
+            .values()
+            .filter(|entry| entry.node.status != NodeStatus::Left)
+            .map(|entry| Duration::from_millis(entry.node.heartbeat_interval_ms))
+            .min()
+            .unwrap_or(Duration::from_secs(2));
+        (shortest / 4).clamp(Duration::from_millis(25), Duration::from_millis(500))
+    }
+}

@@ -1,0 +1,245 @@
+//! The coordinator's HTTP surface: Ollama's root probe, health, the sollol API and the dashboard.
+//!
+//! Handlers read the cluster snapshot and never wait on the history or the
+//! cluster task. Every error is Ollama's shape, `{"error": "..."}`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Instant, SystemTime};
+
+use axum::Json;
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use sollol_shared::BUILD_VERSION;
+use sollol_shared::api::{
+    API_PREFIX, ClusterSummary, ErrorBody, Node, NodeDetail, NodeList, NodeStatus, Readiness,
+};
+use sollol_shared::protocol::PROTOCOL_VERSION;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::cluster::SharedView;
+use crate::dashboard_assets;
+use crate::telemetry::unix_ms;
+
+/// What the handlers read.
+#[derive(Debug)]
+pub struct GatewayState {
+    pub view: SharedView,
+    pub ready: AtomicBool,
+    pub started_at: Instant,
+    pub started_at_ms: u64,
+    pub gateway_address: SocketAddr,
+    pub cluster_address: SocketAddr,
+    pub cluster_connections: Arc<AtomicU64>,
+    pub history_dropped: Arc<AtomicU64>,
+}
+
+impl GatewayState {
+    pub fn new(
+        view: SharedView,
+        gateway_address: SocketAddr,
+        cluster_address: SocketAddr,
+        cluster_connections: Arc<AtomicU64>,
+        history_dropped: Arc<AtomicU64>,
+    ) -> Self {
+        Self {
+            view,
+            ready: AtomicBool::new(false),
+            started_at: Instant::now(),
+            started_at_ms: unix_ms(SystemTime::now()),
+            gateway_address,
+            cluster_address,
+            cluster_connections,
+            history_dropped,
+        }
+    }
+}
+
+pub fn router(state: Arc<GatewayState>) -> Router {
+    Router::new()
+        .route("/", get(root))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route(&format!("{API_PREFIX}/cluster"), get(cluster))
+        .route(&format!("{API_PREFIX}/nodes"), get(nodes))
+        .route(&format!("{API_PREFIX}/nodes/{{id}}"), get(node))
+        .route("/dashboard", get(dashboard_redirect))
+        .route("/dashboard/", get(dashboard_index))
+        .route("/dashboard/{*path}", get(dashboard_file))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}
+
+/// Serves until `shutdown`, then finishes in-flight requests.
+pub async fn serve(listener: TcpListener, state: Arc<GatewayState>, shutdown: CancellationToken) {
+    let app = router(state);
+    if let Err(error) = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+    {
+        tracing::error!(%error, "gateway server failed");
+    }
+}
+
+/// An error answered in Ollama's shape.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(ErrorBody {
+                error: self.message,
+            }),
+        )
+            .into_response()
+    }
+}
+
+async fn root() -> &'static str {
+    "Ollama is running"
+}
+
+async fn healthz() -> Json<Readiness> {
+    Json(Readiness {
+        ready: true,
+        detail: "alive".to_owned(),
+    })
+}
+
+async fn readyz(State(state): State<Arc<GatewayState>>) -> Response {
+    if state.ready.load(Ordering::Acquire) {
+        Json(Readiness {
+            ready: true,
+            detail: "ready".to_owned(),
+        })
+        .into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(Readiness {
+                ready: false,
+                detail: "starting".to_owned(),
+            }),
+        )
+            .into_response()
+    }
+}
+
+async fn cluster(State(state): State<Arc<GatewayState>>) -> Json<ClusterSummary> {
+    let view = state.view.load();
+    Json(ClusterSummary {
+        build_version: BUILD_VERSION.to_owned(),
+        protocol_version: PROTOCOL_VERSION,
+        started_at_ms: state.started_at_ms,
+        uptime_ms: u64::try_from(state.started_at.elapsed().as_millis()).unwrap_or(u64::MAX),
+        gateway_address: state.gateway_address.to_string(),
+        cluster_address: state.cluster_address.to_string(),
+        nodes_total: u32::try_from(view.nodes.len()).unwrap_or(u32::MAX),
+        nodes_up: view.count(NodeStatus::Up),
+        nodes_suspect: view.count(NodeStatus::Suspect),
+        nodes_down: view.count(NodeStatus::Down),
+        nodes_left: view.count(NodeStatus::Left),
+        cluster_connections: state.cluster_connections.load(Ordering::Relaxed),
+        history_dropped: state.history_dropped.load(Ordering::Relaxed),
+    })
+}
+
+async fn nodes(State(state): State<Arc<GatewayState>>) -> Json<NodeList> {
+    let view = state.view.load();
+    Json(NodeList {
+        nodes: view.nodes.iter().map(|node| Node::clone(node)).collect(),
+    })
+}
+
+async fn node(
+    State(state): State<Arc<GatewayState>>,
+    Path(id): Path<String>,
+) -> Result<Json<NodeDetail>, ApiError> {
+    let view = state.view.load();
+    let node = view
+        .node(&id)
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("node {id:?} not found")))?;
+    let events = view
+        .events
+        .get(&id)
+        .map(|events| events.as_ref().clone())
+        .unwrap_or_default();
+    Ok(Json(NodeDetail {
+        node: Node::clone(node),
+        events,
+    }))
+}
+
+async fn dashboard_redirect() -> Response {
+    (
+        StatusCode::PERMANENT_REDIRECT,
+        [(header::LOCATION, "/dashboard/")],
+    )
+        .into_response()
+}
+
+async fn dashboard_index() -> Response {
+    dashboard_asset("index.html")
+}
+
+async fn dashboard_file(Path(path): Path<String>) -> Response {
+    dashboard_asset(&path)
+}
+
+fn dashboard_asset(path: &str) -> Response {
+    if dashboard_assets::ASSETS.is_empty() && path == "index.html" {
+        return (
+            [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+            NOT_BUILT_PAGE,
+        )
+            .into_response();
+    }
+    match dashboard_assets::ASSETS
+        .iter()
+        .find(|(name, _, _)| *name == path)
+    {
+        Some((_, content_type, bytes)) => {
+            ([(header::CONTENT_TYPE, *content_type)], *bytes).into_response()
+        }
+        None => ApiError::new(StatusCode::NOT_FOUND, format!("no dashboard file {path:?}"))
+            .into_response(),
+    }
+}
+
+const NOT_BUILT_PAGE: &str = "<!doctype html><html><head><meta charset=\"utf-8\"><title>sollol</title></head><body>\
+<h1>sollol dashboard not built</h1><p>This binary was compiled before the dashboard. Run <code>scripts/build-dashboard</code> \
+(or <code>scripts/up</code>, which builds everything) and rebuild sollol.</p></body></html>";
+
+async fn not_found(uri: Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!("no such endpoint: {}", uri.path()),
+    )
+}
+
+async fn method_not_allowed(uri: Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("method not allowed on {}", uri.path()),
+    )
+}

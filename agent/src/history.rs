@@ -1,0 +1,405 @@
+//! The coordinator's SQLite history: known nodes and their event log. Nothing else touches SQL.
+//!
+//! One writer thread owns the connection and writes batches in transactions.
+//! Callers hand it records with [`History::record`], which never waits: when
+//! the queue is full the record is dropped and counted. Reads happen once, at
+//! start-up, before the writer exists.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread::JoinHandle;
+
+use rusqlite::{Connection, OptionalExtension, params};
+use sollol_shared::api::{Node, NodeEvent, NodeEventKind, NodeStatus};
+use tokio::sync::mpsc;
+
+/// Migrations in order; `PRAGMA user_version` records how many have run.
+const MIGRATIONS: &[&str] = &[include_str!("../migrations/0001_nodes.sql")];
+
+const QUEUE_CAPACITY: usize = 4096;
+const MAX_BATCH: usize = 512;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HistoryError {
+    #[error("cannot open history database {}: {source}", .path.display())]
+    Open {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("history database {} has schema version {found}, newer than this build knows ({known}); upgrade sollol", .path.display())]
+    TooNew {
+        path: PathBuf,
+        found: i64,
+        known: usize,
+    },
+    #[error("history database error: {0}")]
+    Sql(#[from] rusqlite::Error),
+}
+
+/// One write for the history.
+#[derive(Clone, Debug)]
+pub enum Record {
+    /// Insert or update a node's row.
+    Node(Box<Node>),
+    Event {
+        node_id: String,
+        event: NodeEvent,
+    },
+}
+
+/// What the history remembered at start-up.
+#[derive(Debug, Default)]
+pub struct Remembered {
+    pub nodes: Vec<(Node, Vec<NodeEvent>)>,
+}
+
+/// Handle to the writer thread.
+#[derive(Debug)]
+pub struct History {
+    sender: mpsc::Sender<Record>,
+    dropped: Arc<AtomicU64>,
+    writer: JoinHandle<()>,
+}
+
+impl History {
+    /// Opens (or creates) the database, migrates it, reads what it remembers, and starts the writer.
+    pub fn open(
+        path: &Path,
+        event_retention: u32,
+        events_per_node: usize,
+    ) -> Result<(Self, Remembered), HistoryError> {
+        let mut connection = open_connection(path)?;
+        let remembered = read_remembered(&connection, events_per_node)?;
+        let (sender, receiver) = mpsc::channel(QUEUE_CAPACITY);
+        let writer = std::thread::Builder::new()
+            .name("sollol-history".to_owned())
+            .spawn(move || write_loop(&mut connection, receiver, event_retention))
+            .map_err(|error| HistoryError::Open {
+                path: path.to_owned(),
+                source: rusqlite::Error::ToSqlConversionFailure(Box::new(error)),
+            })?;
+        Ok((
+            Self {
+                sender,
+                dropped: Arc::new(AtomicU64::new(0)),
+                writer,
+            },
+            remembered,
+        ))
+    }
+
+    /// Queues a record without waiting; a full queue drops it and counts the drop.
+    pub fn record(&self, record: Record) {
+        if self.sender.try_send(record).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn dropped(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.dropped)
+    }
+
+    /// Another handle for queueing records; the writer finishes once every sender is gone.
+    pub fn sender(&self) -> HistorySender {
+        HistorySender {
+            sender: self.sender.clone(),
+            dropped: Arc::clone(&self.dropped),
+        }
+    }
+
+    /// Stops accepting records, writes everything queued and waits for the writer.
+    pub async fn close(self) {
+        let Self { sender, writer, .. } = self;
+        drop(sender);
+        let joined = tokio::task::spawn_blocking(move || writer.join()).await;
+        if !matches!(joined, Ok(Ok(()))) {
+            tracing::error!("history writer panicked; some records may be lost");
+        }
+    }
+}
+
+/// A cloneable way to queue records.
+#[derive(Clone, Debug)]
+pub struct HistorySender {
+    sender: mpsc::Sender<Record>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl HistorySender {
+    pub fn record(&self, record: Record) {
+        if self.sender.try_send(record).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+fn open_connection(path: &Path) -> Result<Connection, HistoryError> {
+    let open_error = |source| HistoryError::Open {
+        path: path.to_owned(),
+        source,
+    };
+    let mut connection = Connection::open(path).map_err(open_error)?;
+    connection
+        .pragma_update(None, "journal_mode", "WAL")
+        .map_err(open_error)?;
+    connection
+        .pragma_update(None, "synchronous", "NORMAL")
+        .map_err(open_error)?;
+    connection
+        .busy_timeout(std::time::Duration::from_secs(5))
+        .map_err(open_error)?;
+    migrate(&mut connection, path)?;
+    Ok(connection)
+}
+
+fn migrate(connection: &mut Connection, path: &Path) -> Result<(), HistoryError> {
+    let version: i64 = connection.pragma_query_value(None, "user_version", |row| row.get(0))?;
+    let applied = usize::try_from(version).unwrap_or(usize::MAX);
+    if applied > MIGRATIONS.len() {
+        return Err(HistoryError::TooNew {
+            path: path.to_owned(),
+            found: version,
+            known: MIGRATIONS.len(),
+        });
+    }
+    for (index, migration) in MIGRATIONS.iter().enumerate().skip(applied) {
+        let transaction = connection.transaction()?;
+        transaction.execute_batch(migration)?;
+        transaction.pragma_update(None, "user_version", (index + 1) as i64)?;
+        transaction.commit()?;
+        tracing::info!(version = index + 1, "history database migrated");
+    }
+    Ok(())
+}
+
+fn read_remembered(
+    connection: &Connection,
+    events_per_node: usize,
+) -> Result<Remembered, HistoryError> {
+    let mut statement = connection.prepare(
+        "SELECT id, name, addresses, build_version, protocol_version, heartbeat_interval_ms,
+                first_seen_ms, last_seen_ms, last_status, hardware, ollama
+         FROM nodes ORDER BY name, id",
+    )?;
+    let rows = statement.query_map([], |row| {
+        let addresses: String = row.get(2)?;
+        let status: String = row.get(8)?;
+        let hardware: Option<String> = row.get(9)?;
+        let ollama: Option<String> = row.get(10)?;
+        Ok(Node {
+            id: row.get(0)?,
+            name: row.get(1)?,
+            addresses: serde_json::from_str(&addresses).unwrap_or_default(),
+            build_version: row.get(3)?,
+            protocol_version: row.get(4)?,
+            heartbeat_interval_ms: row.get::<_, i64>(5)?.max(1) as u64,
+            first_seen_ms: row.get::<_, i64>(6)?.max(0) as u64,
+            last_seen_ms: row.get::<_, i64>(7)?.max(0) as u64,
+            status: if status == NodeStatus::Left.as_str() {
+                NodeStatus::Left
+            } else {
+                NodeStatus::Down
+            },
+            connected: false,
+            hardware: hardware.and_then(|json| serde_json::from_str(&json).ok()),
+            ollama: ollama.and_then(|json| serde_json::from_str(&json).ok()),
+        })
+    })?;
+    let nodes: Vec<Node> = rows.collect::<Result<_, _>>()?;
+    let mut events_statement = connection.prepare(
+        "SELECT at_ms, kind, detail FROM node_events WHERE node_id = ?1 ORDER BY id DESC LIMIT ?2",
+    )?;
+    let mut remembered = Remembered::default();
+    for node in nodes {
+        let events = events_statement
+            .query_map(params![node.id, events_per_node as i64], |row| {
+                let kind: String = row.get(1)?;
+                let at_ms = row.get::<_, i64>(0)?.max(0) as u64;
+                let detail: String = row.get(2)?;
+                Ok(NodeEventKind::parse(&kind).map(|kind| NodeEvent {
+                    at_ms,
+                    kind,
+                    detail,
+                }))
+            })?
+            .filter_map(|event| event.transpose())
+            .collect::<Result<Vec<_>, _>>()?;
+        remembered.nodes.push((node, events));
+    }
+    Ok(remembered)
+}
+
+fn write_loop(
+    connection: &mut Connection,
+    mut receiver: mpsc::Receiver<Record>,
+    event_retention: u32,
+) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while let Some(first) = receiver.blocking_recv() {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match receiver.try_recv() {
+                Ok(record) => batch.push(record),
+                Err(_) => break,
+            }
+        }
+        if let Err(error) = write_batch(connection, &batch, event_retention) {
+            tracing::error!(%error, records = batch.len(), "history write failed; batch lost");
+        }
+        batch.clear();
+    }
+    tracing::debug!("history writer drained");
+}
+
+fn write_batch(
+    connection: &mut Connection,
+    batch: &[Record],
+    event_retention: u32,
+) -> rusqlite::Result<()> {
+    let transaction = connection.transaction()?;
+    let mut wrote_events = false;
+    {
+        let mut upsert = transaction.prepare_cached(
+            "INSERT INTO nodes (id, name, addresses, build_version, protocol_version, heartbeat_interval_ms,
+                                first_seen_ms, last_seen_ms, last_status, hardware, ollama)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+             ON CONFLICT (id) DO UPDATE SET
+                name = excluded.name, addresses = excluded.addresses, build_version = excluded.build_version,
+                protocol_version = excluded.protocol_version, heartbeat_interval_ms = excluded.heartbeat_interval_ms,
+                last_seen_ms = excluded.last_seen_ms, last_status = excluded.last_status,
+                hardware = COALESCE(excluded.hardware, nodes.hardware), ollama = COALESCE(excluded.ollama, nodes.ollama)",
+        )?;
+        let mut insert_event = transaction.prepare_cached(
+            "INSERT INTO node_events (node_id, at_ms, kind, detail) VALUES (?1, ?2, ?3, ?4)",
+        )?;
+        for record in batch {
+            match record {
+                Record::Node(node) => {
+                    upsert.execute(params![
+                        node.id,
+                        node.name,
+                        serde_json::to_string(&node.addresses).unwrap_or_else(|_| "[]".to_owned()),
+                        node.build_version,
+                        node.protocol_version,
+                        node.heartbeat_interval_ms as i64,
+                        node.first_seen_ms as i64,
+                        node.last_seen_ms as i64,
+                        node.status.as_str(),
+                        node.hardware
+                            .as_ref()
+                            .and_then(|hardware| serde_json::to_string(hardware).ok()),
+                        node.ollama
+                            .as_ref()
+                            .and_then(|ollama| serde_json::to_string(ollama).ok()),
+                    ])?;
+                }
+                Record::Event { node_id, event } => {
+                    insert_event.execute(params![
+                        node_id,
+                        event.at_ms as i64,
+                        event.kind.as_str(),
+                        event.detail
+                    ])?;
+                    wrote_events = true;
+                }
+            }
+        }
+    }
+    if wrote_events {
+        let newest: Option<i64> = transaction
+            .query_row("SELECT MAX(id) FROM node_events", [], |row| row.get(0))
+            .optional()?
+            .flatten();
+        if let Some(newest) = newest {
+            transaction.execute(
+                "DELETE FROM node_events WHERE id <= ?1",
+                params![newest - i64::from(event_retention)],
+            )?;
+        }
+    }
+    transaction.commit()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(id: &str, status: NodeStatus) -> Node {
+        Node {
+            id: id.to_owned(),
+            name: format!("name-{id}"),
+            status,
+            addresses: vec!["127.0.0.1:1".to_owned()],
+            build_version: "0.1.0".to_owned(),
+            protocol_version: 1,
+            first_seen_ms: 10,
+            last_seen_ms: 20,
+            heartbeat_interval_ms: 2000,
+            connected: true,
+            hardware: Some(Default::default()),
+            ollama: None,
+        }
+    }
+
+    fn event(at_ms: u64, kind: NodeEventKind) -> Record {
+        Record::Event {
+            node_id: "a".to_owned(),
+            event: NodeEvent {
+                at_ms,
+                kind,
+                detail: String::new(),
+            },
+        }
+    }
+
+    #[tokio::test]
+    async fn survives_a_reopen_and_keeps_bounded_events() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("history.db");
+        let (history, remembered) = History::open(&path, 3, 10).expect("open");
+        assert!(remembered.nodes.is_empty());
+        history.record(Record::Node(Box::new(node("a", NodeStatus::Up))));
+        history.record(Record::Node(Box::new(node("b", NodeStatus::Left))));
+        for at_ms in 1..=5 {
+            history.record(event(at_ms, NodeEventKind::Up));
+        }
+        history.close().await;
+
+        let (history, remembered) = History::open(&path, 3, 10).expect("reopen");
+        let summary: Vec<(String, NodeStatus, bool, usize)> = remembered
+            .nodes
+            .iter()
+            .map(|(node, events)| (node.id.clone(), node.status, node.connected, events.len()))
+            .collect();
+        // Up nodes come back as down until they reconnect; left ones stay left. Only 3 events are kept.
+        assert_eq!(
+            summary,
+            vec![
+                ("a".to_owned(), NodeStatus::Down, false, 3),
+                ("b".to_owned(), NodeStatus::Left, false, 0)
+            ]
+        );
+        let newest_first: Vec<u64> = remembered.nodes[0]
+            .1
+            .iter()
+            .map(|event| event.at_ms)
+            .collect();
+        assert_eq!(newest_first, vec![5, 4, 3]);
+        assert!(remembered.nodes[0].0.hardware.is_some());
+        history.close().await;
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("history.db");
+        let connection = Connection::open(&path).expect("open");
+        connection
+            .pragma_update(None, "user_version", 99)
+            .expect("pragma");
+        drop(connection);
+        let error = History::open(&path, 10, 10).expect_err("too new");
+        assert!(error.to_string().contains("upgrade sollol"), "{error}");
+    }
+}

@@ -1,0 +1,297 @@
+//! The agent's side of the cluster: connect, prove the token, report every heartbeat, reconnect with backoff, say goodbye.
+//!
+//! A refusal that cannot heal by itself (wrong token, other protocol version)
+//! ends the agent with an error that names the reason; anything else (the
+//! coordinator restarting, the network dropping) is retried with capped,
+//! jittered exponential backoff.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand::Rng;
+use sollol_shared::BUILD_VERSION;
+use sollol_shared::protocol::{
+    AgentMessage, Auth, AuthReply, CoordinatorMessage, Hello, HelloReply, MAGIC, PROTOCOL_VERSION,
+    Refusal,
+};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::backoff::Backoff;
+use crate::identity::{ClusterToken, NodeId};
+use crate::telemetry::{self, Sampler};
+use crate::wire::{self, FrameError, ProofSide};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const GOODBYE_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum JoinError {
+    #[error("the coordinator at {address} refused this agent: {refusal}")]
+    Refused { address: String, refusal: Refusal },
+    #[error(
+        "the coordinator at {address} could not prove it holds the cluster token: wrong address, or the agent's token is not this cluster's"
+    )]
+    CoordinatorUnverified { address: String },
+    #[error("cannot resolve {address}: {reason}")]
+    Resolve { address: String, reason: String },
+    #[error("cannot connect to {address}: {reason}")]
+    Connect { address: String, reason: String },
+    #[error("connection to the coordinator at {address} lost: {reason}")]
+    Lost { address: String, reason: String },
+}
+
+impl JoinError {
+    /// Whether waiting and connecting again can succeed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Refused { refusal, .. } => refusal.code.is_retryable(),
+            Self::CoordinatorUnverified { .. } => false,
+            Self::Resolve { .. } | Self::Connect { .. } | Self::Lost { .. } => true,
+        }
+    }
+}
+
+/// Everything the agent needs to join and report.
+#[derive(Debug)]
+pub struct JoinParams {
+    /// The coordinator's cluster address, `HOST:PORT`.
+    pub address: String,
+    pub token: ClusterToken,
+    pub node_id: NodeId,
+    pub node_name: String,
+    pub heartbeat_interval: Duration,
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+/// Runs until `shutdown` (Ok, after a goodbye) or a refusal that retrying cannot fix (Err).
+pub async fn run(
+    params: JoinParams,
+    sampler: Sampler,
+    shutdown: CancellationToken,
+) -> Result<(), JoinError> {
+    let sampler = Arc::new(Mutex::new(sampler));
+    let mut backoff = Backoff::new(params.initial_backoff, params.max_backoff);
+    loop {
+        let mut welcomed = false;
+        let result = session(&params, &sampler, &shutdown, &mut welcomed).await;
+        if welcomed {
+            backoff.reset();
+        }
+        match result {
+            Ok(()) => return Ok(()),
+            Err(error) if !error.is_retryable() => {
+                tracing::error!(%error, "agent cannot join the cluster");
+                return Err(error);
+            }
+            Err(error) => {
+                let delay = backoff.next_delay(rand::rng().random::<f64>());
+                tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "not connected to the coordinator");
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = shutdown.cancelled() => return Ok(()),
+                }
+            }
+        }
+    }
+}
+
+async fn session(
+    params: &JoinParams,
+    sampler: &Arc<Mutex<Sampler>>,
+    shutdown: &CancellationToken,
+    welcomed: &mut bool,
+) -> Result<(), JoinError> {
+    let address = params.address.clone();
+    let lost = |reason: String| JoinError::Lost {
+        address: address.clone(),
+        reason,
+    };
+    let stream = tokio::select! {
+        stream = connect(&params.address) => stream?,
+        () = shutdown.cancelled() => return Ok(()),
+    };
+    let (mut reader, mut writer) = stream.into_split();
+    let handshake = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        handshake(params, &mut reader, &mut writer),
+    );
+    tokio::select! {
+        result = handshake => result.map_err(|_| lost("handshake timed out".to_owned()))??,
+        () = shutdown.cancelled() => return Ok(()),
+    }
+    *welcomed = true;
+    tracing::info!(coordinator = %params.address, node = %params.node_name, id = %params.node_id, "joined the cluster");
+
+    // Frames from the coordinator are read by their own task, so a heartbeat never interrupts a half-read frame.
+    let (incoming_sender, mut incoming) = mpsc::channel(4);
+    let read_task = tokio::spawn(async move {
+        loop {
+            let message = wire::read_message::<CoordinatorMessage, _>(&mut reader).await;
+            let end = message.is_err();
+            if incoming_sender.send(message).await.is_err() || end {
+                break;
+            }
+        }
+    });
+    let result = async {
+        let mut ticker = tokio::time::interval(params.heartbeat_interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {
+                    let report = sample(sampler).await;
+                    wire::write_message(&mut writer, &AgentMessage::Report(report))
+                        .await
+                        .map_err(|error| lost(error.to_string()))?;
+                }
+                message = incoming.recv() => match message {
+                    Some(Ok(CoordinatorMessage::Closing { reason })) => return Err(lost(format!("the coordinator is closing ({reason})"))),
+                    Some(Ok(CoordinatorMessage::Refused(refusal))) => return Err(JoinError::Refused { address: params.address.clone(), refusal }),
+                    Some(Err(error)) => return Err(lost(error.to_string())),
+                    None => return Err(lost("reader stopped".to_owned())),
+                },
+                () = shutdown.cancelled() => {
+                    say_goodbye(&mut writer).await;
+                    return Ok(());
+                }
+            }
+        }
+    }
+    .await;
+    read_task.abort();
+    result
+}
+
+async fn connect(address: &str) -> Result<TcpStream, JoinError> {
+    let resolved = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::lookup_host(address))
+        .await
+        .map_err(|_| JoinError::Resolve {
+            address: address.to_owned(),
+            reason: "timed out".to_owned(),
+        })?
+        .map_err(|error| JoinError::Resolve {
+            address: address.to_owned(),
+            reason: error.to_string(),
+        })?;
+    let mut last_error = "no addresses".to_owned();
+    for candidate in resolved {
+        match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(candidate)).await {
+            Ok(Ok(stream)) => {
+                let _ = stream.set_nodelay(true);
+                return Ok(stream);
+            }
+            Ok(Err(error)) => last_error = format!("{candidate}: {error}"),
+            Err(_) => last_error = format!("{candidate}: timed out"),
+        }
+    }
+    Err(JoinError::Connect {
+        address: address.to_owned(),
+        reason: last_error,
+    })
+}
+
+async fn handshake(
+    params: &JoinParams,
+    reader: &mut tokio::net::tcp::OwnedReadHalf,
+    writer: &mut OwnedWriteHalf,
+) -> Result<(), JoinError> {
+    let address = params.address.clone();
+    let lost = |error: FrameError| JoinError::Lost {
+        address: address.clone(),
+        reason: error.to_string(),
+    };
+    writer
+        .write_all(&MAGIC)
+        .await
+        .map_err(|error| lost(FrameError::Io(error)))?;
+    let hello = Hello {
+        protocol_version: PROTOCOL_VERSION,
+        build_version: BUILD_VERSION.to_owned(),
+        node_id: params.node_id.as_str().to_owned(),
+        node_name: params.node_name.clone(),
+        heartbeat_interval_ms: u64::try_from(params.heartbeat_interval.as_millis())
+            .unwrap_or(u64::MAX),
+    };
+    wire::write_message(writer, &hello).await.map_err(lost)?;
+    let challenge = match wire::read_message::<HelloReply, _>(reader)
+        .await
+        .map_err(lost)?
+    {
+        HelloReply::Challenge { nonce, .. } => nonce,
+        HelloReply::Refused(refusal) => {
+            return Err(JoinError::Refused {
+                address: params.address.clone(),
+                refusal,
+            });
+        }
+    };
+    let own_nonce = wire::nonce();
+    let auth = Auth {
+        proof: wire::proof(
+            &params.token,
+            ProofSide::Agent,
+            &challenge,
+            params.node_id.as_str(),
+        ),
+        nonce: own_nonce,
+    };
+    wire::write_message(writer, &auth).await.map_err(lost)?;
+    match wire::read_message::<AuthReply, _>(reader)
+        .await
+        .map_err(lost)?
+    {
+        AuthReply::Welcome { proof } => {
+            if wire::verify_proof(
+                &params.token,
+                ProofSide::Coordinator,
+                &own_nonce,
+                params.node_id.as_str(),
+                &proof,
+            ) {
+                Ok(())
+            } else {
+                Err(JoinError::CoordinatorUnverified {
+                    address: params.address.clone(),
+                })
+            }
+        }
+        AuthReply::Refused(refusal) => Err(JoinError::Refused {
+            address: params.address.clone(),
+            refusal,
+        }),
+    }
+}
+
+/// Samples hardware off the async workers (procfs reads, NVML calls) and Ollama over HTTP, concurrently.
+async fn sample(sampler: &Arc<Mutex<Sampler>>) -> sollol_shared::hardware::NodeReport {
+    let ollama_probe = match sampler.lock() {
+        Ok(sampler) => sampler.ollama_probe(),
+        Err(poisoned) => poisoned.into_inner().ollama_probe(),
+    };
+    let blocking_sampler = Arc::clone(sampler);
+    let hardware = tokio::task::spawn_blocking(move || match blocking_sampler.lock() {
+        Ok(mut sampler) => sampler.hardware(),
+        Err(poisoned) => poisoned.into_inner().hardware(),
+    });
+    let (hardware, ollama) = tokio::join!(hardware, ollama_probe.sample());
+    telemetry::report(hardware.unwrap_or_default(), ollama)
+}
+
+async fn say_goodbye(writer: &mut OwnedWriteHalf) {
+    let goodbye = AgentMessage::Goodbye {
+        reason: "agent shutting down".to_owned(),
+    };
+    let write = async {
+        wire::write_message(writer, &goodbye).await?;
+        writer.shutdown().await.map_err(FrameError::Io)
+    };
+    if tokio::time::timeout(GOODBYE_TIMEOUT, write).await.is_err() {
+        tracing::warn!("goodbye to the coordinator timed out");
+    }
+}

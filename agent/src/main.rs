@@ -1,0 +1,50 @@
+//! The `sollol` binary: parse arguments and configuration, start logging, build the runtime, run the command.
+
+use std::process::ExitCode;
+
+use sollol::cli::{self, EXIT_FAILURE, EXIT_USAGE};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = match cli::parse() {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
+    let env = std::env::vars()
+        .filter(|(name, _)| name.starts_with("SOLLOL_"))
+        .collect();
+    let (raw, config) = match cli::load_config(&cli, env) {
+        Ok(loaded) => loaded,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let filter = match EnvFilter::try_new(&config.log_level) {
+        Ok(filter) => filter,
+        Err(error) => {
+            eprintln!(
+                "error: invalid value {:?} for `log_level`: {error}",
+                config.log_level
+            );
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("sollol")
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    runtime.block_on(cli::run(cli.command, &raw, config))
+}

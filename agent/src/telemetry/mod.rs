@@ -1,0 +1,125 @@
+//! Hardware and Ollama probes: what the agent reports in every heartbeat. Probes never fail the agent.
+
+pub mod gpu;
+pub mod ollama;
+pub mod procfs;
+
+use std::path::PathBuf;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use sollol_shared::hardware::{HardwareReport, NodeReport};
+
+use self::gpu::GpuProbe;
+use self::ollama::OllamaProbe;
+use self::procfs::ProcFs;
+
+/// Takes samples of the machine: system figures from procfs, GPUs from whichever probes found hardware, Ollama over HTTP.
+pub struct Sampler {
+    procfs: ProcFs,
+    gpus: Vec<Box<dyn GpuProbe>>,
+    ollama: OllamaProbe,
+    models_dir: PathBuf,
+}
+
+impl std::fmt::Debug for Sampler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sampler")
+            .field("procfs", &self.procfs)
+            .field(
+                "gpus",
+                &self
+                    .gpus
+                    .iter()
+                    .map(|probe| probe.name())
+                    .collect::<Vec<_>>(),
+            )
+            .field("ollama", &self.ollama)
+            .field("models_dir", &self.models_dir)
+            .finish()
+    }
+}
+
+impl Sampler {
+    /// Probes the real machine.
+    pub fn detect(models_dir: PathBuf, ollama_url: Option<&str>) -> Self {
+        let procfs = ProcFs::new("/");
+        let gpus = gpu::detect(&procfs);
+        Self {
+            procfs,
+            gpus,
+            ollama: OllamaProbe::new(ollama_url),
+            models_dir,
+        }
+    }
+
+    /// The hardware part of a report. Blocking file IO (and NVML calls): run it off the async workers.
+    pub fn hardware(&mut self) -> HardwareReport {
+        HardwareReport {
+            cpu: self.procfs.cpu(),
+            memory: self.procfs.memory(),
+            disk: procfs::disk(&self.models_dir),
+            temperatures: self.procfs.temperatures(),
+            gpus: self
+                .gpus
+                .iter_mut()
+                .flat_map(|probe| probe.sample())
+                .collect(),
+        }
+    }
+
+    pub fn ollama_probe(&self) -> OllamaProbe {
+        self.ollama.clone()
+    }
+}
+
+/// Builds a report from a hardware sample and an Ollama sample taken now.
+pub fn report(
+    hardware: HardwareReport,
+    ollama: Option<sollol_shared::hardware::OllamaState>,
+) -> NodeReport {
+    NodeReport {
+        sampled_at_ms: unix_ms(SystemTime::now()),
+        hardware,
+        ollama,
+    }
+}
+
+pub fn unix_ms(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH)
+        .map(|since| u64::try_from(since.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// RAM figures agree with the kernel's own `sysinfo(2)` within 5%.
+    #[test]
+    fn ram_agrees_with_sysinfo() {
+        let mut sampler = Sampler::detect(std::env::temp_dir(), None);
+        let hardware = sampler.hardware();
+        let info = rustix::system::sysinfo();
+        let unit = u64::from(info.mem_unit.max(1));
+        let kernel_total = info.totalram as u64 * unit;
+        let kernel_free = (info.freeram as u64 + info.bufferram as u64) * unit;
+        let total = hardware.memory.total_bytes;
+        let ratio = total as f64 / kernel_total as f64;
+        assert!(
+            (0.95..=1.05).contains(&ratio),
+            "total {total} vs sysinfo {kernel_total}"
+        );
+        // Available memory counts reclaimable caches too, so it is at least free memory (less 5%) and at most the total.
+        assert!(
+            hardware.memory.available_bytes as f64
+                >= kernel_free as f64 * 0.95 - 64.0 * 1024.0 * 1024.0
+        );
+        assert!(hardware.memory.available_bytes <= total);
+        assert!(hardware.cpu.logical_cores >= 1);
+        assert_ne!(hardware.cpu.model, "");
+        assert!(hardware.disk.is_some());
+        // The second sample has a utilisation figure.
+        let second = sampler.hardware();
+        assert!(second.cpu.utilisation_percent.is_some());
+    }
+}

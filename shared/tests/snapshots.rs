@@ -1,0 +1,259 @@
+//! Snapshot tests: the JSON of each public API type, and the postcard compatibility rules of the protocol.
+//!
+//! Run with `UPDATE_SNAPSHOTS=1` to rewrite `snapshots/*.json` after a deliberate change.
+
+use std::path::PathBuf;
+
+use serde::Serialize;
+use sollol_shared::api::{
+    ClusterSummary, ErrorBody, Node, NodeDetail, NodeEvent, NodeEventKind, NodeList, NodeStatus,
+    Readiness,
+};
+use sollol_shared::hardware::{
+    CpuInfo, DiskInfo, GpuInfo, GpuVendor, HardwareReport, MemoryInfo, NodeReport,
+    OllamaLoadedModel, OllamaModel, OllamaState, TemperatureReading,
+};
+use sollol_shared::protocol::{
+    AgentMessage, Hello, HelloPrefix, HelloReply, PROTOCOL_VERSION, Refusal, RefusalCode,
+};
+
+fn check<T: Serialize>(name: &str, value: &T) {
+    let actual = serde_json::to_string_pretty(value).expect("serialize") + "\n";
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("snapshots/{name}.json"));
+    if std::env::var_os("UPDATE_SNAPSHOTS").is_some() {
+        std::fs::write(&path, &actual).expect("write snapshot");
+        return;
+    }
+    let expected = std::fs::read_to_string(&path).unwrap_or_else(|error| {
+        panic!(
+            "missing snapshot {}: {error}; run with UPDATE_SNAPSHOTS=1",
+            path.display()
+        )
+    });
+    assert_eq!(
+        actual, expected,
+        "JSON of {name} changed: review it, then run with UPDATE_SNAPSHOTS=1"
+    );
+}
+
+fn example_hardware() -> HardwareReport {
+    HardwareReport {
+        cpu: CpuInfo {
+            model: "AMD Ryzen 7 5800X 8-Core Processor".into(),
+            architecture: "x86_64".into(),
+            logical_cores: 16,
+            load_average: [0.5, 0.25, 0.125],
+            utilisation_percent: Some(12.5),
+        },
+        memory: MemoryInfo {
+            total_bytes: 34_359_738_368,
+            available_bytes: 17_179_869_184,
+            swap_total_bytes: 2_147_483_648,
+            swap_free_bytes: 2_147_483_648,
+        },
+        disk: Some(DiskInfo {
+            path: "/var/lib/sollol/models".into(),
+            total_bytes: 1_000_000_000_000,
+            available_bytes: 400_000_000_000,
+        }),
+        temperatures: vec![TemperatureReading {
+            sensor: "hwmon0 k10temp Tctl".into(),
+            celsius: 48.5,
+        }],
+        gpus: vec![GpuInfo {
+            vendor: GpuVendor::Nvidia,
+            index: 0,
+            name: "NVIDIA GeForce RTX 3060".into(),
+            vram_total_bytes: 12_884_901_888,
+            vram_used_bytes: 1_073_741_824,
+            utilisation_percent: Some(3.0),
+            temperature_celsius: Some(41.0),
+        }],
+    }
+}
+
+fn example_ollama() -> OllamaState {
+    OllamaState {
+        url: "http://127.0.0.1:11434".into(),
+        reachable: true,
+        error: None,
+        version: Some("0.12.3".into()),
+        models: vec![OllamaModel {
+            name: "smollm2:135m".into(),
+            size_bytes: 270_898_672,
+            digest: "9077fe9d2ae1a4a41a868836b56b8163731a8fe16621397028c2c76f838c6907".into(),
+            family: Some("llama".into()),
+            parameter_size: Some("134.52M".into()),
+            quantization_level: Some("F16".into()),
+        }],
+        loaded: vec![OllamaLoadedModel {
+            name: "smollm2:135m".into(),
+            size_bytes: 400_000_000,
+            vram_bytes: 400_000_000,
+            expires_at: Some("2026-11-28T12:05:00Z".into()),
+        }],
+    }
+}
+
+fn example_node() -> Node {
+    Node {
+        id: "5f0c2a9e7d4b41c8a3e1f6b2d9c07e15".into(),
+        name: "gpu-desktop".into(),
+        status: NodeStatus::Up,
+        addresses: vec!["192.0.2.10:51234".into()],
+        build_version: "0.1.0".into(),
+        protocol_version: 1,
+        first_seen_ms: 1_795_000_000_000,
+        last_seen_ms: 1_795_000_042_000,
+        heartbeat_interval_ms: 2000,
+        connected: true,
+        hardware: Some(example_hardware()),
+        ollama: Some(example_ollama()),
+    }
+}
+
+#[test]
+fn node_list_json() {
+    check(
+        "node_list",
+        &NodeList {
+            nodes: vec![example_node()],
+        },
+    );
+}
+
+#[test]
+fn node_detail_json() {
+    check(
+        "node_detail",
+        &NodeDetail {
+            node: example_node(),
+            events: vec![NodeEvent {
+                at_ms: 1_795_000_000_000,
+                kind: NodeEventKind::Joined,
+                detail: "from 192.0.2.10:51234".into(),
+            }],
+        },
+    );
+}
+
+#[test]
+fn cluster_summary_json() {
+    check(
+        "cluster_summary",
+        &ClusterSummary {
+            build_version: "0.1.0".into(),
+            protocol_version: 1,
+            started_at_ms: 1_795_000_000_000,
+            uptime_ms: 60_000,
+            gateway_address: "127.0.0.1:11435".into(),
+            cluster_address: "0.0.0.0:11436".into(),
+            nodes_total: 3,
+            nodes_up: 2,
+            nodes_suspect: 0,
+            nodes_down: 1,
+            nodes_left: 0,
+            cluster_connections: 2,
+            history_dropped: 0,
+        },
+    );
+}
+
+#[test]
+fn error_and_readiness_json() {
+    check(
+        "error",
+        &ErrorBody {
+            error: "node \"x\" not found".into(),
+        },
+    );
+    check(
+        "readiness",
+        &Readiness {
+            ready: true,
+            detail: "ready".into(),
+        },
+    );
+}
+
+#[test]
+fn node_event_kinds_round_trip_through_their_names() {
+    for kind in [
+        NodeEventKind::Joined,
+        NodeEventKind::Up,
+        NodeEventKind::Suspect,
+        NodeEventKind::Down,
+        NodeEventKind::Left,
+    ] {
+        assert_eq!(NodeEventKind::parse(kind.as_str()), Some(kind));
+        assert_eq!(
+            serde_json::to_string(&kind).expect("serialize"),
+            format!("\"{}\"", kind.as_str())
+        );
+    }
+    assert_eq!(NodeEventKind::parse("exploded"), None);
+}
+
+/// A hello from a later protocol version, with fields this build does not know, still yields its version.
+#[test]
+fn hello_prefix_reads_any_versions_hello() {
+    #[derive(Serialize)]
+    struct FutureHello {
+        protocol_version: u32,
+        build_version: String,
+        capabilities: Vec<String>,
+        weight: f64,
+    }
+    let bytes = postcard::to_stdvec(&FutureHello {
+        protocol_version: 7,
+        build_version: "9.0.0".into(),
+        capabilities: vec!["quantum".into()],
+        weight: 1.5,
+    })
+    .expect("encode");
+    let (prefix, _rest): (HelloPrefix, _) = postcard::take_from_bytes(&bytes).expect("prefix");
+    assert_eq!(
+        prefix,
+        HelloPrefix {
+            protocol_version: 7,
+            build_version: "9.0.0".into()
+        }
+    );
+
+    let hello = Hello {
+        protocol_version: PROTOCOL_VERSION,
+        build_version: "0.1.0".into(),
+        node_id: "n".into(),
+        node_name: "name".into(),
+        heartbeat_interval_ms: 2000,
+    };
+    let bytes = postcard::to_stdvec(&hello).expect("encode");
+    let (prefix, _rest): (HelloPrefix, _) = postcard::take_from_bytes(&bytes).expect("prefix");
+    assert_eq!(prefix.protocol_version, PROTOCOL_VERSION);
+}
+
+/// Refusals are variant 0 with a fixed shape: these bytes must never change.
+#[test]
+fn refusal_bytes_are_frozen() {
+    let refusal = Refusal {
+        code: RefusalCode::IncompatibleVersion,
+        message: "v".into(),
+    };
+    let bytes = postcard::to_stdvec(&HelloReply::Refused(refusal.clone())).expect("encode");
+    assert_eq!(bytes, vec![0, 3, 1, b'v']);
+    let decoded: HelloReply = postcard::from_bytes(&bytes).expect("decode");
+    assert_eq!(decoded, HelloReply::Refused(refusal));
+}
+
+#[test]
+fn reports_round_trip_through_postcard() {
+    let message = AgentMessage::Report(NodeReport {
+        sampled_at_ms: 1,
+        hardware: example_hardware(),
+        ollama: Some(example_ollama()),
+    });
+    let bytes = postcard::to_stdvec(&message).expect("encode");
+    assert!(bytes.len() < 1024, "a report is {} bytes", bytes.len());
+    let decoded: AgentMessage = postcard::from_bytes(&bytes).expect("decode");
+    assert_eq!(decoded, message);
+}
