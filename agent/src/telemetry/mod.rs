@@ -118,7 +118,8 @@ mod tests {
         assert!(hardware.cpu.logical_cores >= 1);
         assert_ne!(hardware.cpu.model, "");
         assert!(hardware.disk.is_some());
-        // The second sample has a utilisation figure.
+        // The second sample, a few clock ticks later, has a utilisation figure.
+        std::thread::sleep(std::time::Duration::from_millis(100));
         let second = sampler.hardware();
         assert!(second.cpu.utilisation_percent.is_some());
     }
