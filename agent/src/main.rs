@@ -1,5 +1,6 @@
 //! The `sollol` binary: parse arguments and configuration, start logging, build the runtime, run the command.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use sollol::cli::{self, EXIT_FAILURE, EXIT_USAGE};
@@ -32,6 +33,7 @@ fn main() -> ExitCode {
     };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
