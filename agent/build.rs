@@ -13,7 +13,7 @@ fn main() {
     println!("cargo:rerun-if-changed={}", dist.display());
     let mut files = Vec::new();
     if dist.join("index.html").is_file() {
-        collect(&dist, &dist, &mut files);
+        collect(&dist, &mut files);
         files.sort();
     }
     let mut code = String::from(
@@ -40,7 +40,7 @@ fn main() {
     std::fs::write(out, code).expect("write dashboard_assets.rs");
 }
 
-fn collect(root: &Path, dir: &Path, files: &mut Vec<PathBuf>) {
+fn collect(dir: &Path, files: &mut Vec<PathBuf>) {
     println!("cargo:rerun-if-changed={}", dir.display());
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
@@ -48,7 +48,7 @@ fn collect(root: &Path, dir: &Path, files: &mut Vec<PathBuf>) {
     for entry in entries.flatten() {
         let path = entry.path();
         if path.is_dir() {
-            collect(root, &path, files);
+            collect(&path, files);
         } else {
             files.push(path);
         }

@@ -176,10 +176,10 @@ fn nodes(gateway: &str) -> Option<NodeList> {
 fn wait_for_nodes(gateway: &str, what: &str, condition: impl Fn(&NodeList) -> bool) -> NodeList {
     let started = Instant::now();
     loop {
-        if let Some(list) = nodes(gateway) {
-            if condition(&list) {
-                return list;
-            }
+        if let Some(list) = nodes(gateway)
+            && condition(&list)
+        {
+            return list;
         }
         assert!(
             started.elapsed() < Duration::from_secs(20),

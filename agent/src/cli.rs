@@ -287,13 +287,13 @@ async fn serve(config: &Config, with_agent: bool) -> ExitCode {
         }
     }
     let mut outcome = app::Shutdown::Graceful;
-    if let Some(agent) = agent {
-        if !matches!(
+    if let Some(agent) = agent
+        && !matches!(
             agent.stop(config.shutdown_grace).await,
             Ok(app::Shutdown::Graceful)
-        ) {
-            outcome = app::Shutdown::Forced;
-        }
+        )
+    {
+        outcome = app::Shutdown::Forced;
     }
     if coordinator.shutdown(config.shutdown_grace).await == app::Shutdown::Forced {
         outcome = app::Shutdown::Forced;

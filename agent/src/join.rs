@@ -146,7 +146,7 @@ async fn session(
             tokio::select! {
                 _ = ticker.tick() => {
                     let report = sample(sampler).await;
-                    wire::write_message(&mut writer, &AgentMessage::Report(report))
+                    wire::write_message(&mut writer, &AgentMessage::Report(Box::new(report)))
                         .await
                         .map_err(|error| lost(error.to_string()))?;
                 }

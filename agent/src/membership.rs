@@ -185,7 +185,7 @@ async fn handle_connection(stream: TcpStream, peer: SocketAddr, membership: &Mem
                 let event = ClusterEvent::Report {
                     node_id: node_id.clone(),
                     connection,
-                    report: Box::new(report),
+                    report,
                 };
                 if membership.events.send(event).await.is_err() {
                     return;

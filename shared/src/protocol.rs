@@ -94,7 +94,7 @@ pub enum AuthReply {
 /// Frames the agent sends once it is welcomed.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum AgentMessage {
-    Report(NodeReport),
+    Report(Box<NodeReport>),
     /// The agent is stopping on purpose: the node is marked "left", not "down".
     Goodbye {
         reason: String,

@@ -247,11 +247,11 @@ fn refusal_bytes_are_frozen() {
 
 #[test]
 fn reports_round_trip_through_postcard() {
-    let message = AgentMessage::Report(NodeReport {
+    let message = AgentMessage::Report(Box::new(NodeReport {
         sampled_at_ms: 1,
         hardware: example_hardware(),
         ollama: Some(example_ollama()),
-    });
+    }));
     let bytes = postcard::to_stdvec(&message).expect("encode");
     assert!(bytes.len() < 1024, "a report is {} bytes", bytes.len());
     let decoded: AgentMessage = postcard::from_bytes(&bytes).expect("decode");
