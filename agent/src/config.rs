@@ -48,7 +48,7 @@ pub const KEYS: &[KeySpec] = &[
         key: "model_sharding_enabled",
         env: "SOLLOL_MODEL_SHARDING_ENABLED",
         default: Some("false"),
-        doc: "Kept from SOLLOL: allows distributed inference (a model's layers split across agents). Accepted and reported; distributed inference itself is not implemented yet.",
+        doc: "Kept from SOLLOL: allows distributed inference (a model's layers split across agents). Accepted and shown by `print-config`; distributed inference itself is not implemented yet, so it changes nothing today.",
     },
     KeySpec {
         key: "coordinator_url",

@@ -289,3 +289,94 @@ async fn agents_report_their_ollama() {
     agent.stop(Duration::from_secs(5)).await.expect("stop");
     coordinator.shutdown(Duration::from_secs(5)).await;
 }
+
+/// Sends a raw HTTP/1.1 request and returns the status code and body.
+async fn raw_http(address: std::net::SocketAddr, request: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("connect");
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut response))
+        .await
+        .expect("response in time")
+        .expect("read");
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .expect("status line");
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Ollama's root probe, health endpoints, and Ollama-shaped errors for everything else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_answers_like_ollama() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let coordinator = app::start_coordinator(&config(dir.path(), "c", &[]))
+        .await
+        .expect("coordinator");
+    let address = coordinator.gateway_address;
+    let request = |method: &str, path: &str| {
+        format!(
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+        )
+    };
+    fn check(actual: (u16, String), status: u16, body: &str) {
+        assert_eq!(actual.0, status, "{actual:?}");
+        assert!(actual.1.contains(body), "{actual:?} lacks {body:?}");
+    }
+    check(
+        raw_http(address, &request("GET", "/")).await,
+        200,
+        "Ollama is running",
+    );
+    check(raw_http(address, &request("HEAD", "/")).await, 200, "");
+    check(
+        raw_http(address, &request("GET", "/healthz")).await,
+        200,
+        "\"ready\":true",
+    );
+    check(
+        raw_http(address, &request("GET", "/readyz")).await,
+        200,
+        "\"ready\":true",
+    );
+    check(
+        raw_http(address, &request("GET", "/api/sollol/v1/nodes")).await,
+        200,
+        "{\"nodes\":[]}",
+    );
+    check(
+        raw_http(address, &request("GET", "/api/sollol/v1/nodes/nope")).await,
+        404,
+        "{\"error\":\"node \\\"nope\\\" not found\"}",
+    );
+    check(
+        raw_http(address, &request("GET", "/api/nothing")).await,
+        404,
+        "{\"error\":\"no such endpoint: /api/nothing\"}",
+    );
+    check(
+        raw_http(address, &request("POST", "/healthz")).await,
+        405,
+        "{\"error\":",
+    );
+    check(
+        raw_http(address, &request("GET", "/dashboard/nope.js")).await,
+        404,
+        "{\"error\":",
+    );
+    check(
+        raw_http(address, &request("GET", "/dashboard/")).await,
+        200,
+        "<html",
+    );
+    coordinator.shutdown(Duration::from_secs(5)).await;
+}

@@ -115,6 +115,27 @@ mod tests {
                 >= kernel_free as f64 * 0.95 - 64.0 * 1024.0 * 1024.0
         );
         assert!(hardware.memory.available_bytes <= total);
+        // And with /proc/meminfo read here, independently of the probe's parser.
+        let meminfo = std::fs::read_to_string("/proc/meminfo").expect("meminfo");
+        let kib = |name: &str| -> u64 {
+            let line = meminfo
+                .lines()
+                .find(|line| line.starts_with(name))
+                .expect("field");
+            line.split_whitespace()
+                .nth(1)
+                .expect("value")
+                .parse::<u64>()
+                .expect("number")
+                * 1024
+        };
+        let within_5_percent =
+            |ours: u64, theirs: u64| (ours as f64 - theirs as f64).abs() <= theirs as f64 * 0.05;
+        assert!(within_5_percent(total, kib("MemTotal:")));
+        assert!(within_5_percent(
+            hardware.memory.available_bytes,
+            kib("MemAvailable:")
+        ));
         assert!(hardware.cpu.logical_cores >= 1);
         assert_ne!(hardware.cpu.model, "");
         assert!(hardware.disk.is_some());
