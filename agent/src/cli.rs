@@ -226,7 +226,7 @@ pub async fn run(command: Command, raw: &RawConfig, config: Config) -> ExitCode 
             ExitCode::SUCCESS
         }
         Command::PrintConfig => {
-            print!("{}", raw.to_toml());
+            print!("{}", raw.to_toml(&config));
             ExitCode::SUCCESS
         }
         Command::Token => match ClusterToken::load(&config.data_dir) {

@@ -250,7 +250,8 @@ impl RawConfig {
     }
 
     /// The effective configuration as TOML, with each value's source; the token is masked.
-    pub fn to_toml(&self) -> String {
+    /// Keys left unset show the value derived for them in `config`, as comments.
+    pub fn to_toml(&self, config: &Config) -> String {
         let mut out = String::from("# Effective sollol configuration (value  # source)\n");
         let mut section = "";
         for spec in KEYS {
@@ -268,7 +269,12 @@ impl RawConfig {
                     };
                     out.push_str(&format!("{name} = {}  # {source}\n", toml_literal(&shown)));
                 }
-                None => out.push_str(&format!("# {name} is unset\n")),
+                None => match derived_value(config, spec.key) {
+                    Some(value) => {
+                        out.push_str(&format!("# {name} = {}  # derived\n", toml_literal(&value)))
+                    }
+                    None => out.push_str(&format!("# {name} is unset\n")),
+                },
             }
         }
         out
@@ -429,6 +435,18 @@ pub fn loopback_if_unspecified(address: SocketAddr) -> SocketAddr {
         });
     }
     address
+}
+
+/// What an unset key resolves to, for `print-config`.
+fn derived_value(config: &Config, key: &str) -> Option<String> {
+    match key {
+        "data_dir" => Some(config.data_dir.display().to_string()),
+        "coordinator_url" => Some(config.coordinator_url.clone()),
+        "agent.name" => Some(config.agent.name.clone()),
+        "agent.models_dir" => Some(config.agent.models_dir.display().to_string()),
+        "agent.ollama_url" => Some(crate::telemetry::ollama::DEFAULT_OLLAMA_URL.to_owned()),
+        _ => None,
+    }
 }
 
 fn spec_of(key: &str) -> &'static KeySpec {
@@ -789,7 +807,8 @@ mod tests {
             &[("agent.name", "board-1")],
         ))
         .expect("load");
-        let text = raw.to_toml();
+        let config = Config::try_from(&raw).expect("valid");
+        let text = raw.to_toml(&config);
         assert!(!text.contains("0123456789abcdef"), "{text}");
         assert!(
             text.contains("token = \"<set, hidden>\"  # env SOLLOL_TOKEN"),
@@ -800,6 +819,7 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("[coordinator]"), "{text}");
+        assert!(text.contains("# models_dir = \""), "{text}");
         // The printed file parses back as TOML.
         toml::from_str::<toml::Table>(&text).expect("print-config output is TOML");
     }
