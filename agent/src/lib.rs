@@ -12,6 +12,7 @@ pub mod http_client;
 pub mod identity;
 pub mod join;
 pub mod membership;
+pub mod routing;
 pub mod telemetry;
 pub mod wire;
 
