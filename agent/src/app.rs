@@ -22,7 +22,10 @@ use crate::gateway::{self, GatewayState};
 use crate::history::{History, HistoryError};
 use crate::identity::{self, ClusterToken, IdentityError, NodeId};
 use crate::join::{self, JoinError, JoinParams};
+use crate::learning::Learner;
 use crate::membership::{self, Membership};
+use crate::proxy::{Proxy, ProxySettings};
+use crate::routing::Priors;
 use crate::telemetry::Sampler;
 
 /// The coordinator's history database, inside the data directory.
@@ -69,6 +72,7 @@ pub struct CoordinatorHandle {
     pub token: ClusterToken,
     pub data_dir: PathBuf,
     view: SharedView,
+    gateway: Arc<GatewayState>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
     history: History,
@@ -78,6 +82,11 @@ impl CoordinatorHandle {
     /// The current cluster snapshot.
     pub fn view(&self) -> Arc<ClusterView> {
         self.view.load_full()
+    }
+
+    /// What routing has learned so far.
+    pub fn learned(&self) -> Arc<crate::learning::Learned> {
+        self.gateway.proxy.learner().snapshot()
     }
 
     /// Stops accepting work, closes agent connections, drains the history writer.
@@ -107,7 +116,7 @@ pub async fn start_coordinator(config: &Config) -> Result<CoordinatorHandle, Sta
     let settings = &config.coordinator;
     let history_path = data_dir.join(HISTORY_FILE);
     let retention = settings.event_retention.get();
-    let (history, remembered) = tokio::task::spawn_blocking(move || {
+    let (history, mut remembered) = tokio::task::spawn_blocking(move || {
         History::open(&history_path, retention, EVENTS_PER_NODE)
     })
     .await
@@ -126,6 +135,7 @@ pub async fn start_coordinator(config: &Config) -> Result<CoordinatorHandle, Sta
 
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
+    let remembered_pairs = std::mem::take(&mut remembered.pairs);
     let cluster_task = ClusterTask::new(
         remembered,
         history.sender(),
@@ -143,12 +153,25 @@ pub async fn start_coordinator(config: &Config) -> Result<CoordinatorHandle, Sta
         u64::from(settings.max_cluster_connections.get()),
         shutdown.clone(),
     ));
+    let learner = Learner::start(remembered_pairs, history.sender(), shutdown.clone(), &tasks);
+    let proxy = Proxy::new(
+        learner,
+        ProxySettings {
+            default_strategy: settings.strategy,
+            priors: Priors::default(),
+            max_attempts: settings.max_attempts.get() as usize,
+            node_slots: settings.node_slots.get(),
+            response_timeout: settings.response_timeout,
+        },
+    );
     let gateway_state = Arc::new(GatewayState::new(
         Arc::clone(&view),
         gateway_address,
         cluster_address,
         Arc::clone(&membership.connections),
         history.dropped(),
+        proxy,
+        settings.max_request_body.get() as usize,
     ));
     tasks.spawn(membership::serve(
         cluster_listener,
@@ -172,6 +195,7 @@ pub async fn start_coordinator(config: &Config) -> Result<CoordinatorHandle, Sta
         token,
         data_dir,
         view,
+        gateway: gateway_state,
         shutdown,
         tasks,
         history,

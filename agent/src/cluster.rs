@@ -66,6 +66,96 @@ pub struct ClusterView {
     pub nodes: Vec<Arc<Node>>,
     /// Newest first, per node id.
     pub events: HashMap<String, Arc<Vec<NodeEvent>>>,
+    /// Ollama endpoints the gateway may send requests to: up nodes whose Ollama answers.
+    pub backends: Vec<Arc<Backend>>,
+}
+
+/// An Ollama endpoint as the gateway sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Backend {
+    pub node_id: String,
+    pub name: String,
+    /// `http://HOST:PORT`, reachable from the coordinator.
+    pub base_url: String,
+    /// Installed models, `name:tag`.
+    pub models: Vec<String>,
+    /// Models loaded in memory.
+    pub loaded: Vec<String>,
+}
+
+impl Backend {
+    fn of(node: &Node) -> Option<Self> {
+        let ollama = node.ollama.as_ref().filter(|ollama| ollama.reachable)?;
+        if node.status != NodeStatus::Up {
+            return None;
+        }
+        Some(Self {
+            node_id: node.id.clone(),
+            name: node.name.clone(),
+            base_url: reachable_url(&ollama.url, node.addresses.first().map(String::as_str)),
+            models: ollama
+                .models
+                .iter()
+                .map(|model| normalize_model(&model.name))
+                .collect(),
+            loaded: ollama
+                .loaded
+                .iter()
+                .map(|model| normalize_model(&model.name))
+                .collect(),
+        })
+    }
+
+    pub fn has_model(&self, model: &str) -> bool {
+        self.models.iter().any(|name| name == model)
+    }
+
+    pub fn has_loaded(&self, model: &str) -> bool {
+        self.loaded.iter().any(|name| name == model)
+    }
+}
+
+/// `llama3` means `llama3:latest`, as in Ollama.
+pub fn normalize_model(name: &str) -> String {
+    if name.contains(':') {
+        name.to_owned()
+    } else {
+        format!("{name}:latest")
+    }
+}
+
+/// An agent reports its Ollama as it reaches it, often `http://127.0.0.1:11434`; from the coordinator the
+/// same server is at the agent's own address. Loopback hosts are replaced by the address the agent connected from.
+pub fn reachable_url(ollama_url: &str, agent_address: Option<&str>) -> String {
+    let Some(rest) = ollama_url.strip_prefix("http://") else {
+        return ollama_url.to_owned();
+    };
+    let authority = rest.split('/').next().unwrap_or(rest);
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((host, port)) if !host.ends_with(']') || host.starts_with('[') => (host, Some(port)),
+        _ => (authority, None),
+    };
+    let host_is_local = matches!(host, "localhost" | "0.0.0.0" | "[::1]" | "[::]")
+        || host
+            .parse::<std::net::Ipv4Addr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    let agent_ip = agent_address
+        .and_then(|address| address.parse::<std::net::SocketAddr>().ok())
+        .map(|address| address.ip())
+        .filter(|ip| !ip.is_loopback());
+    match (host_is_local, agent_ip) {
+        (true, Some(ip)) => {
+            let host = match ip {
+                std::net::IpAddr::V4(ip) => ip.to_string(),
+                std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+            };
+            match port {
+                Some(port) => format!("http://{host}:{port}"),
+                None => format!("http://{host}"),
+            }
+        }
+        _ => format!("http://{authority}"),
+    }
 }
 
 impl ClusterView {
@@ -404,7 +494,15 @@ impl ClusterTask {
             .iter()
             .map(|(id, entry)| (id.clone(), Arc::new(entry.events.iter().cloned().collect())))
             .collect();
-        self.view.store(Arc::new(ClusterView { nodes, events }));
+        let backends = nodes
+            .iter()
+            .filter_map(|node| Backend::of(node).map(Arc::new))
+            .collect();
+        self.view.store(Arc::new(ClusterView {
+            nodes,
+            events,
+            backends,
+        }));
     }
 
     /// A quarter of the shortest heartbeat interval, between 25 ms and 500 ms.
@@ -417,5 +515,54 @@ impl ClusterTask {
             .min()
             .unwrap_or(Duration::from_secs(2));
         (shortest / 4).clamp(Duration::from_millis(25), Duration::from_millis(500))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ollama_urls_are_made_reachable_from_the_coordinator() {
+        fn check(url: &str, agent: Option<&str>, expected: &str) {
+            assert_eq!(reachable_url(url, agent), expected, "{url} via {agent:?}");
+        }
+        check(
+            "http://127.0.0.1:11434",
+            Some("192.0.2.7:50000"),
+            "http://192.0.2.7:11434",
+        );
+        check(
+            "http://localhost:11434",
+            Some("192.0.2.7:50000"),
+            "http://192.0.2.7:11434",
+        );
+        check(
+            "http://127.0.0.1:11434",
+            Some("127.0.0.1:50000"),
+            "http://127.0.0.1:11434",
+        );
+        check("http://127.0.0.1:11434", None, "http://127.0.0.1:11434");
+        check(
+            "http://10.9.8.7:11434",
+            Some("192.0.2.7:50000"),
+            "http://10.9.8.7:11434",
+        );
+        check(
+            "http://[::1]:11434",
+            Some("[2001:db8::1]:5"),
+            "http://[2001:db8::1]:11434",
+        );
+        check(
+            "http://gpu-box:11434",
+            Some("192.0.2.7:50000"),
+            "http://gpu-box:11434",
+        );
+    }
+
+    #[test]
+    fn model_names_default_to_latest() {
+        assert_eq!(normalize_model("llama3"), "llama3:latest");
+        assert_eq!(normalize_model("smollm2:135m"), "smollm2:135m");
     }
 }

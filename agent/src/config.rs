@@ -93,6 +93,36 @@ pub const KEYS: &[KeySpec] = &[
         doc: "How many node events (joined, up, suspect, down, left) the SQLite history keeps; older ones are deleted.",
     },
     KeySpec {
+        key: "coordinator.strategy",
+        env: "SOLLOL_STRATEGY",
+        default: Some("intelligent"),
+        doc: "Default routing strategy: `intelligent`, `round_robin`, `least_loaded`, `latency_first`, `fairness` or `random`. A request can pick another with the `X-Sollol-Strategy` header.",
+    },
+    KeySpec {
+        key: "coordinator.node_slots",
+        env: "SOLLOL_NODE_SLOTS",
+        default: Some("1"),
+        doc: "Requests routing assumes each node runs at once (match Ollama's `OLLAMA_NUM_PARALLEL`); more wait in the node's queue.",
+    },
+    KeySpec {
+        key: "coordinator.max_attempts",
+        env: "SOLLOL_MAX_ATTEMPTS",
+        default: Some("3"),
+        doc: "Different nodes a request is tried on at most when nodes fail before answering.",
+    },
+    KeySpec {
+        key: "coordinator.response_timeout",
+        env: "SOLLOL_RESPONSE_TIMEOUT",
+        default: Some("300s"),
+        doc: "How long a node may take to start answering (its response headers, which include a cold model load) before the next node is tried.",
+    },
+    KeySpec {
+        key: "coordinator.max_request_body",
+        env: "SOLLOL_MAX_REQUEST_BODY",
+        default: Some("33554432"),
+        doc: "Largest request body in bytes (default 32 MiB); larger ones get HTTP 413.",
+    },
+    KeySpec {
         key: "agent.join",
         env: "SOLLOL_JOIN",
         default: None,
@@ -301,6 +331,11 @@ pub struct CoordinatorConfig {
     pub handshake_timeout: Duration,
     pub max_cluster_connections: NonZeroU32,
     pub event_retention: NonZeroU32,
+    pub strategy: crate::routing::Strategy,
+    pub node_slots: NonZeroU32,
+    pub max_attempts: NonZeroU32,
+    pub response_timeout: Duration,
+    pub max_request_body: NonZeroU32,
 }
 
 #[derive(Clone, Debug)]
@@ -342,6 +377,15 @@ impl TryFrom<&RawConfig> for Config {
             max_cluster_connections: reader
                 .parse("coordinator.max_cluster_connections", parse_non_zero)?,
             event_retention: reader.parse("coordinator.event_retention", parse_non_zero)?,
+            strategy: reader.parse("coordinator.strategy", |text| {
+                crate::routing::Strategy::parse(text).ok_or_else(|| {
+                    "expected intelligent, round_robin, least_loaded, latency_first, fairness or random".to_owned()
+                })
+            })?,
+            node_slots: reader.parse("coordinator.node_slots", parse_non_zero)?,
+            max_attempts: reader.parse("coordinator.max_attempts", parse_non_zero)?,
+            response_timeout: reader.parse("coordinator.response_timeout", parse_positive_duration)?,
+            max_request_body: reader.parse("coordinator.max_request_body", parse_non_zero)?,
         };
         let heartbeat_interval = reader.parse("agent.heartbeat_interval", |text| {
             let interval = parse_duration(text)?;

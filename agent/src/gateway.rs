@@ -10,10 +10,11 @@ use std::time::{Instant, SystemTime};
 
 use axum::Json;
 use axum::Router;
+use axum::extract::DefaultBodyLimit;
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use sollol_shared::BUILD_VERSION;
 use sollol_shared::api::{
     API_PREFIX, ClusterSummary, ErrorBody, Node, NodeDetail, NodeList, NodeStatus, Readiness,
@@ -24,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cluster::SharedView;
 use crate::dashboard_assets;
+use crate::proxy::{self, Proxy};
 use crate::telemetry::unix_ms;
 
 /// What the handlers read.
@@ -37,6 +39,8 @@ pub struct GatewayState {
     pub cluster_address: SocketAddr,
     pub cluster_connections: Arc<AtomicU64>,
     pub history_dropped: Arc<AtomicU64>,
+    pub proxy: Proxy,
+    pub max_request_body: usize,
 }
 
 impl GatewayState {
@@ -46,8 +50,12 @@ impl GatewayState {
         cluster_address: SocketAddr,
         cluster_connections: Arc<AtomicU64>,
         history_dropped: Arc<AtomicU64>,
+        proxy: Proxy,
+        max_request_body: usize,
     ) -> Self {
         Self {
+            proxy,
+            max_request_body,
             view,
             ready: AtomicBool::new(false),
             started_at: Instant::now(),
@@ -61,7 +69,27 @@ impl GatewayState {
 }
 
 pub fn router(state: Arc<GatewayState>) -> Router {
-    Router::new()
+    let forwarded = [
+        "/api/chat",
+        "/api/generate",
+        "/api/embed",
+        "/api/embeddings",
+        "/api/show",
+        "/api/pull",
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+    ];
+    let mut router = Router::new();
+    for path in forwarded {
+        router = router.route(path, post(proxy::forward));
+    }
+    router
+        .route("/api/tags", get(proxy::tags))
+        .route("/api/ps", get(proxy::ps))
+        .route("/api/version", get(proxy::version))
+        .route("/v1/models", get(proxy::openai_models))
+        .layer(DefaultBodyLimit::max(state.max_request_body))
         .route("/", get(root))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -78,7 +106,12 @@ pub fn router(state: Arc<GatewayState>) -> Router {
 
 /// Serves until `shutdown`, then finishes in-flight requests.
 pub async fn serve(listener: TcpListener, state: Arc<GatewayState>, shutdown: CancellationToken) {
+    use axum::serve::ListenerExt;
     let app = router(state);
+    // Small writes (streamed tokens) must not wait for delayed ACKs.
+    let listener = listener.tap_io(|stream| {
+        let _ = stream.set_nodelay(true);
+    });
     if let Err(error) = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await

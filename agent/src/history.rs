@@ -12,10 +12,19 @@ use std::thread::JoinHandle;
 
 use rusqlite::{Connection, OptionalExtension, params};
 use sollol_shared::api::{Node, NodeEvent, NodeEventKind, NodeStatus};
+
+use crate::learning::Outcome;
+use crate::routing::PairStats;
 use tokio::sync::mpsc;
 
 /// Migrations in order; `PRAGMA user_version` records how many have run.
-const MIGRATIONS: &[&str] = &[include_str!("../migrations/0001_nodes.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../migrations/0001_nodes.sql"),
+    include_str!("../migrations/0002_routing.sql"),
+];
+
+/// Routed requests kept in the `requests` table; older ones are deleted.
+const REQUEST_RETENTION: i64 = 50_000;
 
 const QUEUE_CAPACITY: usize = 4096;
 const MAX_BATCH: usize = 512;
@@ -46,12 +55,65 @@ pub enum Record {
         node_id: String,
         event: NodeEvent,
     },
+    /// Insert or update what routing learned about a (node, model) pair.
+    Pair(PairRow),
+    /// One routed request.
+    Request(Box<RequestRow>),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct PairRow {
+    pub node_id: String,
+    pub model: String,
+    pub stats: PairStats,
+    pub updated_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct RequestRow {
+    pub at_ms: u64,
+    pub node_id: String,
+    pub model: String,
+    pub path: String,
+    pub ok: bool,
+    pub prompt_tokens: Option<u64>,
+    pub output_tokens: Option<u64>,
+    pub time_to_first_byte_ms: u64,
+    pub total_ms: u64,
+    pub load_ms: Option<u64>,
+    pub strategy: &'static str,
+    pub reason: String,
+    pub candidates: String,
+}
+
+impl RequestRow {
+    pub fn of(outcome: &Outcome, at_ms: u64) -> Self {
+        let millis =
+            |duration: std::time::Duration| u64::try_from(duration.as_millis()).unwrap_or(u64::MAX);
+        Self {
+            at_ms,
+            node_id: outcome.node_id.clone(),
+            model: outcome.model.clone(),
+            path: outcome.path.clone(),
+            ok: outcome.ok,
+            prompt_tokens: outcome.timings.map(|timings| timings.prompt_tokens),
+            output_tokens: outcome.timings.map(|timings| timings.eval_tokens),
+            time_to_first_byte_ms: millis(outcome.total.min(outcome.time_to_first_byte)),
+            total_ms: millis(outcome.total),
+            load_ms: outcome.timings.map(|timings| millis(timings.load)),
+            strategy: outcome.strategy,
+            reason: outcome.reason.clone(),
+            candidates: outcome.candidates.clone(),
+        }
+    }
 }
 
 /// What the history remembered at start-up.
 #[derive(Debug, Default)]
 pub struct Remembered {
     pub nodes: Vec<(Node, Vec<NodeEvent>)>,
+    /// What routing learned: (node id, model, statistics).
+    pub pairs: Vec<(String, String, PairStats)>,
 }
 
 /// Handle to the writer thread.
@@ -227,6 +289,29 @@ fn read_remembered(
             .collect::<Result<Vec<_>, _>>()?;
         remembered.nodes.push((node, events));
     }
+    let mut pairs_statement = connection.prepare(
+        "SELECT node_id, model, decode_tokens_per_second, prompt_tokens_per_second, cold_load_ms,
+                time_to_first_token_ms, samples FROM node_model_stats",
+    )?;
+    remembered.pairs = pairs_statement
+        .query_map([], |row| {
+            let cold_load_ms: Option<i64> = row.get(4)?;
+            Ok((
+                row.get::<_, String>(0)?,
+                row.get::<_, String>(1)?,
+                PairStats {
+                    decode_tokens_per_second: row.get(2)?,
+                    prompt_tokens_per_second: row.get(3)?,
+                    cold_load: cold_load_ms
+                        .map(|ms| std::time::Duration::from_millis(ms.max(0) as u64)),
+                    time_to_first_token: std::time::Duration::from_millis(
+                        row.get::<_, i64>(5)?.max(0) as u64,
+                    ),
+                    samples: row.get::<_, i64>(6)?.clamp(0, i64::from(u32::MAX)) as u32,
+                },
+            ))
+        })?
+        .collect::<Result<_, _>>()?;
     Ok(remembered)
 }
 
@@ -259,6 +344,7 @@ fn write_batch(
 ) -> rusqlite::Result<()> {
     let transaction = connection.transaction()?;
     let mut wrote_events = false;
+    let mut wrote_requests = false;
     {
         let mut upsert = transaction.prepare_cached(
             "INSERT INTO nodes (id, name, addresses, build_version, protocol_version, heartbeat_interval_ms,
@@ -272,6 +358,21 @@ fn write_batch(
         )?;
         let mut insert_event = transaction.prepare_cached(
             "INSERT INTO node_events (node_id, at_ms, kind, detail) VALUES (?1, ?2, ?3, ?4)",
+        )?;
+        let mut upsert_pair = transaction.prepare_cached(
+            "INSERT INTO node_model_stats (node_id, model, decode_tokens_per_second, prompt_tokens_per_second,
+                                           cold_load_ms, time_to_first_token_ms, samples, updated_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+             ON CONFLICT (node_id, model) DO UPDATE SET
+                decode_tokens_per_second = excluded.decode_tokens_per_second,
+                prompt_tokens_per_second = excluded.prompt_tokens_per_second,
+                cold_load_ms = excluded.cold_load_ms, time_to_first_token_ms = excluded.time_to_first_token_ms,
+                samples = excluded.samples, updated_ms = excluded.updated_ms",
+        )?;
+        let mut insert_request = transaction.prepare_cached(
+            "INSERT INTO requests (at_ms, node_id, model, path, status, prompt_tokens, output_tokens,
+                                   time_to_first_byte_ms, total_ms, load_ms, strategy, reason, candidates)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
         )?;
         for record in batch {
             match record {
@@ -303,6 +404,36 @@ fn write_batch(
                     ])?;
                     wrote_events = true;
                 }
+                Record::Pair(row) => {
+                    upsert_pair.execute(params![
+                        row.node_id,
+                        row.model,
+                        row.stats.decode_tokens_per_second,
+                        row.stats.prompt_tokens_per_second,
+                        row.stats.cold_load.map(|load| load.as_millis() as i64),
+                        row.stats.time_to_first_token.as_millis() as i64,
+                        i64::from(row.stats.samples),
+                        row.updated_ms as i64,
+                    ])?;
+                }
+                Record::Request(row) => {
+                    insert_request.execute(params![
+                        row.at_ms as i64,
+                        row.node_id,
+                        row.model,
+                        row.path,
+                        if row.ok { "ok" } else { "failed" },
+                        row.prompt_tokens.map(|tokens| tokens as i64),
+                        row.output_tokens.map(|tokens| tokens as i64),
+                        row.time_to_first_byte_ms as i64,
+                        row.total_ms as i64,
+                        row.load_ms.map(|load| load as i64),
+                        row.strategy,
+                        row.reason,
+                        row.candidates,
+                    ])?;
+                    wrote_requests = true;
+                }
             }
         }
     }
@@ -317,6 +448,12 @@ fn write_batch(
                 params![newest - i64::from(event_retention)],
             )?;
         }
+    }
+    if wrote_requests {
+        transaction.execute(
+            "DELETE FROM requests WHERE id <= (SELECT MAX(id) FROM requests) - ?1",
+            params![REQUEST_RETENTION],
+        )?;
     }
     transaction.commit()
 }

@@ -306,7 +306,7 @@ impl EmulatorState {
         let now = Instant::now();
         let mut loaded = lock(&self.loaded);
         loaded.retain(|model| model.expires_at > now);
-        loaded.sort_by(|a, b| b.last_used.cmp(&a.last_used));
+        loaded.sort_by_key(|model| std::cmp::Reverse(model.last_used));
         loaded.clone()
     }
 
@@ -322,7 +322,7 @@ impl EmulatorState {
             tokio::time::sleep(load_time).await;
         }
         let mut loaded = lock(&self.loaded);
-        loaded.sort_by(|a, b| b.last_used.cmp(&a.last_used));
+        loaded.sort_by_key(|model| std::cmp::Reverse(model.last_used));
         loaded.truncate(self.config.max_loaded_models.max(1) - 1);
         let now = Instant::now();
         loaded.push(LoadedModel {
@@ -436,15 +436,15 @@ async fn ps(State(state): State<Arc<EmulatorState>>) -> Response {
 }
 
 /// Parses a JSON body; Ollama answers 400 with the decoder's message.
-fn parse_body(body: &Bytes) -> Result<Value, Response> {
+fn parse_body(body: &Bytes) -> Result<Value, Box<Response>> {
     let value: Value = serde_json::from_slice(body)
-        .map_err(|error| error_response_bad_request(&error.to_string()))?;
+        .map_err(|error| Box::new(error_response_bad_request(&error.to_string())))?;
     if value.is_object() {
         Ok(value)
     } else {
-        Err(error_response_bad_request(
+        Err(Box::new(error_response_bad_request(
             "request body must be a JSON object",
-        ))
+        )))
     }
 }
 
@@ -453,31 +453,31 @@ fn error_response_bad_request(message: &str) -> Response {
 }
 
 /// The model a request names, checked against the installed ones.
-fn requested_model(state: &EmulatorState, request: &Value) -> Result<String, Response> {
+fn requested_model(state: &EmulatorState, request: &Value) -> Result<String, Box<Response>> {
     let name = request
         .get("model")
         .and_then(Value::as_str)
         .filter(|name| !name.is_empty())
-        .ok_or_else(|| error(StatusCode::BAD_REQUEST, "model is required"))?;
+        .ok_or_else(|| Box::new(error(StatusCode::BAD_REQUEST, "model is required")))?;
     let model = normalize(name);
     if state.has_model(&model) {
         Ok(model)
     } else {
-        Err(error(
+        Err(Box::new(error(
             StatusCode::NOT_FOUND,
             format!("model \"{name}\" not found, try pulling it first"),
-        ))
+        )))
     }
 }
 
 async fn show(State(state): State<Arc<EmulatorState>>, body: Bytes) -> Response {
     let request = match parse_body(&body) {
         Ok(request) => request,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     let model = match requested_model(&state, &request) {
         Ok(model) => model,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     let capabilities = if is_embedding_model(&model) {
         json!(["embedding"])
@@ -500,7 +500,7 @@ async fn show(State(state): State<Arc<EmulatorState>>, body: Bytes) -> Response 
 async fn pull(State(state): State<Arc<EmulatorState>>, body: Bytes) -> Response {
     let request = match parse_body(&body) {
         Ok(request) => request,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     let Some(name) = request
         .get("model")
@@ -683,11 +683,11 @@ fn token_text(index: u32) -> String {
 async fn generation(state: Arc<EmulatorState>, body: Bytes, flavour: Flavour) -> Response {
     let request = match parse_body(&body) {
         Ok(request) => request,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     let model = match requested_model(&state, &request) {
         Ok(model) => model,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     if is_embedding_model(&model) {
         return error(
@@ -975,21 +975,24 @@ async fn embed_inputs(
     state: &EmulatorState,
     model: &str,
     inputs: &[String],
-) -> Result<(Vec<Vec<f32>>, Timings), Response> {
+) -> Result<(Vec<Vec<f32>>, Timings), Box<Response>> {
     state.started.fetch_add(1, Ordering::Relaxed);
     match state.fault() {
         Fault::InternalError | Fault::DropMidStream { .. } => {
-            return Err(error(
+            return Err(Box::new(error(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "llama runner process has terminated: exit status 2",
-            ));
+            )));
         }
         Fault::HangBeforeFirstByte => return std::future::pending().await,
         _ => {}
     }
     let started = Instant::now();
     let Ok(_slot) = state.slots.acquire().await else {
-        return Err(error(StatusCode::SERVICE_UNAVAILABLE, "shutting down"));
+        return Err(Box::new(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting down",
+        )));
     };
     let load = state.ensure_loaded(model).await;
     let prompt_tokens: u64 = inputs
@@ -1018,40 +1021,40 @@ async fn embed_inputs(
     ))
 }
 
-fn inputs_of(value: Option<&Value>) -> Result<Vec<String>, Response> {
+fn inputs_of(value: Option<&Value>) -> Result<Vec<String>, Box<Response>> {
     match value {
         Some(Value::String(text)) => Ok(vec![text.clone()]),
         Some(Value::Array(items)) => items
             .iter()
             .map(|item| {
                 item.as_str().map(str::to_owned).ok_or_else(|| {
-                    error(
+                    Box::new(error(
                         StatusCode::BAD_REQUEST,
                         "input must be a string or a list of strings",
-                    )
+                    ))
                 })
             })
             .collect(),
         None => Ok(Vec::new()),
-        Some(_) => Err(error(
+        Some(_) => Err(Box::new(error(
             StatusCode::BAD_REQUEST,
             "input must be a string or a list of strings",
-        )),
+        ))),
     }
 }
 
 async fn embed(State(state): State<Arc<EmulatorState>>, body: Bytes) -> Response {
     let request = match parse_body(&body) {
         Ok(request) => request,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     let model = match requested_model(&state, &request) {
         Ok(model) => model,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     let inputs = match inputs_of(request.get("input")) {
         Ok(inputs) => inputs,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     match embed_inputs(&state, &model, &inputs).await {
         Ok((embeddings, timings)) => axum::Json(json!({
@@ -1062,18 +1065,18 @@ async fn embed(State(state): State<Arc<EmulatorState>>, body: Bytes) -> Response
             "prompt_eval_count": timings.prompt_tokens,
         }))
         .into_response(),
-        Err(response) => response,
+        Err(response) => *response,
     }
 }
 
 async fn embeddings(State(state): State<Arc<EmulatorState>>, body: Bytes) -> Response {
     let request = match parse_body(&body) {
         Ok(request) => request,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     let model = match requested_model(&state, &request) {
         Ok(model) => model,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     let prompt = request
         .get("prompt")
@@ -1084,22 +1087,22 @@ async fn embeddings(State(state): State<Arc<EmulatorState>>, body: Bytes) -> Res
         Ok((mut embeddings, _)) => {
             axum::Json(json!({ "embedding": embeddings.pop().unwrap_or_default() })).into_response()
         }
-        Err(response) => response,
+        Err(response) => *response,
     }
 }
 
 async fn openai_embeddings(State(state): State<Arc<EmulatorState>>, body: Bytes) -> Response {
     let request = match parse_body(&body) {
         Ok(request) => request,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     let model = match requested_model(&state, &request) {
         Ok(model) => model,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     let inputs = match inputs_of(request.get("input")) {
         Ok(inputs) => inputs,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     match embed_inputs(&state, &model, &inputs).await {
         Ok((embeddings, timings)) => {
@@ -1114,7 +1117,7 @@ async fn openai_embeddings(State(state): State<Arc<EmulatorState>>, body: Bytes)
             }))
             .into_response()
         }
-        Err(response) => response,
+        Err(response) => *response,
     }
 }
 

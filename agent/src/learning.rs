@@ -1,0 +1,306 @@
+//! What routing learns from each response: per (node, model) speeds and load times from Ollama's own timings.
+//!
+//! The request path sends an [`Outcome`] with `try_send` and never waits; one
+//! task owns the table, folds outcomes in with exponential moving averages,
+//! publishes an immutable [`Learned`] snapshot, and hands the updated rows to
+//! the history so a restarted coordinator starts from them.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::history::{HistorySender, PairRow, Record, RequestRow};
+use crate::routing::PairStats;
+use crate::telemetry::unix_ms;
+
+/// Weight of the newest sample in the moving averages.
+const SMOOTHING: f64 = 0.3;
+/// A load shorter than this was a warm model, not a cold load.
+const COLD_LOAD_THRESHOLD: Duration = Duration::from_millis(250);
+const QUEUE_CAPACITY: usize = 8192;
+
+/// Ollama's timing fields of a finished response.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct OllamaTimings {
+    pub load: Duration,
+    pub prompt_tokens: u64,
+    pub prompt: Duration,
+    pub eval_tokens: u64,
+    pub eval: Duration,
+}
+
+impl OllamaTimings {
+    /// Reads the timing fields from a final Ollama response object; `None` when it has none.
+    pub fn from_json(value: &Value) -> Option<Self> {
+        let nanos = |name: &str| {
+            value
+                .get(name)
+                .and_then(Value::as_u64)
+                .map(Duration::from_nanos)
+        };
+        let count = |name: &str| value.get(name).and_then(Value::as_u64);
+        if nanos("total_duration").is_none() && count("eval_count").is_none() {
+            return None;
+        }
+        Some(Self {
+            load: nanos("load_duration").unwrap_or_default(),
+            prompt_tokens: count("prompt_eval_count").unwrap_or(0),
+            prompt: nanos("prompt_eval_duration").unwrap_or_default(),
+            eval_tokens: count("eval_count").unwrap_or(0),
+            eval: nanos("eval_duration").unwrap_or_default(),
+        })
+    }
+}
+
+/// One routed request, as the gateway observed it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Outcome {
+    pub node_id: String,
+    pub model: String,
+    pub path: String,
+    pub ok: bool,
+    pub time_to_first_byte: Duration,
+    pub total: Duration,
+    pub timings: Option<OllamaTimings>,
+    pub strategy: &'static str,
+    pub reason: String,
+    /// `[{"node": name, "predicted_ms": n}]`, best first.
+    pub candidates: String,
+}
+
+/// Everything learned so far.
+#[derive(Clone, Debug, Default)]
+pub struct Learned {
+    pub pairs: HashMap<(String, String), PairStats>,
+    /// Requests served per node since start.
+    pub served: HashMap<String, u64>,
+}
+
+impl Learned {
+    pub fn pair(&self, node_id: &str, model: &str) -> Option<PairStats> {
+        self.pairs
+            .get(&(node_id.to_owned(), model.to_owned()))
+            .copied()
+    }
+}
+
+/// The request path's handle: reads the snapshot, queues outcomes.
+#[derive(Debug)]
+pub struct Learner {
+    learned: Arc<ArcSwap<Learned>>,
+    sender: mpsc::Sender<Outcome>,
+    dropped: AtomicU64,
+}
+
+impl Learner {
+    /// Starts the learning task from what the history remembered.
+    pub fn start(
+        remembered: Vec<(String, String, PairStats)>,
+        history: HistorySender,
+        shutdown: CancellationToken,
+        tasks: &tokio_util::task::TaskTracker,
+    ) -> Arc<Self> {
+        let learned = Learned {
+            pairs: remembered
+                .into_iter()
+                .map(|(node, model, stats)| ((node, model), stats))
+                .collect(),
+            served: HashMap::new(),
+        };
+        let learned = Arc::new(ArcSwap::from_pointee(learned));
+        let (sender, receiver) = mpsc::channel(QUEUE_CAPACITY);
+        tasks.spawn(run(Arc::clone(&learned), receiver, history, shutdown));
+        Arc::new(Self {
+            learned,
+            sender,
+            dropped: AtomicU64::new(0),
+        })
+    }
+
+    pub fn snapshot(&self) -> Arc<Learned> {
+        self.learned.load_full()
+    }
+
+    /// Queues an outcome without waiting; a full queue drops it and counts the drop.
+    pub fn record(&self, outcome: Outcome) {
+        if self.sender.try_send(outcome).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+async fn run(
+    learned: Arc<ArcSwap<Learned>>,
+    mut receiver: mpsc::Receiver<Outcome>,
+    history: HistorySender,
+    shutdown: CancellationToken,
+) {
+    let mut table = (*learned.load_full()).clone();
+    let mut batch = Vec::new();
+    loop {
+        tokio::select! {
+            received = receiver.recv_many(&mut batch, 256) => {
+                if received == 0 {
+                    break;
+                }
+            }
+            () = shutdown.cancelled() => break,
+        }
+        let now_ms = unix_ms(SystemTime::now());
+        let mut touched = Vec::new();
+        for outcome in batch.drain(..) {
+            *table.served.entry(outcome.node_id.clone()).or_default() += 1;
+            let key = (outcome.node_id.clone(), outcome.model.clone());
+            if let Some(updated) = update(table.pairs.get(&key).copied(), &outcome) {
+                table.pairs.insert(key.clone(), updated);
+                touched.push(key);
+            }
+            history.record(Record::Request(Box::new(RequestRow::of(&outcome, now_ms))));
+        }
+        touched.sort();
+        touched.dedup();
+        for (node_id, model) in touched {
+            if let Some(stats) = table.pairs.get(&(node_id.clone(), model.clone())) {
+                history.record(Record::Pair(PairRow {
+                    node_id,
+                    model,
+                    stats: *stats,
+                    updated_ms: now_ms,
+                }));
+            }
+        }
+        learned.store(Arc::new(table.clone()));
+    }
+}
+
+/// Folds one outcome into a pair's statistics. Pure.
+pub fn update(previous: Option<PairStats>, outcome: &Outcome) -> Option<PairStats> {
+    if !outcome.ok {
+        return previous;
+    }
+    let timings = outcome.timings.unwrap_or_default();
+    let decode = (timings.eval_tokens >= 2 && !timings.eval.is_zero())
+        .then(|| timings.eval_tokens as f64 / timings.eval.as_secs_f64());
+    let prompt = (timings.prompt_tokens >= 4 && !timings.prompt.is_zero())
+        .then(|| timings.prompt_tokens as f64 / timings.prompt.as_secs_f64());
+    let cold_load = (timings.load >= COLD_LOAD_THRESHOLD).then_some(timings.load);
+    let warm_first_token =
+        (timings.load < COLD_LOAD_THRESHOLD).then_some(outcome.time_to_first_byte);
+    match previous {
+        None => {
+            let decode = decode?;
+            Some(PairStats {
+                decode_tokens_per_second: decode,
+                prompt_tokens_per_second: prompt.unwrap_or(decode * 10.0),
+                cold_load,
+                time_to_first_token: warm_first_token.unwrap_or(outcome.time_to_first_byte),
+                samples: 1,
+            })
+        }
+        Some(stats) => Some(PairStats {
+            decode_tokens_per_second: decode.map_or(stats.decode_tokens_per_second, |value| {
+                smooth(stats.decode_tokens_per_second, value)
+            }),
+            prompt_tokens_per_second: prompt.map_or(stats.prompt_tokens_per_second, |value| {
+                smooth(stats.prompt_tokens_per_second, value)
+            }),
+            cold_load: match (stats.cold_load, cold_load) {
+                (Some(old), Some(new)) => Some(Duration::from_secs_f64(smooth(
+                    old.as_secs_f64(),
+                    new.as_secs_f64(),
+                ))),
+                (old, new) => new.or(old),
+            },
+            time_to_first_token: warm_first_token.map_or(stats.time_to_first_token, |value| {
+                Duration::from_secs_f64(smooth(
+                    stats.time_to_first_token.as_secs_f64(),
+                    value.as_secs_f64(),
+                ))
+            }),
+            samples: stats.samples.saturating_add(1),
+        }),
+    }
+}
+
+fn smooth(old: f64, new: f64) -> f64 {
+    old + SMOOTHING * (new - old)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outcome(eval_tokens: u64, eval_ms: u64, load_ms: u64, ok: bool) -> Outcome {
+        Outcome {
+            node_id: "n".into(),
+            model: "m".into(),
+            path: "/api/chat".into(),
+            ok,
+            time_to_first_byte: Duration::from_millis(load_ms + 50),
+            total: Duration::from_millis(load_ms + eval_ms + 50),
+            timings: Some(OllamaTimings {
+                load: Duration::from_millis(load_ms),
+                prompt_tokens: 100,
+                prompt: Duration::from_millis(100),
+                eval_tokens,
+                eval: Duration::from_millis(eval_ms),
+            }),
+            strategy: "intelligent",
+            reason: String::new(),
+            candidates: "[]".into(),
+        }
+    }
+
+    #[test]
+    fn learns_rates_and_cold_loads() {
+        let first = update(None, &outcome(40, 1000, 3000, true)).expect("learned");
+        assert_eq!(first.decode_tokens_per_second, 40.0);
+        assert_eq!(first.prompt_tokens_per_second, 1000.0);
+        assert_eq!(first.cold_load, Some(Duration::from_secs(3)));
+        assert_eq!(first.samples, 1);
+        let second = update(Some(first), &outcome(80, 1000, 1, true)).expect("learned");
+        assert!((second.decode_tokens_per_second - 52.0).abs() < 1e-9);
+        assert_eq!(
+            second.cold_load,
+            Some(Duration::from_secs(3)),
+            "a warm request keeps the cold-load estimate"
+        );
+        assert_eq!(
+            second.time_to_first_token,
+            Duration::from_secs_f64(3.05 + 0.3 * (0.051 - 3.05))
+        );
+        assert_eq!(
+            update(Some(second), &outcome(80, 1000, 1, false)),
+            Some(second),
+            "failures teach no speed"
+        );
+        assert_eq!(
+            update(None, &outcome(0, 0, 0, true)),
+            None,
+            "nothing to learn without tokens"
+        );
+    }
+
+    #[test]
+    fn reads_ollama_timing_fields() {
+        let value = serde_json::json!({"done": true, "total_duration": 5_000_000_000u64, "load_duration": 2_000_000_000u64,
+            "prompt_eval_count": 26, "prompt_eval_duration": 130_000_000u64, "eval_count": 290, "eval_duration": 4_700_000_000u64});
+        let timings = OllamaTimings::from_json(&value).expect("timings");
+        assert_eq!(timings.eval_tokens, 290);
+        assert_eq!(timings.load, Duration::from_secs(2));
+        assert_eq!(
+            OllamaTimings::from_json(&serde_json::json!({"done": false})),
+            None
+        );
+    }
+}

@@ -1,0 +1,809 @@
+//! The Ollama- and OpenAI-compatible routes: pick a node, forward, stream back, fail over, learn.
+//!
+//! Each request is parsed once for what routing needs (model, stream flag,
+//! size), ranked by `routing::choose` over the cluster snapshot, and sent to
+//! the best node. A node that fails before its first byte (connect error,
+//! reset, 5xx) is skipped for the next one, never the same node twice. A
+//! non-streaming answer is buffered (it is small) so a node dying mid-answer
+//! is failed over too; a streaming answer passes through chunk by chunk with
+//! backpressure, and a failure after it began ends the stream with an error
+//! object. Outcomes go to the learner with `try_send`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use axum::body::Body;
+use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Bytes, Incoming};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use rand::Rng;
+use serde_json::{Value, json};
+
+use crate::cluster::{Backend, normalize_model};
+use crate::gateway::{ApiError, GatewayState};
+use crate::learning::{Learner, OllamaTimings, Outcome};
+use crate::routing::{self, Candidate, Priors, RequestShape, Strategy};
+
+/// Header that picks a strategy for one request.
+pub const STRATEGY_HEADER: &str = "x-sollol-strategy";
+/// Response header naming the node that answered (request header for `/api/pull`: the node to pull on).
+pub const NODE_HEADER: &str = "x-sollol-node";
+/// Response header with the routing decision's short reason.
+pub const DECISION_HEADER: &str = "x-sollol-decision";
+
+/// Output tokens assumed when a request sets no limit.
+const DEFAULT_OUTPUT_TOKENS: u32 = 128;
+/// Bytes of a streamed answer kept to read its final timing object.
+const TAIL_BYTES: usize = 64 * 1024;
+
+/// Gateway-side state of routing: the upstream client, live loads, what was learned.
+#[derive(Debug)]
+pub struct Proxy {
+    client: Client<HttpConnector, Full<Bytes>>,
+    learner: Arc<Learner>,
+    loads: ArcSwap<HashMap<String, Arc<AtomicU32>>>,
+    round_robin: AtomicU64,
+    pub settings: ProxySettings,
+}
+
+/// Routing settings from the configuration.
+#[derive(Clone, Debug)]
+pub struct ProxySettings {
+    pub default_strategy: Strategy,
+    pub priors: Priors,
+    /// Different nodes tried per request at most.
+    pub max_attempts: usize,
+    /// Parallel requests assumed per node (Ollama's `OLLAMA_NUM_PARALLEL`).
+    pub node_slots: u32,
+    /// How long a node may take to send its response headers.
+    pub response_timeout: Duration,
+}
+
+impl Proxy {
+    pub fn new(learner: Arc<Learner>, settings: ProxySettings) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(3)));
+        Self {
+            client: Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_secs(60))
+                .build(connector),
+            learner,
+            loads: ArcSwap::from_pointee(HashMap::new()),
+            round_robin: AtomicU64::new(0),
+            settings,
+        }
+    }
+
+    pub fn learner(&self) -> &Learner {
+        &self.learner
+    }
+
+    /// The in-flight counter of a node, created on first use.
+    fn load_of(&self, node_id: &str) -> Arc<AtomicU32> {
+        if let Some(counter) = self.loads.load().get(node_id) {
+            return Arc::clone(counter);
+        }
+        let mut created = None;
+        self.loads.rcu(|loads| {
+            let mut loads = HashMap::clone(loads);
+            let counter = loads
+                .entry(node_id.to_owned())
+                .or_insert_with(|| Arc::new(AtomicU32::new(0)));
+            created = Some(Arc::clone(counter));
+            loads
+        });
+        created.unwrap_or_else(|| Arc::new(AtomicU32::new(0)))
+    }
+
+    /// Requests in flight per node now.
+    pub fn in_flight(&self) -> BTreeMap<String, u32> {
+        self.loads
+            .load()
+            .iter()
+            .map(|(node, counter)| (node.clone(), counter.load(Ordering::Relaxed)))
+            .collect()
+    }
+}
+
+/// Counts a request in flight on a node until dropped.
+struct InFlight(Arc<AtomicU32>);
+
+impl InFlight {
+    fn new(counter: Arc<AtomicU32>) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Self(counter)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// How each forwarded route behaves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct RouteKind {
+    /// Ollama's routes stream unless told not to; OpenAI's do not unless told to.
+    stream_by_default: bool,
+    /// The answer ends with Ollama's timing fields.
+    learns: bool,
+    /// Server-sent events rather than NDJSON.
+    sse: bool,
+    /// Any node may serve it, not only those that have the model (`/api/pull`).
+    any_node: bool,
+}
+
+fn route_kind(path: &str) -> Option<RouteKind> {
+    let kind = |stream_by_default, learns, sse, any_node| RouteKind {
+        stream_by_default,
+        learns,
+        sse,
+        any_node,
+    };
+    Some(match path {
+        "/api/chat" | "/api/generate" => kind(true, true, false, false),
+        "/api/embed" | "/api/embeddings" | "/api/show" => kind(false, false, false, false),
+        "/api/pull" => kind(true, false, false, true),
+        "/v1/chat/completions" | "/v1/completions" => kind(false, false, true, false),
+        "/v1/embeddings" => kind(false, false, false, false),
+        _ => return None,
+    })
+}
+
+/// `POST` on any forwarded route.
+pub async fn forward(
+    State(state): State<Arc<GatewayState>>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    match forward_inner(&state, uri.path(), &headers, body).await {
+        Ok(response) => response,
+        Err(error) => error.into_response(),
+    }
+}
+
+async fn forward_inner(
+    state: &GatewayState,
+    path: &str,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let proxy = &state.proxy;
+    let kind = route_kind(path)
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no such endpoint: {path}")))?;
+    let body =
+        body.map_err(|rejection| ApiError::new(rejection.status(), rejection.body_text()))?;
+    let request: Value = serde_json::from_slice(&body).map_err(|error| {
+        ApiError::new(StatusCode::BAD_REQUEST, format!("invalid JSON: {error}"))
+    })?;
+    if !request.is_object() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "the request body must be a JSON object",
+        ));
+    }
+    let requested_name = request
+        .get("model")
+        .or_else(|| request.get("name"))
+        .and_then(Value::as_str)
+        .filter(|name| !name.trim().is_empty())
+        .ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "model is required"))?;
+    let model = normalize_model(requested_name.trim());
+    let stream = request
+        .get("stream")
+        .and_then(Value::as_bool)
+        .unwrap_or(kind.stream_by_default);
+    let strategy = match headers.get(STRATEGY_HEADER) {
+        None => proxy.settings.default_strategy,
+        Some(value) => value
+            .to_str()
+            .ok()
+            .and_then(Strategy::parse)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Strategy::ALL
+                    .iter()
+                    .map(|strategy| strategy.as_str())
+                    .collect();
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "unknown routing strategy in {STRATEGY_HEADER}; use one of {}",
+                        names.join(", ")
+                    ),
+                )
+            })?,
+    };
+
+    let view = state.view.load();
+    let wanted_node = headers
+        .get(NODE_HEADER)
+        .and_then(|value| value.to_str().ok());
+    let backends: Vec<&Arc<Backend>> = view
+        .backends
+        .iter()
+        .filter(|backend| kind.any_node || backend.has_model(&model))
+        .filter(|backend| {
+            wanted_node.is_none_or(|wanted| backend.name == wanted || backend.node_id == wanted)
+        })
+        .collect();
+    if backends.is_empty() {
+        return Err(if view.backends.is_empty() {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "no Ollama node is available: {} known node(s), none up with a reachable Ollama",
+                    view.nodes.len()
+                ),
+            )
+        } else if let Some(wanted) = wanted_node {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("node {wanted:?} is not up or does not have model \"{requested_name}\""),
+            )
+        } else {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("model \"{requested_name}\" not found, try pulling it first"),
+            )
+        });
+    }
+
+    let learned = proxy.learner.snapshot();
+    let candidates: Vec<Candidate> = backends
+        .iter()
+        .map(|backend| Candidate {
+            node_id: backend.node_id.clone(),
+            name: backend.name.clone(),
+            in_flight: proxy.load_of(&backend.node_id).load(Ordering::Relaxed),
+            slots: proxy.settings.node_slots,
+            model_loaded: backend.has_loaded(&model),
+            stats: learned.pair(&backend.node_id, &model),
+            served: learned.served.get(&backend.node_id).copied().unwrap_or(0),
+            has_affinity: false,
+        })
+        .collect();
+    let shape = request_shape(&request);
+    let decision = routing::choose(
+        &candidates,
+        &shape,
+        strategy,
+        &proxy.settings.priors,
+        rand::rng().random::<f64>(),
+        proxy.round_robin.fetch_add(1, Ordering::Relaxed),
+    );
+    let candidates_json = serde_json::to_string(
+        &decision
+            .ranking
+            .iter()
+            .map(|index| json!({"node": candidates[*index].name, "predicted_ms": decision.predicted[*index].as_millis() as u64}))
+            .collect::<Vec<_>>(),
+    )
+    .unwrap_or_else(|_| "[]".to_owned());
+
+    let mut failures = Vec::new();
+    for (attempt, &index) in decision
+        .ranking
+        .iter()
+        .take(proxy.settings.max_attempts.max(1))
+        .enumerate()
+    {
+        let backend = backends[index];
+        let reason = if attempt == 0 {
+            decision.reason.clone()
+        } else {
+            format!("failover #{attempt} after: {}", failures.join("; "))
+        };
+        let outcome = Outcome {
+            node_id: backend.node_id.clone(),
+            model: model.clone(),
+            path: path.to_owned(),
+            ok: false,
+            time_to_first_byte: Duration::ZERO,
+            total: Duration::ZERO,
+            timings: None,
+            strategy: strategy.as_str(),
+            reason: reason.clone(),
+            candidates: candidates_json.clone(),
+        };
+        let attempt = Attempt {
+            proxy,
+            backend,
+            path,
+            body: body.clone(),
+            stream,
+            kind,
+            outcome,
+        };
+        match attempt.run().await {
+            Ok(response) => return Ok(response),
+            Err(failure) => {
+                tracing::warn!(node = %backend.name, %model, %failure, "node failed; trying the next one");
+                failures.push(format!("{}: {failure}", backend.name));
+            }
+        }
+    }
+    Err(ApiError::new(
+        StatusCode::BAD_GATEWAY,
+        format!("every node tried failed: {}", failures.join("; ")),
+    ))
+}
+
+/// Prompt and output size as routing estimates them: about four characters per token.
+fn request_shape(request: &Value) -> RequestShape {
+    let mut characters = 0usize;
+    if let Some(messages) = request.get("messages").and_then(Value::as_array) {
+        characters += messages
+            .iter()
+            .filter_map(|message| message.get("content").and_then(Value::as_str))
+            .map(str::len)
+            .sum::<usize>();
+    }
+    for field in ["prompt", "system", "suffix"] {
+        characters += request
+            .get(field)
+            .and_then(Value::as_str)
+            .map_or(0, str::len);
+    }
+    match request.get("input") {
+        Some(Value::String(text)) => characters += text.len(),
+        Some(Value::Array(items)) => {
+            characters += items
+                .iter()
+                .filter_map(Value::as_str)
+                .map(str::len)
+                .sum::<usize>()
+        }
+        _ => {}
+    }
+    let limit = request
+        .get("options")
+        .and_then(|options| options.get("num_predict"))
+        .or_else(|| request.get("max_tokens"))
+        .or_else(|| request.get("max_completion_tokens"))
+        .and_then(Value::as_i64)
+        .filter(|limit| *limit >= 0);
+    RequestShape {
+        prompt_tokens: u32::try_from(characters / 4).unwrap_or(u32::MAX).max(1),
+        output_tokens: limit.map_or(DEFAULT_OUTPUT_TOKENS, |limit| {
+            u32::try_from(limit).unwrap_or(u32::MAX)
+        }),
+    }
+}
+
+/// One try on one node.
+struct Attempt<'a> {
+    proxy: &'a Proxy,
+    backend: &'a Backend,
+    path: &'a str,
+    body: Bytes,
+    stream: bool,
+    kind: RouteKind,
+    outcome: Outcome,
+}
+
+impl Attempt<'_> {
+    /// The response to send, or why this node failed before the client saw anything.
+    async fn run(self) -> Result<Response, String> {
+        let Self {
+            proxy,
+            backend,
+            path,
+            body,
+            stream,
+            kind,
+            mut outcome,
+        } = self;
+        let in_flight = InFlight::new(proxy.load_of(&backend.node_id));
+        let started = Instant::now();
+        let fail = |outcome: &mut Outcome, message: String| {
+            outcome.total = started.elapsed();
+            proxy.learner.record(outcome.clone());
+            message
+        };
+        let request = hyper::Request::post(format!("{}{}", backend.base_url, path))
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Full::new(body))
+            .map_err(|error| error.to_string())?;
+        let response = match tokio::time::timeout(
+            proxy.settings.response_timeout,
+            proxy.client.request(request),
+        )
+        .await
+        {
+            Err(_) => {
+                let timeout = proxy.settings.response_timeout;
+                return Err(fail(
+                    &mut outcome,
+                    format!("no response within {} s", timeout.as_secs()),
+                ));
+            }
+            Ok(Err(error)) => return Err(fail(&mut outcome, error_chain(&error))),
+            Ok(Ok(response)) => response,
+        };
+        let status = response.status();
+        let content_type = response.headers().get(header::CONTENT_TYPE).cloned();
+        if status.is_server_error() {
+            let body = read_limited(response.into_body(), 4096)
+                .await
+                .unwrap_or_default();
+            let message = format!(
+                "HTTP {}: {}",
+                status.as_u16(),
+                String::from_utf8_lossy(&body).trim()
+            );
+            return Err(fail(&mut outcome, message));
+        }
+        if !stream || !status.is_success() {
+            // Small answers are buffered, so a node that dies mid-answer is failed over, not passed on.
+            let bytes = match response.into_body().collect().await {
+                Ok(collected) => collected.to_bytes(),
+                Err(error) => {
+                    return Err(fail(
+                        &mut outcome,
+                        format!("answer cut off: {}", error_chain(&error)),
+                    ));
+                }
+            };
+            outcome.time_to_first_byte = started.elapsed();
+            outcome.total = outcome.time_to_first_byte;
+            if status.is_success() {
+                outcome.ok = true;
+                if kind.learns {
+                    outcome.timings = serde_json::from_slice::<Value>(&bytes)
+                        .ok()
+                        .and_then(|value| OllamaTimings::from_json(&value));
+                }
+                proxy.learner.record(outcome.clone());
+            }
+            drop(in_flight);
+            return Ok(respond(
+                status,
+                content_type,
+                Body::from(bytes),
+                backend,
+                &outcome.reason,
+            ));
+        }
+        // Streaming: wait for the first chunk, so a node that fails before answering is still failed over.
+        let mut upstream = response.into_body();
+        let first = match next_data(&mut upstream).await {
+            Ok(Some(first)) => first,
+            Ok(None) => return Err(fail(&mut outcome, "empty answer".to_owned())),
+            Err(error) => {
+                return Err(fail(
+                    &mut outcome,
+                    format!("stream failed before its first chunk: {error}"),
+                ));
+            }
+        };
+        outcome.time_to_first_byte = started.elapsed();
+        let relay = Relay {
+            upstream,
+            first: Some(first),
+            tail: Vec::new(),
+            node: backend.name.clone(),
+            sse: kind.sse,
+            learns: kind.learns,
+            started,
+            outcome,
+            learner: Arc::clone(&proxy.learner),
+            _in_flight: in_flight,
+            done: false,
+        };
+        let reason = relay.outcome.reason.clone();
+        let body = Body::from_stream(futures_util::stream::unfold(relay, Relay::next));
+        Ok(respond(status, content_type, body, backend, &reason))
+    }
+}
+
+/// Passes a streamed answer through, watching its tail for Ollama's final timing object.
+struct Relay {
+    upstream: Incoming,
+    first: Option<Bytes>,
+    tail: Vec<u8>,
+    node: String,
+    sse: bool,
+    learns: bool,
+    started: Instant,
+    outcome: Outcome,
+    learner: Arc<Learner>,
+    _in_flight: InFlight,
+    done: bool,
+}
+
+impl Relay {
+    async fn next(mut self) -> Option<(Result<Bytes, std::io::Error>, Self)> {
+        if self.done {
+            return None;
+        }
+        let chunk = match self.first.take() {
+            Some(first) => Ok(Some(first)),
+            None => next_data(&mut self.upstream).await,
+        };
+        match chunk {
+            Ok(Some(bytes)) => {
+                self.keep_tail(&bytes);
+                Some((Ok(bytes), self))
+            }
+            Ok(None) => {
+                self.done = true;
+                self.outcome.ok = true;
+                self.outcome.total = self.started.elapsed();
+                if self.learns {
+                    self.outcome.timings = last_json_line(&self.tail)
+                        .and_then(|value| OllamaTimings::from_json(&value));
+                }
+                self.learner.record(self.outcome.clone());
+                None
+            }
+            Err(error) => {
+                // The client already has part of the answer: end it with an error object instead of hanging.
+                self.done = true;
+                self.outcome.total = self.started.elapsed();
+                self.learner.record(self.outcome.clone());
+                let message =
+                    json!({ "error": format!("node {} failed mid-stream: {error}", self.node) });
+                let bytes = if self.sse {
+                    Bytes::from(format!("data: {message}\n\n"))
+                } else {
+                    Bytes::from(format!("{message}\n"))
+                };
+                Some((Ok(bytes), self))
+            }
+        }
+    }
+
+    fn keep_tail(&mut self, bytes: &[u8]) {
+        self.tail.extend_from_slice(bytes);
+        if self.tail.len() > TAIL_BYTES {
+            let cut = self.tail.len() - TAIL_BYTES;
+            self.tail.drain(..cut);
+        }
+    }
+}
+
+/// The last complete JSON line of an NDJSON tail.
+fn last_json_line(tail: &[u8]) -> Option<Value> {
+    tail.split(|byte| *byte == b'\n')
+        .rev()
+        .find(|line| !line.iter().all(u8::is_ascii_whitespace))
+        .and_then(|line| serde_json::from_slice(line).ok())
+}
+
+async fn next_data(body: &mut Incoming) -> Result<Option<Bytes>, String> {
+    loop {
+        match body.frame().await {
+            None => return Ok(None),
+            Some(Err(error)) => return Err(error_chain(&error)),
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data()
+                    && !data.is_empty()
+                {
+                    return Ok(Some(data));
+                }
+            }
+        }
+    }
+}
+
+async fn read_limited(body: Incoming, limit: usize) -> Option<Bytes> {
+    http_body_util::Limited::new(body, limit)
+        .collect()
+        .await
+        .ok()
+        .map(|collected| collected.to_bytes())
+}
+
+fn respond(
+    status: StatusCode,
+    content_type: Option<HeaderValue>,
+    body: Body,
+    backend: &Backend,
+    reason: &str,
+) -> Response {
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        content_type.unwrap_or_else(|| HeaderValue::from_static("application/json; charset=utf-8")),
+    );
+    headers.insert(NODE_HEADER, header_text(&backend.name));
+    headers.insert(DECISION_HEADER, header_text(reason));
+    response
+}
+
+/// Header values must be visible ASCII; anything else becomes `?`.
+fn header_text(text: &str) -> HeaderValue {
+    let cleaned: String = text
+        .chars()
+        .take(300)
+        .map(|c| {
+            if c == ' ' || c.is_ascii_graphic() {
+                c
+            } else {
+                '?'
+            }
+        })
+        .collect();
+    HeaderValue::from_str(&cleaned).unwrap_or_else(|_| HeaderValue::from_static("?"))
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// `GET /api/tags`: every model on an up node, once.
+pub async fn tags(State(state): State<Arc<GatewayState>>) -> Response {
+    let view = state.view.load();
+    let mut models: BTreeMap<String, Value> = BTreeMap::new();
+    for node in &view.nodes {
+        let Some(ollama) = node.ollama.as_ref().filter(|ollama| ollama.reachable) else {
+            continue;
+        };
+        if !view
+            .backends
+            .iter()
+            .any(|backend| backend.node_id == node.id)
+        {
+            continue;
+        }
+        for model in &ollama.models {
+            models.entry(model.name.clone()).or_insert_with(|| {
+                json!({
+                    "name": model.name,
+                    "model": model.name,
+                    "size": model.size_bytes,
+                    "digest": model.digest,
+                    "details": {
+                        "format": "gguf",
+                        "family": model.family,
+                        "parameter_size": model.parameter_size,
+                        "quantization_level": model.quantization_level,
+                    },
+                })
+            });
+        }
+    }
+    axum::Json(json!({ "models": models.into_values().collect::<Vec<_>>() })).into_response()
+}
+
+/// `GET /api/ps`: loaded models on every up node; each entry names its node.
+pub async fn ps(State(state): State<Arc<GatewayState>>) -> Response {
+    let view = state.view.load();
+    let mut models = Vec::new();
+    for node in &view.nodes {
+        let Some(ollama) = node.ollama.as_ref().filter(|ollama| ollama.reachable) else {
+            continue;
+        };
+        for loaded in &ollama.loaded {
+            models.push(json!({
+                "name": loaded.name,
+                "model": loaded.name,
+                "size": loaded.size_bytes,
+                "size_vram": loaded.vram_bytes,
+                "expires_at": loaded.expires_at,
+                "sollol_node": node.name,
+                "sollol_node_id": node.id,
+            }));
+        }
+    }
+    axum::Json(json!({ "models": models })).into_response()
+}
+
+/// `GET /api/version`: the oldest Ollama version among up nodes, so clients never assume a feature some node lacks.
+pub async fn version(State(state): State<Arc<GatewayState>>) -> Response {
+    let view = state.view.load();
+    let oldest = view
+        .nodes
+        .iter()
+        .filter(|node| {
+            view.backends
+                .iter()
+                .any(|backend| backend.node_id == node.id)
+        })
+        .filter_map(|node| {
+            node.ollama
+                .as_ref()
+                .and_then(|ollama| ollama.version.clone())
+        })
+        .min_by(|a, b| version_key(a).cmp(&version_key(b)));
+    axum::Json(json!({ "version": oldest.unwrap_or_else(|| "0.0.0".to_owned()) })).into_response()
+}
+
+fn version_key(version: &str) -> Vec<u64> {
+    version
+        .split(['.', '-'])
+        .map(|part| part.parse().unwrap_or(0))
+        .collect()
+}
+
+/// `GET /v1/models`: every model on an up node, once, in OpenAI's shape.
+pub async fn openai_models(State(state): State<Arc<GatewayState>>) -> Response {
+    let view = state.view.load();
+    let mut names: Vec<&str> = view
+        .backends
+        .iter()
+        .flat_map(|backend| backend.models.iter().map(String::as_str))
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    let data: Vec<Value> = names
+        .into_iter()
+        .map(|name| json!({"id": name, "object": "model", "created": 0, "owned_by": "library"}))
+        .collect();
+    axum::Json(json!({ "object": "list", "data": data })).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shapes_estimate_tokens() {
+        fn check(request: Value, prompt_tokens: u32, output_tokens: u32) {
+            assert_eq!(
+                request_shape(&request),
+                RequestShape {
+                    prompt_tokens,
+                    output_tokens
+                },
+                "{request}"
+            );
+        }
+        check(
+            json!({"messages": [{"role": "user", "content": "x".repeat(400)}]}),
+            100,
+            128,
+        );
+        check(
+            json!({"prompt": "abcdefgh", "options": {"num_predict": 24}}),
+            2,
+            24,
+        );
+        check(json!({"input": ["aaaa", "bbbb"], "max_tokens": 7}), 2, 7);
+        check(json!({}), 1, 128);
+    }
+
+    #[test]
+    fn the_last_ndjson_line_carries_the_timings() {
+        let tail =
+            b"{\"done\":false}\n{\"done\":true,\"eval_count\":3,\"eval_duration\":3000000}\n";
+        let value = last_json_line(tail).expect("json");
+        assert_eq!(value["eval_count"], 3);
+        assert_eq!(last_json_line(b"  \n"), None);
+    }
+
+    #[test]
+    fn versions_compare_numerically() {
+        assert!(version_key("0.9.6") < version_key("0.12.3"));
+        assert!(version_key("0.12.3") < version_key("0.12.10"));
+    }
+
+    #[test]
+    fn header_values_are_sanitised() {
+        assert_eq!(
+            header_text("node é\n1"),
+            HeaderValue::from_static("node ??1")
+        );
+    }
+}

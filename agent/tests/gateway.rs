@@ -1,0 +1,435 @@
+//! The Ollama/OpenAI gateway in front of emulated Ollama nodes, each behind a real agent: routing, streaming, failover, errors.
+
+use std::time::{Duration, Instant};
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{Value, json};
+use sollol::app::{self, AgentHandle, CoordinatorHandle};
+use sollol::config::Config;
+use sollol_ollama_emulator::{Emulator, EmulatorConfig, Fault, embedding_of};
+
+struct Cluster {
+    coordinator: CoordinatorHandle,
+    agents: Vec<AgentHandle>,
+    emulators: Vec<Emulator>,
+    _dirs: Vec<tempfile::TempDir>,
+}
+
+fn config(data_dir: &std::path::Path, name: &str, extra: &[(&'static str, &str)]) -> Config {
+    let data_dir = data_dir.display().to_string();
+    let mut pairs: Vec<(&'static str, &str)> = vec![
+        ("data_dir", &data_dir),
+        ("coordinator.gateway_bind", "127.0.0.1:0"),
+        ("coordinator.cluster_bind", "127.0.0.1:0"),
+        ("coordinator.max_request_body", "65536"),
+        ("agent.name", name),
+        ("agent.heartbeat_interval", "200ms"),
+    ];
+    pairs.extend_from_slice(extra);
+    Config::from_pairs(&pairs).expect("valid test config")
+}
+
+/// Nodes fast, mid and slow: decode 2000, 400 and 100 tokens/s.
+async fn cluster() -> Cluster {
+    let mut dirs = vec![tempfile::tempdir().expect("tempdir")];
+    let coordinator = app::start_coordinator(&config(dirs[0].path(), "coordinator", &[]))
+        .await
+        .expect("coordinator");
+    let mut agents = Vec::new();
+    let mut emulators = Vec::new();
+    for (name, speed) in [("fast", 2000.0), ("mid", 400.0), ("slow", 100.0)] {
+        let emulator = Emulator::start(EmulatorConfig {
+            name: name.to_owned(),
+            decode_tokens_per_second: speed,
+            prompt_tokens_per_second: speed * 10.0,
+            ..EmulatorConfig::default()
+        })
+        .await
+        .expect("emulator");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = emulator.url();
+        let agent_config = config(dir.path(), name, &[("agent.ollama_url", &url)]);
+        agents.push(
+            app::start_agent(
+                &agent_config,
+                coordinator.cluster_address.to_string(),
+                coordinator.token.clone(),
+            )
+            .await
+            .expect("agent"),
+        );
+        emulators.push(emulator);
+        dirs.push(dir);
+    }
+    let started = Instant::now();
+    while coordinator.view().backends.len() < 3 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "backends never appeared"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Cluster {
+        coordinator,
+        agents,
+        emulators,
+        _dirs: dirs,
+    }
+}
+
+impl Cluster {
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.coordinator.gateway_address)
+    }
+
+    async fn stop(self) {
+        for agent in self.agents {
+            agent
+                .stop(Duration::from_secs(5))
+                .await
+                .expect("stop agent");
+        }
+        self.coordinator.shutdown(Duration::from_secs(5)).await;
+    }
+}
+
+struct Answer {
+    status: u16,
+    node: Option<String>,
+    decision: Option<String>,
+    body: Vec<u8>,
+}
+
+impl Answer {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|error| panic!("not JSON ({error}): {}", self.text()))
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+async fn send(method: &str, url: &str, body: Vec<u8>, headers: &[(&str, &str)]) -> Answer {
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let mut request = hyper::Request::builder().method(method).uri(url);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let request = request.body(Full::new(Bytes::from(body))).expect("request");
+    let response = tokio::time::timeout(Duration::from_secs(20), client.request(request))
+        .await
+        .expect("answer in time")
+        .expect("answer");
+    let status = response.status().as_u16();
+    let header = |name: &str| {
+        response
+            .headers()
+            .get(name)
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_owned)
+    };
+    let (node, decision) = (header("x-sollol-node"), header("x-sollol-decision"));
+    let body = tokio::time::timeout(Duration::from_secs(20), response.into_body().collect())
+        .await
+        .expect("body in time")
+        .expect("body")
+        .to_bytes()
+        .to_vec();
+    Answer {
+        status,
+        node,
+        decision,
+        body,
+    }
+}
+
+async fn post(url: &str, body: Value) -> Answer {
+    send("POST", url, serde_json::to_vec(&body).expect("json"), &[]).await
+}
+
+async fn get(url: &str) -> Answer {
+    send("GET", url, Vec::new(), &[]).await
+}
+
+fn lines(answer: &Answer) -> Vec<Value> {
+    answer
+        .text()
+        .lines()
+        .filter(|line| !line.trim().is_empty())
+        .map(|line| {
+            serde_json::from_str(line)
+                .unwrap_or_else(|error| panic!("bad NDJSON line {line:?}: {error}"))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ollama_and_openai_routes_through_the_gateway() {
+    let cluster = cluster().await;
+
+    // Non-streaming chat: Ollama's shape, the node and decision in headers.
+    let answer = post(
+        &cluster.url("/api/chat"),
+        json!({"model": "smollm2:135m", "stream": false, "messages": [{"role": "user", "content": "hi"}], "options": {"num_predict": 4}}),
+    )
+    .await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    let body = answer.json();
+    assert_eq!(body["message"]["content"], "tok0 tok1 tok2 tok3 ");
+    assert_eq!(body["done"], true);
+    assert_eq!(body["eval_count"], 4);
+    assert!(answer.node.is_some() && answer.decision.is_some());
+
+    // Streaming is the default: NDJSON chunks, the last one done with timings.
+    let answer = post(
+        &cluster.url("/api/chat"),
+        json!({"model": "smollm2:135m", "messages": [{"role": "user", "content": "hi"}], "options": {"num_predict": 5}}),
+    )
+    .await;
+    let chunks = lines(&answer);
+    assert_eq!(chunks.len(), 6, "{}", answer.text());
+    assert_eq!(chunks[0]["message"]["content"], "tok0 ");
+    assert_eq!(chunks[5]["done"], true);
+    assert!(chunks[5]["eval_duration"].as_u64().is_some());
+
+    let answer = post(
+        &cluster.url("/api/generate"),
+        json!({"model": "smollm2:135m", "prompt": "hi", "options": {"num_predict": 3}}),
+    )
+    .await;
+    let chunks = lines(&answer);
+    assert_eq!(
+        chunks
+            .iter()
+            .filter_map(|chunk| chunk["response"].as_str())
+            .collect::<String>(),
+        "tok0 tok1 tok2 "
+    );
+
+    // OpenAI: non-streaming and SSE.
+    let answer = post(
+        &cluster.url("/v1/chat/completions"),
+        json!({"model": "smollm2:135m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
+    )
+    .await;
+    assert_eq!(
+        answer.json()["choices"][0]["message"]["content"],
+        "tok0 tok1 "
+    );
+    let answer = post(
+        &cluster.url("/v1/chat/completions"),
+        json!({"model": "smollm2:135m", "stream": true, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
+    )
+    .await;
+    let text = answer.text();
+    assert!(text.starts_with("data: {"), "{text}");
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+
+    // Embeddings come back from a node, in input order.
+    let answer = post(
+        &cluster.url("/api/embed"),
+        json!({"model": "nomic-embed-text", "input": ["a", "b", "c"]}),
+    )
+    .await;
+    let embeddings = answer.json()["embeddings"].clone();
+    for (index, input) in ["a", "b", "c"].iter().enumerate() {
+        let expected = embedding_of("nomic-embed-text:latest", input, 8);
+        let actual: Vec<f32> = serde_json::from_value(embeddings[index].clone()).expect("floats");
+        assert_eq!(actual, expected, "embedding {index}");
+    }
+
+    // Listing routes come from the cluster view.
+    let tags = get(&cluster.url("/api/tags")).await.json();
+    let names: Vec<&str> = tags["models"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(|model| model["name"].as_str())
+        .collect();
+    assert_eq!(names, vec!["nomic-embed-text:latest", "smollm2:135m"]);
+    assert_eq!(
+        get(&cluster.url("/api/version")).await.json()["version"],
+        "0.12.3"
+    );
+    assert_eq!(
+        get(&cluster.url("/v1/models")).await.json()["data"]
+            .as_array()
+            .expect("list")
+            .len(),
+        2
+    );
+    let show = post(&cluster.url("/api/show"), json!({"model": "smollm2:135m"})).await;
+    assert_eq!(show.json()["details"]["family"], "llama");
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_ollama_errors() {
+    let cluster = cluster().await;
+    fn check(answer: &Answer, status: u16, needle: &str) {
+        assert_eq!(answer.status, status, "{}", answer.text());
+        let error = answer.json()["error"]
+            .as_str()
+            .map(str::to_owned)
+            .unwrap_or_default();
+        assert!(error.contains(needle), "{error:?} lacks {needle:?}");
+    }
+    check(
+        &send(
+            "POST",
+            &cluster.url("/api/chat"),
+            b"{not json".to_vec(),
+            &[],
+        )
+        .await,
+        400,
+        "invalid JSON",
+    );
+    check(
+        &post(&cluster.url("/api/chat"), json!(["array"])).await,
+        400,
+        "JSON object",
+    );
+    check(
+        &post(&cluster.url("/api/chat"), json!({"messages": []})).await,
+        400,
+        "model is required",
+    );
+    check(
+        &post(&cluster.url("/api/chat"), json!({"model": "nope:1b"})).await,
+        404,
+        "model \"nope:1b\" not found, try pulling it first",
+    );
+    check(
+        &send(
+            "POST",
+            &cluster.url("/api/chat"),
+            serde_json::to_vec(&json!({"model": "smollm2:135m"})).expect("json"),
+            &[("x-sollol-strategy", "fastest")],
+        )
+        .await,
+        400,
+        "unknown routing strategy",
+    );
+    check(
+        &post(
+            &cluster.url("/api/chat"),
+            json!({"model": "smollm2:135m", "pad": "x".repeat(70_000)}),
+        )
+        .await,
+        413,
+        "",
+    );
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_nodes_are_skipped() {
+    let cluster = cluster().await;
+    let chat = || json!({"model": "smollm2:135m", "stream": false, "messages": [{"role": "user", "content": "hi"}], "options": {"num_predict": 2}});
+    // Two of three nodes answer 500 or are gone: every request still succeeds, on the healthy one.
+    cluster.emulators[0].set_fault(Fault::InternalError);
+    cluster.emulators[1].kill();
+    for _ in 0..6 {
+        let answer = post(&cluster.url("/api/chat"), chat()).await;
+        assert_eq!(answer.status, 200, "{}", answer.text());
+        assert_eq!(answer.node.as_deref(), Some("slow"));
+    }
+    // A node that dies mid-answer: non-streaming answers are retried elsewhere.
+    cluster.emulators[0].set_fault(Fault::DropMidStream { after_tokens: 1 });
+    for _ in 0..3 {
+        let answer = post(&cluster.url("/api/chat"), chat()).await;
+        assert_eq!(answer.status, 200, "{}", answer.text());
+    }
+    // Streaming answers that break after they began end with an error object, not a hang.
+    cluster.emulators[2].set_fault(Fault::DropMidStream { after_tokens: 2 });
+    cluster.emulators[0].set_fault(Fault::DropMidStream { after_tokens: 2 });
+    let answer = post(
+        &cluster.url("/api/chat"),
+        json!({"model": "smollm2:135m", "messages": [], "options": {"num_predict": 5}}),
+    )
+    .await;
+    let chunks = lines(&answer);
+    let (last, before) = chunks.split_last().expect("chunks");
+    assert!(
+        !before.is_empty() && before.iter().all(|chunk| chunk.get("error").is_none()),
+        "{}",
+        answer.text()
+    );
+    assert!(
+        last["error"]
+            .as_str()
+            .is_some_and(|error| error.contains("failed mid-stream")),
+        "{}",
+        answer.text()
+    );
+    // Every node failing before answering: a 502 that names each failure.
+    cluster.emulators[0].set_fault(Fault::InternalError);
+    cluster.emulators[2].set_fault(Fault::InternalError);
+    let answer = post(&cluster.url("/api/chat"), chat()).await;
+    assert_eq!(answer.status, 502, "{}", answer.text());
+    assert!(
+        answer.json()["error"]
+            .as_str()
+            .is_some_and(|error| error.contains("fast") && error.contains("slow"))
+    );
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routing_learns_and_prefers_the_fast_node() {
+    let cluster = cluster().await;
+    let chat = json!({"model": "smollm2:135m", "stream": false, "messages": [{"role": "user", "content": "hello there"}], "options": {"num_predict": 20}});
+    // Round robin measures every node once or more.
+    for _ in 0..6 {
+        let answer = send(
+            "POST",
+            &cluster.url("/api/chat"),
+            serde_json::to_vec(&chat).expect("json"),
+            &[("x-sollol-strategy", "round_robin")],
+        )
+        .await;
+        assert_eq!(answer.status, 200);
+    }
+    let started = Instant::now();
+    loop {
+        let learned = cluster.coordinator.learned();
+        if learned.pairs.len() >= 3 {
+            let fast = cluster
+                .coordinator
+                .view()
+                .backends
+                .iter()
+                .find(|backend| backend.name == "fast")
+                .expect("fast")
+                .node_id
+                .clone();
+            let stats = learned.pair(&fast, "smollm2:135m").expect("fast learned");
+            assert!(stats.decode_tokens_per_second > 1000.0, "{stats:?}");
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "nothing learned"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Sequential requests under the intelligent strategy go to the fastest node.
+    for _ in 0..5 {
+        let answer = post(&cluster.url("/api/chat"), chat.clone()).await;
+        assert_eq!(
+            answer.node.as_deref(),
+            Some("fast"),
+            "{:?}",
+            answer.decision
+        );
+    }
+    cluster.stop().await;
+}
