@@ -433,3 +433,37 @@ async fn routing_learns_and_prefers_the_fast_node() {
     }
     cluster.stop().await;
 }
+
+/// The official `ollama` and `openai` Python packages, from the virtual environment `scripts/test` creates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn official_python_clients() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let python = std::env::var_os("SOLLOL_TEST_PYTHON")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| root.join(".cache/venv/bin/python"));
+    assert!(
+        python.exists(),
+        "{} is missing: run scripts/test (it creates the venv with the ollama and openai packages) or set SOLLOL_TEST_PYTHON",
+        python.display()
+    );
+    let cluster = cluster().await;
+    let gateway = format!("http://{}", cluster.coordinator.gateway_address);
+    let script = root.join("tests/clients/official_clients.py");
+    let output = tokio::process::Command::new(&python)
+        .arg(&script)
+        .arg(&gateway)
+        .output()
+        .await
+        .expect("run python");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "python clients failed:\n{stdout}\n{stderr}"
+    );
+    assert!(
+        stdout.contains("python clients: 9 passed, 0 failed"),
+        "{stdout}"
+    );
+    cluster.stop().await;
+}

@@ -54,3 +54,18 @@ apt_install() {
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   fi
 }
+
+# Python packages the client-compatibility tests use, in .cache/venv.
+PYTHON_TEST_PACKAGES=(ollama==0.6.3 openai==3.57.0)
+
+ensure_python_venv() {
+  local venv="$ROOT/.cache/venv"
+  if [ ! -x "$venv/bin/python" ]; then
+    say "creating the test venv in .cache/venv"
+    python3 -m venv "$venv"
+  fi
+  if ! "$venv/bin/python" -c 'import ollama, openai' >/dev/null 2>&1; then
+    say "installing ${PYTHON_TEST_PACKAGES[*]} into .cache/venv"
+    "$venv/bin/pip" install -q --disable-pip-version-check "${PYTHON_TEST_PACKAGES[@]}"
+  fi
+}
