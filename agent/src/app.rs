@@ -16,6 +16,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admission::QueueSettings;
 use crate::cluster::{ClusterTask, ClusterView, EVENTS_PER_NODE, SharedView};
 use crate::config::Config;
 use crate::gateway::{self, GatewayState};
@@ -82,6 +83,11 @@ impl CoordinatorHandle {
     /// The current cluster snapshot.
     pub fn view(&self) -> Arc<ClusterView> {
         self.view.load_full()
+    }
+
+    /// Requests waiting in the gateway's priority queue.
+    pub fn queued(&self) -> usize {
+        self.gateway.proxy.queued()
     }
 
     /// What routing has learned so far.
@@ -162,6 +168,12 @@ pub async fn start_coordinator(config: &Config) -> Result<CoordinatorHandle, Sta
             max_attempts: settings.max_attempts.get() as usize,
             node_slots: settings.node_slots.get(),
             response_timeout: settings.response_timeout,
+            node_queue_depth: settings.node_queue_depth,
+            queue: QueueSettings {
+                capacity: settings.queue_capacity.get() as usize,
+                timeout: settings.queue_timeout,
+                aging: settings.queue_aging,
+            },
         },
     );
     let gateway_state = Arc::new(GatewayState::new(

@@ -105,6 +105,30 @@ pub const KEYS: &[KeySpec] = &[
         doc: "Requests routing assumes each node runs at once (match Ollama's `OLLAMA_NUM_PARALLEL`); more wait in the node's queue.",
     },
     KeySpec {
+        key: "coordinator.node_queue_depth",
+        env: "SOLLOL_NODE_QUEUE_DEPTH",
+        default: Some("2"),
+        doc: "Requests the gateway lets wait in a node's own queue beyond its slots. When every node with the model has `node_slots + node_queue_depth` in flight, new requests wait in the gateway's priority queue instead.",
+    },
+    KeySpec {
+        key: "coordinator.queue_capacity",
+        env: "SOLLOL_QUEUE_CAPACITY",
+        default: Some("256"),
+        doc: "Requests that may wait in the gateway's priority queue; beyond it requests get HTTP 429 with `Retry-After`.",
+    },
+    KeySpec {
+        key: "coordinator.queue_timeout",
+        env: "SOLLOL_QUEUE_TIMEOUT",
+        default: Some("30s"),
+        doc: "How long a request may wait in the priority queue before it gets HTTP 503.",
+    },
+    KeySpec {
+        key: "coordinator.queue_aging",
+        env: "SOLLOL_QUEUE_AGING",
+        default: Some("3s"),
+        doc: "Waiting this long raises a queued request's priority by one level (priorities are 1–10 from `X-Sollol-Priority`, default 5), so low priorities never starve.",
+    },
+    KeySpec {
         key: "coordinator.max_attempts",
         env: "SOLLOL_MAX_ATTEMPTS",
         default: Some("3"),
@@ -333,6 +357,10 @@ pub struct CoordinatorConfig {
     pub event_retention: NonZeroU32,
     pub strategy: crate::routing::Strategy,
     pub node_slots: NonZeroU32,
+    pub node_queue_depth: u32,
+    pub queue_capacity: NonZeroU32,
+    pub queue_timeout: Duration,
+    pub queue_aging: Duration,
     pub max_attempts: NonZeroU32,
     pub response_timeout: Duration,
     pub max_request_body: NonZeroU32,
@@ -383,6 +411,12 @@ impl TryFrom<&RawConfig> for Config {
                 })
             })?,
             node_slots: reader.parse("coordinator.node_slots", parse_non_zero)?,
+            node_queue_depth: reader.parse("coordinator.node_queue_depth", |text| {
+                text.parse::<u32>().map_err(|_| "expected a whole number".to_owned())
+            })?,
+            queue_capacity: reader.parse("coordinator.queue_capacity", parse_non_zero)?,
+            queue_timeout: reader.parse("coordinator.queue_timeout", parse_positive_duration)?,
+            queue_aging: reader.parse("coordinator.queue_aging", parse_positive_duration)?,
             max_attempts: reader.parse("coordinator.max_attempts", parse_non_zero)?,
             response_timeout: reader.parse("coordinator.response_timeout", parse_positive_duration)?,
             max_request_body: reader.parse("coordinator.max_request_body", parse_non_zero)?,

@@ -125,6 +125,7 @@ pub async fn serve(listener: TcpListener, state: Arc<GatewayState>, shutdown: Ca
 pub struct ApiError {
     status: StatusCode,
     message: String,
+    retry_after_seconds: Option<u32>,
 }
 
 impl ApiError {
@@ -132,19 +133,29 @@ impl ApiError {
         Self {
             status,
             message: message.into(),
+            retry_after_seconds: None,
         }
+    }
+
+    /// Adds a `Retry-After` header.
+    pub fn retry_after(mut self, seconds: u32) -> Self {
+        self.retry_after_seconds = Some(seconds);
+        self
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (
-            self.status,
-            Json(ErrorBody {
-                error: self.message,
-            }),
-        )
-            .into_response()
+        let body = Json(ErrorBody {
+            error: self.message,
+        });
+        let mut response = (self.status, body).into_response();
+        if let Some(seconds) = self.retry_after_seconds {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, seconds.into());
+        }
+        response
     }
 }
 

@@ -1,5 +1,6 @@
 //! sollol: the cluster layer in front of Ollama nodes. The binary's `main` is thin; everything runs from here so tests run the real thing in-process.
 
+pub mod admission;
 pub mod app;
 pub mod backoff;
 pub mod cli;

@@ -28,7 +28,8 @@ use hyper_util::rt::TokioExecutor;
 use rand::Rng;
 use serde_json::{Value, json};
 
-use crate::cluster::{Backend, normalize_model};
+use crate::admission::{self, Admission, QueueSettings, Rejected};
+use crate::cluster::{Backend, ClusterView, normalize_model};
 use crate::gateway::{ApiError, GatewayState};
 use crate::learning::{Learner, OllamaTimings, Outcome};
 use crate::routing::{self, Candidate, Priors, RequestShape, Strategy};
@@ -39,9 +40,13 @@ pub const STRATEGY_HEADER: &str = "x-sollol-strategy";
 pub const NODE_HEADER: &str = "x-sollol-node";
 /// Response header with the routing decision's short reason.
 pub const DECISION_HEADER: &str = "x-sollol-decision";
+/// Request header with the priority, 1 (lowest) to 10.
+pub const PRIORITY_HEADER: &str = "x-sollol-priority";
 
 /// Output tokens assumed when a request sets no limit.
 const DEFAULT_OUTPUT_TOKENS: u32 = 128;
+/// How long `/api/ps` waits for each node.
+const PS_TIMEOUT: Duration = Duration::from_secs(2);
 /// Bytes of a streamed answer kept to read its final timing object.
 const TAIL_BYTES: usize = 64 * 1024;
 
@@ -52,6 +57,7 @@ pub struct Proxy {
     learner: Arc<Learner>,
     loads: ArcSwap<HashMap<String, Arc<AtomicU32>>>,
     round_robin: AtomicU64,
+    admission: Arc<Admission>,
     pub settings: ProxySettings,
 }
 
@@ -66,6 +72,9 @@ pub struct ProxySettings {
     pub node_slots: u32,
     /// How long a node may take to send its response headers.
     pub response_timeout: Duration,
+    /// Requests allowed in a node's own queue beyond its slots before the gateway queues instead.
+    pub node_queue_depth: u32,
+    pub queue: QueueSettings,
 }
 
 impl Proxy {
@@ -80,12 +89,18 @@ impl Proxy {
             learner,
             loads: ArcSwap::from_pointee(HashMap::new()),
             round_robin: AtomicU64::new(0),
+            admission: Arc::new(Admission::new(settings.queue)),
             settings,
         }
     }
 
     pub fn learner(&self) -> &Learner {
         &self.learner
+    }
+
+    /// Requests waiting in the priority queue now.
+    pub fn queued(&self) -> usize {
+        self.admission.waiting()
     }
 
     /// The in-flight counter of a node, created on first use.
@@ -115,19 +130,23 @@ impl Proxy {
     }
 }
 
-/// Counts a request in flight on a node until dropped.
-struct InFlight(Arc<AtomicU32>);
+/// Counts a request in flight on a node until dropped; then lets the next queued request try.
+struct InFlight {
+    counter: Arc<AtomicU32>,
+    admission: Arc<Admission>,
+}
 
 impl InFlight {
-    fn new(counter: Arc<AtomicU32>) -> Self {
+    fn new(counter: Arc<AtomicU32>, admission: Arc<Admission>) -> Self {
         counter.fetch_add(1, Ordering::Relaxed);
-        Self(counter)
+        Self { counter, admission }
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.counter.fetch_sub(1, Ordering::Relaxed);
+        self.admission.release();
     }
 }
 
@@ -226,54 +245,57 @@ async fn forward_inner(
             })?,
     };
 
-    let view = state.view.load();
+    let priority = match headers.get(PRIORITY_HEADER) {
+        None => admission::DEFAULT_PRIORITY,
+        Some(value) => value
+            .to_str()
+            .ok()
+            .and_then(admission::parse_priority)
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("{PRIORITY_HEADER} must be a whole number from 1 to 10"),
+                )
+            })?,
+    };
     let wanted_node = headers
         .get(NODE_HEADER)
         .and_then(|value| value.to_str().ok());
-    let backends: Vec<&Arc<Backend>> = view
-        .backends
-        .iter()
-        .filter(|backend| kind.any_node || backend.has_model(&model))
-        .filter(|backend| {
-            wanted_node.is_none_or(|wanted| backend.name == wanted || backend.node_id == wanted)
-        })
-        .collect();
-    if backends.is_empty() {
-        return Err(if view.backends.is_empty() {
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!(
-                    "no Ollama node is available: {} known node(s), none up with a reachable Ollama",
-                    view.nodes.len()
-                ),
-            )
-        } else if let Some(wanted) = wanted_node {
-            ApiError::new(
-                StatusCode::NOT_FOUND,
-                format!("node {wanted:?} is not up or does not have model \"{requested_name}\""),
-            )
-        } else {
-            ApiError::new(
-                StatusCode::NOT_FOUND,
-                format!("model \"{requested_name}\" not found, try pulling it first"),
-            )
-        });
-    }
-
-    let learned = proxy.learner.snapshot();
-    let candidates: Vec<Candidate> = backends
-        .iter()
-        .map(|backend| Candidate {
-            node_id: backend.node_id.clone(),
-            name: backend.name.clone(),
-            in_flight: proxy.load_of(&backend.node_id).load(Ordering::Relaxed),
-            slots: proxy.settings.node_slots,
-            model_loaded: backend.has_loaded(&model),
-            stats: learned.pair(&backend.node_id, &model),
-            served: learned.served.get(&backend.node_id).copied().unwrap_or(0),
-            has_affinity: false,
-        })
-        .collect();
+    let selection = Selection {
+        model: &model,
+        requested_name,
+        any_node: kind.any_node,
+        wanted_node,
+    };
+    // Wait in the priority queue while every candidate is saturated.
+    let queued_since = Instant::now();
+    let (view, candidates) =
+        loop {
+            let view = state.view.load_full();
+            let candidates = selection.candidates(proxy, &view)?;
+            let saturated_at = proxy.settings.node_slots + proxy.settings.node_queue_depth;
+            if candidates
+                .iter()
+                .any(|(_, candidate)| candidate.in_flight < saturated_at)
+            {
+                break (view, candidates);
+            }
+            proxy.admission.wait(priority, queued_since).await.map_err(
+                |rejected| match rejected {
+                    Rejected::QueueFull(_) => {
+                        ApiError::new(StatusCode::TOO_MANY_REQUESTS, rejected.to_string())
+                            .retry_after(1)
+                    }
+                    Rejected::TimedOut(_) => {
+                        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, rejected.to_string())
+                    }
+                },
+            )?;
+        };
+    let (backends, candidates): (Vec<&Arc<Backend>>, Vec<Candidate>) = candidates
+        .into_iter()
+        .map(|(index, candidate)| (&view.backends[index], candidate))
+        .unzip();
     let shape = request_shape(&request);
     let decision = routing::choose(
         &candidates,
@@ -338,6 +360,71 @@ async fn forward_inner(
         StatusCode::BAD_GATEWAY,
         format!("every node tried failed: {}", failures.join("; ")),
     ))
+}
+
+/// Which nodes may serve a request.
+struct Selection<'a> {
+    model: &'a str,
+    requested_name: &'a str,
+    any_node: bool,
+    wanted_node: Option<&'a str>,
+}
+
+impl Selection<'_> {
+    /// The candidates in `view` with their live load, by index into `view.backends`; an error when there are none.
+    fn candidates(
+        &self,
+        proxy: &Proxy,
+        view: &ClusterView,
+    ) -> Result<Vec<(usize, Candidate)>, ApiError> {
+        let learned = proxy.learner.snapshot();
+        let candidates: Vec<(usize, Candidate)> = view
+            .backends
+            .iter()
+            .enumerate()
+            .filter(|(_, backend)| self.any_node || backend.has_model(self.model))
+            .filter(|(_, backend)| {
+                self.wanted_node
+                    .is_none_or(|wanted| backend.name == wanted || backend.node_id == wanted)
+            })
+            .map(|(index, backend)| {
+                let candidate = Candidate {
+                    node_id: backend.node_id.clone(),
+                    name: backend.name.clone(),
+                    in_flight: proxy.load_of(&backend.node_id).load(Ordering::Relaxed),
+                    slots: proxy.settings.node_slots,
+                    model_loaded: backend.has_loaded(self.model),
+                    stats: learned.pair(&backend.node_id, self.model),
+                    served: learned.served.get(&backend.node_id).copied().unwrap_or(0),
+                    has_affinity: false,
+                };
+                (index, candidate)
+            })
+            .collect();
+        if !candidates.is_empty() {
+            return Ok(candidates);
+        }
+        let requested_name = self.requested_name;
+        Err(if view.backends.is_empty() {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "no Ollama node is available: {} known node(s), none up with a reachable Ollama",
+                    view.nodes.len()
+                ),
+            )
+        } else if let Some(wanted) = self.wanted_node {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("node {wanted:?} is not up or does not have model \"{requested_name}\""),
+            )
+        } else {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("model \"{requested_name}\" not found, try pulling it first"),
+            )
+        })
+    }
 }
 
 /// Prompt and output size as routing estimates them: about four characters per token.
@@ -405,7 +492,10 @@ impl Attempt<'_> {
             kind,
             mut outcome,
         } = self;
-        let in_flight = InFlight::new(proxy.load_of(&backend.node_id));
+        let in_flight = InFlight::new(
+            proxy.load_of(&backend.node_id),
+            Arc::clone(&proxy.admission),
+        );
         let started = Instant::now();
         let fail = |outcome: &mut Outcome, message: String| {
             outcome.total = started.elapsed();
@@ -687,24 +777,60 @@ pub async fn tags(State(state): State<Arc<GatewayState>>) -> Response {
     axum::Json(json!({ "models": models.into_values().collect::<Vec<_>>() })).into_response()
 }
 
-/// `GET /api/ps`: loaded models on every up node; each entry names its node.
+/// `GET /api/ps`: loaded models on every up node, asked live (the heartbeat's copy can be a beat old);
+/// each entry names its node. A node that does not answer in time contributes its last reported state.
 pub async fn ps(State(state): State<Arc<GatewayState>>) -> Response {
-    let view = state.view.load();
+    let view = state.view.load_full();
+    let client = &state.proxy.client;
+    let asks = view.backends.iter().map(|backend| async move {
+        let request = hyper::Request::get(format!("{}/api/ps", backend.base_url))
+            .body(Full::new(Bytes::new()))
+            .ok()?;
+        let response = tokio::time::timeout(PS_TIMEOUT, client.request(request))
+            .await
+            .ok()?
+            .ok()?;
+        if !response.status().is_success() {
+            return None;
+        }
+        let body =
+            tokio::time::timeout(PS_TIMEOUT, read_limited(response.into_body(), 1024 * 1024))
+                .await
+                .ok()??;
+        let value: Value = serde_json::from_slice(&body).ok()?;
+        value.get("models").and_then(Value::as_array).cloned()
+    });
+    let answers = futures_util::future::join_all(asks).await;
     let mut models = Vec::new();
-    for node in &view.nodes {
-        let Some(ollama) = node.ollama.as_ref().filter(|ollama| ollama.reachable) else {
-            continue;
+    for (backend, answer) in view.backends.iter().zip(answers) {
+        let entries = match answer {
+            Some(entries) => entries,
+            None => view
+                .node(&backend.node_id)
+                .and_then(|node| node.ollama.as_ref())
+                .map(|ollama| {
+                    ollama
+                        .loaded
+                        .iter()
+                        .map(|loaded| {
+                            json!({
+                                "name": loaded.name,
+                                "model": loaded.name,
+                                "size": loaded.size_bytes,
+                                "size_vram": loaded.vram_bytes,
+                                "expires_at": loaded.expires_at,
+                            })
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
         };
-        for loaded in &ollama.loaded {
-            models.push(json!({
-                "name": loaded.name,
-                "model": loaded.name,
-                "size": loaded.size_bytes,
-                "size_vram": loaded.vram_bytes,
-                "expires_at": loaded.expires_at,
-                "sollol_node": node.name,
-                "sollol_node_id": node.id,
-            }));
+        for mut entry in entries {
+            if let Some(fields) = entry.as_object_mut() {
+                fields.insert("sollol_node".into(), json!(backend.name));
+                fields.insert("sollol_node_id".into(), json!(backend.node_id));
+            }
+            models.push(entry);
         }
     }
     axum::Json(json!({ "models": models })).into_response()

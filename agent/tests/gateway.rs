@@ -35,21 +35,31 @@ fn config(data_dir: &std::path::Path, name: &str, extra: &[(&'static str, &str)]
 
 /// Nodes fast, mid and slow: decode 2000, 400 and 100 tokens/s.
 async fn cluster() -> Cluster {
-    let mut dirs = vec![tempfile::tempdir().expect("tempdir")];
-    let coordinator = app::start_coordinator(&config(dirs[0].path(), "coordinator", &[]))
-        .await
-        .expect("coordinator");
-    let mut agents = Vec::new();
-    let mut emulators = Vec::new();
-    for (name, speed) in [("fast", 2000.0), ("mid", 400.0), ("slow", 100.0)] {
-        let emulator = Emulator::start(EmulatorConfig {
+    let nodes =
+        [("fast", 2000.0), ("mid", 400.0), ("slow", 100.0)].map(|(name, speed)| EmulatorConfig {
             name: name.to_owned(),
             decode_tokens_per_second: speed,
             prompt_tokens_per_second: speed * 10.0,
             ..EmulatorConfig::default()
-        })
-        .await
-        .expect("emulator");
+        });
+    cluster_with(&[], &nodes).await
+}
+
+/// A coordinator with `coordinator_pairs` over the test defaults, and one agent per emulated node.
+async fn cluster_with(
+    coordinator_pairs: &[(&'static str, &str)],
+    nodes: &[EmulatorConfig],
+) -> Cluster {
+    let mut dirs = vec![tempfile::tempdir().expect("tempdir")];
+    let coordinator =
+        app::start_coordinator(&config(dirs[0].path(), "coordinator", coordinator_pairs))
+            .await
+            .expect("coordinator");
+    let mut agents = Vec::new();
+    let mut emulators = Vec::new();
+    for node in nodes {
+        let name = node.name.as_str();
+        let emulator = Emulator::start(node.clone()).await.expect("emulator");
         let dir = tempfile::tempdir().expect("tempdir");
         let url = emulator.url();
         let agent_config = config(dir.path(), name, &[("agent.ollama_url", &url)]);
@@ -66,7 +76,7 @@ async fn cluster() -> Cluster {
         dirs.push(dir);
     }
     let started = Instant::now();
-    while coordinator.view().backends.len() < 3 {
+    while coordinator.view().backends.len() < nodes.len() {
         assert!(
             started.elapsed() < Duration::from_secs(10),
             "backends never appeared"
@@ -465,5 +475,83 @@ async fn official_python_clients() {
         stdout.contains("python clients: 9 passed, 0 failed"),
         "{stdout}"
     );
+    cluster.stop().await;
+}
+
+/// One single-slot node, no node-side queueing: requests beyond one wait in the gateway's priority queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn saturated_nodes_queue_by_priority() {
+    let node = EmulatorConfig {
+        name: "only".to_owned(),
+        decode_tokens_per_second: 50.0,
+        parallel: 1,
+        ..EmulatorConfig::default()
+    };
+    let cluster = cluster_with(
+        &[
+            ("coordinator.node_slots", "1"),
+            ("coordinator.node_queue_depth", "0"),
+            ("coordinator.queue_capacity", "2"),
+            ("coordinator.queue_timeout", "700ms"),
+        ],
+        &[node],
+    )
+    .await;
+    let url = cluster.url("/api/chat");
+    let chat = |tokens: u32| {
+        serde_json::to_vec(&json!({"model": "smollm2:135m", "stream": false, "messages": [], "options": {"num_predict": tokens}})).expect("json")
+    };
+    let (done_sender, mut done) = tokio::sync::mpsc::unbounded_channel();
+    let spawn = |priority: &'static str, tokens: u32| {
+        let url = url.clone();
+        let body = chat(tokens);
+        let done_sender = done_sender.clone();
+        tokio::spawn(async move {
+            let answer = send("POST", &url, body, &[("x-sollol-priority", priority)]).await;
+            done_sender.send((priority, answer.status)).expect("send");
+        })
+    };
+    let wait_queued = |count: usize| {
+        let coordinator = &cluster.coordinator;
+        async move {
+            let started = Instant::now();
+            while coordinator.queued() < count {
+                assert!(
+                    started.elapsed() < Duration::from_secs(5),
+                    "queue never reached {count}"
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    };
+    // The node is busy for 200 ms; a low- then a high-priority request queue behind it.
+    spawn("5", 10);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    spawn("1", 10);
+    wait_queued(1).await;
+    spawn("9", 10);
+    wait_queued(2).await;
+    // The queue holds two: a third waiter is turned away at once.
+    let overflow = send("POST", &url, chat(1), &[]).await;
+    assert_eq!(overflow.status, 429, "{}", overflow.text());
+    assert!(
+        overflow.json()["error"]
+            .as_str()
+            .is_some_and(|error| error.contains("saturated"))
+    );
+    let mut order = Vec::new();
+    for _ in 0..3 {
+        order.push(done.recv().await.expect("finished"));
+    }
+    assert_eq!(order, vec![("5", 200), ("9", 200), ("1", 200)]);
+
+    // Waiting longer than the queue timeout: 503.
+    spawn("5", 60);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let timed_out = send("POST", &url, chat(1), &[]).await;
+    assert_eq!(timed_out.status, 503, "{}", timed_out.text());
+    assert_eq!(done.recv().await.expect("long request"), ("5", 200));
+    let bad = send("POST", &url, chat(1), &[("x-sollol-priority", "11")]).await;
+    assert_eq!(bad.status, 400);
     cluster.stop().await;
 }
