@@ -29,6 +29,7 @@ use rand::Rng;
 use serde_json::{Value, json};
 
 use crate::admission::{self, Admission, QueueSettings, Rejected};
+use crate::batch;
 use crate::cluster::{Backend, ClusterView, normalize_model};
 use crate::gateway::{ApiError, GatewayState};
 use crate::learning::{Learner, OllamaTimings, Outcome};
@@ -103,8 +104,16 @@ impl Proxy {
         self.admission.waiting()
     }
 
+    pub(crate) fn client(&self) -> &Client<HttpConnector, Full<Bytes>> {
+        &self.client
+    }
+
+    pub(crate) fn admission(&self) -> Arc<Admission> {
+        Arc::clone(&self.admission)
+    }
+
     /// The in-flight counter of a node, created on first use.
-    fn load_of(&self, node_id: &str) -> Arc<AtomicU32> {
+    pub(crate) fn load_of(&self, node_id: &str) -> Arc<AtomicU32> {
         if let Some(counter) = self.loads.load().get(node_id) {
             return Arc::clone(counter);
         }
@@ -131,13 +140,13 @@ impl Proxy {
 }
 
 /// Counts a request in flight on a node until dropped; then lets the next queued request try.
-struct InFlight {
+pub(crate) struct InFlight {
     counter: Arc<AtomicU32>,
     admission: Arc<Admission>,
 }
 
 impl InFlight {
-    fn new(counter: Arc<AtomicU32>, admission: Arc<Admission>) -> Self {
+    pub(crate) fn new(counter: Arc<AtomicU32>, admission: Arc<Admission>) -> Self {
         counter.fetch_add(1, Ordering::Relaxed);
         Self { counter, admission }
     }
@@ -296,6 +305,27 @@ async fn forward_inner(
         .into_iter()
         .map(|(index, candidate)| (&view.backends[index], candidate))
         .unzip();
+    if let Some(flavour) = batch_flavour(path)
+        && batch::inputs(&request).is_some_and(|inputs| inputs.len() > 1)
+        && backends.len() > 1
+    {
+        let answer = batch::run(proxy, &backends, path, &request, flavour)
+            .await
+            .map_err(|failure| ApiError::new(StatusCode::BAD_GATEWAY, failure))?;
+        let inputs = batch::inputs(&request).map_or(0, Vec::len);
+        let mut response = axum::Json(answer.body).into_response();
+        let headers = response.headers_mut();
+        headers.insert(NODE_HEADER, header_text(&answer.nodes.join(",")));
+        headers.insert(
+            DECISION_HEADER,
+            header_text(&format!(
+                "batch of {inputs} inputs in {} chunks over {} nodes, work stealing",
+                answer.chunks,
+                answer.nodes.len()
+            )),
+        );
+        return Ok(response);
+    }
     let shape = request_shape(&request);
     let decision = routing::choose(
         &candidates,
@@ -360,6 +390,15 @@ async fn forward_inner(
         StatusCode::BAD_GATEWAY,
         format!("every node tried failed: {}", failures.join("; ")),
     ))
+}
+
+/// The batch flavour of an embedding route.
+fn batch_flavour(path: &str) -> Option<batch::Flavour> {
+    match path {
+        "/api/embed" => Some(batch::Flavour::Ollama),
+        "/v1/embeddings" => Some(batch::Flavour::OpenAi),
+        _ => None,
+    }
 }
 
 /// Which nodes may serve a request.

@@ -555,3 +555,87 @@ async fn saturated_nodes_queue_by_priority() {
     assert_eq!(bad.status, 400);
     cluster.stop().await;
 }
+
+fn embedding_nodes() -> Vec<EmulatorConfig> {
+    [("fast", 4000.0), ("mid", 2000.0), ("slow", 1000.0)]
+        .map(|(name, prompt_speed)| EmulatorConfig {
+            name: name.to_owned(),
+            prompt_tokens_per_second: prompt_speed,
+            parallel: 1,
+            ..EmulatorConfig::default()
+        })
+        .to_vec()
+}
+
+fn batch_inputs(count: usize) -> Vec<String> {
+    (0..count)
+        .map(|index| format!("input number {index:05}"))
+        .collect()
+}
+
+fn check_embeddings(body: &Value, inputs: &[String]) {
+    let embeddings = body["embeddings"].as_array().expect("embeddings");
+    assert_eq!(embeddings.len(), inputs.len());
+    for (index, input) in inputs.iter().enumerate() {
+        let actual: Vec<f32> = serde_json::from_value(embeddings[index].clone()).expect("floats");
+        assert_eq!(
+            actual,
+            embedding_of("nomic-embed-text:latest", input, 8),
+            "input {index} out of place"
+        );
+    }
+}
+
+/// 1,000 inputs over three nodes of different speeds: complete, in order, and faster than the fastest node alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_embeddings_split_across_nodes() {
+    let cluster = cluster_with(&[], &embedding_nodes()).await;
+    let inputs = batch_inputs(1000);
+    let request = json!({"model": "nomic-embed-text", "input": inputs});
+
+    let started = Instant::now();
+    let alone = post(
+        &format!("{}/api/embed", cluster.emulators[0].url()),
+        request.clone(),
+    )
+    .await;
+    let fastest_alone = started.elapsed();
+    check_embeddings(&alone.json(), &inputs);
+
+    let started = Instant::now();
+    let answer = post(&cluster.url("/api/embed"), request.clone()).await;
+    let split = started.elapsed();
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    check_embeddings(&answer.json(), &inputs);
+    let nodes = answer.node.clone().unwrap_or_default();
+    assert_eq!(nodes.split(',').count(), 3, "every node helped: {nodes}");
+    assert!(
+        split < fastest_alone,
+        "split {split:?} vs fastest node alone {fastest_alone:?}"
+    );
+    eprintln!(
+        "1,000 inputs: fastest node alone {fastest_alone:?}, split over 3 nodes {split:?} ({:?})",
+        answer.decision
+    );
+
+    // OpenAI's shape, same content.
+    let answer = post(
+        &cluster.url("/v1/embeddings"),
+        json!({"model": "nomic-embed-text", "input": inputs[..10]}),
+    )
+    .await;
+    let data = answer.json()["data"].as_array().expect("data").clone();
+    let indexes: Vec<u64> = data
+        .iter()
+        .filter_map(|item| item["index"].as_u64())
+        .collect();
+    assert_eq!(indexes, (0..10).collect::<Vec<u64>>());
+
+    // A node failing mid-batch, and one that hangs: the others finish its share.
+    cluster.emulators[1].set_fault(Fault::InternalError);
+    cluster.emulators[2].set_fault(Fault::HangBeforeFirstByte);
+    let answer = post(&cluster.url("/api/embed"), request).await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    check_embeddings(&answer.json(), &inputs);
+    cluster.stop().await;
+}
