@@ -17,6 +17,7 @@ CREATE TABLE requests (
     node_id TEXT NOT NULL,
     model TEXT NOT NULL,
     path TEXT NOT NULL,
+    app TEXT NOT NULL,                -- X-Sollol-App, else the API key's name, else the User-Agent
     status TEXT NOT NULL,             -- ok, failed
     prompt_tokens INTEGER,
     output_tokens INTEGER,

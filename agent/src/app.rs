@@ -184,6 +184,7 @@ pub async fn start_coordinator(config: &Config) -> Result<CoordinatorHandle, Sta
         history.dropped(),
         proxy,
         settings.max_request_body.get() as usize,
+        &settings.api_keys,
     ));
     tasks.spawn(membership::serve(
         cluster_listener,
@@ -198,8 +199,8 @@ pub async fn start_coordinator(config: &Config) -> Result<CoordinatorHandle, Sta
     gateway_state.ready.store(true, Ordering::Release);
     tracing::info!(address = %gateway_address, "gateway listening");
     tracing::info!(address = %cluster_address, "cluster port listening");
-    if !gateway_address.ip().is_loopback() {
-        tracing::warn!(address = %gateway_address, "the gateway is reachable from other machines and has no API key yet");
+    if !gateway_address.ip().is_loopback() && settings.api_keys.is_empty() {
+        tracing::warn!(address = %gateway_address, "the gateway is reachable from other machines and has no API key: anyone on the network can use every node; set coordinator.api_keys");
     }
     Ok(CoordinatorHandle {
         gateway_address,

@@ -147,6 +147,12 @@ pub const KEYS: &[KeySpec] = &[
         doc: "Largest request body in bytes (default 32 MiB); larger ones get HTTP 413.",
     },
     KeySpec {
+        key: "coordinator.api_keys",
+        env: "SOLLOL_API_KEYS",
+        default: None,
+        doc: "API keys for the gateway, comma-separated (or a TOML list), each `NAME=KEY` or a bare `KEY` (at least 16 characters). When set, every route except `GET /`, `/healthz`, `/readyz` and the dashboard's files needs `Authorization: Bearer KEY` or `X-API-Key: KEY`; the key's name attributes requests to an application. Default: none (open).",
+    },
+    KeySpec {
         key: "agent.join",
         env: "SOLLOL_JOIN",
         default: None,
@@ -316,7 +322,7 @@ impl RawConfig {
             }
             match self.values.get(spec.key) {
                 Some((value, source)) => {
-                    let shown = if spec.key == "agent.token" {
+                    let shown = if spec.key == "agent.token" || spec.key == "coordinator.api_keys" {
                         "<set, hidden>".to_owned()
                     } else {
                         value.clone()
@@ -364,6 +370,47 @@ pub struct CoordinatorConfig {
     pub max_attempts: NonZeroU32,
     pub response_timeout: Duration,
     pub max_request_body: NonZeroU32,
+    pub api_keys: Vec<ApiKey>,
+}
+
+/// One gateway API key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiKey {
+    pub name: String,
+    pub key: String,
+}
+
+impl fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ApiKey({}, <hidden>)", self.name)
+    }
+}
+
+fn parse_api_keys(text: &str) -> Result<Vec<ApiKey>, String> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|entry| !entry.is_empty())
+        .enumerate()
+        .map(|(index, entry)| {
+            let (name, key) = match entry.split_once('=') {
+                Some((name, key)) => (name.trim().to_owned(), key.trim().to_owned()),
+                None => (format!("key-{}", index + 1), entry.to_owned()),
+            };
+            if key.len() < 16 || !key.chars().all(|c| c.is_ascii_graphic()) {
+                return Err(format!(
+                    "key {} must be at least 16 printable characters without spaces",
+                    index + 1
+                ));
+            }
+            if name.is_empty() || name.len() > 64 {
+                return Err(format!(
+                    "key {} needs a name of 1 to 64 characters",
+                    index + 1
+                ));
+            }
+            Ok(ApiKey { name, key })
+        })
+        .collect()
 }
 
 #[derive(Clone, Debug)]
@@ -420,6 +467,9 @@ impl TryFrom<&RawConfig> for Config {
             max_attempts: reader.parse("coordinator.max_attempts", parse_non_zero)?,
             response_timeout: reader.parse("coordinator.response_timeout", parse_positive_duration)?,
             max_request_body: reader.parse("coordinator.max_request_body", parse_non_zero)?,
+            api_keys: reader
+                .optional("coordinator.api_keys", parse_api_keys)?
+                .unwrap_or_default(),
         };
         let heartbeat_interval = reader.parse("agent.heartbeat_interval", |text| {
             let interval = parse_duration(text)?;
@@ -614,12 +664,17 @@ fn parse_file(path: &Path, text: &str) -> Result<Vec<(&'static str, String)>, Co
             toml::Value::Integer(number) => number.to_string(),
             toml::Value::Float(number) => number.to_string(),
             toml::Value::Boolean(flag) => flag.to_string(),
+            toml::Value::Array(items) if items.iter().all(toml::Value::is_str) => items
+                .iter()
+                .filter_map(toml::Value::as_str)
+                .collect::<Vec<_>>()
+                .join(","),
             other => {
                 return Err(ConfigError::Invalid {
                     key: spec.key,
                     value: other.to_string(),
                     origin: Source::File(path.to_owned()),
-                    reason: "expected a string, number or boolean".to_owned(),
+                    reason: "expected a string, number, boolean or list of strings".to_owned(),
                 });
             }
         };
@@ -860,6 +915,33 @@ mod tests {
             ..ConfigSources::default()
         });
         assert!(optional.is_ok());
+    }
+
+    #[test]
+    fn api_keys_parse_from_env_and_file_lists() {
+        let config = Config::from_pairs(&[(
+            "coordinator.api_keys",
+            "webui=0123456789abcdef0123, fedcba9876543210fedc",
+        )])
+        .expect("valid");
+        let names: Vec<&str> = config
+            .coordinator
+            .api_keys
+            .iter()
+            .map(|key| key.name.as_str())
+            .collect();
+        assert_eq!(names, vec!["webui", "key-2"]);
+        assert!(!format!("{:?}", config.coordinator.api_keys).contains("0123456789abcdef"));
+        let raw = RawConfig::load(&sources(Some("[coordinator]\napi_keys = [\"a=0123456789abcdef0123\", \"b=0123456789abcdef0124\"]\n"), &[], &[])).expect("load");
+        assert_eq!(
+            Config::try_from(&raw)
+                .expect("valid")
+                .coordinator
+                .api_keys
+                .len(),
+            2
+        );
+        assert!(Config::from_pairs(&[("coordinator.api_keys", "short")]).is_err());
     }
 
     #[test]

@@ -10,9 +10,10 @@ use std::time::{Instant, SystemTime};
 
 use axum::Json;
 use axum::Router;
-use axum::extract::DefaultBodyLimit;
+use axum::extract::{DefaultBodyLimit, Request};
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, Uri, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use sollol_shared::BUILD_VERSION;
@@ -24,8 +25,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::cluster::SharedView;
+use crate::config::ApiKey;
 use crate::dashboard_assets;
-use crate::proxy::{self, Proxy};
+use crate::proxy::{self, ApiKeyName, Proxy};
 use crate::telemetry::unix_ms;
 
 /// What the handlers read.
@@ -41,6 +43,8 @@ pub struct GatewayState {
     pub history_dropped: Arc<AtomicU64>,
     pub proxy: Proxy,
     pub max_request_body: usize,
+    /// SHA-256 of each API key, with its name; empty means the gateway is open.
+    pub api_keys: Vec<([u8; 32], String)>,
 }
 
 impl GatewayState {
@@ -52,10 +56,15 @@ impl GatewayState {
         history_dropped: Arc<AtomicU64>,
         proxy: Proxy,
         max_request_body: usize,
+        api_keys: &[ApiKey],
     ) -> Self {
         Self {
             proxy,
             max_request_body,
+            api_keys: api_keys
+                .iter()
+                .map(|key| (key_digest(&key.key), key.name.clone()))
+                .collect(),
             view,
             ready: AtomicBool::new(false),
             started_at: Instant::now(),
@@ -101,7 +110,63 @@ pub fn router(state: Arc<GatewayState>) -> Router {
         .route("/dashboard/{*path}", get(dashboard_file))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(&state),
+            authenticate,
+        ))
         .with_state(state)
+}
+
+/// Routes anyone may call, keys or not: liveness and the dashboard's static files (they hold no data).
+fn is_public(path: &str) -> bool {
+    matches!(path, "/" | "/healthz" | "/readyz" | "/dashboard") || path.starts_with("/dashboard/")
+}
+
+fn key_digest(key: &str) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(key.as_bytes()).into()
+}
+
+/// With API keys configured, every non-public route needs `Authorization: Bearer KEY` or `X-API-Key: KEY`.
+async fn authenticate(
+    State(state): State<Arc<GatewayState>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    if state.api_keys.is_empty() || is_public(request.uri().path()) {
+        return next.run(request).await;
+    }
+    let headers = request.headers();
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .or_else(|| {
+            headers
+                .get("x-api-key")
+                .and_then(|value| value.to_str().ok())
+        })
+        .map(str::trim);
+    // Comparing digests keeps the comparison's timing independent of how much of a key matched.
+    let name = presented.and_then(|key| {
+        let digest = key_digest(key);
+        state
+            .api_keys
+            .iter()
+            .find(|(known, _)| *known == digest)
+            .map(|(_, name)| name.clone())
+    });
+    match name {
+        Some(name) => {
+            request.extensions_mut().insert(ApiKeyName(name));
+            next.run(request).await
+        }
+        None => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "missing or invalid API key: send Authorization: Bearer KEY or X-API-Key: KEY",
+        )
+        .into_response(),
+    }
 }
 
 /// Serves until `shutdown`, then finishes in-flight requests.

@@ -75,6 +75,7 @@ pub struct RequestRow {
     pub node_id: String,
     pub model: String,
     pub path: String,
+    pub app: String,
     pub ok: bool,
     pub prompt_tokens: Option<u64>,
     pub output_tokens: Option<u64>,
@@ -95,6 +96,7 @@ impl RequestRow {
             node_id: outcome.node_id.clone(),
             model: outcome.model.clone(),
             path: outcome.path.clone(),
+            app: outcome.app.clone(),
             ok: outcome.ok,
             prompt_tokens: outcome.timings.map(|timings| timings.prompt_tokens),
             output_tokens: outcome.timings.map(|timings| timings.eval_tokens),
@@ -370,9 +372,9 @@ fn write_batch(
                 samples = excluded.samples, updated_ms = excluded.updated_ms",
         )?;
         let mut insert_request = transaction.prepare_cached(
-            "INSERT INTO requests (at_ms, node_id, model, path, status, prompt_tokens, output_tokens,
+            "INSERT INTO requests (at_ms, node_id, model, path, app, status, prompt_tokens, output_tokens,
                                    time_to_first_byte_ms, total_ms, load_ms, strategy, reason, candidates)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
         )?;
         for record in batch {
             match record {
@@ -422,6 +424,7 @@ fn write_batch(
                         row.node_id,
                         row.model,
                         row.path,
+                        row.app,
                         if row.ok { "ok" } else { "failed" },
                         row.prompt_tokens.map(|tokens| tokens as i64),
                         row.output_tokens.map(|tokens| tokens as i64),

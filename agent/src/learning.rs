@@ -64,6 +64,8 @@ pub struct Outcome {
     pub node_id: String,
     pub model: String,
     pub path: String,
+    /// Who sent it: `X-Sollol-App`, else the API key's name, else the User-Agent.
+    pub app: String,
     pub ok: bool,
     pub time_to_first_byte: Duration,
     pub total: Duration,
@@ -245,6 +247,7 @@ mod tests {
             node_id: "n".into(),
             model: "m".into(),
             path: "/api/chat".into(),
+            app: "test".into(),
             ok,
             time_to_first_byte: Duration::from_millis(load_ms + 50),
             total: Duration::from_millis(load_ms + eval_ms + 50),

@@ -194,9 +194,11 @@ pub async fn forward(
     State(state): State<Arc<GatewayState>>,
     uri: Uri,
     headers: HeaderMap,
+    key: Option<axum::Extension<ApiKeyName>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    match forward_inner(&state, uri.path(), &headers, body).await {
+    let app = application(&headers, key.as_ref().map(|key| key.0.0.as_str()));
+    match forward_inner(&state, uri.path(), &headers, &app, body).await {
         Ok(response) => response,
         Err(error) => error.into_response(),
     }
@@ -206,6 +208,7 @@ async fn forward_inner(
     state: &GatewayState,
     path: &str,
     headers: &HeaderMap,
+    app: &str,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let proxy = &state.proxy;
@@ -361,6 +364,7 @@ async fn forward_inner(
             node_id: backend.node_id.clone(),
             model: model.clone(),
             path: path.to_owned(),
+            app: app.to_owned(),
             ok: false,
             time_to_first_byte: Duration::ZERO,
             total: Duration::ZERO,
@@ -390,6 +394,29 @@ async fn forward_inner(
         StatusCode::BAD_GATEWAY,
         format!("every node tried failed: {}", failures.join("; ")),
     ))
+}
+
+/// Header naming the application a request comes from.
+pub const APP_HEADER: &str = "x-sollol-app";
+
+/// The name of the API key a request authenticated with (set by the gateway's key check).
+#[derive(Clone, Debug)]
+pub struct ApiKeyName(pub String);
+
+/// Who sent a request: `X-Sollol-App`, else the API key's name, else the User-Agent's product.
+fn application(headers: &HeaderMap, key_name: Option<&str>) -> String {
+    let header_text = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|value| value.to_str().ok())
+            .map(str::trim)
+            .filter(|text| !text.is_empty())
+    };
+    let name = header_text(APP_HEADER)
+        .or(key_name)
+        .or_else(|| header_text("user-agent").and_then(|agent| agent.split_whitespace().next()))
+        .unwrap_or("unknown");
+    name.chars().take(64).collect()
 }
 
 /// The batch flavour of an embedding route.
@@ -962,6 +989,36 @@ mod tests {
     fn versions_compare_numerically() {
         assert!(version_key("0.9.6") < version_key("0.12.3"));
         assert!(version_key("0.12.3") < version_key("0.12.10"));
+    }
+
+    #[test]
+    fn applications_are_named() {
+        fn check(headers: &[(&'static str, &str)], key: Option<&str>, expected: &str) {
+            let mut map = HeaderMap::new();
+            for (name, value) in headers {
+                map.insert(*name, HeaderValue::from_str(value).expect("header"));
+            }
+            assert_eq!(application(&map, key), expected);
+        }
+        check(
+            &[
+                (APP_HEADER, "indexer"),
+                ("user-agent", "ollama-python/0.6.3"),
+            ],
+            Some("webui"),
+            "indexer",
+        );
+        check(
+            &[("user-agent", "ollama-python/0.6.3 (x86_64 linux)")],
+            Some("webui"),
+            "webui",
+        );
+        check(
+            &[("user-agent", "ollama-python/0.6.3 (x86_64 linux)")],
+            None,
+            "ollama-python/0.6.3",
+        );
+        check(&[], None, "unknown");
     }
 
     #[test]

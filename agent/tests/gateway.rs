@@ -639,3 +639,91 @@ async fn batch_embeddings_split_across_nodes() {
     check_embeddings(&answer.json(), &inputs);
     cluster.stop().await;
 }
+
+/// With API keys set, only liveness and the dashboard's files are open; requests are attributed to applications.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_guard_the_gateway_and_name_applications() {
+    let node = EmulatorConfig {
+        name: "only".to_owned(),
+        ..EmulatorConfig::default()
+    };
+    let cluster = cluster_with(
+        &[(
+            "coordinator.api_keys",
+            "webui=0123456789abcdef0123,batch=fedcba9876543210fedc",
+        )],
+        &[node],
+    )
+    .await;
+    let chat =
+        serde_json::to_vec(&json!({"model": "smollm2:135m", "stream": false, "messages": []}))
+            .expect("json");
+    for path in ["/", "/healthz", "/readyz", "/dashboard/"] {
+        assert_eq!(
+            send("GET", &cluster.url(path), Vec::new(), &[])
+                .await
+                .status,
+            200,
+            "{path}"
+        );
+    }
+    for path in ["/api/tags", "/api/sollol/v1/nodes", "/v1/models"] {
+        let answer = send("GET", &cluster.url(path), Vec::new(), &[]).await;
+        assert_eq!(answer.status, 401, "{path}");
+        assert!(
+            answer.json()["error"]
+                .as_str()
+                .is_some_and(|error| error.contains("API key"))
+        );
+    }
+    let wrong = send(
+        "POST",
+        &cluster.url("/api/chat"),
+        chat.clone(),
+        &[("authorization", "Bearer 0123456789abcdef0124")],
+    )
+    .await;
+    assert_eq!(wrong.status, 401);
+    let bearer = send(
+        "POST",
+        &cluster.url("/api/chat"),
+        chat.clone(),
+        &[("authorization", "Bearer 0123456789abcdef0123")],
+    )
+    .await;
+    assert_eq!(bearer.status, 200, "{}", bearer.text());
+    let header = send(
+        "POST",
+        &cluster.url("/api/chat"),
+        chat.clone(),
+        &[
+            ("x-api-key", "fedcba9876543210fedc"),
+            ("x-sollol-app", "nightly-index"),
+        ],
+    )
+    .await;
+    assert_eq!(header.status, 200, "{}", header.text());
+
+    let database = cluster._dirs[0].path().join("coordinator.db");
+    let started = Instant::now();
+    loop {
+        let connection = rusqlite::Connection::open(&database).expect("open history");
+        let apps: Vec<String> = connection
+            .prepare("SELECT app FROM requests ORDER BY id")
+            .expect("query")
+            .query_map([], |row| row.get(0))
+            .expect("rows")
+            .collect::<Result<_, _>>()
+            .expect("apps");
+        if apps.len() == 2 {
+            assert_eq!(apps, vec!["webui", "nightly-index"]);
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "requests not recorded: {apps:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cluster.stop().await;
+}
