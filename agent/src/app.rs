@@ -7,8 +7,8 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -27,7 +27,7 @@ use crate::learning::Learner;
 use crate::membership::{self, Membership};
 use crate::proxy::{Proxy, ProxySettings};
 use crate::routing::Priors;
-use crate::telemetry::Sampler;
+use crate::telemetry::{Sampler, unix_ms};
 
 /// The coordinator's history database, inside the data directory.
 pub const HISTORY_FILE: &str = "coordinator.db";
@@ -176,16 +176,19 @@ pub async fn start_coordinator(config: &Config) -> Result<CoordinatorHandle, Sta
             },
         },
     );
-    let gateway_state = Arc::new(GatewayState::new(
-        Arc::clone(&view),
+    let gateway_state = Arc::new(GatewayState {
+        view: Arc::clone(&view),
+        ready: AtomicBool::new(false),
+        started_at: Instant::now(),
+        started_at_ms: unix_ms(SystemTime::now()),
         gateway_address,
         cluster_address,
-        Arc::clone(&membership.connections),
-        history.dropped(),
+        cluster_connections: Arc::clone(&membership.connections),
+        history_dropped: history.dropped(),
         proxy,
-        settings.max_request_body.get() as usize,
-        &settings.api_keys,
-    ));
+        max_request_body: settings.max_request_body.get() as usize,
+        api_keys: GatewayState::digest_keys(&settings.api_keys),
+    });
     tasks.spawn(membership::serve(
         cluster_listener,
         membership,

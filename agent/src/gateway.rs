@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
 use axum::Json;
 use axum::Router;
@@ -28,7 +28,6 @@ use crate::cluster::SharedView;
 use crate::config::ApiKey;
 use crate::dashboard_assets;
 use crate::proxy::{self, ApiKeyName, Proxy};
-use crate::telemetry::unix_ms;
 
 /// What the handlers read.
 #[derive(Debug)]
@@ -48,32 +47,12 @@ pub struct GatewayState {
 }
 
 impl GatewayState {
-    pub fn new(
-        view: SharedView,
-        gateway_address: SocketAddr,
-        cluster_address: SocketAddr,
-        cluster_connections: Arc<AtomicU64>,
-        history_dropped: Arc<AtomicU64>,
-        proxy: Proxy,
-        max_request_body: usize,
-        api_keys: &[ApiKey],
-    ) -> Self {
-        Self {
-            proxy,
-            max_request_body,
-            api_keys: api_keys
-                .iter()
-                .map(|key| (key_digest(&key.key), key.name.clone()))
-                .collect(),
-            view,
-            ready: AtomicBool::new(false),
-            started_at: Instant::now(),
-            started_at_ms: unix_ms(SystemTime::now()),
-            gateway_address,
-            cluster_address,
-            cluster_connections,
-            history_dropped,
-        }
+    /// Digests of the configured API keys, as `api_keys` holds them.
+    pub fn digest_keys(api_keys: &[ApiKey]) -> Vec<([u8; 32], String)> {
+        api_keys
+            .iter()
+            .map(|key| (key_digest(&key.key), key.name.clone()))
+            .collect()
     }
 }
 

@@ -46,7 +46,7 @@ def test_embed_single_and_batch():
     assert len(single.embeddings) == 1 and len(single.embeddings[0]) == 8, single
     batch = client.embed(model=EMBED_MODEL, input=["one", "two", "three"])
     assert len(batch.embeddings) == 3, batch
-    assert batch.embeddings[0] == single.embeddings[0], "same input, same embedding, in order"
+    assert batch.embeddings[0] == single.embeddings[0], "same input, same embedding, in order, numbers unchanged"
     legacy = client.embeddings(model=EMBED_MODEL, prompt="one")
     assert list(legacy.embedding) == single.embeddings[0], legacy
 
