@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admission::QueueSettings;
+use crate::breaker::BreakerSettings;
 use crate::cluster::{ClusterTask, ClusterView, EVENTS_PER_NODE, SharedView};
 use crate::config::Config;
 use crate::gateway::{self, GatewayState};
@@ -174,6 +175,7 @@ pub async fn start_coordinator(config: &Config) -> Result<CoordinatorHandle, Sta
                 timeout: settings.queue_timeout,
                 aging: settings.queue_aging,
             },
+            breaker: BreakerSettings::default(),
         },
     );
     let gateway_state = Arc::new(GatewayState {
@@ -194,6 +196,17 @@ pub async fn start_coordinator(config: &Config) -> Result<CoordinatorHandle, Sta
         membership,
         tasks.clone(),
     ));
+    {
+        let gateway_state = Arc::clone(&gateway_state);
+        let view = Arc::clone(&view);
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            gateway_state
+                .proxy
+                .probe_open_breakers(view, shutdown)
+                .await
+        });
+    }
     tasks.spawn(gateway::serve(
         gateway_listener,
         Arc::clone(&gateway_state),

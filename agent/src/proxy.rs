@@ -10,8 +10,8 @@
 //! object. Outcomes go to the learner with `try_send`.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -27,9 +27,12 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use rand::Rng;
 use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
 
 use crate::admission::{self, Admission, QueueSettings, Rejected};
 use crate::batch;
+use crate::breaker::{Breaker, BreakerSettings};
+use crate::cluster::SharedView;
 use crate::cluster::{Backend, ClusterView, normalize_model};
 use crate::gateway::{ApiError, GatewayState};
 use crate::learning::{Learner, OllamaTimings, Outcome};
@@ -46,6 +49,9 @@ pub const PRIORITY_HEADER: &str = "x-sollol-priority";
 
 /// Output tokens assumed when a request sets no limit.
 const DEFAULT_OUTPUT_TOKENS: u32 = 128;
+/// How often open breakers are checked for a due probe, and how long a probe may take.
+const PROBE_EVERY: Duration = Duration::from_millis(250);
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long `/api/ps` waits for each node.
 const PS_TIMEOUT: Duration = Duration::from_secs(2);
 /// Bytes of a streamed answer kept to read its final timing object.
@@ -56,7 +62,8 @@ const TAIL_BYTES: usize = 64 * 1024;
 pub struct Proxy {
     client: Client<HttpConnector, Full<Bytes>>,
     learner: Arc<Learner>,
-    loads: ArcSwap<HashMap<String, Arc<AtomicU32>>>,
+    loads: PerNode<AtomicU32>,
+    breakers: PerNode<Mutex<Breaker>>,
     round_robin: AtomicU64,
     admission: Arc<Admission>,
     pub settings: ProxySettings,
@@ -76,6 +83,7 @@ pub struct ProxySettings {
     /// Requests allowed in a node's own queue beyond its slots before the gateway queues instead.
     pub node_queue_depth: u32,
     pub queue: QueueSettings,
+    pub breaker: BreakerSettings,
 }
 
 impl Proxy {
@@ -88,7 +96,8 @@ impl Proxy {
                 .pool_idle_timeout(Duration::from_secs(60))
                 .build(connector),
             learner,
-            loads: ArcSwap::from_pointee(HashMap::new()),
+            loads: PerNode::new(),
+            breakers: PerNode::new(),
             round_robin: AtomicU64::new(0),
             admission: Arc::new(Admission::new(settings.queue)),
             settings,
@@ -112,31 +121,111 @@ impl Proxy {
         Arc::clone(&self.admission)
     }
 
-    /// The in-flight counter of a node, created on first use.
+    /// The in-flight counter of a node.
     pub(crate) fn load_of(&self, node_id: &str) -> Arc<AtomicU32> {
-        if let Some(counter) = self.loads.load().get(node_id) {
-            return Arc::clone(counter);
-        }
-        let mut created = None;
-        self.loads.rcu(|loads| {
-            let mut loads = HashMap::clone(loads);
-            let counter = loads
-                .entry(node_id.to_owned())
-                .or_insert_with(|| Arc::new(AtomicU32::new(0)));
-            created = Some(Arc::clone(counter));
-            loads
-        });
-        created.unwrap_or_else(|| Arc::new(AtomicU32::new(0)))
+        self.loads.get(node_id)
+    }
+
+    /// The circuit breaker of a node.
+    pub(crate) fn breaker_of(&self, node_id: &str) -> Arc<Mutex<Breaker>> {
+        self.breakers.get(node_id)
     }
 
     /// Requests in flight per node now.
     pub fn in_flight(&self) -> BTreeMap<String, u32> {
         self.loads
-            .load()
+            .snapshot()
             .iter()
             .map(|(node, counter)| (node.clone(), counter.load(Ordering::Relaxed)))
             .collect()
     }
+
+    /// Records how a request (or probe) on a node went, for its breaker.
+    pub(crate) fn node_result(&self, backend: &Backend, ok: bool) {
+        let breaker = self.breaker_of(&backend.node_id);
+        let mut breaker = lock(&breaker);
+        if ok {
+            if !breaker.is_closed() {
+                tracing::info!(node = %backend.name, "circuit closed: the node answers again");
+            }
+            breaker.on_success();
+        } else if breaker.on_failure(Instant::now(), &self.settings.breaker) {
+            tracing::warn!(
+                node = %backend.name,
+                failures = self.settings.breaker.failures_to_open,
+                "circuit opened: no requests to this node until a trial succeeds"
+            );
+        }
+    }
+
+    /// Probes nodes whose open period is over; a failed probe counts as a failed trial. Runs until `shutdown`.
+    pub async fn probe_open_breakers(&self, view: SharedView, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(PROBE_EVERY) => {}
+                () = shutdown.cancelled() => return,
+            }
+            let now = Instant::now();
+            let view = view.load_full();
+            let due: Vec<&Arc<Backend>> = view
+                .backends
+                .iter()
+                .filter(|backend| lock(&self.breaker_of(&backend.node_id)).trial_due(now))
+                .collect();
+            for backend in due {
+                let request = hyper::Request::get(format!("{}/api/version", backend.base_url))
+                    .body(Full::new(Bytes::new()));
+                let Ok(request) = request else { continue };
+                let answered = matches!(
+                    tokio::time::timeout(PROBE_TIMEOUT, self.client.request(request)).await,
+                    Ok(Ok(response)) if response.status().is_success()
+                );
+                if !answered {
+                    self.node_result(backend, false);
+                }
+            }
+        }
+    }
+}
+
+/// A value per node, created on first use; reads take no lock.
+#[derive(Debug)]
+struct PerNode<T> {
+    map: ArcSwap<HashMap<String, Arc<T>>>,
+}
+
+impl<T: Default> PerNode<T> {
+    fn new() -> Self {
+        Self {
+            map: ArcSwap::from_pointee(HashMap::new()),
+        }
+    }
+
+    fn get(&self, node_id: &str) -> Arc<T> {
+        if let Some(value) = self.map.load().get(node_id) {
+            return Arc::clone(value);
+        }
+        let mut created = None;
+        self.map.rcu(|map| {
+            let mut map = HashMap::clone(map);
+            let value = map
+                .entry(node_id.to_owned())
+                .or_insert_with(|| Arc::new(T::default()));
+            created = Some(Arc::clone(value));
+            map
+        });
+        created.unwrap_or_else(|| Arc::new(T::default()))
+    }
+
+    fn snapshot(&self) -> Arc<HashMap<String, Arc<T>>> {
+        self.map.load_full()
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Counts a request in flight on a node until dropped; then lets the next queued request try.
@@ -467,6 +556,20 @@ impl Selection<'_> {
                 (index, candidate)
             })
             .collect();
+        // Nodes whose breaker is open are left out, unless that leaves nobody.
+        let now = Instant::now();
+        let usable: Vec<(usize, Candidate)> = candidates
+            .iter()
+            .filter(|(_, candidate)| {
+                let breaker = proxy.breaker_of(&candidate.node_id);
+                let breaker = lock(&breaker);
+                breaker.is_closed() || breaker.trial_due(now)
+            })
+            .cloned()
+            .collect();
+        if !usable.is_empty() {
+            return Ok(usable);
+        }
         if !candidates.is_empty() {
             return Ok(candidates);
         }
@@ -558,6 +661,10 @@ impl Attempt<'_> {
             kind,
             mut outcome,
         } = self;
+        let allowed = lock(&proxy.breaker_of(&backend.node_id)).allow(Instant::now());
+        if !allowed {
+            return Err("circuit open (another request is the trial)".to_owned());
+        }
         let in_flight = InFlight::new(
             proxy.load_of(&backend.node_id),
             Arc::clone(&proxy.admission),
@@ -566,6 +673,7 @@ impl Attempt<'_> {
         let fail = |outcome: &mut Outcome, message: String| {
             outcome.total = started.elapsed();
             proxy.learner.record(outcome.clone());
+            proxy.node_result(backend, false);
             message
         };
         let request = hyper::Request::post(format!("{}{}", backend.base_url, path))
@@ -614,6 +722,8 @@ impl Attempt<'_> {
             };
             outcome.time_to_first_byte = started.elapsed();
             outcome.total = outcome.time_to_first_byte;
+            // A 4xx is the client's problem: the node answered, so it counts as healthy.
+            proxy.node_result(backend, true);
             if status.is_success() {
                 outcome.ok = true;
                 if kind.learns {
@@ -645,7 +755,10 @@ impl Attempt<'_> {
             }
         };
         outcome.time_to_first_byte = started.elapsed();
+        proxy.node_result(backend, true);
         let relay = Relay {
+            breaker: proxy.breaker_of(&backend.node_id),
+            breaker_settings: proxy.settings.breaker,
             upstream,
             first: Some(first),
             tail: Vec::new(),
@@ -666,6 +779,8 @@ impl Attempt<'_> {
 
 /// Passes a streamed answer through, watching its tail for Ollama's final timing object.
 struct Relay {
+    breaker: Arc<Mutex<Breaker>>,
+    breaker_settings: BreakerSettings,
     upstream: Incoming,
     first: Option<Bytes>,
     tail: Vec<u8>,
@@ -709,6 +824,7 @@ impl Relay {
                 self.done = true;
                 self.outcome.total = self.started.elapsed();
                 self.learner.record(self.outcome.clone());
+                lock(&self.breaker).on_failure(Instant::now(), &self.breaker_settings);
                 let message =
                     json!({ "error": format!("node {} failed mid-stream: {error}", self.node) });
                 let bytes = if self.sse {

@@ -727,3 +727,62 @@ async fn api_keys_guard_the_gateway_and_name_applications() {
     }
     cluster.stop().await;
 }
+
+/// A node that keeps failing is cut off after three failures, then let back in by a trial once it recovers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn circuit_breaker_opens_and_recovers() {
+    let nodes = [("fast", 2000.0), ("slow", 200.0)].map(|(name, speed)| EmulatorConfig {
+        name: name.to_owned(),
+        decode_tokens_per_second: speed,
+        ..EmulatorConfig::default()
+    });
+    let cluster = cluster_with(&[], &nodes).await;
+    let chat = || json!({"model": "smollm2:135m", "stream": false, "messages": [], "options": {"num_predict": 4}});
+    // Teach routing that "fast" is fast.
+    for _ in 0..4 {
+        let answer = send(
+            "POST",
+            &cluster.url("/api/chat"),
+            serde_json::to_vec(&chat()).expect("json"),
+            &[("x-sollol-strategy", "round_robin")],
+        )
+        .await;
+        assert_eq!(answer.status, 200);
+    }
+    let started = Instant::now();
+    while cluster.coordinator.learned().pairs.len() < 2 {
+        assert!(started.elapsed() < Duration::from_secs(5));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    cluster.emulators[0].set_fault(Fault::InternalError);
+    let tried_before = cluster.emulators[0].started();
+    for _ in 0..8 {
+        let answer = post(&cluster.url("/api/chat"), chat()).await;
+        assert_eq!(answer.status, 200, "{}", answer.text());
+        assert_eq!(answer.node.as_deref(), Some("slow"));
+    }
+    assert_eq!(
+        cluster.emulators[0].started() - tried_before,
+        3,
+        "the breaker opened after three failures"
+    );
+
+    // The node recovers: after the open period, one trial closes the breaker and traffic returns.
+    cluster.emulators[0].set_fault(Fault::None);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let mut nodes_seen = Vec::new();
+    for _ in 0..4 {
+        nodes_seen.push(
+            post(&cluster.url("/api/chat"), chat())
+                .await
+                .node
+                .unwrap_or_default(),
+        );
+    }
+    assert_eq!(
+        nodes_seen,
+        vec!["fast"; 4],
+        "traffic is back on the recovered node"
+    );
+    cluster.stop().await;
+}
