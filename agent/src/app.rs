@@ -176,6 +176,7 @@ pub async fn start_coordinator(config: &Config) -> Result<CoordinatorHandle, Sta
                 aging: settings.queue_aging,
             },
             breaker: BreakerSettings::default(),
+            hedging: settings.hedging,
         },
     );
     let gateway_state = Arc::new(GatewayState {

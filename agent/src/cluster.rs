@@ -79,8 +79,10 @@ pub struct Backend {
     pub base_url: String,
     /// Installed models, `name:tag`.
     pub models: Vec<String>,
-    /// Models loaded in memory.
+    /// Models loaded in memory, as of `reported_ms`.
     pub loaded: Vec<String>,
+    /// When the node's last report arrived (Unix milliseconds, coordinator clock).
+    pub reported_ms: u64,
 }
 
 impl Backend {
@@ -103,6 +105,7 @@ impl Backend {
                 .iter()
                 .map(|model| normalize_model(&model.name))
                 .collect(),
+            reported_ms: node.last_seen_ms,
         })
     }
 

@@ -129,6 +129,12 @@ pub const KEYS: &[KeySpec] = &[
         doc: "Waiting this long raises a queued request's priority by one level (priorities are 1–10 from `X-Sollol-Priority`, default 5), so low priorities never starve.",
     },
     KeySpec {
+        key: "coordinator.hedging",
+        env: "SOLLOL_HEDGING",
+        default: Some("true"),
+        doc: "Hedge slow requests: when the chosen node has not answered after three times its learned time to first token (streaming) or twice its predicted time (non-streaming), and the next node has a free slot, send the same request there too; the first answer wins and the other is cancelled.",
+    },
+    KeySpec {
         key: "coordinator.max_attempts",
         env: "SOLLOL_MAX_ATTEMPTS",
         default: Some("3"),
@@ -371,6 +377,7 @@ pub struct CoordinatorConfig {
     pub response_timeout: Duration,
     pub max_request_body: NonZeroU32,
     pub api_keys: Vec<ApiKey>,
+    pub hedging: bool,
 }
 
 /// One gateway API key.
@@ -470,6 +477,7 @@ impl TryFrom<&RawConfig> for Config {
             api_keys: reader
                 .optional("coordinator.api_keys", parse_api_keys)?
                 .unwrap_or_default(),
+            hedging: reader.parse("coordinator.hedging", parse_bool)?,
         };
         let heartbeat_interval = reader.parse("agent.heartbeat_interval", |text| {
             let interval = parse_duration(text)?;

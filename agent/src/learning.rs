@@ -82,6 +82,8 @@ pub struct Learned {
     pub pairs: HashMap<(String, String), PairStats>,
     /// Requests served per node since start.
     pub served: HashMap<String, u64>,
+    /// When each (node, model) last answered successfully, in Unix milliseconds.
+    pub last_served_ms: HashMap<(String, String), u64>,
 }
 
 impl Learned {
@@ -89,6 +91,13 @@ impl Learned {
         self.pairs
             .get(&(node_id.to_owned(), model.to_owned()))
             .copied()
+    }
+
+    /// Whether the model answered on the node after the node's last report, so it is loaded even if that report says otherwise.
+    pub fn served_since(&self, node_id: &str, model: &str, report_ms: u64) -> bool {
+        self.last_served_ms
+            .get(&(node_id.to_owned(), model.to_owned()))
+            .is_some_and(|served_ms| *served_ms >= report_ms)
     }
 }
 
@@ -114,6 +123,7 @@ impl Learner {
                 .map(|(node, model, stats)| ((node, model), stats))
                 .collect(),
             served: HashMap::new(),
+            last_served_ms: HashMap::new(),
         };
         let learned = Arc::new(ArcSwap::from_pointee(learned));
         let (sender, receiver) = mpsc::channel(QUEUE_CAPACITY);
@@ -163,6 +173,9 @@ async fn run(
         for outcome in batch.drain(..) {
             *table.served.entry(outcome.node_id.clone()).or_default() += 1;
             let key = (outcome.node_id.clone(), outcome.model.clone());
+            if outcome.ok {
+                table.last_served_ms.insert(key.clone(), now_ms);
+            }
             if let Some(updated) = update(table.pairs.get(&key).copied(), &outcome) {
                 table.pairs.insert(key.clone(), updated);
                 touched.push(key);

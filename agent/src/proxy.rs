@@ -20,6 +20,7 @@ use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
+use futures_util::{FutureExt, StreamExt};
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper_util::client::legacy::Client;
@@ -49,6 +50,8 @@ pub const PRIORITY_HEADER: &str = "x-sollol-priority";
 
 /// Output tokens assumed when a request sets no limit.
 const DEFAULT_OUTPUT_TOKENS: u32 = 128;
+/// Added to a hedge's delay so ordinary jitter does not trigger it.
+const HEDGE_MARGIN: Duration = Duration::from_millis(100);
 /// How often open breakers are checked for a due probe, and how long a probe may take.
 const PROBE_EVERY: Duration = Duration::from_millis(250);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -84,6 +87,8 @@ pub struct ProxySettings {
     pub node_queue_depth: u32,
     pub queue: QueueSettings,
     pub breaker: BreakerSettings,
+    /// Whether slow first answers are hedged on the next node.
+    pub hedging: bool,
 }
 
 impl Proxy {
@@ -436,47 +441,97 @@ async fn forward_inner(
     )
     .unwrap_or_else(|_| "[]".to_owned());
 
-    let mut failures = Vec::new();
-    for (attempt, &index) in decision
+    let order: Vec<usize> = decision
         .ranking
         .iter()
+        .copied()
         .take(proxy.settings.max_attempts.max(1))
-        .enumerate()
-    {
-        let backend = backends[index];
-        let reason = if attempt == 0 {
-            decision.reason.clone()
-        } else {
-            format!("failover #{attempt} after: {}", failures.join("; "))
-        };
-        let outcome = Outcome {
-            node_id: backend.node_id.clone(),
-            model: model.clone(),
-            path: path.to_owned(),
-            app: app.to_owned(),
-            ok: false,
-            time_to_first_byte: Duration::ZERO,
-            total: Duration::ZERO,
-            timings: None,
-            strategy: strategy.as_str(),
-            reason: reason.clone(),
-            candidates: candidates_json.clone(),
-        };
-        let attempt = Attempt {
+        .collect();
+    let make_attempt = |position: usize, reason: String| {
+        let backend = backends[order[position]];
+        Attempt {
             proxy,
             backend,
             path,
             body: body.clone(),
             stream,
             kind,
-            outcome,
-        };
-        match attempt.run().await {
-            Ok(response) => return Ok(response),
-            Err(failure) => {
-                tracing::warn!(node = %backend.name, %model, %failure, "node failed; trying the next one");
-                failures.push(format!("{}: {failure}", backend.name));
+            outcome: Outcome {
+                node_id: backend.node_id.clone(),
+                model: model.clone(),
+                path: path.to_owned(),
+                app: app.to_owned(),
+                ok: false,
+                time_to_first_byte: Duration::ZERO,
+                total: Duration::ZERO,
+                timings: None,
+                strategy: strategy.as_str(),
+                reason,
+                candidates: candidates_json.clone(),
+            },
+        }
+        .run()
+        .map(move |result| (position, result))
+    };
+    // When the first node is slower to answer than it should be and the next one has a free slot,
+    // the same request also goes there: the first answer wins and the other is dropped.
+    let hedge_after = proxy.settings.hedging.then(|| {
+        let first = order[0];
+        let learned_first_token = candidates[first]
+            .stats
+            .map(|stats| stats.time_to_first_token);
+        match (stream, learned_first_token) {
+            (true, Some(first_token)) => first_token * 3 + HEDGE_MARGIN,
+            _ => decision.predicted[first] * 2 + HEDGE_MARGIN,
+        }
+    });
+    let mut failures: Vec<String> = Vec::new();
+    let mut running = futures_util::stream::FuturesUnordered::new();
+    running.push(make_attempt(0, decision.reason.clone()));
+    let mut next = 1;
+    let mut hedged = false;
+    loop {
+        let can_hedge = !hedged && running.len() == 1 && next < order.len();
+        let hedge_timer = async {
+            match hedge_after.filter(|_| can_hedge) {
+                Some(delay) => tokio::time::sleep(delay).await,
+                None => std::future::pending().await,
             }
+        };
+        tokio::select! {
+            finished = running.next() => {
+                let Some((position, result)) = finished else { break };
+                match result {
+                    // Dropping `running` cancels any other attempt still waiting for its node.
+                    Ok(response) => return Ok(response),
+                    Err(failure) => {
+                        let backend = backends[order[position]];
+                        tracing::warn!(node = %backend.name, %model, %failure, "node failed; trying the next one");
+                        failures.push(format!("{}: {failure}", backend.name));
+                        if running.is_empty() && next < order.len() {
+                            let reason = format!("failover #{next} after: {}", failures.join("; "));
+                            running.push(make_attempt(next, reason));
+                            next += 1;
+                        }
+                    }
+                }
+            }
+            () = hedge_timer => {
+                hedged = true;
+                let backup = &candidates[order[next]];
+                if backup.in_flight < backup.slots {
+                    let reason = format!(
+                        "hedged: {} had not answered after {} ms",
+                        candidates[order[0]].name,
+                        hedge_after.unwrap_or_default().as_millis()
+                    );
+                    running.push(make_attempt(next, reason));
+                    next += 1;
+                }
+            }
+        }
+        if running.is_empty() {
+            break;
         }
     }
     Err(ApiError::new(
@@ -548,7 +603,8 @@ impl Selection<'_> {
                     name: backend.name.clone(),
                     in_flight: proxy.load_of(&backend.node_id).load(Ordering::Relaxed),
                     slots: proxy.settings.node_slots,
-                    model_loaded: backend.has_loaded(self.model),
+                    model_loaded: backend.has_loaded(self.model)
+                        || learned.served_since(&backend.node_id, self.model, backend.reported_ms),
                     stats: learned.pair(&backend.node_id, self.model),
                     served: learned.served.get(&backend.node_id).copied().unwrap_or(0),
                     has_affinity: false,

@@ -790,3 +790,64 @@ async fn circuit_breaker_opens_and_recovers() {
     );
     cluster.stop().await;
 }
+
+/// A node that hangs before its first byte: the request is hedged on the next node and answered from there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hung_nodes_are_hedged() {
+    let nodes = [("fast", 2000.0), ("slow", 400.0)].map(|(name, speed)| EmulatorConfig {
+        name: name.to_owned(),
+        decode_tokens_per_second: speed,
+        ..EmulatorConfig::default()
+    });
+    let cluster = cluster_with(&[], &nodes).await;
+    let chat = |stream: bool| json!({"model": "smollm2:135m", "stream": stream, "messages": [], "options": {"num_predict": 4}});
+    for stream in [false, true, false, true] {
+        let answer = send(
+            "POST",
+            &cluster.url("/api/chat"),
+            serde_json::to_vec(&chat(stream)).expect("json"),
+            &[("x-sollol-strategy", "round_robin")],
+        )
+        .await;
+        assert_eq!(answer.status, 200);
+    }
+    let started = Instant::now();
+    while cluster.coordinator.learned().pairs.len() < 2 {
+        assert!(started.elapsed() < Duration::from_secs(5));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    cluster.emulators[0].set_fault(Fault::HangBeforeFirstByte);
+    for stream in [false, true] {
+        let started = Instant::now();
+        let answer = post(&cluster.url("/api/chat"), chat(stream)).await;
+        let took = started.elapsed();
+        assert_eq!(answer.status, 200, "{}", answer.text());
+        assert_eq!(answer.node.as_deref(), Some("slow"));
+        assert!(
+            answer
+                .decision
+                .as_deref()
+                .is_some_and(|decision| decision.starts_with("hedged")),
+            "{:?}",
+            answer.decision
+        );
+        assert!(
+            took < Duration::from_secs(2),
+            "hedged answer took {took:?}: {:?}",
+            answer.decision
+        );
+        let text: String = if stream {
+            lines(&answer)
+                .iter()
+                .filter_map(|chunk| chunk["message"]["content"].as_str().map(str::to_owned))
+                .collect()
+        } else {
+            answer.json()["message"]["content"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned()
+        };
+        assert_eq!(text, "tok0 tok1 tok2 tok3 ");
+    }
+    cluster.stop().await;
+}
