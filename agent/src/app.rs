@@ -20,6 +20,7 @@ use crate::admission::QueueSettings;
 use crate::breaker::BreakerSettings;
 use crate::cluster::{ClusterTask, ClusterView, EVENTS_PER_NODE, SharedView};
 use crate::config::Config;
+use crate::discovery;
 use crate::gateway::{self, GatewayState};
 use crate::history::{History, HistoryError};
 use crate::identity::{self, ClusterToken, IdentityError, NodeId};
@@ -152,6 +153,15 @@ pub async fn start_coordinator(config: &Config) -> Result<CoordinatorHandle, Sta
     let (events_sender, events) = mpsc::channel(1024);
     tasks.spawn(cluster_task.run(events, shutdown.clone()));
 
+    if !settings.nodes.is_empty() {
+        tracing::info!(nodes = settings.nodes.len(), "probing static Ollama nodes");
+        tasks.spawn(discovery::probe_static_nodes(
+            settings.nodes.clone(),
+            settings.probe_interval,
+            events_sender.clone(),
+            shutdown.clone(),
+        ));
+    }
     let membership = Arc::new(Membership::new(
         token.clone(),
         events_sender,

@@ -35,6 +35,13 @@ pub type ConnectionId = u64;
 /// What connection tasks tell the cluster task.
 #[derive(Debug)]
 pub enum ClusterEvent {
+    /// A plain Ollama server from the configuration was probed (no agent runs there).
+    Probed {
+        node_id: String,
+        url: String,
+        ollama: Box<sollol_shared::hardware::OllamaState>,
+        interval: Duration,
+    },
     Joined {
         hello: Hello,
         peer: SocketAddr,
@@ -186,6 +193,8 @@ struct Entry {
     connection: Option<(ConnectionId, CancellationToken)>,
     events: VecDeque<NodeEvent>,
     last_persisted: Option<Instant>,
+    /// A plain Ollama URL from the configuration, probed by the coordinator; it has no agent connection.
+    is_static: bool,
 }
 
 /// Owns the node table; runs until `shutdown` is cancelled and every event sender is gone or the shutdown arrives.
@@ -204,12 +213,15 @@ impl ClusterTask {
             .into_iter()
             .map(|(node, events)| {
                 let id = node.id.clone();
+                // Static Ollama nodes are the ones without a protocol version.
+                let is_static = node.protocol_version == 0;
                 let entry = Entry {
                     node: Arc::new(node),
                     last_report: None,
                     connection: None,
                     events: events.into_iter().collect(),
                     last_persisted: None,
+                    is_static,
                 };
                 (id, entry)
             })
@@ -311,6 +323,12 @@ impl ClusterTask {
                 );
                 self.publish();
             }
+            ClusterEvent::Probed {
+                node_id,
+                url,
+                ollama,
+                interval,
+            } => self.probed(node_id, url, *ollama, interval, now, now_ms),
             ClusterEvent::Disconnected {
                 node_id,
                 connection,
@@ -326,6 +344,76 @@ impl ClusterTask {
                 self.publish();
             }
         }
+    }
+
+    fn probed(
+        &mut self,
+        node_id: String,
+        url: String,
+        ollama: sollol_shared::hardware::OllamaState,
+        interval: Duration,
+        now: Instant,
+        now_ms: u64,
+    ) {
+        let interval_ms = u64::try_from(interval.as_millis()).unwrap_or(u64::MAX);
+        if !self.entries.contains_key(&node_id) {
+            let node = Node {
+                id: node_id.clone(),
+                name: url.trim_start_matches("http://").to_owned(),
+                status: NodeStatus::Down,
+                addresses: vec![url.clone()],
+                build_version: String::new(),
+                protocol_version: 0,
+                first_seen_ms: now_ms,
+                last_seen_ms: 0,
+                heartbeat_interval_ms: interval_ms,
+                connected: false,
+                hardware: None,
+                ollama: None,
+            };
+            self.entries.insert(
+                node_id.clone(),
+                Entry {
+                    node: Arc::new(node),
+                    last_report: None,
+                    connection: None,
+                    events: VecDeque::new(),
+                    last_persisted: None,
+                    is_static: true,
+                },
+            );
+            tracing::info!(%url, "static Ollama node from the configuration");
+            self.push_event(
+                &node_id,
+                NodeEventKind::Joined,
+                format!("static Ollama node {url} (no agent)"),
+                now_ms,
+            );
+        }
+        let Some(entry) = self.entries.get_mut(&node_id) else {
+            return;
+        };
+        let node = Arc::make_mut(&mut entry.node);
+        node.heartbeat_interval_ms = interval_ms;
+        node.connected = ollama.reachable;
+        if ollama.reachable {
+            entry.last_report = Some(now);
+            node.last_seen_ms = now_ms;
+            if let Some(version) = &ollama.version {
+                node.build_version = format!("ollama {version}");
+            }
+        }
+        node.ollama = Some(ollama);
+        let persist = entry
+            .last_persisted
+            .is_none_or(|at| now.duration_since(at) >= PERSIST_REPORTS_EVERY);
+        if persist {
+            entry.last_persisted = Some(now);
+            let node = (*entry.node).clone();
+            self.history.record(Record::Node(Box::new(node)));
+        }
+        self.evaluate();
+        self.publish();
     }
 
     fn joined(
@@ -383,6 +471,7 @@ impl ClusterTask {
                         connection: Some((connection, closer)),
                         events: VecDeque::new(),
                         last_persisted: Some(now),
+                        is_static: false,
                     },
                 );
                 (
@@ -411,7 +500,7 @@ impl ClusterTask {
                     .last_report
                     .map_or(Duration::MAX, |at| now.duration_since(at)),
                 heartbeat_interval: Duration::from_millis(entry.node.heartbeat_interval_ms),
-                connected: entry.connection.is_some(),
+                connected: entry.connection.is_some() || (entry.is_static && entry.node.connected),
                 left: entry.node.status == NodeStatus::Left,
             };
             let status = health::status(liveness, self.down_after_missed);

@@ -93,6 +93,18 @@ pub const KEYS: &[KeySpec] = &[
         doc: "How many node events (joined, up, suspect, down, left) the SQLite history keeps; older ones are deleted.",
     },
     KeySpec {
+        key: "coordinator.nodes",
+        env: "SOLLOL_NODES",
+        default: None,
+        doc: "Plain Ollama servers without an agent, comma-separated (or a TOML list) `http://HOST:PORT` URLs. The coordinator probes each (`/api/version`, `/api/tags`, `/api/ps`) every `coordinator.probe_interval` and routes to it like any node. Default: none.",
+    },
+    KeySpec {
+        key: "coordinator.probe_interval",
+        env: "SOLLOL_PROBE_INTERVAL",
+        default: Some("2s"),
+        doc: "How often the coordinator probes the static `coordinator.nodes`; they are `down` after `down_after_missed` failed probes.",
+    },
+    KeySpec {
         key: "coordinator.strategy",
         env: "SOLLOL_STRATEGY",
         default: Some("intelligent"),
@@ -378,6 +390,9 @@ pub struct CoordinatorConfig {
     pub max_request_body: NonZeroU32,
     pub api_keys: Vec<ApiKey>,
     pub hedging: bool,
+    /// Static Ollama URLs, normalised to `http://HOST:PORT`.
+    pub nodes: Vec<String>,
+    pub probe_interval: Duration,
 }
 
 /// One gateway API key.
@@ -478,6 +493,22 @@ impl TryFrom<&RawConfig> for Config {
                 .optional("coordinator.api_keys", parse_api_keys)?
                 .unwrap_or_default(),
             hedging: reader.parse("coordinator.hedging", parse_bool)?,
+            nodes: reader
+                .optional("coordinator.nodes", |text| {
+                    text.split(',')
+                        .map(str::trim)
+                        .filter(|url| !url.is_empty())
+                        .map(parse_http_url)
+                        .collect::<Result<Vec<_>, _>>()
+                })?
+                .unwrap_or_default(),
+            probe_interval: reader.parse("coordinator.probe_interval", |text| {
+                let interval = parse_duration(text)?;
+                if interval < Duration::from_millis(100) {
+                    return Err("must be at least 100ms".to_owned());
+                }
+                Ok(interval)
+            })?,
         };
         let heartbeat_interval = reader.parse("agent.heartbeat_interval", |text| {
             let interval = parse_duration(text)?;

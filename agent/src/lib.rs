@@ -8,6 +8,7 @@ pub mod breaker;
 pub mod cli;
 pub mod cluster;
 pub mod config;
+pub mod discovery;
 pub mod gateway;
 pub mod health;
 pub mod history;

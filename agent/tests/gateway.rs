@@ -851,3 +851,81 @@ async fn hung_nodes_are_hedged() {
     }
     cluster.stop().await;
 }
+
+/// Plain Ollama servers from the configuration, with no agent: probed, routed to, and marked down when they stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn static_ollama_nodes_from_the_configuration() {
+    let mut emulators = Vec::new();
+    for name in ["left", "right"] {
+        emulators.push(
+            Emulator::start(EmulatorConfig {
+                name: name.to_owned(),
+                ..EmulatorConfig::default()
+            })
+            .await
+            .expect("emulator"),
+        );
+    }
+    let urls = format!("{},{}", emulators[0].url(), emulators[1].url());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let coordinator = app::start_coordinator(&config(
+        dir.path(),
+        "c",
+        &[
+            ("coordinator.nodes", &urls),
+            ("coordinator.probe_interval", "200ms"),
+        ],
+    ))
+    .await
+    .expect("coordinator");
+    let started = Instant::now();
+    while coordinator.view().backends.len() < 2 {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "static nodes never came up"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let names: Vec<String> = coordinator
+        .view()
+        .nodes
+        .iter()
+        .map(|node| node.name.clone())
+        .collect();
+    assert!(
+        names.contains(&emulators[0].address().to_string()),
+        "{names:?}"
+    );
+    let url = format!("http://{}/api/chat", coordinator.gateway_address);
+    let chat = json!({"model": "smollm2:135m", "stream": false, "messages": [], "options": {"num_predict": 1}});
+    assert_eq!(post(&url, chat.clone()).await.status, 200);
+
+    emulators[0].kill();
+    let left = emulators[0].address().to_string();
+    let started = Instant::now();
+    loop {
+        let view = coordinator.view();
+        let status = view
+            .nodes
+            .iter()
+            .find(|node| node.name == left)
+            .map(|node| node.status);
+        if status == Some(sollol_shared::api::NodeStatus::Down) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "stopped static node never went down: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for _ in 0..3 {
+        let answer = post(&url, chat.clone()).await;
+        assert_eq!(answer.status, 200);
+        assert_eq!(
+            answer.node.as_deref(),
+            Some(emulators[1].address().to_string().as_str())
+        );
+    }
+    coordinator.shutdown(Duration::from_secs(5)).await;
+}

@@ -1,0 +1,75 @@
+//! Who exists besides agents: plain Ollama servers listed in the configuration, probed like an agent would.
+//!
+//! Each URL becomes a node whose id is derived from the URL, so it stays the
+//! same across restarts. This module only probes and reports; the cluster task
+//! judges health and routing decides.
+
+use std::time::Duration;
+
+use sha2::Digest;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::cluster::ClusterEvent;
+use crate::telemetry::ollama::OllamaProbe;
+
+/// The node id of a static Ollama URL: 32 hex digits of its SHA-256.
+pub fn static_node_id(url: &str) -> String {
+    let digest = sha2::Sha256::digest(url.as_bytes());
+    hex::encode(&digest[..16])
+}
+
+/// Probes every URL each `interval` until `shutdown`, reporting to the cluster task.
+pub async fn probe_static_nodes(
+    urls: Vec<String>,
+    interval: Duration,
+    events: mpsc::Sender<ClusterEvent>,
+    shutdown: CancellationToken,
+) {
+    let probes: Vec<(String, OllamaProbe)> = urls
+        .into_iter()
+        .map(|url| {
+            let probe = OllamaProbe::new(Some(&url));
+            (url, probe)
+        })
+        .collect();
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        let samples = futures_util::future::join_all(
+            probes
+                .iter()
+                .map(|(url, probe)| async move { (url, probe.sample().await) }),
+        )
+        .await;
+        for (url, sample) in samples {
+            let Some(ollama) = sample else { continue };
+            let event = ClusterEvent::Probed {
+                node_id: static_node_id(url),
+                url: url.clone(),
+                ollama: Box::new(ollama),
+                interval,
+            };
+            if events.send(event).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn static_ids_are_stable_node_ids() {
+        let id = static_node_id("http://gpu-box:11434");
+        assert_eq!(id, static_node_id("http://gpu-box:11434"));
+        assert_ne!(id, static_node_id("http://gpu-box:11435"));
+        assert!(crate::identity::NodeId::parse(&id).is_ok());
+    }
+}
