@@ -28,6 +28,8 @@ const QUEUE_CAPACITY: usize = 8192;
 /// Ollama's timing fields of a finished response.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct OllamaTimings {
+    /// Ollama's `total_duration`: everything from the request's arrival, waiting included.
+    pub total: Duration,
     pub load: Duration,
     pub prompt_tokens: u64,
     pub prompt: Duration,
@@ -49,6 +51,7 @@ impl OllamaTimings {
             return None;
         }
         Some(Self {
+            total: nanos("total_duration").unwrap_or_default(),
             load: nanos("load_duration").unwrap_or_default(),
             prompt_tokens: count("prompt_eval_count").unwrap_or(0),
             prompt: nanos("prompt_eval_duration").unwrap_or_default(),
@@ -74,6 +77,8 @@ pub struct Outcome {
     pub reason: String,
     /// `[{"node": name, "predicted_ms": n}]`, best first.
     pub candidates: String,
+    /// Other requests this gateway had in flight on the node when this one started.
+    pub concurrent: u32,
 }
 
 /// Everything learned so far.
@@ -84,6 +89,8 @@ pub struct Learned {
     pub served: HashMap<String, u64>,
     /// When each (node, model) last answered successfully, in Unix milliseconds.
     pub last_served_ms: HashMap<(String, String), u64>,
+    /// Requests each node was seen to run at once without queueing them.
+    pub slots: HashMap<String, u32>,
 }
 
 impl Learned {
@@ -91,6 +98,11 @@ impl Learned {
         self.pairs
             .get(&(node_id.to_owned(), model.to_owned()))
             .copied()
+    }
+
+    /// Parallel requests the node was seen to run without queueing; at least 1.
+    pub fn slots(&self, node_id: &str) -> u32 {
+        self.slots.get(node_id).copied().unwrap_or(1).max(1)
     }
 
     /// Whether the model answered on the node after the node's last report, so it is loaded even if that report says otherwise.
@@ -124,6 +136,7 @@ impl Learner {
                 .collect(),
             served: HashMap::new(),
             last_served_ms: HashMap::new(),
+            slots: HashMap::new(),
         };
         let learned = Arc::new(ArcSwap::from_pointee(learned));
         let (sender, receiver) = mpsc::channel(QUEUE_CAPACITY);
@@ -175,6 +188,10 @@ async fn run(
             let key = (outcome.node_id.clone(), outcome.model.clone());
             if outcome.ok {
                 table.last_served_ms.insert(key.clone(), now_ms);
+                if let Some(ran_at_once) = observed_slots(&outcome) {
+                    let slots = table.slots.entry(outcome.node_id.clone()).or_insert(1);
+                    *slots = (*slots).max(ran_at_once);
+                }
             }
             if let Some(updated) = update(table.pairs.get(&key).copied(), &outcome) {
                 table.pairs.insert(key.clone(), updated);
@@ -247,6 +264,20 @@ pub fn update(previous: Option<PairStats>, outcome: &Outcome) -> Option<PairStat
     }
 }
 
+/// How many requests the node evidently ran at once: when a request started beside `concurrent` others and
+/// Ollama's timings show it hardly waited for a slot (total minus load, prompt and generation), the node has
+/// at least `concurrent + 1` slots. Pure.
+pub fn observed_slots(outcome: &Outcome) -> Option<u32> {
+    let timings = outcome.timings?;
+    if outcome.concurrent == 0 {
+        return None;
+    }
+    let working = timings.load + timings.prompt + timings.eval;
+    let waited = timings.total.checked_sub(working).unwrap_or_default();
+    let allowance = Duration::from_millis(50).max((timings.prompt + timings.eval) / 10);
+    (waited <= allowance).then_some(outcome.concurrent + 1)
+}
+
 fn smooth(old: f64, new: f64) -> f64 {
     old + SMOOTHING * (new - old)
 }
@@ -265,6 +296,7 @@ mod tests {
             time_to_first_byte: Duration::from_millis(load_ms + 50),
             total: Duration::from_millis(load_ms + eval_ms + 50),
             timings: Some(OllamaTimings {
+                total: Duration::from_millis(load_ms + 100 + eval_ms),
                 load: Duration::from_millis(load_ms),
                 prompt_tokens: 100,
                 prompt: Duration::from_millis(100),
@@ -274,7 +306,29 @@ mod tests {
             strategy: "intelligent",
             reason: String::new(),
             candidates: "[]".into(),
+            concurrent: 0,
         }
+    }
+
+    #[test]
+    fn slots_are_seen_from_concurrent_requests_that_did_not_wait() {
+        let mut ran_beside_two = outcome(40, 1000, 0, true);
+        ran_beside_two.concurrent = 2;
+        assert_eq!(observed_slots(&ran_beside_two), Some(3));
+        let mut waited = ran_beside_two.clone();
+        if let Some(timings) = waited.timings.as_mut() {
+            timings.total += Duration::from_millis(900);
+        }
+        assert_eq!(
+            observed_slots(&waited),
+            None,
+            "it queued, so it says nothing about slots"
+        );
+        assert_eq!(
+            observed_slots(&outcome(40, 1000, 0, true)),
+            None,
+            "alone, it says nothing either"
+        );
     }
 
     #[test]

@@ -379,10 +379,10 @@ async fn forward_inner(
         loop {
             let view = state.view.load_full();
             let candidates = selection.candidates(proxy, &view)?;
-            let saturated_at = proxy.settings.node_slots + proxy.settings.node_queue_depth;
+            let depth = proxy.settings.node_queue_depth;
             if candidates
                 .iter()
-                .any(|(_, candidate)| candidate.in_flight < saturated_at)
+                .any(|(_, candidate)| candidate.in_flight < candidate.slots + depth)
             {
                 break (view, candidates);
             }
@@ -468,6 +468,7 @@ async fn forward_inner(
                 strategy: strategy.as_str(),
                 reason,
                 candidates: candidates_json.clone(),
+                concurrent: 0,
             },
         }
         .run()
@@ -602,7 +603,10 @@ impl Selection<'_> {
                     node_id: backend.node_id.clone(),
                     name: backend.name.clone(),
                     in_flight: proxy.load_of(&backend.node_id).load(Ordering::Relaxed),
-                    slots: proxy.settings.node_slots,
+                    slots: proxy
+                        .settings
+                        .node_slots
+                        .max(learned.slots(&backend.node_id)),
                     model_loaded: backend.has_loaded(self.model)
                         || learned.served_since(&backend.node_id, self.model, backend.reported_ms),
                     stats: learned.pair(&backend.node_id, self.model),
@@ -721,10 +725,9 @@ impl Attempt<'_> {
         if !allowed {
             return Err("circuit open (another request is the trial)".to_owned());
         }
-        let in_flight = InFlight::new(
-            proxy.load_of(&backend.node_id),
-            Arc::clone(&proxy.admission),
-        );
+        let load = proxy.load_of(&backend.node_id);
+        outcome.concurrent = load.load(Ordering::Relaxed);
+        let in_flight = InFlight::new(load, Arc::clone(&proxy.admission));
         let started = Instant::now();
         let fail = |outcome: &mut Outcome, message: String| {
             outcome.total = started.elapsed();
