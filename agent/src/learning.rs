@@ -91,6 +91,8 @@ pub struct Learned {
     pub last_served_ms: HashMap<(String, String), u64>,
     /// Requests each node was seen to run at once without queueing them.
     pub slots: HashMap<String, u32>,
+    /// `pairs` grouped by node, rebuilt with every snapshot, so per-node questions do not scan every pair.
+    pub by_node: HashMap<String, Vec<(String, PairStats)>>,
 }
 
 impl Learned {
@@ -98,6 +100,23 @@ impl Learned {
         self.pairs
             .get(&(node_id.to_owned(), model.to_owned()))
             .copied()
+    }
+
+    /// The node's best-measured statistics with any model other than `model`.
+    pub fn node_stats(&self, node_id: &str, model: &str) -> Option<PairStats> {
+        self.by_node
+            .get(node_id)?
+            .iter()
+            .filter(|(other, _)| other != model)
+            .map(|(_, stats)| *stats)
+            .max_by_key(|stats| stats.samples)
+    }
+
+    fn rebuild_index(&mut self) {
+        self.by_node.clear();
+        for ((node, model), stats) in &self.pairs {
+            self.by_node.entry(node.clone()).or_default().push((model.clone(), *stats));
+        }
     }
 
     /// Parallel requests the node was seen to run without queueing; at least 1.
@@ -129,7 +148,7 @@ impl Learner {
         shutdown: CancellationToken,
         tasks: &tokio_util::task::TaskTracker,
     ) -> Arc<Self> {
-        let learned = Learned {
+        let mut learned = Learned {
             pairs: remembered
                 .into_iter()
                 .map(|(node, model, stats)| ((node, model), stats))
@@ -137,7 +156,9 @@ impl Learner {
             served: HashMap::new(),
             last_served_ms: HashMap::new(),
             slots: HashMap::new(),
+            by_node: HashMap::new(),
         };
+        learned.rebuild_index();
         let learned = Arc::new(ArcSwap::from_pointee(learned));
         let (sender, receiver) = mpsc::channel(QUEUE_CAPACITY);
         tasks.spawn(run(Arc::clone(&learned), receiver, history, shutdown));
@@ -211,6 +232,7 @@ async fn run(
                 }));
             }
         }
+        table.rebuild_index();
         learned.store(Arc::new(table.clone()));
     }
 }

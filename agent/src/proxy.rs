@@ -612,6 +612,7 @@ impl Selection<'_> {
                     stats: learned.pair(&backend.node_id, self.model),
                     served: learned.served.get(&backend.node_id).copied().unwrap_or(0),
                     has_affinity: false,
+                    node_stats: learned.node_stats(&backend.node_id, self.model),
                 };
                 (index, candidate)
             })

@@ -83,6 +83,8 @@ pub struct Candidate {
     pub served: u64,
     /// The node served the last request with this request's prefix, so its KV cache is warm.
     pub has_affinity: bool,
+    /// What the node showed with another model, used while this pair is unmeasured.
+    pub node_stats: Option<PairStats>,
 }
 
 /// The request as routing sees it.
@@ -102,6 +104,8 @@ pub struct Priors {
     pub exploration: f64,
     /// Affinity is kept unless the affine node is predicted this many times slower than the best.
     pub affinity_tolerance: f64,
+    /// Added to a node that is unmeasured and already busy (someone is exploring it): try it last.
+    pub busy_unmeasured_penalty: Duration,
 }
 
 impl Default for Priors {
@@ -112,6 +116,7 @@ impl Default for Priors {
             cold_load: Duration::from_secs(2),
             exploration: 0.05,
             affinity_tolerance: 1.5,
+            busy_unmeasured_penalty: Duration::from_secs(60),
         }
     }
 }
@@ -135,7 +140,8 @@ impl Decision {
 
 /// Predicted completion time of one request on one candidate.
 pub fn predict(candidate: &Candidate, shape: &RequestShape, priors: &Priors) -> Duration {
-    let stats = candidate.stats;
+    // An unmeasured pair on a measured node: the node's showing with another model is the best guess.
+    let stats = candidate.stats.or(candidate.node_stats);
     let decode = stats.map_or(priors.decode_tokens_per_second, |stats| {
         stats.decode_tokens_per_second
     });
@@ -165,6 +171,36 @@ pub fn predict(candidate: &Candidate, shape: &RequestShape, priors: &Priors) -> 
     Duration::from_secs_f64(total.clamp(0.0, 1e9))
 }
 
+/// Priors for unmeasured nodes once some are measured: as slow as the slowest measured node and as slow
+/// to load as the slowest load seen, so a request goes to an unknown node only when it is plausibly better.
+/// With nothing measured, the optimistic defaults stand.
+fn informed_priors(candidates: &[Candidate], priors: &Priors) -> Priors {
+    let measured: Vec<PairStats> = candidates
+        .iter()
+        .filter_map(|candidate| candidate.stats.or(candidate.node_stats))
+        .collect();
+    if measured.is_empty() {
+        return *priors;
+    }
+    let slowest = |rate: fn(&PairStats) -> f64| {
+        measured
+            .iter()
+            .map(rate)
+            .fold(f64::INFINITY, f64::min)
+    };
+    Priors {
+        decode_tokens_per_second: slowest(|stats| stats.decode_tokens_per_second),
+        prompt_tokens_per_second: slowest(|stats| stats.prompt_tokens_per_second),
+        cold_load: measured
+            .iter()
+            .filter_map(|stats| stats.cold_load)
+            .max()
+            .unwrap_or(priors.cold_load)
+            .max(priors.cold_load),
+        ..*priors
+    }
+}
+
 fn seconds_for(tokens: u32, rate: f64) -> f64 {
     if rate.is_finite() && rate > 0.0 {
         f64::from(tokens) / rate
@@ -182,9 +218,16 @@ pub fn choose(
     random: f64,
     round_robin_counter: u64,
 ) -> Decision {
+    let informed = informed_priors(candidates, priors);
     let predicted: Vec<Duration> = candidates
         .iter()
-        .map(|candidate| predict(candidate, shape, priors))
+        .map(|candidate| {
+            let mut estimate = predict(candidate, shape, &informed);
+            if candidate.stats.is_none() && candidate.node_stats.is_none() && candidate.in_flight > 0 {
+                estimate += priors.busy_unmeasured_penalty;
+            }
+            estimate
+        })
         .collect();
     let count = candidates.len();
     let mut ranking: Vec<usize> = (0..count).collect();
@@ -290,9 +333,9 @@ fn intelligent_adjustments(
     }
     // Exploration: now and then try an unmeasured candidate, so new and recovered nodes are learned.
     if random < priors.exploration
-        && let Some(position) = ranking
-            .iter()
-            .position(|index| candidates[*index].stats.is_none())
+        && let Some(position) = ranking.iter().position(|index| {
+            candidates[*index].stats.is_none() && candidates[*index].in_flight == 0
+        })
         && position > 0
     {
         let unmeasured = ranking.remove(position);
@@ -347,6 +390,7 @@ mod tests {
             stats: decode.map(stats),
             served: 0,
             has_affinity: false,
+            node_stats: None,
         }
     }
 

@@ -1,0 +1,296 @@
+//! Routing-quality benchmark: sollol's strategies side by side with "everything to the fastest node",
+//! on an emulated heterogeneous cluster, in one run. Run it with `scripts/bench/routing`.
+//!
+//! The cluster and workload follow `shared/baselines.md`: five emulated Ollama nodes (fast: 120 tok/s,
+//! 2 slots, 1.5 s cold load; two mid: 40 tok/s, 2 slots, 3 s; two slow: 10 tok/s, 1 slot, 6 s),
+//! 120 seeded non-streaming `/api/chat` requests (70% smollm2:135m, 30% qwen2:0.5b, num_predict 24–48,
+//! prompts of 20–400 characters), at 6 and 12 clients; every run starts with all models cold and a
+//! coordinator that has learned nothing.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+use sollol::app;
+use sollol::config::Config;
+use sollol_ollama_emulator::{Emulator, EmulatorConfig};
+
+const REQUESTS: usize = 120;
+const SEED: u64 = 42;
+
+struct NodeSpec {
+    name: &'static str,
+    decode: f64,
+    slots: usize,
+    load_seconds: f64,
+    max_loaded: usize,
+}
+
+const NODES: [NodeSpec; 5] = [
+    NodeSpec { name: "fast", decode: 120.0, slots: 2, load_seconds: 1.5, max_loaded: 3 },
+    NodeSpec { name: "mid1", decode: 40.0, slots: 2, load_seconds: 3.0, max_loaded: 2 },
+    NodeSpec { name: "mid2", decode: 40.0, slots: 2, load_seconds: 3.0, max_loaded: 1 },
+    NodeSpec { name: "slow1", decode: 10.0, slots: 1, load_seconds: 6.0, max_loaded: 1 },
+    NodeSpec { name: "slow2", decode: 10.0, slots: 1, load_seconds: 6.0, max_loaded: 1 },
+];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Balancer {
+    FastestOnly,
+    Strategy(&'static str),
+}
+
+impl Balancer {
+    fn label(self) -> String {
+        match self {
+            Self::FastestOnly => "fastest node only (no balancer)".to_owned(),
+            Self::Strategy(name) => format!("sollol {name}"),
+        }
+    }
+}
+
+struct RunResult {
+    latencies: Vec<Duration>,
+    failed: usize,
+    wall: Duration,
+    spread: BTreeMap<String, usize>,
+}
+
+impl RunResult {
+    fn percentile(&self, fraction: f64) -> f64 {
+        let mut sorted = self.latencies.clone();
+        sorted.sort();
+        if sorted.is_empty() {
+            return f64::NAN;
+        }
+        let rank = ((fraction * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+        sorted[rank - 1].as_secs_f64()
+    }
+
+    fn throughput(&self) -> f64 {
+        self.latencies.len() as f64 / self.wall.as_secs_f64()
+    }
+}
+
+fn workload() -> Vec<serde_json::Value> {
+    let mut rng = StdRng::seed_from_u64(SEED);
+    (0..REQUESTS)
+        .map(|index| {
+            let model = if rng.random_bool(0.7) { "smollm2:135m" } else { "qwen2:0.5b" };
+            let tokens: u32 = rng.random_range(24..=48);
+            let length: usize = rng.random_range(20..=400);
+            let prompt: String = format!("request {index}: ")
+                .chars()
+                .chain(std::iter::repeat('x'))
+                .take(length)
+                .collect();
+            json!({
+                "model": model,
+                "stream": false,
+                "messages": [{"role": "user", "content": prompt}],
+                "options": {"num_predict": tokens},
+            })
+        })
+        .collect()
+}
+
+async fn start_emulators() -> Vec<Emulator> {
+    let mut emulators = Vec::new();
+    for spec in &NODES {
+        emulators.push(
+            Emulator::start(EmulatorConfig {
+                name: spec.name.to_owned(),
+                models: vec!["smollm2:135m".into(), "qwen2:0.5b".into(), "nomic-embed-text:latest".into()],
+                decode_tokens_per_second: spec.decode,
+                prompt_tokens_per_second: spec.decode * 10.0,
+                parallel: spec.slots,
+                load_time: Duration::from_secs_f64(spec.load_seconds),
+                max_loaded_models: spec.max_loaded,
+                ..EmulatorConfig::default()
+            })
+            .await
+            .expect("emulator starts"),
+        );
+    }
+    emulators
+}
+
+async fn run(balancer: Balancer, clients: usize) -> RunResult {
+    let emulators = start_emulators().await;
+    let dirs: Vec<tempfile::TempDir> = (0..=NODES.len()).map(|_| tempfile::tempdir().expect("tempdir")).collect();
+    let mut coordinator = None;
+    let mut agents = Vec::new();
+    let target = match balancer {
+        Balancer::FastestOnly => emulators[0].url(),
+        Balancer::Strategy(strategy) => {
+            let data_dir = dirs[0].path().display().to_string();
+            let config = Config::from_pairs(&[
+                ("data_dir", &data_dir),
+                ("coordinator.gateway_bind", "127.0.0.1:0"),
+                ("coordinator.cluster_bind", "127.0.0.1:0"),
+                ("coordinator.strategy", strategy),
+                ("log_level", "warn"),
+            ])
+            .expect("config");
+            let started = app::start_coordinator(&config).await.expect("coordinator");
+            for (index, emulator) in emulators.iter().enumerate() {
+                let data_dir = dirs[index + 1].path().display().to_string();
+                let url = emulator.url();
+                let agent_config = Config::from_pairs(&[
+                    ("data_dir", &data_dir),
+                    ("agent.name", NODES[index].name),
+                    ("agent.ollama_url", &url),
+                    ("agent.heartbeat_interval", "500ms"),
+                ])
+                .expect("agent config");
+                agents.push(
+                    app::start_agent(&agent_config, started.cluster_address.to_string(), started.token.clone())
+                        .await
+                        .expect("agent"),
+                );
+            }
+            let wait = Instant::now();
+            while started.view().backends.len() < NODES.len() {
+                assert!(wait.elapsed() < Duration::from_secs(10), "nodes never joined");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let url = format!("http://{}", started.gateway_address);
+            coordinator = Some(started);
+            url
+        }
+    };
+
+    let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let requests = Arc::new(std::sync::Mutex::new(workload().into_iter().collect::<std::collections::VecDeque<_>>()));
+    let started = Instant::now();
+    let workers = (0..clients).map(|_| {
+        let requests = Arc::clone(&requests);
+        let client = client.clone();
+        let url = format!("{target}/api/chat");
+        tokio::spawn(async move {
+            let mut results = Vec::new();
+            loop {
+                let Some(body) = requests.lock().expect("queue").pop_front() else { break };
+                let request = hyper::Request::post(&url)
+                    .header("content-type", "application/json")
+                    .body(Full::new(Bytes::from(serde_json::to_vec(&body).expect("json"))))
+                    .expect("request");
+                let sent = Instant::now();
+                let outcome = match client.request(request).await {
+                    Ok(response) => {
+                        let ok = response.status().is_success();
+                        let node = response
+                            .headers()
+                            .get("x-sollol-node")
+                            .and_then(|value| value.to_str().ok())
+                            .unwrap_or("fast")
+                            .to_owned();
+                        let complete = response.into_body().collect().await.is_ok();
+                        (ok && complete, node)
+                    }
+                    Err(_) => (false, String::new()),
+                };
+                results.push((sent.elapsed(), outcome));
+            }
+            results
+        })
+    });
+    let mut result = RunResult {
+        latencies: Vec::new(),
+        failed: 0,
+        wall: Duration::ZERO,
+        spread: NODES.iter().map(|spec| (spec.name.to_owned(), 0)).collect(),
+    };
+    for worker in futures_util::future::join_all(workers).await {
+        for (latency, (ok, node)) in worker.expect("worker") {
+            if ok {
+                result.latencies.push(latency);
+                *result.spread.entry(node).or_default() += 1;
+            } else {
+                result.failed += 1;
+            }
+        }
+    }
+    result.wall = started.elapsed();
+    for agent in agents {
+        let _ = agent.stop(Duration::from_secs(2)).await;
+    }
+    if let Some(coordinator) = coordinator {
+        coordinator.shutdown(Duration::from_secs(2)).await;
+    }
+    drop(emulators);
+    result
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let clients_list: Vec<usize> = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "6,12".to_owned())
+        .split(',')
+        .filter_map(|text| text.trim().parse().ok())
+        .collect();
+    let all = [
+        Balancer::Strategy("intelligent"),
+        Balancer::Strategy("round_robin"),
+        Balancer::Strategy("least_loaded"),
+        Balancer::Strategy("random"),
+        Balancer::FastestOnly,
+    ];
+    // An optional second argument limits the run to some balancers, e.g. `intelligent,fastest`.
+    let only: Option<Vec<String>> = std::env::args()
+        .nth(2)
+        .map(|text| text.split(',').map(|name| name.trim().to_owned()).collect());
+    let balancers: Vec<Balancer> = all
+        .into_iter()
+        .filter(|balancer| {
+            only.as_ref().is_none_or(|names| {
+                names.iter().any(|name| match balancer {
+                    Balancer::FastestOnly => name == "fastest",
+                    Balancer::Strategy(strategy) => name == strategy,
+                })
+            })
+        })
+        .collect();
+    println!("routing benchmark: {REQUESTS} requests, seed {SEED}, nodes fast/mid1/mid2/slow1/slow2, cold start each run");
+    for clients in clients_list {
+        println!();
+        println!("{clients} clients in parallel");
+        println!("| balancer | p50 (s) | p95 (s) | p99 (s) | req/s | failed | spread fast/mid1/mid2/slow1/slow2 |");
+        println!("|---|---|---|---|---|---|---|");
+        let mut p95 = BTreeMap::new();
+        for &balancer in &balancers {
+            let result = run(balancer, clients).await;
+            let spread: Vec<String> = NODES
+                .iter()
+                .map(|spec| result.spread.get(spec.name).copied().unwrap_or(0).to_string())
+                .collect();
+            println!(
+                "| {} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} |",
+                balancer.label(),
+                result.percentile(0.50),
+                result.percentile(0.95),
+                result.percentile(0.99),
+                result.throughput(),
+                result.failed,
+                spread.join("/")
+            );
+            p95.insert(balancer.label(), result.percentile(0.95));
+        }
+        let ours = p95.get(&Balancer::Strategy("intelligent").label()).copied().unwrap_or(f64::NAN);
+        let best_other = p95
+            .iter()
+            .filter(|(label, _)| **label != Balancer::Strategy("intelligent").label())
+            .map(|(_, value)| *value)
+            .fold(f64::INFINITY, f64::min);
+        println!("intelligent p95 / best other p95 = {:.2} (target <= 0.70)", ours / best_other);
+    }
+}
