@@ -35,11 +35,41 @@ struct NodeSpec {
 }
 
 const NODES: [NodeSpec; 5] = [
-    NodeSpec { name: "fast", decode: 120.0, slots: 2, load_seconds: 1.5, max_loaded: 3 },
-    NodeSpec { name: "mid1", decode: 40.0, slots: 2, load_seconds: 3.0, max_loaded: 2 },
-    NodeSpec { name: "mid2", decode: 40.0, slots: 2, load_seconds: 3.0, max_loaded: 1 },
-    NodeSpec { name: "slow1", decode: 10.0, slots: 1, load_seconds: 6.0, max_loaded: 1 },
-    NodeSpec { name: "slow2", decode: 10.0, slots: 1, load_seconds: 6.0, max_loaded: 1 },
+    NodeSpec {
+        name: "fast",
+        decode: 120.0,
+        slots: 2,
+        load_seconds: 1.5,
+        max_loaded: 3,
+    },
+    NodeSpec {
+        name: "mid1",
+        decode: 40.0,
+        slots: 2,
+        load_seconds: 3.0,
+        max_loaded: 2,
+    },
+    NodeSpec {
+        name: "mid2",
+        decode: 40.0,
+        slots: 2,
+        load_seconds: 3.0,
+        max_loaded: 1,
+    },
+    NodeSpec {
+        name: "slow1",
+        decode: 10.0,
+        slots: 1,
+        load_seconds: 6.0,
+        max_loaded: 1,
+    },
+    NodeSpec {
+        name: "slow2",
+        decode: 10.0,
+        slots: 1,
+        load_seconds: 6.0,
+        max_loaded: 1,
+    },
 ];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -84,7 +114,11 @@ fn workload() -> Vec<serde_json::Value> {
     let mut rng = StdRng::seed_from_u64(SEED);
     (0..REQUESTS)
         .map(|index| {
-            let model = if rng.random_bool(0.7) { "smollm2:135m" } else { "qwen2:0.5b" };
+            let model = if rng.random_bool(0.7) {
+                "smollm2:135m"
+            } else {
+                "qwen2:0.5b"
+            };
             let tokens: u32 = rng.random_range(24..=48);
             let length: usize = rng.random_range(20..=400);
             let prompt: String = format!("request {index}: ")
@@ -108,7 +142,11 @@ async fn start_emulators() -> Vec<Emulator> {
         emulators.push(
             Emulator::start(EmulatorConfig {
                 name: spec.name.to_owned(),
-                models: vec!["smollm2:135m".into(), "qwen2:0.5b".into(), "nomic-embed-text:latest".into()],
+                models: vec![
+                    "smollm2:135m".into(),
+                    "qwen2:0.5b".into(),
+                    "nomic-embed-text:latest".into(),
+                ],
                 decode_tokens_per_second: spec.decode,
                 prompt_tokens_per_second: spec.decode * 10.0,
                 parallel: spec.slots,
@@ -125,7 +163,9 @@ async fn start_emulators() -> Vec<Emulator> {
 
 async fn run(balancer: Balancer, clients: usize) -> RunResult {
     let emulators = start_emulators().await;
-    let dirs: Vec<tempfile::TempDir> = (0..=NODES.len()).map(|_| tempfile::tempdir().expect("tempdir")).collect();
+    let dirs: Vec<tempfile::TempDir> = (0..=NODES.len())
+        .map(|_| tempfile::tempdir().expect("tempdir"))
+        .collect();
     let mut coordinator = None;
     let mut agents = Vec::new();
     let target = match balancer {
@@ -152,14 +192,21 @@ async fn run(balancer: Balancer, clients: usize) -> RunResult {
                 ])
                 .expect("agent config");
                 agents.push(
-                    app::start_agent(&agent_config, started.cluster_address.to_string(), started.token.clone())
-                        .await
-                        .expect("agent"),
+                    app::start_agent(
+                        &agent_config,
+                        started.cluster_address.to_string(),
+                        started.token.clone(),
+                    )
+                    .await
+                    .expect("agent"),
                 );
             }
             let wait = Instant::now();
             while started.view().backends.len() < NODES.len() {
-                assert!(wait.elapsed() < Duration::from_secs(10), "nodes never joined");
+                assert!(
+                    wait.elapsed() < Duration::from_secs(10),
+                    "nodes never joined"
+                );
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             let url = format!("http://{}", started.gateway_address);
@@ -168,8 +215,13 @@ async fn run(balancer: Balancer, clients: usize) -> RunResult {
         }
     };
 
-    let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let requests = Arc::new(std::sync::Mutex::new(workload().into_iter().collect::<std::collections::VecDeque<_>>()));
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let requests = Arc::new(std::sync::Mutex::new(
+        workload()
+            .into_iter()
+            .collect::<std::collections::VecDeque<_>>(),
+    ));
     let started = Instant::now();
     let workers = (0..clients).map(|_| {
         let requests = Arc::clone(&requests);
@@ -178,10 +230,14 @@ async fn run(balancer: Balancer, clients: usize) -> RunResult {
         tokio::spawn(async move {
             let mut results = Vec::new();
             loop {
-                let Some(body) = requests.lock().expect("queue").pop_front() else { break };
+                let Some(body) = requests.lock().expect("queue").pop_front() else {
+                    break;
+                };
                 let request = hyper::Request::post(&url)
                     .header("content-type", "application/json")
-                    .body(Full::new(Bytes::from(serde_json::to_vec(&body).expect("json"))))
+                    .body(Full::new(Bytes::from(
+                        serde_json::to_vec(&body).expect("json"),
+                    )))
                     .expect("request");
                 let sent = Instant::now();
                 let outcome = match client.request(request).await {
@@ -193,7 +249,31 @@ async fn run(balancer: Balancer, clients: usize) -> RunResult {
                             .and_then(|value| value.to_str().ok())
                             .unwrap_or("fast")
                             .to_owned();
+                        let header = |name: &str| {
+                            response
+                                .headers()
+                                .get(name)
+                                .and_then(|value| value.to_str().ok())
+                                .unwrap_or("")
+                                .to_owned()
+                        };
+                        let decision = format!(
+                            "{} {}",
+                            header("x-sollol-decision"),
+                            header("x-sollol-candidates")
+                        );
                         let complete = response.into_body().collect().await.is_ok();
+                        if std::env::var_os("BENCH_VERBOSE").is_some()
+                            && sent.elapsed()
+                                > Duration::from_secs_f64(
+                                    std::env::var("BENCH_VERBOSE")
+                                        .ok()
+                                        .and_then(|text| text.parse().ok())
+                                        .unwrap_or(3.0),
+                                )
+                        {
+                            eprintln!("slow request: {:?} on {node}: {decision}", sent.elapsed());
+                        }
                         (ok && complete, node)
                     }
                     Err(_) => (false, String::new()),
@@ -260,18 +340,29 @@ async fn main() {
             })
         })
         .collect();
-    println!("routing benchmark: {REQUESTS} requests, seed {SEED}, nodes fast/mid1/mid2/slow1/slow2, cold start each run");
+    println!(
+        "routing benchmark: {REQUESTS} requests, seed {SEED}, nodes fast/mid1/mid2/slow1/slow2, cold start each run"
+    );
     for clients in clients_list {
         println!();
         println!("{clients} clients in parallel");
-        println!("| balancer | p50 (s) | p95 (s) | p99 (s) | req/s | failed | spread fast/mid1/mid2/slow1/slow2 |");
+        println!(
+            "| balancer | p50 (s) | p95 (s) | p99 (s) | req/s | failed | spread fast/mid1/mid2/slow1/slow2 |"
+        );
         println!("|---|---|---|---|---|---|---|");
         let mut p95 = BTreeMap::new();
         for &balancer in &balancers {
             let result = run(balancer, clients).await;
             let spread: Vec<String> = NODES
                 .iter()
-                .map(|spec| result.spread.get(spec.name).copied().unwrap_or(0).to_string())
+                .map(|spec| {
+                    result
+                        .spread
+                        .get(spec.name)
+                        .copied()
+                        .unwrap_or(0)
+                        .to_string()
+                })
                 .collect();
             println!(
                 "| {} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} |",
@@ -285,12 +376,18 @@ async fn main() {
             );
             p95.insert(balancer.label(), result.percentile(0.95));
         }
-        let ours = p95.get(&Balancer::Strategy("intelligent").label()).copied().unwrap_or(f64::NAN);
+        let ours = p95
+            .get(&Balancer::Strategy("intelligent").label())
+            .copied()
+            .unwrap_or(f64::NAN);
         let best_other = p95
             .iter()
             .filter(|(label, _)| **label != Balancer::Strategy("intelligent").label())
             .map(|(_, value)| *value)
             .fold(f64::INFINITY, f64::min);
-        println!("intelligent p95 / best other p95 = {:.2} (target <= 0.70)", ours / best_other);
+        println!(
+            "intelligent p95 / best other p95 = {:.2} (target <= 0.70)",
+            ours / best_other
+        );
     }
 }

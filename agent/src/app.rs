@@ -187,6 +187,7 @@ pub async fn start_coordinator(config: &Config) -> Result<CoordinatorHandle, Sta
             },
             breaker: BreakerSettings::default(),
             hedging: settings.hedging,
+            calibration: settings.calibration,
         },
     );
     let gateway_state = Arc::new(GatewayState {

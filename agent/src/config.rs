@@ -147,6 +147,12 @@ pub const KEYS: &[KeySpec] = &[
         doc: "Hedge slow requests: when the chosen node has not answered after three times its learned time to first token (streaming) or twice its predicted time (non-streaming), and the next node has a free slot, send the same request there too; the first answer wins and the other is cancelled.",
     },
     KeySpec {
+        key: "coordinator.calibration",
+        env: "SOLLOL_CALIBRATION",
+        default: Some("true"),
+        doc: "Measure idle nodes that were never measured with a model by sending them a short generation of the gateway's own (8 tokens, `/api/generate`), at most once per node and model every 10 minutes, so no client request pays for trying an unknown node. It loads the model on that node.",
+    },
+    KeySpec {
         key: "coordinator.max_attempts",
         env: "SOLLOL_MAX_ATTEMPTS",
         default: Some("3"),
@@ -390,6 +396,7 @@ pub struct CoordinatorConfig {
     pub max_request_body: NonZeroU32,
     pub api_keys: Vec<ApiKey>,
     pub hedging: bool,
+    pub calibration: bool,
     /// Static Ollama URLs, normalised to `http://HOST:PORT`.
     pub nodes: Vec<String>,
     pub probe_interval: Duration,
@@ -493,6 +500,7 @@ impl TryFrom<&RawConfig> for Config {
                 .optional("coordinator.api_keys", parse_api_keys)?
                 .unwrap_or_default(),
             hedging: reader.parse("coordinator.hedging", parse_bool)?,
+            calibration: reader.parse("coordinator.calibration", parse_bool)?,
             nodes: reader
                 .optional("coordinator.nodes", |text| {
                     text.split(',')

@@ -115,7 +115,10 @@ impl Learned {
     fn rebuild_index(&mut self) {
         self.by_node.clear();
         for ((node, model), stats) in &self.pairs {
-            self.by_node.entry(node.clone()).or_default().push((model.clone(), *stats));
+            self.by_node
+                .entry(node.clone())
+                .or_default()
+                .push((model.clone(), *stats));
         }
     }
 
@@ -192,6 +195,7 @@ async fn run(
     shutdown: CancellationToken,
 ) {
     let mut table = (*learned.load_full()).clone();
+    let mut evidence: HashMap<String, SlotEvidence> = HashMap::new();
     let mut batch = Vec::new();
     loop {
         tokio::select! {
@@ -209,9 +213,12 @@ async fn run(
             let key = (outcome.node_id.clone(), outcome.model.clone());
             if outcome.ok {
                 table.last_served_ms.insert(key.clone(), now_ms);
-                if let Some(ran_at_once) = observed_slots(&outcome) {
-                    let slots = table.slots.entry(outcome.node_id.clone()).or_insert(1);
-                    *slots = (*slots).max(ran_at_once);
+                if let Some((concurrent, waited)) = slot_evidence(&outcome) {
+                    let evidence = evidence.entry(outcome.node_id.clone()).or_default();
+                    evidence.add(concurrent, waited);
+                    table
+                        .slots
+                        .insert(outcome.node_id.clone(), evidence.slots());
                 }
             }
             if let Some(updated) = update(table.pairs.get(&key).copied(), &outcome) {
@@ -286,10 +293,10 @@ pub fn update(previous: Option<PairStats>, outcome: &Outcome) -> Option<PairStat
     }
 }
 
-/// How many requests the node evidently ran at once: when a request started beside `concurrent` others and
-/// Ollama's timings show it hardly waited for a slot (total minus load, prompt and generation), the node has
-/// at least `concurrent + 1` slots. Pure.
-pub fn observed_slots(outcome: &Outcome) -> Option<u32> {
+/// What one request says about a node's slots: it started beside `concurrent` others (the key), and
+/// whether Ollama's timings show it waited for a slot (total minus load, prompt and generation). `None`
+/// when it says nothing (it ran alone, or has no timings). Pure.
+pub fn slot_evidence(outcome: &Outcome) -> Option<(u32, bool)> {
     let timings = outcome.timings?;
     if outcome.concurrent == 0 {
         return None;
@@ -297,7 +304,45 @@ pub fn observed_slots(outcome: &Outcome) -> Option<u32> {
     let working = timings.load + timings.prompt + timings.eval;
     let waited = timings.total.checked_sub(working).unwrap_or_default();
     let allowance = Duration::from_millis(50).max((timings.prompt + timings.eval) / 10);
-    (waited <= allowance).then_some(outcome.concurrent + 1)
+    Some((outcome.concurrent, waited > allowance))
+}
+
+/// Counts of (ran at once, waited) per number of other requests in flight, for one node.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SlotEvidence {
+    by_concurrency: Vec<(u32, u32)>,
+}
+
+/// Concurrency levels tracked; a node with more slots than this is treated as having this many.
+const MAX_TRACKED_SLOTS: usize = 16;
+
+impl SlotEvidence {
+    pub fn add(&mut self, concurrent: u32, waited: bool) {
+        let index = (concurrent as usize).min(MAX_TRACKED_SLOTS) - 1;
+        if self.by_concurrency.len() <= index {
+            self.by_concurrency.resize(index + 1, (0, 0));
+        }
+        let (ran, queued) = &mut self.by_concurrency[index];
+        if waited {
+            *queued += 1;
+        } else {
+            *ran += 1;
+        }
+    }
+
+    /// Slots the evidence supports: 1 + the highest level up to which requests mostly ran at once
+    /// (at least 3 such requests, and at least four times as many as waited). Timing luck cannot ratchet it up.
+    pub fn slots(&self) -> u32 {
+        let mut slots = 1;
+        for (index, (ran, queued)) in self.by_concurrency.iter().enumerate() {
+            if *ran >= 3 && *ran >= queued.saturating_mul(4) {
+                slots = index as u32 + 2;
+            } else {
+                break;
+            }
+        }
+        slots
+    }
 }
 
 fn smooth(old: f64, new: f64) -> f64 {
@@ -336,18 +381,18 @@ mod tests {
     fn slots_are_seen_from_concurrent_requests_that_did_not_wait() {
         let mut ran_beside_two = outcome(40, 1000, 0, true);
         ran_beside_two.concurrent = 2;
-        assert_eq!(observed_slots(&ran_beside_two), Some(3));
+        assert_eq!(slot_evidence(&ran_beside_two), Some((2, false)));
         let mut waited = ran_beside_two.clone();
         if let Some(timings) = waited.timings.as_mut() {
             timings.total += Duration::from_millis(900);
         }
         assert_eq!(
-            observed_slots(&waited),
-            None,
+            slot_evidence(&waited),
+            Some((2, true)),
             "it queued, so it says nothing about slots"
         );
         assert_eq!(
-            observed_slots(&outcome(40, 1000, 0, true)),
+            slot_evidence(&outcome(40, 1000, 0, true)),
             None,
             "alone, it says nothing either"
         );
@@ -381,6 +426,42 @@ mod tests {
             None,
             "nothing to learn without tokens"
         );
+    }
+
+    #[test]
+    fn slots_need_consistent_evidence() {
+        fn check(events: &[(u32, bool)], expected: u32) {
+            let mut evidence = SlotEvidence::default();
+            for (concurrent, waited) in events {
+                evidence.add(*concurrent, *waited);
+            }
+            assert_eq!(evidence.slots(), expected, "{events:?}");
+        }
+        check(&[], 1);
+        check(&[(1, false), (1, false)], 1);
+        check(&[(1, false), (1, false), (1, false)], 2);
+        // One lucky request beside two others proves nothing while most of them waited.
+        check(
+            &[
+                (1, false),
+                (1, false),
+                (1, false),
+                (2, false),
+                (2, true),
+                (2, true),
+            ],
+            2,
+        );
+        check(
+            &[(1, false); 4]
+                .iter()
+                .copied()
+                .chain([(2, false); 4])
+                .collect::<Vec<_>>(),
+            3,
+        );
+        // Levels must hold from the bottom up.
+        check(&[(2, false), (2, false), (2, false)], 1);
     }
 
     #[test]

@@ -45,11 +45,16 @@ pub const STRATEGY_HEADER: &str = "x-sollol-strategy";
 pub const NODE_HEADER: &str = "x-sollol-node";
 /// Response header with the routing decision's short reason.
 pub const DECISION_HEADER: &str = "x-sollol-decision";
+/// Response header with every candidate's predicted time, best first, as JSON.
+pub const CANDIDATES_HEADER: &str = "x-sollol-candidates";
 /// Request header with the priority, 1 (lowest) to 10.
 pub const PRIORITY_HEADER: &str = "x-sollol-priority";
 
 /// Output tokens assumed when a request sets no limit.
 const DEFAULT_OUTPUT_TOKENS: u32 = 128;
+/// A (node, model) pair is calibrated at most this often, with this many generated tokens.
+const CALIBRATE_EVERY: Duration = Duration::from_secs(600);
+const CALIBRATION_TOKENS: u32 = 8;
 /// Added to a hedge's delay so ordinary jitter does not trigger it.
 const HEDGE_MARGIN: Duration = Duration::from_millis(100);
 /// How often open breakers are checked for a due probe, and how long a probe may take.
@@ -69,6 +74,10 @@ pub struct Proxy {
     breakers: PerNode<Mutex<Breaker>>,
     round_robin: AtomicU64,
     admission: Arc<Admission>,
+    /// When each (node, model) was last calibrated, so each is measured at most once per `CALIBRATE_EVERY`.
+    calibrated: Mutex<HashMap<(String, String), Instant>>,
+    /// Calibrations running per node.
+    calibrating: PerNode<AtomicU32>,
     pub settings: ProxySettings,
 }
 
@@ -89,6 +98,8 @@ pub struct ProxySettings {
     pub breaker: BreakerSettings,
     /// Whether slow first answers are hedged on the next node.
     pub hedging: bool,
+    /// Whether idle, never-measured nodes are measured with a short request of the gateway's own.
+    pub calibration: bool,
 }
 
 impl Proxy {
@@ -105,6 +116,8 @@ impl Proxy {
             breakers: PerNode::new(),
             round_robin: AtomicU64::new(0),
             admission: Arc::new(Admission::new(settings.queue)),
+            calibrated: Mutex::new(HashMap::new()),
+            calibrating: PerNode::new(),
             settings,
         }
     }
@@ -143,6 +156,87 @@ impl Proxy {
             .iter()
             .map(|(node, counter)| (node.clone(), counter.load(Ordering::Relaxed)))
             .collect()
+    }
+
+    /// Measures a never-measured (node, model) pair in the background with a short generation of the
+    /// gateway's own, so no client request pays for exploring an unknown node. At most once per pair per
+    /// `CALIBRATE_EVERY`; the node counts as busy meanwhile.
+    fn calibrate(&self, backend: &Backend, model: &str) {
+        let key = (backend.node_id.clone(), model.to_owned());
+        {
+            let mut calibrated = lock(&self.calibrated);
+            if calibrated
+                .get(&key)
+                .is_some_and(|at| at.elapsed() < CALIBRATE_EVERY)
+            {
+                return;
+            }
+            calibrated.insert(key, Instant::now());
+        }
+        let body = json!({
+            "model": model,
+            "prompt": "Say hello.",
+            "stream": false,
+            "options": {"num_predict": CALIBRATION_TOKENS},
+        });
+        let Ok(request) = hyper::Request::post(format!("{}/api/generate", backend.base_url))
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body.to_string())))
+        else {
+            return;
+        };
+        let load = self.load_of(&backend.node_id);
+        let concurrent = load.load(Ordering::Relaxed);
+        let in_flight = InFlight::new(load, Arc::clone(&self.admission));
+        let calibrating = InFlight::new(
+            self.calibrating.get(&backend.node_id),
+            Arc::clone(&self.admission),
+        );
+        let client = self.client.clone();
+        let learner = Arc::clone(&self.learner);
+        let timeout = self.settings.response_timeout;
+        let mut outcome = Outcome {
+            node_id: backend.node_id.clone(),
+            model: model.to_owned(),
+            path: "/api/generate".to_owned(),
+            app: "sollol-calibration".to_owned(),
+            ok: false,
+            time_to_first_byte: Duration::ZERO,
+            total: Duration::ZERO,
+            timings: None,
+            strategy: "calibration",
+            reason: "measuring a node never measured with this model".to_owned(),
+            candidates: "[]".to_owned(),
+            concurrent,
+        };
+        tracing::debug!(node = %backend.name, %model, "calibrating");
+        tokio::spawn(async move {
+            let _in_flight = in_flight;
+            let _calibrating = calibrating;
+            let started = Instant::now();
+            let answer = tokio::time::timeout(timeout, async {
+                let response = client.request(request).await.ok()?;
+                if !response.status().is_success() {
+                    return None;
+                }
+                response
+                    .into_body()
+                    .collect()
+                    .await
+                    .ok()
+                    .map(|collected| collected.to_bytes())
+            })
+            .await;
+            outcome.total = started.elapsed();
+            outcome.time_to_first_byte = outcome.total;
+            if let Ok(Some(bytes)) = answer {
+                outcome.ok = true;
+                outcome.timings = serde_json::from_slice::<Value>(&bytes)
+                    .ok()
+                    .and_then(|value| OllamaTimings::from_json(&value));
+            }
+            learner.record(outcome);
+        });
     }
 
     /// Records how a request (or probe) on a node went, for its breaker.
@@ -432,6 +526,15 @@ async fn forward_inner(
         rand::rng().random::<f64>(),
         proxy.round_robin.fetch_add(1, Ordering::Relaxed),
     );
+    if kind.learns && proxy.settings.calibration {
+        let chosen = decision.first();
+        for (index, candidate) in candidates.iter().enumerate() {
+            let unmeasured = candidate.stats.is_none() && candidate.node_stats.is_none();
+            if unmeasured && candidate.in_flight == 0 && Some(index) != chosen {
+                proxy.calibrate(backends[index], &model);
+            }
+        }
+    }
     let candidates_json = serde_json::to_string(
         &decision
             .ranking
@@ -613,6 +716,11 @@ impl Selection<'_> {
                     served: learned.served.get(&backend.node_id).copied().unwrap_or(0),
                     has_affinity: false,
                     node_stats: learned.node_stats(&backend.node_id, self.model),
+                    calibrating: proxy
+                        .calibrating
+                        .get(&backend.node_id)
+                        .load(Ordering::Relaxed)
+                        > 0,
                 };
                 (index, candidate)
             })
@@ -799,7 +907,7 @@ impl Attempt<'_> {
                 content_type,
                 Body::from(bytes),
                 backend,
-                &outcome.reason,
+                &outcome,
             ));
         }
         // Streaming: wait for the first chunk, so a node that fails before answering is still failed over.
@@ -831,9 +939,9 @@ impl Attempt<'_> {
             _in_flight: in_flight,
             done: false,
         };
-        let reason = relay.outcome.reason.clone();
+        let decided = relay.outcome.clone();
         let body = Body::from_stream(futures_util::stream::unfold(relay, Relay::next));
-        Ok(respond(status, content_type, body, backend, &reason))
+        Ok(respond(status, content_type, body, backend, &decided))
     }
 }
 
@@ -943,7 +1051,7 @@ fn respond(
     content_type: Option<HeaderValue>,
     body: Body,
     backend: &Backend,
-    reason: &str,
+    outcome: &Outcome,
 ) -> Response {
     let mut response = Response::new(body);
     *response.status_mut() = status;
@@ -953,7 +1061,8 @@ fn respond(
         content_type.unwrap_or_else(|| HeaderValue::from_static("application/json; charset=utf-8")),
     );
     headers.insert(NODE_HEADER, header_text(&backend.name));
-    headers.insert(DECISION_HEADER, header_text(reason));
+    headers.insert(DECISION_HEADER, header_text(&outcome.reason));
+    headers.insert(CANDIDATES_HEADER, header_text(&outcome.candidates));
     response
 }
 
@@ -961,7 +1070,7 @@ fn respond(
 fn header_text(text: &str) -> HeaderValue {
     let cleaned: String = text
         .chars()
-        .take(300)
+        .take(1000)
         .map(|c| {
             if c == ' ' || c.is_ascii_graphic() {
                 c

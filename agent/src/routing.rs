@@ -85,6 +85,8 @@ pub struct Candidate {
     pub has_affinity: bool,
     /// What the node showed with another model, used while this pair is unmeasured.
     pub node_stats: Option<PairStats>,
+    /// The gateway is measuring the node with a request of its own: it is busy with an unknown cost.
+    pub calibrating: bool,
 }
 
 /// The request as routing sees it.
@@ -104,8 +106,8 @@ pub struct Priors {
     pub exploration: f64,
     /// Affinity is kept unless the affine node is predicted this many times slower than the best.
     pub affinity_tolerance: f64,
-    /// Added to a node that is unmeasured and already busy (someone is exploring it): try it last.
-    pub busy_unmeasured_penalty: Duration,
+    /// Added to a node being calibrated: it is busy for an unknown time, so it is tried last.
+    pub calibrating_penalty: Duration,
 }
 
 impl Default for Priors {
@@ -116,7 +118,7 @@ impl Default for Priors {
             cold_load: Duration::from_secs(2),
             exploration: 0.05,
             affinity_tolerance: 1.5,
-            busy_unmeasured_penalty: Duration::from_secs(60),
+            calibrating_penalty: Duration::from_secs(60),
         }
     }
 }
@@ -182,12 +184,8 @@ fn informed_priors(candidates: &[Candidate], priors: &Priors) -> Priors {
     if measured.is_empty() {
         return *priors;
     }
-    let slowest = |rate: fn(&PairStats) -> f64| {
-        measured
-            .iter()
-            .map(rate)
-            .fold(f64::INFINITY, f64::min)
-    };
+    let slowest =
+        |rate: fn(&PairStats) -> f64| measured.iter().map(rate).fold(f64::INFINITY, f64::min);
     Priors {
         decode_tokens_per_second: slowest(|stats| stats.decode_tokens_per_second),
         prompt_tokens_per_second: slowest(|stats| stats.prompt_tokens_per_second),
@@ -223,8 +221,8 @@ pub fn choose(
         .iter()
         .map(|candidate| {
             let mut estimate = predict(candidate, shape, &informed);
-            if candidate.stats.is_none() && candidate.node_stats.is_none() && candidate.in_flight > 0 {
-                estimate += priors.busy_unmeasured_penalty;
+            if candidate.calibrating {
+                estimate += priors.calibrating_penalty;
             }
             estimate
         })
@@ -334,7 +332,8 @@ fn intelligent_adjustments(
     // Exploration: now and then try an unmeasured candidate, so new and recovered nodes are learned.
     if random < priors.exploration
         && let Some(position) = ranking.iter().position(|index| {
-            candidates[*index].stats.is_none() && candidates[*index].in_flight == 0
+            let candidate = &candidates[*index];
+            candidate.stats.is_none() && candidate.node_stats.is_none() && candidate.in_flight == 0
         })
         && position > 0
     {
@@ -391,6 +390,7 @@ mod tests {
             served: 0,
             has_affinity: false,
             node_stats: None,
+            calibrating: false,
         }
     }
 
