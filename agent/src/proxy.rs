@@ -52,6 +52,9 @@ pub const PRIORITY_HEADER: &str = "x-sollol-priority";
 
 /// Output tokens assumed when a request sets no limit.
 const DEFAULT_OUTPUT_TOKENS: u32 = 128;
+/// Conversations remembered for prefix affinity, and how much of a prompt identifies one.
+const AFFINITY_ENTRIES: usize = 10_000;
+const AFFINITY_PROMPT_CHARS: usize = 256;
 /// A (node, model) pair is calibrated at most this often, with this many generated tokens.
 const CALIBRATE_EVERY: Duration = Duration::from_secs(600);
 const CALIBRATION_TOKENS: u32 = 8;
@@ -78,6 +81,7 @@ pub struct Proxy {
     calibrated: Mutex<HashMap<(String, String), Instant>>,
     /// Calibrations running per node.
     calibrating: PerNode<AtomicU32>,
+    affinity: Affinity,
     pub settings: ProxySettings,
 }
 
@@ -118,6 +122,7 @@ impl Proxy {
             admission: Arc::new(Admission::new(settings.queue)),
             calibrated: Mutex::new(HashMap::new()),
             calibrating: PerNode::new(),
+            affinity: Affinity::default(),
             settings,
         }
     }
@@ -461,11 +466,13 @@ async fn forward_inner(
     let wanted_node = headers
         .get(NODE_HEADER)
         .and_then(|value| value.to_str().ok());
+    let conversation = conversation_key(&model, &request);
     let selection = Selection {
         model: &model,
         requested_name,
         any_node: kind.any_node,
         wanted_node,
+        affine_node: conversation.and_then(|key| proxy.affinity.get(key)),
     };
     // Wait in the priority queue while every candidate is saturated.
     let queued_since = Instant::now();
@@ -607,7 +614,12 @@ async fn forward_inner(
                 let Some((position, result)) = finished else { break };
                 match result {
                     // Dropping `running` cancels any other attempt still waiting for its node.
-                    Ok(response) => return Ok(response),
+                    Ok(response) => {
+                        if let Some(key) = conversation {
+                            proxy.affinity.remember(key, &backends[order[position]].node_id);
+                        }
+                        return Ok(response);
+                    }
                     Err(failure) => {
                         let backend = backends[order[position]];
                         tracing::warn!(node = %backend.name, %model, %failure, "node failed; trying the next one");
@@ -682,6 +694,8 @@ struct Selection<'a> {
     requested_name: &'a str,
     any_node: bool,
     wanted_node: Option<&'a str>,
+    /// The node that last served this conversation, if any.
+    affine_node: Option<String>,
 }
 
 impl Selection<'_> {
@@ -714,7 +728,7 @@ impl Selection<'_> {
                         || learned.served_since(&backend.node_id, self.model, backend.reported_ms),
                     stats: learned.pair(&backend.node_id, self.model),
                     served: learned.served.get(&backend.node_id).copied().unwrap_or(0),
-                    has_affinity: false,
+                    has_affinity: self.affine_node.as_deref() == Some(backend.node_id.as_str()),
                     node_stats: learned.node_stats(&backend.node_id, self.model),
                     calibrating: proxy
                         .calibrating
@@ -762,6 +776,64 @@ impl Selection<'_> {
                 format!("model \"{requested_name}\" not found, try pulling it first"),
             )
         })
+    }
+}
+
+/// Identifies a conversation: the model, the system prompt and the first user turn (chat), or the system
+/// prompt and the start of the prompt (generate). Later turns of one conversation share it, so they can go
+/// where the earlier turns' KV cache is.
+fn conversation_key(model: &str, request: &Value) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    model.hash(&mut hasher);
+    if let Some(messages) = request.get("messages").and_then(Value::as_array) {
+        let system = messages
+            .iter()
+            .find(|message| message.get("role").and_then(Value::as_str) == Some("system"))
+            .and_then(|message| message.get("content").and_then(Value::as_str));
+        let first_user = messages
+            .iter()
+            .find(|message| message.get("role").and_then(Value::as_str) == Some("user"))
+            .and_then(|message| message.get("content").and_then(Value::as_str))?;
+        system.hash(&mut hasher);
+        first_user.hash(&mut hasher);
+    } else {
+        let prompt = request.get("prompt").and_then(Value::as_str)?;
+        request
+            .get("system")
+            .and_then(Value::as_str)
+            .hash(&mut hasher);
+        prompt
+            .chars()
+            .take(AFFINITY_PROMPT_CHARS)
+            .collect::<String>()
+            .hash(&mut hasher);
+    }
+    Some(hasher.finish())
+}
+
+/// Which node last served each conversation; bounded, oldest forgotten first.
+#[derive(Debug, Default)]
+struct Affinity {
+    inner: Mutex<(HashMap<u64, String>, std::collections::VecDeque<u64>)>,
+}
+
+impl Affinity {
+    fn get(&self, key: u64) -> Option<String> {
+        lock(&self.inner).0.get(&key).cloned()
+    }
+
+    fn remember(&self, key: u64, node_id: &str) {
+        let mut inner = lock(&self.inner);
+        let (map, order) = &mut *inner;
+        if map.insert(key, node_id.to_owned()).is_none() {
+            order.push_back(key);
+            if order.len() > AFFINITY_ENTRIES
+                && let Some(oldest) = order.pop_front()
+            {
+                map.remove(&oldest);
+            }
+        }
     }
 }
 
@@ -1274,6 +1346,24 @@ mod tests {
     fn versions_compare_numerically() {
         assert!(version_key("0.9.6") < version_key("0.12.3"));
         assert!(version_key("0.12.3") < version_key("0.12.10"));
+    }
+
+    #[test]
+    fn conversations_share_a_key_across_turns() {
+        let first = json!({"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]});
+        let next = json!({"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"}, {"role": "user", "content": "more"}]});
+        let other = json!({"messages": [{"role": "user", "content": "something else"}]});
+        let key = |request: &Value| conversation_key("m:1", request);
+        assert_eq!(key(&first), key(&next));
+        assert_ne!(key(&first), key(&other));
+        assert_ne!(conversation_key("m:2", &first), key(&first));
+        assert_eq!(key(&json!({"messages": []})), None);
+        assert!(key(&json!({"prompt": "abc"})).is_some());
+        let affinity = Affinity::default();
+        affinity.remember(1, "node-a");
+        assert_eq!(affinity.get(1).as_deref(), Some("node-a"));
+        assert_eq!(affinity.get(2), None);
     }
 
     #[test]

@@ -106,6 +106,8 @@ pub struct Priors {
     pub exploration: f64,
     /// Affinity is kept unless the affine node is predicted this many times slower than the best.
     pub affinity_tolerance: f64,
+    /// ... plus this much, since a warm cache saves about a prompt's worth of time whatever the totals.
+    pub affinity_slack: Duration,
     /// Added to a node being calibrated: it is busy for an unknown time, so it is tried last.
     pub calibrating_penalty: Duration,
 }
@@ -118,6 +120,7 @@ impl Default for Priors {
             cold_load: Duration::from_secs(2),
             exploration: 0.05,
             affinity_tolerance: 1.5,
+            affinity_slack: Duration::from_millis(250),
             calibrating_penalty: Duration::from_secs(60),
         }
     }
@@ -317,7 +320,9 @@ fn intelligent_adjustments(
         .position(|index| candidates[*index].has_affinity)
     {
         let affine = ranking[position];
-        if position > 0 && predicted[affine].as_secs_f64() <= best_cost * priors.affinity_tolerance
+        if position > 0
+            && predicted[affine].as_secs_f64()
+                <= best_cost * priors.affinity_tolerance + priors.affinity_slack.as_secs_f64()
         {
             ranking.remove(position);
             ranking.insert(0, affine);

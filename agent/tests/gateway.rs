@@ -929,3 +929,59 @@ async fn static_ollama_nodes_from_the_configuration() {
     }
     coordinator.shutdown(Duration::from_secs(5)).await;
 }
+
+/// Later turns of a conversation go to the node that served the earlier ones (its KV cache holds the prefix).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conversations_stick_to_their_node() {
+    let nodes = ["a", "b"].map(|name| EmulatorConfig {
+        name: name.to_owned(),
+        decode_tokens_per_second: 1000.0,
+        ..EmulatorConfig::default()
+    });
+    let cluster = cluster_with(&[("coordinator.calibration", "false")], &nodes).await;
+    let turn = |turns: usize, user: &str| {
+        let mut messages = vec![
+            json!({"role": "system", "content": "You are terse."}),
+            json!({"role": "user", "content": user}),
+        ];
+        for index in 1..turns {
+            messages.push(json!({"role": "assistant", "content": format!("answer {index}")}));
+            messages.push(json!({"role": "user", "content": format!("follow-up {index}")}));
+        }
+        serde_json::to_vec(&json!({"model": "smollm2:135m", "stream": false, "messages": messages, "options": {"num_predict": 2}}))
+            .expect("json")
+    };
+    // Round robin sends the first turns of two conversations to different nodes.
+    let first = send(
+        "POST",
+        &cluster.url("/api/chat"),
+        turn(1, "conversation one"),
+        &[("x-sollol-strategy", "round_robin")],
+    )
+    .await;
+    let second = send(
+        "POST",
+        &cluster.url("/api/chat"),
+        turn(1, "conversation two"),
+        &[("x-sollol-strategy", "round_robin")],
+    )
+    .await;
+    let (node_one, node_two) = (first.node.expect("node"), second.node.expect("node"));
+    assert_ne!(node_one, node_two);
+    // Every later turn, routed by `intelligent`, goes back to its conversation's node.
+    for turns in 2..5 {
+        for (user, node) in [
+            ("conversation one", &node_one),
+            ("conversation two", &node_two),
+        ] {
+            let answer = send("POST", &cluster.url("/api/chat"), turn(turns, user), &[]).await;
+            assert_eq!(
+                answer.node.as_ref(),
+                Some(node),
+                "turn {turns} of {user}: {:?}",
+                answer.decision
+            );
+        }
+    }
+    cluster.stop().await;
+}
