@@ -106,8 +106,6 @@ pub struct Priors {
     pub exploration: f64,
     /// Affinity is kept unless the affine node is predicted this many times slower than the best.
     pub affinity_tolerance: f64,
-    /// ... plus this much, since a warm cache saves about a prompt's worth of time whatever the totals.
-    pub affinity_slack: Duration,
     /// Added to a node being calibrated: it is busy for an unknown time, so it is tried last.
     pub calibrating_penalty: Duration,
 }
@@ -120,7 +118,6 @@ impl Default for Priors {
             cold_load: Duration::from_secs(2),
             exploration: 0.05,
             affinity_tolerance: 1.5,
-            affinity_slack: Duration::from_millis(250),
             calibrating_penalty: Duration::from_secs(60),
         }
     }
@@ -248,7 +245,7 @@ pub fn choose(
                     .cmp(&predicted[*b])
                     .then_with(|| by_name(a, b))
             });
-            intelligent_adjustments(candidates, &predicted, &mut ranking, priors, random)
+            intelligent_adjustments(candidates, shape, &predicted, &mut ranking, priors, random)
         }
         Strategy::RoundRobin => {
             ranking.sort_by(by_name);
@@ -307,6 +304,7 @@ pub fn choose(
 /// Affinity and exploration on top of the cost ranking; returns the reason.
 fn intelligent_adjustments(
     candidates: &[Candidate],
+    shape: &RequestShape,
     predicted: &[Duration],
     ranking: &mut Vec<usize>,
     priors: &Priors,
@@ -314,15 +312,22 @@ fn intelligent_adjustments(
 ) -> String {
     let best = ranking[0];
     let best_cost = predicted[best].as_secs_f64();
-    // Prefix affinity: keep the warm KV cache unless that node is clearly worse.
+    // Prefix affinity: keep the warm KV cache unless that node is clearly worse. Its prediction counts the
+    // whole prompt, but with the prefix cached the node skips most of that work, so that much is forgiven.
     if let Some(position) = ranking
         .iter()
         .position(|index| candidates[*index].has_affinity)
     {
         let affine = ranking[position];
+        let prompt_rate = candidates[affine]
+            .stats
+            .or(candidates[affine].node_stats)
+            .map_or(priors.prompt_tokens_per_second, |stats| {
+                stats.prompt_tokens_per_second
+            });
+        let cached = seconds_for(shape.prompt_tokens, prompt_rate);
         if position > 0
-            && predicted[affine].as_secs_f64()
-                <= best_cost * priors.affinity_tolerance + priors.affinity_slack.as_secs_f64()
+            && predicted[affine].as_secs_f64() - cached <= best_cost * priors.affinity_tolerance
         {
             ranking.remove(position);
             ranking.insert(0, affine);

@@ -189,9 +189,17 @@ async fn history_survives_a_coordinator_restart() {
         .await
         .expect("coordinator");
     let agent = start_agent(&coordinator, agent_dir.path(), "remembered").await;
-    wait_until("node up", Duration::from_secs(5), || {
-        status_of(&coordinator, "remembered") == Some(NodeStatus::Up)
-    })
+    wait_until(
+        "node up with a hardware report",
+        Duration::from_secs(5),
+        || {
+            coordinator.view().nodes.iter().any(|node| {
+                node.name == "remembered"
+                    && node.status == NodeStatus::Up
+                    && node.hardware.is_some()
+            })
+        },
+    )
     .await;
     agent.abort();
     assert_eq!(

@@ -26,6 +26,8 @@ fn config(data_dir: &std::path::Path, name: &str, extra: &[(&'static str, &str)]
         ("coordinator.gateway_bind", "127.0.0.1:0"),
         ("coordinator.cluster_bind", "127.0.0.1:0"),
         ("coordinator.max_request_body", "65536"),
+        // Hedging races two nodes, which makes "which node answered" timing-dependent; its own test turns it on.
+        ("coordinator.hedging", "false"),
         ("agent.name", name),
         ("agent.heartbeat_interval", "200ms"),
     ];
@@ -799,7 +801,7 @@ async fn hung_nodes_are_hedged() {
         decode_tokens_per_second: speed,
         ..EmulatorConfig::default()
     });
-    let cluster = cluster_with(&[], &nodes).await;
+    let cluster = cluster_with(&[("coordinator.hedging", "true")], &nodes).await;
     let chat = |stream: bool| json!({"model": "smollm2:135m", "stream": stream, "messages": [], "options": {"num_predict": 4}});
     for stream in [false, true, false, true] {
         let answer = send(
@@ -984,4 +986,71 @@ async fn conversations_stick_to_their_node() {
         }
     }
     cluster.stop().await;
+}
+
+/// What routing learned is in SQLite: a restarted coordinator routes on it from its first request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn learning_survives_a_coordinator_restart() {
+    let nodes =
+        [("fast", 2000.0), ("mid", 400.0), ("slow", 100.0)].map(|(name, speed)| EmulatorConfig {
+            name: name.to_owned(),
+            decode_tokens_per_second: speed,
+            ..EmulatorConfig::default()
+        });
+    let cluster = cluster_with(&[("coordinator.calibration", "false")], &nodes).await;
+    let chat = serde_json::to_vec(&json!({"model": "smollm2:135m", "stream": false, "messages": [], "options": {"num_predict": 8}})).expect("json");
+    for _ in 0..6 {
+        let answer = send(
+            "POST",
+            &cluster.url("/api/chat"),
+            chat.clone(),
+            &[("x-sollol-strategy", "round_robin")],
+        )
+        .await;
+        assert_eq!(answer.status, 200);
+    }
+    // Every outcome is folded in before the snapshot is taken.
+    let started = Instant::now();
+    while cluster.coordinator.learned().served.values().sum::<u64>() < 6 {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "nothing learned"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let before = cluster.coordinator.learned().pairs.clone();
+    let data_dir = cluster.coordinator.data_dir.clone();
+    let Cluster {
+        coordinator,
+        agents,
+        emulators,
+        _dirs,
+    } = cluster;
+    for agent in agents {
+        agent
+            .stop(Duration::from_secs(5))
+            .await
+            .expect("stop agent");
+    }
+    coordinator.shutdown(Duration::from_secs(5)).await;
+
+    let restarted = app::start_coordinator(&config(&data_dir, "coordinator", &[]))
+        .await
+        .expect("restart");
+    let after = restarted.learned().pairs.clone();
+    assert_eq!(
+        after.len(),
+        before.len(),
+        "every learned pair is remembered"
+    );
+    for (key, stats) in &before {
+        let remembered = after.get(key).expect("pair remembered");
+        assert!(
+            (remembered.decode_tokens_per_second - stats.decode_tokens_per_second).abs() < 1e-6,
+            "{key:?}"
+        );
+        assert_eq!(remembered.samples, stats.samples);
+    }
+    restarted.shutdown(Duration::from_secs(5)).await;
+    drop(emulators);
 }
