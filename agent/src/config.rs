@@ -165,6 +165,12 @@ pub const KEYS: &[KeySpec] = &[
         doc: "How long a node may take to start answering (its response headers, which include a cold model load) before the next node is tried.",
     },
     KeySpec {
+        key: "coordinator.header_read_timeout",
+        env: "SOLLOL_HEADER_READ_TIMEOUT",
+        default: Some("30s"),
+        doc: "A client that takes longer than this to send a request's headers (an idle or slowloris connection) is disconnected.",
+    },
+    KeySpec {
         key: "coordinator.max_request_body",
         env: "SOLLOL_MAX_REQUEST_BODY",
         default: Some("33554432"),
@@ -397,6 +403,7 @@ pub struct CoordinatorConfig {
     pub api_keys: Vec<ApiKey>,
     pub hedging: bool,
     pub calibration: bool,
+    pub header_read_timeout: Duration,
     /// Static Ollama URLs, normalised to `http://HOST:PORT`.
     pub nodes: Vec<String>,
     pub probe_interval: Duration,
@@ -501,6 +508,7 @@ impl TryFrom<&RawConfig> for Config {
                 .unwrap_or_default(),
             hedging: reader.parse("coordinator.hedging", parse_bool)?,
             calibration: reader.parse("coordinator.calibration", parse_bool)?,
+            header_read_timeout: reader.parse("coordinator.header_read_timeout", parse_positive_duration)?,
             nodes: reader
                 .optional("coordinator.nodes", |text| {
                     text.split(',')

@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::Router;
@@ -44,6 +44,8 @@ pub struct GatewayState {
     pub max_request_body: usize,
     /// SHA-256 of each API key, with its name; empty means the gateway is open.
     pub api_keys: Vec<([u8; 32], String)>,
+    /// A client that takes longer to send its request headers is disconnected (slowloris).
+    pub header_read_timeout: Duration,
 }
 
 impl GatewayState {
@@ -150,18 +152,40 @@ async fn authenticate(
 
 /// Serves until `shutdown`, then finishes in-flight requests.
 pub async fn serve(listener: TcpListener, state: Arc<GatewayState>, shutdown: CancellationToken) {
-    use axum::serve::ListenerExt;
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto;
+    let state_header_timeout = state.header_read_timeout;
     let app = router(state);
-    // Small writes (streamed tokens) must not wait for delayed ACKs.
-    let listener = listener.tap_io(|stream| {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // A client that takes longer than this to send its request headers (slowloris) is disconnected.
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(state_header_timeout);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let (stream, _peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    tracing::warn!(%error, "gateway accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => break,
+        };
+        // Small writes (streamed tokens) must not wait for delayed ACKs.
         let _ = stream.set_nodelay(true);
-    });
-    if let Err(error) = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
-    {
-        tracing::error!(%error, "gateway server failed");
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+        let connection = graceful.watch(connection.into_owned());
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
     }
+    // In-flight requests finish; idle keep-alive connections close.
+    graceful.shutdown().await;
 }
 
 /// An error answered in Ollama's shape.

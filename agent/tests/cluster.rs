@@ -388,3 +388,39 @@ async fn gateway_answers_like_ollama() {
     );
     coordinator.shutdown(Duration::from_secs(5)).await;
 }
+
+/// A client that opens a connection and dribbles its headers is cut off; others are served meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_are_disconnected() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let coordinator = app::start_coordinator(&config(
+        dir.path(),
+        "c",
+        &[("coordinator.header_read_timeout", "300ms")],
+    ))
+    .await
+    .expect("coordinator");
+    let mut slow = tokio::net::TcpStream::connect(coordinator.gateway_address)
+        .await
+        .expect("connect");
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("write");
+    let started = Instant::now();
+    let (status, body) = raw_http(
+        coordinator.gateway_address,
+        "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!((status, body.as_str()), (200, "Ollama is running"));
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "the slow client was never disconnected");
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "cut off too early: {:?}",
+        started.elapsed()
+    );
+    coordinator.shutdown(Duration::from_secs(5)).await;
+}
