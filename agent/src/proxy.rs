@@ -52,6 +52,8 @@ pub const PRIORITY_HEADER: &str = "x-sollol-priority";
 
 /// Output tokens assumed when a request sets no limit.
 const DEFAULT_OUTPUT_TOKENS: u32 = 128;
+/// Candidates listed in `X-Sollol-Candidates` and the history, best first.
+const EXPLAINED_CANDIDATES: usize = 8;
 /// Conversations remembered for prefix affinity, and how much of a prompt identifies one.
 const AFFINITY_ENTRIES: usize = 10_000;
 const AFFINITY_PROMPT_CHARS: usize = 256;
@@ -542,10 +544,12 @@ async fn forward_inner(
             }
         }
     }
+    // The best few candidates explain a decision; all of them would cost time and history space on big clusters.
     let candidates_json = serde_json::to_string(
         &decision
             .ranking
             .iter()
+            .take(EXPLAINED_CANDIDATES)
             .map(|index| json!({"node": candidates[*index].name, "predicted_ms": decision.predicted[*index].as_millis() as u64}))
             .collect::<Vec<_>>(),
     )
