@@ -134,6 +134,17 @@ pub fn normalize_model(name: &str) -> String {
     }
 }
 
+/// Writes a node's row to the history unless it was written less than `PERSIST_REPORTS_EVERY` ago.
+fn persist_throttled(history: &HistorySender, entry: &mut Entry, now: Instant) {
+    let due = entry
+        .last_persisted
+        .is_none_or(|at| now.duration_since(at) >= PERSIST_REPORTS_EVERY);
+    if due {
+        entry.last_persisted = Some(now);
+        history.record(Record::Node(Box::new((*entry.node).clone())));
+    }
+}
+
 /// An agent reports its Ollama as it reaches it, often `http://127.0.0.1:11434`; from the coordinator the
 /// same server is at the agent's own address. Loopback hosts are replaced by the address the agent connected from.
 pub fn reachable_url(ollama_url: &str, agent_address: Option<&str>) -> String {
@@ -282,6 +293,7 @@ impl ClusterTask {
                 connection,
                 report,
             } => {
+                let history = self.history.clone();
                 let Some(entry) = self.current(&node_id, connection) else {
                     return;
                 };
@@ -290,14 +302,7 @@ impl ClusterTask {
                 node.last_seen_ms = now_ms;
                 node.hardware = Some(report.hardware);
                 node.ollama = report.ollama;
-                let persist = entry
-                    .last_persisted
-                    .is_none_or(|at| now.duration_since(at) >= PERSIST_REPORTS_EVERY);
-                if persist {
-                    entry.last_persisted = Some(now);
-                    let node = (*entry.node).clone();
-                    self.history.record(Record::Node(Box::new(node)));
-                }
+                persist_throttled(&history, entry, now);
                 // A report changes hardware figures even when no status changes.
                 self.evaluate();
                 self.publish();
@@ -404,14 +409,7 @@ impl ClusterTask {
             }
         }
         node.ollama = Some(ollama);
-        let persist = entry
-            .last_persisted
-            .is_none_or(|at| now.duration_since(at) >= PERSIST_REPORTS_EVERY);
-        if persist {
-            entry.last_persisted = Some(now);
-            let node = (*entry.node).clone();
-            self.history.record(Record::Node(Box::new(node)));
-        }
+        persist_throttled(&self.history, entry, now);
         self.evaluate();
         self.publish();
     }

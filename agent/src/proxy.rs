@@ -36,6 +36,7 @@ use crate::breaker::{Breaker, BreakerSettings};
 use crate::cluster::SharedView;
 use crate::cluster::{Backend, ClusterView, normalize_model};
 use crate::gateway::{ApiError, GatewayState};
+use crate::http_client::error_chain;
 use crate::learning::{Learner, OllamaTimings, Outcome};
 use crate::routing::{self, Candidate, Priors, RequestShape, Strategy};
 
@@ -1156,17 +1157,6 @@ fn header_text(text: &str) -> HeaderValue {
         })
         .collect();
     HeaderValue::from_str(&cleaned).unwrap_or_else(|_| HeaderValue::from_static("?"))
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// `GET /api/tags`: every model on an up node, once.

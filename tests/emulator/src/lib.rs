@@ -452,6 +452,13 @@ fn error_response_bad_request(message: &str) -> Response {
     error(StatusCode::BAD_REQUEST, message)
 }
 
+/// The request's JSON and its installed model, or the error Ollama would answer.
+fn model_request(state: &EmulatorState, body: &Bytes) -> Result<(Value, String), Box<Response>> {
+    let request = parse_body(body)?;
+    let model = requested_model(state, &request)?;
+    Ok((request, model))
+}
+
 /// The model a request names, checked against the installed ones.
 fn requested_model(state: &EmulatorState, request: &Value) -> Result<String, Box<Response>> {
     let name = request
@@ -471,12 +478,8 @@ fn requested_model(state: &EmulatorState, request: &Value) -> Result<String, Box
 }
 
 async fn show(State(state): State<Arc<EmulatorState>>, body: Bytes) -> Response {
-    let request = match parse_body(&body) {
-        Ok(request) => request,
-        Err(response) => return *response,
-    };
-    let model = match requested_model(&state, &request) {
-        Ok(model) => model,
+    let (_request, model) = match model_request(&state, &body) {
+        Ok(parsed) => parsed,
         Err(response) => return *response,
     };
     let capabilities = if is_embedding_model(&model) {
@@ -681,12 +684,8 @@ fn token_text(index: u32) -> String {
 }
 
 async fn generation(state: Arc<EmulatorState>, body: Bytes, flavour: Flavour) -> Response {
-    let request = match parse_body(&body) {
-        Ok(request) => request,
-        Err(response) => return *response,
-    };
-    let model = match requested_model(&state, &request) {
-        Ok(model) => model,
+    let (request, model) = match model_request(&state, &body) {
+        Ok(parsed) => parsed,
         Err(response) => return *response,
     };
     if is_embedding_model(&model) {
@@ -1044,12 +1043,8 @@ fn inputs_of(value: Option<&Value>) -> Result<Vec<String>, Box<Response>> {
 }
 
 async fn embed(State(state): State<Arc<EmulatorState>>, body: Bytes) -> Response {
-    let request = match parse_body(&body) {
-        Ok(request) => request,
-        Err(response) => return *response,
-    };
-    let model = match requested_model(&state, &request) {
-        Ok(model) => model,
+    let (request, model) = match model_request(&state, &body) {
+        Ok(parsed) => parsed,
         Err(response) => return *response,
     };
     let inputs = match inputs_of(request.get("input")) {
@@ -1070,12 +1065,8 @@ async fn embed(State(state): State<Arc<EmulatorState>>, body: Bytes) -> Response
 }
 
 async fn embeddings(State(state): State<Arc<EmulatorState>>, body: Bytes) -> Response {
-    let request = match parse_body(&body) {
-        Ok(request) => request,
-        Err(response) => return *response,
-    };
-    let model = match requested_model(&state, &request) {
-        Ok(model) => model,
+    let (request, model) = match model_request(&state, &body) {
+        Ok(parsed) => parsed,
         Err(response) => return *response,
     };
     let prompt = request
@@ -1092,12 +1083,8 @@ async fn embeddings(State(state): State<Arc<EmulatorState>>, body: Bytes) -> Res
 }
 
 async fn openai_embeddings(State(state): State<Arc<EmulatorState>>, body: Bytes) -> Response {
-    let request = match parse_body(&body) {
-        Ok(request) => request,
-        Err(response) => return *response,
-    };
-    let model = match requested_model(&state, &request) {
-        Ok(model) => model,
+    let (request, model) = match model_request(&state, &body) {
+        Ok(parsed) => parsed,
         Err(response) => return *response,
     };
     let inputs = match inputs_of(request.get("input")) {
