@@ -1054,3 +1054,62 @@ async fn learning_survives_a_coordinator_restart() {
     restarted.shutdown(Duration::from_secs(5)).await;
     drop(emulators);
 }
+
+/// A node killed while it is answering: every non-streaming request still succeeds, on the other nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_under_load_loses_no_request() {
+    let nodes =
+        [("fast", 300.0), ("mid", 200.0), ("slow", 150.0)].map(|(name, speed)| EmulatorConfig {
+            name: name.to_owned(),
+            decode_tokens_per_second: speed,
+            parallel: 2,
+            ..EmulatorConfig::default()
+        });
+    let cluster = cluster_with(&[], &nodes).await;
+    let url = cluster.url("/api/chat");
+    let body = serde_json::to_vec(&json!({"model": "smollm2:135m", "stream": false, "messages": [], "options": {"num_predict": 30}}))
+        .expect("json");
+    let queue = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(40));
+    let clients: Vec<_> = (0..6)
+        .map(|_| {
+            let (url, body, queue) = (url.clone(), body.clone(), std::sync::Arc::clone(&queue));
+            tokio::spawn(async move {
+                let mut statuses = Vec::new();
+                while queue
+                    .fetch_update(
+                        std::sync::atomic::Ordering::SeqCst,
+                        std::sync::atomic::Ordering::SeqCst,
+                        |left| left.checked_sub(1),
+                    )
+                    .is_ok()
+                {
+                    let answer = send(
+                        "POST",
+                        &url,
+                        body.clone(),
+                        &[("x-sollol-strategy", "round_robin")],
+                    )
+                    .await;
+                    statuses.push((answer.status, answer.text()));
+                }
+                statuses
+            })
+        })
+        .collect();
+    // Kill a node while requests are running on it.
+    let started = Instant::now();
+    while cluster.emulators[0].started() < 3 {
+        assert!(started.elapsed() < Duration::from_secs(10));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    cluster.emulators[0].kill();
+    let mut answered = 0;
+    for client in clients {
+        for (status, text) in client.await.expect("client") {
+            assert_eq!(status, 200, "{text}");
+            answered += 1;
+        }
+    }
+    assert_eq!(answered, 40);
+    cluster.stop().await;
+}
