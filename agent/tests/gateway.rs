@@ -162,6 +162,32 @@ async fn send(method: &str, url: &str, body: Vec<u8>, headers: &[(&str, &str)]) 
     }
 }
 
+/// Sends each request with round robin, so every node gets measured, and waits until the learner has folded in every outcome.
+async fn teach(cluster: &Cluster, requests: &[Value]) {
+    let served_before: u64 = cluster.coordinator.learned().served.values().sum();
+    for request in requests {
+        let body = serde_json::to_vec(request).expect("json");
+        let answer = send(
+            "POST",
+            &cluster.url("/api/chat"),
+            body,
+            &[("x-sollol-strategy", "round_robin")],
+        )
+        .await;
+        assert_eq!(answer.status, 200, "{}", answer.text());
+    }
+    let started = Instant::now();
+    while cluster.coordinator.learned().served.values().sum::<u64>()
+        < served_before + requests.len() as u64
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the learner never caught up"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 async fn post(url: &str, body: Value) -> Answer {
     send("POST", url, serde_json::to_vec(&body).expect("json"), &[]).await
 }
@@ -404,16 +430,7 @@ async fn routing_learns_and_prefers_the_fast_node() {
     let cluster = cluster().await;
     let chat = json!({"model": "smollm2:135m", "stream": false, "messages": [{"role": "user", "content": "hello there"}], "options": {"num_predict": 20}});
     // Round robin measures every node once or more.
-    for _ in 0..6 {
-        let answer = send(
-            "POST",
-            &cluster.url("/api/chat"),
-            serde_json::to_vec(&chat).expect("json"),
-            &[("x-sollol-strategy", "round_robin")],
-        )
-        .await;
-        assert_eq!(answer.status, 200);
-    }
+    teach(&cluster, &vec![chat.clone(); 6]).await;
     let started = Instant::now();
     loop {
         let learned = cluster.coordinator.learned();
@@ -745,21 +762,7 @@ async fn circuit_breaker_opens_and_recovers() {
     let cluster = cluster_with(&[], &nodes).await;
     let chat = || json!({"model": "smollm2:135m", "stream": false, "messages": [], "options": {"num_predict": 4}});
     // Teach routing that "fast" is fast.
-    for _ in 0..4 {
-        let answer = send(
-            "POST",
-            &cluster.url("/api/chat"),
-            serde_json::to_vec(&chat()).expect("json"),
-            &[("x-sollol-strategy", "round_robin")],
-        )
-        .await;
-        assert_eq!(answer.status, 200);
-    }
-    let started = Instant::now();
-    while cluster.coordinator.learned().pairs.len() < 2 {
-        assert!(started.elapsed() < Duration::from_secs(5));
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    teach(&cluster, &[chat(), chat(), chat(), chat()]).await;
     cluster.emulators[0].set_fault(Fault::InternalError);
     let tried_before = cluster.emulators[0].started();
     for _ in 0..8 {
@@ -803,21 +806,11 @@ async fn hung_nodes_are_hedged() {
     });
     let cluster = cluster_with(&[("coordinator.hedging", "true")], &nodes).await;
     let chat = |stream: bool| json!({"model": "smollm2:135m", "stream": stream, "messages": [], "options": {"num_predict": 4}});
-    for stream in [false, true, false, true] {
-        let answer = send(
-            "POST",
-            &cluster.url("/api/chat"),
-            serde_json::to_vec(&chat(stream)).expect("json"),
-            &[("x-sollol-strategy", "round_robin")],
-        )
-        .await;
-        assert_eq!(answer.status, 200);
-    }
-    let started = Instant::now();
-    while cluster.coordinator.learned().pairs.len() < 2 {
-        assert!(started.elapsed() < Duration::from_secs(5));
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    teach(
+        &cluster,
+        &[chat(false), chat(true), chat(false), chat(true)],
+    )
+    .await;
     cluster.emulators[0].set_fault(Fault::HangBeforeFirstByte);
     for stream in [false, true] {
         let started = Instant::now();
@@ -941,6 +934,7 @@ async fn conversations_stick_to_their_node() {
         ..EmulatorConfig::default()
     });
     let cluster = cluster_with(&[("coordinator.calibration", "false")], &nodes).await;
+    // 20 tokens: long enough that millisecond timing noise cannot make one identical node look 1.5x slower.
     let turn = |turns: usize, user: &str| {
         let mut messages = vec![
             json!({"role": "system", "content": "You are terse."}),
@@ -950,7 +944,7 @@ async fn conversations_stick_to_their_node() {
             messages.push(json!({"role": "assistant", "content": format!("answer {index}")}));
             messages.push(json!({"role": "user", "content": format!("follow-up {index}")}));
         }
-        serde_json::to_vec(&json!({"model": "smollm2:135m", "stream": false, "messages": messages, "options": {"num_predict": 2}}))
+        serde_json::to_vec(&json!({"model": "smollm2:135m", "stream": false, "messages": messages, "options": {"num_predict": 20}}))
             .expect("json")
     };
     // Round robin sends the first turns of two conversations to different nodes.
@@ -998,26 +992,9 @@ async fn learning_survives_a_coordinator_restart() {
             ..EmulatorConfig::default()
         });
     let cluster = cluster_with(&[("coordinator.calibration", "false")], &nodes).await;
-    let chat = serde_json::to_vec(&json!({"model": "smollm2:135m", "stream": false, "messages": [], "options": {"num_predict": 8}})).expect("json");
-    for _ in 0..6 {
-        let answer = send(
-            "POST",
-            &cluster.url("/api/chat"),
-            chat.clone(),
-            &[("x-sollol-strategy", "round_robin")],
-        )
-        .await;
-        assert_eq!(answer.status, 200);
-    }
+    let chat = json!({"model": "smollm2:135m", "stream": false, "messages": [], "options": {"num_predict": 8}});
     // Every outcome is folded in before the snapshot is taken.
-    let started = Instant::now();
-    while cluster.coordinator.learned().served.values().sum::<u64>() < 6 {
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "nothing learned"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    teach(&cluster, &vec![chat; 6]).await;
     let before = cluster.coordinator.learned().pairs.clone();
     let data_dir = cluster.coordinator.data_dir.clone();
     let Cluster {
