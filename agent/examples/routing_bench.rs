@@ -161,7 +161,9 @@ async fn start_emulators() -> Vec<Emulator> {
     emulators
 }
 
-async fn run(balancer: Balancer, clients: usize) -> RunResult {
+/// Runs the workload through `balancer`; with `faults`, halfway through one mid node starts answering
+/// HTTP 500 and the other is killed (the failover scenario of `shared/baselines.md`).
+async fn run(balancer: Balancer, clients: usize, faults: bool) -> RunResult {
     let emulators = start_emulators().await;
     let dirs: Vec<tempfile::TempDir> = (0..=NODES.len())
         .map(|_| tempfile::tempdir().expect("tempdir"))
@@ -223,7 +225,9 @@ async fn run(balancer: Balancer, clients: usize) -> RunResult {
             .collect::<std::collections::VecDeque<_>>(),
     ));
     let started = Instant::now();
+    let finished = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let workers = (0..clients).map(|_| {
+        let finished = Arc::clone(&finished);
         let requests = Arc::clone(&requests);
         let client = client.clone();
         let url = format!("{target}/api/chat");
@@ -279,6 +283,7 @@ async fn run(balancer: Balancer, clients: usize) -> RunResult {
                     Err(_) => (false, String::new()),
                 };
                 results.push((sent.elapsed(), outcome));
+                finished.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
             results
         })
@@ -289,6 +294,14 @@ async fn run(balancer: Balancer, clients: usize) -> RunResult {
         wall: Duration::ZERO,
         spread: NODES.iter().map(|spec| (spec.name.to_owned(), 0)).collect(),
     };
+    let workers: Vec<_> = workers.collect();
+    if faults {
+        while finished.load(std::sync::atomic::Ordering::Relaxed) < REQUESTS / 2 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        emulators[1].set_fault(sollol_ollama_emulator::Fault::InternalError);
+        emulators[2].kill();
+    }
     for worker in futures_util::future::join_all(workers).await {
         for (latency, (ok, node)) in worker.expect("worker") {
             if ok {
@@ -340,6 +353,10 @@ async fn main() {
             })
         })
         .collect();
+    if std::env::args().nth(1).as_deref() == Some("failover") {
+        failover().await;
+        return;
+    }
     println!(
         "routing benchmark: {REQUESTS} requests, seed {SEED}, nodes fast/mid1/mid2/slow1/slow2, cold start each run"
     );
@@ -352,7 +369,7 @@ async fn main() {
         println!("|---|---|---|---|---|---|---|");
         let mut p95 = BTreeMap::new();
         for &balancer in &balancers {
-            let result = run(balancer, clients).await;
+            let result = run(balancer, clients, false).await;
             let spread: Vec<String> = NODES
                 .iter()
                 .map(|spec| {
@@ -390,4 +407,44 @@ async fn main() {
             ours / best_other
         );
     }
+}
+
+/// The failover scenario: the same run with and without faults halfway (mid1 answers 500, mid2 is killed).
+async fn failover() {
+    println!(
+        "failover: 6 clients, {REQUESTS} requests; halfway through mid1 starts answering HTTP 500 and mid2 is killed"
+    );
+    println!(
+        "| balancer | faults | p50 (s) | p95 (s) | req/s | failed | spread fast/mid1/mid2/slow1/slow2 |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    let mut p95 = Vec::new();
+    for faults in [false, true] {
+        let result = run(Balancer::Strategy("intelligent"), 6, faults).await;
+        let spread: Vec<String> = NODES
+            .iter()
+            .map(|spec| {
+                result
+                    .spread
+                    .get(spec.name)
+                    .copied()
+                    .unwrap_or(0)
+                    .to_string()
+            })
+            .collect();
+        println!(
+            "| sollol intelligent | {} | {:.2} | {:.2} | {:.2} | {} | {} |",
+            if faults { "yes" } else { "no" },
+            result.percentile(0.50),
+            result.percentile(0.95),
+            result.throughput(),
+            result.failed,
+            spread.join("/")
+        );
+        p95.push(result.percentile(0.95));
+    }
+    println!(
+        "p95 with faults / without = {:.2} (target <= 1.50, and 0 failed)",
+        p95[1] / p95[0]
+    );
 }
