@@ -105,6 +105,15 @@ impl RunResult {
         sorted[rank - 1].as_secs_f64()
     }
 
+    /// Requests served per node, `fast/mid1/mid2/slow1/slow2`.
+    fn spread_text(&self) -> String {
+        NODES
+            .iter()
+            .map(|spec| self.spread.get(spec.name).copied().unwrap_or(0).to_string())
+            .collect::<Vec<_>>()
+            .join("/")
+    }
+
     fn throughput(&self) -> f64 {
         self.latencies.len() as f64 / self.wall.as_secs_f64()
     }
@@ -370,17 +379,7 @@ async fn main() {
         let mut p95 = BTreeMap::new();
         for &balancer in &balancers {
             let result = run(balancer, clients, false).await;
-            let spread: Vec<String> = NODES
-                .iter()
-                .map(|spec| {
-                    result
-                        .spread
-                        .get(spec.name)
-                        .copied()
-                        .unwrap_or(0)
-                        .to_string()
-                })
-                .collect();
+            let spread = result.spread_text();
             println!(
                 "| {} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} |",
                 balancer.label(),
@@ -389,7 +388,7 @@ async fn main() {
                 result.percentile(0.99),
                 result.throughput(),
                 result.failed,
-                spread.join("/")
+                spread
             );
             p95.insert(balancer.label(), result.percentile(0.95));
         }
@@ -421,17 +420,7 @@ async fn failover() {
     let mut p95 = Vec::new();
     for faults in [false, true] {
         let result = run(Balancer::Strategy("intelligent"), 6, faults).await;
-        let spread: Vec<String> = NODES
-            .iter()
-            .map(|spec| {
-                result
-                    .spread
-                    .get(spec.name)
-                    .copied()
-                    .unwrap_or(0)
-                    .to_string()
-            })
-            .collect();
+        let spread = result.spread_text();
         println!(
             "| sollol intelligent | {} | {:.2} | {:.2} | {:.2} | {} | {} |",
             if faults { "yes" } else { "no" },
@@ -439,7 +428,7 @@ async fn failover() {
             result.percentile(0.95),
             result.throughput(),
             result.failed,
-            spread.join("/")
+            spread
         );
         p95.push(result.percentile(0.95));
     }

@@ -1042,13 +1042,19 @@ fn inputs_of(value: Option<&Value>) -> Result<Vec<String>, Box<Response>> {
     }
 }
 
+/// The model and inputs of an `/api/embed` or `/v1/embeddings` request.
+fn embed_request(
+    state: &EmulatorState,
+    body: &Bytes,
+) -> Result<(String, Vec<String>), Box<Response>> {
+    let (request, model) = model_request(state, body)?;
+    let inputs = inputs_of(request.get("input"))?;
+    Ok((model, inputs))
+}
+
 async fn embed(State(state): State<Arc<EmulatorState>>, body: Bytes) -> Response {
-    let (request, model) = match model_request(&state, &body) {
+    let (model, inputs) = match embed_request(&state, &body) {
         Ok(parsed) => parsed,
-        Err(response) => return *response,
-    };
-    let inputs = match inputs_of(request.get("input")) {
-        Ok(inputs) => inputs,
         Err(response) => return *response,
     };
     match embed_inputs(&state, &model, &inputs).await {
@@ -1083,12 +1089,8 @@ async fn embeddings(State(state): State<Arc<EmulatorState>>, body: Bytes) -> Res
 }
 
 async fn openai_embeddings(State(state): State<Arc<EmulatorState>>, body: Bytes) -> Response {
-    let (request, model) = match model_request(&state, &body) {
+    let (model, inputs) = match embed_request(&state, &body) {
         Ok(parsed) => parsed,
-        Err(response) => return *response,
-    };
-    let inputs = match inputs_of(request.get("input")) {
-        Ok(inputs) => inputs,
         Err(response) => return *response,
     };
     match embed_inputs(&state, &model, &inputs).await {
