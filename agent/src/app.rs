@@ -203,6 +203,7 @@ pub async fn start_coordinator(config: &Config) -> Result<CoordinatorHandle, Sta
         max_request_body: settings.max_request_body.get() as usize,
         api_keys: GatewayState::digest_keys(&settings.api_keys),
         header_read_timeout: settings.header_read_timeout,
+        body_read_timeout: settings.body_read_timeout,
     });
     tasks.spawn(membership::serve(
         cluster_listener,

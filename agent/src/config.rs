@@ -171,6 +171,12 @@ pub const KEYS: &[KeySpec] = &[
         doc: "A client that takes longer than this to send a request's headers (an idle or slowloris connection) is disconnected.",
     },
     KeySpec {
+        key: "coordinator.body_read_timeout",
+        env: "SOLLOL_BODY_READ_TIMEOUT",
+        default: Some("30s"),
+        doc: "A request body that stops arriving for this long (a stalled or trickling upload) is abandoned with HTTP 408.",
+    },
+    KeySpec {
         key: "coordinator.max_request_body",
         env: "SOLLOL_MAX_REQUEST_BODY",
         default: Some("33554432"),
@@ -404,6 +410,7 @@ pub struct CoordinatorConfig {
     pub hedging: bool,
     pub calibration: bool,
     pub header_read_timeout: Duration,
+    pub body_read_timeout: Duration,
     /// Static Ollama URLs, normalised to `http://HOST:PORT`.
     pub nodes: Vec<String>,
     pub probe_interval: Duration,
@@ -509,6 +516,7 @@ impl TryFrom<&RawConfig> for Config {
             hedging: reader.parse("coordinator.hedging", parse_bool)?,
             calibration: reader.parse("coordinator.calibration", parse_bool)?,
             header_read_timeout: reader.parse("coordinator.header_read_timeout", parse_positive_duration)?,
+            body_read_timeout: reader.parse("coordinator.body_read_timeout", parse_positive_duration)?,
             nodes: reader
                 .optional("coordinator.nodes", |text| {
                     text.split(',')

@@ -24,6 +24,7 @@ use sollol_shared::protocol::PROTOCOL_VERSION;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::body_timeout;
 use crate::cluster::SharedView;
 use crate::config::ApiKey;
 use crate::dashboard_assets;
@@ -46,6 +47,8 @@ pub struct GatewayState {
     pub api_keys: Vec<([u8; 32], String)>,
     /// A client that takes longer to send its request headers is disconnected (slowloris).
     pub header_read_timeout: Duration,
+    /// A request body that stops arriving for this long is abandoned with 408.
+    pub body_read_timeout: Duration,
 }
 
 impl GatewayState {
@@ -80,6 +83,10 @@ pub fn router(state: Arc<GatewayState>) -> Router {
         .route("/api/version", get(proxy::version))
         .route("/v1/models", get(proxy::openai_models))
         .layer(DefaultBodyLimit::max(state.max_request_body))
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(&state),
+            limit_body_stalls,
+        ))
         .route("/", get(root))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -148,6 +155,17 @@ async fn authenticate(
         )
         .into_response(),
     }
+}
+
+/// Forwarded requests read their body through an idle timeout (a stalled upload ends with 408).
+async fn limit_body_stalls(
+    State(state): State<Arc<GatewayState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let (parts, body) = request.into_parts();
+    let body = body_timeout::with_idle_timeout(body, state.body_read_timeout);
+    next.run(Request::from_parts(parts, body)).await
 }
 
 /// Serves until `shutdown`, then finishes in-flight requests.

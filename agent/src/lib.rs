@@ -4,6 +4,7 @@ pub mod admission;
 pub mod app;
 pub mod backoff;
 pub mod batch;
+pub mod body_timeout;
 pub mod breaker;
 pub mod cli;
 pub mod cluster;

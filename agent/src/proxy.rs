@@ -410,8 +410,13 @@ async fn forward_inner(
     let proxy = &state.proxy;
     let kind = route_kind(path)
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no such endpoint: {path}")))?;
-    let body =
-        body.map_err(|rejection| ApiError::new(rejection.status(), rejection.body_text()))?;
+    let body = body.map_err(|rejection| {
+        if crate::body_timeout::is_stalled(&rejection) {
+            ApiError::new(StatusCode::REQUEST_TIMEOUT, rejection.body_text())
+        } else {
+            ApiError::new(rejection.status(), rejection.body_text())
+        }
+    })?;
     let request: Value = serde_json::from_slice(&body).map_err(|error| {
         ApiError::new(StatusCode::BAD_REQUEST, format!("invalid JSON: {error}"))
     })?;

@@ -368,6 +368,50 @@ async fn bad_input_gets_ollama_errors() {
     cluster.stop().await;
 }
 
+/// An upload that stops halfway is answered 408 once it has been idle for `body_read_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_uploads_time_out() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let cluster = cluster_with(
+        &[("coordinator.body_read_timeout", "300ms")],
+        &[EmulatorConfig {
+            name: "only".to_owned(),
+            ..EmulatorConfig::default()
+        }],
+    )
+    .await;
+    let mut stalled = tokio::net::TcpStream::connect(cluster.coordinator.gateway_address)
+        .await
+        .expect("connect");
+    stalled
+        .write_all(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"model\": \"smollm2")
+        .await
+        .expect("write");
+    let started = Instant::now();
+    // Others are served while the upload stalls.
+    let answer = post(
+        &cluster.url("/api/chat"),
+        json!({"model": "smollm2:135m", "stream": false, "messages": []}),
+    )
+    .await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    let mut reply = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), stalled.read_to_end(&mut reply)).await;
+    assert!(read.is_ok(), "the stalled upload was never answered");
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
+    assert!(
+        reply.contains(r#"{"error":"#) && reply.contains("stopped arriving"),
+        "{reply}"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "timed out too early: {:?}",
+        started.elapsed()
+    );
+    cluster.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_nodes_are_skipped() {
     let cluster = cluster().await;
