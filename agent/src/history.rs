@@ -26,8 +26,13 @@ const MIGRATIONS: &[&str] = &[
 /// Routed requests kept in the `requests` table; older ones are deleted.
 const REQUEST_RETENTION: i64 = 50_000;
 
-const QUEUE_CAPACITY: usize = 4096;
-const MAX_BATCH: usize = 512;
+const QUEUE_CAPACITY: usize = 16_384;
+const MAX_BATCH: usize = 4096;
+/// After the first record of a batch the writer waits this long for more: one transaction (and one wake-up
+/// of this thread) per window instead of per request. A crash loses at most this much; a shutdown loses nothing.
+const BATCH_WINDOW: std::time::Duration = std::time::Duration::from_millis(50);
+/// The `requests` table is trimmed to `REQUEST_RETENTION` after this many more inserts.
+const PRUNE_EVERY: u32 = 2048;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HistoryError {
@@ -323,15 +328,27 @@ fn write_loop(
     event_retention: u32,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut requests_since_prune = 0;
     while let Some(first) = receiver.blocking_recv() {
         batch.push(first);
+        if !receiver.is_closed() {
+            std::thread::sleep(BATCH_WINDOW);
+        }
         while batch.len() < MAX_BATCH {
             match receiver.try_recv() {
                 Ok(record) => batch.push(record),
                 Err(_) => break,
             }
         }
-        if let Err(error) = write_batch(connection, &batch, event_retention) {
+        requests_since_prune += batch
+            .iter()
+            .filter(|record| matches!(record, Record::Request(_)))
+            .count() as u32;
+        let prune = requests_since_prune >= PRUNE_EVERY;
+        if prune {
+            requests_since_prune = 0;
+        }
+        if let Err(error) = write_batch(connection, &batch, event_retention, prune) {
             tracing::error!(%error, records = batch.len(), "history write failed; batch lost");
         }
         batch.clear();
@@ -343,10 +360,10 @@ fn write_batch(
     connection: &mut Connection,
     batch: &[Record],
     event_retention: u32,
+    prune_requests: bool,
 ) -> rusqlite::Result<()> {
     let transaction = connection.transaction()?;
     let mut wrote_events = false;
-    let mut wrote_requests = false;
     {
         let mut upsert = transaction.prepare_cached(
             "INSERT INTO nodes (id, name, addresses, build_version, protocol_version, heartbeat_interval_ms,
@@ -376,7 +393,8 @@ fn write_batch(
                                    time_to_first_byte_ms, total_ms, load_ms, strategy, reason, candidates)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
         )?;
-        for record in batch {
+        let superseded = superseded_pairs(batch);
+        for (index, record) in batch.iter().enumerate() {
             match record {
                 Record::Node(node) => {
                     upsert.execute(params![
@@ -407,6 +425,9 @@ fn write_batch(
                     wrote_events = true;
                 }
                 Record::Pair(row) => {
+                    if superseded[index] {
+                        continue;
+                    }
                     upsert_pair.execute(params![
                         row.node_id,
                         row.model,
@@ -435,7 +456,6 @@ fn write_batch(
                         row.reason,
                         row.candidates,
                     ])?;
-                    wrote_requests = true;
                 }
             }
         }
@@ -452,7 +472,7 @@ fn write_batch(
             )?;
         }
     }
-    if wrote_requests {
+    if prune_requests {
         transaction.execute(
             "DELETE FROM requests WHERE id <= (SELECT MAX(id) FROM requests) - ?1",
             params![REQUEST_RETENTION],
@@ -461,9 +481,46 @@ fn write_batch(
     transaction.commit()
 }
 
+/// For each record, whether a later pair update in the batch replaces it (each carries the pair's whole state).
+fn superseded_pairs(batch: &[Record]) -> Vec<bool> {
+    let mut seen = std::collections::HashSet::new();
+    let mut superseded = vec![false; batch.len()];
+    for (index, record) in batch.iter().enumerate().rev() {
+        if let Record::Pair(row) = record {
+            superseded[index] = !seen.insert((row.node_id.as_str(), row.model.as_str()));
+        }
+    }
+    superseded
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_last_update_of_a_pair_in_a_batch_is_written() {
+        let pair = |node: &str, model: &str, samples: u32| {
+            Record::Pair(PairRow {
+                node_id: node.to_owned(),
+                model: model.to_owned(),
+                stats: PairStats {
+                    decode_tokens_per_second: 1.0,
+                    prompt_tokens_per_second: 1.0,
+                    cold_load: None,
+                    time_to_first_token: std::time::Duration::ZERO,
+                    samples,
+                },
+                updated_ms: 0,
+            })
+        };
+        let batch = [
+            pair("a", "m", 1),
+            pair("b", "m", 1),
+            pair("a", "m", 2),
+            pair("a", "n", 1),
+        ];
+        assert_eq!(superseded_pairs(&batch), [true, false, false, false]);
+    }
 
     fn node(id: &str, status: NodeStatus) -> Node {
         Node {

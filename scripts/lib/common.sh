@@ -69,3 +69,18 @@ ensure_python_venv() {
     "$venv/bin/pip" install -q --disable-pip-version-check "${PYTHON_TEST_PACKAGES[@]}"
   fi
 }
+
+# nginx for side-by-side benchmarks, unpacked into .cache/tools/nginx (no service installed or started).
+ensure_nginx() {
+  local bin="$TOOLS/nginx/usr/sbin/nginx"
+  if [ ! -x "$bin" ]; then
+    say "unpacking Debian's nginx into .cache/tools/nginx (for the benchmark only)"
+    local download
+    download="$(mktemp -d)"
+    (cd "$download" && apt-get download -qq nginx 2>/dev/null || { apt-get update -qq && apt-get download -qq nginx; })
+    mkdir -p "$TOOLS/nginx"
+    dpkg-deb -x "$download"/nginx_*.deb "$TOOLS/nginx"
+    rm -rf "$download"
+  fi
+  echo "$bin"
+}
