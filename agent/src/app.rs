@@ -22,11 +22,12 @@ use crate::cluster::{ClusterTask, ClusterView, EVENTS_PER_NODE, SharedView};
 use crate::config::Config;
 use crate::discovery;
 use crate::gateway::{self, GatewayState};
-use crate::history::{History, HistoryError};
+use crate::history::{History, HistoryError, HistoryReader};
 use crate::identity::{self, ClusterToken, IdentityError, NodeId};
 use crate::join::{self, JoinError, JoinParams};
 use crate::learning::Learner;
 use crate::membership::{self, Membership};
+use crate::observe::{self, Observer};
 use crate::proxy::{Proxy, ProxySettings};
 use crate::routing::Priors;
 use crate::telemetry::{Sampler, unix_ms};
@@ -170,9 +171,33 @@ pub async fn start_coordinator(config: &Config) -> Result<CoordinatorHandle, Sta
         u64::from(settings.max_cluster_connections.get()),
         shutdown.clone(),
     ));
-    let learner = Learner::start(remembered_pairs, history.sender(), shutdown.clone(), &tasks);
+    let observer = Arc::new(Observer::new(Arc::clone(&view)));
+    let learner = Learner::start(
+        remembered_pairs,
+        history.sender(),
+        Arc::clone(&observer),
+        shutdown.clone(),
+        &tasks,
+    );
+    let reader_path = data_dir.join(HISTORY_FILE);
+    let history_reader = match tokio::task::spawn_blocking(move || {
+        HistoryReader::open(&reader_path)
+    })
+    .await
+    {
+        Ok(Ok(reader)) => Some(Arc::new(reader)),
+        Ok(Err(error)) => {
+            tracing::error!(%error, "cannot open a reader on the history; the request API will answer 503");
+            None
+        }
+        Err(error) => {
+            tracing::error!(%error, "opening a reader on the history panicked");
+            None
+        }
+    };
     let proxy = Proxy::new(
         learner,
+        Arc::clone(&observer),
         ProxySettings {
             default_strategy: settings.strategy,
             priors: Priors::default(),
@@ -204,7 +229,18 @@ pub async fn start_coordinator(config: &Config) -> Result<CoordinatorHandle, Sta
         api_keys: GatewayState::digest_keys(&settings.api_keys),
         header_read_timeout: settings.header_read_timeout,
         body_read_timeout: settings.body_read_timeout,
+        observer: Arc::clone(&observer),
+        history: history_reader,
+        shutdown: shutdown.clone(),
     });
+    {
+        let gateway_state = Arc::clone(&gateway_state);
+        tasks.spawn(observe::watch_nodes(
+            observer,
+            move || gateway_state.proxy.in_flight(),
+            shutdown.clone(),
+        ));
+    }
     tasks.spawn(membership::serve(
         cluster_listener,
         membership,

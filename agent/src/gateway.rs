@@ -11,14 +11,16 @@ use std::time::{Duration, Instant};
 use axum::Json;
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, Request};
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, Uri, header};
 use axum::middleware::{self, Next};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use sollol_shared::BUILD_VERSION;
 use sollol_shared::api::{
-    API_PREFIX, ClusterSummary, ErrorBody, Node, NodeDetail, NodeList, NodeStatus, Readiness,
+    API_PREFIX, ClusterSummary, ErrorBody, LiveEvent, Node, NodeDetail, NodeList, NodeLoad,
+    NodeStatus, Readiness, RequestEntry, RequestList, RequestStatus, Stats, StatsWindow,
 };
 use sollol_shared::protocol::PROTOCOL_VERSION;
 use tokio::net::TcpListener;
@@ -28,7 +30,11 @@ use crate::body_timeout;
 use crate::cluster::SharedView;
 use crate::config::ApiKey;
 use crate::dashboard_assets;
+use crate::history::{HistoryReader, RequestFilter};
+use crate::observe::{self, Gauges, Observer};
 use crate::proxy::{self, ApiKeyName, Proxy};
+use std::collections::HashMap;
+use tokio::sync::broadcast;
 
 /// What the handlers read.
 #[derive(Debug)]
@@ -49,6 +55,11 @@ pub struct GatewayState {
     pub header_read_timeout: Duration,
     /// A request body that stops arriving for this long is abandoned with 408.
     pub body_read_timeout: Duration,
+    pub observer: Arc<Observer>,
+    /// Reads requests back from SQLite; `None` when the second connection could not be opened.
+    pub history: Option<Arc<HistoryReader>>,
+    /// Ends the live event streams when the coordinator stops.
+    pub shutdown: CancellationToken,
 }
 
 impl GatewayState {
@@ -93,6 +104,10 @@ pub fn router(state: Arc<GatewayState>) -> Router {
         .route(&format!("{API_PREFIX}/cluster"), get(cluster))
         .route(&format!("{API_PREFIX}/nodes"), get(nodes))
         .route(&format!("{API_PREFIX}/nodes/{{id}}"), get(node))
+        .route(&format!("{API_PREFIX}/requests"), get(requests))
+        .route(&format!("{API_PREFIX}/stats"), get(stats))
+        .route(&format!("{API_PREFIX}/events"), get(events))
+        .route("/metrics", get(metrics))
         .route("/dashboard", get(dashboard_redirect))
         .route("/dashboard/", get(dashboard_index))
         .route("/dashboard/{*path}", get(dashboard_file))
@@ -291,6 +306,13 @@ async fn cluster(State(state): State<Arc<GatewayState>>) -> Json<ClusterSummary>
         nodes_left: view.count(NodeStatus::Left),
         cluster_connections: state.cluster_connections.load(Ordering::Relaxed),
         history_dropped: state.history_dropped.load(Ordering::Relaxed),
+        in_flight: state
+            .proxy
+            .in_flight()
+            .values()
+            .map(|count| u64::from(*count))
+            .sum(),
+        queued: state.proxy.queued() as u64,
     })
 }
 
@@ -298,6 +320,13 @@ async fn nodes(State(state): State<Arc<GatewayState>>) -> Json<NodeList> {
     let view = state.view.load();
     Json(NodeList {
         nodes: view.nodes.iter().map(|node| Node::clone(node)).collect(),
+        load: state
+            .proxy
+            .in_flight()
+            .into_iter()
+            .filter(|(_, in_flight)| *in_flight > 0)
+            .map(|(node, in_flight)| (node, NodeLoad { in_flight }))
+            .collect(),
     })
 }
 
@@ -314,10 +343,212 @@ async fn node(
         .get(&id)
         .map(|events| events.as_ref().clone())
         .unwrap_or_default();
+    let filter = RequestFilter {
+        node_id: Some(id.clone()),
+        ..RequestFilter::default()
+    };
+    let requests = read_requests(&state, filter, NODE_DETAIL_REQUESTS)
+        .await
+        .unwrap_or_default();
     Ok(Json(NodeDetail {
         node: Node::clone(node),
         events,
+        load: NodeLoad {
+            in_flight: state.proxy.in_flight().get(&id).copied().unwrap_or(0),
+        },
+        samples: state.observer.samples(&id),
+        requests,
     }))
+}
+
+/// Requests shown on a node's page.
+const NODE_DETAIL_REQUESTS: usize = 50;
+/// Most requests one `GET /requests` returns.
+const MAX_REQUESTS: usize = 1000;
+/// Most rows one statistics window reads (the history keeps 50,000).
+const MAX_STATS_ROWS: usize = 100_000;
+
+/// Reads requests from SQLite on a blocking thread and names their nodes.
+async fn read_requests(
+    state: &Arc<GatewayState>,
+    filter: RequestFilter,
+    limit: usize,
+) -> Result<Vec<RequestEntry>, ApiError> {
+    let reader = state.history.clone().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the request history cannot be read (see the coordinator's log)",
+        )
+    })?;
+    let mut entries = tokio::task::spawn_blocking(move || reader.requests(&filter, limit))
+        .await
+        .map_err(|error| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()))?
+        .map_err(|error| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("reading the request history failed: {error}"),
+            )
+        })?;
+    let view = state.view.load();
+    for entry in &mut entries {
+        if let Some(node) = view.node(&entry.node_id) {
+            entry.node.clone_from(&node.name);
+        }
+    }
+    Ok(entries)
+}
+
+/// `GET /api/sollol/v1/requests?node=&model=&app=&status=ok|failed&limit=N`, newest first.
+async fn requests(
+    State(state): State<Arc<GatewayState>>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Result<Json<RequestList>, ApiError> {
+    let known = ["node", "model", "app", "status", "limit"];
+    if let Some(unknown) = query.keys().find(|key| !known.contains(&key.as_str())) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "unknown query parameter {unknown:?}; use {}",
+                known.join(", ")
+            ),
+        ));
+    }
+    let limit = match query.get("limit") {
+        None => 100,
+        Some(text) => text
+            .parse::<usize>()
+            .ok()
+            .filter(|limit| (1..=MAX_REQUESTS).contains(limit))
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("limit must be a whole number from 1 to {MAX_REQUESTS}"),
+                )
+            })?,
+    };
+    let status = match query.get("status") {
+        None => None,
+        Some(text) => Some(RequestStatus::parse(text).ok_or_else(|| {
+            ApiError::new(StatusCode::BAD_REQUEST, "status must be ok or failed")
+        })?),
+    };
+    // A node is named by its id or its name.
+    let node_id = query.get("node").map(|wanted| {
+        let view = state.view.load();
+        view.nodes
+            .iter()
+            .find(|node| node.id == *wanted || node.name == *wanted)
+            .map_or_else(|| wanted.clone(), |node| node.id.clone())
+    });
+    let filter = RequestFilter {
+        node_id,
+        model: query
+            .get("model")
+            .map(|model| crate::cluster::normalize_model(model)),
+        app: query.get("app").cloned(),
+        status,
+        since_ms: None,
+    };
+    Ok(Json(RequestList {
+        requests: read_requests(&state, filter, limit).await?,
+    }))
+}
+
+/// `GET /api/sollol/v1/stats?window=5m|1h|24h`
+async fn stats(
+    State(state): State<Arc<GatewayState>>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Result<Json<Stats>, ApiError> {
+    let window = match query.get("window") {
+        None => StatsWindow::FiveMinutes,
+        Some(text) => StatsWindow::parse(text).ok_or_else(|| {
+            ApiError::new(StatusCode::BAD_REQUEST, "window must be 5m, 1h or 24h")
+        })?,
+    };
+    let until_ms = crate::telemetry::unix_ms(std::time::SystemTime::now());
+    let filter = RequestFilter {
+        since_ms: Some(until_ms.saturating_sub(window.millis())),
+        ..RequestFilter::default()
+    };
+    let entries = read_requests(&state, filter, MAX_STATS_ROWS).await?;
+    let view = state.view.load_full();
+    Ok(Json(observe::aggregate(
+        &entries,
+        window,
+        until_ms,
+        |node_id| {
+            view.node(node_id)
+                .map_or_else(|| node_id.to_owned(), |node| node.name.clone())
+        },
+    )))
+}
+
+/// `GET /api/sollol/v1/events`: Server-Sent Events, one per [`LiveEvent`], named by its type.
+async fn events(
+    State(state): State<Arc<GatewayState>>,
+) -> Sse<impl futures_util::Stream<Item = Result<SseEvent, std::convert::Infallible>>> {
+    let receiver = state.observer.subscribe();
+    let shutdown = state.shutdown.clone();
+    // A new subscriber first gets every node as it is now, then the changes.
+    let loads = state.proxy.in_flight();
+    let current: Vec<Result<SseEvent, std::convert::Infallible>> = state
+        .view
+        .load()
+        .nodes
+        .iter()
+        .map(|node| {
+            let event = LiveEvent::Node {
+                node: Node::clone(node),
+                load: NodeLoad {
+                    in_flight: loads.get(&node.id).copied().unwrap_or(0),
+                },
+            };
+            Ok(sse_event(&event))
+        })
+        .collect();
+    let changes = futures_util::stream::unfold(
+        (receiver, shutdown),
+        |(mut receiver, shutdown)| async move {
+            let event = tokio::select! {
+                received = receiver.recv() => match received {
+                    Ok(event) => event,
+                    Err(broadcast::error::RecvError::Lagged(skipped)) => {
+                        Arc::new(LiveEvent::Lagged { skipped })
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                },
+                () = shutdown.cancelled() => return None,
+            };
+            Some((Ok(sse_event(&event)), (receiver, shutdown)))
+        },
+    );
+    let stream = futures_util::StreamExt::chain(futures_util::stream::iter(current), changes);
+    Sse::new(stream).keep_alive(KeepAlive::default())
+}
+
+fn sse_event(event: &LiveEvent) -> SseEvent {
+    SseEvent::default()
+        .event(event.name())
+        .json_data(event)
+        .unwrap_or_else(|error| SseEvent::default().comment(error.to_string()))
+}
+
+/// `GET /metrics`: Prometheus text exposition.
+async fn metrics(State(state): State<Arc<GatewayState>>) -> Response {
+    let gauges = Gauges {
+        in_flight: state.proxy.in_flight(),
+        queued: state.proxy.queued(),
+        history_dropped: state.history_dropped.load(Ordering::Relaxed),
+        learning_dropped: state.proxy.learner().dropped(),
+    };
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.observer.render(&gauges),
+    )
+        .into_response()
 }
 
 async fn dashboard_redirect() -> Response {

@@ -3,7 +3,8 @@
 //! One writer thread owns the connection and writes batches in transactions.
 //! Callers hand it records with [`History::record`], which never waits: when
 //! the queue is full the record is dropped and counted. Reads happen once, at
-//! start-up, before the writer exists.
+//! start-up, before the writer exists, and through a [`HistoryReader`] for the
+//! observability API.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -11,7 +12,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 
 use rusqlite::{Connection, OptionalExtension, params};
-use sollol_shared::api::{Node, NodeEvent, NodeEventKind, NodeStatus};
+use sollol_shared::api::{
+    Node, NodeEvent, NodeEventKind, NodeStatus, RequestEntry, RequestStatus, RoutingDecision,
+};
 
 use crate::learning::Outcome;
 use crate::routing::PairStats;
@@ -21,6 +24,7 @@ use tokio::sync::mpsc;
 const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0001_nodes.sql"),
     include_str!("../migrations/0002_routing.sql"),
+    include_str!("../migrations/0003_request_timings.sql"),
 ];
 
 /// Routed requests kept in the `requests` table; older ones are deleted.
@@ -87,6 +91,9 @@ pub struct RequestRow {
     pub time_to_first_byte_ms: u64,
     pub total_ms: u64,
     pub load_ms: Option<u64>,
+    /// Time before generation began: the gateway's total minus Ollama's generation time.
+    pub time_to_first_token_ms: Option<u64>,
+    pub eval_ms: Option<u64>,
     pub strategy: &'static str,
     pub reason: String,
     pub candidates: String,
@@ -108,6 +115,10 @@ impl RequestRow {
             time_to_first_byte_ms: millis(outcome.total.min(outcome.time_to_first_byte)),
             total_ms: millis(outcome.total),
             load_ms: outcome.timings.map(|timings| millis(timings.load)),
+            time_to_first_token_ms: outcome
+                .timings
+                .map(|timings| millis(outcome.total.saturating_sub(timings.eval))),
+            eval_ms: outcome.timings.map(|timings| millis(timings.eval)),
             strategy: outcome.strategy,
             reason: outcome.reason.clone(),
             candidates: outcome.candidates.clone(),
@@ -200,6 +211,126 @@ impl HistorySender {
         if self.sender.try_send(record).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
+    }
+}
+
+/// Which routed requests to read back.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RequestFilter {
+    pub node_id: Option<String>,
+    pub model: Option<String>,
+    pub app: Option<String>,
+    pub status: Option<RequestStatus>,
+    /// Only requests at or after this time.
+    pub since_ms: Option<u64>,
+}
+
+/// A second, read-only connection for the observability API; the writer thread keeps its own.
+/// WAL lets it read while the writer writes. Callers run its queries on a blocking thread.
+#[derive(Debug)]
+pub struct HistoryReader {
+    connection: std::sync::Mutex<Connection>,
+}
+
+impl HistoryReader {
+    /// Opens the database `History::open` created and migrated.
+    pub fn open(path: &Path) -> Result<Self, HistoryError> {
+        let open_error = |source| HistoryError::Open {
+            path: path.to_owned(),
+            source,
+        };
+        let connection = Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(open_error)?;
+        connection
+            .busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(open_error)?;
+        Ok(Self {
+            connection: std::sync::Mutex::new(connection),
+        })
+    }
+
+    /// Routed requests matching `filter`, newest first, at most `limit`. `node` is the node's id here.
+    pub fn requests(
+        &self,
+        filter: &RequestFilter,
+        limit: usize,
+    ) -> rusqlite::Result<Vec<RequestEntry>> {
+        let connection = self
+            .connection
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut statement = connection.prepare_cached(
+            "SELECT id, at_ms, node_id, model, path, app, status, prompt_tokens, output_tokens,
+                    time_to_first_byte_ms, total_ms, load_ms, strategy, reason, candidates,
+                    time_to_first_token_ms, eval_ms
+             FROM requests
+             WHERE (?1 IS NULL OR node_id = ?1) AND (?2 IS NULL OR model = ?2) AND (?3 IS NULL OR app = ?3)
+               AND (?4 IS NULL OR status = ?4) AND (?5 IS NULL OR at_ms >= ?5)
+             ORDER BY id DESC LIMIT ?6",
+        )?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        statement
+            .query_map(
+                params![
+                    filter.node_id,
+                    filter.model,
+                    filter.app,
+                    filter.status.map(RequestStatus::as_str),
+                    filter.since_ms.map(|ms| ms as i64),
+                    limit
+                ],
+                |row| {
+                    let unsigned = |index: usize| -> rusqlite::Result<u64> {
+                        Ok(row.get::<_, i64>(index)?.max(0) as u64)
+                    };
+                    let optional = |index: usize| -> rusqlite::Result<Option<u64>> {
+                        Ok(row
+                            .get::<_, Option<i64>>(index)?
+                            .map(|value| value.max(0) as u64))
+                    };
+                    let node_id: String = row.get(2)?;
+                    let output_tokens = optional(8)?;
+                    let eval_ms = optional(16)?;
+                    let candidates: String = row.get(14)?;
+                    Ok(RequestEntry {
+                        id: unsigned(0)?,
+                        at_ms: unsigned(1)?,
+                        node: node_id.clone(),
+                        node_id,
+                        model: row.get(3)?,
+                        path: row.get(4)?,
+                        app: row.get(5)?,
+                        status: RequestStatus::parse(&row.get::<_, String>(6)?)
+                            .unwrap_or(RequestStatus::Failed),
+                        prompt_tokens: optional(7)?,
+                        output_tokens,
+                        time_to_first_byte_ms: unsigned(9)?,
+                        time_to_first_token_ms: optional(15)?,
+                        total_ms: unsigned(10)?,
+                        load_ms: optional(11)?,
+                        tokens_per_second: tokens_per_second(output_tokens, eval_ms),
+                        decision: RoutingDecision {
+                            strategy: row.get(12)?,
+                            reason: row.get(13)?,
+                            candidates: serde_json::from_str(&candidates).unwrap_or_default(),
+                        },
+                    })
+                },
+            )?
+            .collect()
+    }
+}
+
+/// Generated tokens per second of generation time.
+pub fn tokens_per_second(tokens: Option<u64>, eval_ms: Option<u64>) -> Option<f64> {
+    match (tokens, eval_ms) {
+        (Some(tokens), Some(ms)) if tokens > 0 && ms > 0 => {
+            Some(tokens as f64 * 1000.0 / ms as f64)
+        }
+        _ => None,
     }
 }
 
@@ -390,8 +521,9 @@ fn write_batch(
         )?;
         let mut insert_request = transaction.prepare_cached(
             "INSERT INTO requests (at_ms, node_id, model, path, app, status, prompt_tokens, output_tokens,
-                                   time_to_first_byte_ms, total_ms, load_ms, strategy, reason, candidates)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                                   time_to_first_byte_ms, total_ms, load_ms, strategy, reason, candidates,
+                                   time_to_first_token_ms, eval_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
         )?;
         let superseded = superseded_pairs(batch);
         for (index, record) in batch.iter().enumerate() {
@@ -455,6 +587,8 @@ fn write_batch(
                         row.strategy,
                         row.reason,
                         row.candidates,
+                        row.time_to_first_token_ms.map(|ms| ms as i64),
+                        row.eval_ms.map(|ms| ms as i64),
                     ])?;
                 }
             }

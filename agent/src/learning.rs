@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::history::{HistorySender, PairRow, Record, RequestRow};
+use crate::observe::Observer;
 use crate::routing::PairStats;
 use crate::telemetry::unix_ms;
 
@@ -148,6 +149,7 @@ impl Learner {
     pub fn start(
         remembered: Vec<(String, String, PairStats)>,
         history: HistorySender,
+        observer: Arc<Observer>,
         shutdown: CancellationToken,
         tasks: &tokio_util::task::TaskTracker,
     ) -> Arc<Self> {
@@ -164,7 +166,13 @@ impl Learner {
         learned.rebuild_index();
         let learned = Arc::new(ArcSwap::from_pointee(learned));
         let (sender, receiver) = mpsc::channel(QUEUE_CAPACITY);
-        tasks.spawn(run(Arc::clone(&learned), receiver, history, shutdown));
+        tasks.spawn(run(
+            Arc::clone(&learned),
+            receiver,
+            history,
+            observer,
+            shutdown,
+        ));
         Arc::new(Self {
             learned,
             sender,
@@ -192,6 +200,7 @@ async fn run(
     learned: Arc<ArcSwap<Learned>>,
     mut receiver: mpsc::Receiver<Outcome>,
     history: HistorySender,
+    observer: Arc<Observer>,
     shutdown: CancellationToken,
 ) {
     let mut table = (*learned.load_full()).clone();
@@ -225,7 +234,9 @@ async fn run(
                 table.pairs.insert(key.clone(), updated);
                 touched.push(key);
             }
-            history.record(Record::Request(Box::new(RequestRow::of(&outcome, now_ms))));
+            let row = RequestRow::of(&outcome, now_ms);
+            observer.finished(&row);
+            history.record(Record::Request(Box::new(row)));
         }
         touched.sort();
         touched.dedup();

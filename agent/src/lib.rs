@@ -18,6 +18,7 @@ pub mod identity;
 pub mod join;
 pub mod learning;
 pub mod membership;
+pub mod observe;
 pub mod proxy;
 pub mod routing;
 pub mod telemetry;

@@ -38,7 +38,9 @@ use crate::cluster::{Backend, ClusterView, normalize_model};
 use crate::gateway::{ApiError, GatewayState};
 use crate::http_client::error_chain;
 use crate::learning::{Learner, OllamaTimings, Outcome};
+use crate::observe::Observer;
 use crate::routing::{self, Candidate, Priors, RequestShape, Strategy};
+use sollol_shared::api::RoutingDecision;
 
 /// Header that picks a strategy for one request.
 pub const STRATEGY_HEADER: &str = "x-sollol-strategy";
@@ -85,6 +87,7 @@ pub struct Proxy {
     /// Calibrations running per node.
     calibrating: PerNode<AtomicU32>,
     affinity: Affinity,
+    observer: Arc<Observer>,
     pub settings: ProxySettings,
 }
 
@@ -110,7 +113,7 @@ pub struct ProxySettings {
 }
 
 impl Proxy {
-    pub fn new(learner: Arc<Learner>, settings: ProxySettings) -> Self {
+    pub fn new(learner: Arc<Learner>, observer: Arc<Observer>, settings: ProxySettings) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(3)));
@@ -126,6 +129,7 @@ impl Proxy {
             calibrated: Mutex::new(HashMap::new()),
             calibrating: PerNode::new(),
             affinity: Affinity::default(),
+            observer,
             settings,
         }
     }
@@ -561,6 +565,21 @@ async fn forward_inner(
     )
     .unwrap_or_else(|_| "[]".to_owned());
 
+    if proxy.observer.wanted()
+        && let Some(first) = decision.first()
+    {
+        proxy.observer.routed(
+            &model,
+            path,
+            app,
+            &candidates[first].name,
+            RoutingDecision {
+                strategy: strategy.as_str().to_owned(),
+                reason: decision.reason.clone(),
+                candidates: crate::observe::candidates_of(&candidates_json),
+            },
+        );
+    }
     let order: Vec<usize> = decision
         .ranking
         .iter()

@@ -359,7 +359,7 @@ async fn gateway_answers_like_ollama() {
     check(
         raw_http(address, &request("GET", "/api/sollol/v1/nodes")).await,
         200,
-        "{\"nodes\":[]}",
+        "{\"nodes\":[],\"load\":{}}",
     );
     check(
         raw_http(address, &request("GET", "/api/sollol/v1/nodes/nope")).await,

@@ -512,17 +512,202 @@ async fn routing_learns_and_prefers_the_fast_node() {
 }
 
 /// The official `ollama` and `openai` Python packages, from the virtual environment `scripts/test` creates.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn official_python_clients() {
+/// The test venv's Python (with the ollama, openai and prometheus_client packages) and the repository root.
+fn test_python() -> (std::path::PathBuf, std::path::PathBuf) {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let python = std::env::var_os("SOLLOL_TEST_PYTHON")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| root.join(".cache/venv/bin/python"));
     assert!(
         python.exists(),
-        "{} is missing: run scripts/test (it creates the venv with the ollama and openai packages) or set SOLLOL_TEST_PYTHON",
+        "{} is missing: run scripts/test (it creates the venv with the test packages) or set SOLLOL_TEST_PYTHON",
         python.display()
     );
+    (python, root)
+}
+
+/// Requests through the gateway show up in `/metrics` (parsed by Prometheus's own Python parser), in the
+/// live event stream, in `/requests` (filterable) and in `/stats`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn observability_counts_every_request() {
+    use tokio::io::AsyncWriteExt;
+    let (python, root) = test_python();
+    let nodes = [("fast", 2000.0), ("slow", 400.0)].map(|(name, speed)| EmulatorConfig {
+        name: name.to_owned(),
+        decode_tokens_per_second: speed,
+        ..EmulatorConfig::default()
+    });
+    let cluster = cluster_with(&[("coordinator.calibration", "false")], &nodes).await;
+    // Subscribe to the live events before sending anything.
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let events = client
+        .get(cluster.url("/api/sollol/v1/events").parse().expect("uri"))
+        .await
+        .expect("event stream");
+    assert_eq!(events.status(), 200);
+    assert_eq!(
+        events.headers()["content-type"].to_str().ok(),
+        Some("text/event-stream")
+    );
+    let (seen_sender, mut seen) = tokio::sync::watch::channel(String::new());
+    tokio::spawn(async move {
+        let mut body = events.into_body();
+        while let Some(Ok(frame)) = body.frame().await {
+            if let Ok(data) = frame.into_data() {
+                seen_sender.send_modify(|text| text.push_str(&String::from_utf8_lossy(&data)));
+            }
+        }
+    });
+
+    const SENT: usize = 12;
+    for index in 0..SENT {
+        let answer = send(
+            "POST",
+            &cluster.url("/api/chat"),
+            serde_json::to_vec(&json!({"model": "smollm2:135m", "stream": index % 2 == 0,
+                "messages": [{"role": "user", "content": format!("hello {index}")}]}))
+            .expect("json"),
+            &[("x-sollol-app", "observability-test")],
+        )
+        .await;
+        assert_eq!(answer.status, 200, "{}", answer.text());
+    }
+    let bad = post(&cluster.url("/api/chat"), json!({"model": "nope:1b"})).await;
+    assert_eq!(bad.status, 404);
+
+    // The live stream: one routing decision and one finished attempt per request.
+    let count = |text: &str, event: &str| text.matches(&format!("event: {event}\n")).count();
+    let wait = tokio::time::timeout(
+        Duration::from_secs(10),
+        seen.wait_for(|text| count(text, "finished") >= SENT),
+    )
+    .await
+    .is_ok();
+    let text = seen.borrow().clone();
+    assert!(wait, "finished events missing:\n{text}");
+    assert_eq!(count(&text, "routed"), SENT, "{text}");
+    assert!(text.contains("\"app\":\"observability-test\""), "{text}");
+    assert!(text.contains("event: node\n"), "no node event:\n{text}");
+
+    // Prometheus: parses, and counts exactly what was sent.
+    let metrics = get(&cluster.url("/metrics")).await;
+    assert_eq!(metrics.status, 200);
+    let mut parser = tokio::process::Command::new(&python)
+        .arg(root.join("tests/clients/prometheus_check.py"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run python");
+    let mut stdin = parser.stdin.take().expect("stdin");
+    stdin.write_all(&metrics.body).await.expect("write");
+    drop(stdin);
+    let output = parser.wait_with_output().await.expect("python");
+    assert!(
+        output.status.success(),
+        "the exposition does not parse: {}\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        metrics.text()
+    );
+    let summary: Value = serde_json::from_slice(&output.stdout).expect("summary JSON");
+    assert_eq!(summary["requests"]["ok"], json!(SENT as f64), "{summary}");
+    assert_eq!(summary["duration_count"], json!(SENT as f64), "{summary}");
+    for (family, kind) in [
+        ("sollol_requests", "counter"),
+        ("sollol_request_duration_seconds", "histogram"),
+        ("sollol_time_to_first_token_seconds", "histogram"),
+        ("sollol_requests_queued", "gauge"),
+        ("sollol_node_up", "gauge"),
+        ("sollol_node_memory_total_bytes", "gauge"),
+        ("sollol_routing_decisions", "counter"),
+        ("sollol_history_records_dropped", "counter"),
+    ] {
+        assert_eq!(
+            summary["families"][family],
+            json!(kind),
+            "{family}: {summary}"
+        );
+    }
+
+    // The request history (written in batches, so give it a moment) and its filters.
+    let started = Instant::now();
+    let listed = loop {
+        let listed = get(&cluster.url("/api/sollol/v1/requests?app=observability-test")).await;
+        assert_eq!(listed.status, 200, "{}", listed.text());
+        if listed.json()["requests"].as_array().map_or(0, Vec::len) == SENT
+            || started.elapsed() > Duration::from_secs(5)
+        {
+            break listed.json();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let requests = listed["requests"].as_array().expect("requests");
+    assert_eq!(requests.len(), SENT, "{listed}");
+    assert!(requests.iter().all(|request| {
+        request["status"] == "ok"
+            && request["decision"]["strategy"] == "intelligent"
+            && request["output_tokens"]
+                .as_u64()
+                .is_some_and(|tokens| tokens > 0)
+    }));
+    let by_fast = get(&cluster.url("/api/sollol/v1/requests?node=fast&limit=1000")).await;
+    let fast_count = by_fast.json()["requests"].as_array().map_or(0, Vec::len);
+    let on_fast = requests
+        .iter()
+        .filter(|request| request["node"] == "fast")
+        .count();
+    assert_eq!(fast_count, on_fast, "{}", by_fast.text());
+    for (query, needle) in [
+        ("status=maybe", "status must be ok or failed"),
+        ("limit=0", "limit must be"),
+        ("colour=red", "unknown query parameter"),
+    ] {
+        let answer = get(&cluster.url(&format!("/api/sollol/v1/requests?{query}"))).await;
+        assert_eq!(answer.status, 400, "{query}");
+        assert!(answer.text().contains(needle), "{query}: {}", answer.text());
+    }
+
+    // Aggregates over a window.
+    let stats = get(&cluster.url("/api/sollol/v1/stats?window=1h")).await;
+    assert_eq!(stats.status, 200, "{}", stats.text());
+    let stats = stats.json();
+    assert_eq!(stats["total"]["requests"], json!(SENT), "{stats}");
+    assert_eq!(stats["by_app"][0]["key"], "observability-test", "{stats}");
+    assert_eq!(stats["series"].as_array().map(Vec::len), Some(60));
+    assert!(
+        stats["total"]["latency_ms"]["p95"].as_u64().is_some(),
+        "{stats}"
+    );
+    let bad_window = get(&cluster.url("/api/sollol/v1/stats?window=7d")).await;
+    assert_eq!(bad_window.status, 400);
+
+    // A node's page: its requests and hardware samples.
+    let nodes = get(&cluster.url("/api/sollol/v1/nodes")).await.json();
+    let fast_id = nodes["nodes"]
+        .as_array()
+        .and_then(|nodes| nodes.iter().find(|node| node["name"] == "fast"))
+        .and_then(|node| node["id"].as_str())
+        .expect("fast node")
+        .to_owned();
+    let detail = get(&cluster.url(&format!("/api/sollol/v1/nodes/{fast_id}")))
+        .await
+        .json();
+    assert_eq!(
+        detail["requests"].as_array().map_or(0, Vec::len),
+        on_fast,
+        "{detail}"
+    );
+    assert!(
+        !detail["samples"].as_array().is_none_or(Vec::is_empty),
+        "no hardware samples: {detail}"
+    );
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn official_python_clients() {
+    let (python, root) = test_python();
     let cluster = cluster().await;
     let gateway = format!("http://{}", cluster.coordinator.gateway_address);
     let script = root.join("tests/clients/official_clients.py");
@@ -606,6 +791,24 @@ async fn saturated_nodes_queue_by_priority() {
             .as_str()
             .is_some_and(|error| error.contains("saturated"))
     );
+    // Saturated as it is, the gateway still answers health, metrics and the API at once.
+    for path in ["/healthz", "/readyz", "/metrics", "/api/sollol/v1/cluster"] {
+        let asked = Instant::now();
+        let answer = get(&cluster.url(path)).await;
+        assert_eq!(answer.status, 200, "{path}: {}", answer.text());
+        assert!(
+            asked.elapsed() < Duration::from_millis(150),
+            "{path} took {:?} while saturated",
+            asked.elapsed()
+        );
+        if path == "/metrics" {
+            assert!(
+                answer.text().contains("sollol_requests_queued 2\n"),
+                "{}",
+                answer.text()
+            );
+        }
+    }
     let mut order = Vec::new();
     for _ in 0..3 {
         order.push(done.recv().await.expect("finished"));

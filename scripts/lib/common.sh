@@ -56,7 +56,7 @@ apt_install() {
 }
 
 # Python packages the client-compatibility tests use, in .cache/venv.
-PYTHON_TEST_PACKAGES=(ollama==0.6.3 openai==3.57.0)
+PYTHON_TEST_PACKAGES=(ollama==0.6.3 openai==3.57.0 prometheus_client==0.21.1)
 
 ensure_python_venv() {
   local venv="$ROOT/.cache/venv"
@@ -64,7 +64,7 @@ ensure_python_venv() {
     say "creating the test venv in .cache/venv"
     python3 -m venv "$venv"
   fi
-  if ! "$venv/bin/python" -c 'import ollama, openai' >/dev/null 2>&1; then
+  if ! "$venv/bin/python" -c 'import ollama, openai, prometheus_client' >/dev/null 2>&1; then
     say "installing ${PYTHON_TEST_PACKAGES[*]} into .cache/venv"
     "$venv/bin/pip" install -q --disable-pip-version-check "${PYTHON_TEST_PACKAGES[@]}"
   fi

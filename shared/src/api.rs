@@ -42,6 +42,9 @@ impl NodeStatus {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct NodeList {
     pub nodes: Vec<Node>,
+    /// The gateway's live load on each node, by node id (nodes without load are absent).
+    #[serde(default)]
+    pub load: std::collections::BTreeMap<String, NodeLoad>,
 }
 
 /// A node the coordinator knows, whether connected now or only remembered.
@@ -70,6 +73,48 @@ pub struct NodeDetail {
     pub node: Node,
     /// Most recent first.
     pub events: Vec<NodeEvent>,
+    #[serde(default)]
+    pub load: NodeLoad,
+    /// Hardware samples since the coordinator started (bounded), oldest first.
+    #[serde(default)]
+    pub samples: Vec<HardwareSample>,
+    /// The node's most recent requests, newest first.
+    #[serde(default)]
+    pub requests: Vec<RequestEntry>,
+}
+
+/// The figures of one hardware report, for a node's history chart.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HardwareSample {
+    pub at_ms: u64,
+    pub cpu_percent: Option<f32>,
+    pub memory_used_bytes: u64,
+    pub memory_total_bytes: u64,
+    pub vram_used_bytes: u64,
+    pub vram_total_bytes: u64,
+    /// The hottest sensor.
+    pub temperature_celsius: Option<f32>,
+}
+
+impl HardwareSample {
+    pub fn of(at_ms: u64, hardware: &HardwareReport) -> Self {
+        Self {
+            at_ms,
+            cpu_percent: hardware.cpu.utilisation_percent,
+            memory_used_bytes: hardware
+                .memory
+                .total_bytes
+                .saturating_sub(hardware.memory.available_bytes),
+            memory_total_bytes: hardware.memory.total_bytes,
+            vram_used_bytes: hardware.gpus.iter().map(|gpu| gpu.vram_used_bytes).sum(),
+            vram_total_bytes: hardware.gpus.iter().map(|gpu| gpu.vram_total_bytes).sum(),
+            temperature_celsius: hardware
+                .temperatures
+                .iter()
+                .map(|reading| reading.celsius)
+                .reduce(f32::max),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -131,6 +176,12 @@ pub struct ClusterSummary {
     pub cluster_connections: u64,
     /// History records dropped because the writer fell behind.
     pub history_dropped: u64,
+    /// Requests the gateway has running on nodes now.
+    #[serde(default)]
+    pub in_flight: u64,
+    /// Requests waiting in the gateway's priority queue now.
+    #[serde(default)]
+    pub queued: u64,
 }
 
 /// `GET /readyz` and `GET /healthz`
@@ -138,4 +189,209 @@ pub struct ClusterSummary {
 pub struct Readiness {
     pub ready: bool,
     pub detail: String,
+}
+
+/// Live load the coordinator's gateway puts on one node.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeLoad {
+    /// Requests this gateway has running on the node now.
+    pub in_flight: u32,
+}
+
+/// Whether a routed request was answered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RequestStatus {
+    Ok,
+    Failed,
+}
+
+impl RequestStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::Failed => "failed",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "ok" => Some(Self::Ok),
+            "failed" => Some(Self::Failed),
+            _ => None,
+        }
+    }
+}
+
+/// One candidate of a routing decision with what it was predicted to cost.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CandidateCost {
+    pub node: String,
+    pub predicted_ms: u64,
+}
+
+/// Why a request went where it went.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoutingDecision {
+    pub strategy: String,
+    pub reason: String,
+    /// The best few candidates, best first.
+    pub candidates: Vec<CandidateCost>,
+}
+
+/// One attempt of a routed request on one node (`GET /api/sollol/v1/requests`, and the live feed).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RequestEntry {
+    /// Increasing per coordinator database; the live feed uses 0 before the row is written.
+    pub id: u64,
+    pub at_ms: u64,
+    pub node_id: String,
+    /// The node's name when the coordinator knows it, else its id.
+    pub node: String,
+    pub model: String,
+    pub path: String,
+    pub app: String,
+    pub status: RequestStatus,
+    pub prompt_tokens: Option<u64>,
+    pub output_tokens: Option<u64>,
+    /// From the request's arrival at the node to the first byte of its answer.
+    pub time_to_first_byte_ms: u64,
+    /// Time before generation started (cold load, queueing, prompt), what a streaming client waits for a first token.
+    pub time_to_first_token_ms: Option<u64>,
+    pub total_ms: u64,
+    pub load_ms: Option<u64>,
+    /// Generated tokens per second of this request, from Ollama's own timings.
+    pub tokens_per_second: Option<f64>,
+    pub decision: RoutingDecision,
+}
+
+/// `GET /api/sollol/v1/requests`, newest first.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RequestList {
+    pub requests: Vec<RequestEntry>,
+}
+
+/// A statistics window: `5m`, `1h` or `24h`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum StatsWindow {
+    #[serde(rename = "5m")]
+    FiveMinutes,
+    #[serde(rename = "1h")]
+    OneHour,
+    #[serde(rename = "24h")]
+    Day,
+}
+
+impl StatsWindow {
+    pub const ALL: [Self; 3] = [Self::FiveMinutes, Self::OneHour, Self::Day];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::FiveMinutes => "5m",
+            Self::OneHour => "1h",
+            Self::Day => "24h",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|window| window.as_str() == text)
+    }
+
+    pub fn millis(self) -> u64 {
+        match self {
+            Self::FiveMinutes => 5 * 60_000,
+            Self::OneHour => 60 * 60_000,
+            Self::Day => 24 * 60 * 60_000,
+        }
+    }
+
+    /// Width of one point of the time series: 60 points per window.
+    pub fn bucket_millis(self) -> u64 {
+        self.millis() / 60
+    }
+}
+
+/// p50 / p95 / p99 of a set of measurements, in milliseconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Percentiles {
+    pub p50: u64,
+    pub p95: u64,
+    pub p99: u64,
+}
+
+/// Requests of one node, model or application in a window.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Aggregate {
+    /// The node's name, the model or the application.
+    pub key: String,
+    pub requests: u64,
+    pub errors: u64,
+    pub error_rate: f64,
+    /// `None` when no request succeeded.
+    pub latency_ms: Option<Percentiles>,
+    pub time_to_first_token_ms: Option<Percentiles>,
+    pub output_tokens: u64,
+    /// Generated tokens over generation time, summed over the requests.
+    pub tokens_per_second: Option<f64>,
+    pub last_at_ms: u64,
+}
+
+/// One point of the time series: the requests that finished in `[at_ms, at_ms + bucket_ms)`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SeriesPoint {
+    pub at_ms: u64,
+    pub requests: u64,
+    pub errors: u64,
+    pub latency_ms: Option<Percentiles>,
+    pub time_to_first_token_ms: Option<Percentiles>,
+    /// Tokens generated per second of wall time in the bucket (cluster throughput).
+    pub tokens_per_second: f64,
+}
+
+/// `GET /api/sollol/v1/stats?window=5m|1h|24h`
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Stats {
+    pub window: StatsWindow,
+    pub since_ms: u64,
+    pub until_ms: u64,
+    pub bucket_ms: u64,
+    pub total: Aggregate,
+    pub by_node: Vec<Aggregate>,
+    pub by_model: Vec<Aggregate>,
+    /// Who uses the cluster: `X-Sollol-App`, else the API key's name, else the User-Agent.
+    pub by_app: Vec<Aggregate>,
+    /// Oldest first, `window / bucket_ms` points.
+    pub series: Vec<SeriesPoint>,
+}
+
+/// What `GET /api/sollol/v1/events` (Server-Sent Events) pushes; the SSE event name is `type`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum LiveEvent {
+    /// A node changed: status, hardware sample, Ollama state or load.
+    Node { node: Node, load: NodeLoad },
+    /// A request was routed: where it goes and why.
+    Routed {
+        at_ms: u64,
+        model: String,
+        path: String,
+        app: String,
+        node: String,
+        decision: RoutingDecision,
+    },
+    /// An attempt finished (failed attempts too, before failover).
+    Finished { request: RequestEntry },
+    /// The stream fell behind and skipped this many events: reload the snapshot.
+    Lagged { skipped: u64 },
+}
+
+impl LiveEvent {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Node { .. } => "node",
+            Self::Routed { .. } => "routed",
+            Self::Finished { .. } => "finished",
+            Self::Lagged { .. } => "lagged",
+        }
+    }
 }

@@ -6,8 +6,9 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 use sollol_shared::api::{
-    ClusterSummary, ErrorBody, Node, NodeDetail, NodeEvent, NodeEventKind, NodeList, NodeStatus,
-    Readiness,
+    Aggregate, CandidateCost, ClusterSummary, ErrorBody, HardwareSample, LiveEvent, Node,
+    NodeDetail, NodeEvent, NodeEventKind, NodeList, NodeLoad, NodeStatus, Percentiles, Readiness,
+    RequestEntry, RequestList, RequestStatus, RoutingDecision, SeriesPoint, Stats, StatsWindow,
 };
 use sollol_shared::hardware::{
     CpuInfo, DiskInfo, GpuInfo, GpuVendor, HardwareReport, MemoryInfo, NodeReport,
@@ -118,6 +119,7 @@ fn node_list_json() {
         "node_list",
         &NodeList {
             nodes: vec![example_node()],
+            load: [(example_node().id, NodeLoad { in_flight: 2 })].into(),
         },
     );
 }
@@ -133,8 +135,137 @@ fn node_detail_json() {
                 kind: NodeEventKind::Joined,
                 detail: "from 192.0.2.10:51234".into(),
             }],
+            load: NodeLoad { in_flight: 1 },
+            samples: vec![HardwareSample::of(1_795_000_042_000, &example_hardware())],
+            requests: vec![example_request()],
         },
     );
+}
+
+fn example_request() -> RequestEntry {
+    RequestEntry {
+        id: 42,
+        at_ms: 1_795_000_042_000,
+        node_id: "5f0c2a9e7d4b41c8a3e1f6b2d9c07e15".into(),
+        node: "gpu-desktop".into(),
+        model: "smollm2:135m".into(),
+        path: "/api/chat".into(),
+        app: "open-webui".into(),
+        status: RequestStatus::Ok,
+        prompt_tokens: Some(26),
+        output_tokens: Some(48),
+        time_to_first_byte_ms: 180,
+        time_to_first_token_ms: Some(120),
+        total_ms: 520,
+        load_ms: Some(0),
+        tokens_per_second: Some(120.5),
+        decision: RoutingDecision {
+            strategy: "intelligent".into(),
+            reason: "lowest predicted time 510ms".into(),
+            candidates: vec![
+                CandidateCost {
+                    node: "gpu-desktop".into(),
+                    predicted_ms: 510,
+                },
+                CandidateCost {
+                    node: "old-laptop".into(),
+                    predicted_ms: 4300,
+                },
+            ],
+        },
+    }
+}
+
+#[test]
+fn request_list_json() {
+    check(
+        "request_list",
+        &RequestList {
+            requests: vec![example_request()],
+        },
+    );
+}
+
+#[test]
+fn stats_json() {
+    let latency = Some(Percentiles {
+        p50: 480,
+        p95: 900,
+        p99: 1200,
+    });
+    let aggregate = |key: &str| Aggregate {
+        key: key.into(),
+        requests: 10,
+        errors: 1,
+        error_rate: 0.1,
+        latency_ms: latency,
+        time_to_first_token_ms: Some(Percentiles {
+            p50: 100,
+            p95: 200,
+            p99: 250,
+        }),
+        output_tokens: 400,
+        tokens_per_second: Some(118.2),
+        last_at_ms: 1_795_000_042_000,
+    };
+    check(
+        "stats",
+        &Stats {
+            window: StatsWindow::FiveMinutes,
+            since_ms: 1_795_000_000_000,
+            until_ms: 1_795_000_300_000,
+            bucket_ms: 5000,
+            total: aggregate("all"),
+            by_node: vec![aggregate("gpu-desktop")],
+            by_model: vec![aggregate("smollm2:135m")],
+            by_app: vec![aggregate("open-webui")],
+            series: vec![SeriesPoint {
+                at_ms: 1_795_000_295_000,
+                requests: 10,
+                errors: 1,
+                latency_ms: latency,
+                time_to_first_token_ms: None,
+                tokens_per_second: 80.0,
+            }],
+        },
+    );
+}
+
+#[test]
+fn live_events_json() {
+    check(
+        "live_events",
+        &[
+            LiveEvent::Node {
+                node: example_node(),
+                load: NodeLoad { in_flight: 1 },
+            },
+            LiveEvent::Routed {
+                at_ms: 1_795_000_041_500,
+                model: "smollm2:135m".into(),
+                path: "/api/chat".into(),
+                app: "open-webui".into(),
+                node: "gpu-desktop".into(),
+                decision: example_request().decision,
+            },
+            LiveEvent::Finished {
+                request: example_request(),
+            },
+            LiveEvent::Lagged { skipped: 3 },
+        ],
+    );
+}
+
+#[test]
+fn stats_windows_round_trip_through_their_names() {
+    for window in StatsWindow::ALL {
+        assert_eq!(StatsWindow::parse(window.as_str()), Some(window));
+        assert_eq!(
+            serde_json::to_string(&window).expect("serialize"),
+            format!("\"{}\"", window.as_str())
+        );
+        assert_eq!(window.millis() / window.bucket_millis(), 60);
+    }
 }
 
 #[test]
@@ -155,6 +286,8 @@ fn cluster_summary_json() {
             nodes_left: 0,
             cluster_connections: 2,
             history_dropped: 0,
+            in_flight: 3,
+            queued: 0,
         },
     );
 }
