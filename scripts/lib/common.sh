@@ -84,3 +84,14 @@ ensure_nginx() {
   fi
   echo "$bin"
 }
+
+PLAYWRIGHT_CORE_VERSION=1.65.1
+
+# playwright-core (no bundled browser; it drives Debian's chromium) for the dashboard's browser test.
+ensure_playwright_core() {
+  if [ "$(node -p "require('$TOOLS/node_modules/playwright-core/package.json').version" 2>/dev/null)" != "$PLAYWRIGHT_CORE_VERSION" ]; then
+    say "installing playwright-core $PLAYWRIGHT_CORE_VERSION from npm into .cache/tools"
+    mkdir -p "$TOOLS"
+    npm install --prefix "$TOOLS" --no-audit --no-fund --silent "playwright-core@$PLAYWRIGHT_CORE_VERSION"
+  fi
+}
