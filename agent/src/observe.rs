@@ -748,6 +748,38 @@ mod tests {
         assert_eq!(stats.series.last().map(|point| point.requests), Some(3));
     }
 
+    /// Every `sollol_*` name the shipped Grafana dashboard queries is a family `/metrics` declares.
+    #[test]
+    fn the_grafana_dashboard_uses_only_real_metrics() {
+        let view: SharedView = Arc::new(arc_swap::ArcSwap::from_pointee(
+            crate::cluster::ClusterView::default(),
+        ));
+        let exposition = Observer::new(view).render(&Gauges::default());
+        let families: Vec<&str> = exposition
+            .lines()
+            .filter_map(|line| line.strip_prefix("# TYPE "))
+            .filter_map(|line| line.split_whitespace().next())
+            .collect();
+        let dashboard = include_str!("../../docs/grafana-dashboard.json");
+        let mut used = 0;
+        for (start, _) in dashboard.match_indices("sollol_") {
+            let name: String = dashboard[start..]
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                .collect();
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|suffix| name.strip_suffix(suffix))
+                .unwrap_or(&name);
+            assert!(
+                families.contains(&family),
+                "the Grafana dashboard uses {name}, which /metrics does not declare"
+            );
+            used += 1;
+        }
+        assert!(used >= 10, "only {used} metric references found");
+    }
+
     #[test]
     fn reasons_fall_into_few_kinds() {
         assert_eq!(reason_kind("failover #1 after: a: HTTP 500"), "failover");
