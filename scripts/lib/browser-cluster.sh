@@ -1,0 +1,55 @@
+# A small real cluster for browser checks and benchmarks: sourced, not run (after common.sh).
+# start_browser_cluster BIN_DIR starts `ollama-emulator 2`, `sollol coordinator` (no calibration, so
+# counters equal what a test sends) and agents browser-node-a/-b on loopback, and sets: gateway, pids
+# (everything started, stopped by the EXIT trap), coordinator_pid, doomed (browser-node-b's agent), work.
+
+work="$(mktemp -d)"
+pids=()
+cleanup_browser_cluster() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  rm -rf "$work"
+}
+trap cleanup_browser_cluster EXIT
+
+browser_cluster_failed() {
+  echo "cluster set-up failed: $1" >&2
+  for log in "$work"/*.err; do echo "--- $log" >&2; tail -20 "$log" >&2; done
+  exit 1
+}
+
+wait_for_line() { # FILE PATTERN
+  for _ in $(seq 1 200); do
+    grep -q -- "$2" "$1" 2>/dev/null && return 0
+    sleep 0.05
+  done
+  return 1
+}
+
+start_browser_cluster() {
+  local bin="$1"
+  "$bin/ollama-emulator" 2 >"$work/nodes.out" 2>"$work/nodes.err" &
+  pids+=($!)
+  wait_for_line "$work/nodes.out" '^http' || browser_cluster_failed "the emulated nodes did not start"
+  sleep 0.2
+  local node_urls
+  mapfile -t node_urls <"$work/nodes.out"
+  [ "${#node_urls[@]}" -eq 2 ] || browser_cluster_failed "expected 2 emulated nodes, got ${#node_urls[@]}"
+
+  SOLLOL_CALIBRATION=false "$bin/sollol" coordinator --data-dir "$work/coordinator" \
+    --gateway-bind 127.0.0.1:0 --cluster-bind 127.0.0.1:0 >"$work/coordinator.out" 2>"$work/coordinator.err" &
+  coordinator_pid=$!
+  pids+=($!)
+  wait_for_line "$work/coordinator.out" '--token' || browser_cluster_failed "the coordinator did not start"
+  gateway="$(awk '/Gateway:/ {print $2}' "$work/coordinator.out")"
+  local cluster token name index=0
+  cluster="$(awk '/Cluster:/ {print $2}' "$work/coordinator.out")"
+  token="$(grep -o -- '--token [0-9a-f]*' "$work/coordinator.out" | awk '{print $2}')"
+  for name in browser-node-a browser-node-b; do
+    "$bin/sollol" agent --data-dir "$work/$name" --join "$cluster" --token "$token" --name "$name" \
+      --ollama-url "${node_urls[$index]}" --heartbeat-interval 300ms >"$work/$name.out" 2>"$work/$name.err" &
+    pids+=($!)
+    index=$((index + 1))
+  done
+  doomed="${pids[-1]}"
+}
