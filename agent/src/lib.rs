@@ -15,6 +15,7 @@ pub mod health;
 pub mod history;
 pub mod http_client;
 pub mod identity;
+pub mod inference;
 pub mod join;
 pub mod learning;
 pub mod membership;

@@ -1,0 +1,473 @@
+//! Models on disk, models in memory, and generation: what the engine's Ollama API calls.
+//!
+//! Models come from a models directory (`*.gguf`, named after the file) and
+//! from Ollama's own store (manifests pointing at GGUF blobs). A model loads on
+//! its first request and unloads when its keep-alive runs out, as in Ollama.
+//! Generation is CPU-bound and runs on blocking threads, at most `parallel` at once.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
+
+use super::gguf::{Gguf, GgufError};
+use super::model::{Model, ModelError, Part};
+use super::sampling::{Sampler, SamplingOptions};
+use super::tokenizer::{TextCodec, TokenizerError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("model {0:?} not found, try pulling it first")]
+    NotFound(String),
+    #[error(transparent)]
+    Gguf(#[from] GgufError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    #[error("the prompt has {prompt} tokens; the context holds {context}")]
+    PromptTooLong { prompt: usize, context: usize },
+    #[error("generation stopped: {0}")]
+    Stopped(String),
+}
+
+/// A model the engine can serve.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelFile {
+    /// Ollama-style `name:tag`.
+    pub name: String,
+    pub path: PathBuf,
+    pub size_bytes: u64,
+    pub modified: SystemTime,
+    /// `sha256:...` for Ollama blobs, else a digest of the path and size.
+    pub digest: String,
+}
+
+/// What an Ollama `details` object says about a model.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ModelDetails {
+    pub family: String,
+    pub parameter_size: String,
+    pub quantization_level: String,
+    pub chat_template: Option<String>,
+    pub context_length: usize,
+}
+
+/// Finds GGUF models in `models_dir` and in Ollama's store under `ollama_dir`, sorted by name.
+pub fn discover(models_dir: &Path, ollama_dir: Option<&Path>) -> Vec<ModelFile> {
+    let mut found = BTreeMap::new();
+    if let Ok(entries) = std::fs::read_dir(models_dir) {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().and_then(|extension| extension.to_str()) != Some("gguf") {
+                continue;
+            }
+            let Some(stem) = path.file_stem().and_then(|stem| stem.to_str()) else {
+                continue;
+            };
+            let name = if stem.contains(':') {
+                stem.to_lowercase()
+            } else {
+                format!("{}:latest", stem.to_lowercase())
+            };
+            if let Some(file) = model_file(name, &path, None) {
+                found.insert(file.name.clone(), file);
+            }
+        }
+    }
+    if let Some(ollama_dir) = ollama_dir {
+        for file in ollama_models(ollama_dir) {
+            found.entry(file.name.clone()).or_insert(file);
+        }
+    }
+    found.into_values().collect()
+}
+
+fn model_file(name: String, path: &Path, digest: Option<String>) -> Option<ModelFile> {
+    let metadata = std::fs::metadata(path).ok()?;
+    if !metadata.is_file() {
+        return None;
+    }
+    let digest = digest.unwrap_or_else(|| {
+        use sha2::Digest;
+        let hash = sha2::Sha256::digest(format!("{}:{}", path.display(), metadata.len()));
+        format!("sha256:{}", hex::encode(hash))
+    });
+    Some(ModelFile {
+        name,
+        path: path.to_owned(),
+        size_bytes: metadata.len(),
+        modified: metadata.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+        digest,
+    })
+}
+
+/// Ollama's store: `manifests/<registry>/<namespace>/<model>/<tag>` JSON naming a model layer blob.
+fn ollama_models(root: &Path) -> Vec<ModelFile> {
+    let mut found = Vec::new();
+    let manifests = root.join("manifests");
+    let mut stack = vec![manifests.clone()];
+    while let Some(directory) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&directory) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            let Ok(relative) = path.strip_prefix(&manifests) else {
+                continue;
+            };
+            let parts: Vec<&str> = relative.iter().filter_map(|part| part.to_str()).collect();
+            let [registry, namespace, model, tag] = parts.as_slice() else {
+                continue;
+            };
+            let name = if *registry == "registry.ollama.ai" && *namespace == "library" {
+                format!("{model}:{tag}")
+            } else {
+                format!("{registry}/{namespace}/{model}:{tag}")
+            };
+            let Ok(text) = std::fs::read_to_string(&path) else {
+                continue;
+            };
+            let Ok(manifest) = serde_json::from_str::<serde_json::Value>(&text) else {
+                continue;
+            };
+            let digest = manifest["layers"].as_array().and_then(|layers| {
+                layers
+                    .iter()
+                    .find(|layer| layer["mediaType"] == "application/vnd.ollama.image.model")
+                    .and_then(|layer| layer["digest"].as_str())
+            });
+            if let Some(digest) = digest {
+                let blob = root.join("blobs").join(digest.replace(':', "-"));
+                if let Some(file) = model_file(name, &blob, Some(digest.to_owned())) {
+                    found.push(file);
+                }
+            }
+        }
+    }
+    found
+}
+
+/// A model in memory.
+#[derive(Debug)]
+pub struct LoadedModel {
+    pub file: ModelFile,
+    pub details: ModelDetails,
+    pub model: Model,
+    pub codec: TextCodec,
+    pub load_duration: Duration,
+}
+
+impl LoadedModel {
+    pub fn load(file: &ModelFile) -> Result<Self, EngineError> {
+        let started = Instant::now();
+        let handle = std::fs::File::open(&file.path).map_err(GgufError::Io)?;
+        let length = handle.metadata().map_err(GgufError::Io)?.len();
+        let gguf = Gguf::read(std::io::BufReader::new(handle), length)?;
+        let codec = TextCodec::from_gguf(&gguf)?;
+        let shape = super::model::Shape::read(&gguf)?;
+        let model = Model::load(&file.path, &gguf, Part::whole(shape.layers))?;
+        let details = details_of(&gguf, &model);
+        Ok(Self {
+            file: file.clone(),
+            details,
+            model,
+            codec,
+            load_duration: started.elapsed(),
+        })
+    }
+
+    /// Generates from `prompt` tokens, handing each piece of text to `emit` (which returns false to stop).
+    pub fn generate(
+        &self,
+        prompt: &[u32],
+        request: &GenerateOptions,
+        mut emit: impl FnMut(&str) -> bool,
+    ) -> Result<Generated, EngineError> {
+        let context = self.model.shape.context;
+        if prompt.is_empty() || prompt.len() >= context {
+            return Err(EngineError::PromptTooLong {
+                prompt: prompt.len(),
+                context,
+            });
+        }
+        let mut sampler = Sampler::new(request.sampling.clone());
+        let mut cache = self.model.new_cache();
+        let started = Instant::now();
+        let hidden = self.model.embed(prompt)?;
+        let hidden = self.model.layers(hidden, &mut cache)?;
+        cache.length += prompt.len();
+        let mut logits = self.model.head(&hidden)?;
+        let prompt_duration = started.elapsed();
+
+        let generation_started = Instant::now();
+        let mut history = prompt.to_vec();
+        let mut output: Vec<u32> = Vec::new();
+        let mut sent = 0;
+        let mut done_reason = "length";
+        let mut cut_at_stop_string = false;
+        let limit = request
+            .num_predict
+            .unwrap_or(usize::MAX)
+            .min(context - prompt.len());
+        while output.len() < limit {
+            let token = sampler.next(&logits, &history);
+            if self.codec.is_stop(token) {
+                done_reason = "stop";
+                break;
+            }
+            output.push(token);
+            history.push(token);
+            let text = self.codec.decode(&output)?;
+            // A stop string ends the answer before it; text is held back while it could still become one.
+            if let Some(cut) = request
+                .stop
+                .iter()
+                .filter_map(|stop| text.find(stop.as_str()))
+                .min()
+            {
+                if cut > sent && !emit(&text[sent..cut]) {
+                    return Err(EngineError::Stopped("the client went away".to_owned()));
+                }
+                sent = cut;
+                done_reason = "stop";
+                cut_at_stop_string = true;
+                break;
+            }
+            let safe = safe_prefix(&text, &request.stop);
+            if safe > sent {
+                if !emit(&text[sent..safe]) {
+                    return Err(EngineError::Stopped("the client went away".to_owned()));
+                }
+                sent = safe;
+            }
+            if output.len() == limit || cache.length + 1 >= context {
+                break;
+            }
+            let hidden = self.model.embed(&[token])?;
+            let hidden = self.model.layers(hidden, &mut cache)?;
+            cache.length += 1;
+            logits = self.model.head(&hidden)?;
+        }
+        if !cut_at_stop_string {
+            let text = self.codec.decode(&output)?;
+            if text.len() > sent {
+                emit(&text[sent..]);
+            }
+        }
+        Ok(Generated {
+            prompt_tokens: prompt.len(),
+            prompt_duration,
+            output_tokens: output.len(),
+            generation_duration: generation_started.elapsed(),
+            done_reason,
+        })
+    }
+}
+
+/// How much of `text` can be sent: not a trailing partial UTF-8 character (decoded as U+FFFD), nor a
+/// tail that is the start of a stop string.
+fn safe_prefix(text: &str, stops: &[String]) -> usize {
+    let mut end = text.len();
+    if text.ends_with('\u{FFFD}') {
+        end -= '\u{FFFD}'.len_utf8();
+    }
+    for stop in stops {
+        for length in (1..stop.len()).rev() {
+            if stop.is_char_boundary(length) && text[..end].ends_with(&stop[..length]) {
+                end -= length;
+                break;
+            }
+        }
+    }
+    end
+}
+
+/// What a request asks of generation.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct GenerateOptions {
+    pub sampling: SamplingOptions,
+    pub num_predict: Option<usize>,
+    pub stop: Vec<String>,
+}
+
+/// Ollama's timing figures of one generation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Generated {
+    pub prompt_tokens: usize,
+    pub prompt_duration: Duration,
+    pub output_tokens: usize,
+    pub generation_duration: Duration,
+    pub done_reason: &'static str,
+}
+
+fn details_of(gguf: &Gguf, model: &Model) -> ModelDetails {
+    let architecture = model.shape.architecture.clone();
+    let parameter_size = gguf
+        .str("general.size_label")
+        .map(str::to_owned)
+        .unwrap_or_else(|_| {
+            let parameters: u64 = gguf
+                .tensors
+                .iter()
+                .map(|tensor| tensor.dims.iter().product::<u64>())
+                .sum();
+            if parameters >= 1_000_000_000 {
+                format!("{:.1}B", parameters as f64 / 1e9)
+            } else {
+                format!("{}M", parameters / 1_000_000)
+            }
+        });
+    let quantization_level = gguf
+        .tensors
+        .iter()
+        .find(|tensor| tensor.name == "blk.0.attn_q.weight")
+        .and_then(|tensor| super::gguf::type_name(tensor.ggml_type))
+        .unwrap_or("unknown")
+        .to_owned();
+    ModelDetails {
+        family: architecture,
+        parameter_size,
+        quantization_level,
+        chat_template: gguf.str("tokenizer.chat_template").ok().map(str::to_owned),
+        context_length: model.shape.context,
+    }
+}
+
+/// The engine's models: known on disk, loaded in memory with their expiry.
+#[derive(Debug)]
+pub struct Engine {
+    files: Vec<ModelFile>,
+    loaded: Mutex<BTreeMap<String, (Arc<LoadedModel>, Instant)>>,
+    /// Serialises loads, as Ollama does.
+    loading: tokio::sync::Mutex<()>,
+    pub slots: Arc<tokio::sync::Semaphore>,
+    pub parallel: usize,
+    pub default_keep_alive: Duration,
+}
+
+impl Engine {
+    pub fn new(files: Vec<ModelFile>, parallel: usize, default_keep_alive: Duration) -> Self {
+        Self {
+            files,
+            loaded: Mutex::new(BTreeMap::new()),
+            loading: tokio::sync::Mutex::new(()),
+            slots: Arc::new(tokio::sync::Semaphore::new(parallel.max(1))),
+            parallel: parallel.max(1),
+            default_keep_alive,
+        }
+    }
+
+    pub fn files(&self) -> &[ModelFile] {
+        &self.files
+    }
+
+    /// The model called `name` (`name` alone means `name:latest`).
+    pub fn file(&self, name: &str) -> Option<&ModelFile> {
+        let wanted = if name.contains(':') {
+            name.to_lowercase()
+        } else {
+            format!("{}:latest", name.to_lowercase())
+        };
+        self.files.iter().find(|file| file.name == wanted)
+    }
+
+    /// Loaded models with when they expire.
+    pub fn loaded(&self) -> Vec<(Arc<LoadedModel>, Instant)> {
+        let now = Instant::now();
+        let mut loaded = self.loaded.lock().unwrap_or_else(PoisonError::into_inner);
+        loaded.retain(|_, (_, expires)| *expires > now);
+        loaded.values().cloned().collect()
+    }
+
+    /// The model in memory, loading it if needed; `Duration::ZERO` load time when it was warm.
+    pub async fn get(
+        &self,
+        name: &str,
+        keep_alive: Option<Duration>,
+    ) -> Result<(Arc<LoadedModel>, Duration), EngineError> {
+        let file = self
+            .file(name)
+            .ok_or_else(|| EngineError::NotFound(name.to_owned()))?
+            .clone();
+        let keep = keep_alive.unwrap_or(self.default_keep_alive);
+        if let Some(model) = self.touch(&file.name, keep) {
+            return Ok((model, Duration::ZERO));
+        }
+        let _loading = self.loading.lock().await;
+        if let Some(model) = self.touch(&file.name, keep) {
+            return Ok((model, Duration::ZERO));
+        }
+        tracing::info!(model = %file.name, path = %file.path.display(), "loading model");
+        let loaded = tokio::task::spawn_blocking(move || LoadedModel::load(&file))
+            .await
+            .map_err(|error| EngineError::Stopped(error.to_string()))??;
+        let loaded = Arc::new(loaded);
+        let load_duration = loaded.load_duration;
+        tracing::info!(model = %loaded.file.name, ms = load_duration.as_millis() as u64, "model loaded");
+        self.loaded
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(
+                loaded.file.name.clone(),
+                (Arc::clone(&loaded), Instant::now() + keep),
+            );
+        Ok((loaded, load_duration))
+    }
+
+    fn touch(&self, name: &str, keep: Duration) -> Option<Arc<LoadedModel>> {
+        let mut loaded = self.loaded.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        loaded.retain(|_, (_, expires)| *expires > now);
+        let (model, expires) = loaded.get_mut(name)?;
+        *expires = now + keep;
+        Some(Arc::clone(model))
+    }
+
+    /// Drops a model from memory now (`keep_alive: 0`), once running requests finish with it.
+    pub fn unload(&self, name: &str) {
+        self.loaded
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(name);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_that_may_start_a_stop_string_is_held_back() {
+        let stops = vec!["<end>".to_owned()];
+        assert_eq!(safe_prefix("hello <e", &stops), "hello ".len());
+        assert_eq!(safe_prefix("hello", &stops), 5);
+        assert_eq!(safe_prefix("caf\u{FFFD}", &[]), 3);
+    }
+
+    #[test]
+    fn models_are_found_in_a_directory_and_in_ollamas_store() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("Tiny-Model.gguf"), b"GGUF").expect("write");
+        std::fs::write(dir.path().join("notes.txt"), b"x").expect("write");
+        let store = dir.path().join("ollama");
+        let manifest_dir = store.join("manifests/registry.ollama.ai/library/smollm2");
+        std::fs::create_dir_all(&manifest_dir).expect("dirs");
+        std::fs::create_dir_all(store.join("blobs")).expect("dirs");
+        std::fs::write(store.join("blobs/sha256-abc"), b"GGUF").expect("write");
+        std::fs::write(
+            manifest_dir.join("135m"),
+            r#"{"layers":[{"mediaType":"application/vnd.ollama.image.model","digest":"sha256:abc"}]}"#,
+        )
+        .expect("write");
+        let names: Vec<String> = discover(dir.path(), Some(&store))
+            .into_iter()
+            .map(|file| file.name)
+            .collect();
+        assert_eq!(names, ["smollm2:135m", "tiny-model:latest"]);
+    }
+}

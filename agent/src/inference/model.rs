@@ -1,0 +1,462 @@
+//! Llama-family forward pass over quantized GGUF weights, split into `embed`, `layers(a..b)` and `head`
+//! so that one process can hold only a slice of a model's layers.
+//!
+//! Tensors and kernels are candle's; the GGUF directory is ours ([`super::gguf`]),
+//! so every offset is checked before candle sees a byte.
+
+use std::ops::Range;
+use std::path::Path;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor, ggml_file};
+use candle_core::{DType, Device, IndexOp, Module, Tensor};
+
+use super::gguf::{Gguf, GgufError, TensorInfo};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Gguf(#[from] GgufError),
+    #[error("tensor computation failed: {0}")]
+    Candle(#[from] candle_core::Error),
+    #[error("architecture {0:?} is not supported (llama, qwen2 and mistral are)")]
+    Architecture(String),
+    #[error("layers {start}..{end} are not within the model's {count}")]
+    Layers {
+        start: usize,
+        end: usize,
+        count: usize,
+    },
+    #[error("this part of the model has no {0}")]
+    MissingPart(&'static str),
+    #[error("the sequence is longer than the context of {0} tokens")]
+    ContextFull(usize),
+}
+
+/// How rotary embeddings pair a head's dimensions: llama.cpp's "normal" (adjacent pairs) or "neox"
+/// (first half with second half).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Rope {
+    Adjacent,
+    Halves,
+}
+
+/// Hyper-parameters read from the GGUF metadata.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Shape {
+    pub architecture: String,
+    pub layers: usize,
+    pub embedding: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub context: usize,
+    pub vocab: usize,
+    rope: Rope,
+    rope_base: f32,
+    rms_epsilon: f64,
+}
+
+impl Shape {
+    pub fn read(gguf: &Gguf) -> Result<Self, ModelError> {
+        let architecture = gguf.str("general.architecture")?.to_owned();
+        let rope = match architecture.as_str() {
+            "llama" | "mistral" => Rope::Adjacent,
+            "qwen2" => Rope::Halves,
+            _ => return Err(ModelError::Architecture(architecture)),
+        };
+        let key = |name: &str| format!("{architecture}.{name}");
+        let as_usize = |name: &str| -> Result<usize, ModelError> {
+            Ok(usize::try_from(gguf.u64(&key(name))?).unwrap_or(usize::MAX))
+        };
+        let heads = as_usize("attention.head_count")?;
+        let embedding = as_usize("embedding_length")?;
+        let vocab = gguf
+            .get("tokenizer.ggml.tokens")
+            .and_then(super::gguf::Value::as_array)
+            .map_or(0, <[_]>::len);
+        let shape = Self {
+            layers: as_usize("block_count")?,
+            embedding,
+            heads,
+            kv_heads: as_usize("attention.head_count_kv").unwrap_or(heads),
+            head_dim: embedding / heads.max(1),
+            // Positions are precomputed up to this many; long contexts cost memory for nothing here.
+            context: as_usize("context_length").unwrap_or(2048).min(8192),
+            vocab,
+            rope,
+            rope_base: gguf.f64(&key("rope.freq_base")).unwrap_or(10_000.0) as f32,
+            rms_epsilon: gguf
+                .f64(&key("attention.layer_norm_rms_epsilon"))
+                .unwrap_or(1e-5),
+            architecture,
+        };
+        if shape.heads == 0
+            || shape.kv_heads == 0
+            || !shape.heads.is_multiple_of(shape.kv_heads)
+            || !shape.embedding.is_multiple_of(shape.heads)
+            || !shape.head_dim.is_multiple_of(2)
+            || shape.layers == 0
+        {
+            return Err(ModelError::Gguf(GgufError::Corrupt(format!(
+                "inconsistent shape: {} heads, {} kv heads, {} wide",
+                shape.heads, shape.kv_heads, shape.embedding
+            ))));
+        }
+        Ok(shape)
+    }
+}
+
+/// Which parts of a model an instance holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Part {
+    pub embed: bool,
+    pub layers: Range<usize>,
+    pub head: bool,
+}
+
+impl Part {
+    pub fn whole(layers: usize) -> Self {
+        Self {
+            embed: true,
+            layers: 0..layers,
+            head: true,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Layer {
+    attention_norm: Tensor,
+    q: QMatMul,
+    k: QMatMul,
+    v: QMatMul,
+    q_bias: Option<Tensor>,
+    k_bias: Option<Tensor>,
+    v_bias: Option<Tensor>,
+    output: QMatMul,
+    ffn_norm: Tensor,
+    gate: QMatMul,
+    up: QMatMul,
+    down: QMatMul,
+}
+
+#[derive(Debug)]
+struct Head {
+    norm: Tensor,
+    output: QMatMul,
+}
+
+/// The keys and values a sequence has computed, per layer this instance holds.
+#[derive(Debug, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    /// Tokens already processed.
+    pub length: usize,
+}
+
+/// The weights of some or all of a model.
+#[derive(Debug)]
+pub struct Model {
+    pub shape: Shape,
+    pub part: Part,
+    embeddings: Option<Tensor>,
+    layers: Vec<Layer>,
+    head: Option<Head>,
+    cos: Tensor,
+    sin: Tensor,
+    device: Device,
+}
+
+fn dtype_of(info: &TensorInfo) -> Result<GgmlDType, ModelError> {
+    Ok(match info.ggml_type {
+        0 => GgmlDType::F32,
+        1 => GgmlDType::F16,
+        2 => GgmlDType::Q4_0,
+        3 => GgmlDType::Q4_1,
+        6 => GgmlDType::Q5_0,
+        7 => GgmlDType::Q5_1,
+        8 => GgmlDType::Q8_0,
+        10 => GgmlDType::Q2K,
+        11 => GgmlDType::Q3K,
+        12 => GgmlDType::Q4K,
+        13 => GgmlDType::Q5K,
+        14 => GgmlDType::Q6K,
+        30 => GgmlDType::BF16,
+        other => {
+            return Err(ModelError::Gguf(GgufError::TensorType {
+                name: info.name.clone(),
+                ggml_type: other,
+            }));
+        }
+    })
+}
+
+struct Loader<'a> {
+    gguf: &'a Gguf,
+    file: std::fs::File,
+    device: Device,
+}
+
+impl Loader<'_> {
+    fn has(&self, name: &str) -> bool {
+        self.gguf.tensor(name).is_some()
+    }
+
+    fn qtensor(&mut self, name: &str) -> Result<QTensor, ModelError> {
+        let (info, bytes) = self.gguf.tensor_bytes(&mut self.file, name)?;
+        // candle wants the row-major shape: ggml's dimensions reversed.
+        let dims: Vec<usize> = info
+            .dims
+            .iter()
+            .rev()
+            .map(|dim| usize::try_from(*dim).unwrap_or(usize::MAX))
+            .collect();
+        Ok(ggml_file::qtensor_from_ggml(
+            dtype_of(&info)?,
+            &bytes,
+            dims,
+            &self.device,
+        )?)
+    }
+
+    fn matmul(&mut self, name: &str) -> Result<QMatMul, ModelError> {
+        Ok(QMatMul::from_qtensor(self.qtensor(name)?)?)
+    }
+
+    fn dense(&mut self, name: &str) -> Result<Tensor, ModelError> {
+        Ok(self.qtensor(name)?.dequantize(&self.device)?)
+    }
+
+    fn optional_dense(&mut self, name: &str) -> Result<Option<Tensor>, ModelError> {
+        if self.has(name) {
+            self.dense(name).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+}
+
+impl Model {
+    /// Loads `part` of the model in `path`; only that part's tensors are read.
+    pub fn load(path: &Path, gguf: &Gguf, part: Part) -> Result<Self, ModelError> {
+        let shape = Shape::read(gguf)?;
+        if part.layers.start > part.layers.end || part.layers.end > shape.layers {
+            return Err(ModelError::Layers {
+                start: part.layers.start,
+                end: part.layers.end,
+                count: shape.layers,
+            });
+        }
+        let device = Device::Cpu;
+        let mut loader = Loader {
+            gguf,
+            file: std::fs::File::open(path).map_err(GgufError::Io)?,
+            device: device.clone(),
+        };
+        let embeddings = if part.embed {
+            Some(loader.dense("token_embd.weight")?)
+        } else {
+            None
+        };
+        let mut layers = Vec::with_capacity(part.layers.len());
+        for index in part.layers.clone() {
+            let name = |suffix: &str| format!("blk.{index}.{suffix}");
+            layers.push(Layer {
+                attention_norm: loader.dense(&name("attn_norm.weight"))?,
+                q: loader.matmul(&name("attn_q.weight"))?,
+                k: loader.matmul(&name("attn_k.weight"))?,
+                v: loader.matmul(&name("attn_v.weight"))?,
+                q_bias: loader.optional_dense(&name("attn_q.bias"))?,
+                k_bias: loader.optional_dense(&name("attn_k.bias"))?,
+                v_bias: loader.optional_dense(&name("attn_v.bias"))?,
+                output: loader.matmul(&name("attn_output.weight"))?,
+                ffn_norm: loader.dense(&name("ffn_norm.weight"))?,
+                gate: loader.matmul(&name("ffn_gate.weight"))?,
+                up: loader.matmul(&name("ffn_up.weight"))?,
+                down: loader.matmul(&name("ffn_down.weight"))?,
+            });
+        }
+        let head = if part.head {
+            // Models with tied embeddings have no output matrix of their own.
+            let output = if loader.has("output.weight") {
+                "output.weight"
+            } else {
+                "token_embd.weight"
+            };
+            Some(Head {
+                norm: loader.dense("output_norm.weight")?,
+                output: loader.matmul(output)?,
+            })
+        } else {
+            None
+        };
+        // Angles as llama.cpp computes them: theta = position, multiplied by base^(-2/dim) per pair, in f32.
+        let half = shape.head_dim / 2;
+        let scale = shape.rope_base.powf(-2.0 / shape.head_dim as f32);
+        let mut angles = Vec::with_capacity(shape.context * half);
+        for position in 0..shape.context {
+            let mut theta = position as f32;
+            for _ in 0..half {
+                angles.push(theta);
+                theta *= scale;
+            }
+        }
+        let angles = Tensor::from_vec(angles, (shape.context, half), &device)?;
+        Ok(Self {
+            cos: angles.cos()?,
+            sin: angles.sin()?,
+            shape,
+            part,
+            embeddings,
+            layers,
+            head,
+            device,
+        })
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        KvCache {
+            layers: (0..self.layers.len()).map(|_| None).collect(),
+            length: 0,
+        }
+    }
+
+    /// Hidden states `(1, tokens, embedding)` for `tokens`.
+    pub fn embed(&self, tokens: &[u32]) -> Result<Tensor, ModelError> {
+        let table = self
+            .embeddings
+            .as_ref()
+            .ok_or(ModelError::MissingPart("embedding"))?;
+        let ids = Tensor::new(tokens, &self.device)?;
+        Ok(table.index_select(&ids, 0)?.unsqueeze(0)?)
+    }
+
+    /// Runs this instance's layers over `hidden` (positions `cache.length..`), extending the cache.
+    /// The caller advances `cache.length` once every layer of the model has seen the tokens.
+    pub fn layers(&self, hidden: Tensor, cache: &mut KvCache) -> Result<Tensor, ModelError> {
+        let (_, tokens, _) = hidden.dims3()?;
+        let start = cache.length;
+        if start + tokens > self.shape.context {
+            return Err(ModelError::ContextFull(self.shape.context));
+        }
+        let mask = (tokens > 1)
+            .then(|| causal_mask(tokens, start, &self.device))
+            .transpose()?;
+        let mut hidden = hidden;
+        for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            let normed = candle_nn::ops::rms_norm(
+                &hidden,
+                &layer.attention_norm,
+                self.shape.rms_epsilon as f32,
+            )?;
+            let attended = self.attention(layer, &normed, slot, start, mask.as_ref())?;
+            hidden = (hidden + attended)?;
+            let normed =
+                candle_nn::ops::rms_norm(&hidden, &layer.ffn_norm, self.shape.rms_epsilon as f32)?;
+            let gate = candle_nn::ops::silu(&layer.gate.forward(&normed)?)?;
+            let up = layer.up.forward(&normed)?;
+            hidden = (hidden + layer.down.forward(&(gate * up)?)?)?;
+        }
+        Ok(hidden)
+    }
+
+    /// Logits `(vocab)` of the last position of `hidden`.
+    pub fn head(&self, hidden: &Tensor) -> Result<Vec<f32>, ModelError> {
+        let head = self
+            .head
+            .as_ref()
+            .ok_or(ModelError::MissingPart("output head"))?;
+        let (_, tokens, _) = hidden.dims3()?;
+        let last = hidden.i((.., tokens - 1..tokens, ..))?;
+        let normed = candle_nn::ops::rms_norm(&last, &head.norm, self.shape.rms_epsilon as f32)?;
+        Ok(head
+            .output
+            .forward(&normed)?
+            .flatten_all()?
+            .to_vec1::<f32>()?)
+    }
+
+    fn attention(
+        &self,
+        layer: &Layer,
+        x: &Tensor,
+        slot: &mut Option<(Tensor, Tensor)>,
+        start: usize,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor, ModelError> {
+        let (batch, tokens, width) = x.dims3()?;
+        let shape = &self.shape;
+        let project = |weights: &QMatMul,
+                       bias: &Option<Tensor>,
+                       heads: usize|
+         -> Result<Tensor, ModelError> {
+            let mut out = weights.forward(x)?;
+            if let Some(bias) = bias {
+                out = out.broadcast_add(bias)?;
+            }
+            Ok(out
+                .reshape((batch, tokens, heads, shape.head_dim))?
+                .transpose(1, 2)?)
+        };
+        let q = self.rotate(&project(&layer.q, &layer.q_bias, shape.heads)?, start)?;
+        let k = self.rotate(&project(&layer.k, &layer.k_bias, shape.kv_heads)?, start)?;
+        let v = project(&layer.v, &layer.v_bias, shape.kv_heads)?;
+        let (k, v) = match slot.take() {
+            Some((past_k, past_v)) if start > 0 => (
+                Tensor::cat(&[&past_k, &k], 2)?.contiguous()?,
+                Tensor::cat(&[&past_v, &v], 2)?.contiguous()?,
+            ),
+            _ => (k.contiguous()?, v.contiguous()?),
+        };
+        *slot = Some((k.clone(), v.clone()));
+        let group = shape.heads / shape.kv_heads;
+        let expand = |t: Tensor| -> Result<Tensor, ModelError> {
+            if group == 1 {
+                return Ok(t);
+            }
+            let (b, kv, length, dim) = t.dims4()?;
+            Ok(t.unsqueeze(2)?
+                .expand((b, kv, group, length, dim))?
+                .reshape((b, kv * group, length, dim))?)
+        };
+        let k = expand(k)?;
+        let v = expand(v)?;
+        let scale = 1.0 / (shape.head_dim as f64).sqrt();
+        let mut scores = (q.contiguous()?.matmul(&k.t()?)? * scale)?;
+        if let Some(mask) = mask {
+            scores = scores.broadcast_add(mask)?;
+        }
+        let weights = candle_nn::ops::softmax_last_dim(&scores)?;
+        let out = weights.matmul(&v.contiguous()?)?;
+        let out = out.transpose(1, 2)?.reshape((batch, tokens, width))?;
+        Ok(layer.output.forward(&out)?)
+    }
+
+    /// Rotary position embedding of `x` `(batch, heads, tokens, head_dim)` at positions `start..`.
+    fn rotate(&self, x: &Tensor, start: usize) -> Result<Tensor, ModelError> {
+        let (_, _, tokens, _) = x.dims4()?;
+        let cos = self.cos.narrow(0, start, tokens)?;
+        let sin = self.sin.narrow(0, start, tokens)?;
+        let x = x.contiguous()?;
+        Ok(match self.shape.rope {
+            Rope::Adjacent => candle_nn::rotary_emb::rope_i(&x, &cos, &sin)?,
+            Rope::Halves => candle_nn::rotary_emb::rope(&x, &cos, &sin)?,
+        })
+    }
+}
+
+/// `(tokens, start + tokens)`: 0 where a query may look, minus infinity at later positions.
+fn causal_mask(tokens: usize, start: usize, device: &Device) -> Result<Tensor, ModelError> {
+    let values: Vec<f32> = (0..tokens)
+        .flat_map(|row| {
+            (0..start + tokens).map(move |column| {
+                if column > start + row {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
+        .collect();
+    Ok(Tensor::from_vec(values, (tokens, start + tokens), device)?.to_dtype(DType::F32)?)
+}
