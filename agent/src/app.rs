@@ -327,8 +327,10 @@ pub async fn start_agent(
     identity::ensure_private_dir(&config.data_dir)?;
     let node_id = NodeId::load_or_create(&config.data_dir)?;
     let agent = &config.agent;
+    let shutdown = CancellationToken::new();
+    let engine_url = start_engine(config, &shutdown).await?;
     let models_dir = agent.models_dir.clone();
-    let ollama_url = agent.ollama_url.clone();
+    let ollama_url = engine_url.or_else(|| agent.ollama_url.clone());
     let sampler =
         tokio::task::spawn_blocking(move || Sampler::detect(models_dir, ollama_url.as_deref()))
             .await
@@ -343,13 +345,72 @@ pub async fn start_agent(
         initial_backoff: agent.reconnect_initial_backoff,
         max_backoff: agent.reconnect_max_backoff,
     };
-    let shutdown = CancellationToken::new();
     let task = tokio::spawn(join::run(params, sampler, shutdown.clone()));
     Ok(AgentHandle {
         node_id,
         shutdown,
         task,
     })
+}
+
+/// Starts the built-in engine when the configuration asks for it (or, in `auto`, when there are GGUF
+/// models and no Ollama answers); returns the URL of its Ollama-compatible API.
+async fn start_engine(
+    config: &Config,
+    shutdown: &CancellationToken,
+) -> Result<Option<String>, StartError> {
+    use crate::config::EngineMode;
+    use crate::inference::engine::{self, Engine};
+    let settings = &config.engine;
+    if settings.mode == EngineMode::Off {
+        return Ok(None);
+    }
+    let models_dir = config.agent.models_dir.clone();
+    let store = settings.ollama_models.clone();
+    let files =
+        tokio::task::spawn_blocking(move || engine::discover(&models_dir, store.as_deref()))
+            .await
+            .map_err(|error| StartError::Usage(format!("model discovery panicked: {error}")))?;
+    if settings.mode == EngineMode::Auto {
+        let ollama = config
+            .agent
+            .ollama_url
+            .clone()
+            .unwrap_or_else(|| crate::telemetry::ollama::DEFAULT_OLLAMA_URL.to_owned());
+        let probe = crate::http_client::HttpClient::default()
+            .get_json::<serde_json::Value>(&format!("{ollama}/api/version"), Duration::from_secs(1))
+            .await;
+        if probe.is_ok() {
+            tracing::info!(%ollama, "an Ollama answers; the built-in engine stays off (engine.mode = on serves its models anyway)");
+            return Ok(None);
+        }
+        if files.is_empty() {
+            tracing::warn!(
+                %ollama,
+                models_dir = %config.agent.models_dir.display(),
+                "no Ollama answers and there is no GGUF model, so this node has nothing to serve: put a .gguf file in the models directory (scripts/fetch-model fetches the test model) or start Ollama"
+            );
+            return Ok(None);
+        }
+    }
+    if files.is_empty() {
+        tracing::warn!(dir = %config.agent.models_dir.display(), "the built-in engine has no models: put GGUF files in the models directory (scripts/fetch-model fetches the test model)");
+    }
+    let listener = bind(settings.bind, "engine").await?;
+    let address = crate::config::loopback_if_unspecified(local_address(&listener, settings.bind));
+    let names: Vec<&str> = files.iter().map(|file| file.name.as_str()).collect();
+    tracing::info!(%address, models = ?names, "built-in engine serving");
+    let engine = std::sync::Arc::new(Engine::new(
+        files,
+        settings.parallel.get() as usize,
+        settings.keep_alive,
+    ));
+    tokio::spawn(crate::inference::server::serve(
+        listener,
+        engine,
+        shutdown.clone(),
+    ));
+    Ok(Some(format!("http://{address}")))
 }
 
 /// The agent settings `sollol agent` needs: where to join and with which token.

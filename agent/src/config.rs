@@ -236,6 +236,36 @@ pub const KEYS: &[KeySpec] = &[
         default: Some("30s"),
         doc: "Cap of the reconnect delay. Each delay is drawn between half the current step and the step (jitter).",
     },
+    KeySpec {
+        key: "engine.mode",
+        env: "SOLLOL_ENGINE",
+        default: Some("auto"),
+        doc: "The built-in engine: `auto` serves the GGUF models found when no Ollama answers at `agent.ollama_url`; `on` always serves them (instead of Ollama); `off` never.",
+    },
+    KeySpec {
+        key: "engine.bind",
+        env: "SOLLOL_ENGINE_BIND",
+        default: Some("127.0.0.1:0"),
+        doc: "Address of the engine's Ollama-compatible API (port 0: any free port). Use e.g. `0.0.0.0:11437` when the coordinator runs on another machine.",
+    },
+    KeySpec {
+        key: "engine.parallel",
+        env: "SOLLOL_ENGINE_PARALLEL",
+        default: Some("1"),
+        doc: "Sequences the engine generates at once; more requests wait (Ollama's `OLLAMA_NUM_PARALLEL`).",
+    },
+    KeySpec {
+        key: "engine.keep_alive",
+        env: "SOLLOL_ENGINE_KEEP_ALIVE",
+        default: Some("5m"),
+        doc: "How long a model stays loaded after its last request, unless the request's `keep_alive` says otherwise.",
+    },
+    KeySpec {
+        key: "engine.ollama_models",
+        env: "SOLLOL_OLLAMA_MODELS",
+        default: None,
+        doc: "Ollama's model store, whose downloaded GGUF models the engine can serve too. Default: `~/.ollama/models` when it exists.",
+    },
 ];
 
 /// Where a raw value came from, for error messages and `print-config`.
@@ -387,6 +417,24 @@ pub struct Config {
     pub coordinator_url: String,
     pub coordinator: CoordinatorConfig,
     pub agent: AgentConfig,
+    pub engine: EngineConfig,
+}
+
+/// Whether the agent serves its GGUF models with the built-in engine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EngineMode {
+    Auto,
+    On,
+    Off,
+}
+
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    pub mode: EngineMode,
+    pub bind: SocketAddr,
+    pub parallel: NonZeroU32,
+    pub keep_alive: Duration,
+    pub ollama_models: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug)]
@@ -579,6 +627,25 @@ impl TryFrom<&RawConfig> for Config {
             reconnect_initial_backoff,
             reconnect_max_backoff,
         };
+        let engine = EngineConfig {
+            mode: reader.parse("engine.mode", |text| match text.trim() {
+                "auto" => Ok(EngineMode::Auto),
+                "on" => Ok(EngineMode::On),
+                "off" => Ok(EngineMode::Off),
+                _ => Err("must be auto, on or off".to_owned()),
+            })?,
+            bind: reader.parse("engine.bind", parse_socket_addr)?,
+            parallel: reader.parse("engine.parallel", parse_non_zero)?,
+            keep_alive: reader.parse("engine.keep_alive", parse_duration)?,
+            ollama_models: match reader.text("engine.ollama_models") {
+                Some(text) => Some(PathBuf::from(
+                    reader.non_empty("engine.ollama_models", text)?,
+                )),
+                None => dirs::home_dir()
+                    .map(|home| home.join(".ollama/models"))
+                    .filter(|store| store.is_dir()),
+            },
+        };
         Ok(Self {
             shutdown_grace: reader.parse("shutdown_grace", parse_duration)?,
             log_level: reader.parse("log_level", |text| {
@@ -593,6 +660,7 @@ impl TryFrom<&RawConfig> for Config {
             data_dir,
             coordinator,
             agent,
+            engine,
         })
     }
 }

@@ -4,29 +4,15 @@
 //!
 //! The model is fetched by `scripts/fetch-model` (run by `scripts/test`); `SOLLOL_TEST_MODEL` overrides its path.
 
-use std::path::{Path, PathBuf};
-
 use serde_json::Value;
 use sollol::inference::gguf::Gguf;
 use sollol::inference::model::{Model, Part};
 use sollol::inference::sampling::greedy;
 use sollol::inference::tokenizer::{ChatMessage, TextCodec};
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
+mod support;
 
-fn model_path() -> PathBuf {
-    let path = std::env::var_os("SOLLOL_TEST_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join(".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf"));
-    assert!(
-        path.exists(),
-        "{} is missing: run scripts/fetch-model (scripts/test does) or set SOLLOL_TEST_MODEL",
-        path.display()
-    );
-    path
-}
+use support::{root, test_model as model_path};
 
 fn reference() -> Value {
     let path = root().join("tests/reference/smollm2-135m-q4_1.llamacpp.json");
@@ -188,4 +174,70 @@ fn greedy_generation_matches_llama_cpp_and_a_layer_split_matches_the_whole() {
         worst <= 1e-4,
         "layer split changed the logits by up to {worst}"
     );
+}
+
+/// The engine behind a real agent, reached through the gateway by the official `ollama` Python package.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn official_client_through_the_gateway_to_the_engine() {
+    let models = tempfile::tempdir().expect("tempdir");
+    std::os::unix::fs::symlink(model_path(), models.path().join("smollm2:135m.gguf"))
+        .expect("link the model");
+    let coordinator_dir = tempfile::tempdir().expect("tempdir");
+    let agent_dir = tempfile::tempdir().expect("tempdir");
+    let coordinator_data = coordinator_dir.path().display().to_string();
+    let coordinator = sollol::app::start_coordinator(
+        &sollol::config::Config::from_pairs(&[
+            ("data_dir", &coordinator_data),
+            ("coordinator.gateway_bind", "127.0.0.1:0"),
+            ("coordinator.cluster_bind", "127.0.0.1:0"),
+            ("coordinator.hedging", "false"),
+        ])
+        .expect("config"),
+    )
+    .await
+    .expect("coordinator");
+    let agent_data = agent_dir.path().display().to_string();
+    let models_dir = models.path().display().to_string();
+    let agent = sollol::app::start_agent(
+        &sollol::config::Config::from_pairs(&[
+            ("data_dir", &agent_data),
+            ("agent.name", "engine-node"),
+            ("agent.models_dir", &models_dir),
+            ("agent.heartbeat_interval", "200ms"),
+            ("engine.mode", "on"),
+        ])
+        .expect("agent config"),
+        coordinator.cluster_address.to_string(),
+        coordinator.token.clone(),
+    )
+    .await
+    .expect("agent");
+    let started = std::time::Instant::now();
+    while coordinator.view().backends.is_empty() {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "the engine never became a backend"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let output = tokio::process::Command::new(support::test_python())
+        .arg(root().join("tests/clients/engine_clients.py"))
+        .arg(format!("http://{}", coordinator.gateway_address))
+        .arg("smollm2:135m")
+        .output()
+        .await
+        .expect("run python");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success() && stdout.contains("engine clients: 4 passed, 0 failed"),
+        "{stdout}\n{stderr}"
+    );
+    agent
+        .stop(std::time::Duration::from_secs(5))
+        .await
+        .expect("stop agent");
+    coordinator
+        .shutdown(std::time::Duration::from_secs(5))
+        .await;
 }

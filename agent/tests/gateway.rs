@@ -12,6 +12,8 @@ use sollol::app::{self, AgentHandle, CoordinatorHandle};
 use sollol::config::Config;
 use sollol_ollama_emulator::{Emulator, EmulatorConfig, Fault, embedding_of};
 
+mod support;
+
 struct Cluster {
     coordinator: CoordinatorHandle,
     agents: Vec<AgentHandle>,
@@ -512,18 +514,9 @@ async fn routing_learns_and_prefers_the_fast_node() {
 }
 
 /// The official `ollama` and `openai` Python packages, from the virtual environment `scripts/test` creates.
-/// The test venv's Python (with the ollama, openai and prometheus_client packages) and the repository root.
+/// The test venv's Python and the repository root.
 fn test_python() -> (std::path::PathBuf, std::path::PathBuf) {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let python = std::env::var_os("SOLLOL_TEST_PYTHON")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| root.join(".cache/venv/bin/python"));
-    assert!(
-        python.exists(),
-        "{} is missing: run scripts/test (it creates the venv with the test packages) or set SOLLOL_TEST_PYTHON",
-        python.display()
-    );
-    (python, root)
+    (support::test_python(), support::root())
 }
 
 /// Requests through the gateway show up in `/metrics` (parsed by Prometheus's own Python parser), in the

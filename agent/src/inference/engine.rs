@@ -254,9 +254,12 @@ impl LoadedModel {
             logits = self.model.head(&hidden)?;
         }
         if !cut_at_stop_string {
+            // What was held back as a possible stop string is sent; a character cut off by the
+            // length limit (decoded as U+FFFD) is not.
             let text = self.codec.decode(&output)?;
-            if text.len() > sent {
-                emit(&text[sent..]);
+            let end = safe_prefix(&text, &[]);
+            if end > sent {
+                emit(&text[sent..end]);
             }
         }
         Ok(Generated {

@@ -450,6 +450,37 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Random corruption of a valid file (our bounded stand-in for a fuzzer): never a panic, and
+        /// whatever is accepted stays inside the file.
+        #[test]
+        fn corrupted_files_never_panic(
+            edits in proptest::collection::vec((0usize..200, proptest::num::u8::ANY), 1..8),
+            cut in 0usize..240,
+        ) {
+            let mut file = tiny_file();
+            for (position, byte) in edits {
+                if let Some(slot) = file.get_mut(position) {
+                    *slot = byte;
+                }
+            }
+            file.truncate(cut.max(1));
+            if let Ok(gguf) = read(&file) {
+                for tensor in &gguf.tensors {
+                    proptest::prop_assert!(tensor.offset + tensor.size <= file.len() as u64);
+                }
+            }
+        }
+
+        #[test]
+        fn random_bytes_never_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+            let mut file = MAGIC.to_vec();
+            file.extend_from_slice(&3u32.to_le_bytes());
+            file.extend_from_slice(&bytes);
+            let _ = read(&file);
+        }
+    }
+
     #[test]
     fn hostile_headers_are_errors() {
         let mut wrong_magic = tiny_file();

@@ -8,4 +8,5 @@ pub mod engine;
 pub mod gguf;
 pub mod model;
 pub mod sampling;
+pub mod server;
 pub mod tokenizer;

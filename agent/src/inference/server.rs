@@ -1,0 +1,499 @@
+//! The engine as an Ollama node: `/api/chat`, `/api/generate` (streaming NDJSON by default), `/api/tags`,
+//! `/api/ps`, `/api/show`, `/api/version`, `GET /`, with Ollama's JSON fields and real timings.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use super::engine::{Engine, EngineError, GenerateOptions, Generated, LoadedModel};
+use super::sampling::SamplingOptions;
+use super::tokenizer::ChatMessage;
+
+/// Chunks of a streamed answer waiting to be written; the generation waits when the client reads slowly.
+const STREAM_BUFFER: usize = 16;
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, axum::Json(json!({"error": message.into()}))).into_response()
+}
+
+/// A request turned down, answered as Ollama's `{"error": ...}`.
+#[derive(Debug)]
+struct Refusal(StatusCode, String);
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        error(self.0, self.1)
+    }
+}
+
+fn refuse(status: StatusCode, message: impl Into<String>) -> Refusal {
+    Refusal(status, message.into())
+}
+
+fn engine_error(failure: EngineError) -> Response {
+    let status = match failure {
+        EngineError::NotFound(_) => StatusCode::NOT_FOUND,
+        EngineError::PromptTooLong { .. } => StatusCode::BAD_REQUEST,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    error(status, failure.to_string())
+}
+
+fn rfc3339(time: SystemTime) -> String {
+    humantime::format_rfc3339_nanos(time).to_string()
+}
+
+fn nanos(duration: Duration) -> u64 {
+    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
+}
+
+pub fn router(engine: Arc<Engine>) -> Router {
+    Router::new()
+        .route("/", get(|| async { "Ollama is running" }))
+        .route("/api/version", get(version))
+        .route("/api/tags", get(tags))
+        .route("/api/ps", get(ps))
+        .route("/api/show", post(show))
+        .route("/api/chat", post(chat))
+        .route("/api/generate", post(generate))
+        .route("/api/embed", post(no_embeddings))
+        .route("/api/embeddings", post(no_embeddings))
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "not found") })
+        .with_state(engine)
+}
+
+/// Serves the engine on `listener` until `shutdown`.
+pub async fn serve(listener: TcpListener, engine: Arc<Engine>, shutdown: CancellationToken) {
+    let app = router(engine);
+    if let Err(failure) = axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+    {
+        tracing::error!(error = %failure, "the engine's server stopped");
+    }
+}
+
+async fn version() -> axum::Json<Value> {
+    axum::Json(json!({"version": sollol_shared::BUILD_VERSION}))
+}
+
+fn details(model: Option<&LoadedModel>) -> Value {
+    match model {
+        Some(model) => json!({
+            "parent_model": "",
+            "format": "gguf",
+            "family": model.details.family,
+            "families": [model.details.family],
+            "parameter_size": model.details.parameter_size,
+            "quantization_level": model.details.quantization_level,
+        }),
+        None => json!({"format": "gguf"}),
+    }
+}
+
+async fn tags(State(engine): State<Arc<Engine>>) -> axum::Json<Value> {
+    let loaded = engine.loaded();
+    let models: Vec<Value> = engine
+        .files()
+        .iter()
+        .map(|file| {
+            let model = loaded
+                .iter()
+                .find(|(model, _)| model.file.name == file.name)
+                .map(|(model, _)| model.as_ref());
+            json!({
+                "name": file.name,
+                "model": file.name,
+                "modified_at": rfc3339(file.modified),
+                "size": file.size_bytes,
+                "digest": file.digest.trim_start_matches("sha256:"),
+                "details": details(model),
+            })
+        })
+        .collect();
+    axum::Json(json!({ "models": models }))
+}
+
+async fn ps(State(engine): State<Arc<Engine>>) -> axum::Json<Value> {
+    let now = Instant::now();
+    let models: Vec<Value> = engine
+        .loaded()
+        .iter()
+        .map(|(model, expires)| {
+            let expires_at = SystemTime::now() + expires.saturating_duration_since(now);
+            json!({
+                "name": model.file.name,
+                "model": model.file.name,
+                "size": model.file.size_bytes,
+                "digest": model.file.digest.trim_start_matches("sha256:"),
+                "details": details(Some(model)),
+                "expires_at": rfc3339(expires_at),
+                "size_vram": 0,
+            })
+        })
+        .collect();
+    axum::Json(json!({ "models": models }))
+}
+
+fn model_name(request: &Value) -> Option<&str> {
+    request
+        .get("model")
+        .or_else(|| request.get("name"))
+        .and_then(Value::as_str)
+        .filter(|name| !name.trim().is_empty())
+}
+
+fn parse(body: &Bytes) -> Result<Value, Refusal> {
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|failure| refuse(StatusCode::BAD_REQUEST, format!("invalid JSON: {failure}")))?;
+    if !value.is_object() {
+        return Err(refuse(
+            StatusCode::BAD_REQUEST,
+            "the request body must be a JSON object",
+        ));
+    }
+    Ok(value)
+}
+
+async fn show(State(engine): State<Arc<Engine>>, body: Bytes) -> Response {
+    let request = match parse(&body) {
+        Ok(request) => request,
+        Err(refusal) => return refusal.into_response(),
+    };
+    let Some(name) = model_name(&request) else {
+        return error(StatusCode::BAD_REQUEST, "model is required");
+    };
+    match engine.get(name, None).await {
+        Ok((model, _)) => axum::Json(json!({
+            "modelfile": format!("FROM {}", model.file.path.display()),
+            "parameters": "",
+            "template": model.details.chat_template.clone().unwrap_or_default(),
+            "details": details(Some(&model)),
+            "model_info": {
+                "general.architecture": model.details.family,
+                "general.parameter_count": model.details.parameter_size,
+                "llama.context_length": model.details.context_length,
+            },
+            "modified_at": rfc3339(model.file.modified),
+        }))
+        .into_response(),
+        Err(failure) => engine_error(failure),
+    }
+}
+
+async fn no_embeddings(body: Bytes) -> Response {
+    let name = parse(&body)
+        .ok()
+        .and_then(|request| model_name(&request).map(str::to_owned))
+        .unwrap_or_default();
+    error(
+        StatusCode::NOT_IMPLEMENTED,
+        format!(
+            "the built-in engine does not compute embeddings yet (model {name:?}); use an Ollama node for them"
+        ),
+    )
+}
+
+/// Ollama's `keep_alive`: a duration ("5m", "30s"), seconds as a number, 0 to unload, negative for ever.
+fn keep_alive(request: &Value) -> Result<Option<Duration>, Refusal> {
+    let bad = || {
+        refuse(
+            StatusCode::BAD_REQUEST,
+            "keep_alive must be a duration such as \"5m\" or a number of seconds",
+        )
+    };
+    match request.get("keep_alive") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(number)) => {
+            let seconds = number.as_f64().ok_or_else(bad)?;
+            Ok(Some(if seconds < 0.0 {
+                Duration::from_secs(u64::MAX / 4)
+            } else {
+                Duration::from_secs_f64(seconds)
+            }))
+        }
+        Some(Value::String(text)) => {
+            if text.trim_start().starts_with('-') {
+                return Ok(Some(Duration::from_secs(u64::MAX / 4)));
+            }
+            if let Ok(seconds) = text.trim().parse::<f64>() {
+                return Ok(Some(Duration::from_secs_f64(seconds.max(0.0))));
+            }
+            humantime::parse_duration(text.trim())
+                .map(Some)
+                .map_err(|_| bad())
+        }
+        Some(_) => Err(bad()),
+    }
+}
+
+/// Ollama's `options` object.
+fn options(request: &Value) -> Result<GenerateOptions, Refusal> {
+    let defaults = SamplingOptions::default();
+    let options = request.get("options").cloned().unwrap_or(Value::Null);
+    let number = |name: &str| options.get(name).and_then(Value::as_f64);
+    let num_predict = match number("num_predict") {
+        None => None,
+        Some(value) if value < 0.0 => None,
+        Some(value) => Some(value as usize),
+    };
+    let stop = match options.get("stop") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::String(stop)) => vec![stop.clone()],
+        Some(Value::Array(stops)) => stops
+            .iter()
+            .filter_map(Value::as_str)
+            .filter(|stop| !stop.is_empty())
+            .map(str::to_owned)
+            .collect(),
+        Some(_) => {
+            return Err(refuse(
+                StatusCode::BAD_REQUEST,
+                "options.stop must be a string or a list of strings",
+            ));
+        }
+    };
+    Ok(GenerateOptions {
+        sampling: SamplingOptions {
+            temperature: number("temperature").map_or(defaults.temperature, |value| value as f32),
+            top_k: number("top_k").map_or(defaults.top_k, |value| value.max(0.0) as usize),
+            top_p: number("top_p").map_or(defaults.top_p, |value| value as f32),
+            min_p: number("min_p").map_or(defaults.min_p, |value| value as f32),
+            repeat_penalty: number("repeat_penalty")
+                .map_or(defaults.repeat_penalty, |value| value as f32),
+            repeat_last_n: number("repeat_last_n")
+                .map_or(defaults.repeat_last_n, |value| value.max(0.0) as usize),
+            seed: number("seed")
+                .filter(|seed| *seed >= 0.0)
+                .map(|seed| seed as u64),
+        },
+        num_predict,
+        stop,
+    })
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Api {
+    Chat,
+    Generate,
+}
+
+async fn chat(State(engine): State<Arc<Engine>>, body: Bytes) -> Response {
+    complete(engine, body, Api::Chat).await
+}
+
+async fn generate(State(engine): State<Arc<Engine>>, body: Bytes) -> Response {
+    complete(engine, body, Api::Generate).await
+}
+
+/// The prompt text of a chat or generate request.
+fn prompt_of(model: &LoadedModel, request: &Value, api: Api) -> Result<Option<String>, Refusal> {
+    let text_of = |value: &Value| value.as_str().map(str::to_owned);
+    match api {
+        Api::Chat => {
+            let Some(messages) = request.get("messages").and_then(Value::as_array) else {
+                return Ok(None);
+            };
+            if messages.is_empty() {
+                return Ok(None);
+            }
+            let messages: Vec<ChatMessage> = messages
+                .iter()
+                .map(|message| ChatMessage {
+                    role: message["role"].as_str().unwrap_or("user").to_owned(),
+                    content: text_of(&message["content"]).unwrap_or_default(),
+                })
+                .collect();
+            model
+                .codec
+                .render_chat(&messages)
+                .map(Some)
+                .map_err(|failure| refuse(StatusCode::BAD_REQUEST, failure.to_string()))
+        }
+        Api::Generate => {
+            let prompt = request.get("prompt").and_then(text_of).unwrap_or_default();
+            if prompt.is_empty() {
+                return Ok(None);
+            }
+            if request.get("raw").and_then(Value::as_bool) == Some(true) {
+                return Ok(Some(prompt));
+            }
+            let mut messages = Vec::new();
+            if let Some(system) = request.get("system").and_then(text_of) {
+                messages.push(ChatMessage {
+                    role: "system".to_owned(),
+                    content: system,
+                });
+            }
+            messages.push(ChatMessage {
+                role: "user".to_owned(),
+                content: prompt,
+            });
+            model
+                .codec
+                .render_chat(&messages)
+                .map(Some)
+                .map_err(|failure| refuse(StatusCode::BAD_REQUEST, failure.to_string()))
+        }
+    }
+}
+
+fn piece(api: Api, model: &str, text: &str) -> Value {
+    let mut chunk = json!({"model": model, "created_at": rfc3339(SystemTime::now())});
+    match api {
+        Api::Chat => chunk["message"] = json!({"role": "assistant", "content": text}),
+        Api::Generate => chunk["response"] = json!(text),
+    }
+    chunk["done"] = json!(false);
+    chunk
+}
+
+fn finish(
+    api: Api,
+    model: &str,
+    text: &str,
+    generated: &Generated,
+    load: Duration,
+    total: Duration,
+) -> Value {
+    let mut last = piece(api, model, text);
+    last["done"] = json!(true);
+    last["done_reason"] = json!(generated.done_reason);
+    last["total_duration"] = json!(nanos(total));
+    last["load_duration"] = json!(nanos(load));
+    last["prompt_eval_count"] = json!(generated.prompt_tokens);
+    last["prompt_eval_duration"] = json!(nanos(generated.prompt_duration));
+    last["eval_count"] = json!(generated.output_tokens);
+    last["eval_duration"] = json!(nanos(generated.generation_duration));
+    last
+}
+
+fn ndjson(value: &Value) -> Bytes {
+    let mut line = serde_json::to_vec(value).unwrap_or_default();
+    line.push(b'\n');
+    Bytes::from(line)
+}
+
+async fn complete(engine: Arc<Engine>, body: Bytes, api: Api) -> Response {
+    let started = Instant::now();
+    let request = match parse(&body) {
+        Ok(request) => request,
+        Err(refusal) => return refusal.into_response(),
+    };
+    let Some(name) = model_name(&request).map(str::to_owned) else {
+        return error(StatusCode::BAD_REQUEST, "model is required");
+    };
+    let keep = match keep_alive(&request) {
+        Ok(keep) => keep,
+        Err(refusal) => return refusal.into_response(),
+    };
+    let generate_options = match options(&request) {
+        Ok(options) => options,
+        Err(refusal) => return refusal.into_response(),
+    };
+    let stream = request
+        .get("stream")
+        .and_then(Value::as_bool)
+        .unwrap_or(true);
+    // Wait for a free sequence slot before loading, as Ollama queues.
+    let Ok(permit) = Arc::clone(&engine.slots).acquire_owned().await else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the engine is shutting down",
+        );
+    };
+    let (model, load) = match engine.get(&name, keep).await {
+        Ok(loaded) => loaded,
+        Err(failure) => return engine_error(failure),
+    };
+    let prompt = match prompt_of(&model, &request, api) {
+        Ok(prompt) => prompt,
+        Err(refusal) => return refusal.into_response(),
+    };
+    if keep == Some(Duration::ZERO) {
+        engine.unload(&model.file.name);
+    }
+    let Some(prompt) = prompt else {
+        // No prompt: Ollama loads (or unloads) the model and answers at once.
+        let mut answer = piece(api, &model.file.name, "");
+        answer["done"] = json!(true);
+        answer["done_reason"] = json!(if keep == Some(Duration::ZERO) {
+            "unload"
+        } else {
+            "load"
+        });
+        return axum::Json(answer).into_response();
+    };
+    let ids = match model.codec.encode(&prompt) {
+        Ok(ids) => ids,
+        Err(failure) => return error(StatusCode::BAD_REQUEST, failure.to_string()),
+    };
+    let (sender, mut receiver) = tokio::sync::mpsc::channel::<Bytes>(STREAM_BUFFER);
+    let name = model.file.name.clone();
+    let worker = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        let mut whole = String::new();
+        let result = model.generate(&ids, &generate_options, |text| {
+            if stream {
+                sender
+                    .blocking_send(ndjson(&piece(api, &name, text)))
+                    .is_ok()
+            } else {
+                whole.push_str(text);
+                true
+            }
+        });
+        match result {
+            Ok(generated) => {
+                let text = if stream { "" } else { whole.as_str() };
+                let last = finish(api, &name, text, &generated, load, started.elapsed());
+                let _ = sender.blocking_send(ndjson(&last));
+            }
+            Err(failure) => {
+                tracing::warn!(model = %name, error = %failure, "generation failed");
+                let _ = sender.blocking_send(ndjson(&json!({"error": failure.to_string()})));
+            }
+        }
+    });
+    drop(worker);
+    if stream {
+        let body = Body::from_stream(futures_util::stream::unfold(
+            receiver,
+            |mut receiver| async move {
+                receiver
+                    .recv()
+                    .await
+                    .map(|chunk| (Ok::<_, std::convert::Infallible>(chunk), receiver))
+            },
+        ));
+        return ([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response();
+    }
+    match receiver.recv().await {
+        Some(answer) => {
+            let status = if answer.starts_with(b"{\"error\"") {
+                StatusCode::INTERNAL_SERVER_ERROR
+            } else {
+                StatusCode::OK
+            };
+            (
+                status,
+                [(header::CONTENT_TYPE, "application/json; charset=utf-8")],
+                answer,
+            )
+                .into_response()
+        }
+        None => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "generation ended without an answer",
+        ),
+    }
+}
