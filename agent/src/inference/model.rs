@@ -28,6 +28,8 @@ pub enum ModelError {
     },
     #[error("this part of the model has no {0}")]
     MissingPart(&'static str),
+    #[error("token id {0} is not in the vocabulary")]
+    Token(u32),
     #[error("the sequence is longer than the context of {0} tokens")]
     ContextFull(usize),
 }
@@ -140,6 +142,32 @@ struct Layer {
     down: QMatMul,
 }
 
+/// The token embedding table kept quantized; rows are dequantized as tokens need them (the table in
+/// f32 would be the largest allocation of a small model).
+#[derive(Debug)]
+struct Embeddings {
+    bytes: Vec<u8>,
+    dtype: GgmlDType,
+    rows: usize,
+    width: usize,
+    row_bytes: usize,
+}
+
+impl Embeddings {
+    fn row(&self, token: u32, device: &Device) -> Result<Tensor, ModelError> {
+        let index = token as usize;
+        if index >= self.rows {
+            return Err(ModelError::Token(token));
+        }
+        let start = index * self.row_bytes;
+        let row = &self.bytes[start..start + self.row_bytes];
+        Ok(
+            ggml_file::qtensor_from_ggml(self.dtype, row, vec![1, self.width], device)?
+                .dequantize(device)?,
+        )
+    }
+}
+
 #[derive(Debug)]
 struct Head {
     norm: Tensor,
@@ -159,7 +187,7 @@ pub struct KvCache {
 pub struct Model {
     pub shape: Shape,
     pub part: Part,
-    embeddings: Option<Tensor>,
+    embeddings: Option<Embeddings>,
     layers: Vec<Layer>,
     head: Option<Head>,
     cos: Tensor,
@@ -254,7 +282,20 @@ impl Model {
             device: device.clone(),
         };
         let embeddings = if part.embed {
-            Some(loader.dense("token_embd.weight")?)
+            let (info, bytes) = gguf.tensor_bytes(&mut loader.file, "token_embd.weight")?;
+            let [width, rows] = info.dims[..] else {
+                return Err(ModelError::Gguf(GgufError::Corrupt(
+                    "token_embd.weight is not a matrix".to_owned(),
+                )));
+            };
+            let rows = usize::try_from(rows).unwrap_or(usize::MAX);
+            Some(Embeddings {
+                row_bytes: bytes.len() / rows.max(1),
+                dtype: dtype_of(&info)?,
+                width: usize::try_from(width).unwrap_or(usize::MAX),
+                rows,
+                bytes,
+            })
         } else {
             None
         };
@@ -327,8 +368,11 @@ impl Model {
             .embeddings
             .as_ref()
             .ok_or(ModelError::MissingPart("embedding"))?;
-        let ids = Tensor::new(tokens, &self.device)?;
-        Ok(table.index_select(&ids, 0)?.unsqueeze(0)?)
+        let rows = tokens
+            .iter()
+            .map(|token| table.row(*token, &self.device))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Tensor::cat(&rows, 0)?.unsqueeze(0)?)
     }
 
     /// Runs this instance's layers over `hidden` (positions `cache.length..`), extending the cache.
