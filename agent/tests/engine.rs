@@ -230,7 +230,7 @@ async fn official_client_through_the_gateway_to_the_engine() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
-        output.status.success() && stdout.contains("engine clients: 4 passed, 0 failed"),
+        output.status.success() && stdout.contains("engine clients: 6 passed, 0 failed"),
         "{stdout}\n{stderr}"
     );
     agent

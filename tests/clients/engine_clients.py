@@ -1,5 +1,5 @@
 """The official ollama Python package against the gateway in front of an agent serving the test model with
-sollol's built-in engine: chat streaming and not, generate, list, ps, show.
+sollol's built-in engine: chat streaming and not, generate, list, ps, show; and the openai package, chat streaming and not.
 
 Usage: engine_clients.py GATEWAY_URL MODEL. Prints "engine clients: N passed, N failed"; exits 1 on failure.
 """
@@ -8,6 +8,7 @@ import sys
 import traceback
 
 import ollama
+import openai
 
 gateway, model = sys.argv[1], sys.argv[2]
 client = ollama.Client(host=gateway)
@@ -65,9 +66,31 @@ def listing():
     assert shown.details.family == "llama" and shown.details.quantization_level == "Q4_1", shown.details
 
 
+openai_client = openai.OpenAI(base_url=f"{gateway}/v1", api_key="unused")
+
+
+def openai_chat():
+    response = openai_client.chat.completions.create(
+        model=model, messages=QUESTION, temperature=0, max_tokens=16, seed=1
+    )
+    assert response.choices[0].message.content == answers.get("whole"), response
+    assert response.usage.completion_tokens == 16 and response.choices[0].finish_reason == "length"
+
+
+def openai_chat_stream():
+    chunks = list(openai_client.chat.completions.create(
+        model=model, messages=QUESTION, temperature=0, max_tokens=16, seed=1, stream=True
+    ))
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+    assert text == answers.get("whole"), (text, answers.get("whole"))
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
 check("chat", chat_whole)
 check("chat streaming", chat_stream)
 check("generate", generate)
 check("list, ps, show", listing)
+check("openai chat", openai_chat)
+check("openai chat streaming", openai_chat_stream)
 print(f"engine clients: {passed} passed, {failed} failed")
 sys.exit(0 if failed == 0 else 1)

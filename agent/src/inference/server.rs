@@ -1,5 +1,6 @@
 //! The engine as an Ollama node: `/api/chat`, `/api/generate` (streaming NDJSON by default), `/api/tags`,
-//! `/api/ps`, `/api/show`, `/api/version`, `GET /`, with Ollama's JSON fields and real timings.
+//! `/api/ps`, `/api/show`, `/api/version`, `GET /`, with Ollama's JSON fields and real timings; and
+//! OpenAI's `/v1/chat/completions`, `/v1/completions` (SSE when streaming) and `/v1/models`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -65,6 +66,9 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .route("/api/show", post(show))
         .route("/api/chat", post(chat))
         .route("/api/generate", post(generate))
+        .route("/v1/chat/completions", post(openai_chat))
+        .route("/v1/completions", post(openai_completion))
+        .route("/v1/models", get(openai_models))
         .route("/api/embed", post(no_embeddings))
         .route("/api/embeddings", post(no_embeddings))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not found") })
@@ -285,6 +289,62 @@ fn options(request: &Value) -> Result<GenerateOptions, Refusal> {
 enum Api {
     Chat,
     Generate,
+    /// OpenAI's `/v1/chat/completions`.
+    OpenAiChat,
+    /// OpenAI's `/v1/completions`: the prompt as given, no chat template.
+    OpenAiCompletion,
+}
+
+impl Api {
+    fn is_openai(self) -> bool {
+        matches!(self, Self::OpenAiChat | Self::OpenAiCompletion)
+    }
+}
+
+async fn openai_chat(State(engine): State<Arc<Engine>>, body: Bytes) -> Response {
+    complete(engine, body, Api::OpenAiChat).await
+}
+
+async fn openai_completion(State(engine): State<Arc<Engine>>, body: Bytes) -> Response {
+    complete(engine, body, Api::OpenAiCompletion).await
+}
+
+async fn openai_models(State(engine): State<Arc<Engine>>) -> axum::Json<Value> {
+    let data: Vec<Value> = engine
+        .files()
+        .iter()
+        .map(|file| {
+            let created = file
+                .modified
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |age| age.as_secs());
+            json!({"id": file.name, "object": "model", "created": created, "owned_by": "sollol"})
+        })
+        .collect();
+    axum::Json(json!({"object": "list", "data": data}))
+}
+
+/// OpenAI's parameters as generation options (`max_tokens`, `temperature`, `top_p`, `seed`, `stop`).
+fn openai_options(request: &Value) -> Result<GenerateOptions, Refusal> {
+    let mut translated = json!({});
+    for (ours, theirs) in [
+        ("num_predict", "max_tokens"),
+        ("temperature", "temperature"),
+        ("top_p", "top_p"),
+        ("seed", "seed"),
+        ("stop", "stop"),
+    ] {
+        if let Some(value) = request.get(theirs).filter(|value| !value.is_null()) {
+            translated[ours] = value.clone();
+        }
+    }
+    if let Some(value) = request
+        .get("max_completion_tokens")
+        .filter(|value| !value.is_null())
+    {
+        translated["num_predict"] = value.clone();
+    }
+    options(&json!({ "options": translated }))
 }
 
 async fn chat(State(engine): State<Arc<Engine>>, body: Bytes) -> Response {
@@ -299,7 +359,11 @@ async fn generate(State(engine): State<Arc<Engine>>, body: Bytes) -> Response {
 fn prompt_of(model: &LoadedModel, request: &Value, api: Api) -> Result<Option<String>, Refusal> {
     let text_of = |value: &Value| value.as_str().map(str::to_owned);
     match api {
-        Api::Chat => {
+        Api::OpenAiCompletion => Ok(request
+            .get("prompt")
+            .and_then(text_of)
+            .filter(|prompt| !prompt.is_empty())),
+        Api::Chat | Api::OpenAiChat => {
             let Some(messages) = request.get("messages").and_then(Value::as_array) else {
                 return Ok(None);
             };
@@ -347,24 +411,76 @@ fn prompt_of(model: &LoadedModel, request: &Value, api: Api) -> Result<Option<St
     }
 }
 
+fn unix_seconds() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |now| now.as_secs())
+}
+
+/// One streamed piece of text in the API's own shape.
 fn piece(api: Api, model: &str, text: &str) -> Value {
-    let mut chunk = json!({"model": model, "created_at": rfc3339(SystemTime::now())});
     match api {
-        Api::Chat => chunk["message"] = json!({"role": "assistant", "content": text}),
-        Api::Generate => chunk["response"] = json!(text),
+        Api::Chat | Api::Generate => {
+            let mut chunk = json!({"model": model, "created_at": rfc3339(SystemTime::now())});
+            if api == Api::Chat {
+                chunk["message"] = json!({"role": "assistant", "content": text});
+            } else {
+                chunk["response"] = json!(text);
+            }
+            chunk["done"] = json!(false);
+            chunk
+        }
+        Api::OpenAiChat => json!({
+            "id": "chatcmpl-sollol", "object": "chat.completion.chunk", "created": unix_seconds(),
+            "model": model,
+            "choices": [{"index": 0, "delta": {"role": "assistant", "content": text}, "finish_reason": null}],
+        }),
+        Api::OpenAiCompletion => json!({
+            "id": "cmpl-sollol", "object": "text_completion", "created": unix_seconds(), "model": model,
+            "choices": [{"index": 0, "text": text, "finish_reason": null}],
+        }),
     }
-    chunk["done"] = json!(false);
-    chunk
+}
+
+/// The last object: the whole text when not streaming, and the figures.
+fn openai_finish(api: Api, model: &str, text: &str, generated: &Generated, stream: bool) -> Value {
+    let reason = if generated.done_reason == "length" {
+        "length"
+    } else {
+        "stop"
+    };
+    let usage = json!({
+        "prompt_tokens": generated.prompt_tokens,
+        "completion_tokens": generated.output_tokens,
+        "total_tokens": generated.prompt_tokens + generated.output_tokens,
+    });
+    let mut last = piece(api, model, text);
+    if api == Api::OpenAiChat {
+        if stream {
+            last["choices"][0]["delta"] = json!({});
+        } else {
+            last["object"] = json!("chat.completion");
+            last["choices"][0] =
+                json!({"index": 0, "message": {"role": "assistant", "content": text}});
+        }
+    }
+    last["choices"][0]["finish_reason"] = json!(reason);
+    last["usage"] = usage;
+    last
 }
 
 fn finish(
     api: Api,
+    stream: bool,
     model: &str,
     text: &str,
     generated: &Generated,
     load: Duration,
     total: Duration,
 ) -> Value {
+    if api.is_openai() {
+        return openai_finish(api, model, text, generated, stream);
+    }
     let mut last = piece(api, model, text);
     last["done"] = json!(true);
     last["done_reason"] = json!(generated.done_reason);
@@ -375,6 +491,17 @@ fn finish(
     last["eval_count"] = json!(generated.output_tokens);
     last["eval_duration"] = json!(nanos(generated.generation_duration));
     last
+}
+
+/// One streamed object: an NDJSON line for Ollama, a Server-Sent Event for OpenAI.
+fn frame(api: Api, value: &Value) -> Bytes {
+    if api.is_openai() {
+        let mut event = b"data: ".to_vec();
+        event.extend(serde_json::to_vec(value).unwrap_or_default());
+        event.extend_from_slice(b"\n\n");
+        return Bytes::from(event);
+    }
+    ndjson(value)
 }
 
 fn ndjson(value: &Value) -> Bytes {
@@ -396,14 +523,20 @@ async fn complete(engine: Arc<Engine>, body: Bytes, api: Api) -> Response {
         Ok(keep) => keep,
         Err(refusal) => return refusal.into_response(),
     };
-    let generate_options = match options(&request) {
+    let parsed_options = if api.is_openai() {
+        openai_options(&request)
+    } else {
+        options(&request)
+    };
+    let generate_options = match parsed_options {
         Ok(options) => options,
         Err(refusal) => return refusal.into_response(),
     };
+    // Ollama streams unless told not to; OpenAI only when asked.
     let stream = request
         .get("stream")
         .and_then(Value::as_bool)
-        .unwrap_or(true);
+        .unwrap_or(!api.is_openai());
     // Wait for a free sequence slot before loading, as Ollama queues.
     let Ok(permit) = Arc::clone(&engine.slots).acquire_owned().await else {
         return error(
@@ -423,6 +556,9 @@ async fn complete(engine: Arc<Engine>, body: Bytes, api: Api) -> Response {
         engine.unload(&model.file.name);
     }
     let Some(prompt) = prompt else {
+        if api.is_openai() {
+            return error(StatusCode::BAD_REQUEST, "messages or prompt is required");
+        }
         // No prompt: Ollama loads (or unloads) the model and answers at once.
         let mut answer = piece(api, &model.file.name, "");
         answer["done"] = json!(true);
@@ -445,7 +581,7 @@ async fn complete(engine: Arc<Engine>, body: Bytes, api: Api) -> Response {
         let result = model.generate(&ids, &generate_options, |text| {
             if stream {
                 sender
-                    .blocking_send(ndjson(&piece(api, &name, text)))
+                    .blocking_send(frame(api, &piece(api, &name, text)))
                     .is_ok()
             } else {
                 whole.push_str(text);
@@ -455,12 +591,27 @@ async fn complete(engine: Arc<Engine>, body: Bytes, api: Api) -> Response {
         match result {
             Ok(generated) => {
                 let text = if stream { "" } else { whole.as_str() };
-                let last = finish(api, &name, text, &generated, load, started.elapsed());
-                let _ = sender.blocking_send(ndjson(&last));
+                let last = finish(
+                    api,
+                    stream,
+                    &name,
+                    text,
+                    &generated,
+                    load,
+                    started.elapsed(),
+                );
+                if stream {
+                    let _ = sender.blocking_send(frame(api, &last));
+                    if api.is_openai() {
+                        let _ = sender.blocking_send(Bytes::from_static(b"data: [DONE]\n\n"));
+                    }
+                } else {
+                    let _ = sender.blocking_send(ndjson(&last));
+                }
             }
             Err(failure) => {
                 tracing::warn!(model = %name, error = %failure, "generation failed");
-                let _ = sender.blocking_send(ndjson(&json!({"error": failure.to_string()})));
+                let _ = sender.blocking_send(frame(api, &json!({"error": failure.to_string()})));
             }
         }
     });
@@ -475,7 +626,12 @@ async fn complete(engine: Arc<Engine>, body: Bytes, api: Api) -> Response {
                     .map(|chunk| (Ok::<_, std::convert::Infallible>(chunk), receiver))
             },
         ));
-        return ([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response();
+        let content_type = if api.is_openai() {
+            "text/event-stream"
+        } else {
+            "application/x-ndjson"
+        };
+        return ([(header::CONTENT_TYPE, content_type)], body).into_response();
     }
     match receiver.recv().await {
         Some(answer) => {
