@@ -129,16 +129,15 @@ impl Part {
 #[derive(Debug)]
 struct Layer {
     attention_norm: Tensor,
-    q: QMatMul,
-    k: QMatMul,
-    v: QMatMul,
+    /// Queries, keys and values.
+    qkv: Projections,
     q_bias: Option<Tensor>,
     k_bias: Option<Tensor>,
     v_bias: Option<Tensor>,
     output: QMatMul,
     ffn_norm: Tensor,
-    gate: QMatMul,
-    up: QMatMul,
+    /// The feed-forward's gate and up projections.
+    gate_up: Projections,
     down: QMatMul,
 }
 
@@ -165,6 +164,35 @@ impl Embeddings {
             ggml_file::qtensor_from_ggml(self.dtype, row, vec![1, self.width], device)?
                 .dequantize(device)?,
         )
+    }
+}
+
+/// Matrices applied to the same input: one quantized matmul over their rows stacked when they share a
+/// type and a width (one pass over the input instead of several), else one each.
+#[derive(Debug)]
+enum Projections {
+    Stacked { matmul: QMatMul, outputs: Vec<usize> },
+    Separate(Vec<QMatMul>),
+}
+
+impl Projections {
+    fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>, ModelError> {
+        match self {
+            Self::Stacked { matmul, outputs } => {
+                let all = matmul.forward(x)?;
+                let mut start = 0;
+                let mut parts = Vec::with_capacity(outputs.len());
+                for width in outputs {
+                    parts.push(all.narrow(candle_core::D::Minus1, start, *width)?.contiguous()?);
+                    start += width;
+                }
+                Ok(parts)
+            }
+            Self::Separate(matmuls) => Ok(matmuls
+                .iter()
+                .map(|matmul| matmul.forward(x))
+                .collect::<Result<_, _>>()?),
+        }
     }
 }
 
@@ -251,6 +279,47 @@ impl Loader<'_> {
         Ok(QMatMul::from_qtensor(self.qtensor(name)?)?)
     }
 
+    fn projections(&mut self, names: &[&str]) -> Result<Projections, ModelError> {
+        let infos: Vec<TensorInfo> = names
+            .iter()
+            .map(|name| {
+                self.gguf
+                    .tensor(name)
+                    .cloned()
+                    .ok_or_else(|| GgufError::MissingTensor((*name).to_owned()))
+            })
+            .collect::<Result<_, _>>()?;
+        let stackable = infos.iter().all(|info| {
+            info.dims.len() == 2 && info.ggml_type == infos[0].ggml_type && info.dims[0] == infos[0].dims[0]
+        });
+        if !stackable {
+            return Ok(Projections::Separate(
+                names
+                    .iter()
+                    .map(|name| self.matmul(name))
+                    .collect::<Result<_, _>>()?,
+            ));
+        }
+        let mut bytes = Vec::new();
+        let mut outputs = Vec::with_capacity(names.len());
+        for name in names {
+            let (info, tensor) = self.gguf.tensor_bytes(&mut self.file, name)?;
+            bytes.extend_from_slice(&tensor);
+            outputs.push(usize::try_from(info.dims[1]).unwrap_or(usize::MAX));
+        }
+        let width = usize::try_from(infos[0].dims[0]).unwrap_or(usize::MAX);
+        let qtensor = ggml_file::qtensor_from_ggml(
+            dtype_of(&infos[0])?,
+            &bytes,
+            vec![outputs.iter().sum(), width],
+            &self.device,
+        )?;
+        Ok(Projections::Stacked {
+            matmul: QMatMul::from_qtensor(qtensor)?,
+            outputs,
+        })
+    }
+
     fn dense(&mut self, name: &str) -> Result<Tensor, ModelError> {
         Ok(self.qtensor(name)?.dequantize(&self.device)?)
     }
@@ -304,16 +373,17 @@ impl Model {
             let name = |suffix: &str| format!("blk.{index}.{suffix}");
             layers.push(Layer {
                 attention_norm: loader.dense(&name("attn_norm.weight"))?,
-                q: loader.matmul(&name("attn_q.weight"))?,
-                k: loader.matmul(&name("attn_k.weight"))?,
-                v: loader.matmul(&name("attn_v.weight"))?,
+                qkv: loader.projections(&[
+                    &name("attn_q.weight"),
+                    &name("attn_k.weight"),
+                    &name("attn_v.weight"),
+                ])?,
                 q_bias: loader.optional_dense(&name("attn_q.bias"))?,
                 k_bias: loader.optional_dense(&name("attn_k.bias"))?,
                 v_bias: loader.optional_dense(&name("attn_v.bias"))?,
                 output: loader.matmul(&name("attn_output.weight"))?,
                 ffn_norm: loader.dense(&name("ffn_norm.weight"))?,
-                gate: loader.matmul(&name("ffn_gate.weight"))?,
-                up: loader.matmul(&name("ffn_up.weight"))?,
+                gate_up: loader.projections(&[&name("ffn_gate.weight"), &name("ffn_up.weight")])?,
                 down: loader.matmul(&name("ffn_down.weight"))?,
             });
         }
@@ -397,8 +467,9 @@ impl Model {
             hidden = (hidden + attended)?;
             let normed =
                 candle_nn::ops::rms_norm(&hidden, &layer.ffn_norm, self.shape.rms_epsilon as f32)?;
-            let gate = candle_nn::ops::silu(&layer.gate.forward(&normed)?)?;
-            let up = layer.up.forward(&normed)?;
+            let [gate, up] = <[Tensor; 2]>::try_from(layer.gate_up.forward(&normed)?)
+                .map_err(|_| ModelError::MissingPart("feed-forward projections"))?;
+            let gate = candle_nn::ops::silu(&gate)?;
             hidden = (hidden + layer.down.forward(&(gate * up)?)?)?;
         }
         Ok(hidden)
@@ -430,11 +501,13 @@ impl Model {
     ) -> Result<Tensor, ModelError> {
         let (batch, tokens, width) = x.dims3()?;
         let shape = &self.shape;
-        let project = |weights: &QMatMul,
+        let [q, k, v] = <[Tensor; 3]>::try_from(layer.qkv.forward(x)?)
+            .map_err(|_| ModelError::MissingPart("attention projections"))?;
+        let project = |out: Tensor,
                        bias: &Option<Tensor>,
                        heads: usize|
          -> Result<Tensor, ModelError> {
-            let mut out = weights.forward(x)?;
+            let mut out = out;
             if let Some(bias) = bias {
                 out = out.broadcast_add(bias)?;
             }
@@ -442,9 +515,9 @@ impl Model {
                 .reshape((batch, tokens, heads, shape.head_dim))?
                 .transpose(1, 2)?)
         };
-        let q = self.rotate(&project(&layer.q, &layer.q_bias, shape.heads)?, start)?;
-        let k = self.rotate(&project(&layer.k, &layer.k_bias, shape.kv_heads)?, start)?;
-        let v = project(&layer.v, &layer.v_bias, shape.kv_heads)?;
+        let q = self.rotate(&project(q, &layer.q_bias, shape.heads)?, start)?;
+        let k = self.rotate(&project(k, &layer.k_bias, shape.kv_heads)?, start)?;
+        let v = project(v, &layer.v_bias, shape.kv_heads)?;
         let (k, v) = match slot.take() {
             Some((past_k, past_v)) if start > 0 => (
                 Tensor::cat(&[&past_k, &k], 2)?.contiguous()?,
