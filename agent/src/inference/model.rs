@@ -11,6 +11,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor, ggml_file};
 use candle_core::{DType, Device, IndexOp, Module, Tensor};
 
 use super::gguf::{Gguf, GgufError, TensorInfo};
+use super::kernels::Q41Matrix;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -134,11 +135,11 @@ struct Layer {
     q_bias: Option<Tensor>,
     k_bias: Option<Tensor>,
     v_bias: Option<Tensor>,
-    output: QMatMul,
+    output: Linear,
     ffn_norm: Tensor,
     /// The feed-forward's gate and up projections.
     gate_up: Projections,
-    down: QMatMul,
+    down: Linear,
 }
 
 /// The token embedding table kept quantized; rows are dequantized as tokens need them (the table in
@@ -167,12 +168,45 @@ impl Embeddings {
     }
 }
 
+/// A weight matrix applied to activations: our Q4_1 kernel for Q4_1, candle's quantized matmul otherwise.
+#[derive(Debug)]
+enum Linear {
+    Candle(QMatMul),
+    Q41(Q41Matrix),
+}
+
+impl Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
+        match self {
+            Self::Candle(matmul) => Ok(matmul.forward(x)?),
+            Self::Q41(matrix) => {
+                let dims = x.dims().to_vec();
+                let columns = dims.last().copied().unwrap_or(0);
+                if columns != matrix.columns() {
+                    return Err(ModelError::Candle(candle_core::Error::Msg(format!(
+                        "{columns} activations for a matrix of {} columns",
+                        matrix.columns()
+                    ))));
+                }
+                let tokens = x.elem_count() / columns.max(1);
+                let input = x.flatten_all()?.to_vec1::<f32>()?;
+                let output = matrix.forward(&input, tokens);
+                let mut shape = dims;
+                if let Some(last) = shape.last_mut() {
+                    *last = matrix.rows();
+                }
+                Ok(Tensor::from_vec(output, shape, x.device())?)
+            }
+        }
+    }
+}
+
 /// Matrices applied to the same input: one quantized matmul over their rows stacked when they share a
 /// type and a width (one pass over the input instead of several), else one each.
 #[derive(Debug)]
 enum Projections {
-    Stacked { matmul: QMatMul, outputs: Vec<usize> },
-    Separate(Vec<QMatMul>),
+    Stacked { matmul: Linear, outputs: Vec<usize> },
+    Separate(Vec<Linear>),
 }
 
 impl Projections {
@@ -183,7 +217,10 @@ impl Projections {
                 let mut start = 0;
                 let mut parts = Vec::with_capacity(outputs.len());
                 for width in outputs {
-                    parts.push(all.narrow(candle_core::D::Minus1, start, *width)?.contiguous()?);
+                    parts.push(
+                        all.narrow(candle_core::D::Minus1, start, *width)?
+                            .contiguous()?,
+                    );
                     start += width;
                 }
                 Ok(parts)
@@ -199,7 +236,7 @@ impl Projections {
 #[derive(Debug)]
 struct Head {
     norm: Tensor,
-    output: QMatMul,
+    output: Linear,
 }
 
 /// The keys and values a sequence has computed, per layer this instance holds.
@@ -275,8 +312,37 @@ impl Loader<'_> {
         )?)
     }
 
-    fn matmul(&mut self, name: &str) -> Result<QMatMul, ModelError> {
-        Ok(QMatMul::from_qtensor(self.qtensor(name)?)?)
+    fn matmul(&mut self, name: &str) -> Result<Linear, ModelError> {
+        let (info, bytes) = self.gguf.tensor_bytes(&mut self.file, name)?;
+        self.linear(&info, &bytes, None)
+    }
+
+    /// A matrix from its GGUF bytes; `rows` overrides the row count (stacked matrices).
+    fn linear(
+        &self,
+        info: &TensorInfo,
+        bytes: &[u8],
+        rows: Option<usize>,
+    ) -> Result<Linear, ModelError> {
+        let columns = usize::try_from(info.dims[0]).unwrap_or(usize::MAX);
+        let rows = rows.unwrap_or_else(|| {
+            info.dims[1..]
+                .iter()
+                .map(|dim| usize::try_from(*dim).unwrap_or(usize::MAX))
+                .product()
+        });
+        if dtype_of(info)? == GgmlDType::Q4_1
+            && let Some(matrix) = Q41Matrix::from_gguf(bytes, rows, columns)
+        {
+            return Ok(Linear::Q41(matrix));
+        }
+        let qtensor = ggml_file::qtensor_from_ggml(
+            dtype_of(info)?,
+            bytes,
+            vec![rows, columns],
+            &self.device,
+        )?;
+        Ok(Linear::Candle(QMatMul::from_qtensor(qtensor)?))
     }
 
     fn projections(&mut self, names: &[&str]) -> Result<Projections, ModelError> {
@@ -290,7 +356,9 @@ impl Loader<'_> {
             })
             .collect::<Result<_, _>>()?;
         let stackable = infos.iter().all(|info| {
-            info.dims.len() == 2 && info.ggml_type == infos[0].ggml_type && info.dims[0] == infos[0].dims[0]
+            info.dims.len() == 2
+                && info.ggml_type == infos[0].ggml_type
+                && info.dims[0] == infos[0].dims[0]
         });
         if !stackable {
             return Ok(Projections::Separate(
@@ -307,15 +375,8 @@ impl Loader<'_> {
             bytes.extend_from_slice(&tensor);
             outputs.push(usize::try_from(info.dims[1]).unwrap_or(usize::MAX));
         }
-        let width = usize::try_from(infos[0].dims[0]).unwrap_or(usize::MAX);
-        let qtensor = ggml_file::qtensor_from_ggml(
-            dtype_of(&infos[0])?,
-            &bytes,
-            vec![outputs.iter().sum(), width],
-            &self.device,
-        )?;
         Ok(Projections::Stacked {
-            matmul: QMatMul::from_qtensor(qtensor)?,
+            matmul: self.linear(&infos[0], &bytes, Some(outputs.iter().sum()))?,
             outputs,
         })
     }
@@ -503,18 +564,16 @@ impl Model {
         let shape = &self.shape;
         let [q, k, v] = <[Tensor; 3]>::try_from(layer.qkv.forward(x)?)
             .map_err(|_| ModelError::MissingPart("attention projections"))?;
-        let project = |out: Tensor,
-                       bias: &Option<Tensor>,
-                       heads: usize|
-         -> Result<Tensor, ModelError> {
-            let mut out = out;
-            if let Some(bias) = bias {
-                out = out.broadcast_add(bias)?;
-            }
-            Ok(out
-                .reshape((batch, tokens, heads, shape.head_dim))?
-                .transpose(1, 2)?)
-        };
+        let project =
+            |out: Tensor, bias: &Option<Tensor>, heads: usize| -> Result<Tensor, ModelError> {
+                let mut out = out;
+                if let Some(bias) = bias {
+                    out = out.broadcast_add(bias)?;
+                }
+                Ok(out
+                    .reshape((batch, tokens, heads, shape.head_dim))?
+                    .transpose(1, 2)?)
+            };
         let q = self.rotate(&project(q, &layer.q_bias, shape.heads)?, start)?;
         let k = self.rotate(&project(k, &layer.k_bias, shape.kv_heads)?, start)?;
         let v = project(v, &layer.v_bias, shape.kv_heads)?;
@@ -546,7 +605,7 @@ impl Model {
         let weights = candle_nn::ops::softmax_last_dim(&scores)?;
         let out = weights.matmul(&v.contiguous()?)?;
         let out = out.transpose(1, 2)?.reshape((batch, tokens, width))?;
-        Ok(layer.output.forward(&out)?)
+        layer.output.forward(&out)
     }
 
     /// Rotary position embedding of `x` `(batch, heads, tokens, head_dim)` at positions `start..`.
