@@ -95,3 +95,17 @@ ensure_playwright_core() {
     npm install --prefix "$TOOLS" --no-audit --no-fund --silent "playwright-core@$PLAYWRIGHT_CORE_VERSION"
   fi
 }
+
+CARGO_FUZZ_VERSION=0.12.0
+
+# cargo-fuzz (libFuzzer; needs the nightly toolchain) for the GGUF reader's fuzz target.
+ensure_cargo_fuzz() {
+  if ! rustup toolchain list | grep -q '^nightly'; then
+    say "installing the nightly toolchain (minimal) for cargo-fuzz"
+    rustup toolchain install nightly --profile minimal
+  fi
+  if [ "$(cargo fuzz --version 2>/dev/null | awk '{print $2}')" != "$CARGO_FUZZ_VERSION" ]; then
+    say "installing cargo-fuzz $CARGO_FUZZ_VERSION (a minute, once)"
+    cargo install -j "$CARGO_BUILD_JOBS" --locked cargo-fuzz --version "$CARGO_FUZZ_VERSION"
+  fi
+}
