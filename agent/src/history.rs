@@ -32,9 +32,12 @@ const REQUEST_RETENTION: i64 = 50_000;
 
 const QUEUE_CAPACITY: usize = 16_384;
 const MAX_BATCH: usize = 4096;
-/// After the first record of a batch the writer waits this long for more: one transaction (and one wake-up
-/// of this thread) per window instead of per request. A crash loses at most this much; a shutdown loses nothing.
+/// After a first request record the writer waits up to this long for more: one transaction per window
+/// instead of per request. A crash loses at most this much of the request log; node and event records
+/// are written at once; a shutdown loses nothing.
 const BATCH_WINDOW: std::time::Duration = std::time::Duration::from_millis(50);
+/// How often the writer looks for more records while a batch waits.
+const BATCH_POLL: std::time::Duration = std::time::Duration::from_millis(5);
 /// The `requests` table is trimmed to `REQUEST_RETENTION` after this many more inserts.
 const PRUNE_EVERY: u32 = 2048;
 
@@ -462,14 +465,27 @@ fn write_loop(
     let mut requests_since_prune = 0;
     while let Some(first) = receiver.blocking_recv() {
         batch.push(first);
-        if !receiver.is_closed() {
-            std::thread::sleep(BATCH_WINDOW);
-        }
-        while batch.len() < MAX_BATCH {
-            match receiver.try_recv() {
-                Ok(record) => batch.push(record),
-                Err(_) => break,
+        // Requests and learned figures wait up to a window to share a transaction; a node or event
+        // record (a join, a status change) is written at once, so a crash does not forget it.
+        let deadline = std::time::Instant::now() + BATCH_WINDOW;
+        loop {
+            while batch.len() < MAX_BATCH {
+                match receiver.try_recv() {
+                    Ok(record) => batch.push(record),
+                    Err(_) => break,
+                }
             }
+            let urgent = batch
+                .iter()
+                .any(|record| matches!(record, Record::Node(_) | Record::Event { .. }));
+            if urgent
+                || batch.len() >= MAX_BATCH
+                || receiver.is_closed()
+                || std::time::Instant::now() >= deadline
+            {
+                break;
+            }
+            std::thread::sleep(BATCH_POLL);
         }
         requests_since_prune += batch
             .iter()

@@ -6,7 +6,6 @@
 
 pub mod engine;
 pub mod gguf;
-pub mod kernels;
 pub mod model;
 pub mod sampling;
 pub mod server;

@@ -11,7 +11,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor, ggml_file};
 use candle_core::{DType, Device, IndexOp, Module, Tensor};
 
 use super::gguf::{Gguf, GgufError, TensorInfo};
-use super::kernels::Q41Matrix;
+use sollol_kernels::Q41Matrix;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {

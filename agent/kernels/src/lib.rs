@@ -1,4 +1,6 @@
-//! Our own kernel for the hottest operation of Q4_1 models: a Q4_1 matrix times f32 activations.
+//! sollol's own compute kernels for the inference engine (`agent/src/inference`).
+//!
+//! The kernel for the hottest operation of Q4_1 models: a Q4_1 matrix times f32 activations.
 //!
 //! candle's Q4_1 dot product is its generic scalar one (three quarters of generation time in a profile).
 //! This one computes the same sums (activations quantized to Q8_1 exactly as ggml and candle do, integer
