@@ -58,8 +58,9 @@ def generate():
 
 
 def listing():
-    names = [entry.model for entry in client.list().models]
-    assert model in names, names
+    listed = {entry.model: entry for entry in client.list().models}
+    assert model in listed, list(listed)
+    assert listed[model].details.family == "llama", listed[model].details
     running = [entry.model for entry in client.ps().models]
     assert model in running, running
     shown = client.show(model)

@@ -41,6 +41,8 @@ pub struct ModelFile {
     pub modified: SystemTime,
     /// `sha256:...` for Ollama blobs, else a digest of the path and size.
     pub digest: String,
+    /// From the file's header, read at discovery; `None` when the header does not read.
+    pub details: Option<ModelDetails>,
 }
 
 /// What an Ollama `details` object says about a model.
@@ -99,6 +101,7 @@ fn model_file(name: String, path: &Path, digest: Option<String>) -> Option<Model
         size_bytes: metadata.len(),
         modified: metadata.modified().unwrap_or(SystemTime::UNIX_EPOCH),
         digest,
+        details: describe(path),
     })
 }
 
@@ -171,7 +174,7 @@ impl LoadedModel {
         let codec = TextCodec::from_gguf(&gguf)?;
         let shape = super::model::Shape::read(&gguf)?;
         let model = Model::load(&file.path, &gguf, Part::whole(shape.layers))?;
-        let details = details_of(&gguf, &model);
+        let details = details_of(&gguf, model.shape.context);
         Ok(Self {
             file: file.clone(),
             details,
@@ -308,8 +311,20 @@ pub struct Generated {
     pub done_reason: &'static str,
 }
 
-fn details_of(gguf: &Gguf, model: &Model) -> ModelDetails {
-    let architecture = model.shape.architecture.clone();
+/// What the header of the GGUF at `path` says about the model, without loading it.
+pub fn describe(path: &Path) -> Option<ModelDetails> {
+    let file = std::fs::File::open(path).ok()?;
+    let length = file.metadata().ok()?.len();
+    let gguf = Gguf::read(std::io::BufReader::new(file), length).ok()?;
+    let context = super::model::Shape::read(&gguf).ok()?.context;
+    Some(details_of(&gguf, context))
+}
+
+fn details_of(gguf: &Gguf, context_length: usize) -> ModelDetails {
+    let architecture = gguf
+        .str("general.architecture")
+        .unwrap_or("unknown")
+        .to_owned();
     let parameter_size = gguf
         .str("general.size_label")
         .map(str::to_owned)
@@ -337,7 +352,7 @@ fn details_of(gguf: &Gguf, model: &Model) -> ModelDetails {
         parameter_size,
         quantization_level,
         chat_template: gguf.str("tokenizer.chat_template").ok().map(str::to_owned),
-        context_length: model.shape.context,
+        context_length,
     }
 }
 

@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use super::engine::{Engine, EngineError, GenerateOptions, Generated, LoadedModel};
+use super::engine::{Engine, EngineError, GenerateOptions, Generated, LoadedModel, ModelDetails};
 use super::sampling::SamplingOptions;
 use super::tokenizer::ChatMessage;
 
@@ -90,37 +90,32 @@ async fn version() -> axum::Json<Value> {
     axum::Json(json!({"version": sollol_shared::BUILD_VERSION}))
 }
 
-fn details(model: Option<&LoadedModel>) -> Value {
-    match model {
-        Some(model) => json!({
+fn details(details: Option<&ModelDetails>) -> Value {
+    match details {
+        Some(details) => json!({
             "parent_model": "",
             "format": "gguf",
-            "family": model.details.family,
-            "families": [model.details.family],
-            "parameter_size": model.details.parameter_size,
-            "quantization_level": model.details.quantization_level,
+            "family": details.family,
+            "families": [details.family],
+            "parameter_size": details.parameter_size,
+            "quantization_level": details.quantization_level,
         }),
         None => json!({"format": "gguf"}),
     }
 }
 
 async fn tags(State(engine): State<Arc<Engine>>) -> axum::Json<Value> {
-    let loaded = engine.loaded();
     let models: Vec<Value> = engine
         .files()
         .iter()
         .map(|file| {
-            let model = loaded
-                .iter()
-                .find(|(model, _)| model.file.name == file.name)
-                .map(|(model, _)| model.as_ref());
             json!({
                 "name": file.name,
                 "model": file.name,
                 "modified_at": rfc3339(file.modified),
                 "size": file.size_bytes,
                 "digest": file.digest.trim_start_matches("sha256:"),
-                "details": details(model),
+                "details": details(file.details.as_ref()),
             })
         })
         .collect();
@@ -139,7 +134,7 @@ async fn ps(State(engine): State<Arc<Engine>>) -> axum::Json<Value> {
                 "model": model.file.name,
                 "size": model.file.size_bytes,
                 "digest": model.file.digest.trim_start_matches("sha256:"),
-                "details": details(Some(model)),
+                "details": details(Some(&model.details)),
                 "expires_at": rfc3339(expires_at),
                 "size_vram": 0,
             })
@@ -181,7 +176,7 @@ async fn show(State(engine): State<Arc<Engine>>, body: Bytes) -> Response {
             "modelfile": format!("FROM {}", model.file.path.display()),
             "parameters": "",
             "template": model.details.chat_template.clone().unwrap_or_default(),
-            "details": details(Some(&model)),
+            "details": details(Some(&model.details)),
             "model_info": {
                 "general.architecture": model.details.family,
                 "general.parameter_count": model.details.parameter_size,
