@@ -13,7 +13,8 @@ use std::thread::JoinHandle;
 
 use rusqlite::{Connection, OptionalExtension, params};
 use sollol_shared::api::{
-    Node, NodeEvent, NodeEventKind, NodeStatus, RequestEntry, RequestStatus, RoutingDecision,
+    CandidateCost, Node, NodeEvent, NodeEventKind, NodeStatus, RequestEntry, RequestStatus,
+    RoutingDecision,
 };
 
 use crate::learning::Outcome;
@@ -318,13 +319,18 @@ impl HistoryReader {
                         decision: RoutingDecision {
                             strategy: row.get(12)?,
                             reason: row.get(13)?,
-                            candidates: serde_json::from_str(&candidates).unwrap_or_default(),
+                            candidates: candidates_of(&candidates),
                         },
                     })
                 },
             )?
             .collect()
     }
+}
+
+/// The candidates of a decision from the `candidates` column's JSON (`[{"node", "predicted_ms"}]`).
+pub fn candidates_of(json: &str) -> Vec<CandidateCost> {
+    serde_json::from_str(json).unwrap_or_default()
 }
 
 /// Generated tokens per second of generation time.

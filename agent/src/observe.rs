@@ -14,14 +14,14 @@ use std::time::Duration;
 
 use sollol_shared::BUILD_VERSION;
 use sollol_shared::api::{
-    Aggregate, CandidateCost, HardwareSample, LiveEvent, NodeLoad, NodeStatus, Percentiles,
-    RequestEntry, RequestStatus, RoutingDecision, SeriesPoint, Stats, StatsWindow,
+    Aggregate, HardwareSample, LiveEvent, NodeLoad, NodeStatus, Percentiles, RequestEntry,
+    RequestStatus, RoutingDecision, SeriesPoint, Stats, StatsWindow,
 };
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use crate::cluster::SharedView;
-use crate::history::{RequestRow, tokens_per_second};
+use crate::history::{RequestRow, candidates_of, tokens_per_second};
 
 /// Events buffered for slow SSE clients before they are told they lagged.
 const EVENT_BUFFER: usize = 1024;
@@ -508,11 +508,6 @@ fn entry_of(row: &RequestRow, node: String) -> RequestEntry {
             candidates: candidates_of(&row.candidates),
         },
     }
-}
-
-/// The candidates of a decision from their JSON (`[{"node", "predicted_ms"}]`).
-pub fn candidates_of(json: &str) -> Vec<CandidateCost> {
-    serde_json::from_str(json).unwrap_or_default()
 }
 
 /// Pushes a `node` event whenever a node's status, hardware sample, Ollama state or load changes.

@@ -40,7 +40,7 @@ use crate::http_client::error_chain;
 use crate::learning::{Learner, OllamaTimings, Outcome};
 use crate::observe::Observer;
 use crate::routing::{self, Candidate, Priors, RequestShape, Strategy};
-use sollol_shared::api::RoutingDecision;
+use sollol_shared::api::{CandidateCost, RoutingDecision};
 
 /// Header that picks a strategy for one request.
 pub const STRATEGY_HEADER: &str = "x-sollol-strategy";
@@ -555,15 +555,16 @@ async fn forward_inner(
         }
     }
     // The best few candidates explain a decision; all of them would cost time and history space on big clusters.
-    let candidates_json = serde_json::to_string(
-        &decision
-            .ranking
-            .iter()
-            .take(EXPLAINED_CANDIDATES)
-            .map(|index| json!({"node": candidates[*index].name, "predicted_ms": decision.predicted[*index].as_millis() as u64}))
-            .collect::<Vec<_>>(),
-    )
-    .unwrap_or_else(|_| "[]".to_owned());
+    let explained: Vec<CandidateCost> = decision
+        .ranking
+        .iter()
+        .take(EXPLAINED_CANDIDATES)
+        .map(|index| CandidateCost {
+            node: candidates[*index].name.clone(),
+            predicted_ms: decision.predicted[*index].as_millis() as u64,
+        })
+        .collect();
+    let candidates_json = serde_json::to_string(&explained).unwrap_or_else(|_| "[]".to_owned());
 
     if proxy.observer.wanted()
         && let Some(first) = decision.first()
@@ -576,7 +577,7 @@ async fn forward_inner(
             RoutingDecision {
                 strategy: strategy.as_str().to_owned(),
                 reason: decision.reason.clone(),
-                candidates: crate::observe::candidates_of(&candidates_json),
+                candidates: explained,
             },
         );
     }
