@@ -448,6 +448,7 @@ async fn requests(
         app: query.get("app").cloned(),
         status,
         since_ms: None,
+        figures_only: false,
     };
     Ok(Json(RequestList {
         requests: read_requests(&state, filter, limit).await?,
@@ -468,6 +469,7 @@ async fn stats(
     let until_ms = crate::telemetry::unix_ms(std::time::SystemTime::now());
     let filter = RequestFilter {
         since_ms: Some(until_ms.saturating_sub(window.millis())),
+        figures_only: true,
         ..RequestFilter::default()
     };
     let entries = read_requests(&state, filter, MAX_STATS_ROWS).await?;

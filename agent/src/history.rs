@@ -227,6 +227,8 @@ pub struct RequestFilter {
     pub status: Option<RequestStatus>,
     /// Only requests at or after this time.
     pub since_ms: Option<u64>,
+    /// Leave out the routing decisions' reasons and candidates (statistics only need the figures).
+    pub figures_only: bool,
 }
 
 /// A second, read-only connection for the observability API; the writer thread keeps its own.
@@ -268,7 +270,8 @@ impl HistoryReader {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut statement = connection.prepare_cached(
             "SELECT id, at_ms, node_id, model, path, app, status, prompt_tokens, output_tokens,
-                    time_to_first_byte_ms, total_ms, load_ms, strategy, reason, candidates,
+                    time_to_first_byte_ms, total_ms, load_ms, strategy,
+                    CASE WHEN ?7 THEN '' ELSE reason END, CASE WHEN ?7 THEN '[]' ELSE candidates END,
                     time_to_first_token_ms, eval_ms
              FROM requests
              WHERE (?1 IS NULL OR node_id = ?1) AND (?2 IS NULL OR model = ?2) AND (?3 IS NULL OR app = ?3)
@@ -284,7 +287,8 @@ impl HistoryReader {
                     filter.app,
                     filter.status.map(RequestStatus::as_str),
                     filter.since_ms.map(|ms| ms as i64),
-                    limit
+                    limit,
+                    filter.figures_only
                 ],
                 |row| {
                     let unsigned = |index: usize| -> rusqlite::Result<u64> {
