@@ -125,8 +125,9 @@ pub async fn start_coordinator(config: &Config) -> Result<CoordinatorHandle, Sta
     let settings = &config.coordinator;
     let history_path = data_dir.join(HISTORY_FILE);
     let retention = settings.event_retention.get();
+    let writer_path = history_path.clone();
     let (history, mut remembered) = tokio::task::spawn_blocking(move || {
-        History::open(&history_path, retention, EVENTS_PER_NODE)
+        History::open(&writer_path, retention, EVENTS_PER_NODE)
     })
     .await
     .map_err(|error| StartError::Usage(format!("history start-up panicked: {error}")))??;
@@ -179,9 +180,8 @@ pub async fn start_coordinator(config: &Config) -> Result<CoordinatorHandle, Sta
         shutdown.clone(),
         &tasks,
     );
-    let reader_path = data_dir.join(HISTORY_FILE);
     let history_reader = match tokio::task::spawn_blocking(move || {
-        HistoryReader::open(&reader_path)
+        HistoryReader::open(&history_path)
     })
     .await
     {

@@ -225,35 +225,29 @@ impl Observer {
         );
         {
             let metrics = self.metrics.lock().unwrap_or_else(PoisonError::into_inner);
-            header(
-                &mut out,
-                "sollol_requests_total",
-                "counter",
-                "Requests routed to a node (each failover attempt counts), by node, model and status.",
-            );
-            for ((node, model, status), series) in &metrics.requests {
-                let _ = writeln!(
-                    out,
-                    "sollol_requests_total{{node=\"{}\",model=\"{}\",status=\"{status}\"}} {}",
+            let labels = |(node, model, status): &(String, String, &str)| {
+                format!(
+                    "node=\"{}\",model=\"{}\",status=\"{status}\"",
                     escape(node),
-                    escape(model),
-                    series.count
-                );
-            }
-            header(
-                &mut out,
-                "sollol_output_tokens_total",
-                "counter",
-                "Tokens generated, from Ollama's eval_count.",
-            );
-            for ((node, model, status), series) in &metrics.requests {
-                let _ = writeln!(
-                    out,
-                    "sollol_output_tokens_total{{node=\"{}\",model=\"{}\",status=\"{status}\"}} {}",
-                    escape(node),
-                    escape(model),
-                    series.output_tokens
-                );
+                    escape(model)
+                )
+            };
+            for (name, help, count) in [
+                (
+                    "sollol_requests_total",
+                    "Requests routed to a node (each failover attempt counts), by node, model and status.",
+                    (|series: &RequestSeries| series.count) as fn(&RequestSeries) -> u64,
+                ),
+                (
+                    "sollol_output_tokens_total",
+                    "Tokens generated, from Ollama's eval_count.",
+                    |series: &RequestSeries| series.output_tokens,
+                ),
+            ] {
+                header(&mut out, name, "counter", help);
+                for (key, series) in &metrics.requests {
+                    let _ = writeln!(out, "{name}{{{}}} {}", labels(key), count(series));
+                }
             }
             for (name, help, pick) in [
                 (
@@ -268,13 +262,8 @@ impl Observer {
                 ),
             ] {
                 header(&mut out, name, "histogram", help);
-                for ((node, model, status), series) in &metrics.requests {
-                    let labels = format!(
-                        "node=\"{}\",model=\"{}\",status=\"{status}\"",
-                        escape(node),
-                        escape(model)
-                    );
-                    write_histogram(&mut out, name, &labels, pick(series));
+                for (key, series) in &metrics.requests {
+                    write_histogram(&mut out, name, &labels(key), pick(series));
                 }
             }
             header(

@@ -83,7 +83,7 @@ impl Q41Matrix {
         let mut output = vec![0f32; tokens * self.rows];
         // Rows in chunks, spread over the threads; each chunk computes every token for its rows.
         let chunk_rows = 64;
-        let mut by_rows: Vec<Vec<f32>> = (0..self.rows.div_ceil(chunk_rows))
+        let by_rows: Vec<Vec<f32>> = (0..self.rows.div_ceil(chunk_rows))
             .into_par_iter()
             .map(|chunk| {
                 let first = chunk * chunk_rows;
@@ -99,7 +99,7 @@ impl Q41Matrix {
                 out
             })
             .collect();
-        for (chunk, values) in by_rows.iter_mut().enumerate() {
+        for (chunk, values) in by_rows.iter().enumerate() {
             let first = chunk * chunk_rows;
             let width = values.len() / tokens.max(1);
             for token in 0..tokens {
