@@ -220,19 +220,13 @@ async fn official_client_through_the_gateway_to_the_engine() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    let output = tokio::process::Command::new(support::test_python())
-        .arg(root().join("tests/clients/engine_clients.py"))
-        .arg(format!("http://{}", coordinator.gateway_address))
-        .arg("smollm2:135m")
-        .output()
-        .await
-        .expect("run python");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success() && stdout.contains("engine clients: 6 passed, 0 failed"),
-        "{stdout}\n{stderr}"
-    );
+    let gateway = format!("http://{}", coordinator.gateway_address);
+    support::run_client_script(
+        "engine_clients.py",
+        &[&gateway, "smollm2:135m"],
+        "engine clients: 6 passed, 0 failed",
+    )
+    .await;
     agent
         .stop(std::time::Duration::from_secs(5))
         .await

@@ -514,17 +514,12 @@ async fn routing_learns_and_prefers_the_fast_node() {
 }
 
 /// The official `ollama` and `openai` Python packages, from the virtual environment `scripts/test` creates.
-/// The test venv's Python and the repository root.
-fn test_python() -> (std::path::PathBuf, std::path::PathBuf) {
-    (support::test_python(), support::root())
-}
-
 /// Requests through the gateway show up in `/metrics` (parsed by Prometheus's own Python parser), in the
 /// live event stream, in `/requests` (filterable) and in `/stats`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn observability_counts_every_request() {
     use tokio::io::AsyncWriteExt;
-    let (python, root) = test_python();
+    let (python, root) = (support::test_python(), support::root());
     let nodes = [("fast", 2000.0), ("slow", 400.0)].map(|(name, speed)| EmulatorConfig {
         name: name.to_owned(),
         decode_tokens_per_second: speed,
@@ -700,26 +695,14 @@ async fn observability_counts_every_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn official_python_clients() {
-    let (python, root) = test_python();
     let cluster = cluster().await;
     let gateway = format!("http://{}", cluster.coordinator.gateway_address);
-    let script = root.join("tests/clients/official_clients.py");
-    let output = tokio::process::Command::new(&python)
-        .arg(&script)
-        .arg(&gateway)
-        .output()
-        .await
-        .expect("run python");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "python clients failed:\n{stdout}\n{stderr}"
-    );
-    assert!(
-        stdout.contains("python clients: 9 passed, 0 failed"),
-        "{stdout}"
-    );
+    support::run_client_script(
+        "official_clients.py",
+        &[&gateway],
+        "python clients: 9 passed, 0 failed",
+    )
+    .await;
     cluster.stop().await;
 }
 

@@ -35,3 +35,20 @@ pub fn test_model() -> PathBuf {
     );
     path
 }
+
+/// Runs `tests/clients/SCRIPT` with the test venv's Python and `args`; panics with its output unless it
+/// succeeds and prints `summary` (its closing "N passed, N failed" line).
+pub async fn run_client_script(script: &str, args: &[&str], summary: &str) {
+    let output = tokio::process::Command::new(test_python())
+        .arg(root().join("tests/clients").join(script))
+        .args(args)
+        .output()
+        .await
+        .expect("run python");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success() && stdout.contains(summary),
+        "{script} failed:\n{stdout}\n{stderr}"
+    );
+}
