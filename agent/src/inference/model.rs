@@ -8,10 +8,10 @@ use std::ops::Range;
 use std::path::Path;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor, ggml_file};
-use candle_core::{DType, Device, IndexOp, Module, Tensor};
+use candle_core::{Device, IndexOp, Module, Tensor};
 
 use super::gguf::{Gguf, GgufError, TensorInfo};
-use sollol_kernels::Q41Matrix;
+use sollol_kernels::{Heads, KvLayer, Q41Matrix, Q80Matrix, Rope, Rotary};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -31,16 +31,10 @@ pub enum ModelError {
     MissingPart(&'static str),
     #[error("token id {0} is not in the vocabulary")]
     Token(u32),
+    #[error("the key/value cache holds {cached} positions but these tokens start at {start}")]
+    CacheBehind { cached: usize, start: usize },
     #[error("the sequence is longer than the context of {0} tokens")]
     ContextFull(usize),
-}
-
-/// How rotary embeddings pair a head's dimensions: llama.cpp's "normal" (adjacent pairs) or "neox"
-/// (first half with second half).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Rope {
-    Adjacent,
-    Halves,
 }
 
 /// Hyper-parameters read from the GGUF metadata.
@@ -129,14 +123,14 @@ impl Part {
 
 #[derive(Debug)]
 struct Layer {
-    attention_norm: Tensor,
+    attention_norm: Vec<f32>,
     /// Queries, keys and values.
     qkv: Projections,
-    q_bias: Option<Tensor>,
-    k_bias: Option<Tensor>,
-    v_bias: Option<Tensor>,
+    q_bias: Option<Vec<f32>>,
+    k_bias: Option<Vec<f32>>,
+    v_bias: Option<Vec<f32>>,
     output: Linear,
-    ffn_norm: Tensor,
+    ffn_norm: Vec<f32>,
     /// The feed-forward's gate and up projections.
     gate_up: Projections,
     down: Linear,
@@ -168,36 +162,46 @@ impl Embeddings {
     }
 }
 
-/// A weight matrix applied to activations: our Q4_1 kernel for Q4_1, candle's quantized matmul otherwise.
+/// A weight matrix applied to activations: our kernels for Q4_1 and Q8_0, candle's quantized matmul for
+/// the other types.
 #[derive(Debug)]
 enum Linear {
     Candle(QMatMul),
     Q41(Q41Matrix),
+    Q80(Q80Matrix),
 }
 
 impl Linear {
-    fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
+    fn columns(&self) -> usize {
         match self {
-            Self::Candle(matmul) => Ok(matmul.forward(x)?),
-            Self::Q41(matrix) => {
-                let dims = x.dims().to_vec();
-                let columns = dims.last().copied().unwrap_or(0);
-                if columns != matrix.columns() {
-                    return Err(ModelError::Candle(candle_core::Error::Msg(format!(
-                        "{columns} activations for a matrix of {} columns",
-                        matrix.columns()
-                    ))));
+            Self::Candle(matmul) => match matmul {
+                QMatMul::QTensor(tensor) => tensor.shape().dims().last().copied().unwrap_or(0),
+                QMatMul::Tensor(tensor) | QMatMul::TensorF16(tensor) => {
+                    tensor.dims().last().copied().unwrap_or(0)
                 }
-                let tokens = x.elem_count() / columns.max(1);
-                let input = x.flatten_all()?.to_vec1::<f32>()?;
-                let output = matrix.forward(&input, tokens);
-                let mut shape = dims;
-                if let Some(last) = shape.last_mut() {
-                    *last = matrix.rows();
-                }
-                Ok(Tensor::from_vec(output, shape, x.device())?)
-            }
+            },
+            Self::Q41(matrix) => matrix.columns(),
+            Self::Q80(matrix) => matrix.columns(),
         }
+    }
+
+    /// `x` holds `tokens` rows of `columns` values; returns `tokens` rows of the matrix's rows.
+    fn forward(&self, x: &[f32], tokens: usize) -> Result<Vec<f32>, ModelError> {
+        let columns = self.columns();
+        if x.len() != tokens * columns {
+            return Err(ModelError::Candle(candle_core::Error::Msg(format!(
+                "{} activations for {tokens} rows of a matrix of {columns} columns",
+                x.len()
+            ))));
+        }
+        Ok(match self {
+            Self::Candle(matmul) => {
+                let input = Tensor::from_slice(x, (tokens, columns), &Device::Cpu)?;
+                matmul.forward(&input)?.flatten_all()?.to_vec1::<f32>()?
+            }
+            Self::Q41(matrix) => matrix.forward(x, tokens),
+            Self::Q80(matrix) => matrix.forward(x, tokens),
+        })
     }
 }
 
@@ -210,39 +214,43 @@ enum Projections {
 }
 
 impl Projections {
-    fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>, ModelError> {
+    /// Each matrix's output, `tokens` rows each.
+    fn forward(&self, x: &[f32], tokens: usize) -> Result<Vec<Vec<f32>>, ModelError> {
         match self {
             Self::Stacked { matmul, outputs } => {
-                let all = matmul.forward(x)?;
+                let all = matmul.forward(x, tokens)?;
+                let total: usize = outputs.iter().sum();
                 let mut start = 0;
                 let mut parts = Vec::with_capacity(outputs.len());
                 for width in outputs {
                     parts.push(
-                        all.narrow(candle_core::D::Minus1, start, *width)?
-                            .contiguous()?,
+                        all.chunks_exact(total)
+                            .flat_map(|row| &row[start..start + width])
+                            .copied()
+                            .collect(),
                     );
                     start += width;
                 }
                 Ok(parts)
             }
-            Self::Separate(matmuls) => Ok(matmuls
+            Self::Separate(matmuls) => matmuls
                 .iter()
-                .map(|matmul| matmul.forward(x))
-                .collect::<Result<_, _>>()?),
+                .map(|matmul| matmul.forward(x, tokens))
+                .collect(),
         }
     }
 }
 
 #[derive(Debug)]
 struct Head {
-    norm: Tensor,
+    norm: Vec<f32>,
     output: Linear,
 }
 
-/// The keys and values a sequence has computed, per layer this instance holds.
+/// The keys and values a sequence has computed (f16), per layer this instance holds.
 #[derive(Debug, Default)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<KvLayer>,
     /// Tokens already processed.
     pub length: usize,
 }
@@ -255,8 +263,7 @@ pub struct Model {
     embeddings: Option<Embeddings>,
     layers: Vec<Layer>,
     head: Option<Head>,
-    cos: Tensor,
-    sin: Tensor,
+    rotary: Rotary,
     device: Device,
 }
 
@@ -331,10 +338,18 @@ impl Loader<'_> {
                 .map(|dim| usize::try_from(*dim).unwrap_or(usize::MAX))
                 .product()
         });
-        if dtype_of(info)? == GgmlDType::Q4_1
-            && let Some(matrix) = Q41Matrix::from_gguf(bytes, rows, columns)
-        {
-            return Ok(Linear::Q41(matrix));
+        match dtype_of(info)? {
+            GgmlDType::Q4_1 => {
+                if let Some(matrix) = Q41Matrix::from_gguf(bytes, rows, columns) {
+                    return Ok(Linear::Q41(matrix));
+                }
+            }
+            GgmlDType::Q8_0 => {
+                if let Some(matrix) = Q80Matrix::from_gguf(bytes, rows, columns) {
+                    return Ok(Linear::Q80(matrix));
+                }
+            }
+            _ => {}
         }
         let qtensor = ggml_file::qtensor_from_ggml(
             dtype_of(info)?,
@@ -381,11 +396,16 @@ impl Loader<'_> {
         })
     }
 
-    fn dense(&mut self, name: &str) -> Result<Tensor, ModelError> {
-        Ok(self.qtensor(name)?.dequantize(&self.device)?)
+    /// A vector (norm weights, biases) as f32 values.
+    fn dense(&mut self, name: &str) -> Result<Vec<f32>, ModelError> {
+        Ok(self
+            .qtensor(name)?
+            .dequantize(&self.device)?
+            .flatten_all()?
+            .to_vec1::<f32>()?)
     }
 
-    fn optional_dense(&mut self, name: &str) -> Result<Option<Tensor>, ModelError> {
+    fn optional_dense(&mut self, name: &str) -> Result<Option<Vec<f32>>, ModelError> {
         if self.has(name) {
             self.dense(name).map(Some)
         } else {
@@ -462,21 +482,8 @@ impl Model {
         } else {
             None
         };
-        // Angles as llama.cpp computes them: theta = position, multiplied by base^(-2/dim) per pair, in f32.
-        let half = shape.head_dim / 2;
-        let scale = shape.rope_base.powf(-2.0 / shape.head_dim as f32);
-        let mut angles = Vec::with_capacity(shape.context * half);
-        for position in 0..shape.context {
-            let mut theta = position as f32;
-            for _ in 0..half {
-                angles.push(theta);
-                theta *= scale;
-            }
-        }
-        let angles = Tensor::from_vec(angles, (shape.context, half), &device)?;
         Ok(Self {
-            cos: angles.cos()?,
-            sin: angles.sin()?,
+            rotary: Rotary::new(shape.rope, shape.head_dim, shape.rope_base, shape.context),
             shape,
             part,
             embeddings,
@@ -488,7 +495,7 @@ impl Model {
 
     pub fn new_cache(&self) -> KvCache {
         KvCache {
-            layers: (0..self.layers.len()).map(|_| None).collect(),
+            layers: vec![KvLayer::default(); self.layers.len()],
             length: 0,
         }
     }
@@ -509,31 +516,28 @@ impl Model {
     /// Runs this instance's layers over `hidden` (positions `cache.length..`), extending the cache.
     /// The caller advances `cache.length` once every layer of the model has seen the tokens.
     pub fn layers(&self, hidden: Tensor, cache: &mut KvCache) -> Result<Tensor, ModelError> {
-        let (_, tokens, _) = hidden.dims3()?;
+        let (batch, tokens, width) = hidden.dims3()?;
         let start = cache.length;
         if start + tokens > self.shape.context {
             return Err(ModelError::ContextFull(self.shape.context));
         }
-        let mask = (tokens > 1)
-            .then(|| causal_mask(tokens, start, &self.device))
-            .transpose()?;
-        let mut hidden = hidden;
+        let epsilon = self.shape.rms_epsilon as f32;
+        let mut hidden = hidden.flatten_all()?.to_vec1::<f32>()?;
         for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            let normed = candle_nn::ops::rms_norm(
-                &hidden,
-                &layer.attention_norm,
-                self.shape.rms_epsilon as f32,
-            )?;
-            let attended = self.attention(layer, &normed, slot, start, mask.as_ref())?;
-            hidden = (hidden + attended)?;
-            let normed =
-                candle_nn::ops::rms_norm(&hidden, &layer.ffn_norm, self.shape.rms_epsilon as f32)?;
-            let [gate, up] = <[Tensor; 2]>::try_from(layer.gate_up.forward(&normed)?)
+            let normed = sollol_kernels::rms_norm(&hidden, &layer.attention_norm, epsilon);
+            let attended = self.attention(layer, &normed, tokens, slot, start)?;
+            add(&mut hidden, &attended);
+            let normed = sollol_kernels::rms_norm(&hidden, &layer.ffn_norm, epsilon);
+            let [gate, up] = <[Vec<f32>; 2]>::try_from(layer.gate_up.forward(&normed, tokens)?)
                 .map_err(|_| ModelError::MissingPart("feed-forward projections"))?;
-            let gate = candle_nn::ops::silu(&gate)?;
-            hidden = (hidden + layer.down.forward(&(gate * up)?)?)?;
+            let gated = sollol_kernels::swiglu(&gate, &up);
+            add(&mut hidden, &layer.down.forward(&gated, tokens)?);
         }
-        Ok(hidden)
+        Ok(Tensor::from_vec(
+            hidden,
+            (batch, tokens, width),
+            &self.device,
+        )?)
     }
 
     /// Logits `(vocab)` of the last position of `hidden`.
@@ -543,96 +547,59 @@ impl Model {
             .as_ref()
             .ok_or(ModelError::MissingPart("output head"))?;
         let (_, tokens, _) = hidden.dims3()?;
-        let last = hidden.i((.., tokens - 1..tokens, ..))?;
-        let normed = candle_nn::ops::rms_norm(&last, &head.norm, self.shape.rms_epsilon as f32)?;
-        Ok(head
-            .output
-            .forward(&normed)?
-            .flatten_all()?
-            .to_vec1::<f32>()?)
+        let last = hidden.i((0, tokens - 1))?.to_vec1::<f32>()?;
+        let normed = sollol_kernels::rms_norm(&last, &head.norm, self.shape.rms_epsilon as f32);
+        head.output.forward(&normed, 1)
     }
 
+    /// Self-attention of `x` (`tokens` rows) at positions `start..`, appending the tokens' keys and
+    /// values to `cache`.
     fn attention(
         &self,
         layer: &Layer,
-        x: &Tensor,
-        slot: &mut Option<(Tensor, Tensor)>,
+        x: &[f32],
+        tokens: usize,
+        cache: &mut KvLayer,
         start: usize,
-        mask: Option<&Tensor>,
-    ) -> Result<Tensor, ModelError> {
-        let (batch, tokens, width) = x.dims3()?;
+    ) -> Result<Vec<f32>, ModelError> {
         let shape = &self.shape;
-        let [q, k, v] = <[Tensor; 3]>::try_from(layer.qkv.forward(x)?)
+        let heads = Heads {
+            query: shape.heads,
+            kv: shape.kv_heads,
+            dim: shape.head_dim,
+        };
+        // `[token][head][dim]`, biases added.
+        let [mut q, mut k, mut v] = <[Vec<f32>; 3]>::try_from(layer.qkv.forward(x, tokens)?)
             .map_err(|_| ModelError::MissingPart("attention projections"))?;
-        let project =
-            |out: Tensor, bias: &Option<Tensor>, heads: usize| -> Result<Tensor, ModelError> {
-                let mut out = out;
-                if let Some(bias) = bias {
-                    out = out.broadcast_add(bias)?;
+        for (values, bias) in [
+            (&mut q, &layer.q_bias),
+            (&mut k, &layer.k_bias),
+            (&mut v, &layer.v_bias),
+        ] {
+            if let Some(bias) = bias {
+                for row in values.chunks_exact_mut(bias.len()) {
+                    add(row, bias);
                 }
-                Ok(out
-                    .reshape((batch, tokens, heads, shape.head_dim))?
-                    .transpose(1, 2)?)
-            };
-        let q = self.rotate(&project(q, &layer.q_bias, shape.heads)?, start)?;
-        let k = self.rotate(&project(k, &layer.k_bias, shape.kv_heads)?, start)?;
-        let v = project(v, &layer.v_bias, shape.kv_heads)?;
-        let (k, v) = match slot.take() {
-            Some((past_k, past_v)) if start > 0 => (
-                Tensor::cat(&[&past_k, &k], 2)?.contiguous()?,
-                Tensor::cat(&[&past_v, &v], 2)?.contiguous()?,
-            ),
-            _ => (k.contiguous()?, v.contiguous()?),
-        };
-        *slot = Some((k.clone(), v.clone()));
-        let group = shape.heads / shape.kv_heads;
-        let expand = |t: Tensor| -> Result<Tensor, ModelError> {
-            if group == 1 {
-                return Ok(t);
             }
-            let (b, kv, length, dim) = t.dims4()?;
-            Ok(t.unsqueeze(2)?
-                .expand((b, kv, group, length, dim))?
-                .reshape((b, kv * group, length, dim))?)
-        };
-        let k = expand(k)?;
-        let v = expand(v)?;
-        let scale = 1.0 / (shape.head_dim as f64).sqrt();
-        let mut scores = (q.contiguous()?.matmul(&k.t()?)? * scale)?;
-        if let Some(mask) = mask {
-            scores = scores.broadcast_add(mask)?;
         }
-        let weights = candle_nn::ops::softmax_last_dim(&scores)?;
-        let out = weights.matmul(&v.contiguous()?)?;
-        let out = out.transpose(1, 2)?.reshape((batch, tokens, width))?;
-        layer.output.forward(&out)
-    }
-
-    /// Rotary position embedding of `x` `(batch, heads, tokens, head_dim)` at positions `start..`.
-    fn rotate(&self, x: &Tensor, start: usize) -> Result<Tensor, ModelError> {
-        let (_, _, tokens, _) = x.dims4()?;
-        let cos = self.cos.narrow(0, start, tokens)?;
-        let sin = self.sin.narrow(0, start, tokens)?;
-        let x = x.contiguous()?;
-        Ok(match self.shape.rope {
-            Rope::Adjacent => candle_nn::rotary_emb::rope_i(&x, &cos, &sin)?,
-            Rope::Halves => candle_nn::rotary_emb::rope(&x, &cos, &sin)?,
-        })
+        sollol_kernels::rotate(&self.rotary, &mut q, heads.query, start);
+        sollol_kernels::rotate(&self.rotary, &mut k, heads.kv, start);
+        // A cache that went further (a request retried from an earlier point) forgets the rest.
+        cache.truncate(start, &heads);
+        let cached = cache.len(&heads);
+        if cached != start {
+            return Err(ModelError::CacheBehind { cached, start });
+        }
+        cache.push(&k, &v);
+        let mut out = vec![0f32; q.len()];
+        sollol_kernels::attend(cache, &heads, &q, &mut out);
+        layer.output.forward(&out, tokens)
     }
 }
 
-/// `(tokens, start + tokens)`: 0 where a query may look, minus infinity at later positions.
-fn causal_mask(tokens: usize, start: usize, device: &Device) -> Result<Tensor, ModelError> {
-    let values: Vec<f32> = (0..tokens)
-        .flat_map(|row| {
-            (0..start + tokens).map(move |column| {
-                if column > start + row {
-                    f32::NEG_INFINITY
-                } else {
-                    0.0
-                }
-            })
-        })
-        .collect();
-    Ok(Tensor::from_vec(values, (tokens, start + tokens), device)?.to_dtype(DType::F32)?)
+/// `into += values`, element by element.
+fn add(into: &mut [f32], values: &[f32]) {
+    for (into, value) in into.iter_mut().zip(values) {
+        *into += value;
+    }
 }

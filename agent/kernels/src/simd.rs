@@ -1,0 +1,79 @@
+//! AVX2 forms of the quantized block dot products: the instructions ggml's x86 kernels use
+//! (`maddubs` then `madd` for the eight four-product lanes, a fused multiply-add per block, `hsum`),
+//! so the results are the portable forms' in [`crate::quant`] bit for bit, at vector speed.
+//!
+//! Compiled only when the build enables AVX2 and FMA (sollol's x86-64 builds target x86-64-v3; see
+//! `.cargo/config.toml`), so every intrinsic below is available wherever this code runs.
+#![allow(unsafe_code)]
+
+use std::arch::x86_64::{
+    __m256, __m256i, _mm_add_ps, _mm_add_ss, _mm_cvtss_f32, _mm_loadu_si128, _mm_movehdup_ps,
+    _mm_movehl_ps, _mm_srli_epi16, _mm256_and_si256, _mm256_castps256_ps128, _mm256_cvtepi32_ps,
+    _mm256_extractf128_ps, _mm256_fmadd_ps, _mm256_loadu_si256, _mm256_madd_epi16,
+    _mm256_maddubs_epi16, _mm256_set_m128i, _mm256_set1_epi8, _mm256_set1_epi16, _mm256_set1_ps,
+    _mm256_setzero_ps, _mm256_sign_epi8,
+};
+
+use crate::quant::{Q8Block, Q41Block, Q80Block};
+
+/// ggml's `ggml_vec_dot_q4_1_q8_1`.
+pub(crate) fn q41_dot(weights: &[Q41Block], activations: &[Q8Block]) -> f32 {
+    // SAFETY: AVX2 and FMA are enabled for the whole build (this module's `cfg`); the loads read the
+    // blocks' own fixed-size arrays (16 and 32 bytes).
+    unsafe {
+        let mask = _mm256_set1_epi8(0x0F);
+        let mut lanes = _mm256_setzero_ps();
+        let mut minimums = 0f32;
+        for (weight, activation) in weights.iter().zip(activations) {
+            minimums = weight.min.mul_add(activation.sum, minimums);
+            let packed = _mm_loadu_si128(weight.values.as_ptr().cast());
+            let nibbles =
+                _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), mask);
+            let values = _mm256_loadu_si256(activation.values.as_ptr().cast());
+            lanes = accumulate(lanes, weight.scale * activation.scale, nibbles, values);
+        }
+        sum_lanes(lanes) + minimums
+    }
+}
+
+/// ggml's `ggml_vec_dot_q8_0_q8_0`.
+pub(crate) fn q80_dot(weights: &[Q80Block], activations: &[Q8Block]) -> f32 {
+    // SAFETY: as in `q41_dot`; the loads read 32-byte arrays.
+    unsafe {
+        let mut lanes = _mm256_setzero_ps();
+        for (weight, activation) in weights.iter().zip(activations) {
+            let x = _mm256_loadu_si256(weight.values.as_ptr().cast());
+            let y = _mm256_loadu_si256(activation.values.as_ptr().cast());
+            // `maddubs` multiplies unsigned by signed bytes: |x| times y with x's sign.
+            let magnitudes = _mm256_sign_epi8(x, x);
+            let signed = _mm256_sign_epi8(y, x);
+            lanes = accumulate(lanes, weight.scale * activation.scale, magnitudes, signed);
+        }
+        sum_lanes(lanes)
+    }
+}
+
+/// `lanes + scale * (eight sums of four byte products)`, fused.
+#[inline(always)]
+unsafe fn accumulate(lanes: __m256, scale: f32, unsigned: __m256i, signed: __m256i) -> __m256 {
+    // SAFETY: the caller runs with AVX2 and FMA.
+    unsafe {
+        let pairs = _mm256_maddubs_epi16(unsigned, signed);
+        let quads = _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+        _mm256_fmadd_ps(_mm256_set1_ps(scale), _mm256_cvtepi32_ps(quads), lanes)
+    }
+}
+
+/// ggml's `hsum_float_8`.
+#[inline(always)]
+unsafe fn sum_lanes(lanes: __m256) -> f32 {
+    // SAFETY: the caller runs with AVX2.
+    unsafe {
+        let quarters = _mm_add_ps(
+            _mm256_extractf128_ps(lanes, 1),
+            _mm256_castps256_ps128(lanes),
+        );
+        let pairs = _mm_add_ps(quarters, _mm_movehl_ps(quarters, quarters));
+        _mm_cvtss_f32(_mm_add_ss(pairs, _mm_movehdup_ps(pairs)))
+    }
+}
