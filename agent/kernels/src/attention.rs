@@ -160,7 +160,8 @@ pub fn attend(cache: &KvLayer, heads: &Heads, queries: &[f32], out: &mut [f32]) 
             scratch,
         );
     };
-    if tokens == 1 {
+    // Short contexts are not worth a hand-off to another thread.
+    if tokens * positions < 256 {
         let mut scratch = Scratch::new(dim);
         for (index, out) in out.chunks_exact_mut(dim).enumerate() {
             row(index, out, &mut scratch);

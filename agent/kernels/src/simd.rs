@@ -25,14 +25,45 @@ pub(crate) fn q41_dot(weights: &[Q41Block], activations: &[Q8Block]) -> f32 {
         let mut lanes = _mm256_setzero_ps();
         let mut minimums = 0f32;
         for (weight, activation) in weights.iter().zip(activations) {
-            minimums = weight.min.mul_add(activation.sum, minimums);
+            minimums = weight.min.to_f32().mul_add(activation.sum, minimums);
             let packed = _mm_loadu_si128(weight.values.as_ptr().cast());
             let nibbles =
                 _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), mask);
             let values = _mm256_loadu_si256(activation.values.as_ptr().cast());
-            lanes = accumulate(lanes, weight.scale * activation.scale, nibbles, values);
+            lanes = accumulate(
+                lanes,
+                weight.scale.to_f32() * activation.scale,
+                nibbles,
+                values,
+            );
         }
         sum_lanes(lanes) + minimums
+    }
+}
+
+/// [`q41_dot`] of one weight row with several activation rows, the weights unpacked once.
+pub(crate) fn q41_dots<const N: usize>(
+    weights: &[Q41Block],
+    activations: [&[Q8Block]; N],
+) -> [f32; N] {
+    // SAFETY: as in `q41_dot`.
+    unsafe {
+        let mask = _mm256_set1_epi8(0x0F);
+        let mut lanes = [_mm256_setzero_ps(); N];
+        let mut minimums = [0f32; N];
+        for (index, weight) in weights.iter().enumerate() {
+            let (scale, min) = (weight.scale.to_f32(), weight.min.to_f32());
+            let packed = _mm_loadu_si128(weight.values.as_ptr().cast());
+            let nibbles =
+                _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), mask);
+            for (row, activations) in activations.iter().enumerate() {
+                let activation = &activations[index];
+                minimums[row] = min.mul_add(activation.sum, minimums[row]);
+                let values = _mm256_loadu_si256(activation.values.as_ptr().cast());
+                lanes[row] = accumulate(lanes[row], scale * activation.scale, nibbles, values);
+            }
+        }
+        std::array::from_fn(|row| sum_lanes(lanes[row]) + minimums[row])
     }
 }
 
@@ -47,7 +78,12 @@ pub(crate) fn q80_dot(weights: &[Q80Block], activations: &[Q8Block]) -> f32 {
             // `maddubs` multiplies unsigned by signed bytes: |x| times y with x's sign.
             let magnitudes = _mm256_sign_epi8(x, x);
             let signed = _mm256_sign_epi8(y, x);
-            lanes = accumulate(lanes, weight.scale * activation.scale, magnitudes, signed);
+            lanes = accumulate(
+                lanes,
+                weight.scale.to_f32() * activation.scale,
+                magnitudes,
+                signed,
+            );
         }
         sum_lanes(lanes)
     }
