@@ -4,7 +4,7 @@
 //!
 //! The model is fetched by `scripts/fetch-model` (run by `scripts/test`); `SOLLOL_TEST_MODEL` overrides its path.
 
-use serde_json::Value;
+use serde_json::{Value, json};
 use sollol::inference::gguf::Gguf;
 use sollol::inference::model::{Model, Part};
 use sollol::inference::sampling::greedy;
@@ -155,6 +155,52 @@ fn greedy_generation_matches_llama_cpp_and_a_layer_split_matches_the_whole() {
     );
 }
 
+#[test]
+fn embeddings_match_llama_cpp_mean_pooling() {
+    let path = model_path();
+    let file = sollol::inference::engine::discover(path.parent().expect("model dir"), None)
+        .into_iter()
+        .find(|file| file.path == path)
+        .expect("the model is discovered");
+    let model = sollol::inference::engine::LoadedModel::load(&file).expect("load");
+    let reference_path = root().join("tests/reference/smollm2-135m-q4_1.embeddings.llamacpp.json");
+    let reference: Value =
+        serde_json::from_str(&std::fs::read_to_string(reference_path).expect("reference"))
+            .expect("JSON");
+    for case in reference["cases"].as_array().expect("cases") {
+        let text = case["text"].as_str().expect("text");
+        let tokens = model.codec.encode(text).expect("encode");
+        assert_eq!(tokens, ids(&case["ids"]), "token ids of {text:?}");
+        let ours = model.embed(&tokens, true).expect("embed");
+        let theirs: Vec<f32> = case["embedding"]
+            .as_array()
+            .expect("embedding")
+            .iter()
+            .map(|value| value.as_f64().expect("number") as f32)
+            .collect();
+        assert_eq!(ours.values.len(), theirs.len());
+        let worst = ours
+            .values
+            .iter()
+            .zip(&theirs)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        eprintln!("{text:?}: largest difference from llama.cpp {worst:e}");
+        // llama.cpp pools with an f32 matrix product, we sum in f64: equal but for the last bits.
+        assert!(
+            worst <= 1e-4,
+            "{text:?}: embedding differs from llama.cpp's by up to {worst}"
+        );
+        let unit = ours.normalized();
+        let length: f32 = unit.values.iter().map(|value| value * value).sum();
+        assert!((length - 1.0).abs() < 1e-5, "normalised length² {length}");
+    }
+    assert!(matches!(
+        model.embed(&[], true),
+        Err(sollol::inference::engine::EngineError::EmptyInput)
+    ));
+}
+
 /// The engine behind a real agent, reached through the gateway by the official `ollama` Python package.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn official_client_through_the_gateway_to_the_engine() {
@@ -203,9 +249,61 @@ async fn official_client_through_the_gateway_to_the_engine() {
     support::run_client_script(
         "engine_clients.py",
         &[&gateway, "smollm2:135m"],
-        "engine clients: 6 passed, 0 failed",
+        "engine clients: 9 passed, 0 failed",
     )
     .await;
+    // Bad embedding requests get Ollama-style errors with a 4xx status, through the gateway.
+    for (path, body, status, needle) in [
+        (
+            "/api/embed",
+            json!({"model": "smollm2:135m", "input": 5}),
+            400,
+            "input must be",
+        ),
+        (
+            "/api/embed",
+            json!({"model": "smollm2:135m", "input": ""}),
+            400,
+            "empty",
+        ),
+        (
+            "/api/embed",
+            json!({"model": "nothing:here", "input": "x"}),
+            404,
+            "not found",
+        ),
+        (
+            "/v1/embeddings",
+            json!({"model": "smollm2:135m", "input": "x", "encoding_format": "int8"}),
+            400,
+            "encoding_format",
+        ),
+        (
+            "/v1/embeddings",
+            json!({"model": "smollm2:135m", "input": [4_000_000_000u64]}),
+            400,
+            "not in the vocabulary",
+        ),
+    ] {
+        let answer = support::post(&format!("{gateway}{path}"), body.clone()).await;
+        let message = answer.json()["error"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(
+            answer.status == status && message.contains(needle),
+            "{path} {body}: {} {}",
+            answer.status,
+            answer.text()
+        );
+    }
+    let empty = support::post(
+        &format!("{gateway}/api/embed"),
+        json!({"model": "smollm2:135m", "input": []}),
+    )
+    .await;
+    assert_eq!(empty.status, 200, "{}", empty.text());
+    assert_eq!(empty.json()["embeddings"], json!([]));
     agent
         .stop(std::time::Duration::from_secs(5))
         .await

@@ -14,6 +14,8 @@ use sollol_ollama_emulator::{Emulator, EmulatorConfig, Fault, embedding_of};
 
 mod support;
 
+use support::{Answer, get, post, send};
+
 struct Cluster {
     coordinator: CoordinatorHandle,
     agents: Vec<AgentHandle>,
@@ -111,59 +113,6 @@ impl Cluster {
     }
 }
 
-struct Answer {
-    status: u16,
-    node: Option<String>,
-    decision: Option<String>,
-    body: Vec<u8>,
-}
-
-impl Answer {
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|error| panic!("not JSON ({error}): {}", self.text()))
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-}
-
-async fn send(method: &str, url: &str, body: Vec<u8>, headers: &[(&str, &str)]) -> Answer {
-    let client: Client<HttpConnector, Full<Bytes>> =
-        Client::builder(TokioExecutor::new()).build_http();
-    let mut request = hyper::Request::builder().method(method).uri(url);
-    for (name, value) in headers {
-        request = request.header(*name, *value);
-    }
-    let request = request.body(Full::new(Bytes::from(body))).expect("request");
-    let response = tokio::time::timeout(Duration::from_secs(20), client.request(request))
-        .await
-        .expect("answer in time")
-        .expect("answer");
-    let status = response.status().as_u16();
-    let header = |name: &str| {
-        response
-            .headers()
-            .get(name)
-            .and_then(|value| value.to_str().ok())
-            .map(str::to_owned)
-    };
-    let (node, decision) = (header("x-sollol-node"), header("x-sollol-decision"));
-    let body = tokio::time::timeout(Duration::from_secs(20), response.into_body().collect())
-        .await
-        .expect("body in time")
-        .expect("body")
-        .to_bytes()
-        .to_vec();
-    Answer {
-        status,
-        node,
-        decision,
-        body,
-    }
-}
-
 /// Sends each request with round robin, so every node gets measured, and waits until the learner has folded in every outcome.
 async fn teach(cluster: &Cluster, requests: &[Value]) {
     let served_before: u64 = cluster.coordinator.learned().served.values().sum();
@@ -188,14 +137,6 @@ async fn teach(cluster: &Cluster, requests: &[Value]) {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-}
-
-async fn post(url: &str, body: Value) -> Answer {
-    send("POST", url, serde_json::to_vec(&body).expect("json"), &[]).await
-}
-
-async fn get(url: &str) -> Answer {
-    send("GET", url, Vec::new(), &[]).await
 }
 
 fn lines(answer: &Answer) -> Vec<Value> {

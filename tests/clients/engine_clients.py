@@ -1,9 +1,14 @@
 """The official ollama Python package against the gateway in front of an agent serving the test model with
-sollol's built-in engine: chat streaming and not, generate, list, ps, show; and the openai package, chat streaming and not.
+sollol's built-in engine: chat streaming and not, generate, list, ps, show, embed and the legacy embeddings;
+and the openai package: chat streaming and not, embeddings (base64, as the client asks by default, and float).
+Embeddings are compared with llama.cpp's (tests/reference/smollm2-135m-q4_1.embeddings.llamacpp.json).
 
 Usage: engine_clients.py GATEWAY_URL MODEL. Prints "engine clients: N passed, N failed"; exits 1 on failure.
 """
 
+import json
+import math
+import pathlib
 import sys
 import traceback
 
@@ -87,11 +92,56 @@ def openai_chat_stream():
     assert chunks[-1].choices[0].finish_reason == "length"
 
 
+REFERENCE = json.loads(
+    (pathlib.Path(__file__).parent.parent / "reference" / "smollm2-135m-q4_1.embeddings.llamacpp.json").read_text()
+)["cases"]
+
+
+def unit(vector):
+    length = math.sqrt(sum(value * value for value in vector))
+    return [value / length for value in vector]
+
+
+def close(ours, theirs, tolerance=1e-4):
+    assert len(ours) == len(theirs), (len(ours), len(theirs))
+    worst = max(abs(a - b) for a, b in zip(ours, theirs))
+    assert worst <= tolerance, worst
+
+
+def embed():
+    texts = [case["text"] for case in REFERENCE[:2]]
+    response = client.embed(model=model, input=texts)
+    assert len(response.embeddings) == 2, len(response.embeddings)
+    for vector, case in zip(response.embeddings, REFERENCE):
+        close(vector, unit(case["embedding"]))
+    assert response.prompt_eval_count == sum(len(case["ids"]) for case in REFERENCE[:2]), response
+
+
+def legacy_embeddings():
+    response = client.embeddings(model=model, prompt=REFERENCE[2]["text"])
+    # The legacy endpoint returns the pooled vector as computed, not normalised.
+    close(response.embedding, REFERENCE[2]["embedding"])
+
+
+def openai_embeddings():
+    texts = [case["text"] for case in REFERENCE]
+    response = openai_client.embeddings.create(model=model, input=texts)
+    assert [item.index for item in response.data] == [0, 1, 2]
+    for item, case in zip(response.data, REFERENCE):
+        close(item.embedding, unit(case["embedding"]))
+    assert response.usage.prompt_tokens == sum(len(case["ids"]) for case in REFERENCE), response.usage
+    floats = openai_client.embeddings.create(model=model, input=texts[0], encoding_format="float")
+    close(floats.data[0].embedding, unit(REFERENCE[0]["embedding"]))
+
+
 check("chat", chat_whole)
 check("chat streaming", chat_stream)
 check("generate", generate)
 check("list, ps, show", listing)
 check("openai chat", openai_chat)
 check("openai chat streaming", openai_chat_stream)
+check("embed", embed)
+check("legacy embeddings", legacy_embeddings)
+check("openai embeddings", openai_embeddings)
 print(f"engine clients: {passed} passed, {failed} failed")
 sys.exit(0 if failed == 0 else 1)

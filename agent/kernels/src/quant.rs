@@ -273,7 +273,8 @@ impl<F: Format> Matrix<F> {
                 .for_each(|(chunk, out)| {
                     for (offset, slot) in out.iter_mut().enumerate() {
                         let row = chunk * chunk_rows + offset;
-                        *slot = F::dot(&self.blocks[row * per_row..(row + 1) * per_row], &quantized);
+                        *slot =
+                            F::dot(&self.blocks[row * per_row..(row + 1) * per_row], &quantized);
                     }
                 });
             return output;
@@ -418,7 +419,8 @@ mod tests {
             Q41::dot(&q41, &activations).to_bits(),
             q41_dot(&q41, &activations).to_bits()
         );
-        let rows: [&[Q8Block]; GROUP] = std::array::from_fn(|index| &activations[index % 4..index % 4 + 4]);
+        let rows: [&[Q8Block]; GROUP] =
+            std::array::from_fn(|index| &activations[index % 4..index % 4 + 4]);
         let grouped = Q41::dots(&q41[..4], rows);
         for (index, result) in grouped.iter().enumerate() {
             assert_eq!(result.to_bits(), q41_dot(&q41[..4], rows[index]).to_bits());

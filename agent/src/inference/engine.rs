@@ -27,6 +27,8 @@ pub enum EngineError {
     Tokenizer(#[from] TokenizerError),
     #[error("the prompt has {prompt} tokens; the context holds {context}")]
     PromptTooLong { prompt: usize, context: usize },
+    #[error("the input is empty: there is nothing to embed")]
+    EmptyInput,
     #[error("generation stopped: {0}")]
     Stopped(String),
 }
@@ -272,6 +274,70 @@ impl LoadedModel {
             generation_duration: generation_started.elapsed(),
             done_reason,
         })
+    }
+}
+
+impl LoadedModel {
+    /// The embedding of `ids`: the mean over positions of the final norm's output (llama.cpp's mean
+    /// pooling, what Ollama's `/api/embed` returns before normalising). Inputs longer than the context
+    /// are cut to it when `truncate`, refused otherwise.
+    pub fn embed(&self, ids: &[u32], truncate: bool) -> Result<Embedding, EngineError> {
+        let context = self.model.shape.context;
+        if ids.is_empty() {
+            return Err(EngineError::EmptyInput);
+        }
+        let ids = match ids.len() > context {
+            true if truncate => &ids[..context],
+            true => {
+                return Err(EngineError::PromptTooLong {
+                    prompt: ids.len(),
+                    context,
+                });
+            }
+            false => ids,
+        };
+        let mut cache = self.model.new_cache();
+        let hidden = self.model.layers(self.model.embed(ids)?, &mut cache)?;
+        let rows = self.model.normed(&hidden)?;
+        let width = self.model.shape.embedding;
+        let mut sums = vec![0f64; width];
+        for row in rows.chunks_exact(width) {
+            for (sum, value) in sums.iter_mut().zip(row) {
+                *sum += f64::from(*value);
+            }
+        }
+        Ok(Embedding {
+            values: sums
+                .iter()
+                .map(|sum| (sum / ids.len() as f64) as f32)
+                .collect(),
+            tokens: ids.len(),
+        })
+    }
+}
+
+/// One text's embedding and how many tokens it took.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Embedding {
+    pub values: Vec<f32>,
+    pub tokens: usize,
+}
+
+impl Embedding {
+    /// Scaled to length 1 (a zero vector stays zero).
+    pub fn normalized(mut self) -> Self {
+        let length = self
+            .values
+            .iter()
+            .map(|value| f64::from(*value).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        if length > 0.0 {
+            for value in &mut self.values {
+                *value = (f64::from(*value) / length) as f32;
+            }
+        }
+        self
     }
 }
 

@@ -540,6 +540,21 @@ impl Model {
         )?)
     }
 
+    /// The output norm applied to every position of `hidden`: `tokens` rows of `embedding` values (what
+    /// embeddings pool).
+    pub fn normed(&self, hidden: &Tensor) -> Result<Vec<f32>, ModelError> {
+        let head = self
+            .head
+            .as_ref()
+            .ok_or(ModelError::MissingPart("output head"))?;
+        let values = hidden.flatten_all()?.to_vec1::<f32>()?;
+        Ok(sollol_kernels::rms_norm(
+            &values,
+            &head.norm,
+            self.shape.rms_epsilon as f32,
+        ))
+    }
+
     /// Logits `(vocab)` of the last position of `hidden`.
     pub fn head(&self, hidden: &Tensor) -> Result<Vec<f32>, ModelError> {
         let head = self

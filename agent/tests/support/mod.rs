@@ -4,6 +4,14 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
 
 /// The repository root.
 pub fn root() -> PathBuf {
@@ -51,4 +59,67 @@ pub async fn run_client_script(script: &str, args: &[&str], summary: &str) {
         output.status.success() && stdout.contains(summary),
         "{script} failed:\n{stdout}\n{stderr}"
     );
+}
+
+/// An HTTP answer: status, sollol's routing headers and the body.
+pub struct Answer {
+    pub status: u16,
+    pub node: Option<String>,
+    pub decision: Option<String>,
+    pub body: Vec<u8>,
+}
+
+impl Answer {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|error| panic!("not JSON ({error}): {}", self.text()))
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// Sends one request on a fresh connection; panics when no answer comes within 20 s.
+pub async fn send(method: &str, url: &str, body: Vec<u8>, headers: &[(&str, &str)]) -> Answer {
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let mut request = hyper::Request::builder().method(method).uri(url);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let request = request.body(Full::new(Bytes::from(body))).expect("request");
+    let response = tokio::time::timeout(Duration::from_secs(20), client.request(request))
+        .await
+        .expect("answer in time")
+        .expect("answer");
+    let status = response.status().as_u16();
+    let header = |name: &str| {
+        response
+            .headers()
+            .get(name)
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_owned)
+    };
+    let (node, decision) = (header("x-sollol-node"), header("x-sollol-decision"));
+    let body = tokio::time::timeout(Duration::from_secs(20), response.into_body().collect())
+        .await
+        .expect("body in time")
+        .expect("body")
+        .to_bytes()
+        .to_vec();
+    Answer {
+        status,
+        node,
+        decision,
+        body,
+    }
+}
+
+pub async fn post(url: &str, body: Value) -> Answer {
+    send("POST", url, serde_json::to_vec(&body).expect("json"), &[]).await
+}
+
+pub async fn get(url: &str) -> Answer {
+    send("GET", url, Vec::new(), &[]).await
 }
