@@ -331,10 +331,26 @@ pub async fn start_agent(
     let engine_url = start_engine(config, &shutdown).await?;
     let models_dir = agent.models_dir.clone();
     let ollama_url = engine_url.or_else(|| agent.ollama_url.clone());
-    let sampler =
+    let mut sampler =
         tokio::task::spawn_blocking(move || Sampler::detect(models_dir, ollama_url.as_deref()))
             .await
             .map_err(|error| StartError::Usage(format!("hardware detection panicked: {error}")))?;
+    let stage_listener = bind(config.engine.stage_bind, "stage port").await?;
+    let stage_address = local_address(&stage_listener, config.engine.stage_bind);
+    sampler.stage_address = Some(stage_address.to_string());
+    tokio::spawn(crate::stage::serve(
+        stage_listener,
+        crate::stage::StageSettings {
+            node_id: node_id.to_string(),
+            node_name: agent.name.clone(),
+            models_dir: agent.models_dir.clone(),
+            ollama_store: config.engine.ollama_models.clone(),
+            token: token.clone(),
+            handshake_timeout: Duration::from_secs(5),
+        },
+        shutdown.clone(),
+    ));
+    tracing::info!(%stage_address, "stage port open for distributed inference");
     tracing::debug!(?sampler, "hardware probes");
     let params = JoinParams {
         address,

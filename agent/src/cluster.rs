@@ -302,6 +302,15 @@ impl ClusterTask {
                 node.last_seen_ms = now_ms;
                 node.hardware = Some(report.hardware);
                 node.ollama = report.ollama;
+                // A stage bound to loopback or any address is reached where the agent connects from.
+                node.stage_address = report.stage_address.map(|address| {
+                    reachable_url(
+                        &format!("http://{address}"),
+                        node.addresses.first().map(String::as_str),
+                    )
+                    .trim_start_matches("http://")
+                    .to_owned()
+                });
                 persist_throttled(&history, entry, now);
                 // A report changes hardware figures even when no status changes.
                 self.evaluate();
@@ -375,6 +384,7 @@ impl ClusterTask {
                 connected: false,
                 hardware: None,
                 ollama: None,
+                stage_address: None,
             };
             self.entries.insert(
                 node_id.clone(),
@@ -460,6 +470,7 @@ impl ClusterTask {
                     connected: true,
                     hardware: None,
                     ollama: None,
+                    stage_address: None,
                 };
                 self.entries.insert(
                     hello.node_id.clone(),

@@ -266,6 +266,12 @@ pub const KEYS: &[KeySpec] = &[
         default: None,
         doc: "Ollama's model store, whose downloaded GGUF models the engine can serve too. Default: `~/.ollama/models` when it exists.",
     },
+    KeySpec {
+        key: "engine.stage_bind",
+        env: "SOLLOL_STAGE_BIND",
+        default: Some("127.0.0.1:0"),
+        doc: "Address of the agent's stage port, where the coordinator and other stages reach it for distributed inference (layer protocol, cluster token required; port 0: any free port). Use e.g. `0.0.0.0:7703` when other machines take part.",
+    },
 ];
 
 /// Where a raw value came from, for error messages and `print-config`.
@@ -435,6 +441,7 @@ pub struct EngineConfig {
     pub parallel: NonZeroU32,
     pub keep_alive: Duration,
     pub ollama_models: Option<PathBuf>,
+    pub stage_bind: SocketAddr,
 }
 
 #[derive(Clone, Debug)]
@@ -645,6 +652,7 @@ impl TryFrom<&RawConfig> for Config {
                     .map(|home| home.join(".ollama/models"))
                     .filter(|store| store.is_dir()),
             },
+            stage_bind: reader.parse("engine.stage_bind", parse_socket_addr)?,
         };
         Ok(Self {
             shutdown_grace: reader.parse("shutdown_grace", parse_duration)?,

@@ -417,6 +417,7 @@ fn read_remembered(
             connected: false,
             hardware: hardware.and_then(|json| serde_json::from_str(&json).ok()),
             ollama: ollama.and_then(|json| serde_json::from_str(&json).ok()),
+            stage_address: None,
         })
     })?;
     let nodes: Vec<Node> = rows.collect::<Result<_, _>>()?;
@@ -696,6 +697,7 @@ mod tests {
             connected: true,
             hardware: Some(Default::default()),
             ollama: None,
+            stage_address: None,
         }
     }
 

@@ -270,9 +270,11 @@ async fn handshake(
 
 /// Samples hardware off the async workers (procfs reads, NVML calls) and Ollama over HTTP, concurrently.
 async fn sample(sampler: &Arc<Mutex<Sampler>>) -> sollol_shared::hardware::NodeReport {
-    let ollama_probe = match sampler.lock() {
-        Ok(sampler) => sampler.ollama_probe(),
-        Err(poisoned) => poisoned.into_inner().ollama_probe(),
+    let (ollama_probe, stage_address) = {
+        let sampler = sampler
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        (sampler.ollama_probe(), sampler.stage_address.clone())
     };
     let blocking_sampler = Arc::clone(sampler);
     let hardware = tokio::task::spawn_blocking(move || match blocking_sampler.lock() {
@@ -280,7 +282,7 @@ async fn sample(sampler: &Arc<Mutex<Sampler>>) -> sollol_shared::hardware::NodeR
         Err(poisoned) => poisoned.into_inner().hardware(),
     });
     let (hardware, ollama) = tokio::join!(hardware, ollama_probe.sample());
-    telemetry::report(hardware.unwrap_or_default(), ollama)
+    telemetry::report(hardware.unwrap_or_default(), ollama, stage_address)
 }
 
 async fn say_goodbye(writer: &mut OwnedWriteHalf) {

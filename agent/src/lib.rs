@@ -20,8 +20,10 @@ pub mod join;
 pub mod learning;
 pub mod membership;
 pub mod observe;
+pub mod pipeline;
 pub mod proxy;
 pub mod routing;
+pub mod stage;
 pub mod telemetry;
 pub mod wire;
 

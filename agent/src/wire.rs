@@ -7,6 +7,7 @@ use hmac::{Hmac, Mac};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sha2::Sha256;
+use sollol_shared::layers::{LAYER_CLIENT_PROOF_CONTEXT, STAGE_PROOF_CONTEXT};
 use sollol_shared::protocol::{
     AGENT_PROOF_CONTEXT, COORDINATOR_PROOF_CONTEXT, MAX_FRAME_BYTES, NONCE_BYTES,
 };
@@ -18,8 +19,8 @@ use crate::identity::ClusterToken;
 pub enum FrameError {
     #[error("connection closed by peer")]
     Closed,
-    #[error("frame of {length} bytes exceeds the limit of {MAX_FRAME_BYTES} bytes")]
-    TooLarge { length: u32 },
+    #[error("frame of {length} bytes exceeds the limit of {limit} bytes")]
+    TooLarge { length: u32, limit: u32 },
     #[error("malformed frame: {0}")]
     Malformed(postcard::Error),
     #[error("i/o error: {0}")]
@@ -28,6 +29,14 @@ pub enum FrameError {
 
 /// Reads one frame's payload.
 pub async fn read_frame<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Vec<u8>, FrameError> {
+    read_frame_within(reader, MAX_FRAME_BYTES).await
+}
+
+/// Reads one frame's payload of at most `limit` bytes.
+pub async fn read_frame_within<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    limit: u32,
+) -> Result<Vec<u8>, FrameError> {
     let mut length = [0u8; 4];
     match reader.read_exact(&mut length).await {
         Ok(_) => {}
@@ -37,8 +46,8 @@ pub async fn read_frame<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Vec<u8>,
         Err(error) => return Err(FrameError::Io(error)),
     }
     let length = u32::from_be_bytes(length);
-    if length > MAX_FRAME_BYTES {
-        return Err(FrameError::TooLarge { length });
+    if length > limit {
+        return Err(FrameError::TooLarge { length, limit });
     }
     let mut payload = vec![0u8; length as usize];
     reader.read_exact(&mut payload).await.map_err(|error| {
@@ -55,7 +64,15 @@ pub async fn read_frame<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Vec<u8>,
 pub async fn read_message<T: DeserializeOwned, R: AsyncRead + Unpin>(
     reader: &mut R,
 ) -> Result<T, FrameError> {
-    let payload = read_frame(reader).await?;
+    read_message_within(reader, MAX_FRAME_BYTES).await
+}
+
+/// Reads one frame of at most `limit` bytes and decodes it as `T`.
+pub async fn read_message_within<T: DeserializeOwned, R: AsyncRead + Unpin>(
+    reader: &mut R,
+    limit: u32,
+) -> Result<T, FrameError> {
+    let payload = read_frame_within(reader, limit).await?;
     postcard::from_bytes(&payload).map_err(FrameError::Malformed)
 }
 
@@ -64,12 +81,22 @@ pub async fn write_message<T: Serialize, W: AsyncWrite + Unpin>(
     writer: &mut W,
     message: &T,
 ) -> Result<(), FrameError> {
+    write_message_within(writer, message, MAX_FRAME_BYTES).await
+}
+
+/// Encodes `message` and writes it as one frame of at most `limit` bytes.
+pub async fn write_message_within<T: Serialize, W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    message: &T,
+    limit: u32,
+) -> Result<(), FrameError> {
     let payload = postcard::to_stdvec(message).map_err(FrameError::Malformed)?;
     let length = u32::try_from(payload.len())
         .ok()
-        .filter(|length| *length <= MAX_FRAME_BYTES)
+        .filter(|length| *length <= limit)
         .ok_or(FrameError::TooLarge {
             length: u32::try_from(payload.len()).unwrap_or(u32::MAX),
+            limit,
         })?;
     let mut frame = Vec::with_capacity(4 + payload.len());
     frame.extend_from_slice(&length.to_be_bytes());
@@ -92,6 +119,10 @@ pub fn nonce() -> [u8; NONCE_BYTES] {
 pub enum ProofSide {
     Agent,
     Coordinator,
+    /// Layer protocol: the stage answering a connection.
+    Stage,
+    /// Layer protocol: whoever dialled the stage (the coordinator or the previous stage).
+    LayerClient,
 }
 
 /// HMAC-SHA256(token, context ‖ nonce ‖ node id).
@@ -130,6 +161,8 @@ fn mac(
     mac.update(match side {
         ProofSide::Agent => AGENT_PROOF_CONTEXT,
         ProofSide::Coordinator => COORDINATOR_PROOF_CONTEXT,
+        ProofSide::Stage => STAGE_PROOF_CONTEXT,
+        ProofSide::LayerClient => LAYER_CLIENT_PROOF_CONTEXT,
     });
     mac.update(nonce);
     mac.update(node_id.as_bytes());
@@ -200,7 +233,9 @@ mod tests {
             .await
             .expect("write");
         match read_frame(&mut server).await {
-            Err(FrameError::TooLarge { length }) => assert_eq!(length, MAX_FRAME_BYTES + 1),
+            Err(FrameError::TooLarge { length, limit }) => {
+                assert_eq!((length, limit), (MAX_FRAME_BYTES + 1, MAX_FRAME_BYTES));
+            }
             other => panic!("expected TooLarge, got {other:?}"),
         }
 

@@ -65,6 +65,9 @@ pub struct Node {
     /// The last hardware sample; `None` until the first report arrives.
     pub hardware: Option<HardwareReport>,
     pub ollama: Option<OllamaState>,
+    /// The agent's stage port for distributed inference, reachable from the coordinator.
+    #[serde(default)]
+    pub stage_address: Option<String>,
 }
 
 /// `GET /api/sollol/v1/nodes/{id}`

@@ -14,6 +14,9 @@ pub struct NodeReport {
     pub hardware: HardwareReport,
     /// `None` when no Ollama URL is configured and none answers on the default address.
     pub ollama: Option<OllamaState>,
+    /// The agent's stage port for distributed inference, `HOST:PORT` as it is bound (an unspecified
+    /// host means the coordinator uses the address the agent connects from).
+    pub stage_address: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

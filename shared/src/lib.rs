@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod hardware;
+pub mod layers;
 pub mod protocol;
 
 /// The version of the sollol build, as written in the workspace manifest.

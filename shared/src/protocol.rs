@@ -31,7 +31,8 @@ use serde::{Deserialize, Serialize};
 use crate::hardware::NodeReport;
 
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// 2: reports carry the agent's stage address (distributed inference).
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The first bytes an agent sends, before any frame.
 pub const MAGIC: [u8; 8] = *b"SOLLOL\x00\x01";
@@ -135,6 +136,12 @@ pub enum RefusalCode {
     Timeout,
     /// The coordinator is shutting down.
     ShuttingDown,
+    /// Layer protocol: the stage has no copy of the model asked for.
+    ModelMissing,
+    /// Layer protocol: the stage's copy of the model has another digest than the plan's.
+    DigestMismatch,
+    /// Layer protocol: the request cannot be served as asked (layers out of range, unknown sequence…).
+    BadRequest,
 }
 
 impl RefusalCode {

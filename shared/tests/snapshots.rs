@@ -110,6 +110,7 @@ fn example_node() -> Node {
         connected: true,
         hardware: Some(example_hardware()),
         ollama: Some(example_ollama()),
+        stage_address: Some("192.0.2.10:7703".into()),
     }
 }
 
@@ -384,6 +385,7 @@ fn reports_round_trip_through_postcard() {
         sampled_at_ms: 1,
         hardware: example_hardware(),
         ollama: Some(example_ollama()),
+        stage_address: Some("0.0.0.0:7703".into()),
     }));
     let bytes = postcard::to_stdvec(&message).expect("encode");
     assert!(bytes.len() < 1024, "a report is {} bytes", bytes.len());

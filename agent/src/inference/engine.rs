@@ -211,46 +211,28 @@ impl LoadedModel {
 
         let generation_started = Instant::now();
         let mut history = prompt.to_vec();
-        let mut output: Vec<u32> = Vec::new();
-        let mut sent = 0;
+        let mut text = TextStream::new(&self.codec, &request.stop);
         let mut done_reason = "length";
-        let mut cut_at_stop_string = false;
         let limit = request
             .num_predict
             .unwrap_or(usize::MAX)
             .min(context - prompt.len());
-        while output.len() < limit {
+        while text.tokens() < limit {
             let token = sampler.next(&logits, &history);
             if self.codec.is_stop(token) {
                 done_reason = "stop";
                 break;
             }
-            output.push(token);
             history.push(token);
-            let text = self.codec.decode(&output)?;
-            // A stop string ends the answer before it; text is held back while it could still become one.
-            if let Some(cut) = request
-                .stop
-                .iter()
-                .filter_map(|stop| text.find(stop.as_str()))
-                .min()
-            {
-                if cut > sent && !emit(&text[sent..cut]) {
-                    return Err(EngineError::Stopped("the client went away".to_owned()));
-                }
-                sent = cut;
+            let (piece, stopped) = text.push(token)?;
+            if !piece.is_empty() && !emit(&piece) {
+                return Err(EngineError::Stopped("the client went away".to_owned()));
+            }
+            if stopped {
                 done_reason = "stop";
-                cut_at_stop_string = true;
                 break;
             }
-            let safe = safe_prefix(&text, &request.stop);
-            if safe > sent {
-                if !emit(&text[sent..safe]) {
-                    return Err(EngineError::Stopped("the client went away".to_owned()));
-                }
-                sent = safe;
-            }
-            if output.len() == limit || cache.length + 1 >= context {
+            if text.tokens() == limit || cache.length + 1 >= context {
                 break;
             }
             let hidden = self.model.embed(&[token])?;
@@ -258,19 +240,14 @@ impl LoadedModel {
             cache.length += 1;
             logits = self.model.head(&hidden)?;
         }
-        if !cut_at_stop_string {
-            // What was held back as a possible stop string is sent; a character cut off by the
-            // length limit (decoded as U+FFFD) is not.
-            let text = self.codec.decode(&output)?;
-            let end = safe_prefix(&text, &[]);
-            if end > sent {
-                emit(&text[sent..end]);
-            }
+        let rest = text.finish()?;
+        if !rest.is_empty() {
+            emit(&rest);
         }
         Ok(Generated {
             prompt_tokens: prompt.len(),
             prompt_duration,
-            output_tokens: output.len(),
+            output_tokens: text.tokens(),
             generation_duration: generation_started.elapsed(),
             done_reason,
         })
@@ -341,6 +318,68 @@ impl Embedding {
     }
 }
 
+/// Generated tokens as text to send: what could still become a stop string or is a partial UTF-8
+/// character is held back, and a stop string ends the answer before it.
+#[derive(Debug)]
+pub struct TextStream<'a> {
+    codec: &'a TextCodec,
+    stops: &'a [String],
+    output: Vec<u32>,
+    sent: usize,
+    cut_at_stop_string: bool,
+}
+
+impl<'a> TextStream<'a> {
+    pub fn new(codec: &'a TextCodec, stops: &'a [String]) -> Self {
+        Self {
+            codec,
+            stops,
+            output: Vec::new(),
+            sent: 0,
+            cut_at_stop_string: false,
+        }
+    }
+
+    /// Tokens generated so far.
+    pub fn tokens(&self) -> usize {
+        self.output.len()
+    }
+
+    /// Adds a generated token: the text that can be sent now, and whether a stop string ended the answer.
+    pub fn push(&mut self, token: u32) -> Result<(String, bool), EngineError> {
+        self.output.push(token);
+        let text = self.codec.decode(&self.output)?;
+        if let Some(cut) = self
+            .stops
+            .iter()
+            .filter_map(|stop| text.find(stop.as_str()))
+            .min()
+        {
+            let piece = text.get(self.sent..cut).unwrap_or_default().to_owned();
+            self.sent = self.sent.max(cut);
+            self.cut_at_stop_string = true;
+            return Ok((piece, true));
+        }
+        let safe = safe_prefix(&text, self.stops);
+        let piece = text.get(self.sent..safe).unwrap_or_default().to_owned();
+        self.sent = self.sent.max(safe);
+        Ok((piece, false))
+    }
+
+    /// What was held back as a possible stop string, once generation ends (not a character cut off by
+    /// the length limit, decoded as U+FFFD).
+    pub fn finish(&mut self) -> Result<String, EngineError> {
+        if self.cut_at_stop_string {
+            return Ok(String::new());
+        }
+        let text = self.codec.decode(&self.output)?;
+        let end = safe_prefix(&text, &[]);
+        let piece = text.get(self.sent..end).unwrap_or_default().to_owned();
+        self.sent = self.sent.max(end);
+        Ok(piece)
+    }
+}
+
 /// How much of `text` can be sent: not a trailing partial UTF-8 character (decoded as U+FFFD), nor a
 /// tail that is the start of a stop string.
 fn safe_prefix(text: &str, stops: &[String]) -> usize {
@@ -375,6 +414,44 @@ pub struct Generated {
     pub output_tokens: usize,
     pub generation_duration: Duration,
     pub done_reason: &'static str,
+}
+
+/// `sha256:…` of the file's content (what distributed stages match their copies by).
+pub fn content_digest(path: &Path) -> std::io::Result<String> {
+    use sha2::Digest;
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = sha2::Sha256::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    loop {
+        let read = file.read(&mut buffer)?;
+        if read == 0 {
+            break;
+        }
+        hasher.update(&buffer[..read]);
+    }
+    Ok(format!("sha256:{}", hex::encode(hasher.finalize())))
+}
+
+/// The GGUF file's bytes before its first tensor (header, metadata, tensor directory) and its length:
+/// enough to read the tokenizer and template without the weights.
+pub fn header_bytes(path: &Path) -> Result<(Vec<u8>, u64), GgufError> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(GgufError::Io)?;
+    let length = file.metadata().map_err(GgufError::Io)?.len();
+    let gguf = Gguf::read(std::io::BufReader::new(&file), length)?;
+    let end = gguf
+        .tensors
+        .iter()
+        .map(|tensor| tensor.offset)
+        .min()
+        .unwrap_or(length);
+    let mut bytes = Vec::new();
+    std::io::BufReader::new(std::fs::File::open(path).map_err(GgufError::Io)?)
+        .take(end)
+        .read_to_end(&mut bytes)
+        .map_err(GgufError::Io)?;
+    Ok((bytes, length))
 }
 
 /// What the header of the GGUF at `path` says about the model, without loading it.

@@ -1,5 +1,5 @@
 //! Picking the next token from logits: repeat penalty, then temperature with top-k, top-p and min-p,
-//! as Ollama's options name them. Temperature 0 is greedy. Pure apart from its seeded generator.
+//! as Ollama's options name them. Temperature 0 is greedy. Pure: a draw depends on the seed and the position.
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -34,16 +34,18 @@ impl Default for SamplingOptions {
 #[derive(Debug)]
 pub struct Sampler {
     options: SamplingOptions,
-    rng: StdRng,
+    seed: u64,
 }
 
 impl Sampler {
     pub fn new(options: SamplingOptions) -> Self {
-        let rng = match options.seed {
-            Some(seed) => StdRng::seed_from_u64(seed),
-            None => StdRng::from_os_rng(),
-        };
-        Self { options, rng }
+        let seed = options.seed.unwrap_or_else(rand::random);
+        Self { options, seed }
+    }
+
+    /// The seed in use (the request's, or the one drawn for it).
+    pub fn seed(&self) -> u64 {
+        self.seed
     }
 
     /// The next token given the logits and the tokens so far (prompt and output).
@@ -102,7 +104,12 @@ impl Sampler {
             mass += weight;
             kept += 1;
         }
-        let pick = self.rng.random::<f32>() * mass;
+        // The draw depends on the seed and the position only, so a sequence re-run from any point
+        // (a distributed model re-planned mid-answer) samples as it would have.
+        let position = history.len() as u64;
+        let mut rng =
+            StdRng::seed_from_u64(self.seed ^ position.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let pick = rng.random::<f32>() * mass;
         let mut running = 0.0;
         for (index, weight) in weights.iter().take(kept).enumerate() {
             running += weight;

@@ -19,6 +19,8 @@ pub struct Sampler {
     gpus: Vec<Box<dyn GpuProbe>>,
     ollama: OllamaProbe,
     models_dir: PathBuf,
+    /// The agent's stage port, reported with every sample.
+    pub stage_address: Option<String>,
 }
 
 impl std::fmt::Debug for Sampler {
@@ -49,6 +51,7 @@ impl Sampler {
             gpus,
             ollama: OllamaProbe::new(ollama_url),
             models_dir,
+            stage_address: None,
         }
     }
 
@@ -76,11 +79,13 @@ impl Sampler {
 pub fn report(
     hardware: HardwareReport,
     ollama: Option<sollol_shared::hardware::OllamaState>,
+    stage_address: Option<String>,
 ) -> NodeReport {
     NodeReport {
         sampled_at_ms: unix_ms(SystemTime::now()),
         hardware,
         ollama,
+        stage_address,
     }
 }
 

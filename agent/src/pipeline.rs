@@ -1,0 +1,839 @@
+//! Distributed inference, the driving side: plans a model's layers over agents' stages, loads the parts,
+//! and runs sequences through the stages (`sollol_shared::layers` describes the protocol; `stage` is
+//! the agents' side).
+//!
+//! The coordinator keeps one connection to every stage. It sends token ids to the first stage only;
+//! the stages pass hidden states along among themselves, and the last stage answers each step with the
+//! sampled token id. A stage that dies or stops answering fails the step with [`PipelineError::Stage`];
+//! the caller re-plans on the stages left and re-runs the sequence from its tokens so far.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use sollol_shared::layers::{
+    MAX_LAYER_FRAME_BYTES, Output, PartSpec, Sampling, StageInput, StageReply, StageRequest,
+};
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::sync::mpsc;
+
+use crate::identity::ClusterToken;
+use crate::stage::{DialError, StagePeer, dial};
+use crate::wire;
+
+/// Prompt tokens sent to the first stage per forward: the stages work on one chunk while the next
+/// stage works on the previous one.
+pub const PROMPT_CHUNK: usize = 32;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error(transparent)]
+    Dial(#[from] DialError),
+    #[error("{0}")]
+    Plan(String),
+    #[error("stage {node} refused: {message}")]
+    Refused { node: String, message: String },
+    #[error("stage {node} failed: {message}")]
+    Stage { node: String, message: String },
+    #[error("stage {node} answered out of turn: {answer}")]
+    Protocol { node: String, answer: String },
+}
+
+impl PipelineError {
+    /// The node to leave out of the next plan, when a stage (not the plan) failed.
+    pub fn failed_node(&self) -> Option<&str> {
+        match self {
+            Self::Stage { node, .. } => Some(node),
+            _ => None,
+        }
+    }
+}
+
+/// An agent that could hold a stage.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Candidate {
+    pub node_id: String,
+    pub name: String,
+    /// The agent's stage port, `HOST:PORT`.
+    pub address: String,
+}
+
+/// One stage of a plan.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlannedStage {
+    pub candidate: Candidate,
+    pub layers: Range<usize>,
+    pub free_memory_bytes: u64,
+}
+
+/// Which agent runs which layers of a model, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Plan {
+    pub model: String,
+    pub digest: String,
+    pub layers: usize,
+    pub stages: Vec<PlannedStage>,
+    /// One line per decision, for the API and the logs.
+    pub reasons: Vec<String>,
+}
+
+/// Splits `layers` into contiguous ranges, one per stage, in proportion to each stage's free memory,
+/// never giving a stage more layers than 90% of its free memory holds at `bytes_per_layer`.
+pub fn split_layers(
+    layers: usize,
+    bytes_per_layer: u64,
+    free: &[u64],
+) -> Result<Vec<Range<usize>>, String> {
+    if free.is_empty() {
+        return Err("no stage to place layers on".to_owned());
+    }
+    if layers < free.len() {
+        return Err(format!(
+            "{} stages for {layers} layers: every stage needs at least one",
+            free.len()
+        ));
+    }
+    let capacity: Vec<usize> = free
+        .iter()
+        .map(|bytes| usize::try_from(bytes / 10 * 9 / bytes_per_layer.max(1)).unwrap_or(usize::MAX))
+        .collect();
+    let total_capacity: usize = capacity
+        .iter()
+        .fold(0, |sum, each| sum.saturating_add(*each));
+    if total_capacity < layers || capacity.contains(&0) {
+        return Err(format!(
+            "not enough free memory: {layers} layers of {} MiB, the stages hold {:?} layers",
+            bytes_per_layer / (1 << 20),
+            capacity
+        ));
+    }
+    let total_free: u128 = free.iter().map(|bytes| u128::from(*bytes)).sum();
+    // Shares by largest remainder, at least one layer each, then capped and the surplus moved on.
+    let exact: Vec<f64> = free
+        .iter()
+        .map(|bytes| layers as f64 * (*bytes as f64) / (total_free.max(1) as f64))
+        .collect();
+    let mut counts: Vec<usize> = exact
+        .iter()
+        .map(|share| (share.floor() as usize).max(1))
+        .collect();
+    let mut order: Vec<usize> = (0..free.len()).collect();
+    order.sort_by(|a, b| {
+        let remainder = |index: usize| exact[index] - exact[index].floor();
+        remainder(*b).total_cmp(&remainder(*a))
+    });
+    while counts.iter().sum::<usize>() < layers {
+        for index in &order {
+            if counts.iter().sum::<usize>() < layers {
+                counts[*index] += 1;
+            }
+        }
+    }
+    while counts.iter().sum::<usize>() > layers {
+        let largest = (0..counts.len())
+            .max_by_key(|index| counts[*index])
+            .unwrap_or(0);
+        counts[largest] -= 1;
+    }
+    loop {
+        let surplus: usize = counts
+            .iter()
+            .zip(&capacity)
+            .map(|(count, cap)| count.saturating_sub(*cap))
+            .sum();
+        if surplus == 0 {
+            break;
+        }
+        for (count, cap) in counts.iter_mut().zip(&capacity) {
+            *count = (*count).min(*cap);
+        }
+        let mut left = surplus;
+        for (count, cap) in counts.iter_mut().zip(&capacity) {
+            let room = cap - *count;
+            let moved = room.min(left);
+            *count += moved;
+            left -= moved;
+        }
+    }
+    let mut start = 0;
+    Ok(counts
+        .iter()
+        .map(|count| {
+            let range = start..start + count;
+            start += count;
+            range
+        })
+        .collect())
+}
+
+/// A connection to one stage, its answers routed to whoever waits for them.
+#[derive(Debug)]
+struct Link {
+    peer: StagePeer,
+    address: String,
+    writer: tokio::sync::Mutex<OwnedWriteHalf>,
+    routes: Arc<Routes>,
+}
+
+/// Where a stage's answers go: per sequence, or (answers that name none) to the plan's driver.
+#[derive(Debug, Default)]
+struct Routes {
+    /// Answers with the index of the stage they came from.
+    sequences: Mutex<HashMap<u64, mpsc::UnboundedSender<(usize, StageReply)>>>,
+    control: Mutex<Option<mpsc::UnboundedSender<StageReply>>>,
+    /// Why the connection ended, once it has.
+    lost: Mutex<Option<String>>,
+}
+
+fn sequence_of(reply: &StageReply) -> Option<u64> {
+    match reply {
+        StageReply::Opened { sequence }
+        | StageReply::Sampled { sequence, .. }
+        | StageReply::Logits { sequence, .. }
+        | StageReply::Closed { sequence }
+        | StageReply::Failed { sequence, .. } => Some(*sequence),
+        _ => None,
+    }
+}
+
+impl Link {
+    async fn open(
+        index: usize,
+        address: &str,
+        token: &ClusterToken,
+        timeout: Duration,
+    ) -> Result<Arc<Self>, PipelineError> {
+        let (stream, peer) = dial(address, token, timeout).await?;
+        let (mut reader, writer) = stream.into_split();
+        let routes = Arc::new(Routes::default());
+        let reading = Arc::clone(&routes);
+        tokio::spawn(async move {
+            let reason = loop {
+                match wire::read_message_within::<StageReply, _>(&mut reader, MAX_LAYER_FRAME_BYTES)
+                    .await
+                {
+                    Ok(reply) => match sequence_of(&reply) {
+                        Some(sequence) => {
+                            let route = reading
+                                .sequences
+                                .lock()
+                                .unwrap_or_else(PoisonError::into_inner)
+                                .get(&sequence)
+                                .cloned();
+                            if let Some(route) = route {
+                                let _ = route.send((index, reply));
+                            }
+                        }
+                        None => {
+                            let route = reading
+                                .control
+                                .lock()
+                                .unwrap_or_else(PoisonError::into_inner)
+                                .clone();
+                            if let Some(route) = route {
+                                let _ = route.send(reply);
+                            }
+                        }
+                    },
+                    Err(error) => break error.to_string(),
+                }
+            };
+            *reading.lost.lock().unwrap_or_else(PoisonError::into_inner) = Some(reason.clone());
+            // Everyone waiting on this stage hears that it is gone.
+            let waiting: Vec<_> = reading
+                .sequences
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .iter()
+                .map(|(sequence, route)| (*sequence, route.clone()))
+                .collect();
+            for (sequence, route) in waiting {
+                let _ = route.send((
+                    index,
+                    StageReply::Failed {
+                        sequence,
+                        message: format!("connection lost: {reason}"),
+                        downstream: false,
+                    },
+                ));
+            }
+            reading
+                .control
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take();
+        });
+        Ok(Arc::new(Self {
+            peer,
+            address: address.to_owned(),
+            writer: tokio::sync::Mutex::new(writer),
+            routes,
+        }))
+    }
+
+    fn name(&self) -> &str {
+        &self.peer.node_name
+    }
+
+    async fn send(&self, request: &StageRequest) -> Result<(), PipelineError> {
+        if let Some(reason) = self
+            .routes
+            .lost
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+        {
+            return Err(PipelineError::Stage {
+                node: self.name().to_owned(),
+                message: format!("connection lost: {reason}"),
+            });
+        }
+        let mut writer = self.writer.lock().await;
+        wire::write_message_within(&mut *writer, request, MAX_LAYER_FRAME_BYTES)
+            .await
+            .map_err(|error| PipelineError::Stage {
+                node: self.name().to_owned(),
+                message: error.to_string(),
+            })
+    }
+
+    /// Sends a request whose answer names no sequence and waits for that answer.
+    async fn ask(
+        &self,
+        request: &StageRequest,
+        timeout: Duration,
+    ) -> Result<StageReply, PipelineError> {
+        let (sender, mut receiver) = mpsc::unbounded_channel();
+        *self
+            .routes
+            .control
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(sender);
+        self.send(request).await?;
+        let answer = tokio::time::timeout(timeout, receiver.recv()).await;
+        match answer {
+            Ok(Some(StageReply::Refused(refusal))) => Err(PipelineError::Refused {
+                node: self.name().to_owned(),
+                message: refusal.message,
+            }),
+            Ok(Some(reply)) => Ok(reply),
+            Ok(None) => Err(PipelineError::Stage {
+                node: self.name().to_owned(),
+                message: "connection lost".to_owned(),
+            }),
+            Err(_) => Err(PipelineError::Stage {
+                node: self.name().to_owned(),
+                message: format!("no answer within {timeout:?}"),
+            }),
+        }
+    }
+}
+
+/// How long plan-time requests (describing and loading) may take.
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    pub handshake: Duration,
+    pub load: Duration,
+    /// Per generated token (a prompt's forward gets this per chunk).
+    pub step: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            handshake: Duration::from_secs(5),
+            load: Duration::from_secs(300),
+            step: Duration::from_secs(60),
+        }
+    }
+}
+
+/// A planned, loaded pipeline: one connection per stage.
+#[derive(Debug)]
+pub struct Pipeline {
+    pub plan: Plan,
+    /// Each stage's resident memory after loading.
+    pub resident_bytes: Vec<u64>,
+    links: Vec<Arc<Link>>,
+    next_sequence: AtomicU64,
+    timeouts: Timeouts,
+}
+
+impl Pipeline {
+    /// Connects to the candidates, checks they hold the same copy of `model` (digest) and speak this
+    /// protocol version, plans the layers over them and loads each stage's part. Fails at this point,
+    /// before any request runs, when a stage is incompatible.
+    pub async fn start(
+        model: &str,
+        candidates: &[Candidate],
+        token: &ClusterToken,
+        timeouts: Timeouts,
+    ) -> Result<Self, PipelineError> {
+        if candidates.is_empty() {
+            return Err(PipelineError::Plan(format!("no stage can hold {model}")));
+        }
+        let mut links = Vec::with_capacity(candidates.len());
+        for (index, candidate) in candidates.iter().enumerate() {
+            links.push(Link::open(index, &candidate.address, token, timeouts.handshake).await?);
+        }
+        let describe = StageRequest::Describe {
+            model: model.to_owned(),
+        };
+        let mut described = Vec::with_capacity(links.len());
+        for link in &links {
+            match link.ask(&describe, timeouts.load).await? {
+                StageReply::Described {
+                    digest,
+                    layers,
+                    file_bytes,
+                    free_memory_bytes,
+                } => described.push((digest, layers as usize, file_bytes, free_memory_bytes)),
+                other => {
+                    return Err(PipelineError::Protocol {
+                        node: link.name().to_owned(),
+                        answer: format!("{other:?}"),
+                    });
+                }
+            }
+        }
+        let (digest, layers, file_bytes, _) = described[0].clone();
+        for ((other, _, _, _), link) in described.iter().zip(&links) {
+            if *other != digest {
+                return Err(PipelineError::Refused {
+                    node: link.name().to_owned(),
+                    message: format!(
+                        "its copy of {model} is {other}, the first stage's ({}) is {digest}: every stage must hold the same file",
+                        links[0].name()
+                    ),
+                });
+            }
+        }
+        let free: Vec<u64> = described.iter().map(|(_, _, _, free)| *free).collect();
+        let bytes_per_layer = file_bytes / layers.max(1) as u64;
+        let ranges = split_layers(layers, bytes_per_layer, &free).map_err(PipelineError::Plan)?;
+        let mut reasons = vec![format!(
+            "{model} ({digest}): {layers} layers of about {} MiB, split in proportion to free memory",
+            bytes_per_layer / (1 << 20)
+        )];
+        let stages: Vec<PlannedStage> = candidates
+            .iter()
+            .zip(&ranges)
+            .zip(&free)
+            .map(|((candidate, range), free)| {
+                reasons.push(format!(
+                    "{}: layers {}..{} ({} MiB free){}{}",
+                    candidate.name,
+                    range.start,
+                    range.end,
+                    free / (1 << 20),
+                    if range.start == 0 { ", embeddings" } else { "" },
+                    if range.end == layers {
+                        ", output head and sampling"
+                    } else {
+                        ""
+                    },
+                ));
+                PlannedStage {
+                    candidate: candidate.clone(),
+                    layers: range.clone(),
+                    free_memory_bytes: *free,
+                }
+            })
+            .collect();
+        let loads = stages.iter().enumerate().map(|(index, stage)| {
+            let link = Arc::clone(&links[index]);
+            let request = StageRequest::Load {
+                part: PartSpec {
+                    model: model.to_owned(),
+                    digest: digest.clone(),
+                    start: stage.layers.start as u32,
+                    end: stage.layers.end as u32,
+                    embed: index == 0,
+                    head: index + 1 == stages.len(),
+                },
+                next: stages
+                    .get(index + 1)
+                    .map(|next| next.candidate.address.clone()),
+            };
+            async move { (link.ask(&request, timeouts.load).await, link) }
+        });
+        let mut resident_bytes = Vec::with_capacity(stages.len());
+        for (answer, link) in futures_util::future::join_all(loads).await {
+            match answer? {
+                StageReply::Loaded {
+                    resident_bytes: bytes,
+                    ..
+                } => resident_bytes.push(bytes),
+                other => {
+                    return Err(PipelineError::Protocol {
+                        node: link.name().to_owned(),
+                        answer: format!("{other:?}"),
+                    });
+                }
+            }
+        }
+        Ok(Self {
+            plan: Plan {
+                model: model.to_owned(),
+                digest,
+                layers,
+                stages,
+                reasons,
+            },
+            resident_bytes,
+            links,
+            next_sequence: AtomicU64::new(rand::random::<u64>() >> 1),
+            timeouts,
+        })
+    }
+
+    /// The model file's header from the first stage (tokenizer and chat template, no weights).
+    pub async fn header(&self) -> Result<(Vec<u8>, u64), PipelineError> {
+        match self.links[0]
+            .ask(&StageRequest::Header, self.timeouts.load)
+            .await?
+        {
+            StageReply::Header { bytes, file_bytes } => Ok((bytes, file_bytes)),
+            other => Err(PipelineError::Protocol {
+                node: self.links[0].name().to_owned(),
+                answer: format!("{other:?}"),
+            }),
+        }
+    }
+
+    /// Opens a sequence on every stage; the last one samples with `sampling` and knows `history`.
+    pub async fn open(
+        &self,
+        sampling: Sampling,
+        history: &[u32],
+    ) -> Result<Sequence<'_>, PipelineError> {
+        let id = self.next_sequence.fetch_add(1, Ordering::Relaxed);
+        let (sender, receiver) = mpsc::unbounded_channel();
+        for link in &self.links {
+            link.routes
+                .sequences
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(id, sender.clone());
+        }
+        let mut sequence = Sequence {
+            pipeline: self,
+            id,
+            replies: receiver,
+            position: 0,
+        };
+        let last = self.links.len() - 1;
+        for (index, link) in self.links.iter().enumerate() {
+            link.send(&StageRequest::Open {
+                sequence: id,
+                sampling: (index == last).then(|| sampling.clone()),
+                history: if index == last {
+                    history.to_vec()
+                } else {
+                    Vec::new()
+                },
+            })
+            .await?;
+        }
+        // Every stage must hold the sequence before the first forward reaches it.
+        let mut opened = 0;
+        while opened < self.links.len() {
+            match sequence.next_reply(self.timeouts.handshake).await? {
+                StageReply::Opened { .. } => opened += 1,
+                other => return Err(sequence.unexpected(other)),
+            }
+        }
+        Ok(sequence)
+    }
+
+    /// The stages' names, first to last.
+    pub fn stage_names(&self) -> Vec<String> {
+        self.links
+            .iter()
+            .map(|link| link.name().to_owned())
+            .collect()
+    }
+
+    /// The stages' addresses, first to last.
+    pub fn stage_addresses(&self) -> Vec<String> {
+        self.links.iter().map(|link| link.address.clone()).collect()
+    }
+}
+
+/// One sequence running through a pipeline.
+#[derive(Debug)]
+pub struct Sequence<'a> {
+    pipeline: &'a Pipeline,
+    id: u64,
+    replies: mpsc::UnboundedReceiver<(usize, StageReply)>,
+    /// Tokens the stages have processed.
+    pub position: usize,
+}
+
+/// What the last stage answered a forward with.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Answer {
+    Token(u32),
+    Logits(Vec<f32>),
+}
+
+impl Sequence<'_> {
+    async fn next_reply(&mut self, timeout: Duration) -> Result<StageReply, PipelineError> {
+        let name = |index: usize| {
+            self.pipeline
+                .links
+                .get(index)
+                .map(|link| link.name().to_owned())
+                .unwrap_or_default()
+        };
+        match tokio::time::timeout(timeout, self.replies.recv()).await {
+            Ok(Some((
+                index,
+                StageReply::Failed {
+                    message,
+                    downstream,
+                    ..
+                },
+            ))) => {
+                // A stage that cannot reach the next one blames the next one.
+                let culprit = if downstream { index + 1 } else { index };
+                Err(PipelineError::Stage {
+                    node: name(culprit),
+                    message,
+                })
+            }
+            Ok(Some((_, reply))) => Ok(reply),
+            Ok(None) => Err(PipelineError::Plan("the pipeline was dropped".to_owned())),
+            Err(_) => Err(PipelineError::Stage {
+                node: self
+                    .pipeline
+                    .links
+                    .last()
+                    .map(|link| link.name().to_owned())
+                    .unwrap_or_default(),
+                message: format!("no answer within {timeout:?}"),
+            }),
+        }
+    }
+
+    fn unexpected(&self, reply: StageReply) -> PipelineError {
+        PipelineError::Protocol {
+            node: "a stage".to_owned(),
+            answer: format!("{reply:?}"),
+        }
+    }
+
+    /// Runs `tokens` (a prompt, or the last generated token) through the stages and returns the last
+    /// stage's answer for the final position: a sampled token, or the logits when `logits`.
+    pub async fn feed(&mut self, tokens: &[u32], logits: bool) -> Result<Answer, PipelineError> {
+        let first = &self.pipeline.links[0];
+        let chunks: Vec<&[u32]> = tokens.chunks(PROMPT_CHUNK).collect();
+        for (index, chunk) in chunks.iter().enumerate() {
+            let output = match (index + 1 == chunks.len(), logits) {
+                (false, _) => Output::None,
+                (true, false) => Output::Sample,
+                (true, true) => Output::Logits,
+            };
+            first
+                .send(&StageRequest::Forward {
+                    sequence: self.id,
+                    start: u32::try_from(self.position).unwrap_or(u32::MAX),
+                    input: StageInput::Tokens(chunk.to_vec()),
+                    output,
+                })
+                .await?;
+            self.position += chunk.len();
+        }
+        let timeout = self.pipeline.timeouts.step * u32::try_from(chunks.len().max(1)).unwrap_or(1);
+        match self.next_reply(timeout).await? {
+            StageReply::Sampled { token, .. } => Ok(Answer::Token(token)),
+            StageReply::Logits { values, .. } => Ok(Answer::Logits(values)),
+            other => Err(self.unexpected(other)),
+        }
+    }
+}
+
+impl Drop for Sequence<'_> {
+    fn drop(&mut self) {
+        for link in &self.pipeline.links {
+            link.routes
+                .sequences
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&self.id);
+            let link = Arc::clone(link);
+            let sequence = self.id;
+            // Best effort: a stage that is gone has forgotten the sequence anyway.
+            if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                handle.spawn(async move {
+                    let _ = link.send(&StageRequest::Close { sequence }).await;
+                });
+            }
+        }
+    }
+}
+
+/// A distributed model's pipeline, kept between requests and re-planned when a stage fails.
+#[derive(Debug)]
+pub struct Distributed {
+    pub model: String,
+    token: ClusterToken,
+    timeouts: Timeouts,
+    current: tokio::sync::Mutex<Option<Arc<Pipeline>>>,
+    /// Stages that failed lately, by node name, left out of plans for [`EXCLUDE_FOR`].
+    excluded: Mutex<HashMap<String, std::time::Instant>>,
+}
+
+/// How long a failed stage stays out of plans (it may come back, or be down by then).
+pub const EXCLUDE_FOR: Duration = Duration::from_secs(30);
+
+/// Plans tried for one request before it fails.
+const MAX_PLANS: usize = 3;
+
+/// What a distributed generation produced.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Generated {
+    pub tokens: Vec<u32>,
+    /// Plans that failed mid-request and were replaced.
+    pub replans: usize,
+    /// Whether a stop token ended it (else the limit, or the caller).
+    pub stopped: bool,
+}
+
+impl Distributed {
+    pub fn new(model: &str, token: ClusterToken, timeouts: Timeouts) -> Self {
+        Self {
+            model: model.to_owned(),
+            token,
+            timeouts,
+            current: tokio::sync::Mutex::new(None),
+            excluded: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The pipeline in use, planned and loaded on `candidates` (minus recently failed ones) if there
+    /// is none yet.
+    pub async fn pipeline(&self, candidates: &[Candidate]) -> Result<Arc<Pipeline>, PipelineError> {
+        let mut current = self.current.lock().await;
+        if let Some(pipeline) = current.as_ref() {
+            return Ok(Arc::clone(pipeline));
+        }
+        let usable: Vec<Candidate> = {
+            let mut excluded = self.excluded.lock().unwrap_or_else(PoisonError::into_inner);
+            excluded.retain(|_, since| since.elapsed() < EXCLUDE_FOR);
+            candidates
+                .iter()
+                .filter(|candidate| !excluded.contains_key(&candidate.name))
+                .cloned()
+                .collect()
+        };
+        let pipeline =
+            Arc::new(Pipeline::start(&self.model, &usable, &self.token, self.timeouts).await?);
+        for reason in &pipeline.plan.reasons {
+            tracing::info!(model = %self.model, "{reason}");
+        }
+        *current = Some(Arc::clone(&pipeline));
+        Ok(pipeline)
+    }
+
+    /// Forgets the pipeline after `node` failed; the next request plans again without it.
+    pub async fn failed(&self, node: &str) {
+        self.excluded
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(node.to_owned(), std::time::Instant::now());
+        *self.current.lock().await = None;
+    }
+
+    /// Generates up to `limit` tokens after `prompt`, handing each to `on_token` (false stops). When a
+    /// stage fails, plans again on `candidates()` without it and re-runs the prompt and the tokens so
+    /// far: the caller sees a pause, and (sampling depending only on seed and position) the same tokens.
+    pub async fn generate(
+        &self,
+        candidates: impl Fn() -> Vec<Candidate>,
+        sampling: &Sampling,
+        prompt: &[u32],
+        limit: usize,
+        is_stop: impl Fn(u32) -> bool,
+        mut on_token: impl FnMut(u32) -> bool,
+    ) -> Result<Generated, PipelineError> {
+        let mut tokens = Vec::new();
+        let mut replans = 0;
+        loop {
+            let pipeline = self.pipeline(&candidates()).await?;
+            let mut history = prompt.to_vec();
+            history.extend_from_slice(&tokens);
+            let run = async {
+                let mut sequence = pipeline.open(sampling.clone(), &history).await?;
+                let mut input = history.clone();
+                while tokens.len() < limit {
+                    let Answer::Token(token) = sequence.feed(&input, false).await? else {
+                        return Err(PipelineError::Plan(
+                            "logits where a token was due".to_owned(),
+                        ));
+                    };
+                    if is_stop(token) {
+                        return Ok(true);
+                    }
+                    tokens.push(token);
+                    if !on_token(token) {
+                        break;
+                    }
+                    input = vec![token];
+                }
+                Ok(false)
+            };
+            match run.await {
+                Ok(stopped) => {
+                    return Ok(Generated {
+                        tokens,
+                        replans,
+                        stopped,
+                    });
+                }
+                Err(error) => match error.failed_node() {
+                    Some(node) if replans + 1 < MAX_PLANS => {
+                        tracing::warn!(model = %self.model, %node, %error, "a stage failed mid-request: planning again without it");
+                        self.failed(node).await;
+                        replans += 1;
+                    }
+                    _ => return Err(error),
+                },
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layers_follow_free_memory_and_never_exceed_it() {
+        const MIB: u64 = 1 << 20;
+        // Equal memory: an even split.
+        assert_eq!(
+            split_layers(30, 3 * MIB, &[1000 * MIB; 2]).expect("plan"),
+            [0..15, 15..30]
+        );
+        assert_eq!(
+            split_layers(30, 3 * MIB, &[1000 * MIB; 3]).expect("plan"),
+            [0..10, 10..20, 20..30]
+        );
+        // Twice the memory, about twice the layers.
+        assert_eq!(
+            split_layers(30, 3 * MIB, &[2000 * MIB, 1000 * MIB]).expect("plan"),
+            [0..20, 20..30]
+        );
+        // A stage that holds only 5 layers gets 5; the others take the rest.
+        let ranges = split_layers(30, 10 * MIB, &[56 * MIB, 1000 * MIB, 1000 * MIB]).expect("plan");
+        assert_eq!(ranges[0], 0..5);
+        assert_eq!(ranges.last().map(|range| range.end), Some(30));
+        // Not enough memory in total, or a stage that holds nothing: refused with the figures.
+        let refused = split_layers(30, 100 * MIB, &[1000 * MIB, 1000 * MIB]).expect_err("too big");
+        assert!(refused.contains("not enough free memory"), "{refused}");
+        assert!(split_layers(2, MIB, &[MIB, MIB, MIB]).is_err());
+    }
+}

@@ -1,0 +1,811 @@
+//! The stage server: an agent's share of distributed inference (`sollol_shared::layers` describes the
+//! protocol), and the protocol's client handshake ([`dial`]).
+//!
+//! A stage lets in only peers holding the cluster token, loads the part of a model the coordinator asks
+//! for from its own copy (matched by content digest, so every stage computes with the same weights),
+//! keeps one KV cache per sequence, runs its layers and hands the hidden states to the next stage
+//! itself; the last stage samples and answers the coordinator. One part of one model at a time: a
+//! `Load` of another part replaces it (and forgets its sequences).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use candle_core::Tensor;
+use sollol_shared::layers::{
+    LAYER_MAGIC, LAYER_PROTOCOL_VERSION, LayerAuth, LayerChallenge, LayerHello, LayerWelcome,
+    MAX_LAYER_FRAME_BYTES, Output, PartSpec, Sampling, StageInput, StageReply, StageRequest,
+};
+use sollol_shared::protocol::{Refusal, RefusalCode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::identity::ClusterToken;
+use crate::inference::engine::{self, ModelFile};
+use crate::inference::gguf::Gguf;
+use crate::inference::model::{KvCache, Model, Part, Shape};
+use crate::inference::sampling::{Sampler, SamplingOptions};
+use crate::wire::{self, ProofSide};
+
+/// Handshake frames are small; only requests may be large.
+const HANDSHAKE_FRAME_BYTES: u32 = 64 * 1024;
+
+#[derive(Clone, Debug)]
+pub struct StageSettings {
+    pub node_id: String,
+    pub node_name: String,
+    pub models_dir: PathBuf,
+    pub ollama_store: Option<PathBuf>,
+    pub token: ClusterToken,
+    pub handshake_timeout: Duration,
+}
+
+/// Who answered a [`dial`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StagePeer {
+    pub node_id: String,
+    pub node_name: String,
+    pub build_version: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    #[error("cannot connect to the stage at {address}: {source}")]
+    Connect {
+        address: String,
+        source: std::io::Error,
+    },
+    #[error("the stage at {address} refused: {refusal}")]
+    Refused { address: String, refusal: Refusal },
+    #[error("the stage at {address} did not prove it holds the cluster token")]
+    BadProof { address: String },
+    #[error("the handshake with the stage at {address} failed: {message}")]
+    Handshake { address: String, message: String },
+}
+
+/// Connects to the stage at `address` and completes the authenticated, versioned handshake.
+pub async fn dial(
+    address: &str,
+    token: &ClusterToken,
+    timeout: Duration,
+) -> Result<(TcpStream, StagePeer), DialError> {
+    let failed = |message: String| DialError::Handshake {
+        address: address.to_owned(),
+        message,
+    };
+    let exchange = async {
+        let mut stream =
+            TcpStream::connect(address)
+                .await
+                .map_err(|source| DialError::Connect {
+                    address: address.to_owned(),
+                    source,
+                })?;
+        stream.set_nodelay(true).ok();
+        stream
+            .write_all(&LAYER_MAGIC)
+            .await
+            .map_err(|error| failed(error.to_string()))?;
+        let nonce = wire::nonce();
+        let hello = LayerHello {
+            protocol_version: LAYER_PROTOCOL_VERSION,
+            build_version: sollol_shared::BUILD_VERSION.to_owned(),
+            nonce,
+        };
+        wire::write_message(&mut stream, &hello)
+            .await
+            .map_err(|error| failed(error.to_string()))?;
+        let challenge: LayerChallenge =
+            wire::read_message_within(&mut stream, HANDSHAKE_FRAME_BYTES)
+                .await
+                .map_err(|error| failed(error.to_string()))?;
+        let (peer, stage_nonce) = match challenge {
+            LayerChallenge::Refused(refusal) => {
+                return Err(DialError::Refused {
+                    address: address.to_owned(),
+                    refusal,
+                });
+            }
+            LayerChallenge::Challenge {
+                build_version,
+                node_id,
+                node_name,
+                nonce: stage_nonce,
+                proof,
+                ..
+            } => {
+                if !wire::verify_proof(token, ProofSide::Stage, &nonce, "", &proof) {
+                    return Err(DialError::BadProof {
+                        address: address.to_owned(),
+                    });
+                }
+                (
+                    StagePeer {
+                        node_id,
+                        node_name,
+                        build_version,
+                    },
+                    stage_nonce,
+                )
+            }
+        };
+        let auth = LayerAuth {
+            proof: wire::proof(token, ProofSide::LayerClient, &stage_nonce, ""),
+        };
+        wire::write_message(&mut stream, &auth)
+            .await
+            .map_err(|error| failed(error.to_string()))?;
+        match wire::read_message_within(&mut stream, HANDSHAKE_FRAME_BYTES)
+            .await
+            .map_err(|error| failed(error.to_string()))?
+        {
+            LayerWelcome::Welcome => Ok((stream, peer)),
+            LayerWelcome::Refused(refusal) => Err(DialError::Refused {
+                address: address.to_owned(),
+                refusal,
+            }),
+        }
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .unwrap_or_else(|_| Err(failed(format!("no answer within {timeout:?}"))))
+}
+
+/// Serves the layer protocol on `listener` until `shutdown`.
+pub async fn serve(listener: TcpListener, settings: StageSettings, shutdown: CancellationToken) {
+    let stage = Arc::new(Stage {
+        settings,
+        part: tokio::sync::Mutex::new(None),
+        next: tokio::sync::Mutex::new(None),
+        sequences: Mutex::new(HashMap::new()),
+        digests: Mutex::new(HashMap::new()),
+    });
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    tokio::spawn(connection(Arc::clone(&stage), stream, shutdown.clone()));
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "the stage port failed to accept a connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// The part a stage holds.
+#[derive(Debug)]
+struct LoadedPart {
+    spec: PartSpec,
+    file: ModelFile,
+    model: Model,
+}
+
+/// One sequence's state on this stage.
+#[derive(Debug)]
+struct Sequence {
+    cache: KvCache,
+    /// The connection of whoever opened it (the coordinator): where results go.
+    reply: mpsc::Sender<StageReply>,
+    /// The last stage's sampler and the tokens so far (prompt and output), for the repeat penalty.
+    sampler: Option<Sampler>,
+    history: Vec<u32>,
+}
+
+#[derive(Debug)]
+struct Stage {
+    settings: StageSettings,
+    part: tokio::sync::Mutex<Option<Arc<LoadedPart>>>,
+    /// The connection to the next stage: its address and writing half.
+    next: tokio::sync::Mutex<Option<(String, OwnedWriteHalf)>>,
+    sequences: Mutex<HashMap<u64, Sequence>>,
+    /// Content digests computed so far, by path and length.
+    digests: Mutex<HashMap<(PathBuf, u64), String>>,
+}
+
+fn refusal(code: RefusalCode, message: impl Into<String>) -> StageReply {
+    StageReply::Refused(Refusal {
+        code,
+        message: message.into(),
+    })
+}
+
+async fn connection(stage: Arc<Stage>, mut stream: TcpStream, shutdown: CancellationToken) {
+    stream.set_nodelay(true).ok();
+    let timeout = stage.settings.handshake_timeout;
+    match tokio::time::timeout(timeout, stage.handshake(&mut stream)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(reason)) => {
+            tracing::info!(%reason, "stage connection refused");
+            return;
+        }
+        Err(_) => return,
+    }
+    let (mut reader, mut writer) = stream.into_split();
+    let (replies, mut outgoing) = mpsc::channel::<StageReply>(64);
+    let writing = tokio::spawn(async move {
+        while let Some(reply) = outgoing.recv().await {
+            if wire::write_message_within(&mut writer, &reply, MAX_LAYER_FRAME_BYTES)
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    });
+    loop {
+        let request = tokio::select! {
+            request = wire::read_message_within::<StageRequest, _>(&mut reader, MAX_LAYER_FRAME_BYTES) => request,
+            () = shutdown.cancelled() => break,
+        };
+        let Ok(request) = request else { break };
+        stage.handle(request, &replies).await;
+    }
+    // Sequences opened on this connection have no one to answer any more.
+    stage
+        .sequences
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .retain(|_, sequence| !sequence.reply.same_channel(&replies));
+    drop(replies);
+    let _ = writing.await;
+}
+
+impl Stage {
+    async fn handshake(&self, stream: &mut TcpStream) -> Result<(), String> {
+        let mut magic = [0u8; 8];
+        stream
+            .read_exact(&mut magic)
+            .await
+            .map_err(|error| error.to_string())?;
+        if magic != LAYER_MAGIC {
+            return Err("not a sollol layer client".to_owned());
+        }
+        let hello: LayerHello = wire::read_message_within(stream, HANDSHAKE_FRAME_BYTES)
+            .await
+            .map_err(|error| error.to_string())?;
+        if hello.protocol_version != LAYER_PROTOCOL_VERSION {
+            let message = format!(
+                "version mismatch: this stage ({}) speaks layer protocol v{LAYER_PROTOCOL_VERSION} (sollol {}), the peer v{} (sollol {})",
+                self.settings.node_name,
+                sollol_shared::BUILD_VERSION,
+                hello.protocol_version,
+                hello.build_version
+            );
+            let reply = LayerChallenge::Refused(Refusal {
+                code: RefusalCode::IncompatibleVersion,
+                message: message.clone(),
+            });
+            let _ = wire::write_message(stream, &reply).await;
+            return Err(message);
+        }
+        let nonce = wire::nonce();
+        let challenge = LayerChallenge::Challenge {
+            protocol_version: LAYER_PROTOCOL_VERSION,
+            build_version: sollol_shared::BUILD_VERSION.to_owned(),
+            node_id: self.settings.node_id.clone(),
+            node_name: self.settings.node_name.clone(),
+            nonce,
+            proof: wire::proof(&self.settings.token, ProofSide::Stage, &hello.nonce, ""),
+        };
+        wire::write_message(stream, &challenge)
+            .await
+            .map_err(|error| error.to_string())?;
+        let auth: LayerAuth = wire::read_message_within(stream, HANDSHAKE_FRAME_BYTES)
+            .await
+            .map_err(|error| error.to_string())?;
+        if !wire::verify_proof(
+            &self.settings.token,
+            ProofSide::LayerClient,
+            &nonce,
+            "",
+            &auth.proof,
+        ) {
+            let reply = LayerWelcome::Refused(Refusal {
+                code: RefusalCode::BadToken,
+                message: "the peer holds another cluster token".to_owned(),
+            });
+            let _ = wire::write_message(stream, &reply).await;
+            return Err("bad token".to_owned());
+        }
+        wire::write_message(stream, &LayerWelcome::Welcome)
+            .await
+            .map_err(|error| error.to_string())
+    }
+
+    async fn handle(&self, request: StageRequest, replies: &mpsc::Sender<StageReply>) {
+        let reply = match request {
+            StageRequest::Describe { model } => Some(self.describe(&model).await),
+            StageRequest::Load { part, next } => Some(self.load(part, next).await),
+            StageRequest::Open {
+                sequence,
+                sampling,
+                history,
+            } => Some(self.open(sequence, sampling, history, replies).await),
+            StageRequest::Forward {
+                sequence,
+                start,
+                input,
+                output,
+            } => {
+                self.forward(sequence, start, input, output, replies).await;
+                None
+            }
+            StageRequest::Close { sequence } => {
+                self.sequences
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove(&sequence);
+                Some(StageReply::Closed { sequence })
+            }
+            StageRequest::Header => Some(self.header().await),
+        };
+        if let Some(reply) = reply {
+            let _ = replies.send(reply).await;
+        }
+    }
+
+    /// The models this node has, with their content digests computed on demand.
+    async fn files(&self) -> Vec<ModelFile> {
+        let models_dir = self.settings.models_dir.clone();
+        let store = self.settings.ollama_store.clone();
+        tokio::task::spawn_blocking(move || engine::discover(&models_dir, store.as_deref()))
+            .await
+            .unwrap_or_default()
+    }
+
+    async fn digest_of(&self, file: &ModelFile) -> Result<String, String> {
+        let key = (file.path.clone(), file.size_bytes);
+        if let Some(digest) = self
+            .digests
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&key)
+        {
+            return Ok(digest.clone());
+        }
+        let path = file.path.clone();
+        let digest = tokio::task::spawn_blocking(move || engine::content_digest(&path))
+            .await
+            .map_err(|error| error.to_string())?
+            .map_err(|error| format!("cannot read {}: {error}", file.path.display()))?;
+        self.digests
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(key, digest.clone());
+        Ok(digest)
+    }
+
+    async fn describe(&self, model: &str) -> StageReply {
+        let files = self.files().await;
+        let wanted = crate::cluster::normalize_model(model);
+        let Some(file) = files.iter().find(|file| file.name == wanted) else {
+            return refusal(
+                RefusalCode::ModelMissing,
+                format!(
+                    "node {} has no model {wanted} (it has: {})",
+                    self.settings.node_name,
+                    names(&files)
+                ),
+            );
+        };
+        let digest = match self.digest_of(file).await {
+            Ok(digest) => digest,
+            Err(message) => return refusal(RefusalCode::ModelMissing, message),
+        };
+        let path = file.path.clone();
+        let layers = tokio::task::spawn_blocking(move || -> Result<usize, String> {
+            let handle = std::fs::File::open(&path).map_err(|error| error.to_string())?;
+            let length = handle.metadata().map_err(|error| error.to_string())?.len();
+            let gguf = Gguf::read(std::io::BufReader::new(handle), length)
+                .map_err(|error| error.to_string())?;
+            Ok(Shape::read(&gguf)
+                .map_err(|error| error.to_string())?
+                .layers)
+        })
+        .await
+        .map_err(|error| error.to_string())
+        .and_then(|layers| layers);
+        match layers {
+            Ok(layers) => StageReply::Described {
+                digest,
+                layers: u32::try_from(layers).unwrap_or(u32::MAX),
+                file_bytes: file.size_bytes,
+                free_memory_bytes: free_memory_bytes(),
+            },
+            Err(message) => refusal(
+                RefusalCode::BadRequest,
+                format!("{wanted} on {}: {message}", self.settings.node_name),
+            ),
+        }
+    }
+
+    async fn load(&self, spec: PartSpec, next: Option<String>) -> StageReply {
+        let started = Instant::now();
+        let mut part = self.part.lock().await;
+        if part.as_ref().is_none_or(|loaded| loaded.spec != spec) {
+            let files = self.files().await;
+            let wanted = crate::cluster::normalize_model(&spec.model);
+            let mut chosen = None;
+            let mut named_digest = None;
+            // The file named like the model first, then any file with the same content.
+            let mut ordered: Vec<&ModelFile> = files.iter().filter(|f| f.name == wanted).collect();
+            ordered.extend(files.iter().filter(|f| f.name != wanted));
+            for file in ordered {
+                match self.digest_of(file).await {
+                    Ok(digest) if digest == spec.digest => {
+                        chosen = Some(file.clone());
+                        break;
+                    }
+                    Ok(digest) if file.name == wanted => named_digest = Some(digest),
+                    _ => {}
+                }
+            }
+            let Some(file) = chosen else {
+                return match named_digest {
+                    Some(digest) => refusal(
+                        RefusalCode::DigestMismatch,
+                        format!(
+                            "node {}'s copy of {wanted} is {digest}, the plan needs {}",
+                            self.settings.node_name, spec.digest
+                        ),
+                    ),
+                    None => refusal(
+                        RefusalCode::ModelMissing,
+                        format!(
+                            "node {} has no copy of {wanted} ({})",
+                            self.settings.node_name, spec.digest
+                        ),
+                    ),
+                };
+            };
+            // The old part's memory goes before the new one is read.
+            *part = None;
+            self.sequences
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clear();
+            let load_spec = spec.clone();
+            let path = file.path.clone();
+            let loaded = tokio::task::spawn_blocking(move || -> Result<Model, String> {
+                let handle = std::fs::File::open(&path).map_err(|error| error.to_string())?;
+                let length = handle.metadata().map_err(|error| error.to_string())?.len();
+                let gguf = Gguf::read(std::io::BufReader::new(handle), length)
+                    .map_err(|error| error.to_string())?;
+                Model::load(
+                    &path,
+                    &gguf,
+                    Part {
+                        embed: load_spec.embed,
+                        layers: load_spec.start as usize..load_spec.end as usize,
+                        head: load_spec.head,
+                    },
+                )
+                .map_err(|error| error.to_string())
+            })
+            .await
+            .map_err(|error| error.to_string())
+            .and_then(|model| model);
+            match loaded {
+                Ok(model) => {
+                    tracing::info!(model = %wanted, layers = ?(spec.start..spec.end), embed = spec.embed, head = spec.head, "stage loaded its part");
+                    *part = Some(Arc::new(LoadedPart { spec, file, model }));
+                }
+                Err(message) => {
+                    return refusal(
+                        RefusalCode::BadRequest,
+                        format!(
+                            "node {} cannot load {wanted}: {message}",
+                            self.settings.node_name
+                        ),
+                    );
+                }
+            }
+        }
+        drop(part);
+        let mut link = self.next.lock().await;
+        match next {
+            None => *link = None,
+            Some(address) => {
+                if link.as_ref().is_none_or(|(linked, _)| *linked != address) {
+                    match dial(
+                        &address,
+                        &self.settings.token,
+                        self.settings.handshake_timeout,
+                    )
+                    .await
+                    {
+                        Ok((stream, _)) => {
+                            let (mut reader, writer) = stream.into_split();
+                            // The next stage answers the coordinator, not us: drain whatever comes.
+                            tokio::spawn(async move {
+                                let mut sink = [0u8; 4096];
+                                while matches!(reader.read(&mut sink).await, Ok(read) if read > 0) {
+                                }
+                            });
+                            *link = Some((address, writer));
+                        }
+                        Err(error) => {
+                            *link = None;
+                            return refusal(
+                                RefusalCode::BadRequest,
+                                format!(
+                                    "node {} cannot reach the next stage: {error}",
+                                    self.settings.node_name
+                                ),
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        StageReply::Loaded {
+            resident_bytes: resident_bytes(),
+            load_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        }
+    }
+
+    async fn open(
+        &self,
+        sequence: u64,
+        sampling: Option<Sampling>,
+        history: Vec<u32>,
+        replies: &mpsc::Sender<StageReply>,
+    ) -> StageReply {
+        let part = self.part.lock().await.clone();
+        let Some(part) = part else {
+            return refusal(
+                RefusalCode::BadRequest,
+                "no model part is loaded on this stage",
+            );
+        };
+        let sampler = sampling.map(|sampling| {
+            Sampler::new(SamplingOptions {
+                temperature: sampling.temperature,
+                top_k: sampling.top_k as usize,
+                top_p: sampling.top_p,
+                min_p: sampling.min_p,
+                repeat_penalty: sampling.repeat_penalty,
+                repeat_last_n: sampling.repeat_last_n as usize,
+                seed: Some(sampling.seed),
+            })
+        });
+        self.sequences
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(
+                sequence,
+                Sequence {
+                    cache: part.model.new_cache(),
+                    reply: replies.clone(),
+                    sampler,
+                    history,
+                },
+            );
+        StageReply::Opened { sequence }
+    }
+
+    async fn forward(
+        &self,
+        sequence_id: u64,
+        start: u32,
+        input: StageInput,
+        output: Output,
+        replies: &mpsc::Sender<StageReply>,
+    ) {
+        let part = self.part.lock().await.clone();
+        let taken = self
+            .sequences
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&sequence_id);
+        let (Some(part), Some(mut sequence)) = (part, taken) else {
+            let _ = replies
+                .send(StageReply::Failed {
+                    sequence: sequence_id,
+                    message: format!(
+                        "node {} has no open sequence {sequence_id}",
+                        self.settings.node_name
+                    ),
+                    downstream: false,
+                })
+                .await;
+            return;
+        };
+        let started = Instant::now();
+        let computing = Arc::clone(&part);
+        let computed = tokio::task::spawn_blocking(move || {
+            let result = compute(&computing, &mut sequence, start, input, output);
+            (sequence, result)
+        })
+        .await;
+        let Ok((sequence, result)) = computed else {
+            tracing::error!(sequence = sequence_id, "a stage computation panicked");
+            return;
+        };
+        let compute_ms = started.elapsed().as_secs_f32() * 1000.0;
+        let reply = sequence.reply.clone();
+        self.sequences
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(sequence_id, sequence);
+        let answer = match result {
+            Err(message) => Some(StageReply::Failed {
+                sequence: sequence_id,
+                message: format!("node {}: {message}", self.settings.node_name),
+                downstream: false,
+            }),
+            Ok(Computed::Nothing) => None,
+            Ok(Computed::Sampled(token)) => Some(StageReply::Sampled {
+                sequence: sequence_id,
+                token,
+                compute_ms,
+            }),
+            Ok(Computed::Logits(values)) => Some(StageReply::Logits {
+                sequence: sequence_id,
+                values,
+            }),
+            Ok(Computed::Hidden { tokens, values }) => {
+                let request = StageRequest::Forward {
+                    sequence: sequence_id,
+                    start,
+                    input: StageInput::Hidden { tokens, values },
+                    output,
+                };
+                let mut link = self.next.lock().await;
+                let sent = match link.as_mut() {
+                    Some((_, writer)) => {
+                        wire::write_message_within(writer, &request, MAX_LAYER_FRAME_BYTES)
+                            .await
+                            .map_err(|error| error.to_string())
+                    }
+                    None => Err("no next stage is connected".to_owned()),
+                };
+                match sent {
+                    Ok(()) => None,
+                    Err(message) => {
+                        *link = None;
+                        Some(StageReply::Failed {
+                            sequence: sequence_id,
+                            message: format!(
+                                "node {} cannot hand its output to the next stage: {message}",
+                                self.settings.node_name
+                            ),
+                            downstream: true,
+                        })
+                    }
+                }
+            }
+        };
+        if let Some(answer) = answer {
+            let _ = reply.send(answer).await;
+        }
+    }
+
+    async fn header(&self) -> StageReply {
+        let part = self.part.lock().await.clone();
+        let Some(part) = part else {
+            return refusal(
+                RefusalCode::BadRequest,
+                "no model part is loaded on this stage",
+            );
+        };
+        let path = part.file.path.clone();
+        let read = tokio::task::spawn_blocking(move || engine::header_bytes(&path))
+            .await
+            .map_err(|error| error.to_string())
+            .and_then(|read| read.map_err(|error| error.to_string()));
+        match read {
+            Ok((bytes, file_bytes)) => StageReply::Header { bytes, file_bytes },
+            Err(message) => refusal(RefusalCode::BadRequest, message),
+        }
+    }
+}
+
+/// What a forward produced.
+enum Computed {
+    Nothing,
+    Hidden { tokens: u32, values: Vec<f32> },
+    Sampled(u32),
+    Logits(Vec<f32>),
+}
+
+fn compute(
+    part: &LoadedPart,
+    sequence: &mut Sequence,
+    start: u32,
+    input: StageInput,
+    output: Output,
+) -> Result<Computed, String> {
+    let model = &part.model;
+    let width = model.shape.embedding;
+    let hidden = match input {
+        StageInput::Tokens(ids) => model.embed(&ids).map_err(|error| error.to_string())?,
+        StageInput::Hidden { tokens, values } => {
+            if values.len() != tokens as usize * width || tokens == 0 {
+                return Err(format!(
+                    "{} hidden values for {tokens} tokens of width {width}",
+                    values.len()
+                ));
+            }
+            Tensor::from_vec(
+                values,
+                (1, tokens as usize, width),
+                &candle_core::Device::Cpu,
+            )
+            .map_err(|error| error.to_string())?
+        }
+    };
+    let tokens = hidden.dims3().map_err(|error| error.to_string())?.1;
+    sequence.cache.length = start as usize;
+    let hidden = model
+        .layers(hidden, &mut sequence.cache)
+        .map_err(|error| error.to_string())?;
+    sequence.cache.length = start as usize + tokens;
+    if !part.spec.head {
+        let values = hidden
+            .flatten_all()
+            .and_then(|all| all.to_vec1::<f32>())
+            .map_err(|error| error.to_string())?;
+        return Ok(Computed::Hidden {
+            tokens: u32::try_from(tokens).unwrap_or(u32::MAX),
+            values,
+        });
+    }
+    match output {
+        Output::None => Ok(Computed::Nothing),
+        Output::Logits => model
+            .head(&hidden)
+            .map(Computed::Logits)
+            .map_err(|error| error.to_string()),
+        Output::Sample => {
+            let logits = model.head(&hidden).map_err(|error| error.to_string())?;
+            let sampler = sequence
+                .sampler
+                .as_mut()
+                .ok_or("the sequence was opened without sampling settings")?;
+            let token = sampler.next(&logits, &sequence.history);
+            sequence.history.push(token);
+            Ok(Computed::Sampled(token))
+        }
+    }
+}
+
+fn names(files: &[ModelFile]) -> String {
+    if files.is_empty() {
+        return "none".to_owned();
+    }
+    files
+        .iter()
+        .map(|file| file.name.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The node's available memory now (`MemAvailable`), 0 when unknown.
+fn free_memory_bytes() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .map(|text| crate::telemetry::procfs::parse_meminfo(&text).available_bytes)
+        .unwrap_or(0)
+}
+
+/// This process's resident memory (`VmRSS`), 0 when unknown.
+pub fn resident_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find(|line| line.starts_with("VmRSS:"))
+                .and_then(|line| line.split_whitespace().nth(1))
+                .and_then(|kib| kib.parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib * 1024)
+}

@@ -1,0 +1,437 @@
+//! Distributed inference across real agent processes on loopback: each `sollol agent` holds only its
+//! layers of the test model, the pipeline reproduces the single-process model, a stage killed mid-answer
+//! is planned around, and incompatible stages are refused at plan time.
+//!
+//! The coordinator is this test process (`app::start_coordinator`); it learns the agents' stage ports
+//! from their reports, as the gateway does.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use sollol::app::{self, CoordinatorHandle};
+use sollol::config::Config;
+use sollol::inference::gguf::Gguf;
+use sollol::inference::model::{Model, Part, Shape};
+use sollol::inference::sampling::greedy;
+use sollol::pipeline::{Answer, Candidate, Distributed, Pipeline, PipelineError, Timeouts};
+use sollol_shared::layers::Sampling;
+
+mod support;
+
+const SOLLOL: &str = env!("CARGO_BIN_EXE_sollol");
+
+/// An agent process, killed when the test ends however it ends.
+struct Agent {
+    child: Child,
+    name: String,
+}
+
+impl Agent {
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+struct Cluster {
+    coordinator: CoordinatorHandle,
+    agents: Vec<Agent>,
+    _dirs: Vec<tempfile::TempDir>,
+}
+
+/// A coordinator here and `names.len()` agent processes, each with its own models directory holding
+/// the test model (or, for a name in `altered`, a copy with one weight byte changed).
+async fn cluster(names: &[&str], altered: &[&str]) -> Cluster {
+    let coordinator_dir = tempfile::tempdir().expect("tempdir");
+    let data = coordinator_dir.path().display().to_string();
+    let coordinator = app::start_coordinator(
+        &Config::from_pairs(&[
+            ("data_dir", &data),
+            ("coordinator.gateway_bind", "127.0.0.1:0"),
+            ("coordinator.cluster_bind", "127.0.0.1:0"),
+        ])
+        .expect("config"),
+    )
+    .await
+    .expect("coordinator");
+    let mut dirs = vec![coordinator_dir];
+    let mut agents = Vec::new();
+    for name in names {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let models = dir.path().join("models");
+        std::fs::create_dir_all(&models).expect("models dir");
+        let target = models.join("smollm2:135m.gguf");
+        if altered.contains(name) {
+            let mut bytes = std::fs::read(support::test_model()).expect("read model");
+            let last = bytes.len() - 1;
+            bytes[last] ^= 0x01;
+            std::fs::write(&target, bytes).expect("write altered copy");
+        } else {
+            std::os::unix::fs::symlink(support::test_model(), &target).expect("link model");
+        }
+        let child = Command::new(SOLLOL)
+            .args([
+                "agent",
+                "--join",
+                &coordinator.cluster_address.to_string(),
+                "--token",
+                coordinator.token.expose(),
+                "--data-dir",
+                &dir.path().display().to_string(),
+                "--name",
+                name,
+                "--heartbeat-interval",
+                "200ms",
+            ])
+            .env("SOLLOL_MODELS_DIR", &models)
+            // Stages only: the agents do not serve the model whole.
+            .env("SOLLOL_ENGINE", "off")
+            // Three stage processes share two cores.
+            .env("RAYON_NUM_THREADS", "1")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start agent");
+        agents.push(Agent {
+            child,
+            name: (*name).to_owned(),
+        });
+        dirs.push(dir);
+    }
+    let cluster = Cluster {
+        coordinator,
+        agents,
+        _dirs: dirs,
+    };
+    let started = Instant::now();
+    while cluster.candidates(names).len() < names.len() {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the agents never reported their stage ports"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cluster
+}
+
+impl Cluster {
+    /// The named agents' stages, in that order, as the coordinator knows them.
+    fn candidates(&self, names: &[&str]) -> Vec<Candidate> {
+        let view = self.coordinator.view();
+        names
+            .iter()
+            .filter_map(|name| {
+                let node = view
+                    .nodes
+                    .iter()
+                    .find(|node| node.name == *name && node.connected)?;
+                Some(Candidate {
+                    node_id: node.id.clone(),
+                    name: node.name.clone(),
+                    address: node.stage_address.clone()?,
+                })
+            })
+            .collect()
+    }
+}
+
+fn whole_model() -> Model {
+    let path = support::test_model();
+    let file = std::fs::File::open(&path).expect("open model");
+    let length = file.metadata().expect("metadata").len();
+    let gguf = Gguf::read(std::io::BufReader::new(file), length).expect("GGUF");
+    let layers = Shape::read(&gguf).expect("shape").layers;
+    Model::load(&path, &gguf, Part::whole(layers)).expect("load")
+}
+
+/// The first reference prompt (its rendered chat prompt's token ids).
+fn prompt() -> Vec<u32> {
+    let path = support::root().join("tests/reference/smollm2-135m-q4_1.llamacpp.json");
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("reference")).expect("JSON");
+    reference["completions"][0]["prompt_ids"]
+        .as_array()
+        .expect("ids")
+        .iter()
+        .map(|id| id.as_u64().expect("id") as u32)
+        .collect()
+}
+
+/// Greedy tokens and every step's logits of the whole model in this process.
+fn local_run(model: &Model, prompt: &[u32], steps: usize) -> (Vec<u32>, Vec<Vec<f32>>) {
+    let mut cache = model.new_cache();
+    let mut input = prompt.to_vec();
+    let (mut tokens, mut all) = (Vec::new(), Vec::new());
+    for _ in 0..steps {
+        let hidden = model
+            .layers(model.embed(&input).expect("embed"), &mut cache)
+            .expect("layers");
+        cache.length += input.len();
+        let logits = model.head(&hidden).expect("head");
+        let token = greedy(&logits);
+        tokens.push(token);
+        all.push(logits);
+        input = vec![token];
+    }
+    (tokens, all)
+}
+
+/// The same through a pipeline, asking the last stage for logits at every step.
+async fn pipeline_run(
+    pipeline: &Pipeline,
+    prompt: &[u32],
+    steps: usize,
+) -> (Vec<u32>, Vec<Vec<f32>>) {
+    let mut sequence = pipeline
+        .open(greedy_sampling(), prompt)
+        .await
+        .expect("open");
+    let mut input = prompt.to_vec();
+    let (mut tokens, mut all) = (Vec::new(), Vec::new());
+    for _ in 0..steps {
+        let Answer::Logits(logits) = sequence.feed(&input, true).await.expect("forward") else {
+            panic!("asked for logits");
+        };
+        let token = greedy(&logits);
+        tokens.push(token);
+        all.push(logits);
+        input = vec![token];
+    }
+    (tokens, all)
+}
+
+fn greedy_sampling() -> Sampling {
+    Sampling {
+        temperature: 0.0,
+        top_k: 40,
+        top_p: 0.9,
+        min_p: 0.0,
+        repeat_penalty: 1.0,
+        repeat_last_n: 64,
+        seed: 7,
+    }
+}
+
+fn worst_difference(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    a.iter()
+        .flatten()
+        .zip(b.iter().flatten())
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_and_three_stages_reproduce_the_single_process_model() {
+    let cluster = cluster(&["stage-a", "stage-b", "stage-c", "whole"], &[]).await;
+    let token = cluster.coordinator.token.clone();
+    let prompt = prompt();
+    let (expected_tokens, expected_logits) = local_run(&whole_model(), &prompt, 16);
+
+    // The whole model in a stage process of its own (the allocator keeps freed memory, so a process
+    // that held the whole model once is no yardstick for its later parts): the memory each stage of a
+    // split must stay under.
+    let whole = Pipeline::start(
+        "smollm2:135m",
+        &cluster.candidates(&["whole"]),
+        &token,
+        Timeouts::default(),
+    )
+    .await
+    .expect("one-stage plan");
+    let whole_bytes = whole.resident_bytes[0];
+    drop(whole);
+
+    for names in [
+        &["stage-a", "stage-b"][..],
+        &["stage-a", "stage-b", "stage-c"][..],
+    ] {
+        let pipeline = Pipeline::start(
+            "smollm2:135m",
+            &cluster.candidates(names),
+            &token,
+            Timeouts::default(),
+        )
+        .await
+        .expect("plan");
+        let ranges: Vec<_> = pipeline
+            .plan
+            .stages
+            .iter()
+            .map(|stage| stage.layers.clone())
+            .collect();
+        let expected_ranges = if names.len() == 2 {
+            vec![0..15, 15..30]
+        } else {
+            vec![0..10, 10..20, 20..30]
+        };
+        assert_eq!(ranges, expected_ranges, "{:?}", pipeline.plan.reasons);
+        for (name, bytes) in names.iter().zip(&pipeline.resident_bytes) {
+            assert!(
+                *bytes < whole_bytes,
+                "{name} holds {} MiB, the whole model's process {} MiB",
+                bytes >> 20,
+                whole_bytes >> 20
+            );
+        }
+        let (tokens, logits) = pipeline_run(&pipeline, &prompt, 16).await;
+        assert_eq!(tokens, expected_tokens, "{} stages", names.len());
+        let worst = worst_difference(&logits, &expected_logits);
+        assert!(
+            worst <= 1e-4,
+            "{} stages: logits differ by up to {worst}",
+            names.len()
+        );
+
+        // Sampling on the last stage (greedy) gives the same tokens, and only token ids come back.
+        let mut sequence = pipeline
+            .open(greedy_sampling(), &prompt)
+            .await
+            .expect("open");
+        let mut input = prompt.clone();
+        let mut sampled = Vec::new();
+        for _ in 0..16 {
+            let Answer::Token(token) = sequence.feed(&input, false).await.expect("forward") else {
+                panic!("asked for a token");
+            };
+            sampled.push(token);
+            input = vec![token];
+        }
+        assert_eq!(
+            sampled,
+            expected_tokens,
+            "{} stages, sampled on the last",
+            names.len()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_killed_mid_answer_is_planned_around() {
+    let mut cluster = cluster(&["first", "middle", "last"], &[]).await;
+    let token = cluster.coordinator.token.clone();
+    let prompt = prompt();
+    let names = ["first", "middle", "last"];
+    let distributed = Distributed::new("smollm2:135m", token.clone(), Timeouts::default());
+    let candidates = || cluster.candidates(&names);
+    let undisturbed = distributed
+        .generate(
+            candidates,
+            &greedy_sampling(),
+            &prompt,
+            16,
+            |_| false,
+            |_| true,
+        )
+        .await
+        .expect("undisturbed run");
+    assert_eq!(undisturbed.replans, 0);
+
+    // Kill -9 the middle stage after the fourth token of the next answer.
+    let middle = cluster
+        .agents
+        .iter()
+        .position(|agent| agent.name == "middle")
+        .expect("middle agent");
+    let mut killer = Some(cluster.agents.remove(middle));
+    let mut seen = 0;
+    let started = Instant::now();
+    let disturbed = distributed
+        .generate(
+            || cluster.candidates(&names),
+            &greedy_sampling(),
+            &prompt,
+            16,
+            |_| false,
+            |_| {
+                seen += 1;
+                if seen == 4
+                    && let Some(mut agent) = killer.take()
+                {
+                    agent.kill();
+                }
+                true
+            },
+        )
+        .await
+        .expect("the answer completes despite the dead stage");
+    assert_eq!(disturbed.tokens, undisturbed.tokens);
+    assert_eq!(disturbed.replans, 1);
+    let pipeline = distributed
+        .pipeline(&cluster.candidates(&names))
+        .await
+        .expect("new plan");
+    let stages: Vec<String> = pipeline.stage_names();
+    assert_eq!(stages, ["first", "last"], "{:?}", pipeline.plan.reasons);
+    eprintln!(
+        "killed stage: answer finished in {:?} with {} re-plan",
+        started.elapsed(),
+        disturbed.replans
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn incompatible_stages_are_refused_at_plan_time() {
+    let cluster = cluster(&["good", "altered"], &["altered"]).await;
+    let token = cluster.coordinator.token.clone();
+    let refused = Pipeline::start(
+        "smollm2:135m",
+        &cluster.candidates(&["good", "altered"]),
+        &token,
+        Timeouts::default(),
+    )
+    .await
+    .expect_err("different copies of the model");
+    let message = refused.to_string();
+    assert!(
+        matches!(refused, PipelineError::Refused { ref node, .. } if node == "altered")
+            && message.contains("every stage must hold the same file"),
+        "{message}"
+    );
+
+    // A peer of another layer protocol version is refused in the handshake, both versions named.
+    let address = cluster.candidates(&["good"])[0].address.clone();
+    let refusal = refuse_other_version(&address).await;
+    assert!(
+        refusal.contains("v1") && refusal.contains("v99") && refusal.contains("version mismatch"),
+        "{refusal}"
+    );
+
+    // And a client without the cluster token gets nowhere.
+    let wrong = sollol::identity::ClusterToken::parse("0123456789abcdef0123").expect("token");
+    let error = sollol::stage::dial(&address, &wrong, Duration::from_secs(5))
+        .await
+        .expect_err("wrong token");
+    assert!(error.to_string().contains("cluster token"), "{error}");
+}
+
+/// Speaks the layer handshake as a client of protocol version 99; returns the stage's refusal.
+async fn refuse_other_version(address: &str) -> String {
+    use sollol_shared::layers::{LAYER_MAGIC, LayerChallenge, LayerHello};
+    use tokio::io::AsyncWriteExt;
+    let mut stream = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("connect");
+    stream.write_all(&LAYER_MAGIC).await.expect("magic");
+    let hello = LayerHello {
+        protocol_version: 99,
+        build_version: "9.9.9".to_owned(),
+        nonce: [0; 32],
+    };
+    sollol::wire::write_message(&mut stream, &hello)
+        .await
+        .expect("hello");
+    match sollol::wire::read_message::<LayerChallenge, _>(&mut stream)
+        .await
+        .expect("answer")
+    {
+        LayerChallenge::Refused(refusal) => refusal.message,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}

@@ -1,0 +1,202 @@
+//! The layer protocol: how the coordinator drives the stages of a distributed model, and how each stage
+//! hands its activations straight to the next. Postcard in length-prefixed frames (as the agent ↔
+//! coordinator protocol), on each agent's stage port.
+//!
+//! ```text
+//! client (coordinator, or a stage dialling the next)          stage
+//!   LAYER_MAGIC, LayerHello { versions, nonce_c }      ->
+//!                                                      <-    LayerChallenge { versions, nonce_s, proof_s }  (or Refused)
+//!   LayerAuth { proof_c }                              ->
+//!                                                      <-    LayerWelcome                                  (or Refused)
+//!   StageRequest ...                                   ->
+//!                                                      <-    StageReply ...
+//! ```
+//!
+//! Both sides prove they hold the cluster token (HMAC-SHA256 over the other side's nonce, each side with
+//! its own context), and both name their protocol and build versions first, so a mismatch is refused
+//! with both versions named, at plan time, before any request runs.
+//!
+//! A request's flow: the coordinator loads a part of the model on each stage ([`StageRequest::Load`],
+//! naming the next stage's address), opens the sequence on every stage ([`StageRequest::Open`]; the
+//! last stage gets the sampling settings and the tokens so far), then sends token ids to the first
+//! stage ([`StageRequest::Forward`]). Each stage runs its layers and sends the hidden states to the next
+//! stage itself; the last stage samples and answers the coordinator with the token id
+//! ([`StageReply::Sampled`]), on the coordinator's own connection to it. Activations never pass through
+//! the coordinator, and a generated token costs one hidden state per hop plus a few bytes.
+
+use serde::{Deserialize, Serialize};
+
+use crate::protocol::Refusal;
+
+/// The layer protocol version this build speaks.
+pub const LAYER_PROTOCOL_VERSION: u32 = 1;
+
+/// The first bytes a layer client sends, before any frame.
+pub const LAYER_MAGIC: [u8; 8] = *b"SOLLOLL\x01";
+
+/// Frames longer than this are refused (hidden states of a prompt chunk of a large model fit).
+pub const MAX_LAYER_FRAME_BYTES: u32 = 64 * 1024 * 1024;
+
+/// Domain separation of the stage's proof: HMAC(token, context ‖ client nonce).
+pub const STAGE_PROOF_CONTEXT: &[u8] = b"sollol/v1/stage-proof";
+
+/// Domain separation of the client's proof: HMAC(token, context ‖ stage nonce).
+pub const LAYER_CLIENT_PROOF_CONTEXT: &[u8] = b"sollol/v1/layer-client-proof";
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerHello {
+    pub protocol_version: u32,
+    pub build_version: String,
+    pub nonce: [u8; 32],
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LayerChallenge {
+    Refused(Refusal),
+    Challenge {
+        protocol_version: u32,
+        build_version: String,
+        /// The stage's node id and name, for messages.
+        node_id: String,
+        node_name: String,
+        nonce: [u8; 32],
+        proof: [u8; 32],
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerAuth {
+    pub proof: [u8; 32],
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LayerWelcome {
+    Refused(Refusal),
+    Welcome,
+}
+
+/// Which part of which model a stage holds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartSpec {
+    /// Ollama-style `name:tag`.
+    pub model: String,
+    /// `sha256:…` of the GGUF file's content; a stage whose copy differs refuses.
+    pub digest: String,
+    /// Layers `start..end`.
+    pub start: u32,
+    pub end: u32,
+    /// The token embedding (first stage).
+    pub embed: bool,
+    /// The output norm, head and sampling (last stage).
+    pub head: bool,
+}
+
+/// How an Ollama request samples, as the last stage needs it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Sampling {
+    pub temperature: f32,
+    pub top_k: u32,
+    pub top_p: f32,
+    pub min_p: f32,
+    pub repeat_penalty: f32,
+    pub repeat_last_n: u32,
+    /// Chosen by the coordinator when the request names none, so a re-planned sequence samples as
+    /// the first plan would have.
+    pub seed: u64,
+}
+
+/// What one [`StageRequest::Forward`] carries: token ids into the first stage, hidden states after.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum StageInput {
+    Tokens(Vec<u32>),
+    /// `tokens` rows of the model's embedding width, f32 (smaller types move the logits, see the brief).
+    Hidden {
+        tokens: u32,
+        values: Vec<f32>,
+    },
+}
+
+/// What the last stage does with a forward's last position.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Output {
+    /// Nothing: a prompt chunk before the last.
+    None,
+    /// Sample a token and answer [`StageReply::Sampled`].
+    Sample,
+    /// Answer the logits ([`StageReply::Logits`]): for checks, ~200 KB a token.
+    Logits,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum StageRequest {
+    /// What the stage can hold of `model`: answered [`StageReply::Described`] (or refused when it has
+    /// no copy).
+    Describe { model: String },
+    /// Load `part` (a no-op when it is loaded already) and connect to `next`, the following stage's
+    /// address, unless this is the last stage.
+    Load {
+        part: PartSpec,
+        next: Option<String>,
+    },
+    /// Start `sequence` on this stage; the last stage gets `sampling` and the tokens so far.
+    Open {
+        sequence: u64,
+        sampling: Option<Sampling>,
+        history: Vec<u32>,
+    },
+    /// Run positions `start..` of `sequence` through this stage.
+    Forward {
+        sequence: u64,
+        start: u32,
+        input: StageInput,
+        output: Output,
+    },
+    /// Forget `sequence` (its KV cache).
+    Close { sequence: u64 },
+    /// The GGUF file's header (metadata, tokenizer, template; no tensor data), for the coordinator.
+    Header,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum StageReply {
+    Refused(Refusal),
+    Described {
+        digest: String,
+        layers: u32,
+        /// Bytes of the whole GGUF file.
+        file_bytes: u64,
+        /// Memory the node has free now.
+        free_memory_bytes: u64,
+    },
+    Loaded {
+        /// The stage process's resident memory after loading.
+        resident_bytes: u64,
+        load_ms: u64,
+    },
+    Opened {
+        sequence: u64,
+    },
+    Sampled {
+        sequence: u64,
+        token: u32,
+        /// Milliseconds this stage computed for the forward that produced it.
+        compute_ms: f32,
+    },
+    Logits {
+        sequence: u64,
+        values: Vec<f32>,
+    },
+    Closed {
+        sequence: u64,
+    },
+    /// A forward of `sequence` failed on this stage, or (`downstream`) could not reach the next one.
+    Failed {
+        sequence: u64,
+        message: String,
+        downstream: bool,
+    },
+    Header {
+        bytes: Vec<u8>,
+        file_bytes: u64,
+    },
+}
