@@ -158,11 +158,26 @@ pub async fn start_coordinator(config: &Config) -> Result<CoordinatorHandle, Sta
     if !settings.nodes.is_empty() {
         tracing::info!(nodes = settings.nodes.len(), "probing static Ollama nodes");
         tasks.spawn(discovery::probe_static_nodes(
-            settings.nodes.clone(),
+            settings
+                .nodes
+                .iter()
+                .map(|url| (url.clone(), None))
+                .collect(),
             settings.probe_interval,
             events_sender.clone(),
             shutdown.clone(),
         ));
+    }
+    if !config.distributed.models.is_empty() {
+        start_distributed_front(
+            config,
+            &token,
+            Arc::clone(&view),
+            events_sender.clone(),
+            &shutdown,
+            &tasks,
+        )
+        .await?;
     }
     let membership = Arc::new(Membership::new(
         token.clone(),
@@ -367,6 +382,89 @@ pub async fn start_agent(
         shutdown,
         task,
     })
+}
+
+/// Serves the models of `distributed.models` through pipelines of agents' stages: an engine whose
+/// models compute on the stages, on a loopback port, probed as a node called `distributed` so the
+/// gateway routes those models' requests to it like to any Ollama node.
+async fn start_distributed_front(
+    config: &Config,
+    token: &ClusterToken,
+    view: crate::cluster::SharedView,
+    events: mpsc::Sender<crate::cluster::ClusterEvent>,
+    shutdown: &CancellationToken,
+    tasks: &TaskTracker,
+) -> Result<(), StartError> {
+    use crate::inference::engine::{DistributedModel, Engine};
+    use crate::pipeline::{Distributed, Timeouts};
+    let max_stages = config.distributed.max_stages.get() as usize;
+    let mut engine = Engine::new(
+        Vec::new(),
+        config.engine.parallel.get() as usize,
+        config.engine.keep_alive,
+    );
+    for model in &config.distributed.models {
+        let view = Arc::clone(&view);
+        engine = engine.with_distributed(
+            model,
+            DistributedModel {
+                pipeline: Distributed::new(model, max_stages, token.clone(), Timeouts::default()),
+                candidates: Box::new(move || stage_candidates(&view.load())),
+            },
+        );
+    }
+    let listener = bind(
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        "distributed inference front",
+    )
+    .await?;
+    let url = format!(
+        "http://{}",
+        local_address(&listener, SocketAddr::from(([127, 0, 0, 1], 0)))
+    );
+    tracing::info!(%url, models = ?config.distributed.models, max_stages, "distributed inference (experimental) serves its models through agents' stages");
+    tasks.spawn(crate::inference::server::serve(
+        listener,
+        Arc::new(engine),
+        shutdown.clone(),
+    ));
+    tasks.spawn(discovery::probe_static_nodes(
+        vec![(url, Some("distributed".to_owned()))],
+        config.coordinator.probe_interval,
+        events,
+        shutdown.clone(),
+    ));
+    Ok(())
+}
+
+/// Agents that can hold a stage now: up, connected, with a stage port; most free memory first.
+fn stage_candidates(view: &crate::cluster::ClusterView) -> Vec<crate::pipeline::Candidate> {
+    let mut nodes: Vec<_> = view
+        .nodes
+        .iter()
+        .filter(|node| {
+            node.status == sollol_shared::api::NodeStatus::Up
+                && node.connected
+                && node.stage_address.is_some()
+        })
+        .collect();
+    nodes.sort_by_key(|node| {
+        std::cmp::Reverse(
+            node.hardware
+                .as_ref()
+                .map_or(0, |hardware| hardware.memory.available_bytes),
+        )
+    });
+    nodes
+        .into_iter()
+        .filter_map(|node| {
+            Some(crate::pipeline::Candidate {
+                node_id: node.id.clone(),
+                name: node.name.clone(),
+                address: node.stage_address.clone()?,
+            })
+        })
+        .collect()
 }
 
 /// Starts the built-in engine when the configuration asks for it (or, in `auto`, when there are GGUF

@@ -39,6 +39,8 @@ pub enum ClusterEvent {
     Probed {
         node_id: String,
         url: String,
+        /// Shown instead of the URL's `HOST:PORT` when set.
+        name: Option<String>,
         ollama: Box<sollol_shared::hardware::OllamaState>,
         interval: Duration,
     },
@@ -340,9 +342,10 @@ impl ClusterTask {
             ClusterEvent::Probed {
                 node_id,
                 url,
+                name,
                 ollama,
                 interval,
-            } => self.probed(node_id, url, *ollama, interval, now, now_ms),
+            } => self.probed(node_id, url, name, *ollama, interval, now, now_ms),
             ClusterEvent::Disconnected {
                 node_id,
                 connection,
@@ -360,10 +363,12 @@ impl ClusterTask {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn probed(
         &mut self,
         node_id: String,
         url: String,
+        name: Option<String>,
         ollama: sollol_shared::hardware::OllamaState,
         interval: Duration,
         now: Instant,
@@ -373,7 +378,7 @@ impl ClusterTask {
         if !self.entries.contains_key(&node_id) {
             let node = Node {
                 id: node_id.clone(),
-                name: url.trim_start_matches("http://").to_owned(),
+                name: name.unwrap_or_else(|| url.trim_start_matches("http://").to_owned()),
                 status: NodeStatus::Down,
                 addresses: vec![url.clone()],
                 build_version: String::new(),

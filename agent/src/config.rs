@@ -48,7 +48,7 @@ pub const KEYS: &[KeySpec] = &[
         key: "model_sharding_enabled",
         env: "SOLLOL_MODEL_SHARDING_ENABLED",
         default: Some("false"),
-        doc: "Kept from SOLLOL: allows distributed inference (a model's layers split across agents). Accepted and shown by `print-config`; distributed inference itself is not implemented yet, so it changes nothing today.",
+        doc: "Distributed inference (experimental): when true, the coordinator serves the models in `distributed.models` through a pipeline of agents' stages, each holding a contiguous range of the model's layers. The name is SOLLOL's.",
     },
     KeySpec {
         key: "coordinator_url",
@@ -272,6 +272,18 @@ pub const KEYS: &[KeySpec] = &[
         default: Some("127.0.0.1:0"),
         doc: "Address of the agent's stage port, where the coordinator and other stages reach it for distributed inference (layer protocol, cluster token required; port 0: any free port). Use e.g. `0.0.0.0:7703` when other machines take part.",
     },
+    KeySpec {
+        key: "distributed.models",
+        env: "SOLLOL_DISTRIBUTED_MODELS",
+        default: None,
+        doc: "Models (`name:tag`, comma-separated or a TOML list) the coordinator serves split across agents when `model_sharding_enabled` is true. Each agent taking part needs its own copy of the GGUF (same content). Default: none.",
+    },
+    KeySpec {
+        key: "distributed.max_stages",
+        env: "SOLLOL_DISTRIBUTED_MAX_STAGES",
+        default: Some("2"),
+        doc: "Most agents one distributed model is split over (those with the most free memory that hold the model).",
+    },
 ];
 
 /// Where a raw value came from, for error messages and `print-config`.
@@ -424,6 +436,15 @@ pub struct Config {
     pub coordinator: CoordinatorConfig,
     pub agent: AgentConfig,
     pub engine: EngineConfig,
+    pub distributed: DistributedConfig,
+}
+
+/// Which models the coordinator serves split across agents.
+#[derive(Clone, Debug)]
+pub struct DistributedConfig {
+    /// Empty unless `model_sharding_enabled`.
+    pub models: Vec<String>,
+    pub max_stages: NonZeroU32,
 }
 
 /// Whether the agent serves its GGUF models with the built-in engine.
@@ -654,6 +675,23 @@ impl TryFrom<&RawConfig> for Config {
             },
             stage_bind: reader.parse("engine.stage_bind", parse_socket_addr)?,
         };
+        let model_sharding_enabled = reader.parse("model_sharding_enabled", parse_bool)?;
+        let distributed = DistributedConfig {
+            models: reader
+                .optional("distributed.models", |text| {
+                    Ok(text
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|name| !name.is_empty())
+                        .map(crate::cluster::normalize_model)
+                        .collect::<Vec<_>>())
+                })?
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|_| model_sharding_enabled)
+                .collect(),
+            max_stages: reader.parse("distributed.max_stages", parse_non_zero)?,
+        };
         Ok(Self {
             shutdown_grace: reader.parse("shutdown_grace", parse_duration)?,
             log_level: reader.parse("log_level", |text| {
@@ -663,12 +701,13 @@ impl TryFrom<&RawConfig> for Config {
                     Ok(text.to_owned())
                 }
             })?,
-            model_sharding_enabled: reader.parse("model_sharding_enabled", parse_bool)?,
+            model_sharding_enabled,
             coordinator_url,
             data_dir,
             coordinator,
             agent,
             engine,
+            distributed,
         })
     }
 }

@@ -19,18 +19,19 @@ pub fn static_node_id(url: &str) -> String {
     hex::encode(&digest[..16])
 }
 
-/// Probes every URL each `interval` until `shutdown`, reporting to the cluster task.
+/// Probes every URL (with the name to show, if not the URL) each `interval` until `shutdown`,
+/// reporting to the cluster task.
 pub async fn probe_static_nodes(
-    urls: Vec<String>,
+    urls: Vec<(String, Option<String>)>,
     interval: Duration,
     events: mpsc::Sender<ClusterEvent>,
     shutdown: CancellationToken,
 ) {
-    let probes: Vec<(String, OllamaProbe)> = urls
+    let probes: Vec<(String, Option<String>, OllamaProbe)> = urls
         .into_iter()
-        .map(|url| {
+        .map(|(url, name)| {
             let probe = OllamaProbe::new(Some(&url));
-            (url, probe)
+            (url, name, probe)
         })
         .collect();
     let mut ticker = tokio::time::interval(interval);
@@ -43,14 +44,15 @@ pub async fn probe_static_nodes(
         let samples = futures_util::future::join_all(
             probes
                 .iter()
-                .map(|(url, probe)| async move { (url, probe.sample().await) }),
+                .map(|(url, name, probe)| async move { (url, name, probe.sample().await) }),
         )
         .await;
-        for (url, sample) in samples {
+        for (url, name, sample) in samples {
             let Some(ollama) = sample else { continue };
             let event = ClusterEvent::Probed {
                 node_id: static_node_id(url),
                 url: url.clone(),
+                name: name.clone(),
                 ollama: Box::new(ollama),
                 interval,
             };

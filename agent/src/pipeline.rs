@@ -362,50 +362,74 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    /// Connects to the candidates, checks they hold the same copy of `model` (digest) and speak this
-    /// protocol version, plans the layers over them and loads each stage's part. Fails at this point,
-    /// before any request runs, when a stage is incompatible.
+    /// Connects to the candidates (in order, the first `max_stages` that hold `model`), checks they
+    /// hold the same copy of it (digest) and speak this protocol version, plans the layers over them
+    /// and loads each stage's part. Fails at this point, before any request runs, when a stage is
+    /// incompatible.
     pub async fn start(
         model: &str,
         candidates: &[Candidate],
+        max_stages: usize,
         token: &ClusterToken,
         timeouts: Timeouts,
     ) -> Result<Self, PipelineError> {
-        if candidates.is_empty() {
-            return Err(PipelineError::Plan(format!("no stage can hold {model}")));
-        }
-        let mut links = Vec::with_capacity(candidates.len());
-        for (index, candidate) in candidates.iter().enumerate() {
-            links.push(Link::open(index, &candidate.address, token, timeouts.handshake).await?);
-        }
         let describe = StageRequest::Describe {
             model: model.to_owned(),
         };
-        let mut described = Vec::with_capacity(links.len());
-        for link in &links {
-            match link.ask(&describe, timeouts.load).await? {
-                StageReply::Described {
+        let mut links = Vec::new();
+        let mut chosen = Vec::new();
+        let mut described = Vec::new();
+        let mut skipped = Vec::new();
+        for candidate in candidates {
+            if links.len() == max_stages {
+                break;
+            }
+            let link =
+                Link::open(links.len(), &candidate.address, token, timeouts.handshake).await?;
+            match link.ask(&describe, timeouts.load).await {
+                Ok(StageReply::Described {
                     digest,
                     layers,
                     file_bytes,
                     free_memory_bytes,
-                } => described.push((digest, layers as usize, file_bytes, free_memory_bytes)),
-                other => {
+                }) => described.push((digest, layers as usize, file_bytes, free_memory_bytes)),
+                // A node without the model is simply not a candidate for it.
+                Err(PipelineError::Refused { message, .. })
+                    if message.contains(" has no model ") =>
+                {
+                    skipped.push(message);
+                    continue;
+                }
+                Err(error) => return Err(error),
+                Ok(other) => {
                     return Err(PipelineError::Protocol {
                         node: link.name().to_owned(),
                         answer: format!("{other:?}"),
                     });
                 }
             }
+            links.push(link);
+            chosen.push(candidate.clone());
         }
+        if links.is_empty() {
+            return Err(PipelineError::Plan(format!(
+                "no agent can hold a stage of {model}: {}",
+                if skipped.is_empty() {
+                    "no agent with a stage port is up".to_owned()
+                } else {
+                    skipped.join("; ")
+                }
+            )));
+        }
+        let candidates = chosen.as_slice();
         let (digest, layers, file_bytes, _) = described[0].clone();
+        let first_name = links[0].name().to_owned();
         for ((other, _, _, _), link) in described.iter().zip(&links) {
             if *other != digest {
                 return Err(PipelineError::Refused {
                     node: link.name().to_owned(),
                     message: format!(
-                        "its copy of {model} is {other}, the first stage's ({}) is {digest}: every stage must hold the same file",
-                        links[0].name()
+                        "its copy of {model} is {other}, the first stage's ({first_name}) is {digest}: every stage must hold the same file"
                     ),
                 });
             }
@@ -414,9 +438,11 @@ impl Pipeline {
         let bytes_per_layer = file_bytes / layers.max(1) as u64;
         let ranges = split_layers(layers, bytes_per_layer, &free).map_err(PipelineError::Plan)?;
         let mut reasons = vec![format!(
-            "{model} ({digest}): {layers} layers of about {} MiB, split in proportion to free memory",
-            bytes_per_layer / (1 << 20)
+            "{model} ({digest}): {layers} layers of about {} MiB, split in proportion to free memory over {} of at most {max_stages} stages",
+            bytes_per_layer / (1 << 20),
+            links.len()
         )];
+        reasons.extend(skipped);
         let stages: Vec<PlannedStage> = candidates
             .iter()
             .zip(&ranges)
@@ -679,6 +705,7 @@ impl Drop for Sequence<'_> {
 #[derive(Debug)]
 pub struct Distributed {
     pub model: String,
+    max_stages: usize,
     token: ClusterToken,
     timeouts: Timeouts,
     current: tokio::sync::Mutex<Option<Arc<Pipeline>>>,
@@ -703,9 +730,10 @@ pub struct Generated {
 }
 
 impl Distributed {
-    pub fn new(model: &str, token: ClusterToken, timeouts: Timeouts) -> Self {
+    pub fn new(model: &str, max_stages: usize, token: ClusterToken, timeouts: Timeouts) -> Self {
         Self {
             model: model.to_owned(),
+            max_stages,
             token,
             timeouts,
             current: tokio::sync::Mutex::new(None),
@@ -729,8 +757,16 @@ impl Distributed {
                 .cloned()
                 .collect()
         };
-        let pipeline =
-            Arc::new(Pipeline::start(&self.model, &usable, &self.token, self.timeouts).await?);
+        let pipeline = Arc::new(
+            Pipeline::start(
+                &self.model,
+                &usable,
+                self.max_stages,
+                &self.token,
+                self.timeouts,
+            )
+            .await?,
+        );
         for reason in &pipeline.plan.reasons {
             tracing::info!(model = %self.model, "{reason}");
         }
@@ -827,10 +863,19 @@ mod tests {
             split_layers(30, 3 * MIB, &[2000 * MIB, 1000 * MIB]).expect("plan"),
             [0..20, 20..30]
         );
-        // A stage that holds only 5 layers gets 5; the others take the rest.
+        // A stage with little memory gets its small share (2 of 30 here; it could hold 5).
         let ranges = split_layers(30, 10 * MIB, &[56 * MIB, 1000 * MIB, 1000 * MIB]).expect("plan");
-        assert_eq!(ranges[0], 0..5);
-        assert_eq!(ranges.last().map(|range| range.end), Some(30));
+        assert_eq!(ranges, [0..2, 2..16, 16..30]);
+        // Every stage within what 90% of its memory holds, whatever the rounding.
+        for free in [[445u64, 750, 300], [480, 700, 900], [120, 4000, 130]] {
+            let free = free.map(|mib| mib * MIB);
+            if let Ok(ranges) = split_layers(12, 30 * MIB, &free) {
+                assert_eq!(ranges.last().map(|range| range.end), Some(12));
+                for (range, free) in ranges.iter().zip(free) {
+                    assert!(range.len() as u64 * 30 * MIB <= free / 10 * 9, "{ranges:?}");
+                }
+            }
+        }
         // Not enough memory in total, or a stage that holds nothing: refused with the figures.
         let refused = split_layers(30, 100 * MIB, &[1000 * MIB, 1000 * MIB]).expect_err("too big");
         assert!(refused.contains("not enough free memory"), "{refused}");

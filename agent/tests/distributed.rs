@@ -48,18 +48,26 @@ struct Cluster {
 /// A coordinator here and `names.len()` agent processes, each with its own models directory holding
 /// the test model (or, for a name in `altered`, a copy with one weight byte changed).
 async fn cluster(names: &[&str], altered: &[&str]) -> Cluster {
+    cluster_with(names, altered, &[]).await
+}
+
+async fn cluster_with(
+    names: &[&str],
+    altered: &[&str],
+    coordinator_settings: &[(&'static str, &str)],
+) -> Cluster {
     let coordinator_dir = tempfile::tempdir().expect("tempdir");
     let data = coordinator_dir.path().display().to_string();
-    let coordinator = app::start_coordinator(
-        &Config::from_pairs(&[
-            ("data_dir", &data),
-            ("coordinator.gateway_bind", "127.0.0.1:0"),
-            ("coordinator.cluster_bind", "127.0.0.1:0"),
-        ])
-        .expect("config"),
-    )
-    .await
-    .expect("coordinator");
+    let mut pairs = vec![
+        ("data_dir", data.as_str()),
+        ("coordinator.gateway_bind", "127.0.0.1:0"),
+        ("coordinator.cluster_bind", "127.0.0.1:0"),
+        ("coordinator.probe_interval", "200ms"),
+    ];
+    pairs.extend_from_slice(coordinator_settings);
+    let coordinator = app::start_coordinator(&Config::from_pairs(&pairs).expect("config"))
+        .await
+        .expect("coordinator");
     let mut dirs = vec![coordinator_dir];
     let mut agents = Vec::new();
     for name in names {
@@ -240,6 +248,7 @@ async fn two_and_three_stages_reproduce_the_single_process_model() {
     let whole = Pipeline::start(
         "smollm2:135m",
         &cluster.candidates(&["whole"]),
+        1,
         &token,
         Timeouts::default(),
     )
@@ -255,6 +264,7 @@ async fn two_and_three_stages_reproduce_the_single_process_model() {
         let pipeline = Pipeline::start(
             "smollm2:135m",
             &cluster.candidates(names),
+            names.len(),
             &token,
             Timeouts::default(),
         )
@@ -318,7 +328,7 @@ async fn a_stage_killed_mid_answer_is_planned_around() {
     let token = cluster.coordinator.token.clone();
     let prompt = prompt();
     let names = ["first", "middle", "last"];
-    let distributed = Distributed::new("smollm2:135m", token.clone(), Timeouts::default());
+    let distributed = Distributed::new("smollm2:135m", 3, token.clone(), Timeouts::default());
     let candidates = || cluster.candidates(&names);
     let undisturbed = distributed
         .generate(
@@ -383,6 +393,7 @@ async fn incompatible_stages_are_refused_at_plan_time() {
     let refused = Pipeline::start(
         "smollm2:135m",
         &cluster.candidates(&["good", "altered"]),
+        2,
         &token,
         Timeouts::default(),
     )
@@ -434,4 +445,47 @@ async fn refuse_other_version(address: &str) -> String {
         LayerChallenge::Refused(refusal) => refusal.message,
         other => panic!("expected a refusal, got {other:?}"),
     }
+}
+
+/// A distributed model asked for by its name through the gateway, with the official clients: the
+/// coordinator plans it over two agents on the first request and answers llama.cpp's greedy text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_distributed_model_is_served_through_the_gateway() {
+    let cluster = cluster_with(
+        &["left", "right"],
+        &[],
+        &[
+            ("model_sharding_enabled", "true"),
+            ("distributed.models", "smollm2:135m"),
+            ("distributed.max_stages", "2"),
+        ],
+    )
+    .await;
+    let started = Instant::now();
+    loop {
+        let view = cluster.coordinator.view();
+        let front = view
+            .backends
+            .iter()
+            .find(|backend| backend.name == "distributed");
+        if front.is_some_and(|front| front.has_model("smollm2:135m")) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the distributed front never became a backend"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let gateway = format!("http://{}", cluster.coordinator.gateway_address);
+    support::run_client_script(
+        "distributed_clients.py",
+        &[&gateway, "smollm2:135m"],
+        "distributed clients: 4 passed, 0 failed",
+    )
+    .await;
+    // The coordinator (this process) holds no weights: the model alone would be 94 MiB of tensors.
+    let rss = sollol::stage::resident_bytes();
+    eprintln!("test process (coordinator) RSS: {} MiB", rss >> 20);
+    assert!(rss < 90 << 20, "the coordinator's RSS is {} MiB", rss >> 20);
 }

@@ -14,6 +14,8 @@ use super::gguf::{Gguf, GgufError};
 use super::model::{Model, ModelError, Part};
 use super::sampling::{Sampler, SamplingOptions};
 use super::tokenizer::{TextCodec, TokenizerError};
+use crate::pipeline::{Candidate, Distributed};
+use sollol_shared::layers::Sampling;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -27,6 +29,8 @@ pub enum EngineError {
     Tokenizer(#[from] TokenizerError),
     #[error("the prompt has {prompt} tokens; the context holds {context}")]
     PromptTooLong { prompt: usize, context: usize },
+    #[error("distributed inference: {0}")]
+    Distributed(String),
     #[error("the input is empty: there is nothing to embed")]
     EmptyInput,
     #[error("generation stopped: {0}")]
@@ -157,14 +161,40 @@ fn ollama_models(root: &Path) -> Vec<ModelFile> {
     found
 }
 
-/// A model in memory.
+/// Where a loaded model's forward passes run.
+#[derive(Debug)]
+pub enum Compute {
+    /// In this process.
+    Local(Box<Model>),
+    /// On agents' stages, each holding some layers (distributed inference).
+    Distributed(Arc<DistributedModel>),
+}
+
+/// A model the engine serves through a pipeline of stages.
+pub struct DistributedModel {
+    pub pipeline: Distributed,
+    /// The agents that may hold stages now, best first.
+    pub candidates: Box<dyn Fn() -> Vec<Candidate> + Send + Sync>,
+}
+
+impl std::fmt::Debug for DistributedModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DistributedModel")
+            .field("model", &self.pipeline.model)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A model in memory (or, distributed, planned and loaded on its stages).
 #[derive(Debug)]
 pub struct LoadedModel {
     pub file: ModelFile,
     pub details: ModelDetails,
-    pub model: Model,
+    pub compute: Compute,
     pub codec: TextCodec,
     pub load_duration: Duration,
+    /// The model's context length, in tokens.
+    pub context: usize,
 }
 
 impl LoadedModel {
@@ -180,33 +210,174 @@ impl LoadedModel {
         Ok(Self {
             file: file.clone(),
             details,
-            model,
+            context: model.shape.context,
+            compute: Compute::Local(Box::new(model)),
             codec,
             load_duration: started.elapsed(),
         })
     }
 
-    /// Generates from `prompt` tokens, handing each piece of text to `emit` (which returns false to stop).
+    /// Plans and loads a distributed model on its stages; the tokenizer and template come from the
+    /// first stage's copy of the file header (this process holds no weights).
+    pub async fn load_distributed(
+        file: &ModelFile,
+        source: Arc<DistributedModel>,
+    ) -> Result<Self, EngineError> {
+        let started = Instant::now();
+        let pipeline = source
+            .pipeline
+            .pipeline(&(source.candidates)())
+            .await
+            .map_err(|error| EngineError::Distributed(error.to_string()))?;
+        let (header, file_bytes) = pipeline
+            .header()
+            .await
+            .map_err(|error| EngineError::Distributed(error.to_string()))?;
+        let gguf = Gguf::read(std::io::Cursor::new(header), file_bytes)?;
+        let codec = TextCodec::from_gguf(&gguf)?;
+        let context = super::model::Shape::read(&gguf)?.context;
+        let mut file = file.clone();
+        file.size_bytes = file_bytes;
+        file.digest = pipeline.plan.digest.clone();
+        Ok(Self {
+            file,
+            details: details_of(&gguf, context),
+            compute: Compute::Distributed(source),
+            codec,
+            load_duration: started.elapsed(),
+            context,
+        })
+    }
+
+    /// Generates from `prompt` tokens, handing each piece of text to `emit` (which returns false to
+    /// stop). Blocks: call it from a blocking thread (a distributed model's steps run on the runtime).
     pub fn generate(
         &self,
         prompt: &[u32],
         request: &GenerateOptions,
-        mut emit: impl FnMut(&str) -> bool,
+        emit: impl FnMut(&str) -> bool,
     ) -> Result<Generated, EngineError> {
-        let context = self.model.shape.context;
+        let context = self.context;
         if prompt.is_empty() || prompt.len() >= context {
             return Err(EngineError::PromptTooLong {
                 prompt: prompt.len(),
                 context,
             });
         }
-        let mut sampler = Sampler::new(request.sampling.clone());
-        let mut cache = self.model.new_cache();
+        match &self.compute {
+            Compute::Local(model) => self.generate_here(model, prompt, request, emit),
+            Compute::Distributed(source) => {
+                self.generate_distributed(source, prompt, request, emit)
+            }
+        }
+    }
+
+    fn generate_distributed(
+        &self,
+        source: &Arc<DistributedModel>,
+        prompt: &[u32],
+        request: &GenerateOptions,
+        mut emit: impl FnMut(&str) -> bool,
+    ) -> Result<Generated, EngineError> {
+        let options = &request.sampling;
+        let sampling = Sampling {
+            temperature: options.temperature,
+            top_k: u32::try_from(options.top_k).unwrap_or(u32::MAX),
+            top_p: options.top_p,
+            min_p: options.min_p,
+            repeat_penalty: options.repeat_penalty,
+            repeat_last_n: u32::try_from(options.repeat_last_n).unwrap_or(u32::MAX),
+            seed: options.seed.unwrap_or_else(rand::random),
+        };
+        let limit = request
+            .num_predict
+            .unwrap_or(usize::MAX)
+            .min(self.context - prompt.len());
         let started = Instant::now();
-        let hidden = self.model.embed(prompt)?;
-        let hidden = self.model.layers(hidden, &mut cache)?;
+        let mut first_token = None;
+        let mut text = TextStream::new(&self.codec, &request.stop);
+        // The pipeline runs on the runtime; tokens come here, to this blocking thread, where `emit`
+        // may block on a slow client.
+        let (tokens, arriving) = std::sync::mpsc::channel::<u32>();
+        let wanted = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let runtime = tokio::runtime::Handle::current();
+        let running = {
+            let source = Arc::clone(source);
+            let stops = self.codec.stop_tokens.clone();
+            let prompt = prompt.to_vec();
+            let wanted = Arc::clone(&wanted);
+            runtime.spawn(async move {
+                source
+                    .pipeline
+                    .generate(
+                        || (source.candidates)(),
+                        &sampling,
+                        &prompt,
+                        limit,
+                        |token| stops.contains(&token),
+                        |token| {
+                            tokens.send(token).is_ok()
+                                && wanted.load(std::sync::atomic::Ordering::Relaxed)
+                        },
+                    )
+                    .await
+            })
+        };
+        let (mut cut, mut gone) = (false, false);
+        for token in arriving {
+            first_token.get_or_insert_with(Instant::now);
+            if cut || gone {
+                continue;
+            }
+            let (piece, stopped) = text.push(token)?;
+            if !piece.is_empty() && !emit(&piece) {
+                gone = true;
+            }
+            cut = stopped;
+            if cut || gone {
+                wanted.store(false, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        let generated = runtime
+            .block_on(running)
+            .map_err(|error| EngineError::Stopped(error.to_string()))?
+            .map_err(|error| EngineError::Distributed(error.to_string()))?;
+        if gone {
+            return Err(EngineError::Stopped("the client went away".to_owned()));
+        }
+        let rest = text.finish()?;
+        if !rest.is_empty() {
+            emit(&rest);
+        }
+        let first_token = first_token.unwrap_or_else(Instant::now);
+        Ok(Generated {
+            prompt_tokens: prompt.len(),
+            prompt_duration: first_token.duration_since(started),
+            output_tokens: text.tokens(),
+            generation_duration: first_token.elapsed(),
+            done_reason: if generated.stopped || cut {
+                "stop"
+            } else {
+                "length"
+            },
+        })
+    }
+
+    fn generate_here(
+        &self,
+        model: &Model,
+        prompt: &[u32],
+        request: &GenerateOptions,
+        mut emit: impl FnMut(&str) -> bool,
+    ) -> Result<Generated, EngineError> {
+        let context = self.context;
+        let mut sampler = Sampler::new(request.sampling.clone());
+        let mut cache = model.new_cache();
+        let started = Instant::now();
+        let hidden = model.embed(prompt)?;
+        let hidden = model.layers(hidden, &mut cache)?;
         cache.length += prompt.len();
-        let mut logits = self.model.head(&hidden)?;
+        let mut logits = model.head(&hidden)?;
         let prompt_duration = started.elapsed();
 
         let generation_started = Instant::now();
@@ -235,10 +406,10 @@ impl LoadedModel {
             if text.tokens() == limit || cache.length + 1 >= context {
                 break;
             }
-            let hidden = self.model.embed(&[token])?;
-            let hidden = self.model.layers(hidden, &mut cache)?;
+            let hidden = model.embed(&[token])?;
+            let hidden = model.layers(hidden, &mut cache)?;
             cache.length += 1;
-            logits = self.model.head(&hidden)?;
+            logits = model.head(&hidden)?;
         }
         let rest = text.finish()?;
         if !rest.is_empty() {
@@ -259,7 +430,12 @@ impl LoadedModel {
     /// pooling, what Ollama's `/api/embed` returns before normalising). Inputs longer than the context
     /// are cut to it when `truncate`, refused otherwise.
     pub fn embed(&self, ids: &[u32], truncate: bool) -> Result<Embedding, EngineError> {
-        let context = self.model.shape.context;
+        let Compute::Local(model) = &self.compute else {
+            return Err(EngineError::Distributed(
+                "embeddings are not computed for distributed models".to_owned(),
+            ));
+        };
+        let context = self.context;
         if ids.is_empty() {
             return Err(EngineError::EmptyInput);
         }
@@ -273,10 +449,10 @@ impl LoadedModel {
             }
             false => ids,
         };
-        let mut cache = self.model.new_cache();
-        let hidden = self.model.layers(self.model.embed(ids)?, &mut cache)?;
-        let rows = self.model.normed(&hidden)?;
-        let width = self.model.shape.embedding;
+        let mut cache = model.new_cache();
+        let hidden = model.layers(model.embed(ids)?, &mut cache)?;
+        let rows = model.normed(&hidden)?;
+        let width = model.shape.embedding;
         let mut sums = vec![0f64; width];
         for row in rows.chunks_exact(width) {
             for (sum, value) in sums.iter_mut().zip(row) {
@@ -509,6 +685,8 @@ pub struct Engine {
     pub slots: Arc<tokio::sync::Semaphore>,
     pub parallel: usize,
     pub default_keep_alive: Duration,
+    /// Models served through stages, by name.
+    distributed: BTreeMap<String, Arc<DistributedModel>>,
 }
 
 impl Engine {
@@ -520,7 +698,23 @@ impl Engine {
             slots: Arc::new(tokio::sync::Semaphore::new(parallel.max(1))),
             parallel: parallel.max(1),
             default_keep_alive,
+            distributed: BTreeMap::new(),
         }
+    }
+
+    /// Adds a model served through stages (its file size and digest become known once planned).
+    pub fn with_distributed(mut self, name: &str, source: DistributedModel) -> Self {
+        let name = crate::cluster::normalize_model(name);
+        self.files.push(ModelFile {
+            name: name.clone(),
+            path: PathBuf::new(),
+            size_bytes: 0,
+            modified: SystemTime::now(),
+            digest: String::new(),
+            details: None,
+        });
+        self.distributed.insert(name, Arc::new(source));
+        self
     }
 
     pub fn files(&self) -> &[ModelFile] {
@@ -563,10 +757,15 @@ impl Engine {
         if let Some(model) = self.touch(&file.name, keep) {
             return Ok((model, Duration::ZERO));
         }
-        tracing::info!(model = %file.name, path = %file.path.display(), "loading model");
-        let loaded = tokio::task::spawn_blocking(move || LoadedModel::load(&file))
-            .await
-            .map_err(|error| EngineError::Stopped(error.to_string()))??;
+        let loaded = if let Some(source) = self.distributed.get(&file.name) {
+            tracing::info!(model = %file.name, "planning the distributed model on its stages");
+            LoadedModel::load_distributed(&file, Arc::clone(source)).await?
+        } else {
+            tracing::info!(model = %file.name, path = %file.path.display(), "loading model");
+            tokio::task::spawn_blocking(move || LoadedModel::load(&file))
+                .await
+                .map_err(|error| EngineError::Stopped(error.to_string()))??
+        };
         let loaded = Arc::new(loaded);
         let load_duration = loaded.load_duration;
         tracing::info!(model = %loaded.file.name, ms = load_duration.as_millis() as u64, "model loaded");

@@ -174,18 +174,26 @@ mod tests {
     #[test]
     fn a_seed_makes_sampling_repeatable_and_top_p_cuts_the_tail() {
         let logits = [2.0, 1.9, 1.8, -20.0];
-        let draw = |seed| {
-            let mut sampler = Sampler::new(SamplingOptions {
+        let history = [0u32; 100];
+        let sampler = |seed| {
+            Sampler::new(SamplingOptions {
                 seed: Some(seed),
                 top_p: 0.95,
+                repeat_penalty: 1.0,
                 ..options(1.0)
-            });
+            })
+        };
+        // One draw per position (the history's length).
+        let draw = |seed| {
+            let mut sampler = sampler(seed);
             (0..100)
-                .map(|_| sampler.next(&logits, &[]))
+                .map(|position| sampler.next(&logits, &history[..position]))
                 .collect::<Vec<_>>()
         };
         assert_eq!(draw(1), draw(1));
         assert!(!draw(1).contains(&3), "a token outside top-p was drawn");
         assert!(draw(1).contains(&1) && draw(1).contains(&2));
+        // A sampler started afresh at position 50 draws what the first one drew there.
+        assert_eq!(sampler(1).next(&logits, &history[..50]), draw(1)[50]);
     }
 }
