@@ -31,6 +31,8 @@ pub enum EngineError {
     PromptTooLong { prompt: usize, context: usize },
     #[error("distributed inference: {0}")]
     Distributed(String),
+    #[error("{0}")]
+    Unsupported(String),
     #[error("the input is empty: there is nothing to embed")]
     EmptyInput,
     #[error("generation stopped: {0}")]
@@ -431,7 +433,7 @@ impl LoadedModel {
     /// are cut to it when `truncate`, refused otherwise.
     pub fn embed(&self, ids: &[u32], truncate: bool) -> Result<Embedding, EngineError> {
         let Compute::Local(model) = &self.compute else {
-            return Err(EngineError::Distributed(
+            return Err(EngineError::Unsupported(
                 "embeddings are not computed for distributed models".to_owned(),
             ));
         };

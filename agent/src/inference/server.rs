@@ -51,6 +51,8 @@ fn engine_error(failure: EngineError) -> Response {
         EngineError::PromptTooLong { .. }
         | EngineError::EmptyInput
         | EngineError::Model(ModelError::Token(_)) => StatusCode::BAD_REQUEST,
+        EngineError::Unsupported(_) => StatusCode::NOT_IMPLEMENTED,
+        EngineError::Distributed(_) => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     };
     error(status, failure.to_string())

@@ -1,0 +1,304 @@
+//! Distributed inference benchmark, our side (`scripts/bench/distributed` runs it): the test model in one
+//! process, then split over 2 and 3 stages, over loopback and over emulated links, all in this process
+//! and its one thread pool (no more threads than `RAYON_NUM_THREADS` in total).
+//!
+//! Every connection to a stage goes through a userspace relay that counts bytes and, for the emulated
+//! links, delays each chunk and limits the rate (kernel netem is not available on the machines we
+//! measure on). Prints one JSON object per configuration.
+//!
+//! Usage: distributed_bench MODEL.gguf [TOKENS]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use sollol::identity::ClusterToken;
+use sollol::inference::gguf::Gguf;
+use sollol::inference::model::{Model, Part, Shape};
+use sollol::inference::sampling::greedy;
+use sollol::pipeline::{Answer, Candidate, Pipeline, Timeouts};
+use sollol::stage::{StageSettings, serve};
+use sollol_shared::layers::Sampling;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+/// A link between two machines: one-way delay and rate.
+#[derive(Clone, Copy, Debug)]
+struct Link {
+    name: &'static str,
+    delay: Duration,
+    /// Bytes per second; 0 for unlimited.
+    rate: u64,
+}
+
+const LINKS: [Link; 3] = [
+    Link {
+        name: "loopback",
+        delay: Duration::ZERO,
+        rate: 0,
+    },
+    Link {
+        name: "1 Gbit/s, 0.5 ms",
+        delay: Duration::from_micros(500),
+        rate: 125_000_000,
+    },
+    Link {
+        name: "100 Mbit/s, 5 ms (Wi-Fi-like)",
+        delay: Duration::from_millis(5),
+        rate: 12_500_000,
+    },
+];
+
+/// Relays connections from a local port to `target`, counting bytes both ways into `bytes`.
+async fn relay(target: String, link: Link, bytes: Arc<AtomicU64>) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("relay port");
+    let address = listener.local_addr().expect("address").to_string();
+    tokio::spawn(async move {
+        while let Ok((inbound, _)) = listener.accept().await {
+            let Ok(outbound) = TcpStream::connect(&target).await else {
+                continue;
+            };
+            inbound.set_nodelay(true).ok();
+            outbound.set_nodelay(true).ok();
+            let (in_read, in_write) = inbound.into_split();
+            let (out_read, out_write) = outbound.into_split();
+            tokio::spawn(pump(in_read, out_write, link, Arc::clone(&bytes)));
+            tokio::spawn(pump(out_read, in_write, link, Arc::clone(&bytes)));
+        }
+    });
+    address
+}
+
+/// One direction of a relay: each chunk leaves `delay` after it arrived, and no faster than `rate`.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    link: Link,
+    bytes: Arc<AtomicU64>,
+) {
+    let (sender, mut receiver) = tokio::sync::mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
+    let writer = tokio::spawn(async move {
+        let mut free_at = Instant::now();
+        while let Some((due, chunk)) = receiver.recv().await {
+            let serialised = if link.rate == 0 {
+                Duration::ZERO
+            } else {
+                Duration::from_secs_f64(chunk.len() as f64 / link.rate as f64)
+            };
+            free_at = free_at.max(due) + serialised;
+            tokio::time::sleep_until(free_at.into()).await;
+            if to.write_all(&chunk).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut buffer = vec![0u8; 64 * 1024];
+    while let Ok(read) = from.read(&mut buffer).await {
+        if read == 0 {
+            break;
+        }
+        bytes.fetch_add(read as u64, Ordering::Relaxed);
+        if sender
+            .send((Instant::now() + link.delay, buffer[..read].to_vec()))
+            .is_err()
+        {
+            break;
+        }
+    }
+    drop(sender);
+    let _ = writer.await;
+}
+
+fn greedy_sampling() -> Sampling {
+    Sampling {
+        temperature: 0.0,
+        top_k: 40,
+        top_p: 0.9,
+        min_p: 0.0,
+        repeat_penalty: 1.0,
+        repeat_last_n: 64,
+        seed: 1,
+    }
+}
+
+fn prompt() -> Vec<u32> {
+    (0..64).map(|index| 1000 + index * 37).collect()
+}
+
+/// Time to first token, generation tokens/s and the tokens, for one sequence through `pipeline`.
+async fn one_sequence(pipeline: &Pipeline, tokens: usize) -> (Duration, f64, Vec<u32>) {
+    let prompt = prompt();
+    let mut sequence = pipeline
+        .open(greedy_sampling(), &prompt)
+        .await
+        .expect("open");
+    let started = Instant::now();
+    let Answer::Token(mut token) = sequence.feed(&prompt, false).await.expect("prompt") else {
+        panic!("a token");
+    };
+    let first = started.elapsed();
+    let mut out = vec![token];
+    let generating = Instant::now();
+    for _ in 1..tokens {
+        let Answer::Token(next) = sequence.feed(&[token], false).await.expect("step") else {
+            panic!("a token");
+        };
+        token = next;
+        out.push(token);
+    }
+    let rate = (tokens - 1) as f64 / generating.elapsed().as_secs_f64();
+    (first, rate, out)
+}
+
+fn local_model(path: &std::path::Path) -> Model {
+    let file = std::fs::File::open(path).expect("open the model");
+    let length = file.metadata().expect("metadata").len();
+    let gguf = Gguf::read(std::io::BufReader::new(file), length).expect("a valid GGUF");
+    let layers = Shape::read(&gguf).expect("shape").layers;
+    Model::load(path, &gguf, Part::whole(layers)).expect("load")
+}
+
+/// The whole model in this process: time to first token, generation tokens/s, tokens.
+fn local_sequence(model: &Model, tokens: usize) -> (Duration, f64, Vec<u32>) {
+    let prompt = prompt();
+    let mut cache = model.new_cache();
+    let started = Instant::now();
+    let hidden = model
+        .layers(model.embed(&prompt).expect("embed"), &mut cache)
+        .expect("layers");
+    cache.length += prompt.len();
+    let mut token = greedy(&model.head(&hidden).expect("head"));
+    let first = started.elapsed();
+    let mut out = vec![token];
+    let generating = Instant::now();
+    for _ in 1..tokens {
+        let hidden = model
+            .layers(model.embed(&[token]).expect("embed"), &mut cache)
+            .expect("layers");
+        cache.length += 1;
+        token = greedy(&model.head(&hidden).expect("head"));
+        out.push(token);
+    }
+    let rate = (tokens - 1) as f64 / generating.elapsed().as_secs_f64();
+    (first, rate, out)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let mut args = std::env::args().skip(1);
+    let path = std::path::PathBuf::from(
+        args.next()
+            .expect("usage: distributed_bench MODEL.gguf [TOKENS]"),
+    );
+    let tokens: usize = args.next().and_then(|text| text.parse().ok()).unwrap_or(64);
+    let models_dir = tempfile::tempdir().expect("tempdir");
+    let absolute = std::fs::canonicalize(&path).expect("the model file");
+    std::os::unix::fs::symlink(absolute, models_dir.path().join("bench:latest.gguf"))
+        .expect("link");
+
+    // Our single process, one sequence and four at once (each its own KV cache, sharing the pool).
+    let model = Arc::new(local_model(&path));
+    let (first, rate, reference) = local_sequence(&model, tokens);
+    let concurrent = {
+        let started = Instant::now();
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                let model = Arc::clone(&model);
+                std::thread::spawn(move || local_sequence(&model, tokens).2.len())
+            })
+            .collect();
+        let total: usize = handles
+            .into_iter()
+            .map(|handle| handle.join().expect("thread"))
+            .sum();
+        total as f64 / started.elapsed().as_secs_f64()
+    };
+    println!(
+        "{}",
+        serde_json::json!({"setup": "single process", "link": "-", "ttft_ms": first.as_secs_f64() * 1e3,
+            "tg_tokens_per_s": rate, "bytes_per_token": 0, "aggregate_4_sequences_tokens_per_s": concurrent})
+    );
+    drop(model);
+
+    let token = ClusterToken::generate();
+    let shutdown = CancellationToken::new();
+    let mut stages = Vec::new();
+    for index in 0..3 {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("stage port");
+        let address = listener.local_addr().expect("address").to_string();
+        tokio::spawn(serve(
+            listener,
+            StageSettings {
+                node_id: format!("{index:032x}"),
+                node_name: format!("stage-{index}"),
+                models_dir: models_dir.path().to_owned(),
+                ollama_store: None,
+                token: token.clone(),
+                handshake_timeout: Duration::from_secs(5),
+            },
+            shutdown.clone(),
+        ));
+        stages.push(address);
+    }
+    for count in [2usize, 3] {
+        for link in LINKS {
+            let bytes = Arc::new(AtomicU64::new(0));
+            let mut candidates = Vec::new();
+            for (index, address) in stages.iter().take(count).enumerate() {
+                candidates.push(Candidate {
+                    node_id: format!("{index:032x}"),
+                    name: format!("stage-{index}"),
+                    address: relay(address.clone(), link, Arc::clone(&bytes)).await,
+                });
+            }
+            let pipeline =
+                Pipeline::start("bench", &candidates, count, &token, Timeouts::default())
+                    .await
+                    .expect("plan");
+            let (first, rate, out) = one_sequence(&pipeline, tokens).await;
+            assert_eq!(
+                out, reference,
+                "the pipeline's greedy tokens differ from the single process's"
+            );
+            // Bytes of a generation step alone: measured over a run of steps after the prompt.
+            let prompt = prompt();
+            let mut sequence = pipeline
+                .open(greedy_sampling(), &prompt)
+                .await
+                .expect("open");
+            let Answer::Token(mut next) = sequence.feed(&prompt, false).await.expect("prompt")
+            else {
+                panic!("a token");
+            };
+            let before = bytes.load(Ordering::Relaxed);
+            for _ in 0..16 {
+                let Answer::Token(token) = sequence.feed(&[next], false).await.expect("step")
+                else {
+                    panic!("a token");
+                };
+                next = token;
+            }
+            let per_token = (bytes.load(Ordering::Relaxed) - before) / 16;
+            drop(sequence);
+            let concurrent = {
+                let started = Instant::now();
+                let runs = (0..4).map(|_| one_sequence(&pipeline, tokens));
+                let total: usize = futures_util::future::join_all(runs)
+                    .await
+                    .iter()
+                    .map(|(_, _, out)| out.len())
+                    .sum();
+                total as f64 / started.elapsed().as_secs_f64()
+            };
+            println!(
+                "{}",
+                serde_json::json!({"setup": format!("{count} stages"), "link": link.name,
+                    "ttft_ms": first.as_secs_f64() * 1e3, "tg_tokens_per_s": rate,
+                    "bytes_per_token": per_token, "aggregate_4_sequences_tokens_per_s": concurrent,
+                    "layers": pipeline.plan.stages.iter().map(|stage| format!("{}..{}", stage.layers.start, stage.layers.end)).collect::<Vec<_>>()})
+            );
+        }
+    }
+    shutdown.cancel();
+}
