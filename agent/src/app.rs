@@ -168,7 +168,9 @@ pub async fn start_coordinator(config: &Config) -> Result<CoordinatorHandle, Sta
             shutdown.clone(),
         ));
     }
-    if !config.distributed.models.is_empty() {
+    let distributed = if config.distributed.models.is_empty() {
+        Vec::new()
+    } else {
         start_distributed_front(
             config,
             &token,
@@ -177,8 +179,8 @@ pub async fn start_coordinator(config: &Config) -> Result<CoordinatorHandle, Sta
             &shutdown,
             &tasks,
         )
-        .await?;
-    }
+        .await?
+    };
     let membership = Arc::new(Membership::new(
         token.clone(),
         events_sender,
@@ -247,6 +249,7 @@ pub async fn start_coordinator(config: &Config) -> Result<CoordinatorHandle, Sta
         observer: Arc::clone(&observer),
         history: history_reader,
         shutdown: shutdown.clone(),
+        distributed,
     });
     {
         let gateway_state = Arc::clone(&gateway_state);
@@ -394,7 +397,7 @@ async fn start_distributed_front(
     events: mpsc::Sender<crate::cluster::ClusterEvent>,
     shutdown: &CancellationToken,
     tasks: &TaskTracker,
-) -> Result<(), StartError> {
+) -> Result<Vec<Arc<crate::pipeline::Distributed>>, StartError> {
     use crate::inference::engine::{DistributedModel, Engine};
     use crate::pipeline::{Distributed, Timeouts};
     let max_stages = config.distributed.max_stages.get() as usize;
@@ -403,12 +406,20 @@ async fn start_distributed_front(
         config.engine.parallel.get() as usize,
         config.engine.keep_alive,
     );
+    let mut pipelines = Vec::new();
     for model in &config.distributed.models {
         let view = Arc::clone(&view);
+        let pipeline = Arc::new(Distributed::new(
+            model,
+            max_stages,
+            token.clone(),
+            Timeouts::default(),
+        ));
+        pipelines.push(Arc::clone(&pipeline));
         engine = engine.with_distributed(
             model,
             DistributedModel {
-                pipeline: Distributed::new(model, max_stages, token.clone(), Timeouts::default()),
+                pipeline,
                 candidates: Box::new(move || stage_candidates(&view.load())),
             },
         );
@@ -434,7 +445,7 @@ async fn start_distributed_front(
         events,
         shutdown.clone(),
     ));
-    Ok(())
+    Ok(pipelines)
 }
 
 /// Agents that can hold a stage now: up, connected, with a stage port; most free memory first.

@@ -60,6 +60,8 @@ pub struct GatewayState {
     pub history: Option<Arc<HistoryReader>>,
     /// Ends the live event streams when the coordinator stops.
     pub shutdown: CancellationToken,
+    /// Models served split across agents (empty unless `model_sharding_enabled`).
+    pub distributed: Vec<Arc<crate::pipeline::Distributed>>,
 }
 
 impl GatewayState {
@@ -107,6 +109,7 @@ pub fn router(state: Arc<GatewayState>) -> Router {
         .route(&format!("{API_PREFIX}/requests"), get(requests))
         .route(&format!("{API_PREFIX}/stats"), get(stats))
         .route(&format!("{API_PREFIX}/events"), get(events))
+        .route(&format!("{API_PREFIX}/distributed"), get(distributed))
         .route("/metrics", get(metrics))
         .route("/dashboard", get(dashboard_redirect))
         .route("/dashboard/", get(dashboard_index))
@@ -535,6 +538,17 @@ fn sse_event(event: &LiveEvent) -> SseEvent {
         .unwrap_or_else(|error| SseEvent::default().comment(error.to_string()))
 }
 
+/// `GET /api/sollol/v1/distributed`: each distributed model's plan and what its steps cost.
+async fn distributed(
+    State(state): State<Arc<GatewayState>>,
+) -> Json<sollol_shared::api::DistributedList> {
+    let mut models = Vec::with_capacity(state.distributed.len());
+    for model in &state.distributed {
+        models.push(model.status().await);
+    }
+    Json(sollol_shared::api::DistributedList { models })
+}
+
 /// `GET /metrics`: Prometheus text exposition.
 async fn metrics(State(state): State<Arc<GatewayState>>) -> Response {
     let gauges = Gauges {
@@ -543,12 +557,20 @@ async fn metrics(State(state): State<Arc<GatewayState>>) -> Response {
         history_dropped: state.history_dropped.load(Ordering::Relaxed),
         learning_dropped: state.proxy.learner().dropped(),
     };
+    let mut text = state.observer.render(&gauges);
+    if !state.distributed.is_empty() {
+        let mut models = Vec::with_capacity(state.distributed.len());
+        for model in &state.distributed {
+            models.push(model.status().await);
+        }
+        text.push_str(&crate::observe::render_distributed(&models));
+    }
     (
         [(
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        state.observer.render(&gauges),
+        text,
     )
         .into_response()
 }

@@ -647,6 +647,95 @@ fn percentiles(mut values: Vec<u64>) -> Option<Percentiles> {
     })
 }
 
+/// The distributed models' figures in the exposition format (appended to [`Observer::render`]'s).
+pub fn render_distributed(models: &[sollol_shared::api::DistributedModel]) -> String {
+    let mut out = String::new();
+    header(
+        &mut out,
+        "sollol_distributed_tokens_total",
+        "counter",
+        "Tokens generated through the model's current pipeline.",
+    );
+    for model in models {
+        let _ = writeln!(
+            out,
+            "sollol_distributed_tokens_total{{model=\"{}\"}} {}",
+            escape(&model.model),
+            model.tokens
+        );
+    }
+    header(
+        &mut out,
+        "sollol_distributed_replans_total",
+        "counter",
+        "Pipelines replaced mid-request because a stage failed.",
+    );
+    for model in models {
+        let _ = writeln!(
+            out,
+            "sollol_distributed_replans_total{{model=\"{}\"}} {}",
+            escape(&model.model),
+            model.replans
+        );
+    }
+    type ModelFigure = fn(&sollol_shared::api::DistributedModel) -> Option<f64>;
+    let figures: [(&str, &str, ModelFigure); 3] = [
+        (
+            "sollol_distributed_hop_seconds",
+            "Average time per transfer of a generation step (coordinator to first stage, stage to stage, back).",
+            |model| model.hop_ms.map(|ms| ms / 1e3),
+        ),
+        (
+            "sollol_distributed_bytes_per_token",
+            "Bytes on the wire per generated token, all hops together.",
+            |model| model.bytes_per_token,
+        ),
+        (
+            "sollol_distributed_tokens_per_second",
+            "Generation speed of the pipeline, seen from the coordinator.",
+            |model| model.tokens_per_second,
+        ),
+    ];
+    for (name, help, figure) in figures {
+        header(&mut out, name, "gauge", help);
+        for model in models {
+            if let Some(value) = figure(model) {
+                let _ = writeln!(out, "{name}{{model=\"{}\"}} {value}", escape(&model.model));
+            }
+        }
+    }
+    type StageFigure = fn(&sollol_shared::api::PipelineStage) -> Option<f64>;
+    let stage_figures: [(&str, &str, StageFigure); 2] = [
+        (
+            "sollol_distributed_stage_compute_seconds",
+            "Average compute per generated token on each stage.",
+            |stage| stage.compute_ms_per_token.map(|ms| ms / 1e3),
+        ),
+        (
+            "sollol_distributed_stage_resident_bytes",
+            "Resident memory of each stage's process after loading its part.",
+            |stage| Some(stage.resident_bytes as f64),
+        ),
+    ];
+    for (name, help, figure) in stage_figures {
+        header(&mut out, name, "gauge", help);
+        for model in models {
+            for (index, stage) in model.stages.iter().enumerate() {
+                if let Some(value) = figure(stage) {
+                    let _ = writeln!(
+                        out,
+                        "{name}{{model=\"{}\",stage=\"{index}\",node=\"{}\"}} {value}",
+                        escape(&model.model),
+                        escape(&stage.name)
+                    );
+                }
+            }
+        }
+    }
+    out
+}
+
+
 #[cfg(test)]
 mod tests {
     use super::*;

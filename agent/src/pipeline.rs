@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use sollol_shared::layers::{
     MAX_LAYER_FRAME_BYTES, Output, PartSpec, Sampling, StageInput, StageReply, StageRequest,
+    StageTrace,
 };
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::mpsc;
@@ -359,6 +360,41 @@ pub struct Pipeline {
     links: Vec<Arc<Link>>,
     next_sequence: AtomicU64,
     timeouts: Timeouts,
+    stats: Mutex<PipelineStats>,
+}
+
+/// What generation steps (one token in, one token out) cost, summed since the plan started.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct PipelineStats {
+    pub steps: u64,
+    /// Wall time of the steps, seen from the coordinator.
+    pub step_seconds: f64,
+    /// Compute time per stage, first to last.
+    pub stage_compute_seconds: Vec<f64>,
+    /// Bytes on the wire: the token to the first stage, hidden states between stages, the answer.
+    pub bytes: u64,
+}
+
+impl PipelineStats {
+    /// Average time a step spends between machines per transfer (coordinator to the first stage,
+    /// stage to stage, last stage back): the step's wall time less its compute, over the transfers.
+    pub fn hop_seconds(&self) -> f64 {
+        let transfers = (self.stage_compute_seconds.len() + 1) as f64 * self.steps as f64;
+        let compute: f64 = self.stage_compute_seconds.iter().sum();
+        if transfers == 0.0 {
+            0.0
+        } else {
+            ((self.step_seconds - compute) / transfers).max(0.0)
+        }
+    }
+
+    pub fn bytes_per_token(&self) -> f64 {
+        if self.steps == 0 {
+            0.0
+        } else {
+            self.bytes as f64 / self.steps as f64
+        }
+    }
 }
 
 impl Pipeline {
@@ -512,7 +548,36 @@ impl Pipeline {
             links,
             next_sequence: AtomicU64::new(rand::random::<u64>() >> 1),
             timeouts,
+            stats: Mutex::new(PipelineStats::default()),
         })
+    }
+
+    /// Generation steps' costs so far.
+    pub fn stats(&self) -> PipelineStats {
+        self.stats
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn record(
+        &self,
+        wall: Duration,
+        request_bytes: usize,
+        trace: &[StageTrace],
+        reply_bytes: usize,
+    ) {
+        let mut stats = self.stats.lock().unwrap_or_else(PoisonError::into_inner);
+        stats.steps += 1;
+        stats.step_seconds += wall.as_secs_f64();
+        if stats.stage_compute_seconds.len() < trace.len() {
+            stats.stage_compute_seconds.resize(trace.len(), 0.0);
+        }
+        for (total, stage) in stats.stage_compute_seconds.iter_mut().zip(trace) {
+            *total += f64::from(stage.compute_us) / 1e6;
+        }
+        let between: u64 = trace.iter().map(|stage| u64::from(stage.sent_bytes)).sum();
+        stats.bytes += (request_bytes + reply_bytes) as u64 + between;
     }
 
     /// The model file's header from the first stage (tokenizer and chat template, no weights).
@@ -655,26 +720,37 @@ impl Sequence<'_> {
     /// stage's answer for the final position: a sampled token, or the logits when `logits`.
     pub async fn feed(&mut self, tokens: &[u32], logits: bool) -> Result<Answer, PipelineError> {
         let first = &self.pipeline.links[0];
+        let started = std::time::Instant::now();
         let chunks: Vec<&[u32]> = tokens.chunks(PROMPT_CHUNK).collect();
+        let mut request_bytes = 0;
         for (index, chunk) in chunks.iter().enumerate() {
             let output = match (index + 1 == chunks.len(), logits) {
                 (false, _) => Output::None,
                 (true, false) => Output::Sample,
                 (true, true) => Output::Logits,
             };
-            first
-                .send(&StageRequest::Forward {
-                    sequence: self.id,
-                    start: u32::try_from(self.position).unwrap_or(u32::MAX),
-                    input: StageInput::Tokens(chunk.to_vec()),
-                    output,
-                })
-                .await?;
+            let request = StageRequest::Forward {
+                sequence: self.id,
+                start: u32::try_from(self.position).unwrap_or(u32::MAX),
+                input: StageInput::Tokens(chunk.to_vec()),
+                output,
+                trace: Vec::new(),
+            };
+            request_bytes += postcard::experimental::serialized_size(&request).unwrap_or(0) + 4;
+            first.send(&request).await?;
             self.position += chunk.len();
         }
         let timeout = self.pipeline.timeouts.step * u32::try_from(chunks.len().max(1)).unwrap_or(1);
-        match self.next_reply(timeout).await? {
-            StageReply::Sampled { token, .. } => Ok(Answer::Token(token)),
+        let reply = self.next_reply(timeout).await?;
+        let reply_bytes = postcard::experimental::serialized_size(&reply).unwrap_or(0) + 4;
+        match reply {
+            StageReply::Sampled { token, trace, .. } => {
+                if tokens.len() == 1 {
+                    self.pipeline
+                        .record(started.elapsed(), request_bytes, &trace, reply_bytes);
+                }
+                Ok(Answer::Token(token))
+            }
             StageReply::Logits { values, .. } => Ok(Answer::Logits(values)),
             other => Err(self.unexpected(other)),
         }
@@ -711,6 +787,8 @@ pub struct Distributed {
     current: tokio::sync::Mutex<Option<Arc<Pipeline>>>,
     /// Stages that failed lately, by node name, left out of plans for [`EXCLUDE_FOR`].
     excluded: Mutex<HashMap<String, std::time::Instant>>,
+    replans: AtomicU64,
+    last_error: Mutex<Option<String>>,
 }
 
 /// How long a failed stage stays out of plans (it may come back, or be down by then).
@@ -738,6 +816,74 @@ impl Distributed {
             timeouts,
             current: tokio::sync::Mutex::new(None),
             excluded: Mutex::new(HashMap::new()),
+            replans: AtomicU64::new(0),
+            last_error: Mutex::new(None),
+        }
+    }
+
+    /// The plan in use and what its steps cost, for the API and the metrics.
+    pub async fn status(&self) -> sollol_shared::api::DistributedModel {
+        let pipeline = self.current.lock().await.clone();
+        let last_error = self
+            .last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let replans = self.replans.load(Ordering::Relaxed);
+        let Some(pipeline) = pipeline else {
+            return sollol_shared::api::DistributedModel {
+                model: self.model.clone(),
+                planned: false,
+                digest: None,
+                layers: 0,
+                stages: Vec::new(),
+                reasons: Vec::new(),
+                tokens: 0,
+                tokens_per_second: None,
+                hop_ms: None,
+                bytes_per_token: None,
+                replans,
+                last_error,
+            };
+        };
+        let stats = pipeline.stats();
+        let per_token =
+            |seconds: f64| (stats.steps > 0).then(|| seconds * 1e3 / stats.steps as f64);
+        let count = pipeline.plan.stages.len();
+        sollol_shared::api::DistributedModel {
+            model: self.model.clone(),
+            planned: true,
+            digest: Some(pipeline.plan.digest.clone()),
+            layers: u32::try_from(pipeline.plan.layers).unwrap_or(u32::MAX),
+            stages: pipeline
+                .plan
+                .stages
+                .iter()
+                .enumerate()
+                .map(|(index, stage)| sollol_shared::api::PipelineStage {
+                    node_id: stage.candidate.node_id.clone(),
+                    name: stage.candidate.name.clone(),
+                    address: stage.candidate.address.clone(),
+                    layers_start: u32::try_from(stage.layers.start).unwrap_or(u32::MAX),
+                    layers_end: u32::try_from(stage.layers.end).unwrap_or(u32::MAX),
+                    embed: index == 0,
+                    head: index + 1 == count,
+                    resident_bytes: pipeline.resident_bytes.get(index).copied().unwrap_or(0),
+                    free_memory_bytes: stage.free_memory_bytes,
+                    compute_ms_per_token: stats
+                        .stage_compute_seconds
+                        .get(index)
+                        .and_then(|seconds| per_token(*seconds)),
+                })
+                .collect(),
+            reasons: pipeline.plan.reasons.clone(),
+            tokens: stats.steps,
+            tokens_per_second: (stats.step_seconds > 0.0)
+                .then(|| stats.steps as f64 / stats.step_seconds),
+            hop_ms: (stats.steps > 0).then(|| stats.hop_seconds() * 1e3),
+            bytes_per_token: (stats.steps > 0).then(|| stats.bytes_per_token()),
+            replans,
+            last_error,
         }
     }
 
@@ -757,16 +903,24 @@ impl Distributed {
                 .cloned()
                 .collect()
         };
-        let pipeline = Arc::new(
-            Pipeline::start(
-                &self.model,
-                &usable,
-                self.max_stages,
-                &self.token,
-                self.timeouts,
-            )
-            .await?,
-        );
+        let started = Pipeline::start(
+            &self.model,
+            &usable,
+            self.max_stages,
+            &self.token,
+            self.timeouts,
+        )
+        .await;
+        let pipeline = match started {
+            Ok(pipeline) => Arc::new(pipeline),
+            Err(error) => {
+                *self
+                    .last_error
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = Some(error.to_string());
+                return Err(error);
+            }
+        };
         for reason in &pipeline.plan.reasons {
             tracing::info!(model = %self.model, "{reason}");
         }
@@ -776,6 +930,7 @@ impl Distributed {
 
     /// Forgets the pipeline after `node` failed; the next request plans again without it.
     pub async fn failed(&self, node: &str) {
+        self.replans.fetch_add(1, Ordering::Relaxed);
         self.excluded
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -829,14 +984,20 @@ impl Distributed {
                         stopped,
                     });
                 }
-                Err(error) => match error.failed_node() {
-                    Some(node) if replans + 1 < MAX_PLANS => {
-                        tracing::warn!(model = %self.model, %node, %error, "a stage failed mid-request: planning again without it");
-                        self.failed(node).await;
-                        replans += 1;
+                Err(error) => {
+                    *self
+                        .last_error
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner) = Some(error.to_string());
+                    match error.failed_node() {
+                        Some(node) if replans + 1 < MAX_PLANS => {
+                            tracing::warn!(model = %self.model, %node, %error, "a stage failed mid-request: planning again without it");
+                            self.failed(node).await;
+                            replans += 1;
+                        }
+                        _ => return Err(error),
                     }
-                    _ => return Err(error),
-                },
+                }
             }
         }
     }

@@ -16,6 +16,7 @@ use candle_core::Tensor;
 use sollol_shared::layers::{
     LAYER_MAGIC, LAYER_PROTOCOL_VERSION, LayerAuth, LayerChallenge, LayerHello, LayerWelcome,
     MAX_LAYER_FRAME_BYTES, Output, PartSpec, Sampling, StageInput, StageReply, StageRequest,
+    StageTrace,
 };
 use sollol_shared::protocol::{Refusal, RefusalCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -334,8 +335,10 @@ impl Stage {
                 start,
                 input,
                 output,
+                trace,
             } => {
-                self.forward(sequence, start, input, output, replies).await;
+                self.forward(sequence, start, input, output, trace, replies)
+                    .await;
                 None
             }
             StageRequest::Close { sequence } => {
@@ -598,6 +601,7 @@ impl Stage {
         start: u32,
         input: StageInput,
         output: Output,
+        mut trace: Vec<StageTrace>,
         replies: &mpsc::Sender<StageReply>,
     ) {
         let part = self.part.lock().await.clone();
@@ -630,7 +634,10 @@ impl Stage {
             tracing::error!(sequence = sequence_id, "a stage computation panicked");
             return;
         };
-        let compute_ms = started.elapsed().as_secs_f32() * 1000.0;
+        trace.push(StageTrace {
+            compute_us: u32::try_from(started.elapsed().as_micros()).unwrap_or(u32::MAX),
+            sent_bytes: 0,
+        });
         let reply = sequence.reply.clone();
         self.sequences
             .lock()
@@ -646,18 +653,24 @@ impl Stage {
             Ok(Computed::Sampled(token)) => Some(StageReply::Sampled {
                 sequence: sequence_id,
                 token,
-                compute_ms,
+                trace,
             }),
             Ok(Computed::Logits(values)) => Some(StageReply::Logits {
                 sequence: sequence_id,
                 values,
+                trace,
             }),
             Ok(Computed::Hidden { tokens, values }) => {
+                // The hidden states dominate the frame; the rest is a few dozen bytes.
+                if let Some(mine) = trace.last_mut() {
+                    mine.sent_bytes = u32::try_from(values.len() * 4 + 32).unwrap_or(u32::MAX);
+                }
                 let request = StageRequest::Forward {
                     sequence: sequence_id,
                     start,
                     input: StageInput::Hidden { tokens, values },
                     output,
+                    trace,
                 };
                 let mut link = self.next.lock().await;
                 let sent = match link.as_mut() {

@@ -484,6 +484,52 @@ async fn a_distributed_model_is_served_through_the_gateway() {
         "distributed clients: 4 passed, 0 failed",
     )
     .await;
+    // The plan and what its steps cost, in the API and the metrics.
+    let answer = support::get(&format!("{gateway}/api/sollol/v1/distributed")).await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    let list: sollol_shared::api::DistributedList =
+        serde_json::from_slice(&answer.body).expect("distributed list");
+    let model = &list.models[0];
+    assert!(model.planned && model.model == "smollm2:135m", "{model:?}");
+    let layers: Vec<_> = model
+        .stages
+        .iter()
+        .map(|stage| {
+            (
+                stage.layers_start,
+                stage.layers_end,
+                stage.embed,
+                stage.head,
+            )
+        })
+        .collect();
+    assert_eq!(
+        layers,
+        [(0, 15, true, false), (15, 30, false, true)],
+        "{model:?}"
+    );
+    // 4 chats of 16 tokens; the first token of each comes with its prompt, not a generation step.
+    assert!(model.tokens >= 60, "{model:?}");
+    let bytes = model.bytes_per_token.expect("bytes per token");
+    assert!(
+        (2_300.0..3_000.0).contains(&bytes),
+        "{bytes} bytes per token"
+    );
+    assert!(
+        model.hop_ms.is_some()
+            && model
+                .stages
+                .iter()
+                .all(|stage| stage.compute_ms_per_token.is_some())
+    );
+    let metrics = support::get(&format!("{gateway}/metrics")).await.text();
+    for line in [
+        "sollol_distributed_bytes_per_token{model=\"smollm2:135m\"}",
+        "sollol_distributed_stage_compute_seconds{model=\"smollm2:135m\",stage=\"1\",node=\"right\"}",
+        "sollol_distributed_replans_total{model=\"smollm2:135m\"} 0",
+    ] {
+        assert!(metrics.contains(line), "{line} missing from /metrics");
+    }
     // The coordinator (this process) holds no weights: the model alone would be 94 MiB of tensors.
     let rss = sollol::stage::resident_bytes();
     eprintln!("test process (coordinator) RSS: {} MiB", rss >> 20);

@@ -398,3 +398,51 @@ impl LiveEvent {
         }
     }
 }
+
+/// `GET /api/sollol/v1/distributed`: the models served split across agents, and their pipelines.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DistributedList {
+    pub models: Vec<DistributedModel>,
+}
+
+/// One distributed model: its current plan (if planned) and what its generation steps cost.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DistributedModel {
+    pub model: String,
+    /// Whether a pipeline is planned and loaded now (the first request plans it).
+    pub planned: bool,
+    /// `sha256:…` of the file every stage holds.
+    pub digest: Option<String>,
+    pub layers: u32,
+    /// First to last.
+    pub stages: Vec<PipelineStage>,
+    /// Why the plan is what it is, one line per decision.
+    pub reasons: Vec<String>,
+    /// Generation steps (tokens) since the plan was made.
+    pub tokens: u64,
+    pub tokens_per_second: Option<f64>,
+    /// Average time per transfer (coordinator → first stage, stage → stage, last stage → coordinator).
+    pub hop_ms: Option<f64>,
+    pub bytes_per_token: Option<f64>,
+    /// Plans replaced mid-request because a stage failed, since the coordinator started.
+    pub replans: u64,
+    pub last_error: Option<String>,
+}
+
+/// One stage of a pipeline.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PipelineStage {
+    pub node_id: String,
+    pub name: String,
+    pub address: String,
+    /// Layers `layers_start..layers_end`.
+    pub layers_start: u32,
+    pub layers_end: u32,
+    pub embed: bool,
+    pub head: bool,
+    /// The stage process's resident memory after loading its part.
+    pub resident_bytes: u64,
+    pub free_memory_bytes: u64,
+    /// Average compute per generated token on this stage.
+    pub compute_ms_per_token: Option<f64>,
+}

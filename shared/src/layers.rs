@@ -127,6 +127,15 @@ pub enum Output {
     Logits,
 }
 
+/// What one stage spent on one forward, carried along the pipeline and back to the coordinator.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct StageTrace {
+    /// Microseconds the stage computed.
+    pub compute_us: u32,
+    /// Bytes of the frame it sent to the next stage (0 for the last).
+    pub sent_bytes: u32,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum StageRequest {
     /// What the stage can hold of `model`: answered [`StageReply::Described`] (or refused when it has
@@ -150,6 +159,8 @@ pub enum StageRequest {
         start: u32,
         input: StageInput,
         output: Output,
+        /// One entry per stage the forward went through so far.
+        trace: Vec<StageTrace>,
     },
     /// Forget `sequence` (its KV cache).
     Close { sequence: u64 },
@@ -179,12 +190,13 @@ pub enum StageReply {
     Sampled {
         sequence: u64,
         token: u32,
-        /// Milliseconds this stage computed for the forward that produced it.
-        compute_ms: f32,
+        /// Every stage's share of the forward that produced it, first to last.
+        trace: Vec<StageTrace>,
     },
     Logits {
         sequence: u64,
         values: Vec<f32>,
+        trace: Vec<StageTrace>,
     },
     Closed {
         sequence: u64,

@@ -6,9 +6,10 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 use sollol_shared::api::{
-    Aggregate, CandidateCost, ClusterSummary, ErrorBody, HardwareSample, LiveEvent, Node,
-    NodeDetail, NodeEvent, NodeEventKind, NodeList, NodeLoad, NodeStatus, Percentiles, Readiness,
-    RequestEntry, RequestList, RequestStatus, RoutingDecision, SeriesPoint, Stats, StatsWindow,
+    Aggregate, CandidateCost, ClusterSummary, DistributedList, DistributedModel, ErrorBody,
+    HardwareSample, LiveEvent, Node, NodeDetail, NodeEvent, NodeEventKind, NodeList, NodeLoad,
+    NodeStatus, Percentiles, PipelineStage, Readiness, RequestEntry, RequestList, RequestStatus,
+    RoutingDecision, SeriesPoint, Stats, StatsWindow,
 };
 use sollol_shared::hardware::{
     CpuInfo, DiskInfo, GpuInfo, GpuVendor, HardwareReport, MemoryInfo, NodeReport,
@@ -391,4 +392,42 @@ fn reports_round_trip_through_postcard() {
     assert!(bytes.len() < 1024, "a report is {} bytes", bytes.len());
     let decoded: AgentMessage = postcard::from_bytes(&bytes).expect("decode");
     assert_eq!(decoded, message);
+}
+
+#[test]
+fn distributed_list_json() {
+    let stage = |name: &str, start: u32, end: u32| PipelineStage {
+        node_id: format!("{name:0>32}"),
+        name: name.into(),
+        address: "192.0.2.10:7703".into(),
+        layers_start: start,
+        layers_end: end,
+        embed: start == 0,
+        head: end == 30,
+        resident_bytes: 80 << 20,
+        free_memory_bytes: 8 << 30,
+        compute_ms_per_token: Some(6.1),
+    };
+    check(
+        "distributed_list",
+        &DistributedList {
+            models: vec![DistributedModel {
+                model: "smollm2:135m".into(),
+                planned: true,
+                digest: Some(
+                    "sha256:b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+                        .into(),
+                ),
+                layers: 30,
+                stages: vec![stage("pi-one", 0, 15), stage("pi-two", 15, 30)],
+                reasons: vec!["pi-one: layers 0..15 (8192 MiB free), embeddings".into()],
+                tokens: 64,
+                tokens_per_second: Some(56.9),
+                hop_ms: Some(0.4),
+                bytes_per_token: Some(2362.0),
+                replans: 0,
+                last_error: None,
+            }],
+        },
+    );
 }

@@ -174,7 +174,7 @@ pub enum Compute {
 
 /// A model the engine serves through a pipeline of stages.
 pub struct DistributedModel {
-    pub pipeline: Distributed,
+    pub pipeline: Arc<Distributed>,
     /// The agents that may hold stages now, best first.
     pub candidates: Box<dyn Fn() -> Vec<Candidate> + Send + Sync>,
 }
