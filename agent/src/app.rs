@@ -397,7 +397,7 @@ async fn start_distributed_front(
     events: mpsc::Sender<crate::cluster::ClusterEvent>,
     shutdown: &CancellationToken,
     tasks: &TaskTracker,
-) -> Result<Vec<Arc<crate::pipeline::Distributed>>, StartError> {
+) -> Result<Vec<Arc<crate::inference::engine::DistributedModel>>, StartError> {
     use crate::inference::engine::{DistributedModel, Engine};
     use crate::pipeline::{Distributed, Timeouts};
     let max_stages = config.distributed.max_stages.get() as usize;
@@ -409,20 +409,17 @@ async fn start_distributed_front(
     let mut pipelines = Vec::new();
     for model in &config.distributed.models {
         let view = Arc::clone(&view);
-        let pipeline = Arc::new(Distributed::new(
-            model,
-            max_stages,
-            token.clone(),
-            Timeouts::default(),
-        ));
-        pipelines.push(Arc::clone(&pipeline));
-        engine = engine.with_distributed(
-            model,
-            DistributedModel {
-                pipeline,
-                candidates: Box::new(move || stage_candidates(&view.load())),
-            },
-        );
+        let source = Arc::new(DistributedModel {
+            pipeline: Arc::new(Distributed::new(
+                model,
+                max_stages,
+                token.clone(),
+                Timeouts::default(),
+            )),
+            candidates: Box::new(move || stage_candidates(&view.load())),
+        });
+        pipelines.push(Arc::clone(&source));
+        engine = engine.with_distributed(model, source);
     }
     let listener = bind(
         SocketAddr::from(([127, 0, 0, 1], 0)),

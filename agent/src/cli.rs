@@ -71,6 +71,13 @@ pub enum Command {
     Status(ClientArgs),
     /// List the nodes a running coordinator knows.
     Nodes(ClientArgs),
+    /// Plan and load a distributed model on the agents now, with progress, and show the plan.
+    Distribute {
+        /// A model of `distributed.models`, `name:tag`.
+        model: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Print this coordinator's cluster token (created on first start).
     Token,
     /// Print the effective configuration and where each value comes from.
@@ -165,9 +172,9 @@ impl Cli {
                 push("agent.token", token.clone());
                 agent.push_into(&mut push);
             }
-            Command::Status(client) | Command::Nodes(client) => {
-                push("coordinator_url", client.url.clone())
-            }
+            Command::Status(client)
+            | Command::Nodes(client)
+            | Command::Distribute { client, .. } => push("coordinator_url", client.url.clone()),
             Command::Token | Command::PrintConfig | Command::Version => {}
         }
         ConfigSources {
@@ -245,6 +252,7 @@ pub async fn run(command: Command, raw: &RawConfig, config: Config) -> ExitCode 
         },
         Command::Status(client) => status(&config, client.json).await,
         Command::Nodes(client) => nodes(&config, client.json).await,
+        Command::Distribute { model, client } => distribute(&config, &model, client.json).await,
         Command::Coordinator { .. } => serve(&config, false).await,
         Command::Up { .. } => serve(&config, true).await,
         Command::Agent { .. } => agent(&config).await,
@@ -363,6 +371,93 @@ async fn nodes(config: &Config, json: bool) -> ExitCode {
         }
         Err(error) => fail(&error),
     }
+}
+
+/// Loading a large model's stages can take minutes.
+const PLAN_TIMEOUT: Duration = Duration::from_secs(600);
+
+async fn distribute(config: &Config, model: &str, json: bool) -> ExitCode {
+    use std::io::{IsTerminal, Write};
+    let url = format!(
+        "{}{API_PREFIX}/distributed/{}/plan",
+        config.coordinator_url,
+        crate::cluster::normalize_model(model)
+    );
+    let started = std::time::Instant::now();
+    let terminal = std::io::stderr().is_terminal();
+    eprintln!("planning {model} on the agents and loading each stage's layers…");
+    let ticker = terminal.then(|| {
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(Duration::from_millis(200));
+            loop {
+                ticks.tick().await;
+                eprint!("\r  {:.1} s", started.elapsed().as_secs_f64());
+                let _ = std::io::stderr().flush();
+            }
+        })
+    });
+    let planned = HttpClient::default()
+        .post_json::<sollol_shared::api::DistributedModel>(&url, PLAN_TIMEOUT)
+        .await;
+    if let Some(ticker) = ticker {
+        ticker.abort();
+        eprintln!();
+    }
+    match planned {
+        Ok(status) if json => print_json(&status),
+        Ok(status) => {
+            print!("{}", render_plan(&status, started.elapsed()));
+            ExitCode::SUCCESS
+        }
+        Err(error) => fail(&error),
+    }
+}
+
+/// `sollol distribute` as text.
+pub fn render_plan(status: &sollol_shared::api::DistributedModel, took: Duration) -> String {
+    let mut text = String::new();
+    let _ = writeln!(
+        text,
+        "{} ({}) over {} stages, ready in {:.1} s",
+        status.model,
+        status.digest.as_deref().unwrap_or("digest unknown"),
+        status.stages.len(),
+        took.as_secs_f64()
+    );
+    let _ = writeln!(
+        text,
+        "  {:<5} {:<20} {:<9} {:<22} {:>9}",
+        "stage", "node", "layers", "also", "resident"
+    );
+    for (index, stage) in status.stages.iter().enumerate() {
+        let mut roles = Vec::new();
+        if stage.embed {
+            roles.push("embeddings");
+        }
+        if stage.head {
+            roles.push("head, sampling");
+        }
+        let _ = writeln!(
+            text,
+            "  {:<5} {:<20} {:<9} {:<22} {:>5} MiB",
+            index + 1,
+            stage.name,
+            format!(
+                "{}-{}",
+                stage.layers_start,
+                stage.layers_end.saturating_sub(1)
+            ),
+            roles.join(", "),
+            stage.resident_bytes >> 20
+        );
+    }
+    if !status.reasons.is_empty() {
+        let _ = writeln!(text, "why:");
+        for reason in &status.reasons {
+            let _ = writeln!(text, "  - {reason}");
+        }
+    }
+    text
 }
 
 fn print_json<T: serde::Serialize>(value: &T) -> ExitCode {

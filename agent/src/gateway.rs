@@ -61,7 +61,7 @@ pub struct GatewayState {
     /// Ends the live event streams when the coordinator stops.
     pub shutdown: CancellationToken,
     /// Models served split across agents (empty unless `model_sharding_enabled`).
-    pub distributed: Vec<Arc<crate::pipeline::Distributed>>,
+    pub distributed: Vec<Arc<crate::inference::engine::DistributedModel>>,
 }
 
 impl GatewayState {
@@ -110,6 +110,10 @@ pub fn router(state: Arc<GatewayState>) -> Router {
         .route(&format!("{API_PREFIX}/stats"), get(stats))
         .route(&format!("{API_PREFIX}/events"), get(events))
         .route(&format!("{API_PREFIX}/distributed"), get(distributed))
+        .route(
+            &format!("{API_PREFIX}/distributed/{{model}}/plan"),
+            post(plan_distributed),
+        )
         .route("/metrics", get(metrics))
         .route("/dashboard", get(dashboard_redirect))
         .route("/dashboard/", get(dashboard_index))
@@ -544,9 +548,48 @@ async fn distributed(
 ) -> Json<sollol_shared::api::DistributedList> {
     let mut models = Vec::with_capacity(state.distributed.len());
     for model in &state.distributed {
-        models.push(model.status().await);
+        models.push(model.pipeline.status().await);
     }
     Json(sollol_shared::api::DistributedList { models })
+}
+
+/// `POST /api/sollol/v1/distributed/{model}/plan`: plans and loads the model's pipeline now (a no-op when
+/// it is planned), and answers its status; 404 for a model that is not distributed, 503 when no plan
+/// can be made (the planner's reason in `error`).
+async fn plan_distributed(
+    State(state): State<Arc<GatewayState>>,
+    Path(model): Path<String>,
+) -> Response {
+    let wanted = crate::cluster::normalize_model(&model);
+    let Some(source) = state
+        .distributed
+        .iter()
+        .find(|source| source.pipeline.model == wanted)
+    else {
+        let listed: Vec<&str> = state
+            .distributed
+            .iter()
+            .map(|source| source.pipeline.model.as_str())
+            .collect();
+        return ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!(
+                "{wanted} is not a distributed model (distributed.models: {})",
+                if listed.is_empty() {
+                    "none; set model_sharding_enabled and distributed.models".to_owned()
+                } else {
+                    listed.join(", ")
+                }
+            ),
+        )
+        .into_response();
+    };
+    match source.pipeline.pipeline(&(source.candidates)()).await {
+        Ok(_) => Json(source.pipeline.status().await).into_response(),
+        Err(failure) => {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, failure.to_string()).into_response()
+        }
+    }
 }
 
 /// `GET /metrics`: Prometheus text exposition.
@@ -561,7 +604,7 @@ async fn metrics(State(state): State<Arc<GatewayState>>) -> Response {
     if !state.distributed.is_empty() {
         let mut models = Vec::with_capacity(state.distributed.len());
         for model in &state.distributed {
-            models.push(model.status().await);
+            models.push(model.pipeline.status().await);
         }
         text.push_str(&crate::observe::render_distributed(&models));
     }

@@ -1,4 +1,5 @@
-//! A small HTTP/1.1 client for JSON GETs: the agent's Ollama probe and the operator commands.
+//! A small HTTP/1.1 client for JSON GETs (and body-less POSTs): the agent's Ollama probe and the
+//! operator commands.
 //!
 //! Plain `http://` only; every call has a timeout and a cap on the body size.
 
@@ -65,8 +66,30 @@ impl HttpClient {
         })
     }
 
+    /// POSTs to `url` with no body and decodes the JSON answer as `T`.
+    pub async fn post_json<T: DeserializeOwned>(
+        &self,
+        url: &str,
+        timeout: Duration,
+    ) -> Result<T, HttpError> {
+        let bytes = self.send(hyper::Method::POST, url, timeout).await?;
+        serde_json::from_slice(&bytes).map_err(|error| HttpError::Body {
+            url: url.to_owned(),
+            reason: error.to_string(),
+        })
+    }
+
     /// GETs `url` and returns the body of a 2xx answer.
     pub async fn get(&self, url: &str, timeout: Duration) -> Result<Bytes, HttpError> {
+        self.send(hyper::Method::GET, url, timeout).await
+    }
+
+    async fn send(
+        &self,
+        method: hyper::Method,
+        url: &str,
+        timeout: Duration,
+    ) -> Result<Bytes, HttpError> {
         let uri: hyper::Uri =
             url.parse().map_err(
                 |error: hyper::http::uri::InvalidUri| HttpError::InvalidUrl {
@@ -81,14 +104,22 @@ impl HttpClient {
             });
         }
         let exchange = async {
-            let response = self
-                .client
-                .get(uri)
-                .await
-                .map_err(|error| HttpError::Connect {
+            let request = hyper::Request::builder()
+                .method(method)
+                .uri(uri)
+                .body(Empty::new())
+                .map_err(|error| HttpError::InvalidUrl {
                     url: url.to_owned(),
-                    reason: error_chain(&error),
+                    reason: error.to_string(),
                 })?;
+            let response =
+                self.client
+                    .request(request)
+                    .await
+                    .map_err(|error| HttpError::Connect {
+                        url: url.to_owned(),
+                        reason: error_chain(&error),
+                    })?;
             let status = response.status();
             let body = Limited::new(response.into_body(), MAX_BODY_BYTES)
                 .collect()

@@ -735,7 +735,6 @@ pub fn render_distributed(models: &[sollol_shared::api::DistributedModel]) -> St
     out
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

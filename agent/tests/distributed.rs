@@ -484,6 +484,31 @@ async fn a_distributed_model_is_served_through_the_gateway() {
         "distributed clients: 4 passed, 0 failed",
     )
     .await;
+    // `sollol distribute` shows the plan (already loaded: it answers at once); a model that is not
+    // distributed is a clear error.
+    let cli = |model: &str| {
+        std::process::Command::new(SOLLOL)
+            .args(["distribute", model, "--url", &gateway])
+            .output()
+            .expect("run sollol distribute")
+    };
+    let shown = cli("smollm2:135m");
+    let text = String::from_utf8_lossy(&shown.stdout);
+    assert!(
+        shown.status.success()
+            && text.contains("over 2 stages")
+            && text.contains("0-14")
+            && text.contains("15-29"),
+        "{text}{}",
+        String::from_utf8_lossy(&shown.stderr)
+    );
+    let refused = cli("llama3:70b");
+    let error = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && error.contains("is not a distributed model"),
+        "{error}"
+    );
+
     // The plan and what its steps cost, in the API and the metrics.
     let answer = support::get(&format!("{gateway}/api/sollol/v1/distributed")).await;
     assert_eq!(answer.status, 200, "{}", answer.text());
@@ -525,7 +550,7 @@ async fn a_distributed_model_is_served_through_the_gateway() {
     let metrics = support::get(&format!("{gateway}/metrics")).await.text();
     for line in [
         "sollol_distributed_bytes_per_token{model=\"smollm2:135m\"}",
-        "sollol_distributed_stage_compute_seconds{model=\"smollm2:135m\",stage=\"1\",node=\"right\"}",
+        "sollol_distributed_stage_compute_seconds{model=\"smollm2:135m\",stage=\"1\",node=",
         "sollol_distributed_replans_total{model=\"smollm2:135m\"} 0",
     ] {
         assert!(metrics.contains(line), "{line} missing from /metrics");

@@ -13,8 +13,8 @@ use std::collections::{BTreeMap, VecDeque};
 use leptos::prelude::*;
 use serde::de::DeserializeOwned;
 use sollol_shared::api::{
-    API_PREFIX, Aggregate, ClusterSummary, LiveEvent, Node, NodeDetail, NodeList, NodeStatus,
-    RequestEntry, RequestList, RequestStatus, Stats, StatsWindow,
+    API_PREFIX, Aggregate, ClusterSummary, DistributedList, DistributedModel, LiveEvent, Node,
+    NodeDetail, NodeList, NodeStatus, RequestEntry, RequestList, RequestStatus, Stats, StatsWindow,
 };
 use wasm_bindgen::JsCast;
 use wasm_bindgen::closure::Closure;
@@ -62,6 +62,8 @@ struct Store {
     /// Requests finished since this page opened, from the live stream.
     finished_live: RwSignal<u64>,
     stats: RwSignal<Option<Stats>>,
+    /// Models served split across agents, with their pipelines (empty when none).
+    distributed: RwSignal<Vec<DistributedModel>>,
     window: RwSignal<StatsWindow>,
     connection: RwSignal<Connection>,
     /// The last failed API read, cleared by the next good one.
@@ -81,6 +83,7 @@ impl Store {
             feed: RwSignal::new(VecDeque::new()),
             finished_live: RwSignal::new(0),
             stats: RwSignal::new(None),
+            distributed: RwSignal::new(Vec::new()),
             window: RwSignal::new(StatsWindow::FiveMinutes),
             connection: RwSignal::new(Connection::Connecting),
             error: RwSignal::new(None),
@@ -193,6 +196,7 @@ fn Overview(store: Store) -> impl IntoView {
     view! {
         <Summary store=store/>
         <NodeCards store=store/>
+        <Pipelines store=store/>
         <section class="panel">
             <div class="panel-head">
                 <h2>"Traffic"</h2>
@@ -214,6 +218,73 @@ fn Overview(store: Store) -> impl IntoView {
             <h2>"Live requests"</h2>
             <Feed store=store/>
         </section>
+    }
+}
+
+/// Distributed models: each one's pipeline, stage by stage, and what a token costs.
+#[component]
+fn Pipelines(store: Store) -> impl IntoView {
+    move || {
+        let models = store.distributed.get();
+        (!models.is_empty()).then(|| {
+            view! {
+                <section class="panel" id="pipelines">
+                    <h2>"Distributed models"</h2>
+                    {models.into_iter().map(|model| view! { <PipelineView model=model/> }).collect_view()}
+                </section>
+            }
+        })
+    }
+}
+
+#[component]
+fn PipelineView(model: DistributedModel) -> impl IntoView {
+    let figure = |value: Option<f64>, unit: &str, digits: usize| {
+        value.map_or_else(
+            || "–".to_owned(),
+            |value| format!("{value:.digits$} {unit}"),
+        )
+    };
+    let summary = if model.planned {
+        format!(
+            "{} stages · {} · {} per hop · {} per token · {} re-plans",
+            model.stages.len(),
+            figure(model.tokens_per_second, "tokens/s", 1),
+            figure(model.hop_ms, "ms", 2),
+            model
+                .bytes_per_token
+                .map_or_else(|| "–".to_owned(), |bytes| format::bytes(bytes as u64)),
+            model.replans
+        )
+    } else {
+        "not planned yet: the first request plans it".to_owned()
+    };
+    view! {
+        <div class="pipeline" data-model=model.model.clone()>
+            <div class="pipeline-head"><strong>{model.model.clone()}</strong> " " <span class="muted">{summary}</span></div>
+            <ol class="stages">
+                {model.stages.iter().map(|stage| {
+                    let mut roles = Vec::new();
+                    if stage.embed { roles.push("embeddings"); }
+                    if stage.head { roles.push("head, sampling"); }
+                    view! {
+                        <li class="stage">
+                            <a href=format!("#/node/{}", stage.node_id)>{stage.name.clone()}</a>
+                            <div class="stage-layers">{format!("layers {}–{}", stage.layers_start, stage.layers_end.saturating_sub(1))}</div>
+                            <div class="muted">{roles.join(", ")}</div>
+                            <div class="muted">{format!("{} resident", format::bytes(stage.resident_bytes))}</div>
+                            <div class="muted">{figure(stage.compute_ms_per_token, "ms/token", 2)}</div>
+                        </li>
+                    }
+                }).collect_view()}
+            </ol>
+            {model.last_error.clone().map(|error| view! { <p class="state error">"last error: " {error}</p> })}
+            {(!model.reasons.is_empty()).then(|| view! {
+                <details><summary>"why this plan"</summary>
+                    <ul>{model.reasons.iter().map(|reason| view! { <li>{reason.clone()}</li> }).collect_view()}</ul>
+                </details>
+            })}
+        </div>
     }
 }
 
@@ -661,6 +732,9 @@ fn load_stats(store: Store) {
         }
         if let Ok(summary) = get_json::<ClusterSummary>(&format!("{API_PREFIX}/cluster")).await {
             store.summary.set(Some(summary));
+        }
+        if let Ok(list) = get_json::<DistributedList>(&format!("{API_PREFIX}/distributed")).await {
+            store.distributed.set(list.models);
         }
     });
 }

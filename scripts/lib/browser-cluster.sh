@@ -53,3 +53,25 @@ start_browser_cluster() {
   done
   doomed="${pids[-1]}"
 }
+
+# start_distributed_cluster BIN_DIR MODELS_DIR starts `sollol coordinator` serving smollm2:135m split over
+# two agents (distributed inference) whose models directory is MODELS_DIR (holding the test model as
+# smollm2:135m.gguf), and sets distributed_gateway.
+start_distributed_cluster() {
+  local bin="$1" models="$2"
+  SOLLOL_CALIBRATION=false SOLLOL_MODEL_SHARDING_ENABLED=true SOLLOL_DISTRIBUTED_MODELS=smollm2:135m \
+    SOLLOL_PROBE_INTERVAL=300ms "$bin/sollol" coordinator --data-dir "$work/distributed" \
+    --gateway-bind 127.0.0.1:0 --cluster-bind 127.0.0.1:0 >"$work/distributed.out" 2>"$work/distributed.err" &
+  pids+=($!)
+  wait_for_line "$work/distributed.out" '--token' || browser_cluster_failed "the distributed coordinator did not start"
+  distributed_gateway="$(awk '/Gateway:/ {print $2}' "$work/distributed.out")"
+  local cluster token name
+  cluster="$(awk '/Cluster:/ {print $2}' "$work/distributed.out")"
+  token="$(grep -o -- '--token [0-9a-f]*' "$work/distributed.out" | awk '{print $2}')"
+  for name in stage-left stage-right; do
+    SOLLOL_MODELS_DIR="$models" SOLLOL_ENGINE=off RAYON_NUM_THREADS=1 \
+      "$bin/sollol" agent --data-dir "$work/$name" --join "$cluster" --token "$token" --name "$name" \
+      --heartbeat-interval 300ms >"$work/$name.out" 2>"$work/$name.err" &
+    pids+=($!)
+  done
+}

@@ -705,7 +705,7 @@ impl Engine {
     }
 
     /// Adds a model served through stages (its file size and digest become known once planned).
-    pub fn with_distributed(mut self, name: &str, source: DistributedModel) -> Self {
+    pub fn with_distributed(mut self, name: &str, source: Arc<DistributedModel>) -> Self {
         let name = crate::cluster::normalize_model(name);
         self.files.push(ModelFile {
             name: name.clone(),
@@ -715,7 +715,7 @@ impl Engine {
             digest: String::new(),
             details: None,
         });
-        self.distributed.insert(name, Arc::new(source));
+        self.distributed.insert(name, source);
         self
     }
 
