@@ -20,6 +20,7 @@ pub mod join;
 pub mod learning;
 pub mod membership;
 pub mod observe;
+pub mod partial;
 pub mod pipeline;
 pub mod proxy;
 pub mod routing;

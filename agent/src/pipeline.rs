@@ -357,6 +357,8 @@ pub struct Pipeline {
     pub plan: Plan,
     /// Each stage's resident memory after loading.
     pub resident_bytes: Vec<u64>,
+    /// Tensor bytes each stage fetched from a peer to load its part (0: it had them).
+    pub fetched_bytes: Vec<u64>,
     links: Vec<Arc<Link>>,
     next_sequence: AtomicU64,
     timeouts: Timeouts,
@@ -414,63 +416,86 @@ impl Pipeline {
         };
         let mut links = Vec::new();
         let mut chosen = Vec::new();
-        let mut described = Vec::new();
-        let mut skipped = Vec::new();
-        for candidate in candidates {
-            if links.len() == max_stages {
-                break;
-            }
+        // Every candidate is described (up to a few more than needed), so that stages without a copy
+        // can fetch their parts from any agent that has one, stage or not.
+        let mut copies: Vec<Option<(String, usize, u64)>> = Vec::new();
+        let mut free = Vec::new();
+        let mut sources = Vec::new();
+        let mut holders = Vec::new();
+        for candidate in candidates.iter().take(max_stages + 8) {
             let link =
                 Link::open(links.len(), &candidate.address, token, timeouts.handshake).await?;
-            match link.ask(&describe, timeouts.load).await {
-                Ok(StageReply::Described {
+            let (copy, free_memory) = match link.ask(&describe, timeouts.load).await? {
+                StageReply::Described {
                     digest,
                     layers,
                     file_bytes,
                     free_memory_bytes,
-                }) => described.push((digest, layers as usize, file_bytes, free_memory_bytes)),
-                // A node without the model is simply not a candidate for it.
-                Err(PipelineError::Refused { message, .. })
-                    if message.contains(" has no model ") =>
-                {
-                    skipped.push(message);
-                    continue;
+                } => {
+                    sources.push(candidate.address.clone());
+                    holders.push(candidate.name.clone());
+                    (
+                        Some((digest, layers as usize, file_bytes)),
+                        free_memory_bytes,
+                    )
                 }
-                Err(error) => return Err(error),
-                Ok(other) => {
+                StageReply::Lacking { free_memory_bytes } => (None, free_memory_bytes),
+                other => {
                     return Err(PipelineError::Protocol {
                         node: link.name().to_owned(),
                         answer: format!("{other:?}"),
                     });
                 }
+            };
+            if links.len() < max_stages {
+                copies.push(copy);
+                free.push(free_memory);
+                links.push(link);
+                chosen.push(candidate.clone());
+            } else if copy.is_some() {
+                // Not a stage, but a source: its copy must match too.
+                copies.push(copy);
             }
-            links.push(link);
-            chosen.push(candidate.clone());
         }
         if links.is_empty() {
             return Err(PipelineError::Plan(format!(
-                "no agent can hold a stage of {model}: {}",
-                if skipped.is_empty() {
-                    "no agent with a stage port is up".to_owned()
-                } else {
-                    skipped.join("; ")
-                }
+                "no agent can hold a stage of {model}: no agent with a stage port is up"
             )));
         }
-        let candidates = chosen.as_slice();
-        let (digest, layers, file_bytes, _) = described[0].clone();
-        let first_name = links[0].name().to_owned();
-        for ((other, _, _, _), link) in described.iter().zip(&links) {
-            if *other != digest {
+        let Some((digest, layers, file_bytes)) = copies.iter().flatten().next().cloned() else {
+            return Err(PipelineError::Plan(format!(
+                "no agent holds a copy of {model}: at least one must (the others fetch their parts from it)"
+            )));
+        };
+        let first_name = holders.first().cloned().unwrap_or_default();
+        for (index, copy) in copies.iter().enumerate() {
+            if let Some((other, _, _)) = copy
+                && *other != digest
+            {
+                let node = chosen
+                    .get(index)
+                    .map_or_else(|| "a source".to_owned(), |candidate| candidate.name.clone());
                 return Err(PipelineError::Refused {
-                    node: link.name().to_owned(),
+                    node,
                     message: format!(
-                        "its copy of {model} is {other}, the first stage's ({first_name}) is {digest}: every stage must hold the same file"
+                        "its copy of {model} is {other}, {first_name}'s is {digest}: every stage must hold the same file"
                     ),
                 });
             }
         }
-        let free: Vec<u64> = described.iter().map(|(_, _, _, free)| *free).collect();
+        let skipped: Vec<String> = chosen
+            .iter()
+            .zip(&copies)
+            .filter(|(_, copy)| copy.is_none())
+            .map(|(candidate, _)| {
+                format!(
+                    "{}: no copy of the model; fetches its part from {}",
+                    candidate.name,
+                    holders.join(" or ")
+                )
+            })
+            .collect();
+        let candidates = chosen.as_slice();
         let bytes_per_layer = file_bytes / layers.max(1) as u64;
         let ranges = split_layers(layers, bytes_per_layer, &free).map_err(PipelineError::Plan)?;
         let mut reasons = vec![format!(
@@ -518,16 +543,22 @@ impl Pipeline {
                 next: stages
                     .get(index + 1)
                     .map(|next| next.candidate.address.clone()),
+                sources: sources.clone(),
             };
             async move { (link.ask(&request, timeouts.load).await, link) }
         });
         let mut resident_bytes = Vec::with_capacity(stages.len());
+        let mut fetched = Vec::with_capacity(stages.len());
         for (answer, link) in futures_util::future::join_all(loads).await {
             match answer? {
                 StageReply::Loaded {
                     resident_bytes: bytes,
+                    fetched_bytes,
                     ..
-                } => resident_bytes.push(bytes),
+                } => {
+                    resident_bytes.push(bytes);
+                    fetched.push(fetched_bytes);
+                }
                 other => {
                     return Err(PipelineError::Protocol {
                         node: link.name().to_owned(),
@@ -545,6 +576,7 @@ impl Pipeline {
                 reasons,
             },
             resident_bytes,
+            fetched_bytes: fetched,
             links,
             next_sequence: AtomicU64::new(rand::random::<u64>() >> 1),
             timeouts,
@@ -583,7 +615,7 @@ impl Pipeline {
     /// The model file's header from the first stage (tokenizer and chat template, no weights).
     pub async fn header(&self) -> Result<(Vec<u8>, u64), PipelineError> {
         match self.links[0]
-            .ask(&StageRequest::Header, self.timeouts.load)
+            .ask(&StageRequest::Header { digest: None }, self.timeouts.load)
             .await?
         {
             StageReply::Header { bytes, file_bytes } => Ok((bytes, file_bytes)),

@@ -8,7 +8,7 @@
 //! `Load` of another part replaces it (and forgets its sequences).
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -30,6 +30,7 @@ use crate::inference::engine::{self, ModelFile};
 use crate::inference::gguf::Gguf;
 use crate::inference::model::{KvCache, Model, Part, Shape};
 use crate::inference::sampling::{Sampler, SamplingOptions};
+use crate::partial::{self, PartialCopy};
 use crate::wire::{self, ProofSide};
 
 /// Handshake frames are small; only requests may be large.
@@ -324,7 +325,15 @@ impl Stage {
     async fn handle(&self, request: StageRequest, replies: &mpsc::Sender<StageReply>) {
         let reply = match request {
             StageRequest::Describe { model } => Some(self.describe(&model).await),
-            StageRequest::Load { part, next } => Some(self.load(part, next).await),
+            StageRequest::Load {
+                part,
+                next,
+                sources,
+            } => Some(self.load(part, next, sources).await),
+            StageRequest::Tensors { digest, names } => {
+                self.send_tensors(&digest, &names, replies).await;
+                None
+            }
             StageRequest::Open {
                 sequence,
                 sampling,
@@ -348,7 +357,7 @@ impl Stage {
                     .remove(&sequence);
                 Some(StageReply::Closed { sequence })
             }
-            StageRequest::Header => Some(self.header().await),
+            StageRequest::Header { digest } => Some(self.header(digest).await),
         };
         if let Some(reply) = reply {
             let _ = replies.send(reply).await;
@@ -390,14 +399,10 @@ impl Stage {
         let files = self.files().await;
         let wanted = crate::cluster::normalize_model(model);
         let Some(file) = files.iter().find(|file| file.name == wanted) else {
-            return refusal(
-                RefusalCode::ModelMissing,
-                format!(
-                    "node {} has no model {wanted} (it has: {})",
-                    self.settings.node_name,
-                    names(&files)
-                ),
-            );
+            tracing::info!(model = %wanted, has = %names(&files), "no copy of the model here: a plan can still fetch a part");
+            return StageReply::Lacking {
+                free_memory_bytes: free_memory_bytes(),
+            };
         };
         let digest = match self.digest_of(file).await {
             Ok(digest) => digest,
@@ -430,44 +435,30 @@ impl Stage {
         }
     }
 
-    async fn load(&self, spec: PartSpec, next: Option<String>) -> StageReply {
+    async fn load(&self, spec: PartSpec, next: Option<String>, sources: Vec<String>) -> StageReply {
         let started = Instant::now();
+        let mut fetched_bytes = 0;
         let mut part = self.part.lock().await;
         if part.as_ref().is_none_or(|loaded| loaded.spec != spec) {
-            let files = self.files().await;
             let wanted = crate::cluster::normalize_model(&spec.model);
-            let mut chosen = None;
-            let mut named_digest = None;
-            // The file named like the model first, then any file with the same content.
-            let mut ordered: Vec<&ModelFile> = files.iter().filter(|f| f.name == wanted).collect();
-            ordered.extend(files.iter().filter(|f| f.name != wanted));
-            for file in ordered {
-                match self.digest_of(file).await {
-                    Ok(digest) if digest == spec.digest => {
-                        chosen = Some(file.clone());
-                        break;
+            let file = match self.find_copy(&wanted, &spec.digest).await {
+                Ok(Some(file)) => file,
+                Ok(None) => match self.partial_copy(&spec, &sources).await {
+                    Ok((file, fetched)) => {
+                        fetched_bytes = fetched;
+                        file
                     }
-                    Ok(digest) if file.name == wanted => named_digest = Some(digest),
-                    _ => {}
-                }
-            }
-            let Some(file) = chosen else {
-                return match named_digest {
-                    Some(digest) => refusal(
-                        RefusalCode::DigestMismatch,
-                        format!(
-                            "node {}'s copy of {wanted} is {digest}, the plan needs {}",
-                            self.settings.node_name, spec.digest
-                        ),
-                    ),
-                    None => refusal(
-                        RefusalCode::ModelMissing,
-                        format!(
-                            "node {} has no copy of {wanted} ({})",
-                            self.settings.node_name, spec.digest
-                        ),
-                    ),
-                };
+                    Err(message) => {
+                        return refusal(
+                            RefusalCode::ModelMissing,
+                            format!(
+                                "node {} has no copy of {wanted} ({}) and could not fetch its part: {message}",
+                                self.settings.node_name, spec.digest
+                            ),
+                        );
+                    }
+                },
+                Err(reply) => return reply,
             };
             // The old part's memory goes before the new one is read.
             *part = None;
@@ -552,6 +543,7 @@ impl Stage {
         StageReply::Loaded {
             resident_bytes: resident_bytes(),
             load_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            fetched_bytes,
         }
     }
 
@@ -702,15 +694,27 @@ impl Stage {
         }
     }
 
-    async fn header(&self) -> StageReply {
-        let part = self.part.lock().await.clone();
-        let Some(part) = part else {
-            return refusal(
-                RefusalCode::BadRequest,
-                "no model part is loaded on this stage",
-            );
+    async fn header(&self, digest: Option<String>) -> StageReply {
+        let path = match digest {
+            Some(digest) => match self.copy_holding(&digest, &[]).await {
+                Some(path) => path,
+                None => {
+                    return refusal(
+                        RefusalCode::ModelMissing,
+                        format!("node {} has no copy of {digest}", self.settings.node_name),
+                    );
+                }
+            },
+            None => match self.part.lock().await.as_ref() {
+                Some(part) => part.file.path.clone(),
+                None => {
+                    return refusal(
+                        RefusalCode::BadRequest,
+                        "no model part is loaded on this stage",
+                    );
+                }
+            },
         };
-        let path = part.file.path.clone();
         let read = tokio::task::spawn_blocking(move || engine::header_bytes(&path))
             .await
             .map_err(|error| error.to_string())
@@ -719,6 +723,267 @@ impl Stage {
             Ok((bytes, file_bytes)) => StageReply::Header { bytes, file_bytes },
             Err(message) => refusal(RefusalCode::BadRequest, message),
         }
+    }
+
+    /// The local full copy of `wanted` with `digest`: `Ok(None)` when there is none, a refusal when the
+    /// file named like the model has other content.
+    async fn find_copy(&self, wanted: &str, digest: &str) -> Result<Option<ModelFile>, StageReply> {
+        let files = self.files().await;
+        let mut named_digest = None;
+        // The file named like the model first, then any file with the same content.
+        let mut ordered: Vec<&ModelFile> = files.iter().filter(|f| f.name == wanted).collect();
+        ordered.extend(files.iter().filter(|f| f.name != wanted));
+        for file in ordered {
+            match self.digest_of(file).await {
+                Ok(found) if found == digest => return Ok(Some(file.clone())),
+                Ok(found) if file.name == wanted => named_digest = Some(found),
+                _ => {}
+            }
+        }
+        match named_digest {
+            Some(found) => Err(refusal(
+                RefusalCode::DigestMismatch,
+                format!(
+                    "node {}'s copy of {wanted} is {found}, the plan needs {digest}",
+                    self.settings.node_name
+                ),
+            )),
+            None => Ok(None),
+        }
+    }
+
+    /// A file holding the tensors `names` of the file with `digest`: a full copy, or a partial one
+    /// that has them all.
+    async fn copy_holding(&self, digest: &str, names: &[String]) -> Option<PathBuf> {
+        for file in self.files().await {
+            if self
+                .digest_of(&file)
+                .await
+                .is_ok_and(|found| found == digest)
+            {
+                return Some(file.path);
+            }
+        }
+        PartialCopy::open(&self.settings.models_dir, digest)
+            .filter(|copy| copy.missing(names).is_empty())
+            .map(|copy| copy.path)
+    }
+
+    /// The part's tensors from the partial copy, fetching what it lacks from the first of `sources`
+    /// that answers; the bytes fetched.
+    async fn partial_copy(
+        &self,
+        spec: &PartSpec,
+        sources: &[String],
+    ) -> Result<(ModelFile, u64), String> {
+        let models_dir = self.settings.models_dir.clone();
+        let mut failures = Vec::new();
+        let existing = PartialCopy::open(&models_dir, &spec.digest);
+        if let Some(copy) = &existing
+            && let Ok(names) = partial_names(&copy.path, spec)
+            && copy.missing(&names).is_empty()
+        {
+            return Ok((self.partial_file(spec, &copy.path), 0));
+        }
+        for source in sources {
+            match self.fetch(spec, source).await {
+                Ok(result) => return Ok(result),
+                Err(message) => {
+                    tracing::warn!(%source, %message, "fetching tensors from a peer failed");
+                    failures.push(format!("{source}: {message}"));
+                }
+            }
+        }
+        Err(if failures.is_empty() {
+            "no peer holding the file was named".to_owned()
+        } else {
+            failures.join("; ")
+        })
+    }
+
+    fn partial_file(&self, spec: &PartSpec, path: &Path) -> ModelFile {
+        ModelFile {
+            name: crate::cluster::normalize_model(&spec.model),
+            path: path.to_owned(),
+            size_bytes: std::fs::metadata(path).map_or(0, |metadata| metadata.len()),
+            modified: std::time::SystemTime::now(),
+            digest: spec.digest.clone(),
+            details: None,
+        }
+    }
+
+    async fn fetch(&self, spec: &PartSpec, source: &str) -> Result<(ModelFile, u64), String> {
+        let (mut stream, peer) = dial(
+            source,
+            &self.settings.token,
+            self.settings.handshake_timeout,
+        )
+        .await
+        .map_err(|error| error.to_string())?;
+        let request = StageRequest::Header {
+            digest: Some(spec.digest.clone()),
+        };
+        wire::write_message(&mut stream, &request)
+            .await
+            .map_err(|error| error.to_string())?;
+        let (header, file_bytes) =
+            match wire::read_message_within::<StageReply, _>(&mut stream, MAX_LAYER_FRAME_BYTES)
+                .await
+                .map_err(|error| error.to_string())?
+            {
+                StageReply::Header { bytes, file_bytes } => (bytes, file_bytes),
+                StageReply::Refused(refusal) => return Err(refusal.message),
+                other => return Err(format!("unexpected answer {other:?}")),
+            };
+        let gguf = Gguf::read(std::io::Cursor::new(&header), file_bytes)
+            .map_err(|error| error.to_string())?;
+        let names = partial::tensor_names(&gguf, spec);
+        let models_dir = self.settings.models_dir.clone();
+        let mut copy = match PartialCopy::open(&models_dir, &spec.digest) {
+            Some(copy) => copy,
+            None => PartialCopy::create(&models_dir, &spec.digest, &header, file_bytes)
+                .map_err(|error| format!("cannot start a partial copy: {error}"))?,
+        };
+        let missing = copy.missing(&names);
+        wire::write_message(
+            &mut stream,
+            &StageRequest::Tensors {
+                digest: spec.digest.clone(),
+                names: missing.clone(),
+            },
+        )
+        .await
+        .map_err(|error| error.to_string())?;
+        let mut fetched = 0u64;
+        let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
+        loop {
+            match wire::read_message_within::<StageReply, _>(&mut stream, MAX_LAYER_FRAME_BYTES)
+                .await
+                .map_err(|error| error.to_string())?
+            {
+                StageReply::TensorChunk {
+                    name,
+                    offset,
+                    size,
+                    bytes,
+                    sha256,
+                } => {
+                    let info = gguf
+                        .tensor(&name)
+                        .filter(|info| info.size == size && offset + bytes.len() as u64 <= size)
+                        .ok_or_else(|| {
+                            format!(
+                                "{} sent a tensor {name:?} that does not fit the file",
+                                peer.node_name
+                            )
+                        })?;
+                    copy.write_at(info.offset + offset, &bytes)
+                        .map_err(|error| format!("cannot write the partial copy: {error}"))?;
+                    sha2::Digest::update(&mut hasher, &bytes);
+                    fetched += bytes.len() as u64;
+                    if let Some(expected) = sha256 {
+                        let got: [u8; 32] = sha2::Digest::finalize_reset(&mut hasher).into();
+                        if got != expected {
+                            return Err(format!(
+                                "tensor {name:?} from {} failed its checksum",
+                                peer.node_name
+                            ));
+                        }
+                        copy.mark([name]).map_err(|error| error.to_string())?;
+                    }
+                }
+                StageReply::TensorsSent => break,
+                StageReply::Refused(refusal) => return Err(refusal.message),
+                other => return Err(format!("unexpected answer {other:?}")),
+            }
+        }
+        let still = copy.missing(&names);
+        if !still.is_empty() {
+            return Err(format!(
+                "{} did not send {} tensors",
+                peer.node_name,
+                still.len()
+            ));
+        }
+        tracing::info!(peer = %peer.node_name, bytes = fetched, tensors = missing.len(), "fetched this stage's tensors from a peer");
+        Ok((self.partial_file(spec, &copy.path), fetched))
+    }
+
+    /// Streams `names` of the file with `digest` in chunks, each tensor's last chunk with its SHA-256.
+    async fn send_tensors(
+        &self,
+        digest: &str,
+        names: &[String],
+        replies: &mpsc::Sender<StageReply>,
+    ) {
+        const CHUNK: u64 = 8 << 20;
+        let Some(path) = self.copy_holding(digest, names).await else {
+            let _ = replies
+                .send(refusal(
+                    RefusalCode::ModelMissing,
+                    format!(
+                        "node {} has no copy of {digest} holding those tensors",
+                        self.settings.node_name
+                    ),
+                ))
+                .await;
+            return;
+        };
+        let (sender, mut chunks) = mpsc::channel::<Result<StageReply, String>>(2);
+        let names = names.to_vec();
+        // File reads on a blocking thread, frames sent as they come (two chunks in flight at most).
+        tokio::task::spawn_blocking(move || {
+            use std::io::{Read, Seek};
+            let read = || -> Result<(), String> {
+                let mut file = std::fs::File::open(&path).map_err(|error| error.to_string())?;
+                let length = file.metadata().map_err(|error| error.to_string())?.len();
+                let gguf = Gguf::read(std::io::BufReader::new(&file), length)
+                    .map_err(|error| error.to_string())?;
+                for name in names {
+                    let info = gguf
+                        .tensor(&name)
+                        .ok_or_else(|| format!("no tensor {name:?} in the file"))?;
+                    let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
+                    let mut offset = 0;
+                    file.seek(std::io::SeekFrom::Start(info.offset))
+                        .map_err(|error| error.to_string())?;
+                    loop {
+                        let take = (info.size - offset).min(CHUNK);
+                        let mut bytes = vec![0u8; take as usize];
+                        file.read_exact(&mut bytes)
+                            .map_err(|error| error.to_string())?;
+                        sha2::Digest::update(&mut hasher, &bytes);
+                        let last = offset + take == info.size;
+                        let chunk = StageReply::TensorChunk {
+                            name: name.clone(),
+                            offset,
+                            size: info.size,
+                            bytes,
+                            sha256: last.then(|| sha2::Digest::finalize_reset(&mut hasher).into()),
+                        };
+                        if sender.blocking_send(Ok(chunk)).is_err() {
+                            return Ok(());
+                        }
+                        offset += take;
+                        if last {
+                            break;
+                        }
+                    }
+                }
+                Ok(())
+            };
+            if let Err(message) = read() {
+                let _ = sender.blocking_send(Err(message));
+            }
+        });
+        while let Some(chunk) = chunks.recv().await {
+            let reply = chunk.unwrap_or_else(|message| refusal(RefusalCode::BadRequest, message));
+            let refused = matches!(reply, StageReply::Refused(_));
+            if replies.send(reply).await.is_err() || refused {
+                return;
+            }
+        }
+        let _ = replies.send(StageReply::TensorsSent).await;
     }
 }
 
@@ -821,4 +1086,13 @@ pub fn resident_bytes() -> u64 {
                 .and_then(|kib| kib.parse::<u64>().ok())
         })
         .map_or(0, |kib| kib * 1024)
+}
+
+/// The tensors `spec` needs, read from the partial copy's own header.
+fn partial_names(path: &Path, spec: &PartSpec) -> Result<Vec<String>, String> {
+    let file = std::fs::File::open(path).map_err(|error| error.to_string())?;
+    let length = file.metadata().map_err(|error| error.to_string())?.len();
+    let gguf =
+        Gguf::read(std::io::BufReader::new(file), length).map_err(|error| error.to_string())?;
+    Ok(partial::tensor_names(&gguf, spec))
 }

@@ -45,72 +45,33 @@ struct Cluster {
     _dirs: Vec<tempfile::TempDir>,
 }
 
+/// Agents whose name starts with this get an empty models directory.
+const WITHOUT_MODEL: &str = "empty";
+
 /// A coordinator here and `names.len()` agent processes, each with its own models directory holding
 /// the test model (or, for a name in `altered`, a copy with one weight byte changed).
 async fn cluster(names: &[&str], altered: &[&str]) -> Cluster {
-    cluster_with(names, altered, &[]).await
-}
-
-async fn cluster_with(
-    names: &[&str],
-    altered: &[&str],
-    coordinator_settings: &[(&'static str, &str)],
-) -> Cluster {
     let coordinator_dir = tempfile::tempdir().expect("tempdir");
     let data = coordinator_dir.path().display().to_string();
-    let mut pairs = vec![
+    let pairs = [
         ("data_dir", data.as_str()),
         ("coordinator.gateway_bind", "127.0.0.1:0"),
         ("coordinator.cluster_bind", "127.0.0.1:0"),
         ("coordinator.probe_interval", "200ms"),
     ];
-    pairs.extend_from_slice(coordinator_settings);
     let coordinator = app::start_coordinator(&Config::from_pairs(&pairs).expect("config"))
         .await
         .expect("coordinator");
     let mut dirs = vec![coordinator_dir];
     let mut agents = Vec::new();
     for name in names {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let models = dir.path().join("models");
-        std::fs::create_dir_all(&models).expect("models dir");
-        let target = models.join("smollm2:135m.gguf");
-        if altered.contains(name) {
-            let mut bytes = std::fs::read(support::test_model()).expect("read model");
-            let last = bytes.len() - 1;
-            bytes[last] ^= 0x01;
-            std::fs::write(&target, bytes).expect("write altered copy");
-        } else {
-            std::os::unix::fs::symlink(support::test_model(), &target).expect("link model");
-        }
-        let child = Command::new(SOLLOL)
-            .args([
-                "agent",
-                "--join",
-                &coordinator.cluster_address.to_string(),
-                "--token",
-                coordinator.token.expose(),
-                "--data-dir",
-                &dir.path().display().to_string(),
-                "--name",
-                name,
-                "--heartbeat-interval",
-                "200ms",
-            ])
-            .env("SOLLOL_MODELS_DIR", &models)
-            // Stages only: the agents do not serve the model whole.
-            .env("SOLLOL_ENGINE", "off")
-            // Three stage processes share two cores.
-            .env("RAYON_NUM_THREADS", "1")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start agent");
-        agents.push(Agent {
-            child,
-            name: (*name).to_owned(),
-        });
+        let (agent, dir) = spawn_agent(
+            name,
+            &coordinator.cluster_address.to_string(),
+            coordinator.token.expose(),
+            altered.contains(name),
+        );
+        agents.push(agent);
         dirs.push(dir);
     }
     let cluster = Cluster {
@@ -127,6 +88,56 @@ async fn cluster_with(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     cluster
+}
+
+/// Starts `sollol agent NAME` joining `join` with `token`, its models directory holding the test model
+/// (a copy with one byte changed when `altered`; nothing for names starting with [`WITHOUT_MODEL`]).
+fn spawn_agent(name: &str, join: &str, token: &str, altered: bool) -> (Agent, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let models = dir.path().join("models");
+    std::fs::create_dir_all(&models).expect("models dir");
+    let target = models.join("smollm2:135m.gguf");
+    if name.starts_with(WITHOUT_MODEL) {
+        // No copy at all: this agent fetches its part from a peer.
+    } else if altered {
+        let mut bytes = std::fs::read(support::test_model()).expect("read model");
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x01;
+        std::fs::write(&target, bytes).expect("write altered copy");
+    } else {
+        std::os::unix::fs::symlink(support::test_model(), &target).expect("link model");
+    }
+    let child = Command::new(SOLLOL)
+        .args([
+            "agent",
+            "--join",
+            join,
+            "--token",
+            token,
+            "--data-dir",
+            &dir.path().display().to_string(),
+            "--name",
+            name,
+            "--heartbeat-interval",
+            "200ms",
+        ])
+        .env("SOLLOL_MODELS_DIR", &models)
+        // Stages only: the agents do not serve the model whole.
+        .env("SOLLOL_ENGINE", "off")
+        // Several stage processes share two cores.
+        .env("RAYON_NUM_THREADS", "1")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start agent");
+    (
+        Agent {
+            child,
+            name: name.to_owned(),
+        },
+        dir,
+    )
 }
 
 impl Cluster {
@@ -451,33 +462,75 @@ async fn refuse_other_version(address: &str) -> String {
 /// coordinator plans it over two agents on the first request and answers llama.cpp's greedy text.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_distributed_model_is_served_through_the_gateway() {
-    let cluster = cluster_with(
-        &["left", "right"],
-        &[],
-        &[
-            ("model_sharding_enabled", "true"),
-            ("distributed.models", "smollm2:135m"),
-            ("distributed.max_stages", "2"),
-        ],
-    )
-    .await;
+    // The coordinator in a process of its own, so that its memory and mappings are its own.
+    let coordinator_dir = tempfile::tempdir().expect("tempdir");
+    let mut coordinator = Command::new(SOLLOL)
+        .args([
+            "coordinator",
+            "--data-dir",
+            &coordinator_dir.path().display().to_string(),
+            "--gateway-bind",
+            "127.0.0.1:0",
+            "--cluster-bind",
+            "127.0.0.1:0",
+        ])
+        .env("SOLLOL_MODEL_SHARDING_ENABLED", "true")
+        .env("SOLLOL_DISTRIBUTED_MODELS", "smollm2:135m")
+        .env("SOLLOL_DISTRIBUTED_MAX_STAGES", "2")
+        .env("SOLLOL_PROBE_INTERVAL", "200ms")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start coordinator");
+    let (mut gateway, mut join) = (String::new(), None);
+    let lines = std::io::BufRead::lines(std::io::BufReader::new(
+        coordinator.stdout.take().expect("stdout"),
+    ));
+    for line in lines {
+        let line = line.expect("banner line");
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["Gateway:", url, ..] => gateway = (*url).to_owned(),
+            ["sollol", "agent", "--join", address, "--token", token] => {
+                join = Some(((*address).to_owned(), (*token).to_owned()));
+                break;
+            }
+            _ => {}
+        }
+    }
+    let coordinator = Agent {
+        child: coordinator,
+        name: "coordinator".to_owned(),
+    };
+    let (join, token) = join.expect("the banner's join line");
+    let mut keep = Vec::new();
+    for name in ["left", "right"] {
+        keep.push(spawn_agent(name, &join, &token, false));
+    }
     let started = Instant::now();
     loop {
-        let view = cluster.coordinator.view();
-        let front = view
-            .backends
+        let tags = support::get(&format!("{gateway}/api/tags")).await.text();
+        let nodes: sollol_shared::api::NodeList = serde_json::from_slice(
+            &support::get(&format!("{gateway}/api/sollol/v1/nodes"))
+                .await
+                .body,
+        )
+        .expect("node list");
+        let stages = nodes
+            .nodes
             .iter()
-            .find(|backend| backend.name == "distributed");
-        if front.is_some_and(|front| front.has_model("smollm2:135m")) {
+            .filter(|node| node.connected && node.stage_address.is_some())
+            .count();
+        if tags.contains("smollm2:135m") && stages == 2 {
             break;
         }
         assert!(
             started.elapsed() < Duration::from_secs(20),
-            "the distributed front never became a backend"
+            "the distributed front never listed the model with two stages up"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let gateway = format!("http://{}", cluster.coordinator.gateway_address);
     support::run_client_script(
         "distributed_clients.py",
         &[&gateway, "smollm2:135m"],
@@ -555,8 +608,104 @@ async fn a_distributed_model_is_served_through_the_gateway() {
     ] {
         assert!(metrics.contains(line), "{line} missing from /metrics");
     }
-    // The coordinator (this process) holds no weights: the model alone would be 94 MiB of tensors.
-    let rss = sollol::stage::resident_bytes();
-    eprintln!("test process (coordinator) RSS: {} MiB", rss >> 20);
-    assert!(rss < 90 << 20, "the coordinator's RSS is {} MiB", rss >> 20);
+    // The coordinator holds no weights: it never maps the file, and its memory stays well under the
+    // model's 94 MiB of tensors.
+    let pid = coordinator.child.id();
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("maps");
+    assert!(!maps.contains(".gguf"), "the coordinator maps a model file");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let rss_kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|value| value.split_whitespace().next())
+        .and_then(|kib| kib.parse().ok())
+        .expect("VmRSS");
+    eprintln!("coordinator RSS: {} MiB", rss_kib >> 10);
+    assert!(
+        rss_kib < 90 << 10,
+        "the coordinator's RSS is {} MiB",
+        rss_kib >> 10
+    );
+    drop(keep);
+}
+
+/// An agent without the file fetches just its part's tensors from an agent that has it, keeps them in
+/// a sparse partial copy, and computes the same logits; a later, larger part fetches only what it lacks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_without_the_file_fetches_its_part_from_a_peer() {
+    let cluster = cluster(&["empty-stage", "holder"], &[]).await;
+    let token = cluster.coordinator.token.clone();
+    let prompt = prompt();
+    let (expected_tokens, expected_logits) = local_run(&whole_model(), &prompt, 8);
+    let file_bytes = std::fs::metadata(support::test_model())
+        .expect("model")
+        .len();
+
+    let pipeline = Pipeline::start(
+        "smollm2:135m",
+        &cluster.candidates(&["empty-stage", "holder"]),
+        2,
+        &token,
+        Timeouts::default(),
+    )
+    .await
+    .expect("plan with a stage that has no copy");
+    assert!(
+        pipeline
+            .plan
+            .reasons
+            .iter()
+            .any(|reason| reason.contains("fetches its part from holder")),
+        "{:?}",
+        pipeline.plan.reasons
+    );
+    let fetched = pipeline.fetched_bytes[0];
+    assert!(
+        fetched > file_bytes / 4 && fetched < file_bytes * 3 / 4,
+        "the first stage fetched {fetched} of {file_bytes} bytes"
+    );
+    assert_eq!(pipeline.fetched_bytes[1], 0, "the holder fetches nothing");
+    let (tokens, logits) = pipeline_run(&pipeline, &prompt, 8).await;
+    assert_eq!(tokens, expected_tokens);
+    assert!(worst_difference(&logits, &expected_logits) <= 1e-4);
+
+    // The partial copy is sparse: it occupies about what was fetched, not the file's length.
+    let partial_dir = cluster._dirs[1].path().join("models/.partial");
+    let partial = std::fs::read_dir(&partial_dir)
+        .expect("partial copies")
+        .flatten()
+        .find(|entry| {
+            entry
+                .path()
+                .extension()
+                .is_some_and(|extension| extension == "gguf")
+        })
+        .expect("a partial copy")
+        .path();
+    let allocated =
+        std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&partial).expect("metadata"))
+            * 512;
+    assert!(
+        allocated < file_bytes * 3 / 4,
+        "the partial copy occupies {allocated} bytes"
+    );
+    drop(pipeline);
+
+    // The whole model on the same agent: only the tensors it lacks travel.
+    let whole = Pipeline::start(
+        "smollm2:135m",
+        &cluster.candidates(&["empty-stage", "holder"]),
+        1,
+        &token,
+        Timeouts::default(),
+    )
+    .await
+    .expect("one-stage plan on the agent without a copy");
+    let second = whole.fetched_bytes[0];
+    assert!(
+        second > 0 && fetched + second < file_bytes,
+        "fetched {fetched} then {second} of {file_bytes} bytes"
+    );
+    let (tokens, _) = pipeline_run(&whole, &prompt, 8).await;
+    assert_eq!(tokens, expected_tokens);
 }

@@ -138,15 +138,20 @@ pub struct StageTrace {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum StageRequest {
-    /// What the stage can hold of `model`: answered [`StageReply::Described`] (or refused when it has
-    /// no copy).
+    /// What the stage can hold of `model`: answered [`StageReply::Described`], or
+    /// [`StageReply::Lacking`] when it has no copy (it can still fetch a part from a peer).
     Describe { model: String },
     /// Load `part` (a no-op when it is loaded already) and connect to `next`, the following stage's
-    /// address, unless this is the last stage.
+    /// address, unless this is the last stage. A stage without a copy fetches just the part's tensors
+    /// from one of `sources` (stages that hold the file), once, and keeps them.
     Load {
         part: PartSpec,
         next: Option<String>,
+        sources: Vec<String>,
     },
+    /// Send these tensors of the file with `digest`: answered by [`StageReply::TensorChunk`] frames,
+    /// then [`StageReply::TensorsSent`].
+    Tensors { digest: String, names: Vec<String> },
     /// Start `sequence` on this stage; the last stage gets `sampling` and the tokens so far.
     Open {
         sequence: u64,
@@ -164,8 +169,9 @@ pub enum StageRequest {
     },
     /// Forget `sequence` (its KV cache).
     Close { sequence: u64 },
-    /// The GGUF file's header (metadata, tokenizer, template; no tensor data), for the coordinator.
-    Header,
+    /// The GGUF file's header (metadata, tokenizer, template, tensor directory; no tensor data): of the
+    /// file with `digest`, or of the loaded part's file.
+    Header { digest: Option<String> },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -179,11 +185,27 @@ pub enum StageReply {
         /// Memory the node has free now.
         free_memory_bytes: u64,
     },
+    /// The stage has no copy of the model (answering `Describe`), with the memory it has free.
+    Lacking {
+        free_memory_bytes: u64,
+    },
     Loaded {
         /// The stage process's resident memory after loading.
         resident_bytes: u64,
         load_ms: u64,
+        /// Tensor bytes fetched from a peer for this load (0 with a local copy, or when cached).
+        fetched_bytes: u64,
     },
+    /// Part of a tensor's bytes (`offset` within the tensor of `size` bytes); the last chunk of a
+    /// tensor carries the SHA-256 of all of them.
+    TensorChunk {
+        name: String,
+        offset: u64,
+        size: u64,
+        bytes: Vec<u8>,
+        sha256: Option<[u8; 32]>,
+    },
+    TensorsSent,
     Opened {
         sequence: u64,
     },
