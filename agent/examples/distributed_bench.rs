@@ -291,9 +291,14 @@ async fn main() {
                     .sum();
                 total as f64 / started.elapsed().as_secs_f64()
             };
+            let stats = pipeline.stats();
+            let per_step = |seconds: f64| seconds * 1e3 / stats.steps.max(1) as f64;
             println!(
                 "{}",
                 serde_json::json!({"setup": format!("{count} stages"), "link": link.name,
+                    "step_ms": per_step(stats.step_seconds),
+                    "stage_compute_ms": stats.stage_compute_seconds.iter().map(|seconds| per_step(*seconds)).collect::<Vec<_>>(),
+                    "hop_ms": stats.hop_seconds() * 1e3,
                     "ttft_ms": first.as_secs_f64() * 1e3, "tg_tokens_per_s": rate,
                     "bytes_per_token": per_token, "aggregate_4_sequences_tokens_per_s": concurrent,
                     "layers": pipeline.plan.stages.iter().map(|stage| format!("{}..{}", stage.layers.start, stage.layers.end)).collect::<Vec<_>>()})
