@@ -7,6 +7,9 @@
 //! measure on). Prints one JSON object per configuration.
 //!
 //! Usage: distributed_bench MODEL.gguf [TOKENS]
+//!        distributed_bench relay TARGET DELAY_US RATE_BYTES_PER_S
+//!            (a relay alone, for llama.cpp RPC's side: prints its address, relays until stdin closes,
+//!            then prints the bytes it carried)
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -184,9 +187,33 @@ fn local_sequence(model: &Model, tokens: usize) -> (Duration, f64, Vec<u32>) {
     (first, rate, out)
 }
 
+/// `relay TARGET DELAY_US RATE`: one relay as a process of its own.
+async fn relay_only(mut args: impl Iterator<Item = String>) {
+    let target = args.next().expect("relay TARGET DELAY_US RATE");
+    let delay: u64 = args.next().and_then(|text| text.parse().ok()).unwrap_or(0);
+    let rate: u64 = args.next().and_then(|text| text.parse().ok()).unwrap_or(0);
+    let bytes = Arc::new(AtomicU64::new(0));
+    let link = Link {
+        name: "relay",
+        delay: Duration::from_micros(delay),
+        rate,
+    };
+    let address = relay(target, link, Arc::clone(&bytes)).await;
+    println!("{address}");
+    // Until the parent closes stdin.
+    let mut stdin = tokio::io::stdin();
+    let mut sink = [0u8; 64];
+    while matches!(stdin.read(&mut sink).await, Ok(read) if read > 0) {}
+    println!("{}", bytes.load(Ordering::Relaxed));
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let mut args = std::env::args().skip(1);
+    let mut args = std::env::args().skip(1).peekable();
+    if args.peek().map(String::as_str) == Some("relay") {
+        args.next();
+        return relay_only(args).await;
+    }
     let path = std::path::PathBuf::from(
         args.next()
             .expect("usage: distributed_bench MODEL.gguf [TOKENS]"),
