@@ -80,12 +80,14 @@ pub struct Plan {
     pub reasons: Vec<String>,
 }
 
-/// Splits `layers` into contiguous ranges, one per stage, in proportion to each stage's free memory,
-/// never giving a stage more layers than 90% of its free memory holds at `bytes_per_layer`.
+/// Splits `layers` into contiguous ranges, one per stage, in proportion to `weights` (measured speed,
+/// or free memory when speeds are unknown), never giving a stage more layers than 90% of its free
+/// memory holds at `bytes_per_layer`.
 pub fn split_layers(
     layers: usize,
     bytes_per_layer: u64,
     free: &[u64],
+    weights: &[f64],
 ) -> Result<Vec<Range<usize>>, String> {
     if free.is_empty() {
         return Err("no stage to place layers on".to_owned());
@@ -110,11 +112,11 @@ pub fn split_layers(
             capacity
         ));
     }
-    let total_free: u128 = free.iter().map(|bytes| u128::from(*bytes)).sum();
+    let total_weight: f64 = weights.iter().filter(|weight| weight.is_finite()).sum();
     // Shares by largest remainder, at least one layer each, then capped and the surplus moved on.
-    let exact: Vec<f64> = free
+    let exact: Vec<f64> = weights
         .iter()
-        .map(|bytes| layers as f64 * (*bytes as f64) / (total_free.max(1) as f64))
+        .map(|weight| layers as f64 * weight / total_weight.max(f64::MIN_POSITIVE))
         .collect();
     let mut counts: Vec<usize> = exact
         .iter()
@@ -411,6 +413,27 @@ impl Pipeline {
         token: &ClusterToken,
         timeouts: Timeouts,
     ) -> Result<Self, PipelineError> {
+        Self::start_with_speeds(
+            model,
+            candidates,
+            max_stages,
+            token,
+            timeouts,
+            &HashMap::new(),
+        )
+        .await
+    }
+
+    /// [`Pipeline::start`], splitting the layers in proportion to `speeds` (layers per second, by node
+    /// name, measured on earlier plans) when every stage has one, else to free memory.
+    pub async fn start_with_speeds(
+        model: &str,
+        candidates: &[Candidate],
+        max_stages: usize,
+        token: &ClusterToken,
+        timeouts: Timeouts,
+        speeds: &HashMap<String, f64>,
+    ) -> Result<Self, PipelineError> {
         let describe = StageRequest::Describe {
             model: model.to_owned(),
         };
@@ -497,10 +520,27 @@ impl Pipeline {
             .collect();
         let candidates = chosen.as_slice();
         let bytes_per_layer = file_bytes / layers.max(1) as u64;
-        let ranges = split_layers(layers, bytes_per_layer, &free).map_err(PipelineError::Plan)?;
+        let measured: Option<Vec<f64>> = chosen
+            .iter()
+            .map(|candidate| {
+                speeds
+                    .get(&candidate.name)
+                    .copied()
+                    .filter(|speed| *speed > 0.0)
+            })
+            .collect();
+        let by_speed = measured.is_some();
+        let weights = measured.unwrap_or_else(|| free.iter().map(|bytes| *bytes as f64).collect());
+        let ranges =
+            split_layers(layers, bytes_per_layer, &free, &weights).map_err(PipelineError::Plan)?;
         let mut reasons = vec![format!(
-            "{model} ({digest}): {layers} layers of about {} MiB, split in proportion to free memory over {} of at most {max_stages} stages",
+            "{model} ({digest}): {layers} layers of about {} MiB, split in proportion to {} over {} of at most {max_stages} stages, within 90% of each one's free memory",
             bytes_per_layer / (1 << 20),
+            if by_speed {
+                "the speed measured on earlier plans"
+            } else {
+                "free memory"
+            },
             links.len()
         )];
         reasons.extend(skipped);
@@ -821,6 +861,8 @@ pub struct Distributed {
     excluded: Mutex<HashMap<String, std::time::Instant>>,
     replans: AtomicU64,
     last_error: Mutex<Option<String>>,
+    /// Layers per second per generated token, by node name, measured on earlier plans.
+    speeds: Mutex<HashMap<String, f64>>,
 }
 
 /// How long a failed stage stays out of plans (it may come back, or be down by then).
@@ -850,6 +892,30 @@ impl Distributed {
             excluded: Mutex::new(HashMap::new()),
             replans: AtomicU64::new(0),
             last_error: Mutex::new(None),
+            speeds: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Remembers each stage's speed (layers per second per generated token) from `pipeline`'s trace.
+    fn measure(&self, pipeline: &Pipeline) {
+        let stats = pipeline.stats();
+        if stats.steps == 0 {
+            return;
+        }
+        let mut speeds = self.speeds.lock().unwrap_or_else(PoisonError::into_inner);
+        for (stage, seconds) in pipeline
+            .plan
+            .stages
+            .iter()
+            .zip(&stats.stage_compute_seconds)
+        {
+            let per_token = seconds / stats.steps as f64;
+            if per_token > 0.0 {
+                speeds.insert(
+                    stage.candidate.name.clone(),
+                    stage.layers.len() as f64 / per_token,
+                );
+            }
         }
     }
 
@@ -935,12 +1001,18 @@ impl Distributed {
                 .cloned()
                 .collect()
         };
-        let started = Pipeline::start(
+        let speeds = self
+            .speeds
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let started = Pipeline::start_with_speeds(
             &self.model,
             &usable,
             self.max_stages,
             &self.token,
             self.timeouts,
+            &speeds,
         )
         .await;
         let pipeline = match started {
@@ -963,6 +1035,9 @@ impl Distributed {
     /// Forgets the pipeline after `node` failed; the next request plans again without it.
     pub async fn failed(&self, node: &str) {
         self.replans.fetch_add(1, Ordering::Relaxed);
+        if let Some(pipeline) = self.current.lock().await.as_ref() {
+            self.measure(pipeline);
+        }
         self.excluded
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -1010,6 +1085,7 @@ impl Distributed {
             };
             match run.await {
                 Ok(stopped) => {
+                    self.measure(&pipeline);
                     return Ok(Generated {
                         tokens,
                         replans,
@@ -1039,30 +1115,54 @@ impl Distributed {
 mod tests {
     use super::*;
 
+    fn by_memory(
+        layers: usize,
+        bytes_per_layer: u64,
+        free: &[u64],
+    ) -> Result<Vec<Range<usize>>, String> {
+        let weights: Vec<f64> = free.iter().map(|bytes| *bytes as f64).collect();
+        split_layers(layers, bytes_per_layer, free, &weights)
+    }
+
+    #[test]
+    fn layers_follow_measured_speed_within_memory() {
+        const MIB: u64 = 1 << 20;
+        // Twice as fast, twice the layers, when memory allows.
+        assert_eq!(
+            split_layers(30, MIB, &[1000 * MIB; 2], &[2.0, 1.0]).expect("plan"),
+            [0..20, 20..30]
+        );
+        // Ten times as fast but room for 22 layers only: 22, the rest to the other stage.
+        assert_eq!(
+            split_layers(30, 40 * MIB, &[1000 * MIB; 2], &[10.0, 1.0]).expect("plan"),
+            [0..22, 22..30]
+        );
+    }
+
     #[test]
     fn layers_follow_free_memory_and_never_exceed_it() {
         const MIB: u64 = 1 << 20;
         // Equal memory: an even split.
         assert_eq!(
-            split_layers(30, 3 * MIB, &[1000 * MIB; 2]).expect("plan"),
+            by_memory(30, 3 * MIB, &[1000 * MIB; 2]).expect("plan"),
             [0..15, 15..30]
         );
         assert_eq!(
-            split_layers(30, 3 * MIB, &[1000 * MIB; 3]).expect("plan"),
+            by_memory(30, 3 * MIB, &[1000 * MIB; 3]).expect("plan"),
             [0..10, 10..20, 20..30]
         );
         // Twice the memory, about twice the layers.
         assert_eq!(
-            split_layers(30, 3 * MIB, &[2000 * MIB, 1000 * MIB]).expect("plan"),
+            by_memory(30, 3 * MIB, &[2000 * MIB, 1000 * MIB]).expect("plan"),
             [0..20, 20..30]
         );
         // A stage with little memory gets its small share (2 of 30 here; it could hold 5).
-        let ranges = split_layers(30, 10 * MIB, &[56 * MIB, 1000 * MIB, 1000 * MIB]).expect("plan");
+        let ranges = by_memory(30, 10 * MIB, &[56 * MIB, 1000 * MIB, 1000 * MIB]).expect("plan");
         assert_eq!(ranges, [0..2, 2..16, 16..30]);
         // Every stage within what 90% of its memory holds, whatever the rounding.
         for free in [[445u64, 750, 300], [480, 700, 900], [120, 4000, 130]] {
             let free = free.map(|mib| mib * MIB);
-            if let Ok(ranges) = split_layers(12, 30 * MIB, &free) {
+            if let Ok(ranges) = by_memory(12, 30 * MIB, &free) {
                 assert_eq!(ranges.last().map(|range| range.end), Some(12));
                 for (range, free) in ranges.iter().zip(free) {
                     assert!(range.len() as u64 * 30 * MIB <= free / 10 * 9, "{ranges:?}");
@@ -1070,8 +1170,8 @@ mod tests {
             }
         }
         // Not enough memory in total, or a stage that holds nothing: refused with the figures.
-        let refused = split_layers(30, 100 * MIB, &[1000 * MIB, 1000 * MIB]).expect_err("too big");
+        let refused = by_memory(30, 100 * MIB, &[1000 * MIB, 1000 * MIB]).expect_err("too big");
         assert!(refused.contains("not enough free memory"), "{refused}");
-        assert!(split_layers(2, MIB, &[MIB, MIB, MIB]).is_err());
+        assert!(by_memory(2, MIB, &[MIB, MIB, MIB]).is_err());
     }
 }

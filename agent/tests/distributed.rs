@@ -390,6 +390,12 @@ async fn a_stage_killed_mid_answer_is_planned_around() {
         .expect("new plan");
     let stages: Vec<String> = pipeline.stage_names();
     assert_eq!(stages, ["first", "last"], "{:?}", pipeline.plan.reasons);
+    // The new plan splits by the speed the stages showed on the earlier ones.
+    assert!(
+        pipeline.plan.reasons[0].contains("speed measured on earlier plans"),
+        "{:?}",
+        pipeline.plan.reasons
+    );
     eprintln!(
         "killed stage: answer finished in {:?} with {} re-plan",
         started.elapsed(),
