@@ -386,21 +386,43 @@ async fn distribute(config: &Config, model: &str, json: bool) -> ExitCode {
     let started = std::time::Instant::now();
     let terminal = std::io::stderr().is_terminal();
     eprintln!("planning {model} on the agents and loading each stage's layers…");
-    let ticker = terminal.then(|| {
-        tokio::spawn(async move {
-            let mut ticks = tokio::time::interval(Duration::from_millis(200));
-            loop {
-                ticks.tick().await;
-                eprint!("\r  {:.1} s", started.elapsed().as_secs_f64());
+    // The plan's progress, from the coordinator's API while the plan is made.
+    let list_url = format!("{}{API_PREFIX}/distributed", config.coordinator_url);
+    let wanted = crate::cluster::normalize_model(model);
+    let poller = tokio::spawn(async move {
+        let client = HttpClient::default();
+        let mut shown = String::new();
+        loop {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            let Ok(list) = client
+                .get_json::<sollol_shared::api::DistributedList>(&list_url, API_TIMEOUT)
+                .await
+            else {
+                continue;
+            };
+            let Some(progress) = list
+                .models
+                .into_iter()
+                .find(|status| status.model == wanted)
+                .and_then(|status| status.planning)
+            else {
+                continue;
+            };
+            let line = render_progress(&progress);
+            if terminal {
+                eprint!("\r  {line:<100}");
                 let _ = std::io::stderr().flush();
+            } else if strip_elapsed(&line) != strip_elapsed(&shown) {
+                eprintln!("  {line}");
             }
-        })
+            shown = line;
+        }
     });
     let planned = HttpClient::default()
         .post_json::<sollol_shared::api::DistributedModel>(&url, PLAN_TIMEOUT)
         .await;
-    if let Some(ticker) = ticker {
-        ticker.abort();
+    poller.abort();
+    if terminal {
         eprintln!();
     }
     match planned {
@@ -410,6 +432,51 @@ async fn distribute(config: &Config, model: &str, json: bool) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(error) => fail(&error),
+    }
+}
+
+/// One line of a plan's progress: the phase, the elapsed time, and each stage (✓ once loaded).
+pub fn render_progress(progress: &sollol_shared::api::PlanProgress) -> String {
+    use sollol_shared::api::PlanPhase;
+    let seconds = progress.elapsed_ms as f64 / 1e3;
+    match progress.phase {
+        PlanPhase::Describing => format!("describing the agents ({seconds:.1} s)"),
+        PlanPhase::Loading => {
+            let loaded = progress.stages.iter().filter(|stage| stage.loaded).count();
+            let stages: Vec<String> = progress
+                .stages
+                .iter()
+                .map(|stage| {
+                    let fetched = if stage.fetched_bytes > 0 {
+                        format!(", fetched {} MiB", stage.fetched_bytes >> 20)
+                    } else {
+                        String::new()
+                    };
+                    format!(
+                        "{} {}-{} {}{fetched}",
+                        stage.name,
+                        stage.layers_start,
+                        stage.layers_end.saturating_sub(1),
+                        if stage.loaded { "✓" } else { "…" }
+                    )
+                })
+                .collect();
+            format!(
+                "loading the stages, {loaded} of {} ready ({seconds:.1} s): {}",
+                progress.stages.len(),
+                stages.join(", ")
+            )
+        }
+    }
+}
+
+/// A progress line without its elapsed time, to print a line per change when not on a terminal.
+fn strip_elapsed(line: &str) -> String {
+    match (line.find(" ("), line.find(" s)")) {
+        (Some(start), Some(end)) if end > start => {
+            format!("{}{}", &line[..start], &line[end + 3..])
+        }
+        _ => line.to_owned(),
     }
 }
 
@@ -687,6 +754,45 @@ fn fail(error: &dyn std::fmt::Display) -> ExitCode {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn plan_progress_reads_as_one_line() {
+        use sollol_shared::api::{PlanPhase, PlanProgress, StageProgress};
+        let stage = |name: &str, start, end, loaded, fetched_bytes| StageProgress {
+            name: name.to_owned(),
+            layers_start: start,
+            layers_end: end,
+            loaded,
+            fetched_bytes,
+        };
+        let describing = PlanProgress {
+            phase: PlanPhase::Describing,
+            elapsed_ms: 300,
+            stages: Vec::new(),
+        };
+        assert_eq!(
+            render_progress(&describing),
+            "describing the agents (0.3 s)"
+        );
+        let loading = PlanProgress {
+            phase: PlanPhase::Loading,
+            elapsed_ms: 2_340,
+            stages: vec![
+                stage("left", 0, 15, true, 48 << 20),
+                stage("right", 15, 30, false, 0),
+            ],
+        };
+        let line = render_progress(&loading);
+        assert_eq!(
+            line,
+            "loading the stages, 1 of 2 ready (2.3 s): left 0-14 ✓, fetched 48 MiB, right 15-29 …"
+        );
+        assert_eq!(
+            strip_elapsed(&line),
+            "loading the stages, 1 of 2 ready: left 0-14 ✓, fetched 48 MiB, right 15-29 …"
+        );
+    }
+
     use super::*;
 
     #[test]

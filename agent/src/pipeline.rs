@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use sollol_shared::api::{PlanPhase, StageProgress};
 use sollol_shared::layers::{
     MAX_LAYER_FRAME_BYTES, Output, PartSpec, Sampling, StageInput, StageReply, StageRequest,
     StageTrace,
@@ -169,6 +170,13 @@ pub fn split_layers(
             range
         })
         .collect())
+}
+
+/// Where a plan in progress stands, as [`Pipeline::start_with_speeds`] reports it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Progress {
+    pub phase: PlanPhase,
+    pub stages: Vec<StageProgress>,
 }
 
 /// A connection to one stage, its answers routed to whoever waits for them.
@@ -420,6 +428,7 @@ impl Pipeline {
             token,
             timeouts,
             &HashMap::new(),
+            &|_| {},
         )
         .await
     }
@@ -433,7 +442,12 @@ impl Pipeline {
         token: &ClusterToken,
         timeouts: Timeouts,
         speeds: &HashMap<String, f64>,
+        progress: &(dyn Fn(&Progress) + Sync),
     ) -> Result<Self, PipelineError> {
+        progress(&Progress {
+            phase: PlanPhase::Describing,
+            stages: Vec::new(),
+        });
         let describe = StageRequest::Describe {
             model: model.to_owned(),
         };
@@ -569,6 +583,21 @@ impl Pipeline {
                 }
             })
             .collect();
+        let loading = Mutex::new(Progress {
+            phase: PlanPhase::Loading,
+            stages: stages
+                .iter()
+                .map(|stage| StageProgress {
+                    name: stage.candidate.name.clone(),
+                    layers_start: u32::try_from(stage.layers.start).unwrap_or(u32::MAX),
+                    layers_end: u32::try_from(stage.layers.end).unwrap_or(u32::MAX),
+                    loaded: false,
+                    fetched_bytes: 0,
+                })
+                .collect(),
+        });
+        progress(&loading.lock().unwrap_or_else(PoisonError::into_inner));
+        let loading = &loading;
         let loads = stages.iter().enumerate().map(|(index, stage)| {
             let link = Arc::clone(&links[index]);
             let request = StageRequest::Load {
@@ -585,7 +614,18 @@ impl Pipeline {
                     .map(|next| next.candidate.address.clone()),
                 sources: sources.clone(),
             };
-            async move { (link.ask(&request, timeouts.load).await, link) }
+            async move {
+                let answer = link.ask(&request, timeouts.load).await;
+                if let Ok(StageReply::Loaded { fetched_bytes, .. }) = &answer {
+                    let mut now = loading.lock().unwrap_or_else(PoisonError::into_inner);
+                    if let Some(stage) = now.stages.get_mut(index) {
+                        stage.loaded = true;
+                        stage.fetched_bytes = *fetched_bytes;
+                    }
+                    progress(&now);
+                }
+                (answer, link)
+            }
         });
         let mut resident_bytes = Vec::with_capacity(stages.len());
         let mut fetched = Vec::with_capacity(stages.len());
@@ -863,6 +903,8 @@ pub struct Distributed {
     last_error: Mutex<Option<String>>,
     /// Layers per second per generated token, by node name, measured on earlier plans.
     speeds: Mutex<HashMap<String, f64>>,
+    /// The plan being made now, with when it started.
+    planning: Mutex<Option<(std::time::Instant, Progress)>>,
 }
 
 /// How long a failed stage stays out of plans (it may come back, or be down by then).
@@ -893,7 +935,21 @@ impl Distributed {
             replans: AtomicU64::new(0),
             last_error: Mutex::new(None),
             speeds: Mutex::new(HashMap::new()),
+            planning: Mutex::new(None),
         }
+    }
+
+    /// The plan being made now, if any.
+    fn planning(&self) -> Option<sollol_shared::api::PlanProgress> {
+        self.planning
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .map(|(started, progress)| sollol_shared::api::PlanProgress {
+                phase: progress.phase,
+                elapsed_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                stages: progress.stages.clone(),
+            })
     }
 
     /// Remembers each stage's speed (layers per second per generated token) from `pipeline`'s trace.
@@ -921,7 +977,14 @@ impl Distributed {
 
     /// The plan in use and what its steps cost, for the API and the metrics.
     pub async fn status(&self) -> sollol_shared::api::DistributedModel {
-        let pipeline = self.current.lock().await.clone();
+        // While a plan is being made the lock is held: report the progress instead of waiting.
+        let planning = self.planning();
+        let pipeline = match self.current.try_lock() {
+            Ok(current) => current.clone(),
+            Err(_) if planning.is_some() => None,
+            // Held only for a moment (a request taking the pipeline).
+            Err(_) => self.current.lock().await.clone(),
+        };
         let last_error = self
             .last_error
             .lock()
@@ -942,6 +1005,7 @@ impl Distributed {
                 bytes_per_token: None,
                 replans,
                 last_error,
+                planning,
             };
         };
         let stats = pipeline.stats();
@@ -982,6 +1046,7 @@ impl Distributed {
             bytes_per_token: (stats.steps > 0).then(|| stats.bytes_per_token()),
             replans,
             last_error,
+            planning,
         }
     }
 
@@ -1006,6 +1071,11 @@ impl Distributed {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
+        let began = std::time::Instant::now();
+        let report = |progress: &Progress| {
+            *self.planning.lock().unwrap_or_else(PoisonError::into_inner) =
+                Some((began, progress.clone()));
+        };
         let started = Pipeline::start_with_speeds(
             &self.model,
             &usable,
@@ -1013,8 +1083,10 @@ impl Distributed {
             &self.token,
             self.timeouts,
             &speeds,
+            &report,
         )
         .await;
+        *self.planning.lock().unwrap_or_else(PoisonError::into_inner) = None;
         let pipeline = match started {
             Ok(pipeline) => Arc::new(pipeline),
             Err(error) => {

@@ -647,15 +647,30 @@ async fn a_stage_without_the_file_fetches_its_part_from_a_peer() {
         .expect("model")
         .len();
 
-    let pipeline = Pipeline::start(
+    let reports = std::sync::Mutex::new(Vec::new());
+    let pipeline = Pipeline::start_with_speeds(
         "smollm2:135m",
         &cluster.candidates(&["empty-stage", "holder"]),
         2,
         &token,
         Timeouts::default(),
+        &std::collections::HashMap::new(),
+        &|progress: &sollol::pipeline::Progress| {
+            let loaded = progress.stages.iter().filter(|stage| stage.loaded).count();
+            reports
+                .lock()
+                .expect("reports")
+                .push((progress.phase, loaded));
+        },
     )
     .await
     .expect("plan with a stage that has no copy");
+    // Progress: describing, then loading with 0, 1 and 2 stages ready.
+    use sollol_shared::api::PlanPhase::{Describing, Loading};
+    assert_eq!(
+        *reports.lock().expect("reports"),
+        [(Describing, 0), (Loading, 0), (Loading, 1), (Loading, 2)]
+    );
     assert!(
         pipeline
             .plan

@@ -14,7 +14,8 @@ use leptos::prelude::*;
 use serde::de::DeserializeOwned;
 use sollol_shared::api::{
     API_PREFIX, Aggregate, ClusterSummary, DistributedList, DistributedModel, LiveEvent, Node,
-    NodeDetail, NodeList, NodeStatus, RequestEntry, RequestList, RequestStatus, Stats, StatsWindow,
+    NodeDetail, NodeList, NodeStatus, PlanPhase, RequestEntry, RequestList, RequestStatus, Stats,
+    StatsWindow,
 };
 use wasm_bindgen::JsCast;
 use wasm_bindgen::closure::Closure;
@@ -256,6 +257,26 @@ fn PipelineView(model: DistributedModel) -> impl IntoView {
                 .map_or_else(|| "–".to_owned(), |bytes| format::bytes(bytes as u64)),
             model.replans
         )
+    } else if let Some(planning) = &model.planning {
+        let seconds = planning.elapsed_ms as f64 / 1e3;
+        match planning.phase {
+            PlanPhase::Describing => format!("planning: describing the agents ({seconds:.1} s)"),
+            PlanPhase::Loading => format!(
+                "planning: loading the stages ({seconds:.1} s): {}",
+                planning
+                    .stages
+                    .iter()
+                    .map(|stage| format!(
+                        "{} {}–{} {}",
+                        stage.name,
+                        stage.layers_start,
+                        stage.layers_end.saturating_sub(1),
+                        if stage.loaded { "✓" } else { "…" }
+                    ))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }
     } else {
         "not planned yet: the first request plans it".to_owned()
     };

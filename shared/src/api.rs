@@ -427,6 +427,9 @@ pub struct DistributedModel {
     /// Plans replaced mid-request because a stage failed, since the coordinator started.
     pub replans: u64,
     pub last_error: Option<String>,
+    /// A plan being made now (stages describing or loading), if any.
+    #[serde(default)]
+    pub planning: Option<PlanProgress>,
 }
 
 /// One stage of a pipeline.
@@ -445,4 +448,33 @@ pub struct PipelineStage {
     pub free_memory_bytes: u64,
     /// Average compute per generated token on this stage.
     pub compute_ms_per_token: Option<f64>,
+}
+
+/// Where a plan in progress stands (`DistributedModel::planning`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PlanProgress {
+    pub phase: PlanPhase,
+    /// Since planning started.
+    pub elapsed_ms: u64,
+    /// Empty while the agents are described.
+    pub stages: Vec<StageProgress>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PlanPhase {
+    /// Asking the agents what they hold and have free.
+    Describing,
+    /// Each stage loading (or fetching) its part.
+    Loading,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StageProgress {
+    pub name: String,
+    pub layers_start: u32,
+    pub layers_end: u32,
+    pub loaded: bool,
+    /// Tensor bytes fetched from a peer, once loaded.
+    pub fetched_bytes: u64,
 }

@@ -427,6 +427,7 @@ fn distributed_list_json() {
                 bytes_per_token: Some(2362.0),
                 replans: 0,
                 last_error: None,
+                planning: None,
             }],
         },
     );
