@@ -276,7 +276,7 @@ pub const KEYS: &[KeySpec] = &[
         key: "distributed.models",
         env: "SOLLOL_DISTRIBUTED_MODELS",
         default: None,
-        doc: "Models (`name:tag`, comma-separated or a TOML list) the coordinator serves split across agents when `model_sharding_enabled` is true. Each agent taking part needs its own copy of the GGUF (same content). Default: none.",
+        doc: "Models (`name:tag`, comma-separated or a TOML list) the coordinator serves split across agents when `model_sharding_enabled` is true. At least one agent needs a copy of the GGUF; the others fetch just their part's tensors from it (every copy must be the same file). Default: none.",
     },
     KeySpec {
         key: "distributed.max_stages",

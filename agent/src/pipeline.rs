@@ -520,7 +520,7 @@ impl Pipeline {
                 });
             }
         }
-        let skipped: Vec<String> = chosen
+        let fetching: Vec<String> = chosen
             .iter()
             .zip(&copies)
             .filter(|(_, copy)| copy.is_none())
@@ -557,7 +557,7 @@ impl Pipeline {
             },
             links.len()
         )];
-        reasons.extend(skipped);
+        reasons.extend(fetching);
         let stages: Vec<PlannedStage> = candidates
             .iter()
             .zip(&ranges)
