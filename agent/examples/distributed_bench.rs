@@ -22,8 +22,8 @@ use sollol::inference::sampling::greedy;
 use sollol::pipeline::{Answer, Candidate, Pipeline, Timeouts};
 use sollol::stage::{StageSettings, serve};
 use sollol_shared::layers::Sampling;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 /// A link between two machines: one-way delay and rate.
@@ -53,51 +53,62 @@ const LINKS: [Link; 3] = [
     },
 ];
 
-/// Relays connections from a local port to `target`, counting bytes both ways into `bytes`.
-async fn relay(target: String, link: Link, bytes: Arc<AtomicU64>) -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("relay port");
+/// Relays connections from a local port to `target`, counting bytes both ways into `bytes`. Plain
+/// threads and blocking sockets: `std::thread::sleep` keeps sub-millisecond delays (tokio's timer
+/// rounds every wait up to the next millisecond, which would add ~1 ms to each transfer).
+fn relay(target: String, link: Link, bytes: Arc<AtomicU64>) -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("relay port");
     let address = listener.local_addr().expect("address").to_string();
-    tokio::spawn(async move {
-        while let Ok((inbound, _)) = listener.accept().await {
-            let Ok(outbound) = TcpStream::connect(&target).await else {
+    std::thread::spawn(move || {
+        for inbound in listener.incoming() {
+            let Ok(inbound) = inbound else { continue };
+            let Ok(outbound) = std::net::TcpStream::connect(&target) else {
                 continue;
             };
             inbound.set_nodelay(true).ok();
             outbound.set_nodelay(true).ok();
-            let (in_read, in_write) = inbound.into_split();
-            let (out_read, out_write) = outbound.into_split();
-            tokio::spawn(pump(in_read, out_write, link, Arc::clone(&bytes)));
-            tokio::spawn(pump(out_read, in_write, link, Arc::clone(&bytes)));
+            let (Ok(inbound_copy), Ok(outbound_copy)) = (inbound.try_clone(), outbound.try_clone())
+            else {
+                continue;
+            };
+            let (up, down) = (Arc::clone(&bytes), Arc::clone(&bytes));
+            std::thread::spawn(move || pump(inbound, outbound_copy, link, up));
+            std::thread::spawn(move || pump(outbound, inbound_copy, link, down));
         }
     });
     address
 }
 
 /// One direction of a relay: each chunk leaves `delay` after it arrived, and no faster than `rate`.
-async fn pump(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
+fn pump(
+    mut from: std::net::TcpStream,
+    mut to: std::net::TcpStream,
     link: Link,
     bytes: Arc<AtomicU64>,
 ) {
-    let (sender, mut receiver) = tokio::sync::mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
-    let writer = tokio::spawn(async move {
+    use std::io::{Read, Write};
+    let (sender, receiver) = std::sync::mpsc::channel::<(Instant, Vec<u8>)>();
+    let writer = std::thread::spawn(move || {
         let mut free_at = Instant::now();
-        while let Some((due, chunk)) = receiver.recv().await {
+        for (due, chunk) in receiver {
             let serialised = if link.rate == 0 {
                 Duration::ZERO
             } else {
                 Duration::from_secs_f64(chunk.len() as f64 / link.rate as f64)
             };
             free_at = free_at.max(due) + serialised;
-            tokio::time::sleep_until(free_at.into()).await;
-            if to.write_all(&chunk).await.is_err() {
+            let now = Instant::now();
+            if free_at > now {
+                std::thread::sleep(free_at - now);
+            }
+            if to.write_all(&chunk).is_err() {
                 break;
             }
         }
+        let _ = to.shutdown(std::net::Shutdown::Write);
     });
     let mut buffer = vec![0u8; 64 * 1024];
-    while let Ok(read) = from.read(&mut buffer).await {
+    while let Ok(read) = from.read(&mut buffer) {
         if read == 0 {
             break;
         }
@@ -110,7 +121,7 @@ async fn pump(
         }
     }
     drop(sender);
-    let _ = writer.await;
+    let _ = writer.join();
 }
 
 fn greedy_sampling() -> Sampling {
@@ -198,7 +209,7 @@ async fn relay_only(mut args: impl Iterator<Item = String>) {
         delay: Duration::from_micros(delay),
         rate,
     };
-    let address = relay(target, link, Arc::clone(&bytes)).await;
+    let address = relay(target, link, Arc::clone(&bytes));
     println!("{address}");
     // Until the parent closes stdin.
     let mut stdin = tokio::io::stdin();
@@ -276,7 +287,7 @@ async fn main() {
                 candidates.push(Candidate {
                     node_id: format!("{index:032x}"),
                     name: format!("stage-{index}"),
-                    address: relay(address.clone(), link, Arc::clone(&bytes)).await,
+                    address: relay(address.clone(), link, Arc::clone(&bytes)),
                 });
             }
             let pipeline =
@@ -308,6 +319,8 @@ async fn main() {
             }
             let per_token = (bytes.load(Ordering::Relaxed) - before) / 16;
             drop(sequence);
+            // Step costs of the single-sequence runs only, before four sequences share the stages.
+            let stats = pipeline.stats();
             let concurrent = {
                 let started = Instant::now();
                 let runs = (0..4).map(|_| one_sequence(&pipeline, tokens));
@@ -318,7 +331,6 @@ async fn main() {
                     .sum();
                 total as f64 / started.elapsed().as_secs_f64()
             };
-            let stats = pipeline.stats();
             let per_step = |seconds: f64| seconds * 1e3 / stats.steps.max(1) as f64;
             println!(
                 "{}",
