@@ -16,8 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use sollol::identity::ClusterToken;
-use sollol::inference::gguf::Gguf;
-use sollol::inference::model::{Model, Part, Shape};
+use sollol::inference::model::Model;
 use sollol::inference::sampling::greedy;
 use sollol::pipeline::{Answer, Candidate, Pipeline, Timeouts};
 use sollol::stage::{StageSettings, serve};
@@ -165,14 +164,6 @@ async fn one_sequence(pipeline: &Pipeline, tokens: usize) -> (Duration, f64, Vec
     (first, rate, out)
 }
 
-fn local_model(path: &std::path::Path) -> Model {
-    let file = std::fs::File::open(path).expect("open the model");
-    let length = file.metadata().expect("metadata").len();
-    let gguf = Gguf::read(std::io::BufReader::new(file), length).expect("a valid GGUF");
-    let layers = Shape::read(&gguf).expect("shape").layers;
-    Model::load(path, &gguf, Part::whole(layers)).expect("load")
-}
-
 /// The whole model in this process: time to first token, generation tokens/s, tokens.
 fn local_sequence(model: &Model, tokens: usize) -> (Duration, f64, Vec<u32>) {
     let prompt = prompt();
@@ -236,7 +227,7 @@ async fn main() {
         .expect("link");
 
     // Our single process, one sequence and four at once (each its own KV cache, sharing the pool).
-    let model = Arc::new(local_model(&path));
+    let model = Arc::new(Model::load_whole(&path).expect("load the model"));
     let (first, rate, reference) = local_sequence(&model, tokens);
     let concurrent = {
         let started = Instant::now();

@@ -650,33 +650,29 @@ fn percentiles(mut values: Vec<u64>) -> Option<Percentiles> {
 /// The distributed models' figures in the exposition format (appended to [`Observer::render`]'s).
 pub fn render_distributed(models: &[sollol_shared::api::DistributedModel]) -> String {
     let mut out = String::new();
-    header(
-        &mut out,
-        "sollol_distributed_tokens_total",
-        "counter",
-        "Tokens generated through the model's current pipeline.",
-    );
-    for model in models {
-        let _ = writeln!(
-            out,
-            "sollol_distributed_tokens_total{{model=\"{}\"}} {}",
-            escape(&model.model),
-            model.tokens
-        );
-    }
-    header(
-        &mut out,
-        "sollol_distributed_replans_total",
-        "counter",
-        "Pipelines replaced mid-request because a stage failed.",
-    );
-    for model in models {
-        let _ = writeln!(
-            out,
-            "sollol_distributed_replans_total{{model=\"{}\"}} {}",
-            escape(&model.model),
-            model.replans
-        );
+    type ModelCount = fn(&sollol_shared::api::DistributedModel) -> u64;
+    let counters: [(&str, &str, ModelCount); 2] = [
+        (
+            "sollol_distributed_tokens_total",
+            "Tokens generated through the model's current pipeline.",
+            |model| model.tokens,
+        ),
+        (
+            "sollol_distributed_replans_total",
+            "Pipelines replaced mid-request because a stage failed.",
+            |model| model.replans,
+        ),
+    ];
+    for (name, help, count) in counters {
+        header(&mut out, name, "counter", help);
+        for model in models {
+            let _ = writeln!(
+                out,
+                "{name}{{model=\"{}\"}} {}",
+                escape(&model.model),
+                count(model)
+            );
+        }
     }
     type ModelFigure = fn(&sollol_shared::api::DistributedModel) -> Option<f64>;
     let figures: [(&str, &str, ModelFigure); 3] = [

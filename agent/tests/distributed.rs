@@ -10,8 +10,7 @@ use std::time::{Duration, Instant};
 
 use sollol::app::{self, CoordinatorHandle};
 use sollol::config::Config;
-use sollol::inference::gguf::Gguf;
-use sollol::inference::model::{Model, Part, Shape};
+use sollol::inference::model::Model;
 use sollol::inference::sampling::greedy;
 use sollol::pipeline::{Answer, Candidate, Distributed, Pipeline, PipelineError, Timeouts};
 use sollol_shared::layers::Sampling;
@@ -162,12 +161,7 @@ impl Cluster {
 }
 
 fn whole_model() -> Model {
-    let path = support::test_model();
-    let file = std::fs::File::open(&path).expect("open model");
-    let length = file.metadata().expect("metadata").len();
-    let gguf = Gguf::read(std::io::BufReader::new(file), length).expect("GGUF");
-    let layers = Shape::read(&gguf).expect("shape").layers;
-    Model::load(&path, &gguf, Part::whole(layers)).expect("load")
+    Model::load_whole(&support::test_model()).expect("load")
 }
 
 /// The first reference prompt (its rendered chat prompt's token ids).

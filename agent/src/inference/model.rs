@@ -415,6 +415,15 @@ impl Loader<'_> {
 }
 
 impl Model {
+    /// The whole model in the GGUF file at `path`.
+    pub fn load_whole(path: &Path) -> Result<Self, ModelError> {
+        let file = std::fs::File::open(path).map_err(GgufError::Io)?;
+        let length = file.metadata().map_err(GgufError::Io)?.len();
+        let gguf = Gguf::read(std::io::BufReader::new(file), length)?;
+        let layers = Shape::read(&gguf)?.layers;
+        Self::load(path, &gguf, Part::whole(layers))
+    }
+
     /// Loads `part` of the model in `path`; only that part's tensors are read.
     pub fn load(path: &Path, gguf: &Gguf, part: Part) -> Result<Self, ModelError> {
         let shape = Shape::read(gguf)?;

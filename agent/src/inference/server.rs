@@ -46,6 +46,10 @@ fn refuse(status: StatusCode, message: impl Into<String>) -> Refusal {
 }
 
 fn engine_error(failure: EngineError) -> Response {
+    engine_refusal(failure).into_response()
+}
+
+fn engine_refusal(failure: EngineError) -> Refusal {
     let status = match failure {
         EngineError::NotFound(_) => StatusCode::NOT_FOUND,
         EngineError::PromptTooLong { .. }
@@ -55,7 +59,7 @@ fn engine_error(failure: EngineError) -> Response {
         EngineError::Distributed(_) => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     };
-    error(status, failure.to_string())
+    refuse(status, failure.to_string())
 }
 
 fn rfc3339(time: SystemTime) -> String {
@@ -272,15 +276,8 @@ async fn openai_embeddings(State(engine): State<Arc<Engine>>, body: Bytes) -> Re
 
 async fn embed_with(engine: Arc<Engine>, body: Bytes, api: EmbedApi) -> Response {
     let started = Instant::now();
-    let request = match parse(&body) {
-        Ok(request) => request,
-        Err(refusal) => return refusal.into_response(),
-    };
-    let Some(name) = model_name(&request).map(str::to_owned) else {
-        return error(StatusCode::BAD_REQUEST, "model is required");
-    };
-    let keep = match keep_alive(&request) {
-        Ok(keep) => keep,
+    let (request, name, keep) = match request_head(&body) {
+        Ok(head) => head,
         Err(refusal) => return refusal.into_response(),
     };
     let field = if api == EmbedApi::OllamaLegacy {
@@ -319,15 +316,9 @@ async fn embed_with(engine: Arc<Engine>, body: Bytes, api: EmbedApi) -> Response
         .get("truncate")
         .and_then(Value::as_bool)
         .unwrap_or(true);
-    let Ok(permit) = Arc::clone(&engine.slots).acquire_owned().await else {
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the engine is shutting down",
-        );
-    };
-    let (model, load) = match engine.get(&name, keep).await {
-        Ok(loaded) => loaded,
-        Err(failure) => return engine_error(failure),
+    let (permit, model, load) = match slot_and_model(&engine, &name, keep).await {
+        Ok(taken) => taken,
+        Err(refusal) => return refusal.into_response(),
     };
     if keep == Some(Duration::ZERO) {
         engine.unload(&model.file.name);
@@ -707,6 +698,40 @@ fn frame(api: Api, value: &Value) -> Bytes {
     ndjson(value)
 }
 
+/// What every generation and embedding request starts with: the JSON body, the model's name and the
+/// request's `keep_alive`.
+fn request_head(body: &Bytes) -> Result<(Value, String, Option<Duration>), Refusal> {
+    let request = parse(body)?;
+    let Some(name) = model_name(&request).map(str::to_owned) else {
+        return Err(refuse(StatusCode::BAD_REQUEST, "model is required"));
+    };
+    let keep = keep_alive(&request)?;
+    Ok((request, name, keep))
+}
+
+/// A free sequence slot (waiting for one, as Ollama queues), then the model, loaded if needed.
+async fn slot_and_model(
+    engine: &Arc<Engine>,
+    name: &str,
+    keep: Option<Duration>,
+) -> Result<
+    (
+        tokio::sync::OwnedSemaphorePermit,
+        Arc<LoadedModel>,
+        Duration,
+    ),
+    Refusal,
+> {
+    let Ok(permit) = Arc::clone(&engine.slots).acquire_owned().await else {
+        return Err(refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the engine is shutting down",
+        ));
+    };
+    let (model, load) = engine.get(name, keep).await.map_err(engine_refusal)?;
+    Ok((permit, model, load))
+}
+
 fn ndjson(value: &Value) -> Bytes {
     let mut line = serde_json::to_vec(value).unwrap_or_default();
     line.push(b'\n');
@@ -715,15 +740,8 @@ fn ndjson(value: &Value) -> Bytes {
 
 async fn complete(engine: Arc<Engine>, body: Bytes, api: Api) -> Response {
     let started = Instant::now();
-    let request = match parse(&body) {
-        Ok(request) => request,
-        Err(refusal) => return refusal.into_response(),
-    };
-    let Some(name) = model_name(&request).map(str::to_owned) else {
-        return error(StatusCode::BAD_REQUEST, "model is required");
-    };
-    let keep = match keep_alive(&request) {
-        Ok(keep) => keep,
+    let (request, name, keep) = match request_head(&body) {
+        Ok(head) => head,
         Err(refusal) => return refusal.into_response(),
     };
     let parsed_options = if api.is_openai() {
@@ -740,16 +758,9 @@ async fn complete(engine: Arc<Engine>, body: Bytes, api: Api) -> Response {
         .get("stream")
         .and_then(Value::as_bool)
         .unwrap_or(!api.is_openai());
-    // Wait for a free sequence slot before loading, as Ollama queues.
-    let Ok(permit) = Arc::clone(&engine.slots).acquire_owned().await else {
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the engine is shutting down",
-        );
-    };
-    let (model, load) = match engine.get(&name, keep).await {
-        Ok(loaded) => loaded,
-        Err(failure) => return engine_error(failure),
+    let (permit, model, load) = match slot_and_model(&engine, &name, keep).await {
+        Ok(taken) => taken,
+        Err(refusal) => return refusal.into_response(),
     };
     let prompt = match prompt_of(&model, &request, api) {
         Ok(prompt) => prompt,
