@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use sollol_shared::api::{PlanPhase, StageProgress};
 use sollol_shared::layers::{
-    MAX_LAYER_FRAME_BYTES, Output, PartSpec, Sampling, StageInput, StageReply, StageRequest,
-    StageTrace,
+    Forward, MAX_LAYER_FRAME_BYTES, Output, PartSpec, Sampling, StageInput, StageReply,
+    StageRequest, StageTrace,
 };
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::mpsc;
@@ -385,6 +385,8 @@ pub struct PipelineStats {
     pub stage_compute_seconds: Vec<f64>,
     /// Bytes on the wire: the token to the first stage, hidden states between stages, the answer.
     pub bytes: u64,
+    /// The most sequences a stage ran in one batch.
+    pub largest_batch: u32,
 }
 
 impl PipelineStats {
@@ -689,6 +691,8 @@ impl Pipeline {
             *total += f64::from(stage.compute_us) / 1e6;
         }
         let between: u64 = trace.iter().map(|stage| u64::from(stage.sent_bytes)).sum();
+        let batch = trace.iter().map(|stage| stage.batch).max().unwrap_or(1);
+        stats.largest_batch = stats.largest_batch.max(batch);
         stats.bytes += (request_bytes + reply_bytes) as u64 + between;
     }
 
@@ -842,11 +846,13 @@ impl Sequence<'_> {
                 (true, true) => Output::Logits,
             };
             let request = StageRequest::Forward {
-                sequence: self.id,
-                start: u32::try_from(self.position).unwrap_or(u32::MAX),
-                input: StageInput::Tokens(chunk.to_vec()),
-                output,
-                trace: Vec::new(),
+                steps: vec![Forward {
+                    sequence: self.id,
+                    start: u32::try_from(self.position).unwrap_or(u32::MAX),
+                    input: StageInput::Tokens(chunk.to_vec()),
+                    output,
+                    trace: Vec::new(),
+                }],
             };
             request_bytes += postcard::experimental::serialized_size(&request).unwrap_or(0) + 4;
             first.send(&request).await?;

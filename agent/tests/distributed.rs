@@ -166,15 +166,45 @@ fn whole_model() -> Model {
 
 /// The first reference prompt (its rendered chat prompt's token ids).
 fn prompt() -> Vec<u32> {
+    prompts().swap_remove(0)
+}
+
+/// Every reference prompt's token ids.
+fn prompts() -> Vec<Vec<u32>> {
     let path = support::root().join("tests/reference/smollm2-135m-q4_1.llamacpp.json");
     let reference: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(path).expect("reference")).expect("JSON");
-    reference["completions"][0]["prompt_ids"]
+    reference["completions"]
         .as_array()
-        .expect("ids")
+        .expect("completions")
         .iter()
-        .map(|id| id.as_u64().expect("id") as u32)
+        .map(|completion| {
+            completion["prompt_ids"]
+                .as_array()
+                .expect("ids")
+                .iter()
+                .map(|id| id.as_u64().expect("id") as u32)
+                .collect()
+        })
         .collect()
+}
+
+/// Greedy tokens sampled on the last stage for `prompt`.
+async fn sampled_run(pipeline: &Pipeline, prompt: &[u32], steps: usize) -> Vec<u32> {
+    let mut sequence = pipeline
+        .open(greedy_sampling(), prompt)
+        .await
+        .expect("open");
+    let mut input = prompt.to_vec();
+    let mut sampled = Vec::new();
+    for _ in 0..steps {
+        let Answer::Token(token) = sequence.feed(&input, false).await.expect("forward") else {
+            panic!("asked for a token");
+        };
+        sampled.push(token);
+        input = vec![token];
+    }
+    sampled
 }
 
 /// Greedy tokens and every step's logits of the whole model in this process.
@@ -245,7 +275,14 @@ async fn two_and_three_stages_reproduce_the_single_process_model() {
     let cluster = cluster(&["stage-a", "stage-b", "stage-c", "whole"], &[]).await;
     let token = cluster.coordinator.token.clone();
     let prompt = prompt();
-    let (expected_tokens, expected_logits) = local_run(&whole_model(), &prompt, 16);
+    let model = whole_model();
+    let (expected_tokens, expected_logits) = local_run(&model, &prompt, 16);
+    let all_prompts = prompts();
+    let expected_each: Vec<Vec<u32>> = all_prompts
+        .iter()
+        .map(|prompt| local_run(&model, prompt, 12).0)
+        .collect();
+    drop(model);
 
     // The whole model in a stage process of its own (the allocator keeps freed memory, so a process
     // that held the whole model once is no yardstick for its later parts): the memory each stage of a
@@ -305,24 +342,28 @@ async fn two_and_three_stages_reproduce_the_single_process_model() {
         );
 
         // Sampling on the last stage (greedy) gives the same tokens, and only token ids come back.
-        let mut sequence = pipeline
-            .open(greedy_sampling(), &prompt)
-            .await
-            .expect("open");
-        let mut input = prompt.clone();
-        let mut sampled = Vec::new();
-        for _ in 0..16 {
-            let Answer::Token(token) = sequence.feed(&input, false).await.expect("forward") else {
-                panic!("asked for a token");
-            };
-            sampled.push(token);
-            input = vec![token];
-        }
         assert_eq!(
-            sampled,
+            sampled_run(&pipeline, &prompt, 16).await,
             expected_tokens,
             "{} stages, sampled on the last",
             names.len()
+        );
+
+        // Four sequences at once: the stages run them in batches, and each gets its own answer.
+        let concurrent = futures_util::future::join_all(
+            all_prompts.iter().map(|p| sampled_run(&pipeline, p, 12)),
+        )
+        .await;
+        assert_eq!(
+            concurrent,
+            expected_each,
+            "{} stages, 4 sequences",
+            names.len()
+        );
+        let largest = pipeline.stats().largest_batch;
+        assert!(
+            largest >= 2,
+            "the stages never ran two sequences in one batch ({largest})"
         );
     }
 }
@@ -421,7 +462,11 @@ async fn incompatible_stages_are_refused_at_plan_time() {
     let address = cluster.candidates(&["good"])[0].address.clone();
     let refusal = refuse_other_version(&address).await;
     assert!(
-        refusal.contains("v1") && refusal.contains("v99") && refusal.contains("version mismatch"),
+        refusal.contains(&format!(
+            "v{}",
+            sollol_shared::layers::LAYER_PROTOCOL_VERSION
+        )) && refusal.contains("v99")
+            && refusal.contains("version mismatch"),
         "{refusal}"
     );
 

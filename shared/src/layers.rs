@@ -20,7 +20,8 @@
 //! naming the next stage's address), opens the sequence on every stage ([`StageRequest::Open`]; the
 //! last stage gets the sampling settings and the tokens so far), then sends token ids to the first
 //! stage ([`StageRequest::Forward`]). Each stage runs its layers and sends the hidden states to the next
-//! stage itself; the last stage samples and answers the coordinator with the token id
+//! stage itself (the steps of several sequences that arrived together run, and travel on, as one
+//! batch); the last stage samples and answers the coordinator with the token id
 //! ([`StageReply::Sampled`]), on the coordinator's own connection to it. Activations never pass through
 //! the coordinator, and a generated token costs one hidden state per hop plus a few bytes.
 
@@ -29,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use crate::protocol::Refusal;
 
 /// The layer protocol version this build speaks.
-pub const LAYER_PROTOCOL_VERSION: u32 = 1;
+pub const LAYER_PROTOCOL_VERSION: u32 = 2;
 
 /// The first bytes a layer client sends, before any frame.
 pub const LAYER_MAGIC: [u8; 8] = *b"SOLLOLL\x01";
@@ -105,7 +106,7 @@ pub struct Sampling {
     pub seed: u64,
 }
 
-/// What one [`StageRequest::Forward`] carries: token ids into the first stage, hidden states after.
+/// What one [`Forward`] carries: token ids into the first stage, hidden states after.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum StageInput {
     Tokens(Vec<u32>),
@@ -114,6 +115,16 @@ pub enum StageInput {
         tokens: u32,
         values: Vec<f32>,
     },
+}
+
+impl StageInput {
+    /// Positions it carries.
+    pub fn rows(&self) -> usize {
+        match self {
+            Self::Tokens(ids) => ids.len(),
+            Self::Hidden { tokens, .. } => *tokens as usize,
+        }
+    }
 }
 
 /// What the last stage does with a forward's last position.
@@ -134,6 +145,19 @@ pub struct StageTrace {
     pub compute_us: u32,
     /// Bytes of the frame it sent to the next stage (0 for the last).
     pub sent_bytes: u32,
+    /// Sequences the stage ran in the same batch (this one included).
+    pub batch: u32,
+}
+
+/// Positions `start..` of one sequence, as [`StageRequest::Forward`] carries them.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Forward {
+    pub sequence: u64,
+    pub start: u32,
+    pub input: StageInput,
+    pub output: Output,
+    /// One entry per stage the forward went through so far.
+    pub trace: Vec<StageTrace>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -158,15 +182,9 @@ pub enum StageRequest {
         sampling: Option<Sampling>,
         history: Vec<u32>,
     },
-    /// Run positions `start..` of `sequence` through this stage.
-    Forward {
-        sequence: u64,
-        start: u32,
-        input: StageInput,
-        output: Output,
-        /// One entry per stage the forward went through so far.
-        trace: Vec<StageTrace>,
-    },
+    /// Run these sequences' positions through this stage, as one batch (each sequence at most once):
+    /// the weights are read once for all of them. A stage hands the batch on to the next as one frame.
+    Forward { steps: Vec<Forward> },
     /// Forget `sequence` (its KV cache).
     Close { sequence: u64 },
     /// The GGUF file's header (metadata, tokenizer, template, tensor directory; no tensor data): of the

@@ -36,15 +36,34 @@ pub trait Format: Send + Sync {
     /// The dot product of one weight row and one quantized activation row.
     fn dot(weights: &[Self::Block], activations: &[Q8Block]) -> f32;
 
-    /// The dot products of one weight row with [`GROUP`] activation rows (prompt tokens): each equal
-    /// to [`Format::dot`]'s, faster where a format unpacks its weights once for all of them.
-    fn dots(weights: &[Self::Block], activations: [&[Q8Block]; GROUP]) -> [f32; GROUP] {
+    /// The dot products of one weight row with `N` activation rows (prompt tokens, or one token of
+    /// each of several sequences): each equal to [`Format::dot`]'s, faster where a format unpacks its
+    /// weights once for all of them.
+    fn dots<const N: usize>(weights: &[Self::Block], activations: [&[Q8Block]; N]) -> [f32; N] {
         activations.map(|activations| Self::dot(weights, activations))
     }
 }
 
-/// Activation rows a weight row is applied to at once in prompt processing.
+/// Activation rows a weight row is applied to at once in prompt processing; what is left of a batch
+/// goes by 4, then 2, then 1.
 pub const GROUP: usize = 8;
+
+/// [`Format::dots`] of `weights` with the `N` activation rows from `first` of `quantized` (`per_row`
+/// blocks each).
+fn dots_at<F: Format, const N: usize>(
+    weights: &[F::Block],
+    quantized: &[Q8Block],
+    per_row: usize,
+    first: usize,
+) -> [f32; N] {
+    F::dots(
+        weights,
+        std::array::from_fn(|index| {
+            let token = first + index;
+            &quantized[token * per_row..(token + 1) * per_row]
+        }),
+    )
+}
 
 /// Q4_1: f16 scale, f16 minimum, 32 four-bit values (`scale * value + min`).
 #[derive(Debug)]
@@ -89,7 +108,7 @@ impl Format for Q41 {
         target_feature = "avx2",
         target_feature = "fma"
     ))]
-    fn dots(weights: &[Q41Block], activations: [&[Q8Block]; GROUP]) -> [f32; GROUP] {
+    fn dots<const N: usize>(weights: &[Q41Block], activations: [&[Q8Block]; N]) -> [f32; N] {
         crate::simd::q41_dots(weights, activations)
     }
 }
@@ -292,18 +311,34 @@ impl<F: Format> Matrix<F> {
                 for row in first..last {
                     let weights = &self.blocks[row * per_row..(row + 1) * per_row];
                     let mut token = 0;
-                    while token + GROUP <= tokens {
-                        let results = F::dots(
-                            weights,
-                            std::array::from_fn(|index| activations(token + index)),
-                        );
-                        for (index, result) in results.into_iter().enumerate() {
-                            out[(token + index) * width + row - first] = result;
+                    while token < tokens {
+                        let mut results = [0f32; GROUP];
+                        let count = match tokens - token {
+                            left if left >= GROUP => {
+                                results = dots_at::<F, GROUP>(weights, &quantized, per_row, token);
+                                GROUP
+                            }
+                            4..GROUP => {
+                                results[..4].copy_from_slice(&dots_at::<F, 4>(
+                                    weights, &quantized, per_row, token,
+                                ));
+                                4
+                            }
+                            2..4 => {
+                                results[..2].copy_from_slice(&dots_at::<F, 2>(
+                                    weights, &quantized, per_row, token,
+                                ));
+                                2
+                            }
+                            _ => {
+                                results[0] = F::dot(weights, activations(token));
+                                1
+                            }
+                        };
+                        for (index, value) in results[..count].iter().enumerate() {
+                            out[(token + index) * width + row - first] = *value;
                         }
-                        token += GROUP;
-                    }
-                    for token in token..tokens {
-                        out[token * width + row - first] = F::dot(weights, activations(token));
+                        token += count;
                     }
                 }
                 out
@@ -425,6 +460,8 @@ mod tests {
         for (index, result) in grouped.iter().enumerate() {
             assert_eq!(result.to_bits(), q41_dot(&q41[..4], rows[index]).to_bits());
         }
+        let pair = Q41::dots(&q41[..4], [rows[0], rows[1]]);
+        assert_eq!(pair[1].to_bits(), q41_dot(&q41[..4], rows[1]).to_bits());
         assert_eq!(
             Q80::dot(&q80, &activations).to_bits(),
             q80_dot(&q80, &activations).to_bits()

@@ -255,6 +255,13 @@ pub struct KvCache {
     pub length: usize,
 }
 
+/// One sequence's rows in [`Model::layers_batch`].
+#[derive(Debug)]
+pub struct Segment<'a> {
+    pub tokens: usize,
+    pub cache: &'a mut KvCache,
+}
+
 /// The weights of some or all of a model.
 #[derive(Debug)]
 pub struct Model {
@@ -526,15 +533,44 @@ impl Model {
     /// The caller advances `cache.length` once every layer of the model has seen the tokens.
     pub fn layers(&self, hidden: Tensor, cache: &mut KvCache) -> Result<Tensor, ModelError> {
         let (batch, tokens, width) = hidden.dims3()?;
-        let start = cache.length;
-        if start + tokens > self.shape.context {
+        let hidden = self.layers_batch(
+            hidden.flatten_all()?.to_vec1::<f32>()?,
+            &mut [Segment { tokens, cache }],
+        )?;
+        Ok(Tensor::from_vec(
+            hidden,
+            (batch, tokens, width),
+            &self.device,
+        )?)
+    }
+
+    /// [`Model::layers`] for several sequences at once: `hidden` holds each segment's rows in turn
+    /// (`segment.tokens` rows of the embedding width, at positions `segment.cache.length..`). The
+    /// matrices see every row together, so their weights are read once for all the sequences; each
+    /// sequence attends to its own cache only. Returns the rows in the same order.
+    pub fn layers_batch(
+        &self,
+        mut hidden: Vec<f32>,
+        segments: &mut [Segment<'_>],
+    ) -> Result<Vec<f32>, ModelError> {
+        let tokens: usize = segments.iter().map(|segment| segment.tokens).sum();
+        if hidden.len() != tokens * self.shape.embedding {
+            return Err(ModelError::Candle(candle_core::Error::Msg(format!(
+                "{} hidden values for {tokens} rows of width {}",
+                hidden.len(),
+                self.shape.embedding
+            ))));
+        }
+        if segments
+            .iter()
+            .any(|segment| segment.cache.length + segment.tokens > self.shape.context)
+        {
             return Err(ModelError::ContextFull(self.shape.context));
         }
         let epsilon = self.shape.rms_epsilon as f32;
-        let mut hidden = hidden.flatten_all()?.to_vec1::<f32>()?;
-        for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
+        for (index, layer) in self.layers.iter().enumerate() {
             let normed = sollol_kernels::rms_norm(&hidden, &layer.attention_norm, epsilon);
-            let attended = self.attention(layer, &normed, tokens, slot, start)?;
+            let attended = self.attention(layer, index, &normed, tokens, segments)?;
             add(&mut hidden, &attended);
             let normed = sollol_kernels::rms_norm(&hidden, &layer.ffn_norm, epsilon);
             let [gate, up] = <[Vec<f32>; 2]>::try_from(layer.gate_up.forward(&normed, tokens)?)
@@ -542,11 +578,7 @@ impl Model {
             let gated = sollol_kernels::swiglu(&gate, &up);
             add(&mut hidden, &layer.down.forward(&gated, tokens)?);
         }
-        Ok(Tensor::from_vec(
-            hidden,
-            (batch, tokens, width),
-            &self.device,
-        )?)
+        Ok(hidden)
     }
 
     /// The output norm applied to every position of `hidden`: `tokens` rows of `embedding` values (what
@@ -566,25 +598,29 @@ impl Model {
 
     /// Logits `(vocab)` of the last position of `hidden`.
     pub fn head(&self, hidden: &Tensor) -> Result<Vec<f32>, ModelError> {
+        let (_, tokens, _) = hidden.dims3()?;
+        self.logits(&hidden.i((0, tokens - 1))?.to_vec1::<f32>()?)
+    }
+
+    /// Logits `(vocab)` of one position's hidden state.
+    pub fn logits(&self, last: &[f32]) -> Result<Vec<f32>, ModelError> {
         let head = self
             .head
             .as_ref()
             .ok_or(ModelError::MissingPart("output head"))?;
-        let (_, tokens, _) = hidden.dims3()?;
-        let last = hidden.i((0, tokens - 1))?.to_vec1::<f32>()?;
-        let normed = sollol_kernels::rms_norm(&last, &head.norm, self.shape.rms_epsilon as f32);
+        let normed = sollol_kernels::rms_norm(last, &head.norm, self.shape.rms_epsilon as f32);
         head.output.forward(&normed, 1)
     }
 
-    /// Self-attention of `x` (`tokens` rows) at positions `start..`, appending the tokens' keys and
-    /// values to `cache`.
+    /// Self-attention of `x` (`tokens` rows, each segment's in turn) in layer `index`: each segment's
+    /// rows at its positions, appending their keys and values to its cache.
     fn attention(
         &self,
         layer: &Layer,
+        index: usize,
         x: &[f32],
         tokens: usize,
-        cache: &mut KvLayer,
-        start: usize,
+        segments: &mut [Segment<'_>],
     ) -> Result<Vec<f32>, ModelError> {
         let shape = &self.shape;
         let heads = Heads {
@@ -606,17 +642,37 @@ impl Model {
                 }
             }
         }
-        sollol_kernels::rotate(&self.rotary, &mut q, heads.query, start);
-        sollol_kernels::rotate(&self.rotary, &mut k, heads.kv, start);
-        // A cache that went further (a request retried from an earlier point) forgets the rest.
-        cache.truncate(start, &heads);
-        let cached = cache.len(&heads);
-        if cached != start {
-            return Err(ModelError::CacheBehind { cached, start });
-        }
-        cache.push(&k, &v);
+        let (q_width, kv_width) = (heads.query * heads.dim, heads.kv * heads.dim);
         let mut out = vec![0f32; q.len()];
-        sollol_kernels::attend(cache, &heads, &q, &mut out);
+        let mut row = 0;
+        for segment in segments.iter_mut() {
+            let rows = row..row + segment.tokens;
+            let start = segment.cache.length;
+            let q = &mut q[rows.start * q_width..rows.end * q_width];
+            let k = &mut k[rows.start * kv_width..rows.end * kv_width];
+            let v = &v[rows.start * kv_width..rows.end * kv_width];
+            sollol_kernels::rotate(&self.rotary, q, heads.query, start);
+            sollol_kernels::rotate(&self.rotary, k, heads.kv, start);
+            let cache = segment
+                .cache
+                .layers
+                .get_mut(index)
+                .ok_or(ModelError::MissingPart("key/value cache layer"))?;
+            // A cache that went further (a request retried from an earlier point) forgets the rest.
+            cache.truncate(start, &heads);
+            let cached = cache.len(&heads);
+            if cached != start {
+                return Err(ModelError::CacheBehind { cached, start });
+            }
+            cache.push(k, v);
+            sollol_kernels::attend(
+                cache,
+                &heads,
+                q,
+                &mut out[rows.start * q_width..rows.end * q_width],
+            );
+            row = rows.end;
+        }
         layer.output.forward(&out, tokens)
     }
 }

@@ -12,11 +12,10 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use candle_core::Tensor;
 use sollol_shared::layers::{
-    LAYER_MAGIC, LAYER_PROTOCOL_VERSION, LayerAuth, LayerChallenge, LayerHello, LayerWelcome,
-    MAX_LAYER_FRAME_BYTES, Output, PartSpec, Sampling, StageInput, StageReply, StageRequest,
-    StageTrace,
+    Forward, LAYER_MAGIC, LAYER_PROTOCOL_VERSION, LayerAuth, LayerChallenge, LayerHello,
+    LayerWelcome, MAX_LAYER_FRAME_BYTES, Output, PartSpec, Sampling, StageInput, StageReply,
+    StageRequest, StageTrace,
 };
 use sollol_shared::protocol::{Refusal, RefusalCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -28,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use crate::identity::ClusterToken;
 use crate::inference::engine::{self, ModelFile};
 use crate::inference::gguf::Gguf;
-use crate::inference::model::{KvCache, Model, Part, Shape};
+use crate::inference::model::{KvCache, Model, Part, Segment, Shape};
 use crate::inference::sampling::{Sampler, SamplingOptions};
 use crate::wire::{self, ProofSide};
 
@@ -243,14 +242,34 @@ async fn connection(stage: Arc<Stage>, mut stream: TcpStream, shutdown: Cancella
             }
         }
     });
-    loop {
-        let request = tokio::select! {
-            request = wire::read_message_within::<StageRequest, _>(&mut reader, MAX_LAYER_FRAME_BYTES) => request,
-            () = shutdown.cancelled() => break,
-        };
-        let Ok(request) = request else { break };
-        stage.handle(request, &replies).await;
+    // Requests are read ahead, so that the forwards waiting when a batch starts join it.
+    let (requests, mut incoming) = mpsc::channel::<StageRequest>(256);
+    let reading = tokio::spawn(async move {
+        loop {
+            let request = tokio::select! {
+                request = wire::read_message_within::<StageRequest, _>(&mut reader, MAX_LAYER_FRAME_BYTES) => request,
+                () = shutdown.cancelled() => break,
+            };
+            let Ok(request) = request else { break };
+            if requests.send(request).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut pending = None;
+    while let Some(request) = match pending.take() {
+        Some(request) => Some(request),
+        None => incoming.recv().await,
+    } {
+        match request {
+            StageRequest::Forward { mut steps } => {
+                pending = gather(&mut steps, &mut incoming);
+                stage.forward(steps, &replies).await;
+            }
+            other => stage.handle(other, &replies).await,
+        }
     }
+    reading.abort();
     // Sequences opened on this connection have no one to answer any more.
     stage
         .sequences
@@ -259,6 +278,37 @@ async fn connection(stage: Arc<Stage>, mut stream: TcpStream, shutdown: Cancella
         .retain(|_, sequence| !sequence.reply.same_channel(&replies));
     drop(replies);
     let _ = writing.await;
+}
+
+/// Most steps in one batch, and most rows (prompt tokens count one each).
+const BATCH_STEPS: usize = 16;
+const BATCH_ROWS: usize = 512;
+
+/// Adds to `steps` the forwards already waiting in `incoming`, as long as each sequence appears once and
+/// the batch stays within [`BATCH_STEPS`] and [`BATCH_ROWS`]; returns the request that could not join.
+fn gather(
+    steps: &mut Vec<Forward>,
+    incoming: &mut mpsc::Receiver<StageRequest>,
+) -> Option<StageRequest> {
+    let rows = |steps: &[Forward]| -> usize { steps.iter().map(|step| step.input.rows()).sum() };
+    while steps.len() < BATCH_STEPS {
+        let Ok(request) = incoming.try_recv() else {
+            return None;
+        };
+        match request {
+            StageRequest::Forward { steps: more }
+                if steps.len() + more.len() <= BATCH_STEPS
+                    && rows(steps) + rows(&more) <= BATCH_ROWS
+                    && more
+                        .iter()
+                        .all(|step| steps.iter().all(|taken| taken.sequence != step.sequence)) =>
+            {
+                steps.extend(more);
+            }
+            other => return Some(other),
+        }
+    }
+    None
 }
 
 impl Stage {
@@ -340,15 +390,8 @@ impl Stage {
                 sampling,
                 history,
             } => Some(self.open(sequence, sampling, history, replies).await),
-            StageRequest::Forward {
-                sequence,
-                start,
-                input,
-                output,
-                trace,
-            } => {
-                self.forward(sequence, start, input, output, trace, replies)
-                    .await;
+            StageRequest::Forward { steps } => {
+                self.forward(steps, replies).await;
                 None
             }
             StageRequest::Close { sequence } => {
@@ -588,109 +631,123 @@ impl Stage {
         StageReply::Opened { sequence }
     }
 
-    async fn forward(
-        &self,
-        sequence_id: u64,
-        start: u32,
-        input: StageInput,
-        output: Output,
-        mut trace: Vec<StageTrace>,
-        replies: &mpsc::Sender<StageReply>,
-    ) {
+    /// Runs `steps` (each a different sequence) as one batch; hands the hidden states on to the next
+    /// stage in one frame, or (last stage) answers each sequence's opener.
+    async fn forward(&self, steps: Vec<Forward>, replies: &mpsc::Sender<StageReply>) {
         let part = self.part.lock().await.clone();
-        let taken = self
-            .sequences
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&sequence_id);
-        let (Some(part), Some(mut sequence)) = (part, taken) else {
-            let _ = replies
-                .send(StageReply::Failed {
-                    sequence: sequence_id,
-                    message: format!(
-                        "node {} has no open sequence {sequence_id}",
-                        self.settings.node_name
-                    ),
-                    downstream: false,
-                })
-                .await;
-            return;
-        };
-        let started = Instant::now();
-        let computing = Arc::clone(&part);
-        let computed = tokio::task::spawn_blocking(move || {
-            let result = compute(&computing, &mut sequence, start, input, output);
-            (sequence, result)
-        })
-        .await;
-        let Ok((sequence, result)) = computed else {
-            tracing::error!(sequence = sequence_id, "a stage computation panicked");
-            return;
-        };
-        trace.push(StageTrace {
-            compute_us: u32::try_from(started.elapsed().as_micros()).unwrap_or(u32::MAX),
-            sent_bytes: 0,
-        });
-        let reply = sequence.reply.clone();
-        self.sequences
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(sequence_id, sequence);
-        let answer = match result {
-            Err(message) => Some(StageReply::Failed {
-                sequence: sequence_id,
-                message: format!("node {}: {message}", self.settings.node_name),
-                downstream: false,
-            }),
-            Ok(Computed::Nothing) => None,
-            Ok(Computed::Sampled(token)) => Some(StageReply::Sampled {
-                sequence: sequence_id,
-                token,
-                trace,
-            }),
-            Ok(Computed::Logits(values)) => Some(StageReply::Logits {
-                sequence: sequence_id,
-                values,
-                trace,
-            }),
-            Ok(Computed::Hidden { tokens, values }) => {
-                // The hidden states dominate the frame; the rest is a few dozen bytes.
-                if let Some(mine) = trace.last_mut() {
-                    mine.sent_bytes = u32::try_from(values.len() * 4 + 32).unwrap_or(u32::MAX);
+        let mut batch = Vec::with_capacity(steps.len());
+        let mut answers = Vec::new();
+        {
+            let mut sequences = self
+                .sequences
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            for step in steps {
+                match sequences.remove(&step.sequence) {
+                    Some(sequence) if part.is_some() => batch.push((step, sequence)),
+                    _ => answers.push((
+                        replies.clone(),
+                        StageReply::Failed {
+                            sequence: step.sequence,
+                            message: format!(
+                                "node {} has no open sequence {}",
+                                self.settings.node_name, step.sequence
+                            ),
+                            downstream: false,
+                        },
+                    )),
                 }
-                let request = StageRequest::Forward {
-                    sequence: sequence_id,
-                    start,
-                    input: StageInput::Hidden { tokens, values },
-                    output,
-                    trace,
-                };
-                let mut link = self.next.lock().await;
-                let sent = match link.as_mut() {
-                    Some((_, writer)) => {
-                        wire::write_message_within(writer, &request, MAX_LAYER_FRAME_BYTES)
-                            .await
-                            .map_err(|error| error.to_string())
+            }
+        }
+        let mut onward = Vec::new();
+        if let Some(part) = part.filter(|_| !batch.is_empty()) {
+            let started = Instant::now();
+            let computed = tokio::task::spawn_blocking(move || {
+                let results = compute(&part, &mut batch);
+                (batch, results)
+            })
+            .await;
+            let Ok((batch, results)) = computed else {
+                tracing::error!("a stage computation panicked");
+                return;
+            };
+            // Each step is charged its share of the batch.
+            let size = batch.len();
+            let share = started.elapsed().as_micros() / size as u128;
+            let mut sequences = self
+                .sequences
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            for ((mut step, sequence), result) in batch.into_iter().zip(results) {
+                let reply = sequence.reply.clone();
+                sequences.insert(step.sequence, sequence);
+                step.trace.push(StageTrace {
+                    compute_us: u32::try_from(share).unwrap_or(u32::MAX),
+                    sent_bytes: 0,
+                    batch: u32::try_from(size).unwrap_or(u32::MAX),
+                });
+                let answer = match result {
+                    Err(message) => StageReply::Failed {
+                        sequence: step.sequence,
+                        message: format!("node {}: {message}", self.settings.node_name),
+                        downstream: false,
+                    },
+                    Ok(Computed::Nothing) => continue,
+                    Ok(Computed::Sampled(token)) => StageReply::Sampled {
+                        sequence: step.sequence,
+                        token,
+                        trace: step.trace,
+                    },
+                    Ok(Computed::Logits(values)) => StageReply::Logits {
+                        sequence: step.sequence,
+                        values,
+                        trace: step.trace,
+                    },
+                    Ok(Computed::Hidden { tokens, values }) => {
+                        // The hidden states dominate the frame; the rest is a few dozen bytes.
+                        if let Some(mine) = step.trace.last_mut() {
+                            mine.sent_bytes =
+                                u32::try_from(values.len() * 4 + 32).unwrap_or(u32::MAX);
+                        }
+                        step.input = StageInput::Hidden { tokens, values };
+                        onward.push((reply, step));
+                        continue;
                     }
-                    None => Err("no next stage is connected".to_owned()),
                 };
-                match sent {
-                    Ok(()) => None,
-                    Err(message) => {
-                        *link = None;
-                        Some(StageReply::Failed {
-                            sequence: sequence_id,
+                answers.push((reply, answer));
+            }
+        }
+        if !onward.is_empty() {
+            let (owners, steps): (Vec<_>, Vec<_>) = onward.into_iter().unzip();
+            let sequences: Vec<u64> = steps.iter().map(|step| step.sequence).collect();
+            let request = StageRequest::Forward { steps };
+            let mut link = self.next.lock().await;
+            let sent = match link.as_mut() {
+                Some((_, writer)) => {
+                    wire::write_message_within(writer, &request, MAX_LAYER_FRAME_BYTES)
+                        .await
+                        .map_err(|error| error.to_string())
+                }
+                None => Err("no next stage is connected".to_owned()),
+            };
+            if let Err(message) = sent {
+                *link = None;
+                for (owner, sequence) in owners.into_iter().zip(sequences) {
+                    answers.push((
+                        owner,
+                        StageReply::Failed {
+                            sequence,
                             message: format!(
                                 "node {} cannot hand its output to the next stage: {message}",
                                 self.settings.node_name
                             ),
                             downstream: true,
-                        })
-                    }
+                        },
+                    ));
                 }
             }
-        };
-        if let Some(answer) = answer {
+        }
+        for (reply, answer) in answers {
             let _ = reply.send(answer).await;
         }
     }
@@ -762,56 +819,95 @@ enum Computed {
     Logits(Vec<f32>),
 }
 
-fn compute(
-    part: &LoadedPart,
-    sequence: &mut Sequence,
-    start: u32,
-    input: StageInput,
-    output: Output,
-) -> Result<Computed, String> {
+/// Runs a batch of steps (each its own sequence) through the part's layers at once; one result per
+/// step, in order. A step with bad input fails alone.
+fn compute(part: &LoadedPart, batch: &mut [(Forward, Sequence)]) -> Vec<Result<Computed, String>> {
     let model = &part.model;
     let width = model.shape.embedding;
-    let hidden = match input {
-        StageInput::Tokens(ids) => model.embed(&ids).map_err(|error| error.to_string())?,
-        StageInput::Hidden { tokens, values } => {
-            if values.len() != tokens as usize * width || tokens == 0 {
-                return Err(format!(
-                    "{} hidden values for {tokens} tokens of width {width}",
-                    values.len()
-                ));
-            }
-            Tensor::from_vec(
-                values,
-                (1, tokens as usize, width),
-                &candle_core::Device::Cpu,
-            )
-            .map_err(|error| error.to_string())?
-        }
+    let mut hidden = Vec::new();
+    // Each step's rows in the batch, or why it has none.
+    let rows: Vec<Result<usize, String>> = batch
+        .iter_mut()
+        .map(|(step, _)| {
+            let values = match &mut step.input {
+                StageInput::Tokens(ids) => model
+                    .embed(ids)
+                    .and_then(|rows| Ok(rows.flatten_all()?.to_vec1::<f32>()?))
+                    .map_err(|error| error.to_string())?,
+                StageInput::Hidden { tokens, values } => {
+                    if values.len() != *tokens as usize * width || *tokens == 0 {
+                        return Err(format!(
+                            "{} hidden values for {tokens} tokens of width {width}",
+                            values.len()
+                        ));
+                    }
+                    std::mem::take(values)
+                }
+            };
+            hidden.extend_from_slice(&values);
+            Ok(values.len() / width)
+        })
+        .collect();
+    let mut segments: Vec<Segment<'_>> = batch
+        .iter_mut()
+        .zip(&rows)
+        .filter_map(|((step, sequence), rows)| {
+            let tokens = *rows.as_ref().ok()?;
+            sequence.cache.length = step.start as usize;
+            Some(Segment {
+                tokens,
+                cache: &mut sequence.cache,
+            })
+        })
+        .collect();
+    let out = if segments.is_empty() {
+        Ok(Vec::new())
+    } else {
+        model
+            .layers_batch(hidden, &mut segments)
+            .map_err(|error| error.to_string())
     };
-    let tokens = hidden.dims3().map_err(|error| error.to_string())?.1;
-    sequence.cache.length = start as usize;
-    let hidden = model
-        .layers(hidden, &mut sequence.cache)
-        .map_err(|error| error.to_string())?;
-    sequence.cache.length = start as usize + tokens;
+    drop(segments);
+    let mut offset = 0;
+    batch
+        .iter_mut()
+        .zip(rows)
+        .map(|((step, sequence), rows)| {
+            let tokens = rows?;
+            let out = out.as_ref().map_err(Clone::clone)?;
+            let values = &out[offset * width..(offset + tokens) * width];
+            offset += tokens;
+            sequence.cache.length = step.start as usize + tokens;
+            finish(part, sequence, step.output, tokens, values)
+        })
+        .collect()
+}
+
+/// What a step's output rows become on this stage: hidden states for the next, or the last stage's
+/// answer.
+fn finish(
+    part: &LoadedPart,
+    sequence: &mut Sequence,
+    output: Output,
+    tokens: usize,
+    values: &[f32],
+) -> Result<Computed, String> {
     if !part.spec.head {
-        let values = hidden
-            .flatten_all()
-            .and_then(|all| all.to_vec1::<f32>())
-            .map_err(|error| error.to_string())?;
         return Ok(Computed::Hidden {
             tokens: u32::try_from(tokens).unwrap_or(u32::MAX),
-            values,
+            values: values.to_vec(),
         });
     }
+    let model = &part.model;
+    let last = &values[values.len() - model.shape.embedding..];
     match output {
         Output::None => Ok(Computed::Nothing),
         Output::Logits => model
-            .head(&hidden)
+            .logits(last)
             .map(Computed::Logits)
             .map_err(|error| error.to_string()),
         Output::Sample => {
-            let logits = model.head(&hidden).map_err(|error| error.to_string())?;
+            let logits = model.logits(last).map_err(|error| error.to_string())?;
             let sampler = sequence
                 .sampler
                 .as_mut()
