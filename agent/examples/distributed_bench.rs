@@ -11,14 +11,14 @@
 //!            (a relay alone, for llama.cpp RPC's side: prints its address, relays until stdin closes,
 //!            then prints the bytes it carried)
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use sollol::identity::ClusterToken;
 use sollol::inference::model::Model;
 use sollol::inference::sampling::greedy;
-use sollol::pipeline::{Answer, Candidate, Pipeline, Timeouts};
+use sollol::pipeline::{Answer, Candidate, Pipeline, Sequence, Timeouts};
 use sollol::stage::{StageSettings, serve};
 use sollol_shared::layers::Sampling;
 use tokio::io::AsyncReadExt;
@@ -139,20 +139,24 @@ fn prompt() -> Vec<u32> {
     (0..64).map(|index| 1000 + index * 37).collect()
 }
 
-/// Time to first token, generation tokens/s and the tokens, for one sequence through `pipeline`.
-async fn one_sequence(pipeline: &Pipeline, tokens: usize) -> (Duration, f64, Vec<u32>) {
+/// A sequence through `pipeline` with the prompt processed: the sequence, its first token and the time
+/// to it.
+async fn prefill(pipeline: &Pipeline) -> (Sequence<'_>, u32, Duration) {
     let prompt = prompt();
     let mut sequence = pipeline
         .open(greedy_sampling(), &prompt)
         .await
         .expect("open");
     let started = Instant::now();
-    let Answer::Token(mut token) = sequence.feed(&prompt, false).await.expect("prompt") else {
+    let Answer::Token(token) = sequence.feed(&prompt, false).await.expect("prompt") else {
         panic!("a token");
     };
-    let first = started.elapsed();
+    (sequence, token, started.elapsed())
+}
+
+/// Generates from `token` until there are `tokens`.
+async fn generate(mut sequence: Sequence<'_>, mut token: u32, tokens: usize) -> Vec<u32> {
     let mut out = vec![token];
-    let generating = Instant::now();
     for _ in 1..tokens {
         let Answer::Token(next) = sequence.feed(&[token], false).await.expect("step") else {
             panic!("a token");
@@ -160,12 +164,40 @@ async fn one_sequence(pipeline: &Pipeline, tokens: usize) -> (Duration, f64, Vec
         token = next;
         out.push(token);
     }
+    out
+}
+
+/// Time to first token, generation tokens/s and the tokens, for one sequence through `pipeline`.
+async fn one_sequence(pipeline: &Pipeline, tokens: usize) -> (Duration, f64, Vec<u32>) {
+    let (sequence, token, first) = prefill(pipeline).await;
+    let generating = Instant::now();
+    let out = generate(sequence, token, tokens).await;
     let rate = (tokens - 1) as f64 / generating.elapsed().as_secs_f64();
     (first, rate, out)
 }
 
-/// The whole model in this process: time to first token, generation tokens/s, tokens.
-fn local_sequence(model: &Model, tokens: usize) -> (Duration, f64, Vec<u32>) {
+/// Four sequences through `pipeline` at once: their prompts together, then their generation together.
+/// Returns the aggregate generation tokens/s and each sequence's tokens.
+async fn four_sequences(pipeline: &Pipeline, tokens: usize) -> (f64, Vec<Vec<u32>>) {
+    let prefilled = futures_util::future::join_all((0..4).map(|_| prefill(pipeline))).await;
+    let started = Instant::now();
+    let outs = futures_util::future::join_all(
+        prefilled
+            .into_iter()
+            .map(|(sequence, token, _)| generate(sequence, token, tokens)),
+    )
+    .await;
+    let generated: usize = outs.iter().map(|out| out.len() - 1).sum();
+    (generated as f64 / started.elapsed().as_secs_f64(), outs)
+}
+
+/// The whole model in this process: time to first token, generation tokens/s, tokens. With `ready`, waits
+/// there between the prompt and the generation (so that several sequences generate together).
+fn local_sequence(
+    model: &Model,
+    tokens: usize,
+    ready: Option<&Barrier>,
+) -> (Duration, f64, Vec<u32>) {
     let prompt = prompt();
     let mut cache = model.new_cache();
     let started = Instant::now();
@@ -175,6 +207,9 @@ fn local_sequence(model: &Model, tokens: usize) -> (Duration, f64, Vec<u32>) {
     cache.length += prompt.len();
     let mut token = greedy(&model.head(&hidden).expect("head"));
     let first = started.elapsed();
+    if let Some(ready) = ready {
+        ready.wait();
+    }
     let mut out = vec![token];
     let generating = Instant::now();
     for _ in 1..tokens {
@@ -226,22 +261,25 @@ async fn main() {
     std::os::unix::fs::symlink(absolute, models_dir.path().join("bench:latest.gguf"))
         .expect("link");
 
-    // Our single process, one sequence and four at once (each its own KV cache, sharing the pool).
+    // Our single process, one sequence and four at once (each its own KV cache, sharing the pool):
+    // the aggregate generation tokens/s once every prompt is processed.
     let model = Arc::new(Model::load_whole(&path).expect("load the model"));
-    let (first, rate, reference) = local_sequence(&model, tokens);
+    let (first, rate, reference) = local_sequence(&model, tokens, None);
     let concurrent = {
-        let started = Instant::now();
+        let ready = Arc::new(Barrier::new(5));
         let handles: Vec<_> = (0..4)
             .map(|_| {
-                let model = Arc::clone(&model);
-                std::thread::spawn(move || local_sequence(&model, tokens).2.len())
+                let (model, ready) = (Arc::clone(&model), Arc::clone(&ready));
+                std::thread::spawn(move || local_sequence(&model, tokens, Some(&ready)).2)
             })
             .collect();
-        let total: usize = handles
+        ready.wait();
+        let started = Instant::now();
+        let generated: usize = handles
             .into_iter()
-            .map(|handle| handle.join().expect("thread"))
+            .map(|handle| handle.join().expect("thread").len() - 1)
             .sum();
-        total as f64 / started.elapsed().as_secs_f64()
+        generated as f64 / started.elapsed().as_secs_f64()
     };
     println!(
         "{}",
@@ -312,16 +350,12 @@ async fn main() {
             drop(sequence);
             // Step costs of the single-sequence runs only, before four sequences share the stages.
             let stats = pipeline.stats();
-            let concurrent = {
-                let started = Instant::now();
-                let runs = (0..4).map(|_| one_sequence(&pipeline, tokens));
-                let total: usize = futures_util::future::join_all(runs)
-                    .await
-                    .iter()
-                    .map(|(_, _, out)| out.len())
-                    .sum();
-                total as f64 / started.elapsed().as_secs_f64()
-            };
+            let (concurrent, outs) = four_sequences(&pipeline, tokens).await;
+            assert!(
+                outs.iter().all(|out| *out == reference),
+                "four sequences at once gave other tokens than one alone"
+            );
+            let largest_batch = pipeline.stats().largest_batch;
             let per_step = |seconds: f64| seconds * 1e3 / stats.steps.max(1) as f64;
             println!(
                 "{}",
@@ -331,6 +365,7 @@ async fn main() {
                     "hop_ms": stats.hop_seconds() * 1e3,
                     "ttft_ms": first.as_secs_f64() * 1e3, "tg_tokens_per_s": rate,
                     "bytes_per_token": per_token, "aggregate_4_sequences_tokens_per_s": concurrent,
+                    "largest_batch": largest_batch,
                     "layers": pipeline.plan.stages.iter().map(|stage| format!("{}..{}", stage.layers.start, stage.layers.end)).collect::<Vec<_>>()})
             );
         }

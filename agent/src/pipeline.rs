@@ -19,7 +19,7 @@ use sollol_shared::layers::{
     StageRequest, StageTrace,
 };
 use tokio::net::tcp::OwnedWriteHalf;
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use crate::identity::ClusterToken;
 use crate::stage::{DialError, StagePeer, dial};
@@ -373,6 +373,70 @@ pub struct Pipeline {
     next_sequence: AtomicU64,
     timeouts: Timeouts,
     stats: Mutex<PipelineStats>,
+    /// Generation steps waiting to go to the first stage together.
+    steps: mpsc::UnboundedSender<Queued>,
+}
+
+/// A generation step waiting for its batch, and where to say it was sent (with the batch's share of
+/// the in-flight limit, held until the step's answer arrives).
+#[derive(Debug)]
+struct Queued {
+    step: Forward,
+    sent: oneshot::Sender<Result<Arc<OwnedSemaphorePermit>, String>>,
+}
+
+/// Most sequences' steps sent to the first stage in one batch.
+const BATCH_STEPS: usize = 16;
+
+/// Sends the queued generation steps to the first stage in batches: all the steps waiting when a batch
+/// may go join it. At most `in_flight` batches travel the pipeline at once: one per machine among the
+/// stages (stages on one machine share its cores, so more batches there would only split the work into
+/// smaller, less efficient batches; on separate machines each stage works on a batch of its own).
+async fn send_batches(
+    first: Arc<Link>,
+    mut queued: mpsc::UnboundedReceiver<Queued>,
+    in_flight: usize,
+) {
+    let limit = Arc::new(Semaphore::new(in_flight.max(1)));
+    while let Some(head) = queued.recv().await {
+        let Ok(permit) = Arc::clone(&limit).acquire_owned().await else {
+            return;
+        };
+        let permit = Arc::new(permit);
+        let mut batch = vec![head];
+        while batch.len() < BATCH_STEPS {
+            match queued.try_recv() {
+                Ok(more) => batch.push(more),
+                Err(_) => break,
+            }
+        }
+        let (steps, waiting): (Vec<Forward>, Vec<_>) = batch
+            .into_iter()
+            .map(|queued| (queued.step, queued.sent))
+            .unzip();
+        let sent = first.send(&StageRequest::Forward { steps }).await;
+        for waiting in waiting {
+            let _ = waiting.send(match &sent {
+                Ok(()) => Ok(Arc::clone(&permit)),
+                Err(error) => Err(error.to_string()),
+            });
+        }
+    }
+}
+
+/// How many machines `addresses` (`host:port`) are on.
+fn machines(addresses: &[String]) -> usize {
+    let mut hosts: Vec<&str> = addresses
+        .iter()
+        .map(|address| {
+            address
+                .rsplit_once(':')
+                .map_or(address.as_str(), |(host, _)| host)
+        })
+        .collect();
+    hosts.sort_unstable();
+    hosts.dedup();
+    hosts.len()
 }
 
 /// What generation steps (one token in, one token out) cost, summed since the plan started.
@@ -649,6 +713,16 @@ impl Pipeline {
                 }
             }
         }
+        let (steps, queued) = mpsc::unbounded_channel();
+        let addresses: Vec<String> = stages
+            .iter()
+            .map(|stage| stage.candidate.address.clone())
+            .collect();
+        tokio::spawn(send_batches(
+            Arc::clone(&links[0]),
+            queued,
+            machines(&addresses),
+        ));
         Ok(Self {
             plan: Plan {
                 model: model.to_owned(),
@@ -659,6 +733,7 @@ impl Pipeline {
             },
             resident_bytes,
             fetched_bytes: fetched,
+            steps,
             links,
             next_sequence: AtomicU64::new(rand::random::<u64>() >> 1),
             timeouts,
@@ -839,27 +914,49 @@ impl Sequence<'_> {
         let started = std::time::Instant::now();
         let chunks: Vec<&[u32]> = tokens.chunks(PROMPT_CHUNK).collect();
         let mut request_bytes = 0;
+        // A generation step's share of the in-flight limit, until its answer is here.
+        let mut in_flight = None;
         for (index, chunk) in chunks.iter().enumerate() {
             let output = match (index + 1 == chunks.len(), logits) {
                 (false, _) => Output::None,
                 (true, false) => Output::Sample,
                 (true, true) => Output::Logits,
             };
-            let request = StageRequest::Forward {
-                steps: vec![Forward {
-                    sequence: self.id,
-                    start: u32::try_from(self.position).unwrap_or(u32::MAX),
-                    input: StageInput::Tokens(chunk.to_vec()),
-                    output,
-                    trace: Vec::new(),
-                }],
+            let step = Forward {
+                sequence: self.id,
+                start: u32::try_from(self.position).unwrap_or(u32::MAX),
+                input: StageInput::Tokens(chunk.to_vec()),
+                output,
+                trace: Vec::new(),
             };
-            request_bytes += postcard::experimental::serialized_size(&request).unwrap_or(0) + 4;
-            first.send(&request).await?;
+            // One step of a frame's bytes: the frame's few bytes of framing shared by the batch.
+            request_bytes += postcard::experimental::serialized_size(&step).unwrap_or(0) + 4;
+            if tokens.len() == 1 {
+                // Generation steps of concurrent sequences travel together.
+                let (sent, confirmed) = oneshot::channel();
+                self.pipeline
+                    .steps
+                    .send(Queued { step, sent })
+                    .map_err(|_| PipelineError::Plan("the pipeline was dropped".to_owned()))?;
+                let permit = confirmed
+                    .await
+                    .map_err(|_| PipelineError::Plan("the pipeline was dropped".to_owned()))?
+                    .map_err(|message| PipelineError::Stage {
+                        node: first.name().to_owned(),
+                        message,
+                    })?;
+                in_flight = Some(permit);
+            } else {
+                first
+                    .send(&StageRequest::Forward { steps: vec![step] })
+                    .await?;
+            }
             self.position += chunk.len();
         }
         let timeout = self.pipeline.timeouts.step * u32::try_from(chunks.len().max(1)).unwrap_or(1);
-        let reply = self.next_reply(timeout).await?;
+        let reply = self.next_reply(timeout).await;
+        drop(in_flight);
+        let reply = reply?;
         let reply_bytes = postcard::experimental::serialized_size(&reply).unwrap_or(0) + 4;
         match reply {
             StageReply::Sampled { token, trace, .. } => {
@@ -1191,6 +1288,30 @@ impl Distributed {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn stages_on_one_host_count_as_one_machine() {
+        let addresses = |list: &[&str]| -> Vec<String> {
+            list.iter().map(|address| (*address).to_owned()).collect()
+        };
+        assert_eq!(
+            machines(&addresses(&["127.0.0.1:7001", "127.0.0.1:7002"])),
+            1
+        );
+        assert_eq!(
+            machines(&addresses(&[
+                "10.0.0.2:7001",
+                "10.0.0.3:7001",
+                "10.0.0.2:7002"
+            ])),
+            2
+        );
+        assert_eq!(
+            machines(&addresses(&["[::1]:7001", "[::1]:7002", "pi.lan:7001"])),
+            2
+        );
+    }
+
     use super::*;
 
     fn by_memory(

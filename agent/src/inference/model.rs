@@ -604,12 +604,18 @@ impl Model {
 
     /// Logits `(vocab)` of one position's hidden state.
     pub fn logits(&self, last: &[f32]) -> Result<Vec<f32>, ModelError> {
+        self.logits_rows(last, 1)
+    }
+
+    /// Logits of `rows` positions' hidden states at once (one per sequence of a batch), `vocab` values
+    /// each, one after the other.
+    pub fn logits_rows(&self, hidden: &[f32], rows: usize) -> Result<Vec<f32>, ModelError> {
         let head = self
             .head
             .as_ref()
             .ok_or(ModelError::MissingPart("output head"))?;
-        let normed = sollol_kernels::rms_norm(last, &head.norm, self.shape.rms_epsilon as f32);
-        head.output.forward(&normed, 1)
+        let normed = sollol_kernels::rms_norm(hidden, &head.norm, self.shape.rms_epsilon as f32);
+        head.output.forward(&normed, rows)
     }
 
     /// Self-attention of `x` (`tokens` rows, each segment's in turn) in layer `index`: each segment's

@@ -662,11 +662,21 @@ impl Stage {
         let mut onward = Vec::new();
         if let Some(part) = part.filter(|_| !batch.is_empty()) {
             let started = Instant::now();
-            let computed = tokio::task::spawn_blocking(move || {
+            let run = move || {
                 let results = compute(&part, &mut batch);
                 (batch, results)
-            })
-            .await;
+            };
+            // On this worker when the runtime allows (one thread hand-off less per forward).
+            let computed = if tokio::runtime::Handle::current().runtime_flavor()
+                == tokio::runtime::RuntimeFlavor::MultiThread
+            {
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    tokio::task::block_in_place(run)
+                }))
+                .map_err(|_| ())
+            } else {
+                tokio::task::spawn_blocking(run).await.map_err(|_| ())
+            };
             let Ok((batch, results)) = computed else {
                 tracing::error!("a stage computation panicked");
                 return;
@@ -868,55 +878,88 @@ fn compute(part: &LoadedPart, batch: &mut [(Forward, Sequence)]) -> Vec<Result<C
             .map_err(|error| error.to_string())
     };
     drop(segments);
+    let out = match out {
+        Ok(out) => out,
+        Err(message) => {
+            return rows
+                .into_iter()
+                .map(|rows| rows.and_then(|_| Err(message.clone())))
+                .collect();
+        }
+    };
+    // Each step's output rows, its cache advanced past them.
     let mut offset = 0;
-    batch
+    let outputs: Vec<Result<&[f32], String>> = batch
         .iter_mut()
         .zip(rows)
         .map(|((step, sequence), rows)| {
             let tokens = rows?;
-            let out = out.as_ref().map_err(Clone::clone)?;
-            let values = &out[offset * width..(offset + tokens) * width];
-            offset += tokens;
             sequence.cache.length = step.start as usize + tokens;
-            finish(part, sequence, step.output, tokens, values)
+            offset += tokens;
+            Ok(&out[(offset - tokens) * width..offset * width])
         })
-        .collect()
-}
-
-/// What a step's output rows become on this stage: hidden states for the next, or the last stage's
-/// answer.
-fn finish(
-    part: &LoadedPart,
-    sequence: &mut Sequence,
-    output: Output,
-    tokens: usize,
-    values: &[f32],
-) -> Result<Computed, String> {
+        .collect();
     if !part.spec.head {
-        return Ok(Computed::Hidden {
-            tokens: u32::try_from(tokens).unwrap_or(u32::MAX),
-            values: values.to_vec(),
-        });
+        return outputs
+            .into_iter()
+            .map(|values| {
+                let values = values?;
+                Ok(Computed::Hidden {
+                    tokens: u32::try_from(values.len() / width).unwrap_or(u32::MAX),
+                    values: values.to_vec(),
+                })
+            })
+            .collect();
     }
-    let model = &part.model;
-    let last = &values[values.len() - model.shape.embedding..];
-    match output {
-        Output::None => Ok(Computed::Nothing),
-        Output::Logits => model
-            .logits(last)
-            .map(Computed::Logits)
-            .map_err(|error| error.to_string()),
-        Output::Sample => {
-            let logits = model.logits(last).map_err(|error| error.to_string())?;
+    // The last stage: the logits of every step that wants them, in one pass over the head.
+    let wanted: Vec<bool> = batch
+        .iter()
+        .zip(&outputs)
+        .map(|((step, _), values)| values.is_ok() && step.output != Output::None)
+        .collect();
+    let last_rows: Vec<f32> = outputs
+        .iter()
+        .zip(&wanted)
+        .filter(|(_, wanted)| **wanted)
+        .filter_map(|(values, _)| values.as_ref().ok())
+        .flat_map(|values| &values[values.len() - width..])
+        .copied()
+        .collect();
+    let count = wanted.iter().filter(|wanted| **wanted).count();
+    let logits = if count == 0 {
+        Ok(Vec::new())
+    } else {
+        model
+            .logits_rows(&last_rows, count)
+            .map_err(|error| error.to_string())
+    };
+    let vocab = logits
+        .as_ref()
+        .map_or(0, |logits| logits.len() / count.max(1));
+    let mut next = 0;
+    batch
+        .iter_mut()
+        .zip(outputs)
+        .map(|((step, sequence), values)| {
+            values?;
+            if step.output == Output::None {
+                return Ok(Computed::Nothing);
+            }
+            let logits = logits.as_ref().map_err(Clone::clone)?;
+            next += 1;
+            let mine = &logits[(next - 1) * vocab..next * vocab];
+            if step.output == Output::Logits {
+                return Ok(Computed::Logits(mine.to_vec()));
+            }
             let sampler = sequence
                 .sampler
                 .as_mut()
                 .ok_or("the sequence was opened without sampling settings")?;
-            let token = sampler.next(&logits, &sequence.history);
+            let token = sampler.next(mine, &sequence.history);
             sequence.history.push(token);
             Ok(Computed::Sampled(token))
-        }
-    }
+        })
+        .collect()
 }
 
 fn names(files: &[ModelFile]) -> String {
