@@ -303,6 +303,7 @@ async fn main() {
                 ollama_store: None,
                 token: token.clone(),
                 handshake_timeout: Duration::from_secs(5),
+                memory_limit: None,
             },
             shutdown.clone(),
         ));

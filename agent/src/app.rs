@@ -168,18 +168,20 @@ pub async fn start_coordinator(config: &Config) -> Result<CoordinatorHandle, Sta
             shutdown.clone(),
         ));
     }
-    let distributed = if config.distributed.models.is_empty() {
-        Vec::new()
-    } else {
-        start_distributed_front(
-            config,
-            &token,
-            Arc::clone(&view),
-            events_sender.clone(),
-            &shutdown,
-            &tasks,
+    let distributed = if config.model_sharding_enabled {
+        Some(
+            start_distributed_front(
+                config,
+                &token,
+                Arc::clone(&view),
+                events_sender.clone(),
+                &shutdown,
+                &tasks,
+            )
+            .await?,
         )
-        .await?
+    } else {
+        None
     };
     let membership = Arc::new(Membership::new(
         token.clone(),
@@ -230,6 +232,7 @@ pub async fn start_coordinator(config: &Config) -> Result<CoordinatorHandle, Sta
             breaker: BreakerSettings::default(),
             hedging: settings.hedging,
             calibration: settings.calibration,
+            distributed_front: distributed.as_ref().map(|(_, node_id)| node_id.clone()),
         },
     );
     let gateway_state = Arc::new(GatewayState {
@@ -249,7 +252,7 @@ pub async fn start_coordinator(config: &Config) -> Result<CoordinatorHandle, Sta
         observer: Arc::clone(&observer),
         history: history_reader,
         shutdown: shutdown.clone(),
-        distributed,
+        distributed: distributed.map(|(front, _)| front),
     });
     {
         let gateway_state = Arc::clone(&gateway_state);
@@ -356,6 +359,7 @@ pub async fn start_agent(
     let stage_listener = bind(config.engine.stage_bind, "stage port").await?;
     let stage_address = local_address(&stage_listener, config.engine.stage_bind);
     sampler.stage_address = Some(stage_address.to_string());
+    sampler.memory_limit = config.engine.max_memory;
     tokio::spawn(crate::stage::serve(
         stage_listener,
         crate::stage::StageSettings {
@@ -365,6 +369,7 @@ pub async fn start_agent(
             ollama_store: config.engine.ollama_models.clone(),
             token: token.clone(),
             handshake_timeout: Duration::from_secs(5),
+            memory_limit: config.engine.max_memory,
         },
         shutdown.clone(),
     ));
@@ -387,9 +392,11 @@ pub async fn start_agent(
     })
 }
 
-/// Serves the models of `distributed.models` through pipelines of agents' stages: an engine whose
-/// models compute on the stages, on a loopback port, probed as a node called `distributed` so the
-/// gateway routes those models' requests to it like to any Ollama node.
+/// Serves distributed models through pipelines of agents' stages: an engine whose models compute on the
+/// stages, on a loopback port, probed as a node called `distributed` so the gateway routes those
+/// models' requests to it like to any Ollama node (and only to it). It serves `distributed.models`, and
+/// with `distributed.auto` whatever no node holding it can serve whole ([`crate::sharding`]). Returns the
+/// front and its node id.
 async fn start_distributed_front(
     config: &Config,
     token: &ClusterToken,
@@ -397,29 +404,30 @@ async fn start_distributed_front(
     events: mpsc::Sender<crate::cluster::ClusterEvent>,
     shutdown: &CancellationToken,
     tasks: &TaskTracker,
-) -> Result<Vec<Arc<crate::inference::engine::DistributedModel>>, StartError> {
+) -> Result<(Arc<crate::inference::engine::Engine>, String), StartError> {
     use crate::inference::engine::{DistributedModel, Engine};
     use crate::pipeline::{Distributed, Timeouts};
     let max_stages = config.distributed.max_stages.get() as usize;
-    let mut engine = Engine::new(
+    let make = {
+        let (view, token) = (Arc::clone(&view), token.clone());
+        move |model: &str, why: String| {
+            let view = Arc::clone(&view);
+            Arc::new(DistributedModel {
+                pipeline: Arc::new(
+                    Distributed::new(model, max_stages, token.clone(), Timeouts::default())
+                        .because(why),
+                ),
+                candidates: Box::new(move || stage_candidates(&view.load())),
+            })
+        }
+    };
+    let front = Arc::new(Engine::new(
         Vec::new(),
         config.engine.parallel.get() as usize,
         config.engine.keep_alive,
-    );
-    let mut pipelines = Vec::new();
+    ));
     for model in &config.distributed.models {
-        let view = Arc::clone(&view);
-        let source = Arc::new(DistributedModel {
-            pipeline: Arc::new(Distributed::new(
-                model,
-                max_stages,
-                token.clone(),
-                Timeouts::default(),
-            )),
-            candidates: Box::new(move || stage_candidates(&view.load())),
-        });
-        pipelines.push(Arc::clone(&source));
-        engine = engine.with_distributed(model, source);
+        front.add_distributed(make(model, "listed in distributed.models".to_owned()));
     }
     let listener = bind(
         SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -430,19 +438,30 @@ async fn start_distributed_front(
         "http://{}",
         local_address(&listener, SocketAddr::from(([127, 0, 0, 1], 0)))
     );
-    tracing::info!(%url, models = ?config.distributed.models, max_stages, "distributed inference (experimental) serves its models through agents' stages");
+    tracing::info!(%url, models = ?config.distributed.models, auto = config.distributed.auto, max_stages, "distributed inference (experimental) serves models through agents' stages");
     tasks.spawn(crate::inference::server::serve(
         listener,
-        Arc::new(engine),
+        Arc::clone(&front),
         shutdown.clone(),
     ));
+    if config.distributed.auto {
+        tasks.spawn(crate::sharding::watch(
+            Arc::clone(&front),
+            view,
+            config.distributed.models.clone(),
+            make,
+            config.coordinator.probe_interval,
+            shutdown.clone(),
+        ));
+    }
+    let node_id = discovery::static_node_id(&url);
     tasks.spawn(discovery::probe_static_nodes(
         vec![(url, Some("distributed".to_owned()))],
         config.coordinator.probe_interval,
         events,
         shutdown.clone(),
     ));
-    Ok(pipelines)
+    Ok((front, node_id))
 }
 
 /// Agents that can hold a stage now: up, connected, with a stage port; most free memory first.
@@ -522,11 +541,10 @@ async fn start_engine(
     let address = crate::config::loopback_if_unspecified(local_address(&listener, settings.bind));
     let names: Vec<&str> = files.iter().map(|file| file.name.as_str()).collect();
     tracing::info!(%address, models = ?names, "built-in engine serving");
-    let engine = std::sync::Arc::new(Engine::new(
-        files,
-        settings.parallel.get() as usize,
-        settings.keep_alive,
-    ));
+    let engine = std::sync::Arc::new(
+        Engine::new(files, settings.parallel.get() as usize, settings.keep_alive)
+            .with_max_memory(settings.max_memory),
+    );
     tokio::spawn(crate::inference::server::serve(
         listener,
         engine,

@@ -304,6 +304,7 @@ impl ClusterTask {
                 node.last_seen_ms = now_ms;
                 node.hardware = Some(report.hardware);
                 node.ollama = report.ollama;
+                node.memory_limit_bytes = report.memory_limit_bytes;
                 // A stage bound to loopback or any address is reached where the agent connects from.
                 node.stage_address = report.stage_address.map(|address| {
                     reachable_url(
@@ -390,6 +391,7 @@ impl ClusterTask {
                 hardware: None,
                 ollama: None,
                 stage_address: None,
+                memory_limit_bytes: None,
             };
             self.entries.insert(
                 node_id.clone(),
@@ -476,6 +478,7 @@ impl ClusterTask {
                     hardware: None,
                     ollama: None,
                     stage_address: None,
+                    memory_limit_bytes: None,
                 };
                 self.entries.insert(
                     hello.node_id.clone(),

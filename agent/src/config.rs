@@ -273,10 +273,22 @@ pub const KEYS: &[KeySpec] = &[
         doc: "Address of the agent's stage port, where the coordinator and other stages reach it for distributed inference (layer protocol, cluster token required; port 0: any free port). Use e.g. `0.0.0.0:7703` when other machines take part.",
     },
     KeySpec {
+        key: "engine.max_memory",
+        env: "SOLLOL_ENGINE_MAX_MEMORY",
+        default: None,
+        doc: "Most memory the agent offers to models (bytes, or with a unit: `512MiB`, `6GiB`, `8GB`): the engine does not load a model larger than this whole, a stage plans its layers within it, and the coordinator counts only this much of the node when deciding whether a model fits on one node. Default: whatever the node has available.",
+    },
+    KeySpec {
         key: "distributed.models",
         env: "SOLLOL_DISTRIBUTED_MODELS",
         default: None,
         doc: "Models (`name:tag`, comma-separated or a TOML list) the coordinator serves split across agents when `model_sharding_enabled` is true. At least one agent needs a copy of the GGUF; the others fetch just their part's tensors from it (every copy must be the same file). Default: none.",
+    },
+    KeySpec {
+        key: "distributed.auto",
+        env: "SOLLOL_DISTRIBUTED_AUTO",
+        default: Some("true"),
+        doc: "With `model_sharding_enabled`: also distribute, automatically, every model an agent holds that no single up node has the memory for (its file size plus 10%, against the node's available memory or `engine.max_memory`), as long as the agents with stage ports have enough between them. Such a model is served only through its stages.",
     },
     KeySpec {
         key: "distributed.max_stages",
@@ -444,6 +456,8 @@ pub struct Config {
 pub struct DistributedConfig {
     /// Empty unless `model_sharding_enabled`.
     pub models: Vec<String>,
+    /// Distribute models no single node can hold (only with `model_sharding_enabled`).
+    pub auto: bool,
     pub max_stages: NonZeroU32,
 }
 
@@ -463,6 +477,8 @@ pub struct EngineConfig {
     pub keep_alive: Duration,
     pub ollama_models: Option<PathBuf>,
     pub stage_bind: SocketAddr,
+    /// Memory offered to models; `None`: what the node has available.
+    pub max_memory: Option<u64>,
 }
 
 #[derive(Clone, Debug)]
@@ -674,6 +690,7 @@ impl TryFrom<&RawConfig> for Config {
                     .filter(|store| store.is_dir()),
             },
             stage_bind: reader.parse("engine.stage_bind", parse_socket_addr)?,
+            max_memory: reader.optional("engine.max_memory", parse_bytes)?,
         };
         let model_sharding_enabled = reader.parse("model_sharding_enabled", parse_bool)?;
         let distributed = DistributedConfig {
@@ -690,6 +707,7 @@ impl TryFrom<&RawConfig> for Config {
                 .into_iter()
                 .filter(|_| model_sharding_enabled)
                 .collect(),
+            auto: model_sharding_enabled && reader.parse("distributed.auto", parse_bool)?,
             max_stages: reader.parse("distributed.max_stages", parse_non_zero)?,
         };
         Ok(Self {
@@ -936,6 +954,39 @@ fn parse_non_zero(text: &str) -> Result<NonZeroU32, String> {
         .map_err(|_| "expected a whole number from 1 to 4294967295".to_owned())
 }
 
+/// `1048576`, `512MiB`, `6GiB`, `8GB`, `300 MB` (binary and decimal units, case-insensitive).
+fn parse_bytes(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| "must be a size such as 512MiB, 6GiB or 1048576".to_owned())?;
+    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1_000,
+        "kib" | "k" => 1 << 10,
+        "mb" => 1_000_000,
+        "mib" | "m" => 1 << 20,
+        "gb" => 1_000_000_000,
+        "gib" | "g" => 1 << 30,
+        "tb" => 1_000_000_000_000,
+        "tib" | "t" => 1 << 40,
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} (use B, KiB, MiB, GiB, TiB, KB, MB, GB or TB)"
+            ));
+        }
+    };
+    let bytes = number * scale as f64;
+    if !(1.0..=u64::MAX as f64).contains(&bytes) {
+        return Err("must be at least one byte".to_owned());
+    }
+    Ok(bytes as u64)
+}
+
 fn parse_bool(text: &str) -> Result<bool, String> {
     match text {
         "true" | "1" | "yes" | "on" => Ok(true),
@@ -951,6 +1002,21 @@ fn parse_node_name(text: &str) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_take_binary_and_decimal_units() {
+        assert_eq!(parse_bytes("1048576"), Ok(1 << 20));
+        assert_eq!(parse_bytes("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_bytes("1.5 GiB"), Ok(3 << 29));
+        assert_eq!(parse_bytes("8GB"), Ok(8_000_000_000));
+        assert!(parse_bytes("0").is_err());
+        assert!(
+            parse_bytes("12 parsecs")
+                .expect_err("an unknown unit")
+                .contains("unknown unit")
+        );
+        assert!(parse_bytes("lots").is_err());
+    }
 
     fn sources(
         file: Option<&str>,

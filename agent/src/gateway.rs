@@ -61,7 +61,7 @@ pub struct GatewayState {
     /// Ends the live event streams when the coordinator stops.
     pub shutdown: CancellationToken,
     /// Models served split across agents (empty unless `model_sharding_enabled`).
-    pub distributed: Vec<Arc<crate::inference::engine::DistributedModel>>,
+    pub distributed: Option<Arc<crate::inference::engine::Engine>>,
 }
 
 impl GatewayState {
@@ -546,11 +546,24 @@ fn sse_event(event: &LiveEvent) -> SseEvent {
 async fn distributed(
     State(state): State<Arc<GatewayState>>,
 ) -> Json<sollol_shared::api::DistributedList> {
-    let mut models = Vec::with_capacity(state.distributed.len());
-    for model in &state.distributed {
-        models.push(model.pipeline.status().await);
+    Json(sollol_shared::api::DistributedList {
+        models: distributed_status(&state).await,
+    })
+}
+
+/// Every distributed model's status, by name.
+async fn distributed_status(state: &GatewayState) -> Vec<sollol_shared::api::DistributedModel> {
+    let mut sources = state
+        .distributed
+        .as_ref()
+        .map(|front| front.distributed())
+        .unwrap_or_default();
+    sources.sort_by(|a, b| a.pipeline.model.cmp(&b.pipeline.model));
+    let mut models = Vec::with_capacity(sources.len());
+    for source in sources {
+        models.push(source.pipeline.status().await);
     }
-    Json(sollol_shared::api::DistributedList { models })
+    models
 }
 
 /// `POST /api/sollol/v1/distributed/{model}/plan`: plans and loads the model's pipeline now (a no-op when
@@ -561,22 +574,26 @@ async fn plan_distributed(
     Path(model): Path<String>,
 ) -> Response {
     let wanted = crate::cluster::normalize_model(&model);
-    let Some(source) = state
+    let sources = state
         .distributed
+        .as_ref()
+        .map(|front| front.distributed())
+        .unwrap_or_default();
+    let Some(source) = sources
         .iter()
         .find(|source| source.pipeline.model == wanted)
     else {
-        let listed: Vec<&str> = state
-            .distributed
+        let listed: Vec<&str> = sources
             .iter()
             .map(|source| source.pipeline.model.as_str())
             .collect();
         return ApiError::new(
             StatusCode::NOT_FOUND,
             format!(
-                "{wanted} is not a distributed model (distributed.models: {})",
+                "{wanted} is not a distributed model (distributed now: {})",
                 if listed.is_empty() {
-                    "none; set model_sharding_enabled and distributed.models".to_owned()
+                    "none; set model_sharding_enabled, and distributed.models or distributed.auto"
+                        .to_owned()
                 } else {
                     listed.join(", ")
                 }
@@ -601,11 +618,8 @@ async fn metrics(State(state): State<Arc<GatewayState>>) -> Response {
         learning_dropped: state.proxy.learner().dropped(),
     };
     let mut text = state.observer.render(&gauges);
-    if !state.distributed.is_empty() {
-        let mut models = Vec::with_capacity(state.distributed.len());
-        for model in &state.distributed {
-            models.push(model.pipeline.status().await);
-        }
+    let models = distributed_status(&state).await;
+    if !models.is_empty() {
         text.push_str(&crate::observe::render_distributed(&models));
     }
     (

@@ -418,6 +418,7 @@ fn read_remembered(
             hardware: hardware.and_then(|json| serde_json::from_str(&json).ok()),
             ollama: ollama.and_then(|json| serde_json::from_str(&json).ok()),
             stage_address: None,
+            memory_limit_bytes: None,
         })
     })?;
     let nodes: Vec<Node> = rows.collect::<Result<_, _>>()?;
@@ -698,6 +699,7 @@ mod tests {
             hardware: Some(Default::default()),
             ollama: None,
             stage_address: None,
+            memory_limit_bytes: None,
         }
     }
 

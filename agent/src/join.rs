@@ -270,11 +270,15 @@ async fn handshake(
 
 /// Samples hardware off the async workers (procfs reads, NVML calls) and Ollama over HTTP, concurrently.
 async fn sample(sampler: &Arc<Mutex<Sampler>>) -> sollol_shared::hardware::NodeReport {
-    let (ollama_probe, stage_address) = {
+    let (ollama_probe, stage_address, memory_limit) = {
         let sampler = sampler
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        (sampler.ollama_probe(), sampler.stage_address.clone())
+        (
+            sampler.ollama_probe(),
+            sampler.stage_address.clone(),
+            sampler.memory_limit,
+        )
     };
     let blocking_sampler = Arc::clone(sampler);
     let hardware = tokio::task::spawn_blocking(move || match blocking_sampler.lock() {
@@ -282,7 +286,12 @@ async fn sample(sampler: &Arc<Mutex<Sampler>>) -> sollol_shared::hardware::NodeR
         Err(poisoned) => poisoned.into_inner().hardware(),
     });
     let (hardware, ollama) = tokio::join!(hardware, ollama_probe.sample());
-    telemetry::report(hardware.unwrap_or_default(), ollama, stage_address)
+    telemetry::report(
+        hardware.unwrap_or_default(),
+        ollama,
+        stage_address,
+        memory_limit,
+    )
 }
 
 async fn say_goodbye(writer: &mut OwnedWriteHalf) {

@@ -996,6 +996,8 @@ impl Drop for Sequence<'_> {
 #[derive(Debug)]
 pub struct Distributed {
     pub model: String,
+    /// Why it is distributed: listed in the configuration, or too large for any one node.
+    why: String,
     max_stages: usize,
     token: ClusterToken,
     timeouts: Timeouts,
@@ -1029,6 +1031,7 @@ pub struct Generated {
 impl Distributed {
     pub fn new(model: &str, max_stages: usize, token: ClusterToken, timeouts: Timeouts) -> Self {
         Self {
+            why: String::new(),
             model: model.to_owned(),
             max_stages,
             token,
@@ -1040,6 +1043,12 @@ impl Distributed {
             speeds: Mutex::new(HashMap::new()),
             planning: Mutex::new(None),
         }
+    }
+
+    /// Why the model is distributed (the first of its status's reasons).
+    pub fn because(mut self, why: impl Into<String>) -> Self {
+        self.why = why.into();
+        self
     }
 
     /// The plan being made now, if any.
@@ -1101,7 +1110,7 @@ impl Distributed {
                 digest: None,
                 layers: 0,
                 stages: Vec::new(),
-                reasons: Vec::new(),
+                reasons: vec![self.why.clone()],
                 tokens: 0,
                 tokens_per_second: None,
                 hop_ms: None,
@@ -1141,7 +1150,9 @@ impl Distributed {
                         .and_then(|seconds| per_token(*seconds)),
                 })
                 .collect(),
-            reasons: pipeline.plan.reasons.clone(),
+            reasons: std::iter::once(self.why.clone())
+                .chain(pipeline.plan.reasons.iter().cloned())
+                .collect(),
             tokens: stats.steps,
             tokens_per_second: (stats.step_seconds > 0.0)
                 .then(|| stats.steps as f64 / stats.step_seconds),

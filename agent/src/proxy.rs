@@ -110,6 +110,10 @@ pub struct ProxySettings {
     pub hedging: bool,
     /// Whether idle, never-measured nodes are measured with a short request of the gateway's own.
     pub calibration: bool,
+    /// The node id of the coordinator's distributed inference front: the only node that serves the
+    /// models it lists (they are distributed because the nodes that hold them should not serve them
+    /// whole).
+    pub distributed_front: Option<String>,
 }
 
 impl Proxy {
@@ -736,7 +740,7 @@ impl Selection<'_> {
         view: &ClusterView,
     ) -> Result<Vec<(usize, Candidate)>, ApiError> {
         let learned = proxy.learner.snapshot();
-        let candidates: Vec<(usize, Candidate)> = view
+        let mut candidates: Vec<(usize, Candidate)> = view
             .backends
             .iter()
             .enumerate()
@@ -769,6 +773,14 @@ impl Selection<'_> {
                 (index, candidate)
             })
             .collect();
+        if let Some(front) = proxy.settings.distributed_front.as_deref()
+            && !self.any_node
+            && candidates
+                .iter()
+                .any(|(_, candidate)| candidate.node_id == front)
+        {
+            candidates.retain(|(_, candidate)| candidate.node_id == front);
+        }
         // Nodes whose breaker is open are left out, unless that leaves nobody.
         let now = Instant::now();
         let usable: Vec<(usize, Candidate)> = candidates

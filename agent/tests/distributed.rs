@@ -92,6 +92,18 @@ async fn cluster(names: &[&str], altered: &[&str]) -> Cluster {
 /// Starts `sollol agent NAME` joining `join` with `token`, its models directory holding the test model
 /// (a copy with one byte changed when `altered`; nothing for names starting with [`WITHOUT_MODEL`]).
 fn spawn_agent(name: &str, join: &str, token: &str, altered: bool) -> (Agent, tempfile::TempDir) {
+    // Stages only: the agents do not serve the model whole.
+    spawn_agent_with(name, join, token, altered, &[("SOLLOL_ENGINE", "off")])
+}
+
+/// An agent process holding the test model (unless `altered` or named without), with `env` set.
+fn spawn_agent_with(
+    name: &str,
+    join: &str,
+    token: &str,
+    altered: bool,
+    env: &[(&str, &str)],
+) -> (Agent, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("tempdir");
     let models = dir.path().join("models");
     std::fs::create_dir_all(&models).expect("models dir");
@@ -121,8 +133,7 @@ fn spawn_agent(name: &str, join: &str, token: &str, altered: bool) -> (Agent, te
             "200ms",
         ])
         .env("SOLLOL_MODELS_DIR", &models)
-        // Stages only: the agents do not serve the model whole.
-        .env("SOLLOL_ENGINE", "off")
+        .envs(env.iter().copied())
         // Several stage processes share two cores.
         .env("RAYON_NUM_THREADS", "1")
         .env("RUST_LOG", "warn")
@@ -158,6 +169,57 @@ impl Cluster {
             })
             .collect()
     }
+}
+
+/// A coordinator process with distributed inference on (and `env`): the process, its gateway URL, the
+/// join address and token from its banner, and its data directory.
+fn start_coordinator(env: &[(&str, &str)]) -> (Agent, String, String, String, tempfile::TempDir) {
+    let coordinator_dir = tempfile::tempdir().expect("tempdir");
+    let mut coordinator = Command::new(SOLLOL)
+        .args([
+            "coordinator",
+            "--data-dir",
+            &coordinator_dir.path().display().to_string(),
+            "--gateway-bind",
+            "127.0.0.1:0",
+            "--cluster-bind",
+            "127.0.0.1:0",
+        ])
+        .env("SOLLOL_MODEL_SHARDING_ENABLED", "true")
+        .env("SOLLOL_PROBE_INTERVAL", "200ms")
+        .env("RUST_LOG", "warn")
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start coordinator");
+    let (mut gateway, mut join) = (String::new(), None);
+    let lines = std::io::BufRead::lines(std::io::BufReader::new(
+        coordinator.stdout.take().expect("stdout"),
+    ));
+    for line in lines {
+        let line = line.expect("banner line");
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["Gateway:", url, ..] => gateway = (*url).to_owned(),
+            ["sollol", "agent", "--join", address, "--token", token] => {
+                join = Some(((*address).to_owned(), (*token).to_owned()));
+                break;
+            }
+            _ => {}
+        }
+    }
+    let (join, token) = join.expect("the banner's join line");
+    (
+        Agent {
+            child: coordinator,
+            name: "coordinator".to_owned(),
+        },
+        gateway,
+        join,
+        token,
+        coordinator_dir,
+    )
 }
 
 fn whole_model() -> Model {
@@ -508,47 +570,11 @@ async fn refuse_other_version(address: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_distributed_model_is_served_through_the_gateway() {
     // The coordinator in a process of its own, so that its memory and mappings are its own.
-    let coordinator_dir = tempfile::tempdir().expect("tempdir");
-    let mut coordinator = Command::new(SOLLOL)
-        .args([
-            "coordinator",
-            "--data-dir",
-            &coordinator_dir.path().display().to_string(),
-            "--gateway-bind",
-            "127.0.0.1:0",
-            "--cluster-bind",
-            "127.0.0.1:0",
-        ])
-        .env("SOLLOL_MODEL_SHARDING_ENABLED", "true")
-        .env("SOLLOL_DISTRIBUTED_MODELS", "smollm2:135m")
-        .env("SOLLOL_DISTRIBUTED_MAX_STAGES", "2")
-        .env("SOLLOL_PROBE_INTERVAL", "200ms")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start coordinator");
-    let (mut gateway, mut join) = (String::new(), None);
-    let lines = std::io::BufRead::lines(std::io::BufReader::new(
-        coordinator.stdout.take().expect("stdout"),
-    ));
-    for line in lines {
-        let line = line.expect("banner line");
-        let words: Vec<&str> = line.split_whitespace().collect();
-        match words.as_slice() {
-            ["Gateway:", url, ..] => gateway = (*url).to_owned(),
-            ["sollol", "agent", "--join", address, "--token", token] => {
-                join = Some(((*address).to_owned(), (*token).to_owned()));
-                break;
-            }
-            _ => {}
-        }
-    }
-    let coordinator = Agent {
-        child: coordinator,
-        name: "coordinator".to_owned(),
-    };
-    let (join, token) = join.expect("the banner's join line");
+    let (coordinator, gateway, join, token, _coordinator_dir) = start_coordinator(&[
+        ("SOLLOL_DISTRIBUTED_MODELS", "smollm2:135m"),
+        ("SOLLOL_DISTRIBUTED_MAX_STAGES", "2"),
+    ]);
+
     let mut keep = Vec::new();
     for name in ["left", "right"] {
         keep.push(spawn_agent(name, &join, &token, false));
@@ -768,4 +794,137 @@ async fn a_stage_without_the_file_fetches_its_part_from_a_peer() {
     );
     let (tokens, _) = pipeline_run(&whole, &prompt, 8).await;
     assert_eq!(tokens, expected_tokens);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_no_node_can_hold_is_distributed_automatically() {
+    // Nothing listed in distributed.models: the coordinator decides by itself.
+    let (_coordinator, gateway, join, token, _dir) =
+        start_coordinator(&[("SOLLOL_DISTRIBUTED_MAX_STAGES", "2")]);
+    // Two agents that serve their models with the engine, each offering 64 MiB to models: less than the
+    // model's 94 MiB, enough for half of it.
+    let mut keep = Vec::new();
+    for name in ["pi-left", "pi-right"] {
+        keep.push(spawn_agent_with(
+            name,
+            &join,
+            &token,
+            false,
+            &[
+                ("SOLLOL_ENGINE", "on"),
+                ("SOLLOL_ENGINE_MAX_MEMORY", "64MiB"),
+            ],
+        ));
+    }
+    let started = Instant::now();
+    let listed = loop {
+        let list: sollol_shared::api::DistributedList = serde_json::from_slice(
+            &support::get(&format!("{gateway}/api/sollol/v1/distributed"))
+                .await
+                .body,
+        )
+        .expect("distributed list");
+        let tags = support::get(&format!("{gateway}/api/tags")).await.text();
+        if let Some(model) = list.models.first()
+            && tags.contains("smollm2:135m")
+        {
+            break model.clone();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the coordinator never distributed the model"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(listed.model, "smollm2:135m");
+    assert!(
+        listed.reasons[0].starts_with("automatic: no node that holds it has the memory (93 MiB")
+            && listed.reasons[0].contains("the most any offers is 64 MiB"),
+        "{:?}",
+        listed.reasons
+    );
+
+    // A holder's own engine will not load it whole, and says why.
+    let nodes: sollol_shared::api::NodeList = serde_json::from_slice(
+        &support::get(&format!("{gateway}/api/sollol/v1/nodes"))
+            .await
+            .body,
+    )
+    .expect("node list");
+    let holder = nodes
+        .nodes
+        .iter()
+        .find(|node| node.name == "pi-left")
+        .expect("pi-left");
+    assert_eq!(holder.memory_limit_bytes, Some(64 << 20));
+    let engine = &holder.ollama.as_ref().expect("engine state").url;
+    let refused = support::post(
+        &format!("{engine}/api/generate"),
+        serde_json::json!({"model": "smollm2:135m", "prompt": "hi", "stream": false}),
+    )
+    .await;
+    assert!(
+        refused.status == 500
+            && refused
+                .text()
+                .contains("than this node offers (64 MiB, engine.max_memory)"),
+        "{} {}",
+        refused.status,
+        refused.text()
+    );
+
+    // Through the gateway it is served by its stages: greedy chat gives llama.cpp's reference text.
+    let reference: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            support::root().join("tests/reference/smollm2-135m-q4_1.llamacpp.json"),
+        )
+        .expect("reference"),
+    )
+    .expect("JSON");
+    let reference = &reference["completions"][0];
+    let answer = support::post(
+        &format!("{gateway}/api/chat"),
+        serde_json::json!({
+            "model": "smollm2:135m",
+            "messages": [{"role": "user", "content": reference["user_message"]}],
+            "stream": false,
+            "options": {"temperature": 0, "num_predict": 16, "seed": 1, "repeat_penalty": 1.0},
+        }),
+    )
+    .await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert_eq!(answer.node.as_deref(), Some("distributed"));
+    let body: serde_json::Value = serde_json::from_slice(&answer.body).expect("chat JSON");
+    let text = body["message"]["content"].as_str().expect("content");
+    assert!(
+        text.len() > 40
+            && reference["output_text"]
+                .as_str()
+                .expect("reference text")
+                .starts_with(text),
+        "{text:?}"
+    );
+
+    // The plan stays within what each agent offers: both stages, 15 layers each.
+    let list: sollol_shared::api::DistributedList = serde_json::from_slice(
+        &support::get(&format!("{gateway}/api/sollol/v1/distributed"))
+            .await
+            .body,
+    )
+    .expect("distributed list");
+    let model = &list.models[0];
+    let layers: Vec<_> = model
+        .stages
+        .iter()
+        .map(|stage| (stage.layers_start, stage.layers_end))
+        .collect();
+    assert_eq!(layers, [(0, 15), (15, 30)], "{model:?}");
+    assert!(
+        model
+            .stages
+            .iter()
+            .all(|stage| stage.free_memory_bytes <= 64 << 20),
+        "{model:?}"
+    );
+    drop(keep);
 }

@@ -68,6 +68,9 @@ pub struct Node {
     /// The agent's stage port for distributed inference, reachable from the coordinator.
     #[serde(default)]
     pub stage_address: Option<String>,
+    /// The most memory the agent offers to models (`engine.max_memory`), when it is capped.
+    #[serde(default)]
+    pub memory_limit_bytes: Option<u64>,
 }
 
 /// `GET /api/sollol/v1/nodes/{id}`

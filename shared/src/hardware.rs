@@ -17,6 +17,8 @@ pub struct NodeReport {
     /// The agent's stage port for distributed inference, `HOST:PORT` as it is bound (an unspecified
     /// host means the coordinator uses the address the agent connects from).
     pub stage_address: Option<String>,
+    /// The most memory the agent offers to models (`engine.max_memory`), when it is capped.
+    pub memory_limit_bytes: Option<u64>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

@@ -32,7 +32,7 @@ use crate::hardware::NodeReport;
 
 /// The protocol version this build speaks.
 /// 2: reports carry the agent's stage address (distributed inference).
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// The first bytes an agent sends, before any frame.
 pub const MAGIC: [u8; 8] = *b"SOLLOL\x00\x01";

@@ -112,6 +112,7 @@ fn example_node() -> Node {
         hardware: Some(example_hardware()),
         ollama: Some(example_ollama()),
         stage_address: Some("192.0.2.10:7703".into()),
+        memory_limit_bytes: None,
     }
 }
 
@@ -387,6 +388,7 @@ fn reports_round_trip_through_postcard() {
         hardware: example_hardware(),
         ollama: Some(example_ollama()),
         stage_address: Some("0.0.0.0:7703".into()),
+        memory_limit_bytes: None,
     }));
     let bytes = postcard::to_stdvec(&message).expect("encode");
     assert!(bytes.len() < 1024, "a report is {} bytes", bytes.len());

@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use super::gguf::{Gguf, GgufError};
@@ -33,6 +33,16 @@ pub enum EngineError {
     Distributed(String),
     #[error("{0}")]
     Unsupported(String),
+    #[error(
+        "model {model} requires more memory ({} MiB) than this node offers ({} MiB, engine.max_memory)",
+        needs >> 20,
+        offered >> 20
+    )]
+    TooLarge {
+        model: String,
+        needs: u64,
+        offered: u64,
+    },
     #[error("the input is empty: there is nothing to embed")]
     EmptyInput,
     #[error("generation stopped: {0}")]
@@ -680,7 +690,8 @@ fn details_of(gguf: &Gguf, context_length: usize) -> ModelDetails {
 /// The engine's models: known on disk, loaded in memory with their expiry.
 #[derive(Debug)]
 pub struct Engine {
-    files: Vec<ModelFile>,
+    /// On disk, and (coordinator) served through stages; the latter come and go.
+    files: RwLock<Vec<ModelFile>>,
     loaded: Mutex<BTreeMap<String, (Arc<LoadedModel>, Instant)>>,
     /// Serialises loads, as Ollama does.
     loading: tokio::sync::Mutex<()>,
@@ -688,49 +699,104 @@ pub struct Engine {
     pub parallel: usize,
     pub default_keep_alive: Duration,
     /// Models served through stages, by name.
-    distributed: BTreeMap<String, Arc<DistributedModel>>,
+    distributed: RwLock<BTreeMap<String, Arc<DistributedModel>>>,
+    /// The most memory a model loaded whole may take (`engine.max_memory`).
+    max_memory: Option<u64>,
 }
 
 impl Engine {
     pub fn new(files: Vec<ModelFile>, parallel: usize, default_keep_alive: Duration) -> Self {
         Self {
-            files,
+            files: RwLock::new(files),
             loaded: Mutex::new(BTreeMap::new()),
             loading: tokio::sync::Mutex::new(()),
             slots: Arc::new(tokio::sync::Semaphore::new(parallel.max(1))),
             parallel: parallel.max(1),
             default_keep_alive,
-            distributed: BTreeMap::new(),
+            distributed: RwLock::new(BTreeMap::new()),
+            max_memory: None,
         }
     }
 
-    /// Adds a model served through stages (its file size and digest become known once planned).
-    pub fn with_distributed(mut self, name: &str, source: Arc<DistributedModel>) -> Self {
-        let name = crate::cluster::normalize_model(name);
-        self.files.push(ModelFile {
-            name: name.clone(),
-            path: PathBuf::new(),
-            size_bytes: 0,
-            modified: SystemTime::now(),
-            digest: String::new(),
-            details: None,
-        });
-        self.distributed.insert(name, source);
+    /// Refuses to load whole a model whose file is larger than `limit`.
+    pub fn with_max_memory(mut self, limit: Option<u64>) -> Self {
+        self.max_memory = limit;
         self
     }
 
-    pub fn files(&self) -> &[ModelFile] {
-        &self.files
+    /// Serves a model through stages from now on (its file size and digest become known once
+    /// planned); a no-op when it is served already.
+    pub fn add_distributed(&self, source: Arc<DistributedModel>) {
+        let name = crate::cluster::normalize_model(&source.pipeline.model);
+        let mut distributed = self
+            .distributed
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        if distributed.contains_key(&name) {
+            return;
+        }
+        self.files
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(ModelFile {
+                name: name.clone(),
+                path: PathBuf::new(),
+                size_bytes: 0,
+                modified: SystemTime::now(),
+                digest: String::new(),
+                details: None,
+            });
+        distributed.insert(name, source);
+    }
+
+    /// Stops serving a distributed model (requests running on it finish).
+    pub fn remove_distributed(&self, name: &str) {
+        let name = crate::cluster::normalize_model(name);
+        if self
+            .distributed
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&name)
+            .is_some()
+        {
+            self.files
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .retain(|file| file.name != name);
+            self.unload(&name);
+        }
+    }
+
+    /// The models served through stages.
+    pub fn distributed(&self) -> Vec<Arc<DistributedModel>> {
+        self.distributed
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    pub fn files(&self) -> Vec<ModelFile> {
+        self.files
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// The model called `name` (`name` alone means `name:latest`).
-    pub fn file(&self, name: &str) -> Option<&ModelFile> {
+    pub fn file(&self, name: &str) -> Option<ModelFile> {
         let wanted = if name.contains(':') {
             name.to_lowercase()
         } else {
             format!("{}:latest", name.to_lowercase())
         };
-        self.files.iter().find(|file| file.name == wanted)
+        self.files
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .find(|file| file.name == wanted)
+            .cloned()
     }
 
     /// Loaded models with when they expire.
@@ -749,8 +815,7 @@ impl Engine {
     ) -> Result<(Arc<LoadedModel>, Duration), EngineError> {
         let file = self
             .file(name)
-            .ok_or_else(|| EngineError::NotFound(name.to_owned()))?
-            .clone();
+            .ok_or_else(|| EngineError::NotFound(name.to_owned()))?;
         let keep = keep_alive.unwrap_or(self.default_keep_alive);
         if let Some(model) = self.touch(&file.name, keep) {
             return Ok((model, Duration::ZERO));
@@ -759,10 +824,25 @@ impl Engine {
         if let Some(model) = self.touch(&file.name, keep) {
             return Ok((model, Duration::ZERO));
         }
-        let loaded = if let Some(source) = self.distributed.get(&file.name) {
+        let source = self
+            .distributed
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&file.name)
+            .cloned();
+        let loaded = if let Some(source) = source {
             tracing::info!(model = %file.name, "planning the distributed model on its stages");
-            LoadedModel::load_distributed(&file, Arc::clone(source)).await?
+            LoadedModel::load_distributed(&file, source).await?
         } else {
+            if let Some(offered) = self.max_memory
+                && file.size_bytes > offered
+            {
+                return Err(EngineError::TooLarge {
+                    model: file.name.clone(),
+                    needs: file.size_bytes,
+                    offered,
+                });
+            }
             tracing::info!(model = %file.name, path = %file.path.display(), "loading model");
             tokio::task::spawn_blocking(move || LoadedModel::load(&file))
                 .await

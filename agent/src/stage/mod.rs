@@ -44,6 +44,8 @@ pub struct StageSettings {
     pub ollama_store: Option<PathBuf>,
     pub token: ClusterToken,
     pub handshake_timeout: Duration,
+    /// The most memory this node offers to models (`engine.max_memory`); `None`: what is available.
+    pub memory_limit: Option<u64>,
 }
 
 /// Who answered a [`dial`].
@@ -408,6 +410,14 @@ impl Stage {
         }
     }
 
+    /// The memory this node offers to a part now: what it has available, within `engine.max_memory`.
+    fn offered_memory(&self) -> u64 {
+        let available = free_memory_bytes();
+        self.settings
+            .memory_limit
+            .map_or(available, |limit| available.min(limit))
+    }
+
     /// The models this node has, with their content digests computed on demand.
     async fn files(&self) -> Vec<ModelFile> {
         let models_dir = self.settings.models_dir.clone();
@@ -445,7 +455,7 @@ impl Stage {
         let Some(file) = files.iter().find(|file| file.name == wanted) else {
             tracing::info!(model = %wanted, has = %names(&files), "no copy of the model here: a plan can still fetch a part");
             return StageReply::Lacking {
-                free_memory_bytes: free_memory_bytes(),
+                free_memory_bytes: self.offered_memory(),
             };
         };
         let digest = match self.digest_of(file).await {
@@ -470,7 +480,7 @@ impl Stage {
                 digest,
                 layers: u32::try_from(layers).unwrap_or(u32::MAX),
                 file_bytes: file.size_bytes,
-                free_memory_bytes: free_memory_bytes(),
+                free_memory_bytes: self.offered_memory(),
             },
             Err(message) => refusal(
                 RefusalCode::BadRequest,

@@ -21,6 +21,8 @@ pub struct Sampler {
     models_dir: PathBuf,
     /// The agent's stage port, reported with every sample.
     pub stage_address: Option<String>,
+    /// `engine.max_memory`, reported with every sample.
+    pub memory_limit: Option<u64>,
 }
 
 impl std::fmt::Debug for Sampler {
@@ -52,6 +54,7 @@ impl Sampler {
             ollama: OllamaProbe::new(ollama_url),
             models_dir,
             stage_address: None,
+            memory_limit: None,
         }
     }
 
@@ -80,12 +83,14 @@ pub fn report(
     hardware: HardwareReport,
     ollama: Option<sollol_shared::hardware::OllamaState>,
     stage_address: Option<String>,
+    memory_limit_bytes: Option<u64>,
 ) -> NodeReport {
     NodeReport {
         sampled_at_ms: unix_ms(SystemTime::now()),
         hardware,
         ollama,
         stage_address,
+        memory_limit_bytes,
     }
 }
 
