@@ -447,11 +447,7 @@ pub fn render_progress(progress: &sollol_shared::api::PlanProgress) -> String {
                 .stages
                 .iter()
                 .map(|stage| {
-                    let fetched = if stage.fetched_bytes > 0 {
-                        format!(", fetched {} MiB", stage.fetched_bytes >> 20)
-                    } else {
-                        String::new()
-                    };
+                    let fetched = fetched_text(stage);
                     format!(
                         "{} {}-{} {}{fetched}",
                         stage.name,
@@ -467,6 +463,18 @@ pub fn render_progress(progress: &sollol_shared::api::PlanProgress) -> String {
                 stages.join(", ")
             )
         }
+    }
+}
+
+/// `, fetched 12 of 47 MiB` while a stage fetches its tensors from a peer, `, fetched 47 MiB` after.
+pub fn fetched_text(stage: &sollol_shared::api::StageProgress) -> String {
+    let mib = |bytes: u64| bytes as f64 / f64::from(1 << 20);
+    match (stage.loaded, stage.fetched_bytes, stage.fetch_total_bytes) {
+        (_, 0, 0) => String::new(),
+        (false, done, total) if total > 0 => {
+            format!(", fetched {:.0} of {:.0} MiB", mib(done), mib(total))
+        }
+        (_, done, _) => format!(", fetched {:.0} MiB", mib(done)),
     }
 }
 
@@ -758,13 +766,15 @@ mod tests {
     #[test]
     fn plan_progress_reads_as_one_line() {
         use sollol_shared::api::{PlanPhase, PlanProgress, StageProgress};
-        let stage = |name: &str, start, end, loaded, fetched_bytes| StageProgress {
-            name: name.to_owned(),
-            layers_start: start,
-            layers_end: end,
-            loaded,
-            fetched_bytes,
-        };
+        let stage =
+            |name: &str, start, end, loaded, (fetched_bytes, fetch_total_bytes)| StageProgress {
+                name: name.to_owned(),
+                layers_start: start,
+                layers_end: end,
+                loaded,
+                fetched_bytes,
+                fetch_total_bytes,
+            };
         let describing = PlanProgress {
             phase: PlanPhase::Describing,
             elapsed_ms: 300,
@@ -778,18 +788,19 @@ mod tests {
             phase: PlanPhase::Loading,
             elapsed_ms: 2_340,
             stages: vec![
-                stage("left", 0, 15, true, 48 << 20),
-                stage("right", 15, 30, false, 0),
+                stage("left", 0, 15, true, (48 << 20, 48 << 20)),
+                stage("right", 15, 30, false, (12 << 20, 47 << 20)),
+                stage("more", 30, 40, false, (0, 0)),
             ],
         };
         let line = render_progress(&loading);
         assert_eq!(
             line,
-            "loading the stages, 1 of 2 ready (2.3 s): left 0-14 ✓, fetched 48 MiB, right 15-29 …"
+            "loading the stages, 1 of 3 ready (2.3 s): left 0-14 ✓, fetched 48 MiB, right 15-29 …, fetched 12 of 47 MiB, more 30-39 …"
         );
         assert_eq!(
             strip_elapsed(&line),
-            "loading the stages, 1 of 2 ready: left 0-14 ✓, fetched 48 MiB, right 15-29 …"
+            "loading the stages, 1 of 3 ready: left 0-14 ✓, fetched 48 MiB, right 15-29 …, fetched 12 of 47 MiB, more 30-39 …"
         );
     }
 

@@ -316,6 +316,17 @@ impl Link {
         request: &StageRequest,
         timeout: Duration,
     ) -> Result<StageReply, PipelineError> {
+        self.ask_reporting(request, timeout, &|_, _| {}).await
+    }
+
+    /// [`Link::ask`], passing the [`StageReply::Fetching`] progress that comes first to `fetching`
+    /// (bytes so far, in all); `timeout` runs from the last message.
+    async fn ask_reporting(
+        &self,
+        request: &StageRequest,
+        timeout: Duration,
+        fetching: &(dyn Fn(u64, u64) + Sync),
+    ) -> Result<StageReply, PipelineError> {
         let (sender, mut receiver) = mpsc::unbounded_channel();
         *self
             .routes
@@ -323,7 +334,15 @@ impl Link {
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = Some(sender);
         self.send(request).await?;
-        let answer = tokio::time::timeout(timeout, receiver.recv()).await;
+        let answer = loop {
+            match tokio::time::timeout(timeout, receiver.recv()).await {
+                Ok(Some(StageReply::Fetching {
+                    done_bytes,
+                    total_bytes,
+                })) => fetching(done_bytes, total_bytes),
+                other => break other,
+            }
+        };
         match answer {
             Ok(Some(StageReply::Refused(refusal))) => Err(PipelineError::Refused {
                 node: self.name().to_owned(),
@@ -659,6 +678,7 @@ impl Pipeline {
                     layers_end: u32::try_from(stage.layers.end).unwrap_or(u32::MAX),
                     loaded: false,
                     fetched_bytes: 0,
+                    fetch_total_bytes: 0,
                 })
                 .collect(),
         });
@@ -681,14 +701,26 @@ impl Pipeline {
                 sources: sources.clone(),
             };
             async move {
-                let answer = link.ask(&request, timeouts.load).await;
-                if let Ok(StageReply::Loaded { fetched_bytes, .. }) = &answer {
+                let report = |update: &dyn Fn(&mut StageProgress)| {
                     let mut now = loading.lock().unwrap_or_else(PoisonError::into_inner);
                     if let Some(stage) = now.stages.get_mut(index) {
-                        stage.loaded = true;
-                        stage.fetched_bytes = *fetched_bytes;
+                        update(stage);
                     }
                     progress(&now);
+                };
+                let answer = link
+                    .ask_reporting(&request, timeouts.load, &|done, total| {
+                        report(&|stage| {
+                            stage.fetched_bytes = done;
+                            stage.fetch_total_bytes = total;
+                        });
+                    })
+                    .await;
+                if let Ok(StageReply::Loaded { fetched_bytes, .. }) = &answer {
+                    report(&|stage| {
+                        stage.loaded = true;
+                        stage.fetched_bytes = *fetched_bytes;
+                    });
                 }
                 (answer, link)
             }

@@ -722,19 +722,46 @@ async fn a_stage_without_the_file_fetches_its_part_from_a_peer() {
         &std::collections::HashMap::new(),
         &|progress: &sollol::pipeline::Progress| {
             let loaded = progress.stages.iter().filter(|stage| stage.loaded).count();
+            let first = progress
+                .stages
+                .first()
+                .map(|stage| (stage.loaded, stage.fetched_bytes, stage.fetch_total_bytes));
             reports
                 .lock()
                 .expect("reports")
-                .push((progress.phase, loaded));
+                .push((progress.phase, loaded, first));
         },
     )
     .await
     .expect("plan with a stage that has no copy");
-    // Progress: describing, then loading with 0, 1 and 2 stages ready.
+    // Progress: describing, then loading with 0, 1 and 2 stages ready; meanwhile the stage without a
+    // copy reports its fetch chunk by chunk, up to all of it.
     use sollol_shared::api::PlanPhase::{Describing, Loading};
+    let reports = reports.into_inner().expect("reports");
+    let mut phases: Vec<_> = reports
+        .iter()
+        .map(|(phase, loaded, _)| (*phase, *loaded))
+        .collect();
+    phases.dedup();
     assert_eq!(
-        *reports.lock().expect("reports"),
+        phases,
         [(Describing, 0), (Loading, 0), (Loading, 1), (Loading, 2)]
+    );
+    let mut fetching: Vec<(u64, u64)> = reports
+        .iter()
+        .filter_map(|(_, _, first)| *first)
+        .filter(|(loaded, _, total)| !loaded && *total > 0)
+        .map(|(_, done, total)| (done, total))
+        .collect();
+    // Each report shows every stage: the other stage's reports repeat this one's state.
+    fetching.dedup();
+    assert!(
+        fetching.len() >= 3
+            && fetching.windows(2).all(|pair| pair[0].0 < pair[1].0)
+            && fetching
+                .last()
+                .is_some_and(|(done, total)| done == total && *total == pipeline.fetched_bytes[0]),
+        "{fetching:?}"
     );
     assert!(
         pipeline

@@ -267,11 +267,20 @@ fn PipelineView(model: DistributedModel) -> impl IntoView {
                     .stages
                     .iter()
                     .map(|stage| format!(
-                        "{} {}–{} {}",
+                        "{} {}–{} {}{}",
                         stage.name,
                         stage.layers_start,
                         stage.layers_end.saturating_sub(1),
-                        if stage.loaded { "✓" } else { "…" }
+                        if stage.loaded { "✓" } else { "…" },
+                        if stage.fetch_total_bytes > 0 && !stage.loaded {
+                            format!(
+                                ", fetched {} of {}",
+                                format::bytes(stage.fetched_bytes),
+                                format::bytes(stage.fetch_total_bytes)
+                            )
+                        } else {
+                            String::new()
+                        }
                     ))
                     .collect::<Vec<_>>()
                     .join(", ")

@@ -478,6 +478,9 @@ pub struct StageProgress {
     pub layers_start: u32,
     pub layers_end: u32,
     pub loaded: bool,
-    /// Tensor bytes fetched from a peer, once loaded.
+    /// Tensor bytes fetched from a peer so far.
     pub fetched_bytes: u64,
+    /// Tensor bytes the stage fetches in all (0: it has them).
+    #[serde(default)]
+    pub fetch_total_bytes: u64,
 }

@@ -224,6 +224,12 @@ pub enum StageReply {
         sha256: Option<[u8; 32]>,
     },
     TensorsSent,
+    /// While a [`StageRequest::Load`] fetches tensors from a peer: bytes fetched so far of the
+    /// `total_bytes` it needs, after each chunk.
+    Fetching {
+        done_bytes: u64,
+        total_bytes: u64,
+    },
     Opened {
         sequence: u64,
     },

@@ -8,6 +8,9 @@ use sollol_shared::protocol::RefusalCode;
 use tokio::sync::mpsc;
 
 use super::{Stage, dial, refusal};
+
+/// Bytes between two [`StageReply::Fetching`] reports.
+const PROGRESS_EVERY: u64 = 4 << 20;
 use crate::inference::engine::ModelFile;
 use crate::inference::gguf::Gguf;
 use crate::partial::{self, PartialCopy};
@@ -37,6 +40,7 @@ impl Stage {
         &self,
         spec: &PartSpec,
         sources: &[String],
+        progress: &mpsc::Sender<StageReply>,
     ) -> Result<(ModelFile, u64), String> {
         let models_dir = self.settings.models_dir.clone();
         let mut failures = Vec::new();
@@ -48,7 +52,7 @@ impl Stage {
             return Ok((self.partial_file(spec, &copy.path), 0));
         }
         for source in sources {
-            match self.fetch(spec, source).await {
+            match self.fetch(spec, source, progress).await {
                 Ok(result) => return Ok(result),
                 Err(message) => {
                     tracing::warn!(%source, %message, "fetching tensors from a peer failed");
@@ -74,7 +78,12 @@ impl Stage {
         }
     }
 
-    async fn fetch(&self, spec: &PartSpec, source: &str) -> Result<(ModelFile, u64), String> {
+    async fn fetch(
+        &self,
+        spec: &PartSpec,
+        source: &str,
+        progress: &mpsc::Sender<StageReply>,
+    ) -> Result<(ModelFile, u64), String> {
         let (mut stream, peer) = dial(
             source,
             &self.settings.token,
@@ -116,7 +125,12 @@ impl Stage {
         )
         .await
         .map_err(|error| error.to_string())?;
-        let mut fetched = 0u64;
+        let total_bytes: u64 = missing
+            .iter()
+            .filter_map(|name| gguf.tensor(name))
+            .map(|info| info.size)
+            .sum();
+        let (mut fetched, mut reported) = (0u64, 0u64);
         let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
         loop {
             match wire::read_message_within::<StageReply, _>(&mut stream, MAX_LAYER_FRAME_BYTES)
@@ -143,6 +157,16 @@ impl Stage {
                         .map_err(|error| format!("cannot write the partial copy: {error}"))?;
                     sha2::Digest::update(&mut hasher, &bytes);
                     fetched += bytes.len() as u64;
+                    // Every few MiB, and at the end.
+                    if fetched - reported >= PROGRESS_EVERY || fetched == total_bytes {
+                        reported = fetched;
+                        let _ = progress
+                            .send(StageReply::Fetching {
+                                done_bytes: fetched,
+                                total_bytes,
+                            })
+                            .await;
+                    }
                     if let Some(expected) = sha256 {
                         let got: [u8; 32] = sha2::Digest::finalize_reset(&mut hasher).into();
                         if got != expected {

@@ -382,7 +382,7 @@ impl Stage {
                 part,
                 next,
                 sources,
-            } => Some(self.load(part, next, sources).await),
+            } => Some(self.load(part, next, sources, replies).await),
             StageRequest::Tensors { digest, names } => {
                 self.send_tensors(&digest, &names, replies).await;
                 None
@@ -489,7 +489,15 @@ impl Stage {
         }
     }
 
-    async fn load(&self, spec: PartSpec, next: Option<String>, sources: Vec<String>) -> StageReply {
+    /// Loads `spec` (fetching what it lacks from `sources`, with [`StageReply::Fetching`] on `progress`)
+    /// and connects to `next`.
+    async fn load(
+        &self,
+        spec: PartSpec,
+        next: Option<String>,
+        sources: Vec<String>,
+        progress: &mpsc::Sender<StageReply>,
+    ) -> StageReply {
         let started = Instant::now();
         let mut fetched_bytes = 0;
         let mut part = self.part.lock().await;
@@ -497,7 +505,7 @@ impl Stage {
             let wanted = crate::cluster::normalize_model(&spec.model);
             let file = match self.find_copy(&wanted, &spec.digest).await {
                 Ok(Some(file)) => file,
-                Ok(None) => match self.partial_copy(&spec, &sources).await {
+                Ok(None) => match self.partial_copy(&spec, &sources, progress).await {
                     Ok((file, fetched)) => {
                         fetched_bytes = fetched;
                         file
