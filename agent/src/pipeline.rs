@@ -422,6 +422,9 @@ async fn send_batches(
             return;
         };
         let permit = Arc::new(permit);
+        // The sequences whose answers just freed the permit queue their next steps right after it:
+        // let them, so that they join this batch rather than follow alone.
+        tokio::task::yield_now().await;
         let mut batch = vec![head];
         while batch.len() < BATCH_STEPS {
             match queued.try_recv() {
