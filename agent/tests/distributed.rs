@@ -909,14 +909,20 @@ async fn a_model_no_node_can_hold_is_distributed_automatically() {
     )
     .expect("JSON");
     let reference = &reference["completions"][0];
-    let answer = support::post(
+    let chat = serde_json::json!({
+        "model": "smollm2:135m",
+        "messages": [{"role": "user", "content": reference["user_message"]}],
+        "stream": false,
+        "options": {"temperature": 0, "num_predict": 16, "seed": 1, "repeat_penalty": 1.0},
+    });
+    // The first request plans the pipeline (digests and loads on both agents): unoptimised test builds
+    // sharing two cores with the other tests take a while.
+    let answer = support::send_within(
+        "POST",
         &format!("{gateway}/api/chat"),
-        serde_json::json!({
-            "model": "smollm2:135m",
-            "messages": [{"role": "user", "content": reference["user_message"]}],
-            "stream": false,
-            "options": {"temperature": 0, "num_predict": 16, "seed": 1, "repeat_penalty": 1.0},
-        }),
+        serde_json::to_vec(&chat).expect("JSON"),
+        &[],
+        Duration::from_secs(180),
     )
     .await;
     assert_eq!(answer.status, 200, "{}", answer.text());

@@ -1011,3 +1011,69 @@ pub fn resident_bytes() -> u64 {
         })
         .map_or(0, |kib| kib * 1024)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn step(sequence: u64, tokens: usize) -> Forward {
+        Forward {
+            sequence,
+            start: 0,
+            input: StageInput::Tokens(vec![1; tokens]),
+            output: Output::Sample,
+            trace: Vec::new(),
+        }
+    }
+
+    fn forward(sequences: &[u64], tokens: usize) -> StageRequest {
+        StageRequest::Forward {
+            steps: sequences
+                .iter()
+                .map(|sequence| step(*sequence, tokens))
+                .collect(),
+        }
+    }
+
+    fn sequences(steps: &[Forward]) -> Vec<u64> {
+        steps.iter().map(|step| step.sequence).collect()
+    }
+
+    #[tokio::test]
+    async fn a_batch_takes_the_waiting_forwards_of_other_sequences_only() {
+        let (sender, mut incoming) = mpsc::channel(16);
+        for request in [
+            forward(&[2, 3], 1),
+            forward(&[4], 1),
+            // Sequence 3 again (its next prompt chunk): it waits for the next batch.
+            forward(&[3], 1),
+            forward(&[5], 1),
+            StageRequest::Close { sequence: 9 },
+        ] {
+            sender.send(request).await.expect("queued");
+        }
+        let mut steps = vec![step(1, 1)];
+        let left = gather(&mut steps, &mut incoming);
+        assert_eq!(sequences(&steps), [1, 2, 3, 4]);
+        let Some(StageRequest::Forward { steps: mut next }) = left else {
+            panic!("the repeated sequence waits");
+        };
+        assert_eq!(sequences(&next), [3]);
+
+        // The next batch takes what follows, up to a request of another kind, which waits its turn.
+        let left = gather(&mut next, &mut incoming);
+        assert_eq!(sequences(&next), [3, 5]);
+        assert!(matches!(left, Some(StageRequest::Close { sequence: 9 })));
+
+        // A forward that would pass the row limit waits too.
+        sender
+            .send(forward(&[6], BATCH_ROWS))
+            .await
+            .expect("queued");
+        let mut steps = vec![step(7, 1)];
+        let left = gather(&mut steps, &mut incoming);
+        assert_eq!(sequences(&steps), [7]);
+        assert!(matches!(left, Some(StageRequest::Forward { .. })));
+        assert!(gather(&mut steps, &mut incoming).is_none());
+    }
+}

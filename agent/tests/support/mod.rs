@@ -82,6 +82,17 @@ impl Answer {
 
 /// Sends one request on a fresh connection; panics when no answer comes within 20 s.
 pub async fn send(method: &str, url: &str, body: Vec<u8>, headers: &[(&str, &str)]) -> Answer {
+    send_within(method, url, body, headers, Duration::from_secs(20)).await
+}
+
+/// [`send`], waiting up to `limit` for the answer's head.
+pub async fn send_within(
+    method: &str,
+    url: &str,
+    body: Vec<u8>,
+    headers: &[(&str, &str)],
+    limit: Duration,
+) -> Answer {
     let client: Client<HttpConnector, Full<Bytes>> =
         Client::builder(TokioExecutor::new()).build_http();
     let mut request = hyper::Request::builder().method(method).uri(url);
@@ -89,7 +100,7 @@ pub async fn send(method: &str, url: &str, body: Vec<u8>, headers: &[(&str, &str
         request = request.header(*name, *value);
     }
     let request = request.body(Full::new(Bytes::from(body))).expect("request");
-    let response = tokio::time::timeout(Duration::from_secs(20), client.request(request))
+    let response = tokio::time::timeout(limit, client.request(request))
         .await
         .expect("answer in time")
         .expect("answer");
