@@ -84,6 +84,9 @@ pub enum Command {
     PrintConfig,
     /// Print the build and protocol versions.
     Version,
+    /// Print the script that installs this binary as a systemd service (an agent joining a
+    /// coordinator); pipe it to `sudo sh -s -- --binary ./sollol --join HOST:PORT --token TOKEN`.
+    InstallScript,
 }
 
 #[derive(Debug, Args)]
@@ -175,7 +178,7 @@ impl Cli {
             Command::Status(client)
             | Command::Nodes(client)
             | Command::Distribute { client, .. } => push("coordinator_url", client.url.clone()),
-            Command::Token | Command::PrintConfig | Command::Version => {}
+            Command::Token | Command::PrintConfig | Command::Version | Command::InstallScript => {}
         }
         ConfigSources {
             file,
@@ -230,6 +233,10 @@ pub async fn run(command: Command, raw: &RawConfig, config: Config) -> ExitCode 
     match command {
         Command::Version => {
             println!("sollol {BUILD_VERSION} (protocol v{PROTOCOL_VERSION})");
+            ExitCode::SUCCESS
+        }
+        Command::InstallScript => {
+            print!("{INSTALL_SCRIPT}");
             ExitCode::SUCCESS
         }
         Command::PrintConfig => {
@@ -566,6 +573,16 @@ fn banner(coordinator: &app::CoordinatorHandle) -> String {
         cluster.port(),
         coordinator.token.expose()
     );
+    let _ = writeln!(
+        text,
+        "Or, on a Linux node with systemd, install the agent as a service from a copy of this binary:"
+    );
+    let _ = writeln!(
+        text,
+        "  ./sollol install-script | sudo sh -s -- --binary ./sollol --join {join_host}:{} --token {}",
+        cluster.port(),
+        coordinator.token.expose()
+    );
     if cluster.ip().is_loopback() {
         let _ = writeln!(
             text,
@@ -574,6 +591,9 @@ fn banner(coordinator: &app::CoordinatorHandle) -> String {
     }
     text
 }
+
+/// `scripts/install-agent.sh`, shipped inside the binary so that a copied binary can install itself.
+pub const INSTALL_SCRIPT: &str = include_str!("../../scripts/install-agent.sh");
 
 /// `sollol status` as text.
 pub fn render_status(summary: &ClusterSummary) -> String {
