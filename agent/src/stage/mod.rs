@@ -929,21 +929,26 @@ fn compute(part: &LoadedPart, batch: &mut [(Forward, Sequence)]) -> Vec<Result<C
             })
             .collect();
     }
-    // The last stage: the logits of every step that wants them, in one pass over the head.
-    let wanted: Vec<bool> = batch
+    last_stage_answers(model, batch, outputs)
+}
+
+/// The last stage's answers to a batch whose layers ran (`outputs`: each step's rows): the logits of every
+/// step that wants them in one pass over the output matrix, then each step's logits or sampled token.
+fn last_stage_answers(
+    model: &Model,
+    batch: &mut [(Forward, Sequence)],
+    outputs: Vec<Result<&[f32], String>>,
+) -> Vec<Result<Computed, String>> {
+    let width = model.shape.embedding;
+    let last_rows: Vec<f32> = batch
         .iter()
         .zip(&outputs)
-        .map(|((step, _), values)| values.is_ok() && step.output != Output::None)
-        .collect();
-    let last_rows: Vec<f32> = outputs
-        .iter()
-        .zip(&wanted)
-        .filter(|(_, wanted)| **wanted)
-        .filter_map(|(values, _)| values.as_ref().ok())
+        .filter(|((step, _), _)| step.output != Output::None)
+        .filter_map(|(_, values)| values.as_ref().ok())
         .flat_map(|values| &values[values.len() - width..])
         .copied()
         .collect();
-    let count = wanted.iter().filter(|wanted| **wanted).count();
+    let count = last_rows.len() / width;
     let logits = if count == 0 {
         Ok(Vec::new())
     } else {
