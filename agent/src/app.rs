@@ -168,6 +168,27 @@ pub async fn start_coordinator(config: &Config) -> Result<CoordinatorHandle, Sta
             shutdown.clone(),
         ));
     }
+    let scan = if config.discovery.scan.is_empty() {
+        None
+    } else {
+        let discovery = &config.discovery;
+        let last = Arc::new(std::sync::Mutex::new(sollol_shared::api::DiscoveryScan {
+            ranges: discovery.scan.iter().map(ToString::to_string).collect(),
+            port: discovery.scan_port,
+            ..Default::default()
+        }));
+        tracing::info!(ranges = ?discovery.scan.iter().map(ToString::to_string).collect::<Vec<_>>(), port = discovery.scan_port, "scanning address ranges for Ollama servers");
+        tasks.spawn(crate::scan::run(
+            discovery.scan.clone(),
+            discovery.scan_port,
+            discovery.scan_interval,
+            settings.probe_interval,
+            events_sender.clone(),
+            Arc::clone(&last),
+            shutdown.clone(),
+        ));
+        Some(last)
+    };
     let distributed = if config.model_sharding_enabled {
         Some(
             start_distributed_front(
@@ -253,6 +274,7 @@ pub async fn start_coordinator(config: &Config) -> Result<CoordinatorHandle, Sta
         history: history_reader,
         shutdown: shutdown.clone(),
         distributed: distributed.map(|(front, _)| front),
+        scan,
     });
     {
         let gateway_state = Arc::clone(&gateway_state);

@@ -71,6 +71,9 @@ pub enum Command {
     Status(ClientArgs),
     /// List the nodes a running coordinator knows.
     Nodes(ClientArgs),
+    /// Show what a running coordinator found by scanning address ranges (`discovery.scan`), and why
+    /// the rest did not count.
+    Discover(ClientArgs),
     /// Plan and load a distributed model on the agents now, with progress, and show the plan.
     Distribute {
         /// A model of `distributed.models`, `name:tag`.
@@ -177,6 +180,7 @@ impl Cli {
             }
             Command::Status(client)
             | Command::Nodes(client)
+            | Command::Discover(client)
             | Command::Distribute { client, .. } => push("coordinator_url", client.url.clone()),
             Command::Token | Command::PrintConfig | Command::Version | Command::InstallScript => {}
         }
@@ -259,6 +263,7 @@ pub async fn run(command: Command, raw: &RawConfig, config: Config) -> ExitCode 
         },
         Command::Status(client) => status(&config, client.json).await,
         Command::Nodes(client) => nodes(&config, client.json).await,
+        Command::Discover(client) => discover(&config, client.json).await,
         Command::Distribute { model, client } => distribute(&config, &model, client.json).await,
         Command::Coordinator { .. } => serve(&config, false).await,
         Command::Up { .. } => serve(&config, true).await,
@@ -378,6 +383,65 @@ async fn nodes(config: &Config, json: bool) -> ExitCode {
         }
         Err(error) => fail(&error),
     }
+}
+
+async fn discover(config: &Config, json: bool) -> ExitCode {
+    let url = format!("{}{API_PREFIX}/discovery", config.coordinator_url);
+    match HttpClient::default()
+        .get_json::<sollol_shared::api::Discovery>(&url, API_TIMEOUT)
+        .await
+    {
+        Ok(found) if json => print_json(&found),
+        Ok(found) => {
+            print!(
+                "{}",
+                render_discovery(
+                    &found,
+                    crate::telemetry::unix_ms(std::time::SystemTime::now())
+                )
+            );
+            ExitCode::SUCCESS
+        }
+        Err(error) => fail(&error),
+    }
+}
+
+/// `sollol discover` as text.
+pub fn render_discovery(discovery: &sollol_shared::api::Discovery, now_ms: u64) -> String {
+    let mut text = String::new();
+    let Some(scan) = &discovery.scan else {
+        text.push_str("range scan: off (set discovery.scan, e.g. [\"192.168.1.0/24\"], to look for Ollama servers)\n");
+        return text;
+    };
+    let ranges = scan.ranges.join(", ");
+    let Some(at) = scan.scanned_at_ms else {
+        let _ = writeln!(
+            text,
+            "range scan of {ranges} on port {}: not finished yet",
+            scan.port
+        );
+        return text;
+    };
+    let _ = writeln!(
+        text,
+        "range scan of {ranges} on port {}: {} addresses, {} ago; {} Ollama server(s), {} other service(s)",
+        scan.port,
+        scan.addresses,
+        human_duration(now_ms.saturating_sub(at)),
+        scan.found.len(),
+        scan.rejected.len()
+    );
+    for server in &scan.found {
+        let _ = writeln!(
+            text,
+            "  found       {}  Ollama {} (a node: ollama@{})",
+            server.address, server.version, server.address
+        );
+    }
+    for other in &scan.rejected {
+        let _ = writeln!(text, "  not Ollama  {}  {}", other.address, other.reason);
+    }
+    text
 }
 
 /// Loading a large model's stages can take minutes.

@@ -296,6 +296,24 @@ pub const KEYS: &[KeySpec] = &[
         default: Some("2"),
         doc: "Most agents one distributed model is split over (those with the most free memory that hold the model).",
     },
+    KeySpec {
+        key: "discovery.scan",
+        env: "SOLLOL_DISCOVERY_SCAN",
+        default: None,
+        doc: "IPv4 ranges (CIDR, comma-separated or a TOML list, each /16 or smaller) the coordinator scans for plain Ollama servers: every address on `discovery.scan_port`, 64 at a time, 0.4 s to connect; what answers `/api/version` as Ollama joins the routing like `coordinator.nodes`, the rest is listed by `sollol discover`. Off by default: scan only networks you run.",
+    },
+    KeySpec {
+        key: "discovery.scan_port",
+        env: "SOLLOL_DISCOVERY_SCAN_PORT",
+        default: Some("11434"),
+        doc: "The port `discovery.scan` tries on every address.",
+    },
+    KeySpec {
+        key: "discovery.scan_interval",
+        env: "SOLLOL_DISCOVERY_SCAN_INTERVAL",
+        default: Some("5m"),
+        doc: "How often `discovery.scan` scans its ranges again (servers found are probed every `coordinator.probe_interval` in between).",
+    },
 ];
 
 /// Where a raw value came from, for error messages and `print-config`.
@@ -449,6 +467,16 @@ pub struct Config {
     pub agent: AgentConfig,
     pub engine: EngineConfig,
     pub distributed: DistributedConfig,
+    pub discovery: DiscoveryConfig,
+}
+
+/// How the coordinator finds plain Ollama servers by itself.
+#[derive(Clone, Debug)]
+pub struct DiscoveryConfig {
+    /// Ranges to scan; empty: no scan.
+    pub scan: Vec<crate::scan::Cidr>,
+    pub scan_port: u16,
+    pub scan_interval: Duration,
 }
 
 /// Which models the coordinator serves split across agents.
@@ -710,6 +738,25 @@ impl TryFrom<&RawConfig> for Config {
             auto: model_sharding_enabled && reader.parse("distributed.auto", parse_bool)?,
             max_stages: reader.parse("distributed.max_stages", parse_non_zero)?,
         };
+        let discovery = DiscoveryConfig {
+            scan: reader
+                .optional("discovery.scan", |text| {
+                    text.split(',')
+                        .map(str::trim)
+                        .filter(|range| !range.is_empty())
+                        .map(str::parse)
+                        .collect::<Result<Vec<_>, _>>()
+                })?
+                .unwrap_or_default(),
+            scan_port: reader.parse("discovery.scan_port", |text| {
+                text.trim()
+                    .parse::<u16>()
+                    .ok()
+                    .filter(|port| *port > 0)
+                    .ok_or_else(|| "must be a port number, 1 to 65535".to_owned())
+            })?,
+            scan_interval: reader.parse("discovery.scan_interval", parse_positive_duration)?,
+        };
         Ok(Self {
             shutdown_grace: reader.parse("shutdown_grace", parse_duration)?,
             log_level: reader.parse("log_level", |text| {
@@ -726,6 +773,7 @@ impl TryFrom<&RawConfig> for Config {
             agent,
             engine,
             distributed,
+            discovery,
         })
     }
 }

@@ -62,6 +62,8 @@ pub struct GatewayState {
     pub shutdown: CancellationToken,
     /// Models served split across agents (empty unless `model_sharding_enabled`).
     pub distributed: Option<Arc<crate::inference::engine::Engine>>,
+    /// The last range scan for Ollama servers (`None`: `discovery.scan` is off).
+    pub scan: Option<Arc<std::sync::Mutex<sollol_shared::api::DiscoveryScan>>>,
 }
 
 impl GatewayState {
@@ -110,6 +112,7 @@ pub fn router(state: Arc<GatewayState>) -> Router {
         .route(&format!("{API_PREFIX}/stats"), get(stats))
         .route(&format!("{API_PREFIX}/events"), get(events))
         .route(&format!("{API_PREFIX}/distributed"), get(distributed))
+        .route(&format!("{API_PREFIX}/discovery"), get(discovery))
         .route(
             &format!("{API_PREFIX}/distributed/{{model}}/plan"),
             post(plan_distributed),
@@ -540,6 +543,17 @@ fn sse_event(event: &LiveEvent) -> SseEvent {
         .event(event.name())
         .json_data(event)
         .unwrap_or_else(|error| SseEvent::default().comment(error.to_string()))
+}
+
+/// `GET /api/sollol/v1/discovery`: the last range scan for Ollama servers, if scanning is on.
+async fn discovery(State(state): State<Arc<GatewayState>>) -> Json<sollol_shared::api::Discovery> {
+    Json(sollol_shared::api::Discovery {
+        scan: state.scan.as_ref().map(|scan| {
+            scan.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone()
+        }),
+    })
 }
 
 /// `GET /api/sollol/v1/distributed`: each distributed model's plan and what its steps cost.

@@ -24,6 +24,7 @@ pub mod partial;
 pub mod pipeline;
 pub mod proxy;
 pub mod routing;
+pub mod scan;
 pub mod sharding;
 pub mod stage;
 pub mod telemetry;

@@ -402,6 +402,41 @@ impl LiveEvent {
     }
 }
 
+/// `GET /api/sollol/v1/discovery`: how the coordinator finds nodes besides agents that join it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Discovery {
+    /// The range scan for Ollama servers (`discovery.scan`); `None` when it is off.
+    pub scan: Option<DiscoveryScan>,
+}
+
+/// The last scan of address ranges for Ollama servers.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DiscoveryScan {
+    pub ranges: Vec<String>,
+    pub port: u16,
+    /// When the last scan finished; `None` before the first.
+    pub scanned_at_ms: Option<u64>,
+    /// Addresses tried.
+    pub addresses: u32,
+    /// What answered `/api/version` as Ollama (each joins the routing as a node).
+    pub found: Vec<FoundServer>,
+    /// What listens on the port but is not Ollama, and why.
+    pub rejected: Vec<RejectedAddress>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FoundServer {
+    /// `IP:PORT`.
+    pub address: String,
+    pub version: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RejectedAddress {
+    pub address: String,
+    pub reason: String,
+}
+
 /// `GET /api/sollol/v1/distributed`: the models served split across agents, and their pipelines.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct DistributedList {
