@@ -44,7 +44,7 @@ start_browser_cluster() {
   gateway="$(awk '/Gateway:/ {print $2}' "$work/coordinator.out")"
   local cluster token name index=0
   cluster="$(awk '/Cluster:/ {print $2}' "$work/coordinator.out")"
-  token="$(grep -o -- '--token [0-9a-f]*' "$work/coordinator.out" | awk '{print $2}')"
+  token="$(grep -o -- '--token [0-9a-f]*' "$work/coordinator.out" | head -n 1 | awk '{print $2}')"
   for name in browser-node-a browser-node-b; do
     "$bin/sollol" agent --data-dir "$work/$name" --join "$cluster" --token "$token" --name "$name" \
       --ollama-url "${node_urls[$index]}" --heartbeat-interval 300ms >"$work/$name.out" 2>"$work/$name.err" &
@@ -67,7 +67,7 @@ start_distributed_cluster() {
   distributed_gateway="$(awk '/Gateway:/ {print $2}' "$work/distributed.out")"
   local cluster token name
   cluster="$(awk '/Cluster:/ {print $2}' "$work/distributed.out")"
-  token="$(grep -o -- '--token [0-9a-f]*' "$work/distributed.out" | awk '{print $2}')"
+  token="$(grep -o -- '--token [0-9a-f]*' "$work/distributed.out" | head -n 1 | awk '{print $2}')"
   for name in stage-left stage-right; do
     SOLLOL_MODELS_DIR="$models" SOLLOL_ENGINE=off RAYON_NUM_THREADS=1 \
       "$bin/sollol" agent --data-dir "$work/$name" --join "$cluster" --token "$token" --name "$name" \
