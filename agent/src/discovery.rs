@@ -19,6 +19,23 @@ pub fn static_node_id(url: &str) -> String {
     hex::encode(&digest[..16])
 }
 
+/// The cluster event for a probe of the Ollama server at `url` (a node without an agent), shown as
+/// `name` when set.
+pub fn probed(
+    url: &str,
+    name: Option<String>,
+    ollama: sollol_shared::hardware::OllamaState,
+    interval: Duration,
+) -> ClusterEvent {
+    ClusterEvent::Probed {
+        node_id: static_node_id(url),
+        url: url.to_owned(),
+        name,
+        ollama: Box::new(ollama),
+        interval,
+    }
+}
+
 /// Probes every URL (with the name to show, if not the URL) each `interval` until `shutdown`,
 /// reporting to the cluster task.
 pub async fn probe_static_nodes(
@@ -49,14 +66,11 @@ pub async fn probe_static_nodes(
         .await;
         for (url, name, sample) in samples {
             let Some(ollama) = sample else { continue };
-            let event = ClusterEvent::Probed {
-                node_id: static_node_id(url),
-                url: url.clone(),
-                name: name.clone(),
-                ollama: Box::new(ollama),
-                interval,
-            };
-            if events.send(event).await.is_err() {
+            if events
+                .send(probed(url, name.clone(), ollama, interval))
+                .await
+                .is_err()
+            {
                 return;
             }
         }

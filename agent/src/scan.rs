@@ -230,13 +230,8 @@ pub async fn run(
             let Some(ollama) = probe.sample().await else {
                 continue;
             };
-            let event = ClusterEvent::Probed {
-                node_id: crate::discovery::static_node_id(url),
-                url: url.clone(),
-                name: Some(format!("ollama@{}", url.trim_start_matches("http://"))),
-                ollama: Box::new(ollama),
-                interval: probe_interval,
-            };
+            let name = format!("ollama@{}", url.trim_start_matches("http://"));
+            let event = crate::discovery::probed(url, Some(name), ollama, probe_interval);
             if events.send(event).await.is_err() {
                 return;
             }
