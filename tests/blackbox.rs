@@ -62,6 +62,8 @@ fn sollol(args: &[&str]) -> Command {
     for (name, _) in std::env::vars().filter(|(name, _)| name.starts_with("SOLLOL_")) {
         command.env_remove(name);
     }
+    // Tests stay on loopback: no mDNS on the machine's interfaces.
+    command.env("SOLLOL_MDNS", "false");
     command.env(
         "XDG_CONFIG_HOME",
         std::env::temp_dir().join("sollol-blackbox-no-config"),

@@ -189,6 +189,10 @@ pub async fn start_coordinator(config: &Config) -> Result<CoordinatorHandle, Sta
         ));
         Some(last)
     };
+    let mdns = config
+        .discovery
+        .mdns
+        .then(|| announce_coordinator(config, cluster_address, &shutdown));
     let distributed = if config.model_sharding_enabled {
         Some(
             start_distributed_front(
@@ -275,6 +279,7 @@ pub async fn start_coordinator(config: &Config) -> Result<CoordinatorHandle, Sta
         shutdown: shutdown.clone(),
         distributed: distributed.map(|(front, _)| front),
         scan,
+        mdns,
     });
     {
         let gateway_state = Arc::clone(&gateway_state);
@@ -324,6 +329,31 @@ pub async fn start_coordinator(config: &Config) -> Result<CoordinatorHandle, Sta
     })
 }
 
+/// Announces the coordinator's cluster port over mDNS, so agents started without `agent.join` find it.
+fn announce_coordinator(
+    config: &Config,
+    cluster_address: SocketAddr,
+    shutdown: &CancellationToken,
+) -> Result<Arc<crate::mdns::Mdns>, String> {
+    if cluster_address.ip().is_loopback() {
+        return Err(format!(
+            "not announced: the cluster port ({cluster_address}) is reachable from this machine only"
+        ));
+    }
+    let node_id = NodeId::load_or_create(&config.data_dir).map_err(|error| error.to_string())?;
+    crate::mdns::Mdns::start(
+        &crate::mdns::Announce {
+            role: crate::mdns::Role::Coordinator,
+            node_id: node_id.to_string(),
+            name: config.agent.name.clone(),
+            port: cluster_address.port(),
+            has_token: true,
+        },
+        shutdown.clone(),
+    )
+    .inspect_err(|error| tracing::warn!(%error, "no mDNS discovery"))
+}
+
 /// A running agent.
 #[derive(Debug)]
 pub struct AgentHandle {
@@ -361,12 +391,19 @@ impl AgentHandle {
     }
 }
 
-/// Starts an agent that joins `address` with `token`.
+/// Starts an agent that joins `join` with `token`, or without an address the coordinator it finds
+/// (`discovery.seeds`, mDNS). It announces itself over mDNS when `discovery.mdns` is on.
 pub async fn start_agent(
     config: &Config,
-    address: String,
+    join: impl Into<Option<String>>,
     token: ClusterToken,
 ) -> Result<AgentHandle, StartError> {
+    let join = join.into();
+    if join.is_none() && !config.discovery.mdns && config.discovery.seeds.is_empty() {
+        return Err(StartError::Usage(
+            "no coordinator to join: pass --join HOST:PORT (printed by `sollol up`), set discovery.seeds, or turn discovery.mdns on".to_owned(),
+        ));
+    }
     identity::ensure_private_dir(&config.data_dir)?;
     let node_id = NodeId::load_or_create(&config.data_dir)?;
     let agent = &config.agent;
@@ -397,8 +434,31 @@ pub async fn start_agent(
     ));
     tracing::info!(%stage_address, "stage port open for distributed inference");
     tracing::debug!(?sampler, "hardware probes");
+    let mdns = if config.discovery.mdns {
+        crate::mdns::Mdns::start(
+            &crate::mdns::Announce {
+                role: crate::mdns::Role::Agent,
+                node_id: node_id.to_string(),
+                name: agent.name.clone(),
+                port: stage_address.port(),
+                has_token: true,
+            },
+            shutdown.clone(),
+        )
+        .inspect_err(|error| tracing::warn!(%error, "no mDNS discovery"))
+        .ok()
+    } else {
+        None
+    };
+    let coordinator = match join {
+        Some(address) => join::Coordinator::Fixed(address),
+        None => join::Coordinator::Discover {
+            seeds: config.discovery.seeds.clone(),
+            mdns,
+        },
+    };
     let params = JoinParams {
-        address,
+        coordinator,
         token,
         node_id: node_id.clone(),
         node_name: agent.name.clone(),
@@ -576,12 +636,9 @@ async fn start_engine(
 }
 
 /// The agent settings `sollol agent` needs: where to join and with which token.
-pub fn join_target(config: &Config) -> Result<(String, ClusterToken), StartError> {
-    let address = config.agent.join.clone().ok_or_else(|| {
-        StartError::Usage(
-            "`agent.join` is required: pass --join HOST:PORT (printed by `sollol up`)".to_owned(),
-        )
-    })?;
+/// The agent's coordinator address (`None`: find one) and token.
+pub fn join_target(config: &Config) -> Result<(Option<String>, ClusterToken), StartError> {
+    let address = config.agent.join.clone();
     let token = config.agent.token.as_deref().ok_or_else(|| {
         StartError::Usage("`agent.token` is required: pass --token TOKEN (printed by `sollol up` and `sollol token`)".to_owned())
     })?;

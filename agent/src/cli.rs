@@ -58,7 +58,8 @@ pub enum Command {
     },
     /// Start an agent that joins a coordinator and reports this machine.
     Agent {
-        /// The coordinator's cluster address, HOST:PORT. Env: SOLLOL_JOIN.
+        /// The coordinator's cluster address, HOST:PORT. Env: SOLLOL_JOIN. Without it the agent joins
+        /// the coordinator it finds over mDNS or through discovery.seeds that holds the same token.
         #[arg(long, value_name = "HOST:PORT")]
         join: Option<String>,
         /// The cluster token (`sollol token` on the coordinator prints it). Env: SOLLOL_TOKEN.
@@ -278,7 +279,10 @@ async fn serve(config: &Config, with_agent: bool) -> ExitCode {
     };
     let local_join = config::loopback_if_unspecified(coordinator.cluster_address).to_string();
     let mut agent = if with_agent {
-        match app::start_agent(config, local_join, coordinator.token.clone()).await {
+        // The coordinator announces this machine over mDNS; its own agent joins over loopback.
+        let mut agent_config = config.clone();
+        agent_config.discovery.mdns = false;
+        match app::start_agent(&agent_config, local_join, coordinator.token.clone()).await {
             Ok(agent) => Some(agent),
             Err(error) => {
                 coordinator.shutdown(config.shutdown_grace).await;
@@ -331,7 +335,8 @@ async fn agent(config: &Config) -> ExitCode {
         Ok(agent) => agent,
         Err(error) => return start_failed(&error),
     };
-    tracing::info!(id = %agent.node_id, name = %config.agent.name, coordinator = %address, "agent started");
+    let coordinator = address.as_deref().unwrap_or("found by discovery");
+    tracing::info!(id = %agent.node_id, name = %config.agent.name, %coordinator, "agent started");
     tokio::select! {
         signal = wait_for_signal() => {
             tracing::info!(%signal, "shutting down");
@@ -408,7 +413,7 @@ async fn discover(config: &Config, json: bool) -> ExitCode {
 
 /// `sollol discover` as text.
 pub fn render_discovery(discovery: &sollol_shared::api::Discovery, now_ms: u64) -> String {
-    let mut text = String::new();
+    let mut text = render_mdns(discovery.mdns.as_ref());
     let Some(scan) = &discovery.scan else {
         text.push_str("range scan: off (set discovery.scan, e.g. [\"192.168.1.0/24\"], to look for Ollama servers)\n");
         return text;
@@ -440,6 +445,60 @@ pub fn render_discovery(discovery: &sollol_shared::api::Discovery, now_ms: u64) 
     }
     for other in &scan.rejected {
         let _ = writeln!(text, "  not Ollama  {}  {}", other.address, other.reason);
+    }
+    text
+}
+
+fn render_mdns(mdns: Option<&sollol_shared::api::MdnsDiscovery>) -> String {
+    let mut text = String::new();
+    let Some(mdns) = mdns else {
+        text.push_str("mDNS: off (discovery.mdns = false)\n");
+        return text;
+    };
+    let Some(instance) = &mdns.announced_as else {
+        let _ = writeln!(
+            text,
+            "mDNS: not running: {}",
+            mdns.error.as_deref().unwrap_or("unknown reason")
+        );
+        return text;
+    };
+    let _ = writeln!(
+        text,
+        "mDNS: announced as {instance}; {} peer(s)",
+        mdns.peers.len()
+    );
+    for interface in &mdns.interfaces {
+        if interface.answers == 0 {
+            let _ = writeln!(
+                text,
+                "  mDNS: no answer on {} ({})",
+                interface.name, interface.address
+            );
+        } else {
+            let _ = writeln!(
+                text,
+                "  mDNS: {} answer(s) on {} ({})",
+                interface.answers, interface.name, interface.address
+            );
+        }
+    }
+    for peer in &mdns.peers {
+        let state = match (peer.role.as_str(), peer.joined, peer.has_token) {
+            ("agent", true, _) => "agent, joined",
+            ("agent", false, true) => "agent, discovered, not joined",
+            ("agent", false, false) => "agent, discovered, not joined (it has no token)",
+            _ => "another coordinator",
+        };
+        let _ = writeln!(
+            text,
+            "  {:<24} {}:{}  {state}  (sollol {}, id {})",
+            peer.name,
+            peer.addresses.first().map_or("?", String::as_str),
+            peer.port,
+            peer.version,
+            peer.node_id
+        );
     }
     text
 }

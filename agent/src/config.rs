@@ -314,6 +314,18 @@ pub const KEYS: &[KeySpec] = &[
         default: Some("5m"),
         doc: "How often `discovery.scan` scans its ranges again (servers found are probed every `coordinator.probe_interval` in between).",
     },
+    KeySpec {
+        key: "discovery.mdns",
+        env: "SOLLOL_MDNS",
+        default: Some("true"),
+        doc: "Announce this process over multicast DNS as a DNS-SD service `_sollol._tcp` (TXT: node id, name, role, version) on every IPv4 interface but loopback, and browse for the others: the coordinator lists the agents it sees (`sollol discover`), and an agent without `agent.join` joins the coordinator it finds, if the coordinator proves it holds the same token. Turn off on networks where announcing is unwelcome.",
+    },
+    KeySpec {
+        key: "discovery.seeds",
+        env: "SOLLOL_SEEDS",
+        default: None,
+        doc: "Coordinator cluster addresses (`HOST:PORT`, comma-separated or a TOML list; names are resolved again at every attempt) that an agent without `agent.join` tries besides what mDNS finds: for routed networks, VPNs and VLANs where multicast does not pass.",
+    },
 ];
 
 /// Where a raw value came from, for error messages and `print-config`.
@@ -477,6 +489,10 @@ pub struct DiscoveryConfig {
     pub scan: Vec<crate::scan::Cidr>,
     pub scan_port: u16,
     pub scan_interval: Duration,
+    /// Announce and browse over mDNS.
+    pub mdns: bool,
+    /// Coordinator addresses an agent without `agent.join` tries.
+    pub seeds: Vec<String>,
 }
 
 /// Which models the coordinator serves split across agents.
@@ -756,6 +772,19 @@ impl TryFrom<&RawConfig> for Config {
                     .ok_or_else(|| "must be a port number, 1 to 65535".to_owned())
             })?,
             scan_interval: reader.parse("discovery.scan_interval", parse_positive_duration)?,
+            mdns: reader.parse("discovery.mdns", parse_bool)?,
+            seeds: reader
+                .optional("discovery.seeds", |text| {
+                    text.split(',')
+                        .map(str::trim)
+                        .filter(|seed| !seed.is_empty())
+                        .map(|seed| match seed.rsplit_once(':') {
+                            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|port| port > 0) => Ok(seed.to_owned()),
+                            _ => Err(format!("{seed:?} is not HOST:PORT (the coordinator's cluster address, e.g. coordinator.lan:11436)")),
+                        })
+                        .collect::<Result<Vec<_>, _>>()
+                })?
+                .unwrap_or_default(),
         };
         Ok(Self {
             shutdown_grace: reader.parse("shutdown_grace", parse_duration)?,

@@ -64,6 +64,9 @@ pub struct GatewayState {
     pub distributed: Option<Arc<crate::inference::engine::Engine>>,
     /// The last range scan for Ollama servers (`None`: `discovery.scan` is off).
     pub scan: Option<Arc<std::sync::Mutex<sollol_shared::api::DiscoveryScan>>>,
+    /// The coordinator's mDNS announcement and browser: `None` when `discovery.mdns` is off, the
+    /// reason when it could not start.
+    pub mdns: Option<Result<Arc<crate::mdns::Mdns>, String>>,
 }
 
 impl GatewayState {
@@ -545,13 +548,26 @@ fn sse_event(event: &LiveEvent) -> SseEvent {
         .unwrap_or_else(|error| SseEvent::default().comment(error.to_string()))
 }
 
-/// `GET /api/sollol/v1/discovery`: the last range scan for Ollama servers, if scanning is on.
+/// `GET /api/sollol/v1/discovery`: the last range scan for Ollama servers, if scanning is on, and what
+/// mDNS found.
 async fn discovery(State(state): State<Arc<GatewayState>>) -> Json<sollol_shared::api::Discovery> {
+    let view = state.view.load();
+    let is_member = |node_id: &str| {
+        view.node(node_id)
+            .is_some_and(|node| matches!(node.status, NodeStatus::Up | NodeStatus::Suspect))
+    };
     Json(sollol_shared::api::Discovery {
         scan: state.scan.as_ref().map(|scan| {
             scan.lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .clone()
+        }),
+        mdns: state.mdns.as_ref().map(|mdns| match mdns {
+            Ok(mdns) => mdns.status(is_member),
+            Err(error) => sollol_shared::api::MdnsDiscovery {
+                error: Some(error.clone()),
+                ..Default::default()
+            },
         }),
     })
 }

@@ -5,8 +5,9 @@
 //! coordinator restarting, the network dropping) is retried with capped,
 //! jittered exponential backoff.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rand::Rng;
 use sollol_shared::BUILD_VERSION;
@@ -22,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 use crate::identity::{ClusterToken, NodeId};
+use crate::mdns::Mdns;
 use crate::telemetry::{self, Sampler};
 use crate::wire::{self, FrameError, ProofSide};
 
@@ -59,14 +61,111 @@ impl JoinError {
 /// Everything the agent needs to join and report.
 #[derive(Debug)]
 pub struct JoinParams {
-    /// The coordinator's cluster address, `HOST:PORT`.
-    pub address: String,
+    /// Where the coordinator is.
+    pub coordinator: Coordinator,
     pub token: ClusterToken,
     pub node_id: NodeId,
     pub node_name: String,
     pub heartbeat_interval: Duration,
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
+}
+
+/// Where the agent looks for its coordinator.
+#[derive(Debug)]
+pub enum Coordinator {
+    /// `agent.join`: this address only; a refusal that cannot heal ends the agent.
+    Fixed(String),
+    /// No `agent.join`: the seeds (names resolved at every attempt) and the coordinators mDNS finds,
+    /// tried in turn; one that refuses this agent or cannot prove the token is left alone for a while.
+    Discover {
+        seeds: Vec<String>,
+        mdns: Option<Arc<Mdns>>,
+    },
+}
+
+/// How long a discovered coordinator that refused this agent (another cluster's) is not tried again.
+const AVOID_FOR: Duration = Duration::from_secs(300);
+/// How often the agent looks again when it knows no coordinator.
+const LOOK_AGAIN: Duration = Duration::from_millis(500);
+
+/// Picks the address to try next.
+struct Finder<'a> {
+    coordinator: &'a Coordinator,
+    avoided: HashMap<String, Instant>,
+    turn: usize,
+    waiting_logged: bool,
+}
+
+impl<'a> Finder<'a> {
+    fn new(coordinator: &'a Coordinator) -> Self {
+        Self {
+            coordinator,
+            avoided: HashMap::new(),
+            turn: 0,
+            waiting_logged: false,
+        }
+    }
+
+    fn candidates(&mut self) -> Vec<String> {
+        let Coordinator::Discover { seeds, mdns } = self.coordinator else {
+            return Vec::new();
+        };
+        let now = Instant::now();
+        self.avoided.retain(|_, until| *until > now);
+        let found = mdns
+            .iter()
+            .flat_map(|mdns| mdns.coordinators())
+            .map(|address| address.to_string());
+        let mut candidates: Vec<String> = seeds.iter().cloned().chain(found).collect();
+        candidates.dedup();
+        candidates.retain(|address| !self.avoided.contains_key(address));
+        candidates
+    }
+
+    /// The next address to try; waits while none is known. `None` on shutdown.
+    async fn next(&mut self, shutdown: &CancellationToken) -> Option<String> {
+        if let Coordinator::Fixed(address) = self.coordinator {
+            return Some(address.clone());
+        }
+        loop {
+            let candidates = self.candidates();
+            if !candidates.is_empty() {
+                self.waiting_logged = false;
+                self.turn = self.turn.wrapping_add(1);
+                return Some(candidates[self.turn % candidates.len()].clone());
+            }
+            if !self.waiting_logged {
+                self.waiting_logged = true;
+                let how = match self.coordinator {
+                    Coordinator::Discover { mdns: Some(_), .. } => "listening for one over mDNS",
+                    _ => "no discovery.seeds left to try",
+                };
+                tracing::info!("no coordinator known yet: {how}");
+            }
+            tokio::select! {
+                () = tokio::time::sleep(LOOK_AGAIN) => {}
+                () = shutdown.cancelled() => return None,
+            }
+        }
+    }
+
+    /// Whether `error` at `address` ends the agent; otherwise a discovered address it cannot heal at is
+    /// avoided for a while.
+    fn is_fatal(&mut self, address: &str, error: &JoinError) -> bool {
+        if error.is_retryable() {
+            return false;
+        }
+        match self.coordinator {
+            Coordinator::Fixed(_) => true,
+            Coordinator::Discover { .. } => {
+                tracing::warn!(%error, avoid_for_s = AVOID_FOR.as_secs(), "not this agent's coordinator: trying others");
+                self.avoided
+                    .insert(address.to_owned(), Instant::now() + AVOID_FOR);
+                false
+            }
+        }
+    }
 }
 
 /// Runs until `shutdown` (Ok, after a goodbye) or a refusal that retrying cannot fix (Err).
@@ -77,18 +176,23 @@ pub async fn run(
 ) -> Result<(), JoinError> {
     let sampler = Arc::new(Mutex::new(sampler));
     let mut backoff = Backoff::new(params.initial_backoff, params.max_backoff);
+    let mut finder = Finder::new(&params.coordinator);
     loop {
+        let Some(address) = finder.next(&shutdown).await else {
+            return Ok(());
+        };
         let mut welcomed = false;
-        let result = session(&params, &sampler, &shutdown, &mut welcomed).await;
+        let result = session(&params, &address, &sampler, &shutdown, &mut welcomed).await;
         if welcomed {
             backoff.reset();
         }
         match result {
             Ok(()) => return Ok(()),
-            Err(error) if !error.is_retryable() => {
+            Err(error) if finder.is_fatal(&address, &error) => {
                 tracing::error!(%error, "agent cannot join the cluster");
                 return Err(error);
             }
+            Err(error) if !error.is_retryable() => {}
             Err(error) => {
                 let delay = backoff.next_delay(rand::rng().random::<f64>());
                 tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "not connected to the coordinator");
@@ -103,30 +207,30 @@ pub async fn run(
 
 async fn session(
     params: &JoinParams,
+    address: &str,
     sampler: &Arc<Mutex<Sampler>>,
     shutdown: &CancellationToken,
     welcomed: &mut bool,
 ) -> Result<(), JoinError> {
-    let address = params.address.clone();
     let lost = |reason: String| JoinError::Lost {
-        address: address.clone(),
+        address: address.to_owned(),
         reason,
     };
     let stream = tokio::select! {
-        stream = connect(&params.address) => stream?,
+        stream = connect(address) => stream?,
         () = shutdown.cancelled() => return Ok(()),
     };
     let (mut reader, mut writer) = stream.into_split();
     let handshake = tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
-        handshake(params, &mut reader, &mut writer),
+        handshake(params, address, &mut reader, &mut writer),
     );
     tokio::select! {
         result = handshake => result.map_err(|_| lost("handshake timed out".to_owned()))??,
         () = shutdown.cancelled() => return Ok(()),
     }
     *welcomed = true;
-    tracing::info!(coordinator = %params.address, node = %params.node_name, id = %params.node_id, "joined the cluster");
+    tracing::info!(coordinator = %address, node = %params.node_name, id = %params.node_id, "joined the cluster");
 
     // Frames from the coordinator are read by their own task, so a heartbeat never interrupts a half-read frame.
     let (incoming_sender, mut incoming) = mpsc::channel(4);
@@ -152,7 +256,7 @@ async fn session(
                 }
                 message = incoming.recv() => match message {
                     Some(Ok(CoordinatorMessage::Closing { reason })) => return Err(lost(format!("the coordinator is closing ({reason})"))),
-                    Some(Ok(CoordinatorMessage::Refused(refusal))) => return Err(JoinError::Refused { address: params.address.clone(), refusal }),
+                    Some(Ok(CoordinatorMessage::Refused(refusal))) => return Err(JoinError::Refused { address: address.to_owned(), refusal }),
                     Some(Err(error)) => return Err(lost(error.to_string())),
                     None => return Err(lost("reader stopped".to_owned())),
                 },
@@ -198,12 +302,12 @@ async fn connect(address: &str) -> Result<TcpStream, JoinError> {
 
 async fn handshake(
     params: &JoinParams,
+    address: &str,
     reader: &mut tokio::net::tcp::OwnedReadHalf,
     writer: &mut OwnedWriteHalf,
 ) -> Result<(), JoinError> {
-    let address = params.address.clone();
     let lost = |error: FrameError| JoinError::Lost {
-        address: address.clone(),
+        address: address.to_owned(),
         reason: error.to_string(),
     };
     writer
@@ -226,7 +330,7 @@ async fn handshake(
         HelloReply::Challenge { nonce, .. } => nonce,
         HelloReply::Refused(refusal) => {
             return Err(JoinError::Refused {
-                address: params.address.clone(),
+                address: address.to_owned(),
                 refusal,
             });
         }
@@ -257,12 +361,12 @@ async fn handshake(
                 Ok(())
             } else {
                 Err(JoinError::CoordinatorUnverified {
-                    address: params.address.clone(),
+                    address: address.to_owned(),
                 })
             }
         }
         AuthReply::Refused(refusal) => Err(JoinError::Refused {
-            address: params.address.clone(),
+            address: address.to_owned(),
             refusal,
         }),
     }

@@ -18,6 +18,7 @@ pub mod identity;
 pub mod inference;
 pub mod join;
 pub mod learning;
+pub mod mdns;
 pub mod membership;
 pub mod observe;
 pub mod partial;

@@ -21,6 +21,8 @@ fn config(data_dir: &std::path::Path, name: &str, extra: &[(&'static str, &str)]
         ("coordinator.cluster_bind", "127.0.0.1:0"),
         ("agent.name", name),
         ("agent.heartbeat_interval", &heartbeat),
+        // Tests stay on loopback: no mDNS on the machine's interfaces.
+        ("discovery.mdns", "false"),
         ("agent.reconnect_initial_backoff", "50ms"),
         ("agent.reconnect_max_backoff", "300ms"),
     ];

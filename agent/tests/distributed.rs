@@ -133,6 +133,8 @@ fn spawn_agent_with(
             "200ms",
         ])
         .env("SOLLOL_MODELS_DIR", &models)
+        // Tests stay on loopback: no mDNS on the machine's interfaces.
+        .env("SOLLOL_MDNS", "false")
         .envs(env.iter().copied())
         // Several stage processes share two cores.
         .env("RAYON_NUM_THREADS", "1")
@@ -187,6 +189,7 @@ fn start_coordinator(env: &[(&str, &str)]) -> (Agent, String, String, String, te
         ])
         .env("SOLLOL_MODEL_SHARDING_ENABLED", "true")
         .env("SOLLOL_PROBE_INTERVAL", "200ms")
+        .env("SOLLOL_MDNS", "false")
         .env("RUST_LOG", "warn")
         .envs(env.iter().copied())
         .stdout(Stdio::piped())

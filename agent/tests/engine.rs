@@ -230,6 +230,7 @@ async fn official_client_through_the_gateway_to_the_engine() {
             ("agent.models_dir", &models_dir),
             ("agent.heartbeat_interval", "200ms"),
             ("engine.mode", "on"),
+            ("discovery.mdns", "false"),
         ])
         .expect("agent config"),
         coordinator.cluster_address.to_string(),

@@ -34,6 +34,8 @@ fn config(data_dir: &std::path::Path, name: &str, extra: &[(&'static str, &str)]
         ("coordinator.hedging", "false"),
         ("agent.name", name),
         ("agent.heartbeat_interval", "200ms"),
+        // Tests stay on loopback: no mDNS on the machine's interfaces.
+        ("discovery.mdns", "false"),
     ];
     pairs.extend_from_slice(extra);
     Config::from_pairs(&pairs).expect("valid test config")

@@ -27,6 +27,7 @@ fn config(data_dir: &std::path::Path, name: &str) -> Config {
         ("agent.heartbeat_interval", "200ms"),
         ("agent.reconnect_initial_backoff", "50ms"),
         ("agent.reconnect_max_backoff", "300ms"),
+        ("discovery.mdns", "false"),
     ])
     .expect("valid test config")
 }

@@ -3,6 +3,9 @@
 # counters equal what a test sends) and agents browser-node-a/-b on loopback, and sets: gateway, pids
 # (everything started, stopped by the EXIT trap), coordinator_pid, doomed (browser-node-b's agent), work.
 
+# Loopback only: no mDNS announcements on this machine's interfaces.
+export SOLLOL_MDNS=false
+
 work="$(mktemp -d)"
 pids=()
 cleanup_browser_cluster() {

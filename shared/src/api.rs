@@ -407,6 +407,49 @@ impl LiveEvent {
 pub struct Discovery {
     /// The range scan for Ollama servers (`discovery.scan`); `None` when it is off.
     pub scan: Option<DiscoveryScan>,
+    /// DNS-SD over multicast DNS (`_sollol._tcp`, `discovery.mdns`); `None` when it is off.
+    #[serde(default)]
+    pub mdns: Option<MdnsDiscovery>,
+}
+
+/// What the coordinator announces over mDNS and what answered it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct MdnsDiscovery {
+    /// The DNS-SD instance this coordinator announces, e.g. `lab-3f2a9c1e._sollol._tcp.local.`;
+    /// `None` when announcing failed (see `error`).
+    pub announced_as: Option<String>,
+    /// Why mDNS does not work here, when it does not.
+    pub error: Option<String>,
+    /// The IPv4 interfaces mDNS runs on, and how many peers answered on each.
+    pub interfaces: Vec<MdnsInterface>,
+    /// Every other sollol process that announced itself.
+    pub peers: Vec<MdnsPeer>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MdnsInterface {
+    pub name: String,
+    /// `ADDRESS/PREFIX`.
+    pub address: String,
+    /// Peers with an address on this interface's network.
+    pub answers: u32,
+}
+
+/// A sollol process found over mDNS.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MdnsPeer {
+    pub instance: String,
+    pub node_id: String,
+    pub name: String,
+    /// `agent` or `coordinator`.
+    pub role: String,
+    pub version: String,
+    pub addresses: Vec<String>,
+    pub port: u16,
+    /// Whether the peer says it holds a cluster token (an agent without one can never join).
+    pub has_token: bool,
+    /// Whether this agent is a member of this coordinator's cluster now.
+    pub joined: bool,
 }
 
 /// The last scan of address ranges for Ollama servers.
