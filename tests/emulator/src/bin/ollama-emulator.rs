@@ -1,6 +1,7 @@
-//! Runs emulated Ollama nodes as a process of their own, for benchmarks: `ollama-emulator [COUNT]`.
+//! Runs emulated Ollama nodes as a process of their own, for benchmarks and multi-host tests:
+//! `ollama-emulator [COUNT]` or `ollama-emulator --bind IP:PORT`.
 //!
-//! Starts COUNT nodes (default 1) on free loopback ports, prints one `http://127.0.0.1:PORT` line per
+//! Starts COUNT nodes (default 1) on free loopback ports (or one on the given address), prints one `http://127.0.0.1:PORT` line per
 //! node once all listen, and serves until killed. Every node answers at once (no emulated generation
 //! time) and has `smollm2:135m` and `nomic-embed-text:latest`.
 
@@ -10,25 +11,36 @@ use sollol_ollama_emulator::{Emulator, EmulatorConfig};
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let count: usize = match std::env::args().nth(1).map(|text| text.parse()) {
-        None => 1,
-        Some(Ok(count)) if count > 0 => count,
-        Some(_) => {
-            eprintln!("usage: ollama-emulator [COUNT]   (COUNT: how many nodes, at least 1)");
-            std::process::exit(64);
-        }
+    let usage = || -> ! {
+        eprintln!(
+            "usage: ollama-emulator [COUNT] | --bind IP:PORT   (COUNT: how many nodes on loopback, at least 1)"
+        );
+        std::process::exit(64);
     };
-    let mut emulators = Vec::with_capacity(count);
-    for index in 0..count {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let addresses: Vec<std::net::SocketAddr> = match args.as_slice() {
+        [] => vec!["127.0.0.1:0".parse().expect("literal address")],
+        [flag, address] if flag == "--bind" => match address.parse() {
+            Ok(address) => vec![address],
+            Err(_) => usage(),
+        },
+        [count] => match count.parse::<usize>() {
+            Ok(count) if count > 0 => vec!["127.0.0.1:0".parse().expect("literal address"); count],
+            _ => usage(),
+        },
+        _ => usage(),
+    };
+    let mut emulators = Vec::with_capacity(addresses.len());
+    for (index, address) in addresses.into_iter().enumerate() {
         let config = EmulatorConfig {
             name: format!("emulated-{index}"),
             parallel: 64,
             ..EmulatorConfig::default()
         };
-        match Emulator::start(config).await {
+        match Emulator::start_on(config, address).await {
             Ok(emulator) => emulators.push(emulator),
             Err(error) => {
-                eprintln!("error: cannot start node {index}: {error}");
+                eprintln!("error: cannot start node {index} on {address}: {error}");
                 std::process::exit(1);
             }
         }

@@ -1,0 +1,442 @@
+//! Discovery across hosts, in network namespaces this test creates (and always removes):
+//!
+//! ```text
+//!   h1 coordinator 10.77.0.1 ─┐
+//!   h2 agent       10.77.0.2 ─┼─ br0 (namespace sw) ── r 10.77.0.14 ── 10.78.0.1 ── h3 agent 10.78.0.2
+//!      + emulated Ollama :11434                      (router: forwards unicast, not multicast;
+//!                                                     a web server on :11434 that is not Ollama)
+//! ```
+//!
+//! Both agents start with only the cluster token. h2 finds the coordinator over mDNS; h3, behind the
+//! router where multicast does not pass, through a seed. The coordinator's range scan of 10.77.0.0/28
+//! finds the emulated Ollama on h2 and lists the router's web server as not Ollama.
+//!
+//! Needs root (to create namespaces) and `ip` from iproute2, `curl` and `python3`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const SOLLOL: &str = env!("CARGO_BIN_EXE_sollol");
+
+/// Namespaces and processes, removed on drop: also when an assertion fails.
+struct Hosts {
+    prefix: String,
+    namespaces: Vec<String>,
+    children: Vec<Child>,
+    logs: tempfile::TempDir,
+}
+
+impl Hosts {
+    fn new() -> Self {
+        Self {
+            prefix: format!("sl{}", std::process::id() % 100_000),
+            namespaces: Vec::new(),
+            children: Vec::new(),
+            logs: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    fn ns(&self, host: &str) -> String {
+        format!("{}{host}", self.prefix)
+    }
+
+    fn add(&mut self, host: &str) {
+        let name = self.ns(host);
+        ip(&["netns", "add", &name]);
+        self.namespaces.push(name);
+        self.run(host, &["ip", "link", "set", "lo", "up"]);
+    }
+
+    /// Runs `command` in `host` and asserts it succeeds; returns its stdout.
+    fn run(&self, host: &str, command: &[&str]) -> String {
+        let output = Command::new("ip")
+            .args(["netns", "exec", &self.ns(host)])
+            .args(command)
+            .output()
+            .expect("run ip netns exec");
+        assert!(
+            output.status.success(),
+            "{host}: {command:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// Like `run`, but a failure is returned, not asserted.
+    fn try_run(&self, host: &str, command: &[&str]) -> Option<String> {
+        let output = Command::new("ip")
+            .args(["netns", "exec", &self.ns(host)])
+            .args(command)
+            .output()
+            .ok()?;
+        output
+            .status
+            .success()
+            .then(|| String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    /// Starts `command` in `host` in the background, its output in a log named `name`.
+    fn spawn(&mut self, host: &str, name: &str, env: &[(&str, &str)], command: &[&str]) {
+        let log = std::fs::File::create(self.log(name)).expect("log file");
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.ns(host)])
+            .args(command)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log file"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn in namespace");
+        self.children.push(child);
+    }
+
+    fn log(&self, name: &str) -> PathBuf {
+        self.logs.path().join(format!("{name}.log"))
+    }
+
+    /// Every process's log, for a failure message.
+    fn logs(&self) -> String {
+        let mut text = String::new();
+        if let Ok(entries) = std::fs::read_dir(self.logs.path()) {
+            for entry in entries.flatten() {
+                let content = std::fs::read_to_string(entry.path()).unwrap_or_default();
+                let tail: Vec<&str> = content.lines().rev().take(15).collect();
+                text.push_str(&format!("--- {}\n", entry.path().display()));
+                for line in tail.into_iter().rev() {
+                    text.push_str(line);
+                    text.push('\n');
+                }
+            }
+        }
+        text
+    }
+
+    /// Polls `check` until it returns `Some`, at most `timeout`; fails with every log otherwise.
+    fn wait<T>(&self, what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+        let started = Instant::now();
+        loop {
+            if let Some(value) = check() {
+                return value;
+            }
+            assert!(
+                started.elapsed() < timeout,
+                "timed out after {timeout:?} waiting for {what}\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for namespace in &self.namespaces {
+            // Anything still running in it (a grandchild) goes too, then the namespace and its links.
+            if let Ok(output) = Command::new("ip")
+                .args(["netns", "pids", namespace])
+                .output()
+            {
+                for pid in String::from_utf8_lossy(&output.stdout).split_whitespace() {
+                    let _ = Command::new("kill").args(["-9", pid]).status();
+                }
+            }
+            let _ = Command::new("ip")
+                .args(["netns", "del", namespace])
+                .status();
+        }
+    }
+}
+
+fn ip(args: &[&str]) {
+    let output = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        output.status.success(),
+        "ip {args:?} failed: {} (this test needs root and iproute2)",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// The emulated Ollama server built beside the sollol binary (`cargo test --workspace` builds it).
+fn emulator() -> PathBuf {
+    let path = Path::new(SOLLOL).with_file_name("ollama-emulator");
+    assert!(
+        path.exists(),
+        "{} is missing: build it with `cargo build -p sollol-ollama-emulator`",
+        path.display()
+    );
+    path
+}
+
+/// Builds the hosts, the bridge and the routed link.
+fn network(hosts: &mut Hosts) {
+    for host in ["sw", "h1", "h2", "h3", "r"] {
+        hosts.add(host);
+    }
+    hosts.run("sw", &["ip", "link", "add", "br0", "type", "bridge"]);
+    hosts.run("sw", &["ip", "link", "set", "br0", "up"]);
+    for (host, address) in [
+        ("h1", "10.77.0.1/24"),
+        ("h2", "10.77.0.2/24"),
+        ("r", "10.77.0.14/24"),
+    ] {
+        let port = format!("p-{host}");
+        let peer_ns = hosts.ns(host);
+        hosts.run(
+            "sw",
+            &[
+                "ip", "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns",
+                &peer_ns,
+            ],
+        );
+        hosts.run("sw", &["ip", "link", "set", &port, "master", "br0", "up"]);
+        hosts.run(host, &["ip", "addr", "add", address, "dev", "eth0"]);
+        hosts.run(host, &["ip", "link", "set", "eth0", "up"]);
+    }
+    let h3 = hosts.ns("h3");
+    hosts.run(
+        "r",
+        &[
+            "ip", "link", "add", "eth1", "type", "veth", "peer", "name", "eth0", "netns", &h3,
+        ],
+    );
+    hosts.run("r", &["ip", "addr", "add", "10.78.0.1/24", "dev", "eth1"]);
+    hosts.run("r", &["ip", "link", "set", "eth1", "up"]);
+    hosts.run("r", &["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]);
+    hosts.run("h3", &["ip", "addr", "add", "10.78.0.2/24", "dev", "eth0"]);
+    hosts.run("h3", &["ip", "link", "set", "eth0", "up"]);
+    hosts.run("h3", &["ip", "route", "add", "default", "via", "10.78.0.1"]);
+    for host in ["h1", "h2"] {
+        hosts.run(
+            host,
+            &["ip", "route", "add", "10.78.0.0/24", "via", "10.77.0.14"],
+        );
+    }
+}
+
+fn json(text: &str) -> Option<serde_json::Value> {
+    serde_json::from_str(text).ok()
+}
+
+#[test]
+fn agents_find_the_coordinator_by_mdns_or_seed_and_the_scan_finds_ollama() {
+    let mut hosts = Hosts::new();
+    network(&mut hosts);
+    let data = tempfile::tempdir().expect("tempdir");
+    let dir = |name: &str| data.path().join(name).display().to_string();
+    let sollol_env = [
+        ("SOLLOL_MDNS", "true"),
+        ("SOLLOL_ENGINE", "off"),
+        ("SOLLOL_HEARTBEAT_INTERVAL", "300ms"),
+        ("SOLLOL_RECONNECT_MAX_BACKOFF", "500ms"),
+        ("XDG_CONFIG_HOME", "/nonexistent"),
+        ("RUST_LOG", "info"),
+    ];
+
+    // Services on the LAN: an emulated Ollama on h2, and a web server that is not Ollama on the router.
+    let emulator = emulator();
+    hosts.spawn(
+        "h2",
+        "ollama-emulator",
+        &[],
+        &[
+            emulator.to_str().expect("utf-8 path"),
+            "--bind",
+            "10.77.0.2:11434",
+        ],
+    );
+    hosts.spawn(
+        "r",
+        "web-server",
+        &[],
+        &[
+            "python3",
+            "-m",
+            "http.server",
+            "--bind",
+            "10.77.0.14",
+            "11434",
+        ],
+    );
+
+    let coordinator_dir = dir("coordinator");
+    let mut coordinator_env = sollol_env.to_vec();
+    coordinator_env.extend([
+        ("SOLLOL_DISCOVERY_SCAN", "10.77.0.0/28"),
+        ("SOLLOL_DISCOVERY_SCAN_INTERVAL", "2s"),
+        ("SOLLOL_PROBE_INTERVAL", "300ms"),
+        ("SOLLOL_NODE_NAME", "lan-coordinator"),
+    ]);
+    hosts.spawn(
+        "h1",
+        "coordinator",
+        &coordinator_env,
+        &[
+            SOLLOL,
+            "coordinator",
+            "--data-dir",
+            &coordinator_dir,
+            "--gateway-bind",
+            "10.77.0.1:11435",
+            "--cluster-bind",
+            "0.0.0.0:11436",
+        ],
+    );
+    let api = "http://10.77.0.1:11435/api/sollol/v1";
+    hosts.wait("the coordinator's gateway", Duration::from_secs(20), || {
+        hosts.try_run("h1", &["curl", "-sf", "http://10.77.0.1:11435/readyz"])
+    });
+    let token = hosts
+        .run("h1", &[SOLLOL, "token", "--data-dir", &coordinator_dir])
+        .trim()
+        .to_owned();
+    assert!(!token.is_empty(), "sollol token printed nothing");
+
+    // Both agents get only the token: h2 over mDNS, h3 through its seed.
+    for (host, name, seeds) in [
+        ("h2", "lan-agent", None),
+        ("h3", "routed-agent", Some("10.77.0.1:11436")),
+    ] {
+        let mut env = sollol_env.to_vec();
+        env.extend(seeds.map(|seeds| ("SOLLOL_SEEDS", seeds)));
+        let data_dir = dir(name);
+        hosts.spawn(
+            host,
+            name,
+            &env,
+            &[
+                SOLLOL,
+                "agent",
+                "--token",
+                &token,
+                "--data-dir",
+                &data_dir,
+                "--name",
+                name,
+            ],
+        );
+    }
+
+    let nodes = hosts.wait(
+        "both agents up in the coordinator's node list",
+        Duration::from_secs(30),
+        || {
+            let nodes = json(&hosts.try_run("h1", &["curl", "-sf", &format!("{api}/nodes")])?)?;
+            let up = |name: &str| {
+                nodes["nodes"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|node| node["name"] == name && node["status"] == "up")
+            };
+            (up("lan-agent") && up("routed-agent")).then_some(nodes)
+        },
+    );
+    let routed = nodes["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .find(|node| node["name"] == "routed-agent")
+        .expect("routed-agent listed");
+    assert!(
+        routed["addresses"][0]
+            .as_str()
+            .is_some_and(|address| address.starts_with("10.78.0.2:")),
+        "the routed agent connects from its own network, through the router: {routed}"
+    );
+
+    let discovery = hosts.wait(
+        "mDNS shows the LAN agent joined, and a scan saw both services",
+        Duration::from_secs(30),
+        || {
+            let discovery =
+                json(&hosts.try_run("h1", &["curl", "-sf", &format!("{api}/discovery")])?)?;
+            let joined = discovery["mdns"]["peers"]
+                .as_array()?
+                .iter()
+                .any(|peer| peer["name"] == "lan-agent" && peer["joined"] == true);
+            // A scan that saw both services (the web server may start after the first scan).
+            let scanned = !discovery["scan"]["found"].as_array()?.is_empty()
+                && !discovery["scan"]["rejected"].as_array()?.is_empty();
+            (joined && scanned).then_some(discovery)
+        },
+    );
+    let mdns = &discovery["mdns"];
+    let peers = mdns["peers"].as_array().expect("peers");
+    let lan = peers
+        .iter()
+        .find(|peer| peer["name"] == "lan-agent")
+        .expect("lan-agent");
+    assert_eq!(lan["role"], "agent");
+    assert_eq!(lan["addresses"][0], "10.77.0.2");
+    assert_eq!(lan["has_token"], true);
+    assert!(
+        peers.iter().all(|peer| peer["name"] != "routed-agent"),
+        "multicast must not pass the router, yet the routed agent was heard: {peers:?}"
+    );
+    assert_eq!(mdns["interfaces"][0]["name"], "eth0");
+    assert_eq!(mdns["interfaces"][0]["answers"], 1);
+
+    let scan = &discovery["scan"];
+    assert_eq!(
+        scan["found"]
+            .as_array()
+            .expect("found")
+            .iter()
+            .map(|found| found["address"].as_str().unwrap_or_default())
+            .collect::<Vec<_>>(),
+        ["10.77.0.2:11434"],
+        "only the emulated Ollama counts: {scan}"
+    );
+    let rejected = scan["rejected"].as_array().expect("rejected");
+    assert!(
+        rejected
+            .iter()
+            .any(|other| other["address"] == "10.77.0.14:11434"
+                && other["reason"]
+                    .as_str()
+                    .is_some_and(|reason| reason.contains("404"))),
+        "the router's web server is listed as not Ollama: {scan}"
+    );
+    // The Ollama server found by the scan joins the routing as a node of its own.
+    hosts.wait(
+        "the scanned Ollama server as a node",
+        Duration::from_secs(20),
+        || {
+            let nodes = json(&hosts.try_run("h1", &["curl", "-sf", &format!("{api}/nodes")])?)?;
+            nodes["nodes"]
+                .as_array()?
+                .iter()
+                .any(|node| node["name"] == "ollama@10.77.0.2:11434" && node["status"] == "up")
+                .then_some(())
+        },
+    );
+
+    // What `sollol discover` prints about it.
+    let shown = hosts.run(
+        "h1",
+        &[SOLLOL, "discover", "--url", "http://10.77.0.1:11435"],
+    );
+    for expected in [
+        "mDNS: announced as lan-coordinator-",
+        "mDNS: 1 answer(s) on eth0 (10.77.0.1/24)",
+        "agent, joined",
+        "found       10.77.0.2:11434",
+        "not Ollama  10.77.0.14:11434",
+    ] {
+        assert!(
+            shown.contains(expected),
+            "{expected:?} missing from:\n{shown}"
+        );
+    }
+    // The agents said how they found the coordinator.
+    let lan_log = std::fs::read_to_string(hosts.log("lan-agent")).unwrap_or_default();
+    assert!(
+        lan_log.contains("found over mDNS") && lan_log.contains("joined the cluster"),
+        "lan-agent's log:\n{lan_log}"
+    );
+}
