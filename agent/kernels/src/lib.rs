@@ -3,12 +3,13 @@
 mod activation;
 mod attention;
 mod quant;
-#[cfg(all(
-    target_arch = "x86_64",
-    target_feature = "avx2",
-    target_feature = "fma"
-))]
-mod simd;
+// The quantized dot products in SIMD, where `build.rs` finds it (`cfg(vector_kernels)`).
+#[cfg(all(vector_kernels, target_arch = "x86_64"))]
+#[path = "avx2.rs"]
+mod vector;
+#[cfg(all(vector_kernels, target_arch = "aarch64"))]
+#[path = "neon.rs"]
+mod vector;
 
 pub use activation::{rms_norm, swiglu};
 pub use attention::{Heads, KvLayer, Rope, Rotary, attend, rotate};

@@ -93,35 +93,20 @@ impl Format for Q41 {
     }
 
     fn dot(weights: &[Q41Block], activations: &[Q8Block]) -> f32 {
-        #[cfg(all(
-            target_arch = "x86_64",
-            target_feature = "avx2",
-            target_feature = "fma"
-        ))]
-        return crate::simd::q41_dot(weights, activations);
+        #[cfg(vector_kernels)]
+        return crate::vector::q41_dot(weights, activations);
         #[allow(unreachable_code)]
         q41_dot(weights, activations)
     }
 
-    #[cfg(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma"
-    ))]
+    #[cfg(vector_kernels)]
     fn dots<const N: usize>(weights: &[Q41Block], activations: [&[Q8Block]; N]) -> [f32; N] {
-        crate::simd::q41_dots(weights, activations)
+        crate::vector::q41_dots(weights, activations)
     }
 }
 
 /// ggml's `ggml_vec_dot_q4_1_q8_1` (AVX2), portable.
-#[cfg_attr(
-    all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma"
-    ),
-    allow(dead_code)
-)]
+#[cfg_attr(vector_kernels, allow(dead_code))]
 fn q41_dot(weights: &[Q41Block], activations: &[Q8Block]) -> f32 {
     let mut lanes = [0f32; LANES];
     let mut minimums = 0f32;
@@ -164,26 +149,15 @@ impl Format for Q80 {
     }
 
     fn dot(weights: &[Q80Block], activations: &[Q8Block]) -> f32 {
-        #[cfg(all(
-            target_arch = "x86_64",
-            target_feature = "avx2",
-            target_feature = "fma"
-        ))]
-        return crate::simd::q80_dot(weights, activations);
+        #[cfg(vector_kernels)]
+        return crate::vector::q80_dot(weights, activations);
         #[allow(unreachable_code)]
         q80_dot(weights, activations)
     }
 }
 
 /// ggml's `ggml_vec_dot_q8_0_q8_0` (AVX2; llamafile's tinyBLAS sums the same way), portable.
-#[cfg_attr(
-    all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma"
-    ),
-    allow(dead_code)
-)]
+#[cfg_attr(vector_kernels, allow(dead_code))]
 fn q80_dot(weights: &[Q80Block], activations: &[Q8Block]) -> f32 {
     let mut lanes = [0f32; LANES];
     for (weight, activation) in weights.iter().zip(activations) {
