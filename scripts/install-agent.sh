@@ -1,15 +1,20 @@
 #!/bin/sh
 # Installs the sollol agent as a systemd service on this machine, or removes it.
 #
-#   install-agent.sh --join HOST:PORT --token TOKEN [--name NAME] [--binary PATH] [--models-dir DIR] [--no-start]
+#   install-agent.sh --token TOKEN [--join HOST:PORT | --seeds HOST:PORT,...] [--name NAME] [--binary PATH]
+#                    [--models-dir DIR] [--no-start]
 #   install-agent.sh --uninstall
+#   install-agent.sh --print-unit
+#
+# Without --join the agent finds its coordinator over mDNS on the LAN (or tries the --seeds where
+# multicast does not pass) and joins the one that proves it holds the same token.
 #
 # From a release tarball: run it beside the `sollol` binary. From a copied binary alone:
 #   ./sollol install-script | sudo sh -s -- --binary ./sollol --join HOST:PORT --token TOKEN
 #
 # What it creates (and --uninstall removes, as listed in /var/lib/sollol/.installed):
 #   /usr/local/bin/sollol                        the binary
-#   /etc/sollol/agent.toml                       coordinator address and token (mode 0600, owner sollol)
+#   /etc/sollol/agent.toml                       token, coordinator address or seeds (mode 0600, owner sollol)
 #   /etc/systemd/system/sollol-agent.service     restart policy and sandboxing
 #   /var/lib/sollol                              the agent's data (node id), the service user's home
 #   the system user and group `sollol`
@@ -31,8 +36,10 @@ SERVICE_USER=sollol
 usage() {
   cat <<'USAGE'
 Installs the sollol agent as a systemd service, or removes it.
-  install-agent.sh --join HOST:PORT --token TOKEN [--name NAME] [--binary PATH] [--models-dir DIR] [--no-start]
+  install-agent.sh --token TOKEN [--join HOST:PORT | --seeds HOST:PORT,...] [--name NAME] [--binary PATH] [--models-dir DIR] [--no-start]
   install-agent.sh --uninstall
+  install-agent.sh --print-unit     (the systemd unit it writes, to stdout)
+Without --join the agent joins the coordinator it finds over mDNS (or through --seeds) that holds the token.
 From a copied binary: ./sollol install-script | sudo sh -s -- --binary ./sollol --join HOST:PORT --token TOKEN
 DESTDIR=DIR installs the files under DIR and skips the user and systemctl.
 USAGE
@@ -40,10 +47,12 @@ USAGE
 say() { printf '%s\n' "install-agent: $*"; }
 die() { printf '%s\n' "install-agent: error: $*" >&2; exit 64; }
 
-join="" token="" name="" binary="" models_dir="" start=1 uninstall=0
+join="" seeds="" token="" name="" binary="" models_dir="" start=1 uninstall=0 print_unit=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --join) join="${2:-}"; shift 2 ;;
+    --seeds) seeds="${2:-}"; shift 2 ;;
+    --print-unit) print_unit=1; shift ;;
     --token) token="${2:-}"; shift 2 ;;
     --name) name="${2:-}"; shift 2 ;;
     --binary) binary="${2:-}"; shift 2 ;;
@@ -54,6 +63,57 @@ while [ $# -gt 0 ]; do
     *) die "unknown argument $1 (see --help)" ;;
   esac
 done
+
+# The systemd unit; extra writable paths (the models dir) in $1.
+unit_text() {
+  cat <<UNIT
+[Unit]
+Description=sollol agent: reports this node to the coordinator and runs its share of inference
+After=network-online.target
+Wants=network-online.target
+
+[Service]
+Type=simple
+User=$SERVICE_USER
+Group=$SERVICE_USER
+ExecStart=$BIN_PATH agent --config $CONFIG_PATH
+Restart=on-failure
+RestartSec=2s
+TimeoutStopSec=15s
+KillSignal=SIGTERM
+Environment=RUST_LOG=info
+StateDirectory=sollol
+StateDirectoryMode=0700
+ReadWritePaths=$DATA_DIR${1:+ $1}
+NoNewPrivileges=yes
+ProtectSystem=strict
+ProtectHome=read-only
+PrivateTmp=yes
+ProtectKernelTunables=yes
+ProtectKernelModules=yes
+ProtectKernelLogs=yes
+ProtectControlGroups=yes
+ProtectClock=yes
+ProtectHostname=yes
+RestrictNamespaces=yes
+RestrictRealtime=yes
+RestrictSUIDSGID=yes
+LockPersonality=yes
+MemoryDenyWriteExecute=yes
+RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK
+SystemCallArchitectures=native
+CapabilityBoundingSet=
+AmbientCapabilities=
+
+[Install]
+WantedBy=multi-user.target
+UNIT
+}
+
+if [ "$print_unit" = 1 ]; then
+  unit_text "$models_dir"
+  exit 0
+fi
 
 live() { [ -z "$DESTDIR" ]; }
 has_systemd() { live && command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; }
@@ -86,10 +146,12 @@ if [ "$uninstall" = 1 ]; then
   exit 0
 fi
 
-[ -n "$join" ] || die "--join HOST:PORT is required (the coordinator's cluster address, from 'sollol up')"
 [ -n "$token" ] || die "--token TOKEN is required (printed by 'sollol up' on the coordinator)"
-case "$join" in *:*) ;; *) die "--join must be HOST:PORT, got '$join'" ;; esac
-case "$token$join$name$models_dir" in *'"'*|*'\'*) die "arguments must not contain quotes or backslashes" ;; esac
+case "$join" in ''|*:*) ;; *) die "--join must be HOST:PORT, got '$join'" ;; esac
+for seed in $(printf '%s' "$seeds" | tr ',' ' '); do
+  case "$seed" in *:*) ;; *) die "--seeds must be HOST:PORT entries, got '$seed'" ;; esac
+done
+case "$token$join$seeds$name$models_dir" in *'"'*|*'\'*) die "arguments must not contain quotes or backslashes" ;; esac
 if [ -z "$binary" ]; then
   here="$(cd "$(dirname "$0")" 2>/dev/null && pwd || true)"
   for candidate in "$here/sollol" "$here/../target/release/sollol" "$(command -v sollol 2>/dev/null || true)"; do
@@ -127,60 +189,22 @@ umask 077
   echo "data_dir = \"$DATA_DIR\""
   echo
   echo "[agent]"
-  echo "join = \"$join\""
+  [ -z "$join" ] || echo "join = \"$join\""
   echo "token = \"$token\""
   [ -z "$name" ] || echo "name = \"$name\""
   [ -z "$models_dir" ] || echo "models_dir = \"$models_dir\""
+  if [ -n "$seeds" ]; then
+    echo
+    echo "[discovery]"
+    echo "seeds = \"$seeds\""
+  fi
 } > "$DESTDIR$CONFIG_PATH.new"
 chmod 0600 "$DESTDIR$CONFIG_PATH.new"
 mv -f "$DESTDIR$CONFIG_PATH.new" "$DESTDIR$CONFIG_PATH"
 note "$CONFIG_PATH"
 umask 022
 
-models_rw=""
-[ -z "$models_dir" ] || models_rw=" $models_dir"
-cat > "$DESTDIR$UNIT_PATH" <<UNIT
-[Unit]
-Description=sollol agent: reports this node to the coordinator and runs its share of inference
-After=network-online.target
-Wants=network-online.target
-
-[Service]
-Type=simple
-User=$SERVICE_USER
-Group=$SERVICE_USER
-ExecStart=$BIN_PATH agent --config $CONFIG_PATH
-Restart=on-failure
-RestartSec=2s
-TimeoutStopSec=15s
-KillSignal=SIGTERM
-Environment=RUST_LOG=info
-StateDirectory=sollol
-StateDirectoryMode=0700
-ReadWritePaths=$DATA_DIR$models_rw
-NoNewPrivileges=yes
-ProtectSystem=strict
-ProtectHome=read-only
-PrivateTmp=yes
-ProtectKernelTunables=yes
-ProtectKernelModules=yes
-ProtectKernelLogs=yes
-ProtectControlGroups=yes
-ProtectClock=yes
-ProtectHostname=yes
-RestrictNamespaces=yes
-RestrictRealtime=yes
-RestrictSUIDSGID=yes
-LockPersonality=yes
-MemoryDenyWriteExecute=yes
-RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK
-SystemCallArchitectures=native
-CapabilityBoundingSet=
-AmbientCapabilities=
-
-[Install]
-WantedBy=multi-user.target
-UNIT
+unit_text "$models_dir" > "$DESTDIR$UNIT_PATH"
 chmod 0644 "$DESTDIR$UNIT_PATH"
 note "$UNIT_PATH"
 

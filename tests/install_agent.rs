@@ -167,6 +167,11 @@ fn the_agent_installs_into_a_fake_root_and_uninstalls_without_a_trace() {
         );
     }
 
+    // The unit a release tarball ships is the one installed.
+    let printed = install(root, &["--print-unit"]);
+    assert!(printed.status.success(), "{}", text(&printed));
+    assert_eq!(String::from_utf8_lossy(&printed.stdout), unit);
+
     // Again, with another token: the config changes, nothing else is created.
     let manifest =
         std::fs::read_to_string(root.join("var/lib/sollol/.installed")).expect("manifest");
@@ -196,6 +201,46 @@ fn the_agent_installs_into_a_fake_root_and_uninstalls_without_a_trace() {
         text(&refused).contains("--join must be HOST:PORT"),
         "{}",
         text(&refused)
+    );
+    assert!(files(other.path()).is_empty());
+
+    // Without --join the agent finds its coordinator (mDNS); seeds go into the config for routed networks.
+    let found = tempfile::tempdir().expect("tempdir");
+    let seeded = install(
+        found.path(),
+        &[
+            "--token",
+            "tok-0123456789abcdef",
+            "--seeds",
+            "coordinator.lan:11436,10.8.0.1:11436",
+            "--binary",
+            SOLLOL,
+        ],
+    );
+    assert!(seeded.status.success(), "{}", text(&seeded));
+    let seeded_config = found.path().join("etc/sollol/agent.toml");
+    let seeded_text = std::fs::read_to_string(&seeded_config).expect("config");
+    assert!(!seeded_text.contains("join"), "{seeded_text}");
+    let shown = Command::new(SOLLOL)
+        .args(["print-config", "--config"])
+        .arg(&seeded_config)
+        .env_remove("SOLLOL_SEEDS")
+        .output()
+        .expect("print-config");
+    assert!(
+        text(&shown).contains("seeds = \"coordinator.lan:11436,10.8.0.1:11436\""),
+        "{}",
+        text(&shown)
+    );
+    let bad_seed = install(
+        other.path(),
+        &["--token", "t", "--seeds", "nohost", "--binary", SOLLOL],
+    );
+    assert_eq!(bad_seed.status.code(), Some(64));
+    assert!(
+        text(&bad_seed).contains("--seeds must be HOST:PORT"),
+        "{}",
+        text(&bad_seed)
     );
     assert!(files(other.path()).is_empty());
 
