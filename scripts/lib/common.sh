@@ -55,6 +55,27 @@ apt_install() {
   fi
 }
 
+# A rustup target for cross builds; for the GNU ARM targets also Debian's cross compiler and C library,
+# and the environment cargo and the cc crate (SQLite) need to use them.
+ensure_cross_target() {
+  local target="$1" gcc="" arch=""
+  case "$target" in
+    aarch64-unknown-linux-gnu) gcc=aarch64-linux-gnu arch=arm64 ;;
+    armv7-unknown-linux-gnueabihf) gcc=arm-linux-gnueabihf arch=armhf ;;
+  esac
+  if ! rustup target list --installed | grep -qx "$target"; then
+    say "installing the rustup target $target"
+    rustup target add "$target"
+  fi
+  if [ -n "$gcc" ]; then
+    apt_install "gcc-$gcc" "libc6-dev-$arch-cross"
+    local upper lower
+    upper="$(printf '%s' "$target" | tr 'a-z-' 'A-Z_')"
+    lower="$(printf '%s' "$target" | tr '-' '_')"
+    export "CARGO_TARGET_${upper}_LINKER=$gcc-gcc" "CC_${lower}=$gcc-gcc" "AR_${lower}=$gcc-ar"
+  fi
+}
+
 # Python packages the client-compatibility tests use, in .cache/venv.
 PYTHON_TEST_PACKAGES=(ollama==0.6.3 openai==3.57.0 prometheus_client==0.21.1)
 
