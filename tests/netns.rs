@@ -161,7 +161,7 @@ fn ip(args: &[&str]) {
     );
 }
 
-/// The emulated Ollama server built beside the sollol binary (`cargo test --workspace` builds it).
+/// The emulated Ollama server built beside the sollol binary (`scripts/test` builds it first).
 fn emulator() -> PathBuf {
     let path = Path::new(SOLLOL).with_file_name("ollama-emulator");
     assert!(
@@ -421,6 +421,7 @@ fn agents_find_the_coordinator_by_mdns_or_seed_and_the_scan_finds_ollama() {
         "h1",
         &[SOLLOL, "discover", "--url", "http://10.77.0.1:11435"],
     );
+    println!("sollol discover on h1:\n{shown}");
     for expected in [
         "mDNS: announced as lan-coordinator-",
         "mDNS: 1 answer(s) on eth0 (10.77.0.1/24)",

@@ -410,3 +410,58 @@ async fn say_goodbye(writer: &mut OwnedWriteHalf) {
         tracing::warn!("goodbye to the coordinator timed out");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unverified(address: &str) -> JoinError {
+        JoinError::CoordinatorUnverified {
+            address: address.to_owned(),
+        }
+    }
+
+    #[tokio::test]
+    async fn discovered_coordinators_are_tried_in_turn_and_one_of_another_cluster_is_avoided() {
+        let coordinator = Coordinator::Discover {
+            seeds: vec!["a.lan:11436".to_owned(), "10.0.0.2:11436".to_owned()],
+            mdns: None,
+        };
+        let shutdown = CancellationToken::new();
+        let mut finder = Finder::new(&coordinator);
+        let first = finder.next(&shutdown).await.expect("a seed");
+        let second = finder.next(&shutdown).await.expect("a seed");
+        assert_ne!(first, second, "both seeds are tried");
+
+        // A lost connection is retried later; another cluster's coordinator is skipped, not fatal.
+        let lost = JoinError::Lost {
+            address: first.clone(),
+            reason: "reset".to_owned(),
+        };
+        assert!(!finder.is_fatal(&first, &lost));
+        assert!(!finder.is_fatal(&first, &unverified(&first)));
+        for _ in 0..3 {
+            assert_eq!(
+                finder.next(&shutdown).await.as_deref(),
+                Some(second.as_str())
+            );
+        }
+
+        // With every candidate avoided the finder waits (here until shut down).
+        assert!(!finder.is_fatal(&second, &unverified(&second)));
+        shutdown.cancel();
+        assert_eq!(finder.next(&shutdown).await, None);
+    }
+
+    #[tokio::test]
+    async fn a_fixed_address_ends_the_agent_on_a_refusal_that_cannot_heal() {
+        let coordinator = Coordinator::Fixed("10.0.0.1:11436".to_owned());
+        let shutdown = CancellationToken::new();
+        let mut finder = Finder::new(&coordinator);
+        assert_eq!(
+            finder.next(&shutdown).await.as_deref(),
+            Some("10.0.0.1:11436")
+        );
+        assert!(finder.is_fatal("10.0.0.1:11436", &unverified("10.0.0.1:11436")));
+    }
+}
