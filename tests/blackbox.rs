@@ -313,7 +313,7 @@ fn usage_errors_exit_64_and_name_the_problem() {
     check(
         &["agent", "--token", "0123456789abcdef0123"],
         &[],
-        "`agent.join` is required",
+        "no coordinator to join: pass --join HOST:PORT",
     );
     check(
         &["agent", "--join", "127.0.0.1:1"],

@@ -8,8 +8,10 @@
 //! ```
 //!
 //! Both agents start with only the cluster token. h2 finds the coordinator over mDNS; h3, behind the
-//! router where multicast does not pass, through a seed. The coordinator's range scan of 10.77.0.0/28
-//! finds the emulated Ollama on h2 and lists the router's web server as not Ollama.
+//! router where multicast does not pass, through a seed given as a DNS name (`coordinator.test`, in
+//! h3's own /etc/hosts: `ip netns exec` mounts /etc/netns/NS/hosts over it). A third agent on h2 has no
+//! token: the coordinator lists it as discovered, not joined. The coordinator's range scan of
+//! 10.77.0.0/28 finds the emulated Ollama on h2 and lists the router's web server as not Ollama.
 //!
 //! Needs root (to create namespaces) and `ip` from iproute2, `curl` and `python3`.
 
@@ -148,6 +150,7 @@ impl Drop for Hosts {
             let _ = Command::new("ip")
                 .args(["netns", "del", namespace])
                 .status();
+            let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(namespace));
         }
     }
 }
@@ -216,6 +219,14 @@ fn network(hosts: &mut Hosts) {
             &["ip", "route", "add", "10.78.0.0/24", "via", "10.77.0.14"],
         );
     }
+    // h3 knows the coordinator by name.
+    let etc = Path::new("/etc/netns").join(hosts.ns("h3"));
+    std::fs::create_dir_all(&etc).expect("create /etc/netns/NS");
+    std::fs::write(
+        etc.join("hosts"),
+        "127.0.0.1 localhost\n10.77.0.1 coordinator.test\n",
+    )
+    .expect("write the namespace's hosts file");
 }
 
 fn json(text: &str) -> Option<serde_json::Value> {
@@ -299,7 +310,7 @@ fn agents_find_the_coordinator_by_mdns_or_seed_and_the_scan_finds_ollama() {
     // Both agents get only the token: h2 over mDNS, h3 through its seed.
     for (host, name, seeds) in [
         ("h2", "lan-agent", None),
-        ("h3", "routed-agent", Some("10.77.0.1:11436")),
+        ("h3", "routed-agent", Some("coordinator.test:11436")),
     ] {
         let mut env = sollol_env.to_vec();
         env.extend(seeds.map(|seeds| ("SOLLOL_SEEDS", seeds)));
@@ -320,6 +331,22 @@ fn agents_find_the_coordinator_by_mdns_or_seed_and_the_scan_finds_ollama() {
             ],
         );
     }
+
+    // An agent without a token announces itself and waits.
+    let waiting_dir = dir("waiting-agent");
+    hosts.spawn(
+        "h2",
+        "waiting-agent",
+        &sollol_env,
+        &[
+            SOLLOL,
+            "agent",
+            "--data-dir",
+            &waiting_dir,
+            "--name",
+            "waiting-agent",
+        ],
+    );
 
     let nodes = hosts.wait(
         "both agents up in the coordinator's node list",
@@ -355,10 +382,11 @@ fn agents_find_the_coordinator_by_mdns_or_seed_and_the_scan_finds_ollama() {
         || {
             let discovery =
                 json(&hosts.try_run("h1", &["curl", "-sf", &format!("{api}/discovery")])?)?;
-            let joined = discovery["mdns"]["peers"]
-                .as_array()?
+            let peers = discovery["mdns"]["peers"].as_array()?;
+            let joined = peers
                 .iter()
-                .any(|peer| peer["name"] == "lan-agent" && peer["joined"] == true);
+                .any(|peer| peer["name"] == "lan-agent" && peer["joined"] == true)
+                && peers.iter().any(|peer| peer["name"] == "waiting-agent");
             // A scan that saw both services (the web server may start after the first scan).
             let scanned = !discovery["scan"]["found"].as_array()?.is_empty()
                 && !discovery["scan"]["rejected"].as_array()?.is_empty();
@@ -378,8 +406,14 @@ fn agents_find_the_coordinator_by_mdns_or_seed_and_the_scan_finds_ollama() {
         peers.iter().all(|peer| peer["name"] != "routed-agent"),
         "multicast must not pass the router, yet the routed agent was heard: {peers:?}"
     );
+    let waiting = peers
+        .iter()
+        .find(|peer| peer["name"] == "waiting-agent")
+        .expect("waiting-agent");
+    assert_eq!(waiting["has_token"], false);
+    assert_eq!(waiting["joined"], false);
     assert_eq!(mdns["interfaces"][0]["name"], "eth0");
-    assert_eq!(mdns["interfaces"][0]["answers"], 1);
+    assert_eq!(mdns["interfaces"][0]["answers"], 2);
 
     let scan = &discovery["scan"];
     assert_eq!(
@@ -424,8 +458,9 @@ fn agents_find_the_coordinator_by_mdns_or_seed_and_the_scan_finds_ollama() {
     println!("sollol discover on h1:\n{shown}");
     for expected in [
         "mDNS: announced as lan-coordinator-",
-        "mDNS: 1 answer(s) on eth0 (10.77.0.1/24)",
+        "mDNS: 2 answer(s) on eth0 (10.77.0.1/24)",
         "agent, joined",
+        "agent, discovered, not joined (it has no token)",
         "found       10.77.0.2:11434",
         "not Ollama  10.77.0.14:11434",
     ] {

@@ -636,6 +636,28 @@ async fn start_engine(
 }
 
 /// The agent settings `sollol agent` needs: where to join and with which token.
+/// An agent without a cluster token cannot join anything; with mDNS on it announces itself (TXT
+/// `token=0`), so the coordinators on its LAN list it as discovered, not joined, until it is restarted
+/// with the token. Runs until `shutdown`.
+pub fn announce_without_token(
+    config: &Config,
+    shutdown: CancellationToken,
+) -> Result<Arc<crate::mdns::Mdns>, StartError> {
+    identity::ensure_private_dir(&config.data_dir)?;
+    let node_id = NodeId::load_or_create(&config.data_dir)?;
+    crate::mdns::Mdns::start(
+        &crate::mdns::Announce {
+            role: crate::mdns::Role::Agent,
+            node_id: node_id.to_string(),
+            name: config.agent.name.clone(),
+            port: config.engine.stage_bind.port(),
+            has_token: false,
+        },
+        shutdown,
+    )
+    .map_err(StartError::Usage)
+}
+
 /// The agent's coordinator address (`None`: find one) and token.
 pub fn join_target(config: &Config) -> Result<(Option<String>, ClusterToken), StartError> {
     let address = config.agent.join.clone();

@@ -327,6 +327,9 @@ async fn serve(config: &Config, with_agent: bool) -> ExitCode {
 }
 
 async fn agent(config: &Config) -> ExitCode {
+    if config.agent.token.is_none() && config.discovery.mdns {
+        return agent_without_token(config).await;
+    }
     let (address, token) = match app::join_target(config) {
         Ok(target) => target,
         Err(error) => return start_failed(&error),
@@ -352,6 +355,22 @@ async fn agent(config: &Config) -> ExitCode {
             Err(error) => fail(&error),
         },
     }
+}
+
+/// `sollol agent` without a token: visible to the coordinators on the LAN, waiting to be given one.
+async fn agent_without_token(config: &Config) -> ExitCode {
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let mdns = match app::announce_without_token(config, shutdown.clone()) {
+        Ok(mdns) => mdns,
+        Err(error) => return start_failed(&error),
+    };
+    tracing::error!(instance = %mdns.announced_as(), "`agent.token` is not set: this agent cannot join a cluster. It announces itself over mDNS, so `sollol discover` on the coordinator lists it as discovered, not joined; start it again with --token TOKEN (printed by `sollol up`)");
+    let signal = wait_for_signal().await;
+    tracing::info!(%signal, "shutting down");
+    shutdown.cancel();
+    // The announcement's withdrawal (goodbye packets) takes a moment.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    ExitCode::SUCCESS
 }
 
 async fn status(config: &Config, json: bool) -> ExitCode {
@@ -490,14 +509,16 @@ fn render_mdns(mdns: Option<&sollol_shared::api::MdnsDiscovery>) -> String {
             ("agent", false, false) => "agent, discovered, not joined (it has no token)",
             _ => "another coordinator",
         };
+        let address = peer.addresses.first().map_or("?", String::as_str);
+        // An agent without a token listens on no port.
+        let address = match peer.port {
+            0 => address.to_owned(),
+            port => format!("{address}:{port}"),
+        };
         let _ = writeln!(
             text,
-            "  {:<24} {}:{}  {state}  (sollol {}, id {})",
-            peer.name,
-            peer.addresses.first().map_or("?", String::as_str),
-            peer.port,
-            peer.version,
-            peer.node_id
+            "  {:<24} {address}  {state}  (sollol {}, id {})",
+            peer.name, peer.version, peer.node_id
         );
     }
     text
@@ -905,6 +926,64 @@ fn fail(error: &dyn std::fmt::Display) -> ExitCode {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn mdns_status_names_silent_interfaces_and_peers_that_cannot_join() {
+        use sollol_shared::api::{MdnsDiscovery, MdnsInterface, MdnsPeer};
+        assert_eq!(
+            super::render_mdns(None),
+            "mDNS: off (discovery.mdns = false)\n"
+        );
+        let failed = MdnsDiscovery {
+            error: Some("not announced: the cluster port (127.0.0.1:11436) is reachable from this machine only".to_owned()),
+            ..MdnsDiscovery::default()
+        };
+        assert_eq!(
+            super::render_mdns(Some(&failed)),
+            "mDNS: not running: not announced: the cluster port (127.0.0.1:11436) is reachable from this machine only\n"
+        );
+        let peer = |name: &str, joined, has_token| MdnsPeer {
+            instance: format!("{name}-01234567._sollol._tcp.local."),
+            node_id: "0123456789abcdef".to_owned(),
+            name: name.to_owned(),
+            role: "agent".to_owned(),
+            version: "0.1.0".to_owned(),
+            addresses: vec!["192.168.1.23".to_owned()],
+            port: if has_token { 7703 } else { 0 },
+            has_token,
+            joined,
+        };
+        let running = MdnsDiscovery {
+            announced_as: Some("lab-89abcdef._sollol._tcp.local.".to_owned()),
+            error: None,
+            interfaces: vec![
+                MdnsInterface {
+                    name: "eth0".to_owned(),
+                    address: "192.168.1.2/24".to_owned(),
+                    answers: 2,
+                },
+                MdnsInterface {
+                    name: "wlan0".to_owned(),
+                    address: "10.0.0.2/24".to_owned(),
+                    answers: 0,
+                },
+            ],
+            peers: vec![peer("pi-left", false, true), peer("pi-right", false, false)],
+        };
+        let text = super::render_mdns(Some(&running));
+        for line in [
+            "mDNS: announced as lab-89abcdef._sollol._tcp.local.; 2 peer(s)",
+            "  mDNS: 2 answer(s) on eth0 (192.168.1.2/24)",
+            "  mDNS: no answer on wlan0 (10.0.0.2/24)",
+            "  pi-left                  192.168.1.23:7703  agent, discovered, not joined  (sollol 0.1.0, id 0123456789abcdef)",
+            "  pi-right                 192.168.1.23  agent, discovered, not joined (it has no token)  (sollol 0.1.0, id 0123456789abcdef)",
+        ] {
+            assert!(
+                text.lines().any(|have| have == line),
+                "{line:?} missing from:\n{text}"
+            );
+        }
+    }
 
     #[test]
     fn plan_progress_reads_as_one_line() {
