@@ -329,6 +329,27 @@ pub async fn start_coordinator(config: &Config) -> Result<CoordinatorHandle, Sta
     })
 }
 
+/// Announces this process over mDNS as `role`, with the port peers reach it on, until `shutdown`.
+fn announce(
+    config: &Config,
+    role: crate::mdns::Role,
+    node_id: &NodeId,
+    port: u16,
+    has_token: bool,
+    shutdown: &CancellationToken,
+) -> Result<Arc<crate::mdns::Mdns>, String> {
+    crate::mdns::Mdns::start(
+        &crate::mdns::Announce {
+            role,
+            node_id: node_id.to_string(),
+            name: config.agent.name.clone(),
+            port,
+            has_token,
+        },
+        shutdown.clone(),
+    )
+}
+
 /// Announces the coordinator's cluster port over mDNS, so agents started without `agent.join` find it.
 fn announce_coordinator(
     config: &Config,
@@ -341,15 +362,13 @@ fn announce_coordinator(
         ));
     }
     let node_id = NodeId::load_or_create(&config.data_dir).map_err(|error| error.to_string())?;
-    crate::mdns::Mdns::start(
-        &crate::mdns::Announce {
-            role: crate::mdns::Role::Coordinator,
-            node_id: node_id.to_string(),
-            name: config.agent.name.clone(),
-            port: cluster_address.port(),
-            has_token: true,
-        },
-        shutdown.clone(),
+    announce(
+        config,
+        crate::mdns::Role::Coordinator,
+        &node_id,
+        cluster_address.port(),
+        true,
+        shutdown,
     )
     .inspect_err(|error| tracing::warn!(%error, "no mDNS discovery"))
 }
@@ -435,15 +454,13 @@ pub async fn start_agent(
     tracing::info!(%stage_address, "stage port open for distributed inference");
     tracing::debug!(?sampler, "hardware probes");
     let mdns = if config.discovery.mdns {
-        crate::mdns::Mdns::start(
-            &crate::mdns::Announce {
-                role: crate::mdns::Role::Agent,
-                node_id: node_id.to_string(),
-                name: agent.name.clone(),
-                port: stage_address.port(),
-                has_token: true,
-            },
-            shutdown.clone(),
+        announce(
+            config,
+            crate::mdns::Role::Agent,
+            &node_id,
+            stage_address.port(),
+            true,
+            &shutdown,
         )
         .inspect_err(|error| tracing::warn!(%error, "no mDNS discovery"))
         .ok()
@@ -635,7 +652,6 @@ async fn start_engine(
     Ok(Some(format!("http://{address}")))
 }
 
-/// The agent settings `sollol agent` needs: where to join and with which token.
 /// An agent without a cluster token cannot join anything; with mDNS on it announces itself (TXT
 /// `token=0`), so the coordinators on its LAN list it as discovered, not joined, until it is restarted
 /// with the token. Runs until `shutdown`.
@@ -645,20 +661,19 @@ pub fn announce_without_token(
 ) -> Result<Arc<crate::mdns::Mdns>, StartError> {
     identity::ensure_private_dir(&config.data_dir)?;
     let node_id = NodeId::load_or_create(&config.data_dir)?;
-    crate::mdns::Mdns::start(
-        &crate::mdns::Announce {
-            role: crate::mdns::Role::Agent,
-            node_id: node_id.to_string(),
-            name: config.agent.name.clone(),
-            port: config.engine.stage_bind.port(),
-            has_token: false,
-        },
-        shutdown,
+    announce(
+        config,
+        crate::mdns::Role::Agent,
+        &node_id,
+        config.engine.stage_bind.port(),
+        false,
+        &shutdown,
     )
     .map_err(StartError::Usage)
 }
 
-/// The agent's coordinator address (`None`: find one) and token.
+/// The agent settings `sollol agent` needs: where to join (`None`: find the coordinator) and with which
+/// token.
 pub fn join_target(config: &Config) -> Result<(Option<String>, ClusterToken), StartError> {
     let address = config.agent.join.clone();
     let token = config.agent.token.as_deref().ok_or_else(|| {
