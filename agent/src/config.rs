@@ -192,13 +192,13 @@ pub const KEYS: &[KeySpec] = &[
         key: "agent.join",
         env: "SOLLOL_JOIN",
         default: None,
-        doc: "The coordinator's cluster address, `HOST:PORT`. Required by `sollol agent`; `sollol up` joins its own coordinator.",
+        doc: "The coordinator's cluster address, `HOST:PORT`. Without it `sollol agent` joins the coordinator it finds over mDNS (`discovery.mdns`) or through `discovery.seeds` that proves it holds the same token; `sollol up` joins its own coordinator.",
     },
     KeySpec {
         key: "agent.token",
         env: "SOLLOL_TOKEN",
         default: None,
-        doc: "The cluster token printed by `sollol up` and `sollol token`. Required by `sollol agent`. Never printed by `print-config`.",
+        doc: "The cluster token printed by `sollol up` and `sollol token`. Required by `sollol agent` to join; without it (and with `discovery.mdns` on) the agent only announces itself and waits, listed by the coordinator as discovered, not joined. Never printed by `print-config`.",
     },
     KeySpec {
         key: "agent.name",
