@@ -402,6 +402,7 @@ fn agents_find_the_coordinator_by_mdns_or_seed_and_the_scan_finds_ollama() {
     assert_eq!(lan["role"], "agent");
     assert_eq!(lan["addresses"][0], "10.77.0.2");
     assert_eq!(lan["has_token"], true);
+    assert_eq!(lan["roles"], serde_json::json!(["agent", "stage"]));
     assert!(
         peers.iter().all(|peer| peer["name"] != "routed-agent"),
         "multicast must not pass the router, yet the routed agent was heard: {peers:?}"

@@ -336,6 +336,7 @@ fn announce(
     node_id: &NodeId,
     port: u16,
     has_token: bool,
+    serves: Vec<&'static str>,
     shutdown: &CancellationToken,
 ) -> Result<Arc<crate::mdns::Mdns>, String> {
     crate::mdns::Mdns::start(
@@ -345,6 +346,7 @@ fn announce(
             name: config.agent.name.clone(),
             port,
             has_token,
+            serves,
         },
         shutdown.clone(),
     )
@@ -368,6 +370,11 @@ fn announce_coordinator(
         &node_id,
         cluster_address.port(),
         true,
+        if config.model_sharding_enabled {
+            vec!["gateway", "distributed"]
+        } else {
+            vec!["gateway"]
+        },
         shutdown,
     )
     .inspect_err(|error| tracing::warn!(%error, "no mDNS discovery"))
@@ -428,6 +435,7 @@ pub async fn start_agent(
     let agent = &config.agent;
     let shutdown = CancellationToken::new();
     let engine_url = start_engine(config, &shutdown).await?;
+    let engine_running = engine_url.is_some();
     let models_dir = agent.models_dir.clone();
     let ollama_url = engine_url.or_else(|| agent.ollama_url.clone());
     let mut sampler =
@@ -460,6 +468,11 @@ pub async fn start_agent(
             &node_id,
             stage_address.port(),
             true,
+            if engine_running {
+                vec!["stage", "engine"]
+            } else {
+                vec!["stage"]
+            },
             &shutdown,
         )
         .inspect_err(|error| tracing::warn!(%error, "no mDNS discovery"))
@@ -667,6 +680,7 @@ pub fn announce_without_token(
         &node_id,
         config.engine.stage_bind.port(),
         false,
+        Vec::new(),
         &shutdown,
     )
     .map_err(StartError::Usage)

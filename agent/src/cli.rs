@@ -517,8 +517,11 @@ fn render_mdns(mdns: Option<&sollol_shared::api::MdnsDiscovery>) -> String {
         };
         let _ = writeln!(
             text,
-            "  {:<24} {address}  {state}  (sollol {}, id {})",
-            peer.name, peer.version, peer.node_id
+            "  {:<24} {address}  {state}  (sollol {}, runs {}, id {})",
+            peer.name,
+            peer.version,
+            peer.roles.join(","),
+            peer.node_id
         );
     }
     text
@@ -947,6 +950,11 @@ mod tests {
             node_id: "0123456789abcdef".to_owned(),
             name: name.to_owned(),
             role: "agent".to_owned(),
+            roles: if has_token {
+                vec!["agent".to_owned(), "stage".to_owned()]
+            } else {
+                vec!["agent".to_owned()]
+            },
             version: "0.1.0".to_owned(),
             addresses: vec!["192.168.1.23".to_owned()],
             port: if has_token { 7703 } else { 0 },
@@ -975,8 +983,8 @@ mod tests {
             "mDNS: announced as lab-89abcdef._sollol._tcp.local.; 2 peer(s)",
             "  mDNS: 2 answer(s) on eth0 (192.168.1.2/24)",
             "  mDNS: no answer on wlan0 (10.0.0.2/24)",
-            "  pi-left                  192.168.1.23:7703  agent, discovered, not joined  (sollol 0.1.0, id 0123456789abcdef)",
-            "  pi-right                 192.168.1.23  agent, discovered, not joined (it has no token)  (sollol 0.1.0, id 0123456789abcdef)",
+            "  pi-left                  192.168.1.23:7703  agent, discovered, not joined  (sollol 0.1.0, runs agent,stage, id 0123456789abcdef)",
+            "  pi-right                 192.168.1.23  agent, discovered, not joined (it has no token)  (sollol 0.1.0, runs agent, id 0123456789abcdef)",
         ] {
             assert!(
                 text.lines().any(|have| have == line),

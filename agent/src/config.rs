@@ -318,7 +318,7 @@ pub const KEYS: &[KeySpec] = &[
         key: "discovery.mdns",
         env: "SOLLOL_MDNS",
         default: Some("true"),
-        doc: "Announce this process over multicast DNS as a DNS-SD service `_sollol._tcp` (TXT: node id, name, role, version) on every IPv4 interface but loopback, and browse for the others: the coordinator lists the agents it sees (`sollol discover`), and an agent without `agent.join` joins the coordinator it finds, if the coordinator proves it holds the same token. Turn off on networks where announcing is unwelcome.",
+        doc: "Announce this process over multicast DNS as a DNS-SD service `_sollol._tcp` (TXT: node id, name, role and roles, version) on every IPv4 interface but loopback, and browse for the others: the coordinator lists the agents it sees (`sollol discover`), and an agent without `agent.join` joins the coordinator it finds, if the coordinator proves it holds the same token. Turn off on networks where announcing is unwelcome.",
     },
     KeySpec {
         key: "discovery.seeds",

@@ -1,8 +1,9 @@
 //! Zero-configuration discovery on a LAN: every sollol process announces itself over multicast DNS as a
 //! DNS-SD service of type `_sollol._tcp` and browses for the others (`discovery.mdns`).
 //!
-//! The TXT record carries `id` (node id), `name`, `role` (`agent` or `coordinator`), `v` (build
-//! version), `proto` (agent protocol version) and `token` (`1` when the process holds a cluster token).
+//! The TXT record carries `id` (node id), `name`, `role` (`agent` or `coordinator`), `roles` (the role
+//! and what else the process runs: `stage`, `engine`, `gateway`, `distributed`), `v` (build version),
+//! `proto` (agent protocol version) and `token` (`1` when the process holds a cluster token).
 //! A coordinator's instance points at its cluster port, an agent's at its stage port. Each process
 //! announces under a host name of its own (`sollol-<id>.local.`), so several on one machine (or in
 //! network namespaces sharing a host name) never answer for each other's addresses.
@@ -57,6 +58,8 @@ pub struct Announce {
     /// The port peers connect to: the cluster port of a coordinator, the stage port of an agent.
     pub port: u16,
     pub has_token: bool,
+    /// What the process runs besides its role, e.g. `stage` and `engine` for an agent.
+    pub serves: Vec<&'static str>,
 }
 
 /// Another sollol process that announced itself.
@@ -66,6 +69,8 @@ pub struct Peer {
     pub node_id: String,
     pub name: String,
     pub role: Role,
+    /// The role and what else the peer runs.
+    pub roles: Vec<String>,
     pub version: String,
     pub addresses: Vec<Ipv4Addr>,
     pub port: u16,
@@ -174,6 +179,7 @@ impl Mdns {
                     node_id: peer.node_id,
                     name: peer.name,
                     role: peer.role.as_str().to_owned(),
+                    roles: peer.roles,
                     version: peer.version,
                     addresses: peer.addresses.iter().map(Ipv4Addr::to_string).collect(),
                     port: peer.port,
@@ -247,6 +253,13 @@ fn service_info(announce: &Announce) -> Result<ServiceInfo, String> {
         ("id", announce.node_id.clone()),
         ("name", announce.name.clone()),
         ("role", announce.role.as_str().to_owned()),
+        (
+            "roles",
+            std::iter::once(announce.role.as_str())
+                .chain(announce.serves.iter().copied())
+                .collect::<Vec<_>>()
+                .join(","),
+        ),
         ("v", BUILD_VERSION.to_owned()),
         ("proto", PROTOCOL_VERSION.to_string()),
         (
@@ -271,11 +284,17 @@ fn peer_of(service: &mdns_sd::ResolvedService) -> Option<Peer> {
     let txt = |key: &str| service.txt_properties.get_property_val_str(key);
     let mut addresses: Vec<Ipv4Addr> = service.get_addresses_v4().into_iter().collect();
     addresses.sort();
+    let role = Role::parse(txt("role")?)?;
+    let roles = match txt("roles") {
+        Some(roles) if !roles.is_empty() => roles.split(',').map(str::to_owned).collect(),
+        _ => vec![role.as_str().to_owned()],
+    };
     Some(Peer {
         instance: service.fullname.clone(),
         node_id: txt("id").filter(|id| !id.is_empty())?.to_owned(),
         name: txt("name").unwrap_or_default().to_owned(),
-        role: Role::parse(txt("role")?)?,
+        role,
+        roles,
         version: txt("v").unwrap_or_default().to_owned(),
         addresses,
         port: service.port,
@@ -354,6 +373,7 @@ mod tests {
             name: "pi left.lan".to_owned(),
             port: 7703,
             has_token: true,
+            serves: vec!["stage", "engine"],
         };
         let info = service_info(&announce).expect("service info");
         assert_eq!(
@@ -362,6 +382,10 @@ mod tests {
         );
         assert_eq!(info.get_hostname(), "sollol-0123456789abcdef.local.");
         assert_eq!(info.get_property_val_str("role"), Some("agent"));
+        assert_eq!(
+            info.get_property_val_str("roles"),
+            Some("agent,stage,engine")
+        );
         assert_eq!(info.get_property_val_str("name"), Some("pi left.lan"));
         assert_eq!(info.get_property_val_str("token"), Some("1"));
         assert_eq!(info.get_property_val_str("v"), Some(BUILD_VERSION));

@@ -443,6 +443,10 @@ pub struct MdnsPeer {
     pub name: String,
     /// `agent` or `coordinator`.
     pub role: String,
+    /// The role and what else the peer runs: `stage`, `engine` (agents), `gateway`, `distributed`
+    /// (coordinators).
+    #[serde(default)]
+    pub roles: Vec<String>,
     pub version: String,
     pub addresses: Vec<String>,
     pub port: u16,
