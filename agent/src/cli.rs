@@ -368,66 +368,54 @@ async fn agent_without_token(config: &Config) -> ExitCode {
     let signal = wait_for_signal().await;
     tracing::info!(%signal, "shutting down");
     shutdown.cancel();
-    // The announcement's withdrawal (goodbye packets) takes a moment.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), mdns.stopped()).await;
     ExitCode::SUCCESS
 }
 
 async fn status(config: &Config, json: bool) -> ExitCode {
-    let url = format!("{}{API_PREFIX}/cluster", config.coordinator_url);
-    match HttpClient::default()
-        .get_json::<ClusterSummary>(&url, API_TIMEOUT)
-        .await
-    {
-        Ok(summary) if json => print_json(&summary),
-        Ok(summary) => {
-            print!("{}", render_status(&summary));
-            ExitCode::SUCCESS
-        }
-        Err(error) => fail(&error),
-    }
+    show(config, "cluster", json, |summary: &ClusterSummary| {
+        render_status(summary)
+    })
+    .await
 }
 
 async fn nodes(config: &Config, json: bool) -> ExitCode {
-    let url = format!("{}{API_PREFIX}/nodes", config.coordinator_url);
-    match HttpClient::default()
-        .get_json::<NodeList>(&url, API_TIMEOUT)
-        .await
-    {
-        Ok(list) if json => print_json(&list),
-        Ok(list) => {
-            print!(
-                "{}",
-                render_nodes(
-                    &list.nodes,
-                    crate::telemetry::unix_ms(std::time::SystemTime::now())
-                )
-            );
+    show(config, "nodes", json, |list: &NodeList| {
+        render_nodes(&list.nodes, now_ms())
+    })
+    .await
+}
+
+async fn discover(config: &Config, json: bool) -> ExitCode {
+    show(
+        config,
+        "discovery",
+        json,
+        |found: &sollol_shared::api::Discovery| render_discovery(found, now_ms()),
+    )
+    .await
+}
+
+/// Fetches `path` of the coordinator's sollol API and prints it: as the API's JSON, or as `render` says.
+async fn show<T: serde::de::DeserializeOwned + serde::Serialize>(
+    config: &Config,
+    path: &str,
+    json: bool,
+    render: impl FnOnce(&T) -> String,
+) -> ExitCode {
+    let url = format!("{}{API_PREFIX}/{path}", config.coordinator_url);
+    match HttpClient::default().get_json::<T>(&url, API_TIMEOUT).await {
+        Ok(value) if json => print_json(&value),
+        Ok(value) => {
+            print!("{}", render(&value));
             ExitCode::SUCCESS
         }
         Err(error) => fail(&error),
     }
 }
 
-async fn discover(config: &Config, json: bool) -> ExitCode {
-    let url = format!("{}{API_PREFIX}/discovery", config.coordinator_url);
-    match HttpClient::default()
-        .get_json::<sollol_shared::api::Discovery>(&url, API_TIMEOUT)
-        .await
-    {
-        Ok(found) if json => print_json(&found),
-        Ok(found) => {
-            print!(
-                "{}",
-                render_discovery(
-                    &found,
-                    crate::telemetry::unix_ms(std::time::SystemTime::now())
-                )
-            );
-            ExitCode::SUCCESS
-        }
-        Err(error) => fail(&error),
-    }
+fn now_ms() -> u64 {
+    crate::telemetry::unix_ms(std::time::SystemTime::now())
 }
 
 /// `sollol discover` as text.

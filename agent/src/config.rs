@@ -565,10 +565,34 @@ impl fmt::Debug for ApiKey {
     }
 }
 
-fn parse_api_keys(text: &str) -> Result<Vec<ApiKey>, String> {
+/// The entries of a comma-separated list (a TOML list arrives joined with commas), trimmed, empty ones
+/// skipped.
+fn list_items(text: &str) -> impl Iterator<Item = &str> {
     text.split(',')
         .map(str::trim)
-        .filter(|entry| !entry.is_empty())
+        .filter(|item| !item.is_empty())
+}
+
+fn parse_port(text: &str) -> Result<u16, String> {
+    text.trim()
+        .parse::<u16>()
+        .ok()
+        .filter(|port| *port > 0)
+        .ok_or_else(|| "must be a port number, 1 to 65535".to_owned())
+}
+
+/// A coordinator's cluster address as `HOST:PORT`; the host is resolved when it is used.
+fn parse_seed(seed: &str) -> Result<String, String> {
+    match seed.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && parse_port(port).is_ok() => Ok(seed.to_owned()),
+        _ => Err(format!(
+            "{seed:?} is not HOST:PORT (the coordinator's cluster address, e.g. coordinator.lan:11436)"
+        )),
+    }
+}
+
+fn parse_api_keys(text: &str) -> Result<Vec<ApiKey>, String> {
+    list_items(text)
         .enumerate()
         .map(|(index, entry)| {
             let (name, key) = match entry.split_once('=') {
@@ -655,11 +679,7 @@ impl TryFrom<&RawConfig> for Config {
             body_read_timeout: reader.parse("coordinator.body_read_timeout", parse_positive_duration)?,
             nodes: reader
                 .optional("coordinator.nodes", |text| {
-                    text.split(',')
-                        .map(str::trim)
-                        .filter(|url| !url.is_empty())
-                        .map(parse_http_url)
-                        .collect::<Result<Vec<_>, _>>()
+                    list_items(text).map(parse_http_url).collect()
                 })?
                 .unwrap_or_default(),
             probe_interval: reader.parse("coordinator.probe_interval", |text| {
@@ -740,10 +760,7 @@ impl TryFrom<&RawConfig> for Config {
         let distributed = DistributedConfig {
             models: reader
                 .optional("distributed.models", |text| {
-                    Ok(text
-                        .split(',')
-                        .map(str::trim)
-                        .filter(|name| !name.is_empty())
+                    Ok(list_items(text)
                         .map(crate::cluster::normalize_model)
                         .collect::<Vec<_>>())
                 })?
@@ -757,32 +774,15 @@ impl TryFrom<&RawConfig> for Config {
         let discovery = DiscoveryConfig {
             scan: reader
                 .optional("discovery.scan", |text| {
-                    text.split(',')
-                        .map(str::trim)
-                        .filter(|range| !range.is_empty())
-                        .map(str::parse)
-                        .collect::<Result<Vec<_>, _>>()
+                    list_items(text).map(str::parse).collect()
                 })?
                 .unwrap_or_default(),
-            scan_port: reader.parse("discovery.scan_port", |text| {
-                text.trim()
-                    .parse::<u16>()
-                    .ok()
-                    .filter(|port| *port > 0)
-                    .ok_or_else(|| "must be a port number, 1 to 65535".to_owned())
-            })?,
+            scan_port: reader.parse("discovery.scan_port", parse_port)?,
             scan_interval: reader.parse("discovery.scan_interval", parse_positive_duration)?,
             mdns: reader.parse("discovery.mdns", parse_bool)?,
             seeds: reader
                 .optional("discovery.seeds", |text| {
-                    text.split(',')
-                        .map(str::trim)
-                        .filter(|seed| !seed.is_empty())
-                        .map(|seed| match seed.rsplit_once(':') {
-                            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|port| port > 0) => Ok(seed.to_owned()),
-                            _ => Err(format!("{seed:?} is not HOST:PORT (the coordinator's cluster address, e.g. coordinator.lan:11436)")),
-                        })
-                        .collect::<Result<Vec<_>, _>>()
+                    list_items(text).map(parse_seed).collect()
                 })?
                 .unwrap_or_default(),
         };

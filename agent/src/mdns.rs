@@ -83,6 +83,8 @@ pub struct Mdns {
     own_id: String,
     announced_as: String,
     peers: Mutex<HashMap<String, Peer>>,
+    /// Cancelled once the announcement is withdrawn and the daemon stopped.
+    stopped: CancellationToken,
 }
 
 impl std::fmt::Debug for Mdns {
@@ -118,6 +120,7 @@ impl Mdns {
             own_id: announce.node_id.clone(),
             announced_as,
             peers: Mutex::new(HashMap::new()),
+            stopped: CancellationToken::new(),
         });
         tracing::info!(instance = %mdns.announced_as, role = announce.role.as_str(), port = announce.port, "announced over mDNS");
         tokio::spawn(watch(Arc::clone(&mdns), events, shutdown));
@@ -126,6 +129,11 @@ impl Mdns {
 
     pub fn announced_as(&self) -> &str {
         &self.announced_as
+    }
+
+    /// Waits until, after `shutdown`, the announcement is withdrawn (goodbye packets sent).
+    pub async fn stopped(&self) {
+        self.stopped.cancelled().await;
     }
 
     /// Every other process seen, by instance name.
@@ -237,6 +245,7 @@ async fn watch(
         let _ = tokio::time::timeout(GOODBYE_TIMEOUT, done.recv_async()).await;
     }
     let _ = mdns.daemon.shutdown();
+    mdns.stopped.cancel();
 }
 
 fn service_info(announce: &Announce) -> Result<ServiceInfo, String> {

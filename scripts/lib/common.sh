@@ -12,6 +12,11 @@ BINARYEN_VERSION=132.0.0
 
 say() { printf '==> %s\n' "$*" >&2; }
 
+# The workspace's version (Cargo.toml), as release tarballs are named.
+workspace_version() {
+  awk -F '"' '/^version = / { print $2; exit }' "$ROOT/Cargo.toml"
+}
+
 # The exact wasm-bindgen version in Cargo.lock: the CLI must match the library.
 wasm_bindgen_version() {
   awk '/^name = "wasm-bindgen"$/ { getline; gsub(/version = |"/, ""); print; exit }' "$ROOT/Cargo.lock"
