@@ -15,11 +15,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use sollol::identity::ClusterToken;
-use sollol::inference::model::Model;
-use sollol::inference::sampling::greedy;
-use sollol::pipeline::{Answer, Candidate, Pipeline, Sequence, Timeouts};
-use sollol::stage::{StageSettings, serve};
+use sollol::cluster::identity::ClusterToken;
+use sollol::distributed::pipeline::{Answer, Candidate, Pipeline, Sequence, Timeouts};
+use sollol::distributed::stage::{StageSettings, serve};
+use sollol_engine::model::Model;
+use sollol_engine::sampling::greedy;
 use sollol_shared::layers::Sampling;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpListener;

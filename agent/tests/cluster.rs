@@ -225,8 +225,8 @@ async fn history_survives_a_coordinator_restart() {
     restarted.shutdown(Duration::from_secs(5)).await;
 }
 
-fn coordinator_token(dir: &std::path::Path) -> sollol::identity::ClusterToken {
-    sollol::identity::ClusterToken::load(dir)
+fn coordinator_token(dir: &std::path::Path) -> sollol::cluster::identity::ClusterToken {
+    sollol::cluster::identity::ClusterToken::load(dir)
         .expect("read")
         .expect("token exists")
 }

@@ -10,9 +10,11 @@ use std::time::{Duration, Instant};
 
 use sollol::app::{self, CoordinatorHandle};
 use sollol::config::Config;
-use sollol::inference::model::Model;
-use sollol::inference::sampling::greedy;
-use sollol::pipeline::{Answer, Candidate, Distributed, Pipeline, PipelineError, Timeouts};
+use sollol::distributed::pipeline::{
+    Answer, Candidate, Distributed, Pipeline, PipelineError, Timeouts,
+};
+use sollol_engine::model::Model;
+use sollol_engine::sampling::greedy;
 use sollol_shared::layers::Sampling;
 
 mod support;
@@ -536,8 +538,9 @@ async fn incompatible_stages_are_refused_at_plan_time() {
     );
 
     // And a client without the cluster token gets nowhere.
-    let wrong = sollol::identity::ClusterToken::parse("0123456789abcdef0123").expect("token");
-    let error = sollol::stage::dial(&address, &wrong, Duration::from_secs(5))
+    let wrong =
+        sollol::cluster::identity::ClusterToken::parse("0123456789abcdef0123").expect("token");
+    let error = sollol::distributed::stage::dial(&address, &wrong, Duration::from_secs(5))
         .await
         .expect_err("wrong token");
     assert!(error.to_string().contains("cluster token"), "{error}");
@@ -556,10 +559,10 @@ async fn refuse_other_version(address: &str) -> String {
         build_version: "9.9.9".to_owned(),
         nonce: [0; 32],
     };
-    sollol::wire::write_message(&mut stream, &hello)
+    sollol::cluster::wire::write_message(&mut stream, &hello)
         .await
         .expect("hello");
-    match sollol::wire::read_message::<LayerChallenge, _>(&mut stream)
+    match sollol::cluster::wire::read_message::<LayerChallenge, _>(&mut stream)
         .await
         .expect("answer")
     {
@@ -723,7 +726,7 @@ async fn a_stage_without_the_file_fetches_its_part_from_a_peer() {
         &token,
         Timeouts::default(),
         &std::collections::HashMap::new(),
-        &|progress: &sollol::pipeline::Progress| {
+        &|progress: &sollol::distributed::pipeline::Progress| {
             let loaded = progress.stages.iter().filter(|stage| stage.loaded).count();
             let first = progress
                 .stages

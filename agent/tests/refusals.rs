@@ -4,10 +4,10 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use sollol::app::{self, CoordinatorHandle};
+use sollol::cluster::identity::ClusterToken;
+use sollol::cluster::join::JoinError;
 use sollol::config::Config;
 use sollol::http_client::HttpClient;
-use sollol::identity::ClusterToken;
-use sollol::join::JoinError;
 use sollol_shared::BUILD_VERSION;
 use sollol_shared::api::{ClusterSummary, NodeStatus};
 use sollol_shared::protocol::{

@@ -1,9 +1,9 @@
-//! Fuzzes the engine's GGUF reader (`agent/src/inference/gguf.rs`, compiled here as it is): any input
+//! Fuzzes the engine's GGUF reader (`agent/engine/src/gguf.rs`, compiled here as it is): any input
 //! is either an error or a directory whose every tensor lies inside the input. Never a panic, a huge
 //! allocation or a read out of bounds.
 #![no_main]
 
-#[path = "../../agent/src/inference/gguf.rs"]
+#[path = "../../agent/engine/src/gguf.rs"]
 #[allow(dead_code)]
 mod gguf;
 

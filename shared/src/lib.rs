@@ -8,6 +8,7 @@
 pub mod api;
 pub mod hardware;
 pub mod layers;
+pub mod model_name;
 pub mod protocol;
 
 /// The version of the sollol build, as written in the workspace manifest.

@@ -1,5 +1,5 @@
 """Writes llama.cpp's embeddings of a few strings for the test model (mean pooling over the final norm's
-output, as Ollama's /api/embed computes them), the reference `agent/tests/engine.rs` compares ours with.
+output, as Ollama's /api/embed computes them), the reference `agent/engine/tests/reference.rs` compares ours with.
 
 Run with llama-cpp-python 0.3.36 (scripts/bench/engine installs it into .cache/bench-venv):
     .cache/bench-venv/bin/python tests/reference/make-embeddings.py MODEL.gguf > tests/reference/smollm2-135m-q4_1.embeddings.llamacpp.json

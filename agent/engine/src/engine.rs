@@ -1,0 +1,190 @@
+//! The engine: the models it knows (on disk, or computed elsewhere) and the ones in memory with their
+//! expiry. A model loads on its first request and unloads when its keep-alive runs out, as in Ollama.
+//! Generation is CPU-bound and runs on blocking threads, at most `parallel` at once.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+pub use crate::catalogue::{
+    ModelDetails, ModelFile, content_digest, describe, discover, header_bytes,
+};
+pub use crate::error::EngineError;
+pub use crate::loaded::{Compute, Embedding, GenerateOptions, Generated, LoadedModel, TextStream};
+use crate::remote::RemoteCompute;
+
+/// The engine's models: known on disk, loaded in memory with their expiry.
+#[derive(Debug)]
+pub struct Engine {
+    /// On disk, and (coordinator) served through stages; the latter come and go.
+    files: RwLock<Vec<ModelFile>>,
+    loaded: Mutex<BTreeMap<String, (Arc<LoadedModel>, Instant)>>,
+    /// Serialises loads, as Ollama does.
+    loading: tokio::sync::Mutex<()>,
+    pub slots: Arc<tokio::sync::Semaphore>,
+    pub parallel: usize,
+    pub default_keep_alive: Duration,
+    /// Models computed elsewhere (through stages), by name.
+    remote: RwLock<BTreeMap<String, Arc<dyn RemoteCompute>>>,
+    /// The most memory a model loaded whole may take (`engine.max_memory`).
+    max_memory: Option<u64>,
+}
+
+impl Engine {
+    pub fn new(files: Vec<ModelFile>, parallel: usize, default_keep_alive: Duration) -> Self {
+        Self {
+            files: RwLock::new(files),
+            loaded: Mutex::new(BTreeMap::new()),
+            loading: tokio::sync::Mutex::new(()),
+            slots: Arc::new(tokio::sync::Semaphore::new(parallel.max(1))),
+            parallel: parallel.max(1),
+            default_keep_alive,
+            remote: RwLock::new(BTreeMap::new()),
+            max_memory: None,
+        }
+    }
+
+    /// Refuses to load whole a model whose file is larger than `limit`.
+    pub fn with_max_memory(mut self, limit: Option<u64>) -> Self {
+        self.max_memory = limit;
+        self
+    }
+
+    /// Serves a model computed elsewhere from now on (its file size and digest become known once it
+    /// is prepared); a no-op when it is served already.
+    pub fn add_remote(&self, remote_model: Arc<dyn RemoteCompute>) {
+        let name = sollol_shared::model_name::normalize(remote_model.model());
+        let mut remote = self.remote.write().unwrap_or_else(PoisonError::into_inner);
+        if remote.contains_key(&name) {
+            return;
+        }
+        self.files
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(ModelFile {
+                name: name.clone(),
+                path: PathBuf::new(),
+                size_bytes: 0,
+                modified: SystemTime::now(),
+                digest: String::new(),
+                details: None,
+            });
+        remote.insert(name, remote_model);
+    }
+
+    /// Stops serving a model computed elsewhere (requests running on it finish).
+    pub fn remove_remote(&self, name: &str) {
+        let name = sollol_shared::model_name::normalize(name);
+        if self
+            .remote
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&name)
+            .is_some()
+        {
+            self.files
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .retain(|file| file.name != name);
+            self.unload(&name);
+        }
+    }
+
+    pub fn files(&self) -> Vec<ModelFile> {
+        self.files
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The model called `name` (`name` alone means `name:latest`).
+    pub fn file(&self, name: &str) -> Option<ModelFile> {
+        let wanted = sollol_shared::model_name::normalize(&name.to_lowercase());
+        self.files
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .find(|file| file.name == wanted)
+            .cloned()
+    }
+
+    /// Loaded models with when they expire.
+    pub fn loaded(&self) -> Vec<(Arc<LoadedModel>, Instant)> {
+        let now = Instant::now();
+        let mut loaded = self.loaded.lock().unwrap_or_else(PoisonError::into_inner);
+        loaded.retain(|_, (_, expires)| *expires > now);
+        loaded.values().cloned().collect()
+    }
+
+    /// The model in memory, loading it if needed; `Duration::ZERO` load time when it was warm.
+    pub async fn get(
+        &self,
+        name: &str,
+        keep_alive: Option<Duration>,
+    ) -> Result<(Arc<LoadedModel>, Duration), EngineError> {
+        let file = self
+            .file(name)
+            .ok_or_else(|| EngineError::NotFound(name.to_owned()))?;
+        let keep = keep_alive.unwrap_or(self.default_keep_alive);
+        if let Some(model) = self.touch(&file.name, keep) {
+            return Ok((model, Duration::ZERO));
+        }
+        let _loading = self.loading.lock().await;
+        if let Some(model) = self.touch(&file.name, keep) {
+            return Ok((model, Duration::ZERO));
+        }
+        let remote = self
+            .remote
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&file.name)
+            .cloned();
+        let loaded = if let Some(remote) = remote {
+            tracing::info!(model = %file.name, "preparing the model where it is computed");
+            LoadedModel::load_remote(&file, remote).await?
+        } else {
+            if let Some(offered) = self.max_memory
+                && file.size_bytes > offered
+            {
+                return Err(EngineError::TooLarge {
+                    model: file.name.clone(),
+                    needs: file.size_bytes,
+                    offered,
+                });
+            }
+            tracing::info!(model = %file.name, path = %file.path.display(), "loading model");
+            tokio::task::spawn_blocking(move || LoadedModel::load(&file))
+                .await
+                .map_err(|error| EngineError::Stopped(error.to_string()))??
+        };
+        let loaded = Arc::new(loaded);
+        let load_duration = loaded.load_duration;
+        tracing::info!(model = %loaded.file.name, ms = load_duration.as_millis() as u64, "model loaded");
+        self.loaded
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(
+                loaded.file.name.clone(),
+                (Arc::clone(&loaded), Instant::now() + keep),
+            );
+        Ok((loaded, load_duration))
+    }
+
+    fn touch(&self, name: &str, keep: Duration) -> Option<Arc<LoadedModel>> {
+        let mut loaded = self.loaded.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        loaded.retain(|_, (_, expires)| *expires > now);
+        let (model, expires) = loaded.get_mut(name)?;
+        *expires = now + keep;
+        Some(Arc::clone(model))
+    }
+
+    /// Drops a model from memory now (`keep_alive: 0`), once running requests finish with it.
+    pub fn unload(&self, name: &str) {
+        self.loaded
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(name);
+    }
+}

@@ -1,0 +1,431 @@
+//! A model in memory and what runs on it: generation (here, or on a [`RemoteCompute`]), embeddings,
+//! and the text stream that turns tokens into pieces of text while holding back possible stop strings.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sollol_shared::layers::Sampling;
+
+use crate::catalogue::{ModelDetails, ModelFile, details_of};
+use crate::error::EngineError;
+use crate::gguf::{Gguf, GgufError};
+use crate::model::{Model, Part};
+use crate::remote::{RemoteCompute, RemoteGeneration};
+use crate::sampling::{Sampler, SamplingOptions};
+use crate::tokenizer::TextCodec;
+
+/// Where a loaded model's forward passes run.
+#[derive(Debug)]
+pub enum Compute {
+    /// In this process.
+    Local(Box<Model>),
+    /// Elsewhere (distributed inference: on agents' stages, each holding some layers).
+    Remote(Arc<dyn RemoteCompute>),
+}
+
+/// A model in memory (or, distributed, planned and loaded on its stages).
+#[derive(Debug)]
+pub struct LoadedModel {
+    pub file: ModelFile,
+    pub details: ModelDetails,
+    pub compute: Compute,
+    pub codec: TextCodec,
+    pub load_duration: Duration,
+    /// The model's context length, in tokens.
+    pub context: usize,
+}
+
+impl LoadedModel {
+    pub fn load(file: &ModelFile) -> Result<Self, EngineError> {
+        let started = Instant::now();
+        let handle = std::fs::File::open(&file.path).map_err(GgufError::Io)?;
+        let length = handle.metadata().map_err(GgufError::Io)?.len();
+        let gguf = Gguf::read(std::io::BufReader::new(handle), length)?;
+        let codec = TextCodec::from_gguf(&gguf)?;
+        let shape = crate::model::Shape::read(&gguf)?;
+        let model = Model::load(&file.path, &gguf, Part::whole(shape.layers))?;
+        let details = details_of(&gguf, model.shape.context);
+        Ok(Self {
+            file: file.clone(),
+            details,
+            context: model.shape.context,
+            compute: Compute::Local(Box::new(model)),
+            codec,
+            load_duration: started.elapsed(),
+        })
+    }
+
+    /// Gets a model computed elsewhere ready (plans and loads it on its stages); the tokenizer and
+    /// template come from the remote copy of the file header (this process holds no weights).
+    pub async fn load_remote(
+        file: &ModelFile,
+        remote: Arc<dyn RemoteCompute>,
+    ) -> Result<Self, EngineError> {
+        let started = Instant::now();
+        let header = remote
+            .prepare()
+            .await
+            .map_err(|error| EngineError::Distributed(error.to_string()))?;
+        let gguf = Gguf::read(std::io::Cursor::new(header.bytes), header.file_bytes)?;
+        let codec = TextCodec::from_gguf(&gguf)?;
+        let context = crate::model::Shape::read(&gguf)?.context;
+        let mut file = file.clone();
+        file.size_bytes = header.file_bytes;
+        file.digest = header.digest;
+        Ok(Self {
+            file,
+            details: details_of(&gguf, context),
+            compute: Compute::Remote(remote),
+            codec,
+            load_duration: started.elapsed(),
+            context,
+        })
+    }
+
+    /// Generates from `prompt` tokens, handing each piece of text to `emit` (which returns false to
+    /// stop). Blocks: call it from a blocking thread (a distributed model's steps run on the runtime).
+    pub fn generate(
+        &self,
+        prompt: &[u32],
+        request: &GenerateOptions,
+        emit: impl FnMut(&str) -> bool,
+    ) -> Result<Generated, EngineError> {
+        let context = self.context;
+        if prompt.is_empty() || prompt.len() >= context {
+            return Err(EngineError::PromptTooLong {
+                prompt: prompt.len(),
+                context,
+            });
+        }
+        match &self.compute {
+            Compute::Local(model) => self.generate_here(model, prompt, request, emit),
+            Compute::Remote(remote) => self.generate_remote(remote, prompt, request, emit),
+        }
+    }
+
+    fn generate_remote(
+        &self,
+        remote: &Arc<dyn RemoteCompute>,
+        prompt: &[u32],
+        request: &GenerateOptions,
+        mut emit: impl FnMut(&str) -> bool,
+    ) -> Result<Generated, EngineError> {
+        let options = &request.sampling;
+        let sampling = Sampling {
+            temperature: options.temperature,
+            top_k: u32::try_from(options.top_k).unwrap_or(u32::MAX),
+            top_p: options.top_p,
+            min_p: options.min_p,
+            repeat_penalty: options.repeat_penalty,
+            repeat_last_n: u32::try_from(options.repeat_last_n).unwrap_or(u32::MAX),
+            seed: options.seed.unwrap_or_else(rand::random),
+        };
+        let limit = request
+            .num_predict
+            .unwrap_or(usize::MAX)
+            .min(self.context - prompt.len());
+        let started = Instant::now();
+        let mut first_token = None;
+        let mut text = TextStream::new(&self.codec, &request.stop);
+        // The pipeline runs on the runtime; tokens come here, to this blocking thread, where `emit`
+        // may block on a slow client.
+        let (tokens, arriving) = std::sync::mpsc::channel::<u32>();
+        let wanted = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let runtime = tokio::runtime::Handle::current();
+        let running = {
+            let remote = Arc::clone(remote);
+            let stop_tokens = self.codec.stop_tokens.clone();
+            let prompt = prompt.to_vec();
+            let wanted = Arc::clone(&wanted);
+            runtime.spawn(async move {
+                let mut on_token = |token| {
+                    tokens.send(token).is_ok() && wanted.load(std::sync::atomic::Ordering::Relaxed)
+                };
+                let generation = RemoteGeneration {
+                    sampling,
+                    prompt: &prompt,
+                    limit,
+                    stop_tokens: &stop_tokens,
+                };
+                remote.generate(generation, &mut on_token).await
+            })
+        };
+        let (mut cut, mut gone) = (false, false);
+        for token in arriving {
+            first_token.get_or_insert_with(Instant::now);
+            if cut || gone {
+                continue;
+            }
+            let (piece, stopped) = text.push(token)?;
+            if !piece.is_empty() && !emit(&piece) {
+                gone = true;
+            }
+            cut = stopped;
+            if cut || gone {
+                wanted.store(false, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        let stopped = runtime
+            .block_on(running)
+            .map_err(|error| EngineError::Stopped(error.to_string()))?
+            .map_err(|error| EngineError::Distributed(error.to_string()))?;
+        if gone {
+            return Err(EngineError::Stopped("the client went away".to_owned()));
+        }
+        let rest = text.finish()?;
+        if !rest.is_empty() {
+            emit(&rest);
+        }
+        let first_token = first_token.unwrap_or_else(Instant::now);
+        Ok(Generated {
+            prompt_tokens: prompt.len(),
+            prompt_duration: first_token.duration_since(started),
+            output_tokens: text.tokens(),
+            generation_duration: first_token.elapsed(),
+            done_reason: if stopped || cut { "stop" } else { "length" },
+        })
+    }
+
+    fn generate_here(
+        &self,
+        model: &Model,
+        prompt: &[u32],
+        request: &GenerateOptions,
+        mut emit: impl FnMut(&str) -> bool,
+    ) -> Result<Generated, EngineError> {
+        let context = self.context;
+        let mut sampler = Sampler::new(request.sampling.clone());
+        let mut cache = model.new_cache();
+        let started = Instant::now();
+        let hidden = model.embed(prompt)?;
+        let hidden = model.layers(hidden, &mut cache)?;
+        cache.length += prompt.len();
+        let mut logits = model.head(&hidden)?;
+        let prompt_duration = started.elapsed();
+
+        let generation_started = Instant::now();
+        let mut history = prompt.to_vec();
+        let mut text = TextStream::new(&self.codec, &request.stop);
+        let mut done_reason = "length";
+        let limit = request
+            .num_predict
+            .unwrap_or(usize::MAX)
+            .min(context - prompt.len());
+        while text.tokens() < limit {
+            let token = sampler.next(&logits, &history);
+            if self.codec.is_stop(token) {
+                done_reason = "stop";
+                break;
+            }
+            history.push(token);
+            let (piece, stopped) = text.push(token)?;
+            if !piece.is_empty() && !emit(&piece) {
+                return Err(EngineError::Stopped("the client went away".to_owned()));
+            }
+            if stopped {
+                done_reason = "stop";
+                break;
+            }
+            if text.tokens() == limit || cache.length + 1 >= context {
+                break;
+            }
+            let hidden = model.embed(&[token])?;
+            let hidden = model.layers(hidden, &mut cache)?;
+            cache.length += 1;
+            logits = model.head(&hidden)?;
+        }
+        let rest = text.finish()?;
+        if !rest.is_empty() {
+            emit(&rest);
+        }
+        Ok(Generated {
+            prompt_tokens: prompt.len(),
+            prompt_duration,
+            output_tokens: text.tokens(),
+            generation_duration: generation_started.elapsed(),
+            done_reason,
+        })
+    }
+}
+
+impl LoadedModel {
+    /// The embedding of `ids`: the mean over positions of the final norm's output (llama.cpp's mean
+    /// pooling, what Ollama's `/api/embed` returns before normalising). Inputs longer than the context
+    /// are cut to it when `truncate`, refused otherwise.
+    pub fn embed(&self, ids: &[u32], truncate: bool) -> Result<Embedding, EngineError> {
+        let Compute::Local(model) = &self.compute else {
+            return Err(EngineError::Unsupported(
+                "embeddings are not computed for distributed models".to_owned(),
+            ));
+        };
+        let context = self.context;
+        if ids.is_empty() {
+            return Err(EngineError::EmptyInput);
+        }
+        let ids = match ids.len() > context {
+            true if truncate => &ids[..context],
+            true => {
+                return Err(EngineError::PromptTooLong {
+                    prompt: ids.len(),
+                    context,
+                });
+            }
+            false => ids,
+        };
+        let mut cache = model.new_cache();
+        let hidden = model.layers(model.embed(ids)?, &mut cache)?;
+        let rows = model.normed(&hidden)?;
+        let width = model.shape.embedding;
+        let mut sums = vec![0f64; width];
+        for row in rows.chunks_exact(width) {
+            for (sum, value) in sums.iter_mut().zip(row) {
+                *sum += f64::from(*value);
+            }
+        }
+        Ok(Embedding {
+            values: sums
+                .iter()
+                .map(|sum| (sum / ids.len() as f64) as f32)
+                .collect(),
+            tokens: ids.len(),
+        })
+    }
+}
+
+/// One text's embedding and how many tokens it took.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Embedding {
+    pub values: Vec<f32>,
+    pub tokens: usize,
+}
+
+impl Embedding {
+    /// Scaled to length 1 (a zero vector stays zero).
+    pub fn normalized(mut self) -> Self {
+        let length = self
+            .values
+            .iter()
+            .map(|value| f64::from(*value).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        if length > 0.0 {
+            for value in &mut self.values {
+                *value = (f64::from(*value) / length) as f32;
+            }
+        }
+        self
+    }
+}
+
+/// Generated tokens as text to send: what could still become a stop string or is a partial UTF-8
+/// character is held back, and a stop string ends the answer before it.
+#[derive(Debug)]
+pub struct TextStream<'a> {
+    codec: &'a TextCodec,
+    stops: &'a [String],
+    output: Vec<u32>,
+    sent: usize,
+    cut_at_stop_string: bool,
+}
+
+impl<'a> TextStream<'a> {
+    pub fn new(codec: &'a TextCodec, stops: &'a [String]) -> Self {
+        Self {
+            codec,
+            stops,
+            output: Vec::new(),
+            sent: 0,
+            cut_at_stop_string: false,
+        }
+    }
+
+    /// Tokens generated so far.
+    pub fn tokens(&self) -> usize {
+        self.output.len()
+    }
+
+    /// Adds a generated token: the text that can be sent now, and whether a stop string ended the answer.
+    pub fn push(&mut self, token: u32) -> Result<(String, bool), EngineError> {
+        self.output.push(token);
+        let text = self.codec.decode(&self.output)?;
+        if let Some(cut) = self
+            .stops
+            .iter()
+            .filter_map(|stop| text.find(stop.as_str()))
+            .min()
+        {
+            let piece = text.get(self.sent..cut).unwrap_or_default().to_owned();
+            self.sent = self.sent.max(cut);
+            self.cut_at_stop_string = true;
+            return Ok((piece, true));
+        }
+        let safe = safe_prefix(&text, self.stops);
+        let piece = text.get(self.sent..safe).unwrap_or_default().to_owned();
+        self.sent = self.sent.max(safe);
+        Ok((piece, false))
+    }
+
+    /// What was held back as a possible stop string, once generation ends (not a character cut off by
+    /// the length limit, decoded as U+FFFD).
+    pub fn finish(&mut self) -> Result<String, EngineError> {
+        if self.cut_at_stop_string {
+            return Ok(String::new());
+        }
+        let text = self.codec.decode(&self.output)?;
+        let end = safe_prefix(&text, &[]);
+        let piece = text.get(self.sent..end).unwrap_or_default().to_owned();
+        self.sent = self.sent.max(end);
+        Ok(piece)
+    }
+}
+
+/// How much of `text` can be sent: not a trailing partial UTF-8 character (decoded as U+FFFD), nor a
+/// tail that is the start of a stop string.
+fn safe_prefix(text: &str, stops: &[String]) -> usize {
+    let mut end = text.len();
+    if text.ends_with('\u{FFFD}') {
+        end -= '\u{FFFD}'.len_utf8();
+    }
+    for stop in stops {
+        for length in (1..stop.len()).rev() {
+            if stop.is_char_boundary(length) && text[..end].ends_with(&stop[..length]) {
+                end -= length;
+                break;
+            }
+        }
+    }
+    end
+}
+
+/// What a request asks of generation.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct GenerateOptions {
+    pub sampling: SamplingOptions,
+    pub num_predict: Option<usize>,
+    pub stop: Vec<String>,
+}
+
+/// Ollama's timing figures of one generation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Generated {
+    pub prompt_tokens: usize,
+    pub prompt_duration: Duration,
+    pub output_tokens: usize,
+    pub generation_duration: Duration,
+    pub done_reason: &'static str,
+}
+
+/// `sha256:…` of the file's content (what distributed stages match their copies by).
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_that_may_start_a_stop_string_is_held_back() {
+        let stops = vec!["<end>".to_owned()];
+        assert_eq!(safe_prefix("hello <e", &stops), "hello ".len());
+        assert_eq!(safe_prefix("hello", &stops), 5);
+        assert_eq!(safe_prefix("caf\u{FFFD}", &[]), 3);
+    }
+}

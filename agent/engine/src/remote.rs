@@ -1,0 +1,55 @@
+//! Models computed elsewhere: the engine serves a model whose forward passes run outside this process
+//! through [`RemoteCompute`]. The engine knows nothing of how (the binary's distributed inference
+//! implements it with a pipeline of agents' stages); it only tokenizes, streams text and keeps the
+//! model's place among the loaded ones.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use sollol_shared::layers::Sampling;
+
+/// A future that a [`RemoteCompute`] returns (object-safe, sendable across the runtime).
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Whatever went wrong where the model runs, said in a sentence.
+pub type RemoteError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The head of a remote model's GGUF file: enough to build its tokenizer and chat template here.
+#[derive(Clone, Debug)]
+pub struct RemoteHeader {
+    /// The file's bytes up to its tensor data (metadata and tensor directory).
+    pub bytes: Vec<u8>,
+    /// The whole file's length.
+    pub file_bytes: u64,
+    /// The file's content digest (`sha256:…`), as `/api/tags` shows it.
+    pub digest: String,
+}
+
+/// One generation asked of a remote model.
+#[derive(Debug)]
+pub struct RemoteGeneration<'a> {
+    pub sampling: Sampling,
+    pub prompt: &'a [u32],
+    /// The most tokens to generate.
+    pub limit: usize,
+    /// Tokens that end the answer (the model's end-of-generation tokens).
+    pub stop_tokens: &'a [u32],
+}
+
+/// "Compute this model elsewhere." Implemented by distributed inference; held by the engine as
+/// `Arc<dyn RemoteCompute>` so that the engine does not depend on how or where.
+pub trait RemoteCompute: Send + Sync + std::fmt::Debug {
+    /// The model's name as clients ask for it.
+    fn model(&self) -> &str;
+
+    /// Gets the model ready to run where it runs (plans and loads it) and returns its file's head.
+    fn prepare(&self) -> BoxFuture<'_, Result<RemoteHeader, RemoteError>>;
+
+    /// Generates after the prompt, handing each token to `on_token` (which returns false to stop).
+    /// Answers whether a stop token ended it (else the limit or the caller did).
+    fn generate<'a>(
+        &'a self,
+        generation: RemoteGeneration<'a>,
+        on_token: &'a mut (dyn FnMut(u32) -> bool + Send),
+    ) -> BoxFuture<'a, Result<bool, RemoteError>>;
+}

@@ -1,0 +1,15 @@
+//! The cluster: who is in it and how they talk. The coordinator's live view of the nodes (`view`),
+//! its cluster port (`membership`) and the agents' side of it (`join`), the framed and authenticated
+//! protocol both speak (`wire`, `identity`), and the ways nodes are found: static Ollama servers
+//! (`discovery`), range scans (`scan`) and multicast DNS (`mdns`).
+
+pub mod discovery;
+pub mod identity;
+pub mod join;
+pub mod mdns;
+pub mod membership;
+pub mod scan;
+mod view;
+pub mod wire;
+
+pub use view::*;

@@ -1,0 +1,10 @@
+//! Distributed inference (experimental): a model's layers split across agents. The driving side plans
+//! and runs pipelines (`pipeline`), the agents' side serves stages (`stage`, with `partial` copies of
+//! a model fetched from peers), and `sharding` decides which models the coordinator distributes by
+//! itself. The built-in engine reaches all of it through `sollol_engine::RemoteCompute`.
+
+pub mod front;
+pub mod partial;
+pub mod pipeline;
+pub mod sharding;
+pub mod stage;

@@ -1,0 +1,156 @@
+//! Partial copies of a model file: a stage without the GGUF fetches just its part's tensors from a peer
+//! and keeps them here, once, for later loads.
+//!
+//! A partial copy is a sparse file of the original's length under `MODELS_DIR/.partial/`, named by the
+//! file's digest: the header (metadata, tokenizer, tensor directory) at the start and each fetched
+//! tensor at its own offset, holes elsewhere, so the GGUF reader and the model loader read it as the
+//! original. A manifest beside it lists the tensors present; a tensor is listed only once its bytes are
+//! written and their SHA-256 matched the one the peer computed from its own copy.
+
+use std::collections::BTreeSet;
+use std::io::{Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use sollol_shared::layers::PartSpec;
+
+use sollol_engine::gguf::Gguf;
+
+/// The tensors a stage holding `part` reads.
+pub fn tensor_names(gguf: &Gguf, part: &PartSpec) -> Vec<String> {
+    let mut names: Vec<String> = gguf
+        .tensors
+        .iter()
+        .filter(|tensor| {
+            tensor
+                .name
+                .strip_prefix("blk.")
+                .and_then(|rest| rest.split('.').next())
+                .and_then(|index| index.parse::<u32>().ok())
+                .is_some_and(|index| (part.start..part.end).contains(&index))
+        })
+        .map(|tensor| tensor.name.clone())
+        .collect();
+    if part.embed {
+        names.push("token_embd.weight".to_owned());
+    }
+    if part.head {
+        names.push("output_norm.weight".to_owned());
+        if gguf.tensor("output.weight").is_some() {
+            names.push("output.weight".to_owned());
+        } else if !part.embed {
+            names.push("token_embd.weight".to_owned());
+        }
+    }
+    names
+}
+
+/// A partial copy on disk.
+#[derive(Debug)]
+pub struct PartialCopy {
+    pub path: PathBuf,
+    manifest: PathBuf,
+    present: BTreeSet<String>,
+}
+
+impl PartialCopy {
+    fn paths(models_dir: &Path, digest: &str) -> (PathBuf, PathBuf) {
+        let directory = models_dir.join(".partial");
+        let stem = digest.replace(':', "-");
+        (
+            directory.join(format!("{stem}.gguf")),
+            directory.join(format!("{stem}.tensors.json")),
+        )
+    }
+
+    /// The partial copy of the file with `digest`, if one was started.
+    pub fn open(models_dir: &Path, digest: &str) -> Option<Self> {
+        let (path, manifest) = Self::paths(models_dir, digest);
+        let text = std::fs::read_to_string(&manifest).ok()?;
+        let present: BTreeSet<String> = serde_json::from_str(&text).ok()?;
+        path.is_file().then_some(Self {
+            path,
+            manifest,
+            present,
+        })
+    }
+
+    /// Starts a partial copy: a sparse file of `file_bytes` with `header` at its start.
+    pub fn create(
+        models_dir: &Path,
+        digest: &str,
+        header: &[u8],
+        file_bytes: u64,
+    ) -> std::io::Result<Self> {
+        let (path, manifest) = Self::paths(models_dir, digest);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        let mut file = std::fs::File::create(&path)?;
+        file.set_len(file_bytes)?;
+        file.write_all(header)?;
+        file.sync_all()?;
+        let copy = Self {
+            path,
+            manifest,
+            present: BTreeSet::new(),
+        };
+        copy.save()?;
+        Ok(copy)
+    }
+
+    /// Names of `wanted` not in the copy yet.
+    pub fn missing(&self, wanted: &[String]) -> Vec<String> {
+        wanted
+            .iter()
+            .filter(|name| !self.present.contains(*name))
+            .cloned()
+            .collect()
+    }
+
+    /// Writes `bytes` at `offset` of the file.
+    pub fn write_at(&self, offset: u64, bytes: &[u8]) -> std::io::Result<()> {
+        let mut file = std::fs::OpenOptions::new().write(true).open(&self.path)?;
+        file.seek(SeekFrom::Start(offset))?;
+        file.write_all(bytes)
+    }
+
+    /// Records verified tensors in the manifest (written whole, then renamed into place).
+    pub fn mark(&mut self, names: impl IntoIterator<Item = String>) -> std::io::Result<()> {
+        self.present.extend(names);
+        self.save()
+    }
+
+    fn save(&self) -> std::io::Result<()> {
+        let temporary = self.manifest.with_extension("json.tmp");
+        std::fs::write(
+            &temporary,
+            serde_json::to_vec(&self.present).map_err(std::io::Error::other)?,
+        )?;
+        std::fs::rename(&temporary, &self.manifest)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_partial_copy_remembers_what_it_holds() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut copy =
+            PartialCopy::create(dir.path(), "sha256:abc", b"GGUF-header", 1 << 20).expect("create");
+        assert_eq!(std::fs::metadata(&copy.path).expect("file").len(), 1 << 20);
+        copy.write_at(4096, b"tensor").expect("write");
+        copy.mark(["blk.0.attn_q.weight".to_owned()]).expect("mark");
+        let again = PartialCopy::open(dir.path(), "sha256:abc").expect("open");
+        let wanted = [
+            "blk.0.attn_q.weight".to_owned(),
+            "blk.1.attn_q.weight".to_owned(),
+        ];
+        assert_eq!(again.missing(&wanted), ["blk.1.attn_q.weight"]);
+        let bytes = std::fs::read(&again.path).expect("read");
+        assert_eq!(&bytes[..11], b"GGUF-header");
+        assert_eq!(&bytes[4096..4102], b"tensor");
+        assert!(PartialCopy::open(dir.path(), "sha256:other").is_none());
+    }
+}

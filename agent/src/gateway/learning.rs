@@ -1,0 +1,490 @@
+//! What routing learns from each response: per (node, model) speeds and load times from Ollama's own timings.
+//!
+//! The request path sends an [`Outcome`] with `try_send` and never waits; one
+//! task owns the table, folds outcomes in with exponential moving averages,
+//! publishes an immutable [`Learned`] snapshot, and hands the updated rows to
+//! the history so a restarted coordinator starts from them.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::history::{HistorySender, PairRow, Record, RequestRow};
+use crate::observability::Observer;
+use crate::telemetry::unix_ms;
+use sollol_policy::routing::PairStats;
+
+/// Weight of the newest sample in the moving averages.
+const SMOOTHING: f64 = 0.3;
+/// A load shorter than this was a warm model, not a cold load.
+const COLD_LOAD_THRESHOLD: Duration = Duration::from_millis(250);
+const QUEUE_CAPACITY: usize = 8192;
+
+/// Ollama's timing fields of a finished response.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct OllamaTimings {
+    /// Ollama's `total_duration`: everything from the request's arrival, waiting included.
+    pub total: Duration,
+    pub load: Duration,
+    pub prompt_tokens: u64,
+    pub prompt: Duration,
+    pub eval_tokens: u64,
+    pub eval: Duration,
+}
+
+impl OllamaTimings {
+    /// Reads the timing fields from a final Ollama response object; `None` when it has none.
+    pub fn from_json(value: &Value) -> Option<Self> {
+        let nanos = |name: &str| {
+            value
+                .get(name)
+                .and_then(Value::as_u64)
+                .map(Duration::from_nanos)
+        };
+        let count = |name: &str| value.get(name).and_then(Value::as_u64);
+        if nanos("total_duration").is_none() && count("eval_count").is_none() {
+            return None;
+        }
+        Some(Self {
+            total: nanos("total_duration").unwrap_or_default(),
+            load: nanos("load_duration").unwrap_or_default(),
+            prompt_tokens: count("prompt_eval_count").unwrap_or(0),
+            prompt: nanos("prompt_eval_duration").unwrap_or_default(),
+            eval_tokens: count("eval_count").unwrap_or(0),
+            eval: nanos("eval_duration").unwrap_or_default(),
+        })
+    }
+}
+
+/// One routed request, as the gateway observed it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Outcome {
+    pub node_id: String,
+    pub model: String,
+    pub path: String,
+    /// Who sent it: `X-Sollol-App`, else the API key's name, else the User-Agent.
+    pub app: String,
+    pub ok: bool,
+    pub time_to_first_byte: Duration,
+    pub total: Duration,
+    pub timings: Option<OllamaTimings>,
+    pub strategy: &'static str,
+    pub reason: String,
+    /// `[{"node": name, "predicted_ms": n}]`, best first.
+    pub candidates: String,
+    /// Other requests this gateway had in flight on the node when this one started.
+    pub concurrent: u32,
+}
+
+/// Everything learned so far.
+#[derive(Clone, Debug, Default)]
+pub struct Learned {
+    pub pairs: HashMap<(String, String), PairStats>,
+    /// Requests served per node since start.
+    pub served: HashMap<String, u64>,
+    /// When each (node, model) last answered successfully, in Unix milliseconds.
+    pub last_served_ms: HashMap<(String, String), u64>,
+    /// Requests each node was seen to run at once without queueing them.
+    pub slots: HashMap<String, u32>,
+    /// `pairs` grouped by node, rebuilt with every snapshot, so per-node questions do not scan every pair.
+    pub by_node: HashMap<String, Vec<(String, PairStats)>>,
+}
+
+impl Learned {
+    pub fn pair(&self, node_id: &str, model: &str) -> Option<PairStats> {
+        self.pairs
+            .get(&(node_id.to_owned(), model.to_owned()))
+            .copied()
+    }
+
+    /// The node's best-measured statistics with any model other than `model`.
+    pub fn node_stats(&self, node_id: &str, model: &str) -> Option<PairStats> {
+        self.by_node
+            .get(node_id)?
+            .iter()
+            .filter(|(other, _)| other != model)
+            .map(|(_, stats)| *stats)
+            .max_by_key(|stats| stats.samples)
+    }
+
+    fn rebuild_index(&mut self) {
+        self.by_node.clear();
+        for ((node, model), stats) in &self.pairs {
+            self.by_node
+                .entry(node.clone())
+                .or_default()
+                .push((model.clone(), *stats));
+        }
+    }
+
+    /// Parallel requests the node was seen to run without queueing; at least 1.
+    pub fn slots(&self, node_id: &str) -> u32 {
+        self.slots.get(node_id).copied().unwrap_or(1).max(1)
+    }
+
+    /// Whether the model answered on the node after the node's last report, so it is loaded even if that report says otherwise.
+    pub fn served_since(&self, node_id: &str, model: &str, report_ms: u64) -> bool {
+        self.last_served_ms
+            .get(&(node_id.to_owned(), model.to_owned()))
+            .is_some_and(|served_ms| *served_ms >= report_ms)
+    }
+}
+
+/// The request path's handle: reads the snapshot, queues outcomes.
+#[derive(Debug)]
+pub struct Learner {
+    learned: Arc<ArcSwap<Learned>>,
+    sender: mpsc::Sender<Outcome>,
+    dropped: AtomicU64,
+}
+
+impl Learner {
+    /// Starts the learning task from what the history remembered.
+    pub fn start(
+        remembered: Vec<(String, String, PairStats)>,
+        history: HistorySender,
+        observer: Arc<Observer>,
+        shutdown: CancellationToken,
+        tasks: &tokio_util::task::TaskTracker,
+    ) -> Arc<Self> {
+        let mut learned = Learned {
+            pairs: remembered
+                .into_iter()
+                .map(|(node, model, stats)| ((node, model), stats))
+                .collect(),
+            served: HashMap::new(),
+            last_served_ms: HashMap::new(),
+            slots: HashMap::new(),
+            by_node: HashMap::new(),
+        };
+        learned.rebuild_index();
+        let learned = Arc::new(ArcSwap::from_pointee(learned));
+        let (sender, receiver) = mpsc::channel(QUEUE_CAPACITY);
+        tasks.spawn(run(
+            Arc::clone(&learned),
+            receiver,
+            history,
+            observer,
+            shutdown,
+        ));
+        Arc::new(Self {
+            learned,
+            sender,
+            dropped: AtomicU64::new(0),
+        })
+    }
+
+    pub fn snapshot(&self) -> Arc<Learned> {
+        self.learned.load_full()
+    }
+
+    /// Queues an outcome without waiting; a full queue drops it and counts the drop.
+    pub fn record(&self, outcome: Outcome) {
+        if self.sender.try_send(outcome).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+async fn run(
+    learned: Arc<ArcSwap<Learned>>,
+    mut receiver: mpsc::Receiver<Outcome>,
+    history: HistorySender,
+    observer: Arc<Observer>,
+    shutdown: CancellationToken,
+) {
+    let mut table = (*learned.load_full()).clone();
+    let mut evidence: HashMap<String, SlotEvidence> = HashMap::new();
+    let mut batch = Vec::new();
+    loop {
+        tokio::select! {
+            received = receiver.recv_many(&mut batch, 256) => {
+                if received == 0 {
+                    break;
+                }
+            }
+            () = shutdown.cancelled() => break,
+        }
+        let now_ms = unix_ms(SystemTime::now());
+        let mut touched = Vec::new();
+        for outcome in batch.drain(..) {
+            *table.served.entry(outcome.node_id.clone()).or_default() += 1;
+            let key = (outcome.node_id.clone(), outcome.model.clone());
+            if outcome.ok {
+                table.last_served_ms.insert(key.clone(), now_ms);
+                if let Some((concurrent, waited)) = slot_evidence(&outcome) {
+                    let evidence = evidence.entry(outcome.node_id.clone()).or_default();
+                    evidence.add(concurrent, waited);
+                    table
+                        .slots
+                        .insert(outcome.node_id.clone(), evidence.slots());
+                }
+            }
+            if let Some(updated) = update(table.pairs.get(&key).copied(), &outcome) {
+                table.pairs.insert(key.clone(), updated);
+                touched.push(key);
+            }
+            let row = RequestRow::of(&outcome, now_ms);
+            observer.finished(&row);
+            history.record(Record::Request(Box::new(row)));
+        }
+        touched.sort();
+        touched.dedup();
+        for (node_id, model) in touched {
+            if let Some(stats) = table.pairs.get(&(node_id.clone(), model.clone())) {
+                history.record(Record::Pair(PairRow {
+                    node_id,
+                    model,
+                    stats: *stats,
+                    updated_ms: now_ms,
+                }));
+            }
+        }
+        table.rebuild_index();
+        learned.store(Arc::new(table.clone()));
+    }
+}
+
+/// Folds one outcome into a pair's statistics. Pure.
+pub fn update(previous: Option<PairStats>, outcome: &Outcome) -> Option<PairStats> {
+    if !outcome.ok {
+        return previous;
+    }
+    let timings = outcome.timings.unwrap_or_default();
+    let decode = (timings.eval_tokens >= 2 && !timings.eval.is_zero())
+        .then(|| timings.eval_tokens as f64 / timings.eval.as_secs_f64());
+    let prompt = (timings.prompt_tokens >= 4 && !timings.prompt.is_zero())
+        .then(|| timings.prompt_tokens as f64 / timings.prompt.as_secs_f64());
+    let cold_load = (timings.load >= COLD_LOAD_THRESHOLD).then_some(timings.load);
+    let warm_first_token =
+        (timings.load < COLD_LOAD_THRESHOLD).then_some(outcome.time_to_first_byte);
+    match previous {
+        None => {
+            let decode = decode?;
+            Some(PairStats {
+                decode_tokens_per_second: decode,
+                prompt_tokens_per_second: prompt.unwrap_or(decode * 10.0),
+                cold_load,
+                time_to_first_token: warm_first_token.unwrap_or(outcome.time_to_first_byte),
+                samples: 1,
+            })
+        }
+        Some(stats) => Some(PairStats {
+            decode_tokens_per_second: decode.map_or(stats.decode_tokens_per_second, |value| {
+                smooth(stats.decode_tokens_per_second, value)
+            }),
+            prompt_tokens_per_second: prompt.map_or(stats.prompt_tokens_per_second, |value| {
+                smooth(stats.prompt_tokens_per_second, value)
+            }),
+            cold_load: match (stats.cold_load, cold_load) {
+                (Some(old), Some(new)) => Some(Duration::from_secs_f64(smooth(
+                    old.as_secs_f64(),
+                    new.as_secs_f64(),
+                ))),
+                (old, new) => new.or(old),
+            },
+            time_to_first_token: warm_first_token.map_or(stats.time_to_first_token, |value| {
+                Duration::from_secs_f64(smooth(
+                    stats.time_to_first_token.as_secs_f64(),
+                    value.as_secs_f64(),
+                ))
+            }),
+            samples: stats.samples.saturating_add(1),
+        }),
+    }
+}
+
+/// What one request says about a node's slots: it started beside `concurrent` others (the key), and
+/// whether Ollama's timings show it waited for a slot (total minus load, prompt and generation). `None`
+/// when it says nothing (it ran alone, or has no timings). Pure.
+pub fn slot_evidence(outcome: &Outcome) -> Option<(u32, bool)> {
+    let timings = outcome.timings?;
+    if outcome.concurrent == 0 {
+        return None;
+    }
+    let working = timings.load + timings.prompt + timings.eval;
+    let waited = timings.total.checked_sub(working).unwrap_or_default();
+    let allowance = Duration::from_millis(50).max((timings.prompt + timings.eval) / 10);
+    Some((outcome.concurrent, waited > allowance))
+}
+
+/// Counts of (ran at once, waited) per number of other requests in flight, for one node.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SlotEvidence {
+    by_concurrency: Vec<(u32, u32)>,
+}
+
+/// Concurrency levels tracked; a node with more slots than this is treated as having this many.
+const MAX_TRACKED_SLOTS: usize = 16;
+
+impl SlotEvidence {
+    pub fn add(&mut self, concurrent: u32, waited: bool) {
+        let index = (concurrent as usize).min(MAX_TRACKED_SLOTS) - 1;
+        if self.by_concurrency.len() <= index {
+            self.by_concurrency.resize(index + 1, (0, 0));
+        }
+        let (ran, queued) = &mut self.by_concurrency[index];
+        if waited {
+            *queued += 1;
+        } else {
+            *ran += 1;
+        }
+    }
+
+    /// Slots the evidence supports: 1 + the highest level up to which requests mostly ran at once
+    /// (at least 3 such requests, and at least four times as many as waited). Timing luck cannot ratchet it up.
+    pub fn slots(&self) -> u32 {
+        let mut slots = 1;
+        for (index, (ran, queued)) in self.by_concurrency.iter().enumerate() {
+            if *ran >= 3 && *ran >= queued.saturating_mul(4) {
+                slots = index as u32 + 2;
+            } else {
+                break;
+            }
+        }
+        slots
+    }
+}
+
+fn smooth(old: f64, new: f64) -> f64 {
+    old + SMOOTHING * (new - old)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outcome(eval_tokens: u64, eval_ms: u64, load_ms: u64, ok: bool) -> Outcome {
+        Outcome {
+            node_id: "n".into(),
+            model: "m".into(),
+            path: "/api/chat".into(),
+            app: "test".into(),
+            ok,
+            time_to_first_byte: Duration::from_millis(load_ms + 50),
+            total: Duration::from_millis(load_ms + eval_ms + 50),
+            timings: Some(OllamaTimings {
+                total: Duration::from_millis(load_ms + 100 + eval_ms),
+                load: Duration::from_millis(load_ms),
+                prompt_tokens: 100,
+                prompt: Duration::from_millis(100),
+                eval_tokens,
+                eval: Duration::from_millis(eval_ms),
+            }),
+            strategy: "intelligent",
+            reason: String::new(),
+            candidates: "[]".into(),
+            concurrent: 0,
+        }
+    }
+
+    #[test]
+    fn slots_are_seen_from_concurrent_requests_that_did_not_wait() {
+        let mut ran_beside_two = outcome(40, 1000, 0, true);
+        ran_beside_two.concurrent = 2;
+        assert_eq!(slot_evidence(&ran_beside_two), Some((2, false)));
+        let mut waited = ran_beside_two.clone();
+        if let Some(timings) = waited.timings.as_mut() {
+            timings.total += Duration::from_millis(900);
+        }
+        assert_eq!(
+            slot_evidence(&waited),
+            Some((2, true)),
+            "it queued, so it says nothing about slots"
+        );
+        assert_eq!(
+            slot_evidence(&outcome(40, 1000, 0, true)),
+            None,
+            "alone, it says nothing either"
+        );
+    }
+
+    #[test]
+    fn learns_rates_and_cold_loads() {
+        let first = update(None, &outcome(40, 1000, 3000, true)).expect("learned");
+        assert_eq!(first.decode_tokens_per_second, 40.0);
+        assert_eq!(first.prompt_tokens_per_second, 1000.0);
+        assert_eq!(first.cold_load, Some(Duration::from_secs(3)));
+        assert_eq!(first.samples, 1);
+        let second = update(Some(first), &outcome(80, 1000, 1, true)).expect("learned");
+        assert!((second.decode_tokens_per_second - 52.0).abs() < 1e-9);
+        assert_eq!(
+            second.cold_load,
+            Some(Duration::from_secs(3)),
+            "a warm request keeps the cold-load estimate"
+        );
+        assert_eq!(
+            second.time_to_first_token,
+            Duration::from_secs_f64(3.05 + 0.3 * (0.051 - 3.05))
+        );
+        assert_eq!(
+            update(Some(second), &outcome(80, 1000, 1, false)),
+            Some(second),
+            "failures teach no speed"
+        );
+        assert_eq!(
+            update(None, &outcome(0, 0, 0, true)),
+            None,
+            "nothing to learn without tokens"
+        );
+    }
+
+    #[test]
+    fn slots_need_consistent_evidence() {
+        fn check(events: &[(u32, bool)], expected: u32) {
+            let mut evidence = SlotEvidence::default();
+            for (concurrent, waited) in events {
+                evidence.add(*concurrent, *waited);
+            }
+            assert_eq!(evidence.slots(), expected, "{events:?}");
+        }
+        check(&[], 1);
+        check(&[(1, false), (1, false)], 1);
+        check(&[(1, false), (1, false), (1, false)], 2);
+        // One lucky request beside two others proves nothing while most of them waited.
+        check(
+            &[
+                (1, false),
+                (1, false),
+                (1, false),
+                (2, false),
+                (2, true),
+                (2, true),
+            ],
+            2,
+        );
+        check(
+            &[(1, false); 4]
+                .iter()
+                .copied()
+                .chain([(2, false); 4])
+                .collect::<Vec<_>>(),
+            3,
+        );
+        // Levels must hold from the bottom up.
+        check(&[(2, false), (2, false), (2, false)], 1);
+    }
+
+    #[test]
+    fn reads_ollama_timing_fields() {
+        let value = serde_json::json!({"done": true, "total_duration": 5_000_000_000u64, "load_duration": 2_000_000_000u64,
+            "prompt_eval_count": 26, "prompt_eval_duration": 130_000_000u64, "eval_count": 290, "eval_duration": 4_700_000_000u64});
+        let timings = OllamaTimings::from_json(&value).expect("timings");
+        assert_eq!(timings.eval_tokens, 290);
+        assert_eq!(timings.load, Duration::from_secs(2));
+        assert_eq!(
+            OllamaTimings::from_json(&serde_json::json!({"done": false})),
+            None
+        );
+    }
+}
