@@ -10,7 +10,14 @@ export PATH="$HOME/.cargo/bin:$TOOLS/node_modules/.bin:$PATH"
 
 BINARYEN_VERSION=132.0.0
 
-say() { printf '==> %s\n' "$*" >&2; }
+# Seconds since the outermost script started (exported, so nested scripts count from the same start):
+# every step's line carries it, so a CI log shows where the time goes.
+SOLLOL_STARTED="${SOLLOL_STARTED:-$(date +%s)}"
+export SOLLOL_STARTED
+say() {
+  local elapsed=$(($(date +%s) - SOLLOL_STARTED))
+  printf '==> [%dm%02ds] %s\n' $((elapsed / 60)) $((elapsed % 60)) "$*" >&2
+}
 
 # The workspace's version (Cargo.toml), as release tarballs are named.
 workspace_version() {
