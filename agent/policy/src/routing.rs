@@ -3,8 +3,9 @@
 //! The caller gathers [`Candidate`]s (healthy nodes that have the model, with
 //! their live load and what was learned about them) and a [`RequestShape`],
 //! and gets back a [`Decision`]: every candidate ranked best first with its
-//! predicted cost, and a short reason. Randomness comes in as a number so
-//! tests are tables.
+//! predicted cost, the [`DecisionKind`] and a short reason for people.
+//! Randomness comes in as a number so tests are tables. [`Choice`] names how
+//! the node of one attempt was chosen, for the history and the metrics.
 
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -50,6 +51,90 @@ impl Strategy {
         Self::ALL
             .into_iter()
             .find(|strategy| strategy.as_str() == text)
+    }
+}
+
+/// What kind of decision sent a request to its node: few and fixed, so the metrics' labels stay few.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DecisionKind {
+    /// The strategy's first pick.
+    Best,
+    /// The node that served the conversation before, kept for its warm KV cache.
+    Affinity,
+    /// An unmeasured node tried now and then so that it gets measured.
+    Exploration,
+    /// The next node after the ones before it failed.
+    Failover,
+    /// A second node asked because the first was slow to answer.
+    Hedge,
+    /// The gateway's own short request measuring a node never measured with the model.
+    Calibration,
+}
+
+impl DecisionKind {
+    pub const ALL: [Self; 6] = [
+        Self::Best,
+        Self::Affinity,
+        Self::Exploration,
+        Self::Failover,
+        Self::Hedge,
+        Self::Calibration,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Best => "best",
+            Self::Affinity => "affinity",
+            Self::Exploration => "exploration",
+            Self::Failover => "failover",
+            Self::Hedge => "hedge",
+            Self::Calibration => "calibration",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|kind| kind.as_str() == text)
+    }
+}
+
+/// How the node of one attempt was chosen: by a strategy for a client's request, or by the gateway
+/// itself to calibrate a node (no strategy chose that one).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Choice {
+    strategy: Option<Strategy>,
+    kind: DecisionKind,
+}
+
+impl Choice {
+    /// A calibration: the gateway measuring a node with a request of its own.
+    pub const CALIBRATION: Self = Self {
+        strategy: None,
+        kind: DecisionKind::Calibration,
+    };
+
+    /// A client's request sent where `strategy` ranked it; `kind` says how (best, affinity,
+    /// exploration, failover or hedge). A calibration is [`Choice::CALIBRATION`], never this.
+    pub fn routed(strategy: Strategy, kind: DecisionKind) -> Self {
+        Self {
+            strategy: Some(strategy),
+            kind,
+        }
+    }
+
+    /// The strategy that chose the node; `None` for a calibration.
+    pub fn strategy(self) -> Option<Strategy> {
+        self.strategy
+    }
+
+    pub fn kind(self) -> DecisionKind {
+        self.kind
+    }
+
+    /// The name the history's `strategy` column, the API and the metrics' `strategy` label show: the
+    /// strategy's name, or `calibration` for a calibration, which no strategy chose.
+    pub fn strategy_label(self) -> &'static str {
+        self.strategy
+            .map_or(DecisionKind::Calibration.as_str(), Strategy::as_str)
     }
 }
 
@@ -131,6 +216,9 @@ pub struct Decision {
     pub ranking: Vec<usize>,
     /// Predicted completion time of each candidate, by candidate index (only `Intelligent` predicts; others use their own score).
     pub predicted: Vec<Duration>,
+    /// How the first candidate came first: best, affinity or exploration.
+    pub kind: DecisionKind,
+    /// The decision in words, for people; code reads `kind`, never this.
     pub reason: String,
 }
 
@@ -234,11 +322,12 @@ pub fn choose(
             strategy,
             ranking,
             predicted,
+            kind: DecisionKind::Best,
             reason: "no candidates".to_owned(),
         };
     }
     let by_name = |a: &usize, b: &usize| candidates[*a].name.cmp(&candidates[*b].name);
-    let reason = match strategy {
+    let (kind, reason) = match strategy {
         Strategy::Intelligent => {
             ranking.sort_by(|a, b| {
                 predicted[*a]
@@ -251,7 +340,7 @@ pub fn choose(
             ranking.sort_by(by_name);
             let start = (round_robin_counter % count as u64) as usize;
             ranking.rotate_left(start);
-            "round robin".to_owned()
+            (DecisionKind::Best, "round robin".to_owned())
         }
         Strategy::LeastLoaded => {
             ranking.sort_by(|a, b| {
@@ -261,9 +350,12 @@ pub fn choose(
                 };
                 load(*a).total_cmp(&load(*b)).then_with(|| by_name(a, b))
             });
-            format!(
-                "fewest in flight per slot ({} in flight)",
-                candidates[ranking[0]].in_flight
+            (
+                DecisionKind::Best,
+                format!(
+                    "fewest in flight per slot ({} in flight)",
+                    candidates[ranking[0]].in_flight
+                ),
             )
         }
         Strategy::LatencyFirst => {
@@ -275,7 +367,10 @@ pub fn choose(
                 };
                 latency(*a).cmp(&latency(*b)).then_with(|| by_name(a, b))
             });
-            "lowest learned time to first token".to_owned()
+            (
+                DecisionKind::Best,
+                "lowest learned time to first token".to_owned(),
+            )
         }
         Strategy::Fairness => {
             ranking.sort_by(|a, b| {
@@ -284,24 +379,28 @@ pub fn choose(
                     .cmp(&candidates[*b].served)
                     .then_with(|| by_name(a, b))
             });
-            format!("fewest served ({})", candidates[ranking[0]].served)
+            (
+                DecisionKind::Best,
+                format!("fewest served ({})", candidates[ranking[0]].served),
+            )
         }
         Strategy::Random => {
             ranking.sort_by(by_name);
             let pick = ((random.clamp(0.0, 0.999_999) * count as f64) as usize).min(count - 1);
             ranking.swap(0, pick);
-            "random".to_owned()
+            (DecisionKind::Best, "random".to_owned())
         }
     };
     Decision {
         strategy,
         ranking,
         predicted,
+        kind,
         reason,
     }
 }
 
-/// Affinity and exploration on top of the cost ranking; returns the reason.
+/// Affinity and exploration on top of the cost ranking; returns the kind of decision and its reason.
 fn intelligent_adjustments(
     candidates: &[Candidate],
     shape: &RequestShape,
@@ -309,7 +408,7 @@ fn intelligent_adjustments(
     ranking: &mut Vec<usize>,
     priors: &Priors,
     random: f64,
-) -> String {
+) -> (DecisionKind, String) {
     let best = ranking[0];
     let best_cost = predicted[best].as_secs_f64();
     // Prefix affinity: keep the warm KV cache unless that node is clearly worse. Its prediction counts the
@@ -331,11 +430,14 @@ fn intelligent_adjustments(
         {
             ranking.remove(position);
             ranking.insert(0, affine);
-            return format!(
-                "prefix affinity: {} served this conversation ({} predicted vs best {})",
-                candidates[affine].name,
-                millis(predicted[affine]),
-                millis(predicted[best])
+            return (
+                DecisionKind::Affinity,
+                format!(
+                    "prefix affinity: {} served this conversation ({} predicted vs best {})",
+                    candidates[affine].name,
+                    millis(predicted[affine]),
+                    millis(predicted[best])
+                ),
             );
         }
     }
@@ -349,7 +451,10 @@ fn intelligent_adjustments(
     {
         let unmeasured = ranking.remove(position);
         ranking.insert(0, unmeasured);
-        return format!("exploring unmeasured node {}", candidates[unmeasured].name);
+        return (
+            DecisionKind::Exploration,
+            format!("exploring unmeasured node {}", candidates[unmeasured].name),
+        );
     }
     let mut reason = format!("lowest predicted time {}", millis(predicted[best]));
     let candidate = &candidates[best];
@@ -362,7 +467,7 @@ fn intelligent_adjustments(
     if candidate.stats.is_none() {
         reason.push_str(", unmeasured (optimistic estimate)");
     }
-    reason
+    (DecisionKind::Best, reason)
 }
 
 fn millis(duration: Duration) -> String {
@@ -558,6 +663,54 @@ mod tests {
         }
         assert_eq!(Strategy::parse("Round-Robin"), Some(Strategy::RoundRobin));
         assert_eq!(Strategy::parse("fastest"), None);
+    }
+
+    #[test]
+    fn decisions_carry_their_kind() {
+        fn check(candidates: &[Candidate], random: f64, expected: DecisionKind) {
+            let decision = choose(
+                candidates,
+                &shape(),
+                Strategy::Intelligent,
+                &Priors::default(),
+                random,
+                0,
+            );
+            assert_eq!(decision.kind, expected, "{}", decision.reason);
+        }
+        let mut affine = vec![
+            candidate("a", Some(100.0), 0, 1, true),
+            candidate("b", Some(90.0), 0, 1, true),
+        ];
+        affine[1].has_affinity = true;
+        check(&affine, 0.5, DecisionKind::Affinity);
+        // A node whose name mentions affinity is explored, not kept for affinity: the kind is not read from words.
+        let exploring = vec![
+            candidate("measured", Some(200.0), 0, 1, true),
+            candidate("unmeasured-affinity", None, 0, 1, true),
+        ];
+        check(&exploring, 0.01, DecisionKind::Exploration);
+        check(&exploring, 0.5, DecisionKind::Best);
+    }
+
+    #[test]
+    fn choices_are_labelled_as_the_history_and_metrics_show_them() {
+        for kind in DecisionKind::ALL {
+            assert_eq!(DecisionKind::parse(kind.as_str()), Some(kind));
+        }
+        let routed = Choice::routed(Strategy::RoundRobin, DecisionKind::Failover);
+        assert_eq!(
+            (routed.strategy_label(), routed.kind().as_str()),
+            ("round_robin", "failover")
+        );
+        assert_eq!(Choice::CALIBRATION.strategy(), None);
+        assert_eq!(
+            (
+                Choice::CALIBRATION.strategy_label(),
+                Choice::CALIBRATION.kind().as_str()
+            ),
+            ("calibration", "calibration")
+        );
     }
 
     #[test]

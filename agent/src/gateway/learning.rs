@@ -11,11 +11,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
-use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::history::{HistorySender, PairRow, Record, RequestRow};
+use crate::history::{HistorySender, Outcome, PairRow, Record, RequestRow};
 use crate::observability::Observer;
 use crate::telemetry::unix_ms;
 use sollol_policy::routing::PairStats;
@@ -25,62 +24,6 @@ const SMOOTHING: f64 = 0.3;
 /// A load shorter than this was a warm model, not a cold load.
 const COLD_LOAD_THRESHOLD: Duration = Duration::from_millis(250);
 const QUEUE_CAPACITY: usize = 8192;
-
-/// Ollama's timing fields of a finished response.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct OllamaTimings {
-    /// Ollama's `total_duration`: everything from the request's arrival, waiting included.
-    pub total: Duration,
-    pub load: Duration,
-    pub prompt_tokens: u64,
-    pub prompt: Duration,
-    pub eval_tokens: u64,
-    pub eval: Duration,
-}
-
-impl OllamaTimings {
-    /// Reads the timing fields from a final Ollama response object; `None` when it has none.
-    pub fn from_json(value: &Value) -> Option<Self> {
-        let nanos = |name: &str| {
-            value
-                .get(name)
-                .and_then(Value::as_u64)
-                .map(Duration::from_nanos)
-        };
-        let count = |name: &str| value.get(name).and_then(Value::as_u64);
-        if nanos("total_duration").is_none() && count("eval_count").is_none() {
-            return None;
-        }
-        Some(Self {
-            total: nanos("total_duration").unwrap_or_default(),
-            load: nanos("load_duration").unwrap_or_default(),
-            prompt_tokens: count("prompt_eval_count").unwrap_or(0),
-            prompt: nanos("prompt_eval_duration").unwrap_or_default(),
-            eval_tokens: count("eval_count").unwrap_or(0),
-            eval: nanos("eval_duration").unwrap_or_default(),
-        })
-    }
-}
-
-/// One routed request, as the gateway observed it.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Outcome {
-    pub node_id: String,
-    pub model: String,
-    pub path: String,
-    /// Who sent it: `X-Sollol-App`, else the API key's name, else the User-Agent.
-    pub app: String,
-    pub ok: bool,
-    pub time_to_first_byte: Duration,
-    pub total: Duration,
-    pub timings: Option<OllamaTimings>,
-    pub strategy: &'static str,
-    pub reason: String,
-    /// `[{"node": name, "predicted_ms": n}]`, best first.
-    pub candidates: String,
-    /// Other requests this gateway had in flight on the node when this one started.
-    pub concurrent: u32,
-}
 
 /// Everything learned so far.
 #[derive(Clone, Debug, Default)]
@@ -363,6 +306,8 @@ fn smooth(old: f64, new: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::history::OllamaTimings;
+    use sollol_policy::routing::{Choice, DecisionKind, Strategy};
 
     fn outcome(eval_tokens: u64, eval_ms: u64, load_ms: u64, ok: bool) -> Outcome {
         Outcome {
@@ -381,9 +326,9 @@ mod tests {
                 eval_tokens,
                 eval: Duration::from_millis(eval_ms),
             }),
-            strategy: "intelligent",
+            choice: Choice::routed(Strategy::Intelligent, DecisionKind::Best),
             reason: String::new(),
-            candidates: "[]".into(),
+            candidates: Arc::from([]),
             concurrent: 0,
         }
     }
@@ -473,18 +418,5 @@ mod tests {
         );
         // Levels must hold from the bottom up.
         check(&[(2, false), (2, false), (2, false)], 1);
-    }
-
-    #[test]
-    fn reads_ollama_timing_fields() {
-        let value = serde_json::json!({"done": true, "total_duration": 5_000_000_000u64, "load_duration": 2_000_000_000u64,
-            "prompt_eval_count": 26, "prompt_eval_duration": 130_000_000u64, "eval_count": 290, "eval_duration": 4_700_000_000u64});
-        let timings = OllamaTimings::from_json(&value).expect("timings");
-        assert_eq!(timings.eval_tokens, 290);
-        assert_eq!(timings.load, Duration::from_secs(2));
-        assert_eq!(
-            OllamaTimings::from_json(&serde_json::json!({"done": false})),
-            None
-        );
     }
 }

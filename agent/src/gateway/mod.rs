@@ -4,7 +4,6 @@
 //! cluster task. Every error is Ollama's shape, `{"error": "..."}`.
 
 pub mod admission;
-pub mod batch;
 pub mod body_timeout;
 pub mod learning;
 pub mod proxy;

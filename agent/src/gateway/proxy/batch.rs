@@ -19,8 +19,8 @@ use hyper::header;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
+use super::{InFlight, Proxy};
 use crate::cluster::Backend;
-use crate::gateway::proxy::{InFlight, Proxy};
 
 /// Chunks per worker the batch is cut into, so work can move between nodes.
 const CHUNKS_PER_WORKER: usize = 4;
@@ -59,6 +59,15 @@ struct Work {
     nodes: Vec<String>,
     failures: Vec<String>,
     workers_alive: usize,
+}
+
+/// The batch flavour of an embedding route; `None` for a route that is not one.
+pub fn flavour(path: &str) -> Option<Flavour> {
+    match path {
+        "/api/embed" => Some(Flavour::Ollama),
+        "/v1/embeddings" => Some(Flavour::OpenAi),
+        _ => None,
+    }
 }
 
 /// The inputs of an embedding request, when it has a list of them.

@@ -1,0 +1,279 @@
+//! The Ollama- and OpenAI-compatible routes: pick a node, forward, stream back, fail over, learn.
+//!
+//! Each request is parsed once for what routing needs (model, stream flag,
+//! size: `request`), waits while every candidate is saturated (`selection`),
+//! is ranked by `routing::choose` over the cluster snapshot and sent to the
+//! best node (`forward`). A node that fails before its first byte (connect
+//! error, reset, 5xx) is skipped for the next one, never the same node twice
+//! (`attempt`). A non-streaming answer is buffered (it is small) so a node
+//! dying mid-answer is failed over too; a streaming answer passes through
+//! chunk by chunk with backpressure, and a failure after it began ends the
+//! stream with an error object (`relay`). Outcomes go to the learner with
+//! `try_send`. Later turns of a conversation prefer the node that served it
+//! (`affinity`), embedding batches are spread over nodes (`batch`), idle
+//! unmeasured nodes are measured (`calibration`), and the model lists are
+//! answered by the gateway itself (`models`).
+//!
+//! This module owns the shared state ([`Proxy`]); its children are the steps,
+//! and they use this module and each other only one way (forward → request
+//! → affinity, forward → attempt → relay), never in a circle.
+
+mod affinity;
+mod attempt;
+mod batch;
+mod calibration;
+mod forward;
+mod models;
+mod relay;
+mod request;
+mod selection;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tokio_util::sync::CancellationToken;
+
+use crate::cluster::{Backend, SharedView};
+use crate::gateway::admission::Admission;
+use crate::gateway::learning::Learner;
+use crate::observability::Observer;
+use affinity::Affinity;
+use sollol_policy::admission::QueueSettings;
+use sollol_policy::breaker::{Breaker, BreakerSettings};
+use sollol_policy::routing::{Priors, Strategy};
+
+pub use forward::forward;
+pub use models::{openai_models, ps, tags, version};
+pub use request::{APP_HEADER, ApiKeyName};
+
+/// Header that picks a strategy for one request.
+pub const STRATEGY_HEADER: &str = "x-sollol-strategy";
+/// Response header naming the node that answered (request header for `/api/pull`: the node to pull on).
+pub const NODE_HEADER: &str = "x-sollol-node";
+/// Response header with the routing decision's short reason.
+pub const DECISION_HEADER: &str = "x-sollol-decision";
+/// Response header with every candidate's predicted time, best first, as JSON.
+pub const CANDIDATES_HEADER: &str = "x-sollol-candidates";
+/// Request header with the priority, 1 (lowest) to 10.
+pub const PRIORITY_HEADER: &str = "x-sollol-priority";
+
+/// How often open breakers are checked for a due probe, and how long a probe may take.
+const PROBE_EVERY: Duration = Duration::from_millis(250);
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Gateway-side state of routing: the upstream client, live loads, what was learned.
+#[derive(Debug)]
+pub struct Proxy {
+    client: Client<HttpConnector, Full<Bytes>>,
+    learner: Arc<Learner>,
+    loads: PerNode<AtomicU32>,
+    breakers: PerNode<Mutex<Breaker>>,
+    round_robin: AtomicU64,
+    admission: Arc<Admission>,
+    /// When each (node, model) was last calibrated, so each is measured at most once per `CALIBRATE_EVERY`.
+    calibrated: Mutex<HashMap<(String, String), Instant>>,
+    /// Calibrations running per node.
+    calibrating: PerNode<AtomicU32>,
+    affinity: Affinity,
+    observer: Arc<Observer>,
+    pub settings: ProxySettings,
+}
+
+/// Routing settings from the configuration.
+#[derive(Clone, Debug)]
+pub struct ProxySettings {
+    pub default_strategy: Strategy,
+    pub priors: Priors,
+    /// Different nodes tried per request at most.
+    pub max_attempts: usize,
+    /// Parallel requests assumed per node (Ollama's `OLLAMA_NUM_PARALLEL`).
+    pub node_slots: u32,
+    /// How long a node may take to send its response headers.
+    pub response_timeout: Duration,
+    /// Requests allowed in a node's own queue beyond its slots before the gateway queues instead.
+    pub node_queue_depth: u32,
+    pub queue: QueueSettings,
+    pub breaker: BreakerSettings,
+    /// Whether slow first answers are hedged on the next node.
+    pub hedging: bool,
+    /// Whether idle, never-measured nodes are measured with a short request of the gateway's own.
+    pub calibration: bool,
+    /// The node id of the coordinator's distributed inference front: the only node that serves the
+    /// models it lists (they are distributed because the nodes that hold them should not serve them
+    /// whole).
+    pub distributed_front: Option<String>,
+}
+
+impl Proxy {
+    pub fn new(learner: Arc<Learner>, observer: Arc<Observer>, settings: ProxySettings) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(3)));
+        Self {
+            client: Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_secs(60))
+                .build(connector),
+            learner,
+            loads: PerNode::new(),
+            breakers: PerNode::new(),
+            round_robin: AtomicU64::new(0),
+            admission: Arc::new(Admission::new(settings.queue)),
+            calibrated: Mutex::new(HashMap::new()),
+            calibrating: PerNode::new(),
+            affinity: Affinity::default(),
+            observer,
+            settings,
+        }
+    }
+
+    pub fn learner(&self) -> &Learner {
+        &self.learner
+    }
+
+    /// Requests waiting in the priority queue now.
+    pub fn queued(&self) -> usize {
+        self.admission.waiting()
+    }
+
+    pub(crate) fn client(&self) -> &Client<HttpConnector, Full<Bytes>> {
+        &self.client
+    }
+
+    pub(crate) fn admission(&self) -> Arc<Admission> {
+        Arc::clone(&self.admission)
+    }
+
+    /// The in-flight counter of a node.
+    pub(crate) fn load_of(&self, node_id: &str) -> Arc<AtomicU32> {
+        self.loads.get(node_id)
+    }
+
+    /// The circuit breaker of a node.
+    pub(crate) fn breaker_of(&self, node_id: &str) -> Arc<Mutex<Breaker>> {
+        self.breakers.get(node_id)
+    }
+
+    /// Requests in flight per node now.
+    pub fn in_flight(&self) -> BTreeMap<String, u32> {
+        self.loads
+            .snapshot()
+            .iter()
+            .map(|(node, counter)| (node.clone(), counter.load(Ordering::Relaxed)))
+            .collect()
+    }
+
+    /// Records how a request (or probe) on a node went, for its breaker.
+    pub(crate) fn node_result(&self, backend: &Backend, ok: bool) {
+        let breaker = self.breaker_of(&backend.node_id);
+        let mut breaker = lock(&breaker);
+        if ok {
+            if !breaker.is_closed() {
+                tracing::info!(node = %backend.name, "circuit closed: the node answers again");
+            }
+            breaker.on_success();
+        } else if breaker.on_failure(Instant::now(), &self.settings.breaker) {
+            tracing::warn!(
+                node = %backend.name,
+                failures = self.settings.breaker.failures_to_open,
+                "circuit opened: no requests to this node until a trial succeeds"
+            );
+        }
+    }
+
+    /// Probes nodes whose open period is over; a failed probe counts as a failed trial. Runs until `shutdown`.
+    pub async fn probe_open_breakers(&self, view: SharedView, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(PROBE_EVERY) => {}
+                () = shutdown.cancelled() => return,
+            }
+            let now = Instant::now();
+            let view = view.load_full();
+            let due: Vec<&Arc<Backend>> = view
+                .backends
+                .iter()
+                .filter(|backend| lock(&self.breaker_of(&backend.node_id)).trial_due(now))
+                .collect();
+            for backend in due {
+                let request = hyper::Request::get(format!("{}/api/version", backend.base_url))
+                    .body(Full::new(Bytes::new()));
+                let Ok(request) = request else { continue };
+                let answered = matches!(
+                    tokio::time::timeout(PROBE_TIMEOUT, self.client.request(request)).await,
+                    Ok(Ok(response)) if response.status().is_success()
+                );
+                if !answered {
+                    self.node_result(backend, false);
+                }
+            }
+        }
+    }
+}
+
+/// A value per node, created on first use; reads take no lock.
+#[derive(Debug)]
+struct PerNode<T> {
+    map: ArcSwap<HashMap<String, Arc<T>>>,
+}
+
+impl<T: Default> PerNode<T> {
+    fn new() -> Self {
+        Self {
+            map: ArcSwap::from_pointee(HashMap::new()),
+        }
+    }
+
+    fn get(&self, node_id: &str) -> Arc<T> {
+        if let Some(value) = self.map.load().get(node_id) {
+            return Arc::clone(value);
+        }
+        let mut created = None;
+        self.map.rcu(|map| {
+            let mut map = HashMap::clone(map);
+            let value = map
+                .entry(node_id.to_owned())
+                .or_insert_with(|| Arc::new(T::default()));
+            created = Some(Arc::clone(value));
+            map
+        });
+        created.unwrap_or_else(|| Arc::new(T::default()))
+    }
+
+    fn snapshot(&self) -> Arc<HashMap<String, Arc<T>>> {
+        self.map.load_full()
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Counts a request in flight on a node until dropped; then lets the next queued request try.
+pub(crate) struct InFlight {
+    counter: Arc<AtomicU32>,
+    admission: Arc<Admission>,
+}
+
+impl InFlight {
+    pub(crate) fn new(counter: Arc<AtomicU32>, admission: Arc<Admission>) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Self { counter, admission }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.counter.fetch_sub(1, Ordering::Relaxed);
+        self.admission.release();
+    }
+}

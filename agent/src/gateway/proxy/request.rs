@@ -1,0 +1,374 @@
+//! Request parsing: what a forwarded request's route, body and headers say routing needs, checked once
+//! before anything waits or is sent.
+
+use axum::extract::rejection::BytesRejection;
+use axum::http::{HeaderMap, StatusCode};
+use hyper::body::Bytes;
+use serde_json::Value;
+use sollol_policy::admission;
+use sollol_policy::routing::{RequestShape, Strategy};
+
+use super::affinity::conversation_key;
+use super::{NODE_HEADER, PRIORITY_HEADER, STRATEGY_HEADER};
+use crate::cluster::normalize_model;
+use crate::gateway::ApiError;
+
+/// Output tokens assumed when a request sets no limit.
+const DEFAULT_OUTPUT_TOKENS: u32 = 128;
+
+/// Header naming the application a request comes from.
+pub const APP_HEADER: &str = "x-sollol-app";
+
+/// The name of the API key a request authenticated with (set by the gateway's key check).
+#[derive(Clone, Debug)]
+pub struct ApiKeyName(pub String);
+
+/// Who sent a request: `X-Sollol-App`, else the API key's name, else the User-Agent's product.
+pub(super) fn application(headers: &HeaderMap, key_name: Option<&str>) -> String {
+    let header_text = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|value| value.to_str().ok())
+            .map(str::trim)
+            .filter(|text| !text.is_empty())
+    };
+    let name = header_text(APP_HEADER)
+        .or(key_name)
+        .or_else(|| header_text("user-agent").and_then(|agent| agent.split_whitespace().next()))
+        .unwrap_or("unknown");
+    name.chars().take(64).collect()
+}
+
+/// How each forwarded route behaves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct RouteKind {
+    /// Ollama's routes stream unless told not to; OpenAI's do not unless told to.
+    pub(super) stream_by_default: bool,
+    /// The answer ends with Ollama's timing fields.
+    pub(super) learns: bool,
+    /// Server-sent events rather than NDJSON.
+    pub(super) sse: bool,
+    /// Any node may serve it, not only those that have the model (`/api/pull`).
+    pub(super) any_node: bool,
+}
+
+pub(super) fn route_kind(path: &str) -> Option<RouteKind> {
+    let kind = |stream_by_default, learns, sse, any_node| RouteKind {
+        stream_by_default,
+        learns,
+        sse,
+        any_node,
+    };
+    Some(match path {
+        "/api/chat" | "/api/generate" => kind(true, true, false, false),
+        "/api/embed" | "/api/embeddings" | "/api/show" => kind(false, false, false, false),
+        "/api/pull" => kind(true, false, false, true),
+        "/v1/chat/completions" | "/v1/completions" => kind(false, false, true, false),
+        "/v1/embeddings" => kind(false, false, false, false),
+        _ => return None,
+    })
+}
+
+/// A forwarded request, parsed: the body as it goes upstream, and what routing reads from it.
+#[derive(Debug)]
+pub(super) struct ParsedRequest {
+    pub(super) kind: RouteKind,
+    /// The body exactly as the client sent it; every attempt forwards these bytes.
+    pub(super) body: Bytes,
+    pub(super) json: Value,
+    /// The model as the client named it, for error messages.
+    pub(super) requested_name: String,
+    /// The model's normalized name, as nodes list it.
+    pub(super) model: String,
+    pub(super) stream: bool,
+    pub(super) strategy: Strategy,
+    pub(super) priority: u8,
+    /// The node the client asked for with `X-Sollol-Node`, by name or id.
+    pub(super) wanted_node: Option<String>,
+    /// The conversation the request continues, for prefix affinity.
+    pub(super) conversation: Option<u64>,
+}
+
+impl ParsedRequest {
+    /// Reads a `POST` on `path` (`default_strategy` unless a header picks another); the errors are the client's (404 for an unknown route, 408 for a stalled
+    /// body, 400 for a bad one or a bad header), in the order they are checked.
+    pub(super) fn parse(
+        default_strategy: Strategy,
+        path: &str,
+        headers: &HeaderMap,
+        body: Result<Bytes, BytesRejection>,
+    ) -> Result<Self, ApiError> {
+        let kind = route_kind(path).ok_or_else(|| {
+            ApiError::new(StatusCode::NOT_FOUND, format!("no such endpoint: {path}"))
+        })?;
+        let body = body.map_err(|rejection| {
+            if crate::gateway::body_timeout::is_stalled(&rejection) {
+                ApiError::new(StatusCode::REQUEST_TIMEOUT, rejection.body_text())
+            } else {
+                ApiError::new(rejection.status(), rejection.body_text())
+            }
+        })?;
+        let json: Value = serde_json::from_slice(&body).map_err(|error| {
+            ApiError::new(StatusCode::BAD_REQUEST, format!("invalid JSON: {error}"))
+        })?;
+        if !json.is_object() {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "the request body must be a JSON object",
+            ));
+        }
+        let requested_name = json
+            .get("model")
+            .or_else(|| json.get("name"))
+            .and_then(Value::as_str)
+            .filter(|name| !name.trim().is_empty())
+            .ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "model is required"))?
+            .to_owned();
+        let model = normalize_model(requested_name.trim());
+        let stream = json
+            .get("stream")
+            .and_then(Value::as_bool)
+            .unwrap_or(kind.stream_by_default);
+        let strategy = strategy(headers, default_strategy)?;
+        let priority = priority(headers)?;
+        let wanted_node = headers
+            .get(NODE_HEADER)
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_owned);
+        let conversation = conversation_key(&model, &json);
+        Ok(Self {
+            kind,
+            body,
+            json,
+            requested_name,
+            model,
+            stream,
+            strategy,
+            priority,
+            wanted_node,
+            conversation,
+        })
+    }
+}
+
+/// The strategy `X-Sollol-Strategy` asks for, else the configured default.
+fn strategy(headers: &HeaderMap, default: Strategy) -> Result<Strategy, ApiError> {
+    let Some(value) = headers.get(STRATEGY_HEADER) else {
+        return Ok(default);
+    };
+    value
+        .to_str()
+        .ok()
+        .and_then(Strategy::parse)
+        .ok_or_else(|| {
+            let names: Vec<&str> = Strategy::ALL
+                .iter()
+                .map(|strategy| strategy.as_str())
+                .collect();
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "unknown routing strategy in {STRATEGY_HEADER}; use one of {}",
+                    names.join(", ")
+                ),
+            )
+        })
+}
+
+/// The priority `X-Sollol-Priority` asks for, else the default.
+fn priority(headers: &HeaderMap) -> Result<u8, ApiError> {
+    let Some(value) = headers.get(PRIORITY_HEADER) else {
+        return Ok(admission::DEFAULT_PRIORITY);
+    };
+    value
+        .to_str()
+        .ok()
+        .and_then(admission::parse_priority)
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("{PRIORITY_HEADER} must be a whole number from 1 to 10"),
+            )
+        })
+}
+
+/// Prompt and output size as routing estimates them: about four characters per token.
+pub(super) fn request_shape(request: &Value) -> RequestShape {
+    let mut characters = 0usize;
+    if let Some(messages) = request.get("messages").and_then(Value::as_array) {
+        characters += messages
+            .iter()
+            .filter_map(|message| message.get("content").and_then(Value::as_str))
+            .map(str::len)
+            .sum::<usize>();
+    }
+    for field in ["prompt", "system", "suffix"] {
+        characters += request
+            .get(field)
+            .and_then(Value::as_str)
+            .map_or(0, str::len);
+    }
+    match request.get("input") {
+        Some(Value::String(text)) => characters += text.len(),
+        Some(Value::Array(items)) => {
+            characters += items
+                .iter()
+                .filter_map(Value::as_str)
+                .map(str::len)
+                .sum::<usize>()
+        }
+        _ => {}
+    }
+    let limit = request
+        .get("options")
+        .and_then(|options| options.get("num_predict"))
+        .or_else(|| request.get("max_tokens"))
+        .or_else(|| request.get("max_completion_tokens"))
+        .and_then(Value::as_i64)
+        .filter(|limit| *limit >= 0);
+    RequestShape {
+        prompt_tokens: u32::try_from(characters / 4).unwrap_or(u32::MAX).max(1),
+        output_tokens: limit.map_or(DEFAULT_OUTPUT_TOKENS, |limit| {
+            u32::try_from(limit).unwrap_or(u32::MAX)
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+    use axum::response::IntoResponse;
+    use serde_json::json;
+
+    #[test]
+    fn shapes_estimate_tokens() {
+        fn check(request: Value, prompt_tokens: u32, output_tokens: u32) {
+            assert_eq!(
+                request_shape(&request),
+                RequestShape {
+                    prompt_tokens,
+                    output_tokens
+                },
+                "{request}"
+            );
+        }
+        check(
+            json!({"messages": [{"role": "user", "content": "x".repeat(400)}]}),
+            100,
+            128,
+        );
+        check(
+            json!({"prompt": "abcdefgh", "options": {"num_predict": 24}}),
+            2,
+            24,
+        );
+        check(json!({"input": ["aaaa", "bbbb"], "max_tokens": 7}), 2, 7);
+        check(json!({}), 1, 128);
+    }
+
+    #[test]
+    fn applications_are_named() {
+        fn check(headers: &[(&'static str, &str)], key: Option<&str>, expected: &str) {
+            let mut map = HeaderMap::new();
+            for (name, value) in headers {
+                map.insert(*name, HeaderValue::from_str(value).expect("header"));
+            }
+            assert_eq!(application(&map, key), expected);
+        }
+        check(
+            &[
+                (APP_HEADER, "indexer"),
+                ("user-agent", "ollama-python/0.6.3"),
+            ],
+            Some("webui"),
+            "indexer",
+        );
+        check(
+            &[("user-agent", "ollama-python/0.6.3 (x86_64 linux)")],
+            Some("webui"),
+            "webui",
+        );
+        check(
+            &[("user-agent", "ollama-python/0.6.3 (x86_64 linux)")],
+            None,
+            "ollama-python/0.6.3",
+        );
+        check(&[], None, "unknown");
+    }
+
+    #[test]
+    fn requests_are_parsed_once_with_the_clients_errors() {
+        fn check(
+            path: &str,
+            headers: &[(&'static str, &str)],
+            body: &str,
+            expected: Result<(&str, bool, Strategy, u8), StatusCode>,
+        ) {
+            let mut map = HeaderMap::new();
+            for (name, value) in headers {
+                map.insert(*name, HeaderValue::from_str(value).expect("header"));
+            }
+            let parsed = ParsedRequest::parse(
+                Strategy::Intelligent,
+                path,
+                &map,
+                Ok(Bytes::from(body.to_owned())),
+            );
+            let seen = parsed
+                .map(|request| {
+                    (
+                        request.model,
+                        request.stream,
+                        request.strategy,
+                        request.priority,
+                    )
+                })
+                .map_err(|error| error.into_response().status());
+            let expected = expected.map(|(model, stream, strategy, priority)| {
+                (model.to_owned(), stream, strategy, priority)
+            });
+            assert_eq!(seen, expected, "{path} {headers:?} {body}");
+        }
+        let chat = r#"{"model": "smollm2:135m", "messages": []}"#;
+        check(
+            "/api/chat",
+            &[],
+            chat,
+            Ok(("smollm2:135m", true, Strategy::Intelligent, 5)),
+        );
+        check(
+            "/v1/chat/completions",
+            &[],
+            chat,
+            Ok(("smollm2:135m", false, Strategy::Intelligent, 5)),
+        );
+        check(
+            "/api/generate",
+            &[(STRATEGY_HEADER, "round-robin"), (PRIORITY_HEADER, "9")],
+            r#"{"model": "m:1", "stream": false}"#,
+            Ok(("m:1", false, Strategy::RoundRobin, 9)),
+        );
+        check("/api/nothing", &[], chat, Err(StatusCode::NOT_FOUND));
+        check("/api/chat", &[], "{", Err(StatusCode::BAD_REQUEST));
+        check("/api/chat", &[], "[1]", Err(StatusCode::BAD_REQUEST));
+        check(
+            "/api/chat",
+            &[],
+            r#"{"model": " "}"#,
+            Err(StatusCode::BAD_REQUEST),
+        );
+        check(
+            "/api/chat",
+            &[(STRATEGY_HEADER, "fastest")],
+            chat,
+            Err(StatusCode::BAD_REQUEST),
+        );
+        check(
+            "/api/chat",
+            &[(PRIORITY_HEADER, "11")],
+            chat,
+            Err(StatusCode::BAD_REQUEST),
+        );
+    }
+}
