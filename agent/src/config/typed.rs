@@ -1,0 +1,132 @@
+//! Stage two's types: the validated, typed configuration, one struct per section, and the loopback
+//! helper that turns its bind addresses into addresses to connect to.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Stage two: validated, typed configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub log_level: String,
+    pub shutdown_grace: Duration,
+    pub model_sharding_enabled: bool,
+    pub coordinator_url: String,
+    pub coordinator: CoordinatorConfig,
+    pub agent: AgentConfig,
+    pub engine: EngineConfig,
+    pub distributed: DistributedConfig,
+    pub discovery: DiscoveryConfig,
+}
+
+/// How the coordinator finds plain Ollama servers by itself.
+#[derive(Clone, Debug)]
+pub struct DiscoveryConfig {
+    /// Ranges to scan; empty: no scan.
+    pub scan: Vec<crate::cluster::scan::Cidr>,
+    pub scan_port: u16,
+    pub scan_interval: Duration,
+    /// Announce and browse over mDNS.
+    pub mdns: bool,
+    /// Coordinator addresses an agent without `agent.join` tries.
+    pub seeds: Vec<String>,
+}
+
+/// Which models the coordinator serves split across agents.
+#[derive(Clone, Debug)]
+pub struct DistributedConfig {
+    /// Empty unless `model_sharding_enabled`.
+    pub models: Vec<String>,
+    /// Distribute models no single node can hold (only with `model_sharding_enabled`).
+    pub auto: bool,
+    pub max_stages: NonZeroU32,
+}
+
+/// Whether the agent serves its GGUF models with the built-in engine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EngineMode {
+    Auto,
+    On,
+    Off,
+}
+
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    pub mode: EngineMode,
+    pub bind: SocketAddr,
+    pub parallel: NonZeroU32,
+    pub keep_alive: Duration,
+    pub ollama_models: Option<PathBuf>,
+    pub stage_bind: SocketAddr,
+    /// Memory offered to models; `None`: what the node has available.
+    pub max_memory: Option<u64>,
+}
+
+#[derive(Clone, Debug)]
+pub struct CoordinatorConfig {
+    pub gateway_bind: SocketAddr,
+    pub cluster_bind: SocketAddr,
+    pub down_after_missed: NonZeroU32,
+    pub handshake_timeout: Duration,
+    pub max_cluster_connections: NonZeroU32,
+    pub event_retention: NonZeroU32,
+    pub strategy: sollol_policy::routing::Strategy,
+    pub node_slots: NonZeroU32,
+    pub node_queue_depth: u32,
+    pub queue_capacity: NonZeroU32,
+    pub queue_timeout: Duration,
+    pub queue_aging: Duration,
+    pub max_attempts: NonZeroU32,
+    pub response_timeout: Duration,
+    pub max_request_body: NonZeroU32,
+    pub api_keys: Vec<ApiKey>,
+    pub hedging: bool,
+    pub calibration: bool,
+    pub header_read_timeout: Duration,
+    pub body_read_timeout: Duration,
+    /// Static Ollama URLs, normalised to `http://HOST:PORT`.
+    pub nodes: Vec<String>,
+    pub probe_interval: Duration,
+}
+
+/// One gateway API key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiKey {
+    pub name: String,
+    pub key: String,
+}
+
+impl fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ApiKey({}, <hidden>)", self.name)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// `HOST:PORT` of the coordinator's cluster port.
+    pub join: Option<String>,
+    pub token: Option<String>,
+    pub name: String,
+    pub heartbeat_interval: Duration,
+    /// `None`: probe the default address and report Ollama only when it answers.
+    pub ollama_url: Option<String>,
+    pub models_dir: PathBuf,
+    pub reconnect_initial_backoff: Duration,
+    pub reconnect_max_backoff: Duration,
+}
+
+/// 127.0.0.1 (or ::1) in place of an unspecified bind address, for connecting to a local listener.
+pub fn loopback_if_unspecified(address: SocketAddr) -> SocketAddr {
+    let mut address = address;
+    if address.ip().is_unspecified() {
+        address.set_ip(match address {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    address
+}
