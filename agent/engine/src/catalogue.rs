@@ -133,6 +133,7 @@ fn ollama_models(root: &Path) -> Vec<ModelFile> {
     found
 }
 
+/// `sha256:…` of the file's content (what distributed stages match their copies by).
 pub fn content_digest(path: &Path) -> std::io::Result<String> {
     use sha2::Digest;
     use std::io::Read;

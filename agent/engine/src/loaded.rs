@@ -415,8 +415,6 @@ pub struct Generated {
     pub done_reason: &'static str,
 }
 
-/// `sha256:…` of the file's content (what distributed stages match their copies by).
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,319 @@
+//! Chat and text completions for both APIs: the prompt, the generation on a blocking thread, and the
+//! answer streamed (NDJSON for Ollama, Server-Sent Events for OpenAI) or whole.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use axum::body::{Body, Bytes};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+use super::options::{openai_options, options};
+use super::{Refusal, error, nanos, refuse, request_head, rfc3339, slot_and_model};
+use crate::engine::{Engine, Generated, LoadedModel};
+use crate::tokenizer::ChatMessage;
+
+/// Chunks of a streamed answer waiting to be written; the generation waits when the client reads slowly.
+const STREAM_BUFFER: usize = 16;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Api {
+    Chat,
+    Generate,
+    /// OpenAI's `/v1/chat/completions`.
+    OpenAiChat,
+    /// OpenAI's `/v1/completions`: the prompt as given, no chat template.
+    OpenAiCompletion,
+}
+
+impl Api {
+    fn is_openai(self) -> bool {
+        matches!(self, Self::OpenAiChat | Self::OpenAiCompletion)
+    }
+}
+
+/// The prompt text of a chat or generate request.
+fn prompt_of(model: &LoadedModel, request: &Value, api: Api) -> Result<Option<String>, Refusal> {
+    let text_of = |value: &Value| value.as_str().map(str::to_owned);
+    match api {
+        Api::OpenAiCompletion => Ok(request
+            .get("prompt")
+            .and_then(text_of)
+            .filter(|prompt| !prompt.is_empty())),
+        Api::Chat | Api::OpenAiChat => {
+            let Some(messages) = request.get("messages").and_then(Value::as_array) else {
+                return Ok(None);
+            };
+            if messages.is_empty() {
+                return Ok(None);
+            }
+            let messages: Vec<ChatMessage> = messages
+                .iter()
+                .map(|message| ChatMessage {
+                    role: message["role"].as_str().unwrap_or("user").to_owned(),
+                    content: text_of(&message["content"]).unwrap_or_default(),
+                })
+                .collect();
+            model
+                .codec
+                .render_chat(&messages)
+                .map(Some)
+                .map_err(|failure| refuse(StatusCode::BAD_REQUEST, failure.to_string()))
+        }
+        Api::Generate => {
+            let prompt = request.get("prompt").and_then(text_of).unwrap_or_default();
+            if prompt.is_empty() {
+                return Ok(None);
+            }
+            if request.get("raw").and_then(Value::as_bool) == Some(true) {
+                return Ok(Some(prompt));
+            }
+            let mut messages = Vec::new();
+            if let Some(system) = request.get("system").and_then(text_of) {
+                messages.push(ChatMessage {
+                    role: "system".to_owned(),
+                    content: system,
+                });
+            }
+            messages.push(ChatMessage {
+                role: "user".to_owned(),
+                content: prompt,
+            });
+            model
+                .codec
+                .render_chat(&messages)
+                .map(Some)
+                .map_err(|failure| refuse(StatusCode::BAD_REQUEST, failure.to_string()))
+        }
+    }
+}
+
+fn unix_seconds() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |now| now.as_secs())
+}
+
+/// One streamed piece of text in the API's own shape.
+fn piece(api: Api, model: &str, text: &str) -> Value {
+    match api {
+        Api::Chat | Api::Generate => {
+            let mut chunk = json!({"model": model, "created_at": rfc3339(SystemTime::now())});
+            if api == Api::Chat {
+                chunk["message"] = json!({"role": "assistant", "content": text});
+            } else {
+                chunk["response"] = json!(text);
+            }
+            chunk["done"] = json!(false);
+            chunk
+        }
+        Api::OpenAiChat => json!({
+            "id": "chatcmpl-sollol", "object": "chat.completion.chunk", "created": unix_seconds(),
+            "model": model,
+            "choices": [{"index": 0, "delta": {"role": "assistant", "content": text}, "finish_reason": null}],
+        }),
+        Api::OpenAiCompletion => json!({
+            "id": "cmpl-sollol", "object": "text_completion", "created": unix_seconds(), "model": model,
+            "choices": [{"index": 0, "text": text, "finish_reason": null}],
+        }),
+    }
+}
+
+/// The last object: the whole text when not streaming, and the figures.
+fn openai_finish(api: Api, model: &str, text: &str, generated: &Generated, stream: bool) -> Value {
+    let reason = if generated.done_reason == "length" {
+        "length"
+    } else {
+        "stop"
+    };
+    let usage = json!({
+        "prompt_tokens": generated.prompt_tokens,
+        "completion_tokens": generated.output_tokens,
+        "total_tokens": generated.prompt_tokens + generated.output_tokens,
+    });
+    let mut last = piece(api, model, text);
+    if api == Api::OpenAiChat {
+        if stream {
+            last["choices"][0]["delta"] = json!({});
+        } else {
+            last["object"] = json!("chat.completion");
+            last["choices"][0] =
+                json!({"index": 0, "message": {"role": "assistant", "content": text}});
+        }
+    }
+    last["choices"][0]["finish_reason"] = json!(reason);
+    last["usage"] = usage;
+    last
+}
+
+fn finish(
+    api: Api,
+    stream: bool,
+    model: &str,
+    text: &str,
+    generated: &Generated,
+    load: Duration,
+    total: Duration,
+) -> Value {
+    if api.is_openai() {
+        return openai_finish(api, model, text, generated, stream);
+    }
+    let mut last = piece(api, model, text);
+    last["done"] = json!(true);
+    last["done_reason"] = json!(generated.done_reason);
+    last["total_duration"] = json!(nanos(total));
+    last["load_duration"] = json!(nanos(load));
+    last["prompt_eval_count"] = json!(generated.prompt_tokens);
+    last["prompt_eval_duration"] = json!(nanos(generated.prompt_duration));
+    last["eval_count"] = json!(generated.output_tokens);
+    last["eval_duration"] = json!(nanos(generated.generation_duration));
+    last
+}
+
+/// One streamed object: an NDJSON line for Ollama, a Server-Sent Event for OpenAI.
+fn frame(api: Api, value: &Value) -> Bytes {
+    if api.is_openai() {
+        let mut event = b"data: ".to_vec();
+        event.extend(serde_json::to_vec(value).unwrap_or_default());
+        event.extend_from_slice(b"\n\n");
+        return Bytes::from(event);
+    }
+    ndjson(value)
+}
+
+fn ndjson(value: &Value) -> Bytes {
+    let mut line = serde_json::to_vec(value).unwrap_or_default();
+    line.push(b'\n');
+    Bytes::from(line)
+}
+
+pub(super) async fn complete(engine: Arc<Engine>, body: Bytes, api: Api) -> Response {
+    let started = Instant::now();
+    let (request, name, keep) = match request_head(&body) {
+        Ok(head) => head,
+        Err(refusal) => return refusal.into_response(),
+    };
+    let parsed_options = if api.is_openai() {
+        openai_options(&request)
+    } else {
+        options(&request)
+    };
+    let generate_options = match parsed_options {
+        Ok(options) => options,
+        Err(refusal) => return refusal.into_response(),
+    };
+    // Ollama streams unless told not to; OpenAI only when asked.
+    let stream = request
+        .get("stream")
+        .and_then(Value::as_bool)
+        .unwrap_or(!api.is_openai());
+    let (permit, model, load) = match slot_and_model(&engine, &name, keep).await {
+        Ok(taken) => taken,
+        Err(refusal) => return refusal.into_response(),
+    };
+    let prompt = match prompt_of(&model, &request, api) {
+        Ok(prompt) => prompt,
+        Err(refusal) => return refusal.into_response(),
+    };
+    if keep == Some(Duration::ZERO) {
+        engine.unload(&model.file.name);
+    }
+    let Some(prompt) = prompt else {
+        if api.is_openai() {
+            return error(StatusCode::BAD_REQUEST, "messages or prompt is required");
+        }
+        // No prompt: Ollama loads (or unloads) the model and answers at once.
+        let mut answer = piece(api, &model.file.name, "");
+        answer["done"] = json!(true);
+        answer["done_reason"] = json!(if keep == Some(Duration::ZERO) {
+            "unload"
+        } else {
+            "load"
+        });
+        return axum::Json(answer).into_response();
+    };
+    let ids = match model.codec.encode(&prompt) {
+        Ok(ids) => ids,
+        Err(failure) => return error(StatusCode::BAD_REQUEST, failure.to_string()),
+    };
+    let (sender, mut receiver) = tokio::sync::mpsc::channel::<Bytes>(STREAM_BUFFER);
+    let name = model.file.name.clone();
+    let worker = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        let mut whole = String::new();
+        let result = model.generate(&ids, &generate_options, |text| {
+            if stream {
+                sender
+                    .blocking_send(frame(api, &piece(api, &name, text)))
+                    .is_ok()
+            } else {
+                whole.push_str(text);
+                true
+            }
+        });
+        match result {
+            Ok(generated) => {
+                let text = if stream { "" } else { whole.as_str() };
+                let last = finish(
+                    api,
+                    stream,
+                    &name,
+                    text,
+                    &generated,
+                    load,
+                    started.elapsed(),
+                );
+                if stream {
+                    let _ = sender.blocking_send(frame(api, &last));
+                    if api.is_openai() {
+                        let _ = sender.blocking_send(Bytes::from_static(b"data: [DONE]\n\n"));
+                    }
+                } else {
+                    let _ = sender.blocking_send(ndjson(&last));
+                }
+            }
+            Err(failure) => {
+                tracing::warn!(model = %name, error = %failure, "generation failed");
+                let _ = sender.blocking_send(frame(api, &json!({"error": failure.to_string()})));
+            }
+        }
+    });
+    drop(worker);
+    if stream {
+        let body = Body::from_stream(futures_util::stream::unfold(
+            receiver,
+            |mut receiver| async move {
+                receiver
+                    .recv()
+                    .await
+                    .map(|chunk| (Ok::<_, std::convert::Infallible>(chunk), receiver))
+            },
+        ));
+        let content_type = if api.is_openai() {
+            "text/event-stream"
+        } else {
+            "application/x-ndjson"
+        };
+        return ([(header::CONTENT_TYPE, content_type)], body).into_response();
+    }
+    match receiver.recv().await {
+        Some(answer) => {
+            let status = if answer.starts_with(b"{\"error\"") {
+                StatusCode::INTERNAL_SERVER_ERROR
+            } else {
+                StatusCode::OK
+            };
+            (
+                status,
+                [(header::CONTENT_TYPE, "application/json; charset=utf-8")],
+                answer,
+            )
+                .into_response()
+        }
+        None => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "generation ended without an answer",
+        ),
+    }
+}
