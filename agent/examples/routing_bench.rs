@@ -18,8 +18,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use serde_json::json;
-use sollol::app;
+use serde_json::{Value, json};
+use sollol::app::{self, AgentHandle, CoordinatorHandle};
 use sollol::config::Config;
 use sollol_ollama_emulator::{Emulator, EmulatorConfig};
 
@@ -170,6 +170,107 @@ async fn start_emulators() -> Vec<Emulator> {
     emulators
 }
 
+/// A coordinator with one agent per emulated node, once every node has joined.
+async fn start_cluster(
+    strategy: &str,
+    emulators: &[Emulator],
+    dirs: &[tempfile::TempDir],
+) -> (CoordinatorHandle, Vec<AgentHandle>) {
+    let data_dir = dirs[0].path().display().to_string();
+    let config = Config::from_pairs(&[
+        ("data_dir", &data_dir),
+        ("coordinator.gateway_bind", "127.0.0.1:0"),
+        ("coordinator.cluster_bind", "127.0.0.1:0"),
+        ("coordinator.strategy", strategy),
+        ("log_level", "warn"),
+    ])
+    .expect("config");
+    let started = app::start_coordinator(&config).await.expect("coordinator");
+    let mut agents = Vec::new();
+    for (index, emulator) in emulators.iter().enumerate() {
+        let data_dir = dirs[index + 1].path().display().to_string();
+        let url = emulator.url();
+        let agent_config = Config::from_pairs(&[
+            ("data_dir", &data_dir),
+            ("agent.name", NODES[index].name),
+            ("agent.ollama_url", &url),
+            ("agent.heartbeat_interval", "500ms"),
+        ])
+        .expect("agent config");
+        agents.push(
+            app::start_agent(
+                &agent_config,
+                started.cluster_address.to_string(),
+                started.token.clone(),
+            )
+            .await
+            .expect("agent"),
+        );
+    }
+    let wait = Instant::now();
+    while started.view().backends.len() < NODES.len() {
+        assert!(
+            wait.elapsed() < Duration::from_secs(10),
+            "nodes never joined"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (started, agents)
+}
+
+/// One request: its latency, whether it succeeded, and the node that answered.
+type Sent = (Duration, (bool, String));
+
+/// Sends `body` to `url`; a slow request's decision is printed with `BENCH_VERBOSE=SECONDS`.
+async fn send(client: &Client<HttpConnector, Full<Bytes>>, url: &str, body: &Value) -> Sent {
+    let request = hyper::Request::post(url)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(
+            serde_json::to_vec(body).expect("json"),
+        )))
+        .expect("request");
+    let sent = Instant::now();
+    let outcome = match client.request(request).await {
+        Ok(response) => {
+            let ok = response.status().is_success();
+            let node = response
+                .headers()
+                .get("x-sollol-node")
+                .and_then(|value| value.to_str().ok())
+                .unwrap_or("fast")
+                .to_owned();
+            let header = |name: &str| {
+                response
+                    .headers()
+                    .get(name)
+                    .and_then(|value| value.to_str().ok())
+                    .unwrap_or("")
+                    .to_owned()
+            };
+            let decision = format!(
+                "{} {}",
+                header("x-sollol-decision"),
+                header("x-sollol-candidates")
+            );
+            let complete = response.into_body().collect().await.is_ok();
+            if std::env::var_os("BENCH_VERBOSE").is_some()
+                && sent.elapsed()
+                    > Duration::from_secs_f64(
+                        std::env::var("BENCH_VERBOSE")
+                            .ok()
+                            .and_then(|text| text.parse().ok())
+                            .unwrap_or(3.0),
+                    )
+            {
+                eprintln!("slow request: {:?} on {node}: {decision}", sent.elapsed());
+            }
+            (ok && complete, node)
+        }
+        Err(_) => (false, String::new()),
+    };
+    (sent.elapsed(), outcome)
+}
+
 /// Runs the workload through `balancer`; with `faults`, halfway through one mid node starts answering
 /// HTTP 500 and the other is killed (the failover scenario of `shared/baselines.md`).
 async fn run(balancer: Balancer, clients: usize, faults: bool) -> RunResult {
@@ -182,44 +283,8 @@ async fn run(balancer: Balancer, clients: usize, faults: bool) -> RunResult {
     let target = match balancer {
         Balancer::FastestOnly => emulators[0].url(),
         Balancer::Strategy(strategy) => {
-            let data_dir = dirs[0].path().display().to_string();
-            let config = Config::from_pairs(&[
-                ("data_dir", &data_dir),
-                ("coordinator.gateway_bind", "127.0.0.1:0"),
-                ("coordinator.cluster_bind", "127.0.0.1:0"),
-                ("coordinator.strategy", strategy),
-                ("log_level", "warn"),
-            ])
-            .expect("config");
-            let started = app::start_coordinator(&config).await.expect("coordinator");
-            for (index, emulator) in emulators.iter().enumerate() {
-                let data_dir = dirs[index + 1].path().display().to_string();
-                let url = emulator.url();
-                let agent_config = Config::from_pairs(&[
-                    ("data_dir", &data_dir),
-                    ("agent.name", NODES[index].name),
-                    ("agent.ollama_url", &url),
-                    ("agent.heartbeat_interval", "500ms"),
-                ])
-                .expect("agent config");
-                agents.push(
-                    app::start_agent(
-                        &agent_config,
-                        started.cluster_address.to_string(),
-                        started.token.clone(),
-                    )
-                    .await
-                    .expect("agent"),
-                );
-            }
-            let wait = Instant::now();
-            while started.view().backends.len() < NODES.len() {
-                assert!(
-                    wait.elapsed() < Duration::from_secs(10),
-                    "nodes never joined"
-                );
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+            let (started, joined) = start_cluster(strategy, &emulators, &dirs).await;
+            agents = joined;
             let url = format!("http://{}", started.gateway_address);
             coordinator = Some(started);
             url
@@ -246,52 +311,7 @@ async fn run(balancer: Balancer, clients: usize, faults: bool) -> RunResult {
                 let Some(body) = requests.lock().expect("queue").pop_front() else {
                     break;
                 };
-                let request = hyper::Request::post(&url)
-                    .header("content-type", "application/json")
-                    .body(Full::new(Bytes::from(
-                        serde_json::to_vec(&body).expect("json"),
-                    )))
-                    .expect("request");
-                let sent = Instant::now();
-                let outcome = match client.request(request).await {
-                    Ok(response) => {
-                        let ok = response.status().is_success();
-                        let node = response
-                            .headers()
-                            .get("x-sollol-node")
-                            .and_then(|value| value.to_str().ok())
-                            .unwrap_or("fast")
-                            .to_owned();
-                        let header = |name: &str| {
-                            response
-                                .headers()
-                                .get(name)
-                                .and_then(|value| value.to_str().ok())
-                                .unwrap_or("")
-                                .to_owned()
-                        };
-                        let decision = format!(
-                            "{} {}",
-                            header("x-sollol-decision"),
-                            header("x-sollol-candidates")
-                        );
-                        let complete = response.into_body().collect().await.is_ok();
-                        if std::env::var_os("BENCH_VERBOSE").is_some()
-                            && sent.elapsed()
-                                > Duration::from_secs_f64(
-                                    std::env::var("BENCH_VERBOSE")
-                                        .ok()
-                                        .and_then(|text| text.parse().ok())
-                                        .unwrap_or(3.0),
-                                )
-                        {
-                            eprintln!("slow request: {:?} on {node}: {decision}", sent.elapsed());
-                        }
-                        (ok && complete, node)
-                    }
-                    Err(_) => (false, String::new()),
-                };
-                results.push((sent.elapsed(), outcome));
+                results.push(send(&client, &url, &body).await);
                 finished.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
             results

@@ -10,10 +10,10 @@ use sollol_engine::engine::Engine;
 use sollol_engine::remote::{
     BoxFuture, RemoteCompute, RemoteError, RemoteGeneration, RemoteHeader,
 };
-use sollol_shared::api::NodeStatus;
+use sollol_shared::api::{Node, NodeStatus};
 
 use super::pipeline::{Candidate, Distributed, Timeouts};
-use super::sharding::offered_bytes;
+use super::stage::offered_memory;
 use crate::cluster::identity::ClusterToken;
 use crate::cluster::{ClusterView, SharedView};
 
@@ -149,6 +149,13 @@ impl Front {
             .cloned()
             .collect()
     }
+}
+
+/// The memory `node` offers to models: what it has available, within its `engine.max_memory` (as its
+/// stage counts it). Candidates are ranked by it here, and `sharding` judges by it what a node can hold.
+pub fn offered_bytes(node: &Node) -> Option<u64> {
+    let available = node.hardware.as_ref()?.memory.available_bytes;
+    Some(offered_memory(available, node.memory_limit_bytes))
 }
 
 /// Agents that can hold a stage now: up, connected, with a stage port; most memory offered first

@@ -9,7 +9,7 @@ use std::time::Duration;
 use sollol_shared::api::{Node, NodeStatus};
 use tokio_util::sync::CancellationToken;
 
-use super::front::Front;
+use super::front::{Front, offered_bytes};
 use crate::cluster::SharedView;
 use sollol_shared::model_name::normalize as normalize_model;
 
@@ -19,15 +19,6 @@ const HEADROOM: f64 = 0.10;
 /// An automatically distributed model goes back to being served whole only when a node offers this
 /// share more than the model needs, so that memory readings near the line do not flip it back and forth.
 const RETURN_HEADROOM: f64 = 0.50;
-
-/// The memory `node` offers to models: what it has available, within its `engine.max_memory`.
-pub fn offered_bytes(node: &Node) -> Option<u64> {
-    let available = node.hardware.as_ref()?.memory.available_bytes;
-    Some(
-        node.memory_limit_bytes
-            .map_or(available, |limit| available.min(limit)),
-    )
-}
 
 /// The models that up agents with stage ports hold and that none of the nodes holding them can serve
 /// whole, each with why (for the distributed model's reasons). `headroom` is the share of a model's

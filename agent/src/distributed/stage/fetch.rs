@@ -1,39 +1,22 @@
 //! Stages that lack the model file: fetching just a part's tensors from a peer into a partial copy
 //! ([`crate::distributed::partial`]), and serving tensors to such stages.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use sollol_shared::layers::{MAX_LAYER_FRAME_BYTES, PartSpec, StageReply, StageRequest};
 use sollol_shared::protocol::RefusalCode;
 use tokio::sync::mpsc;
 
 use super::{Stage, dial, refusal};
-
-/// Bytes between two [`StageReply::Fetching`] reports.
-const PROGRESS_EVERY: u64 = 4 << 20;
 use crate::cluster::wire;
 use crate::distributed::partial::{self, PartialCopy};
 use sollol_engine::engine::ModelFile;
 use sollol_engine::gguf::Gguf;
 
-impl Stage {
-    /// A file holding the tensors `names` of the file with `digest`: a full copy, or a partial one
-    /// that has them all.
-    pub(super) async fn copy_holding(&self, digest: &str, names: &[String]) -> Option<PathBuf> {
-        for file in self.files().await {
-            if self
-                .digest_of(&file)
-                .await
-                .is_ok_and(|found| found == digest)
-            {
-                return Some(file.path);
-            }
-        }
-        PartialCopy::open(&self.settings.models_dir, digest)
-            .filter(|copy| copy.missing(names).is_empty())
-            .map(|copy| copy.path)
-    }
+/// Bytes between two [`StageReply::Fetching`] reports.
+const PROGRESS_EVERY: u64 = 4 << 20;
 
+impl Stage {
     /// The part's tensors from the partial copy, fetching what it lacks from the first of `sources`
     /// that answers; the bytes fetched.
     pub(super) async fn partial_copy(
