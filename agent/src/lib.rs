@@ -5,11 +5,11 @@ pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod distributed;
-pub mod gateway;
-pub mod history;
+mod gateway;
+mod history;
 pub mod http_client;
-pub mod observability;
-pub mod telemetry;
+mod observability;
+mod telemetry;
 
 /// The built dashboard, embedded by `build.rs` (empty when it was not built).
 mod dashboard_assets {

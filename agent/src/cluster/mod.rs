@@ -3,12 +3,12 @@
 //! protocol both speak (`wire`, `identity`), and the ways nodes are found: static Ollama servers
 //! (`discovery`), range scans (`scan`) and multicast DNS (`mdns`).
 
-pub mod discovery;
+pub(crate) mod discovery;
 pub mod identity;
 pub mod join;
-pub mod mdns;
-pub mod membership;
-pub mod scan;
+pub(crate) mod mdns;
+pub(crate) mod membership;
+pub(crate) mod scan;
 mod view;
 pub mod wire;
 

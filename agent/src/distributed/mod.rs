@@ -3,8 +3,8 @@
 //! a model fetched from peers), and `sharding` decides which models the coordinator distributes by
 //! itself. The built-in engine reaches all of it through `sollol_engine::RemoteCompute`.
 
-pub mod front;
-pub mod partial;
+pub(crate) mod front;
+pub(crate) mod partial;
 pub mod pipeline;
-pub mod sharding;
+pub(crate) mod sharding;
 pub mod stage;

@@ -26,7 +26,7 @@ use sollol_shared::api::{CandidateCost, Node, NodeEvent, NodeEventKind, NodeStat
 use tokio::sync::mpsc;
 
 pub use outcome::{OllamaTimings, Outcome};
-pub use reader::{HistoryReader, RequestFilter, candidates_json, candidates_of, tokens_per_second};
+pub use reader::{HistoryReader, RequestFilter, candidates_json, tokens_per_second};
 
 /// Migrations in order; `PRAGMA user_version` records how many have run.
 const MIGRATIONS: &[&str] = &[
@@ -170,13 +170,6 @@ impl History {
         ))
     }
 
-    /// Queues a record without waiting; a full queue drops it and counts the drop.
-    pub fn record(&self, record: Record) {
-        if self.sender.try_send(record).is_err() {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
     pub fn dropped(&self) -> Arc<AtomicU64> {
         Arc::clone(&self.dropped)
     }
@@ -208,6 +201,7 @@ pub struct HistorySender {
 }
 
 impl HistorySender {
+    /// Queues a record without waiting; a full queue drops it and counts the drop.
     pub fn record(&self, record: Record) {
         if self.sender.try_send(record).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
@@ -376,11 +370,13 @@ mod tests {
         let path = dir.path().join("history.db");
         let (history, remembered) = History::open(&path, 3, 10).expect("open");
         assert!(remembered.nodes.is_empty());
-        history.record(Record::Node(Box::new(node("a", NodeStatus::Up))));
-        history.record(Record::Node(Box::new(node("b", NodeStatus::Left))));
+        let sender = history.sender();
+        sender.record(Record::Node(Box::new(node("a", NodeStatus::Up))));
+        sender.record(Record::Node(Box::new(node("b", NodeStatus::Left))));
         for at_ms in 1..=5 {
-            history.record(event(at_ms, NodeEventKind::Up));
+            sender.record(event(at_ms, NodeEventKind::Up));
         }
+        drop(sender);
         history.close().await;
 
         let (history, remembered) = History::open(&path, 3, 10).expect("reopen");

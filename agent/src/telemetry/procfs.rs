@@ -120,10 +120,6 @@ impl ProcFs {
         entries
     }
 
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
     fn read(&self, relative: &str) -> String {
         fs::read_to_string(self.root.join(relative)).unwrap_or_default()
     }

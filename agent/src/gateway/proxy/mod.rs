@@ -52,7 +52,7 @@ use sollol_policy::routing::{Priors, Strategy};
 
 pub use forward::forward;
 pub use models::{openai_models, ps, tags, version};
-pub use request::{APP_HEADER, ApiKeyName};
+pub use request::ApiKeyName;
 
 /// Header that picks a strategy for one request.
 pub const STRATEGY_HEADER: &str = "x-sollol-strategy";
