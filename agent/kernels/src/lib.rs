@@ -1,4 +1,4 @@
-//! sollol's own compute kernels for the inference engine (`agent/src/inference`).
+//! sollol's own compute kernels for the inference engine (`agent/engine`, package `sollol-engine`).
 
 mod activation;
 mod attention;
