@@ -3,11 +3,11 @@
 //! Each role's tasks share one cancellation token and run on one task tracker, so a shutdown cancels
 //! them all, waits up to the grace period, then reports whether it was graceful. Protocols live in
 //! `cluster`, `gateway` and `distributed`, policy in `sollol_policy`; the one decision made here is
-//! start-up's: whether the built-in engine runs ([`engine`]).
+//! start-up's: whether the built-in engine runs (`engine`).
 //!
-//! - [`coordinator`]: history, cluster port, discovery, gateway, and the distributed front;
-//! - [`agent`]: the agent's join loop, its stage port and its engine;
-//! - [`engine`]: the built-in engine on an agent (`engine.mode`).
+//! - `coordinator`: history, cluster port, discovery, gateway, and the distributed front;
+//! - `agent`: the agent's join loop, its stage port and its engine;
+//! - `engine`: the built-in engine on an agent (`engine.mode`).
 
 mod agent;
 mod coordinator;

@@ -1,8 +1,8 @@
 //! The coordinator's live cluster view: one task owns the node table and publishes an immutable snapshot on every change.
 //!
-//! Connection tasks send [`ClusterEvent`]s; readers (HTTP handlers, later the
+//! Connection tasks send [`ClusterEvent`]s; readers (HTTP handlers, the
 //! router) load the current [`ClusterView`] from an `ArcSwap` and never take a
-//! lock. Health is judged by `health::status` on every tick. This module
+//! lock. Health is judged by `sollol_policy::health::status` on every tick. This module
 //! writes history records but never waits for them.
 
 use std::collections::{HashMap, VecDeque};

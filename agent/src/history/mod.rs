@@ -2,9 +2,8 @@
 //! model), and every routed request. Nothing else touches SQL.
 //!
 //! One writer thread (`writer`) owns the connection and writes batches in
-//! transactions. Callers hand it records with [`History::record`] or a
-//! [`HistorySender`], which never wait: when the queue is full the record is
-//! dropped and counted. Reads happen at start-up, before the writer exists
+//! transactions. Callers hand it records through a [`HistorySender`], which
+//! never waits: when the queue is full the record is dropped and counted. Reads happen at start-up, before the writer exists
 //! (the nodes, their events and the learned figures come back as
 //! [`Remembered`]), and through a [`HistoryReader`] (a second, read-only
 //! connection) for the observability API. The history depends on nothing
