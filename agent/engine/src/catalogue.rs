@@ -173,9 +173,7 @@ pub fn header_bytes(path: &Path) -> Result<(Vec<u8>, u64), GgufError> {
 
 /// What the header of the GGUF at `path` says about the model, without loading it.
 pub fn describe(path: &Path) -> Option<ModelDetails> {
-    let file = std::fs::File::open(path).ok()?;
-    let length = file.metadata().ok()?.len();
-    let gguf = Gguf::read(std::io::BufReader::new(file), length).ok()?;
+    let gguf = Gguf::open(path).ok()?;
     let context = crate::model::Shape::read(&gguf).ok()?.context;
     Some(details_of(&gguf, context))
 }

@@ -227,6 +227,13 @@ fn corrupt(what: &str) -> GgufError {
 }
 
 impl Gguf {
+    /// Opens the GGUF file at `path` and reads its header, metadata and tensor directory.
+    pub fn open(path: &std::path::Path) -> Result<Self, GgufError> {
+        let file = std::fs::File::open(path).map_err(GgufError::Io)?;
+        let length = file.metadata().map_err(GgufError::Io)?.len();
+        Self::read(std::io::BufReader::new(file), length)
+    }
+
     /// Reads the header, metadata and tensor directory of a file of `file_length` bytes.
     pub fn read(reader: impl Read, file_length: u64) -> Result<Self, GgufError> {
         let mut input = Bounded {

@@ -8,7 +8,7 @@ use sollol_shared::layers::Sampling;
 
 use crate::catalogue::{ModelDetails, ModelFile, details_of};
 use crate::error::EngineError;
-use crate::gguf::{Gguf, GgufError};
+use crate::gguf::Gguf;
 use crate::model::{Model, Part};
 use crate::remote::{RemoteCompute, RemoteGeneration};
 use crate::sampling::{Sampler, SamplingOptions};
@@ -38,9 +38,7 @@ pub struct LoadedModel {
 impl LoadedModel {
     pub fn load(file: &ModelFile) -> Result<Self, EngineError> {
         let started = Instant::now();
-        let handle = std::fs::File::open(&file.path).map_err(GgufError::Io)?;
-        let length = handle.metadata().map_err(GgufError::Io)?.len();
-        let gguf = Gguf::read(std::io::BufReader::new(handle), length)?;
+        let gguf = Gguf::open(&file.path)?;
         let codec = TextCodec::from_gguf(&gguf)?;
         let shape = crate::model::Shape::read(&gguf)?;
         let model = Model::load(&file.path, &gguf, Part::whole(shape.layers))?;

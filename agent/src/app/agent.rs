@@ -33,17 +33,22 @@ impl AgentHandle {
         self.servers.close();
         let mut join = self.join;
         let joined = match tokio::time::timeout_at(deadline, &mut join).await {
-            Ok(Ok(result)) => result.map(|()| Shutdown::Graceful)?,
-            Ok(Err(_)) => Shutdown::Forced,
+            Ok(Ok(result)) => result.map(|()| Shutdown::Graceful),
+            Ok(Err(_)) => Ok(Shutdown::Forced),
             Err(_) => {
                 join.abort();
-                Shutdown::Forced
+                Ok(Shutdown::Forced)
             }
         };
-        match tokio::time::timeout_at(deadline, self.servers.wait()).await {
-            Ok(()) => Ok(joined),
-            Err(_) => Ok(Shutdown::Forced),
-        }
+        // The servers stop on the same signal; wait for them whatever the join loop ended with.
+        let servers = tokio::time::timeout_at(deadline, self.servers.wait()).await;
+        joined.map(|shutdown| {
+            if servers.is_ok() {
+                shutdown
+            } else {
+                Shutdown::Forced
+            }
+        })
     }
 
     /// Stops at once without a goodbye, as a crash would: the coordinator sees the connection drop,

@@ -258,9 +258,6 @@ impl Stage {
 
 /// The tensors `spec` needs, read from the partial copy's own header.
 fn partial_names(path: &Path, spec: &PartSpec) -> Result<Vec<String>, String> {
-    let file = std::fs::File::open(path).map_err(|error| error.to_string())?;
-    let length = file.metadata().map_err(|error| error.to_string())?.len();
-    let gguf =
-        Gguf::read(std::io::BufReader::new(file), length).map_err(|error| error.to_string())?;
+    let gguf = Gguf::open(path).map_err(|error| error.to_string())?;
     Ok(partial::tensor_names(&gguf, spec))
 }

@@ -32,10 +32,7 @@ impl Stage {
         };
         let path = file.path.clone();
         let layers = tokio::task::spawn_blocking(move || -> Result<usize, String> {
-            let handle = std::fs::File::open(&path).map_err(|error| error.to_string())?;
-            let length = handle.metadata().map_err(|error| error.to_string())?.len();
-            let gguf = Gguf::read(std::io::BufReader::new(handle), length)
-                .map_err(|error| error.to_string())?;
+            let gguf = Gguf::open(&path).map_err(|error| error.to_string())?;
             Ok(Shape::read(&gguf)
                 .map_err(|error| error.to_string())?
                 .layers)
@@ -99,10 +96,7 @@ impl Stage {
             let load_spec = spec.clone();
             let path = file.path.clone();
             let loaded = tokio::task::spawn_blocking(move || -> Result<Model, String> {
-                let handle = std::fs::File::open(&path).map_err(|error| error.to_string())?;
-                let length = handle.metadata().map_err(|error| error.to_string())?.len();
-                let gguf = Gguf::read(std::io::BufReader::new(handle), length)
-                    .map_err(|error| error.to_string())?;
+                let gguf = Gguf::open(&path).map_err(|error| error.to_string())?;
                 Model::load(
                     &path,
                     &gguf,
