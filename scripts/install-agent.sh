@@ -1,7 +1,7 @@
 #!/bin/sh
 # Installs the sollol agent as a systemd service on this machine, or removes it.
 #
-#   install-agent.sh --token TOKEN [--join HOST:PORT | --seeds HOST:PORT,...] [--name NAME] [--binary PATH]
+#   install-agent.sh --token-file FILE [--join HOST:PORT | --seeds HOST:PORT,...] [--name NAME] [--binary PATH]
 #                    [--models-dir DIR] [--no-start]
 #   install-agent.sh --uninstall
 #   install-agent.sh --print-unit
@@ -10,9 +10,10 @@
 # multicast does not pass) and joins the one that proves it holds the same token.
 #
 # From a release tarball: run it beside the `sollol` binary. From a copied binary alone:
-#   ./sollol install-script | sudo sh -s -- --binary ./sollol --join HOST:PORT --token TOKEN
+#   ./sollol install-script | sudo sh -s -- --binary ./sollol --join HOST:PORT --token-file ./cluster-token
+# (--token TOKEN still works, but puts the token on a command line every user can read.)
 #
-# What it creates (and --uninstall removes, as listed in /var/lib/sollol/.installed):
+# What it creates (and --uninstall removes, as listed in /etc/sollol/.installed, which only root writes):
 #   /usr/local/bin/sollol                        the binary
 #   /etc/sollol/agent.toml                       token, coordinator address or seeds (mode 0600, owner sollol)
 #   /etc/systemd/system/sollol-agent.service     restart policy and sandboxing
@@ -30,30 +31,40 @@ CONFIG_DIR=/etc/sollol
 CONFIG_PATH=$CONFIG_DIR/agent.toml
 UNIT_PATH=/etc/systemd/system/sollol-agent.service
 DATA_DIR=/var/lib/sollol
-MANIFEST=$DATA_DIR/.installed
+MANIFEST=$CONFIG_DIR/.installed
+# Where versions before 0.1.1 kept the manifest: in the service user's directory, so not trusted.
+LEGACY_MANIFEST=$DATA_DIR/.installed
 SERVICE_USER=sollol
 
 usage() {
   cat <<'USAGE'
 Installs the sollol agent as a systemd service, or removes it.
-  install-agent.sh --token TOKEN [--join HOST:PORT | --seeds HOST:PORT,...] [--name NAME] [--binary PATH] [--models-dir DIR] [--no-start]
+  install-agent.sh --token-file FILE [--join HOST:PORT | --seeds HOST:PORT,...] [--name NAME] [--binary PATH] [--models-dir DIR] [--no-start]
   install-agent.sh --uninstall
   install-agent.sh --print-unit     (the systemd unit it writes, to stdout)
 Without --join the agent joins the coordinator it finds over mDNS (or through --seeds) that holds the token.
-From a copied binary: ./sollol install-script | sudo sh -s -- --binary ./sollol --join HOST:PORT --token TOKEN
+From a copied binary: ./sollol install-script | sudo sh -s -- --binary ./sollol --join HOST:PORT --token-file ./cluster-token
 DESTDIR=DIR installs the files under DIR and skips the user and systemctl.
 USAGE
 }
 say() { printf '%s\n' "install-agent: $*"; }
 die() { printf '%s\n' "install-agent: error: $*" >&2; exit 64; }
 
-join="" seeds="" token="" name="" binary="" models_dir="" start=1 uninstall=0 print_unit=0
+# Every value ends up in the config file or the unit: a newline or another control character could
+# add lines to them, so none is accepted anywhere.
+for arg in "$@"; do
+  case "$arg" in *[[:cntrl:]]*) die "arguments must not contain control characters (newlines, tabs, escapes)" ;; esac
+done
+
+join="" seeds="" token="" token_file="" name="" binary="" models_dir="" start=1 uninstall=0 print_unit=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --join) join="${2:-}"; shift 2 ;;
     --seeds) seeds="${2:-}"; shift 2 ;;
     --print-unit) print_unit=1; shift ;;
-    --token) token="${2:-}"; shift 2 ;;
+    --token) token="${2:-}"; shift 2
+      printf '%s\n' "install-agent: warning: --token puts the token on a command line every user can read; prefer --token-file" >&2 ;;
+    --token-file) token_file="${2:-}"; shift 2 ;;
     --name) name="${2:-}"; shift 2 ;;
     --binary) binary="${2:-}"; shift 2 ;;
     --models-dir) models_dir="${2:-}"; shift 2 ;;
@@ -126,6 +137,13 @@ if [ "$uninstall" = 1 ]; then
   if has_systemd; then
     systemctl disable --now sollol-agent.service >/dev/null 2>&1 || true
   fi
+  if [ ! -f "$DESTDIR$MANIFEST" ] && [ -f "$DESTDIR$LEGACY_MANIFEST" ]; then
+    # An older install: its manifest lies where the service user could change it; remove only
+    # the fixed paths this script creates.
+    say "old install: removing the files this script installs, not what its manifest lists"
+    rm -f "$DESTDIR$BIN_PATH" "$DESTDIR$CONFIG_PATH" "$DESTDIR$UNIT_PATH" "$DESTDIR$LEGACY_MANIFEST"
+    rmdir "$DESTDIR$CONFIG_DIR" 2>/dev/null || true
+  fi
   if [ -f "$DESTDIR$MANIFEST" ]; then
     # Files first, then directories deepest first; only what the install created.
     while IFS= read -r path; do
@@ -146,7 +164,13 @@ if [ "$uninstall" = 1 ]; then
   exit 0
 fi
 
-[ -n "$token" ] || die "--token TOKEN is required (printed by 'sollol up' on the coordinator)"
+if [ -n "$token_file" ]; then
+  [ -f "$token_file" ] && [ -r "$token_file" ] || die "cannot read the token file '$token_file'"
+  token="$(tr -d ' \t\r\n' < "$token_file")"
+  case "$token" in *[[:cntrl:]]*) die "the token file holds control characters" ;; esac
+fi
+[ -n "$token" ] || die "--token-file FILE is required: a file holding the cluster token ('sollol token' on the coordinator prints it)"
+[ "${#token}" -ge 32 ] || die "the token is too short (a cluster token has at least 32 characters)"
 case "$join" in ''|*:*) ;; *) die "--join must be HOST:PORT, got '$join'" ;; esac
 for seed in $(printf '%s' "$seeds" | tr ',' ' '); do
   case "$seed" in *:*) ;; *) die "--seeds must be HOST:PORT entries, got '$seed'" ;; esac
@@ -209,8 +233,9 @@ chmod 0644 "$DESTDIR$UNIT_PATH"
 note "$UNIT_PATH"
 
 if live; then
-  chown -R "$SERVICE_USER:$SERVICE_USER" "$DATA_DIR"
-  chown "$SERVICE_USER:$SERVICE_USER" "$CONFIG_PATH"
+  # Never recursive, never through a link: the data directory's contents belong to the service user,
+  # who could plant links there for root to follow.
+  chown -h "$SERVICE_USER:$SERVICE_USER" "$DATA_DIR" "$CONFIG_PATH"
 fi
 
 # The manifest keeps what earlier runs created too (a re-run creates nothing new).

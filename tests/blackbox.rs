@@ -1,153 +1,28 @@
 //! Black-box tests of the built `sollol` binary: real processes, real signals, loopback only.
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
+use std::path::Path;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use sollol_shared::api::{NodeList, NodeStatus};
 
-const SOLLOL: &str = env!("CARGO_BIN_EXE_sollol");
+mod common;
 
-/// A child process that is killed when the test ends, however it ends.
-struct Process {
-    child: Child,
-    name: &'static str,
-}
-
-impl Process {
-    fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .args([signal, &self.child.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill {signal} {} failed", self.name);
-    }
-
-    /// Sends SIGTERM and waits; returns the exit code and everything written to stderr.
-    fn terminate(mut self) -> (Option<i32>, String) {
-        self.signal("-TERM");
-        let started = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                let mut stderr = String::new();
-                if let Some(mut pipe) = self.child.stderr.take() {
-                    std::io::Read::read_to_string(&mut pipe, &mut stderr).expect("read stderr");
-                }
-                return (status.code(), stderr);
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(15),
-                "{} did not exit on SIGTERM",
-                self.name
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn sollol(args: &[&str]) -> Command {
-    let mut command = Command::new(SOLLOL);
-    command.args(args);
-    // Isolate from the machine's own configuration: no SOLLOL_* variables, no config file.
-    for (name, _) in std::env::vars().filter(|(name, _)| name.starts_with("SOLLOL_")) {
-        command.env_remove(name);
-    }
-    // Tests stay on loopback: no mDNS on the machine's interfaces.
-    command.env("SOLLOL_MDNS", "false");
-    command.env(
-        "XDG_CONFIG_HOME",
-        std::env::temp_dir().join("sollol-blackbox-no-config"),
-    );
-    command
-}
-
-fn run(args: &[&str]) -> Output {
-    sollol(args).output().expect("run sollol")
-}
-
-/// What `sollol up` printed: the gateway URL and the join command's address and token.
-struct Banner {
-    gateway: String,
-    join: String,
-    token: String,
-}
-
-/// Starts `sollol up` and reads its banner from stdout.
-fn start_up(data_dir: &Path, gateway_bind: &str, cluster_bind: &str) -> (Process, Banner) {
-    let mut child = sollol(&[
-        "up",
-        "--data-dir",
-        &data_dir.display().to_string(),
-        "--gateway-bind",
-        gateway_bind,
-        "--cluster-bind",
-        cluster_bind,
-        "--name",
-        "coordinator-node",
-        "--heartbeat-interval",
-        "250ms",
-        "--reconnect-max-backoff",
-        "500ms",
-    ])
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .expect("spawn sollol up");
-    let stdout = child.stdout.take().expect("stdout");
-    let (sender, receiver) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if sender.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let process = Process {
-        child,
-        name: "sollol up",
-    };
-    let mut gateway = None;
-    let mut join = None;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while gateway.is_none() || join.is_none() {
-        let line = receiver
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .expect("sollol up printed its banner");
-        let words: Vec<&str> = line.split_whitespace().collect();
-        match words.as_slice() {
-            ["Gateway:", url, ..] => gateway = Some((*url).to_owned()),
-            ["sollol", "agent", "--join", address, "--token", token] => {
-                join = Some(((*address).to_owned(), (*token).to_owned()));
-            }
-            _ => {}
-        }
-    }
-    let (join, token) = join.expect("join line");
-    let banner = Banner {
-        gateway: gateway.expect("gateway line"),
-        join,
-        token,
-    };
-    (process, banner)
-}
+use common::{Banner, Process, run, sollol, start_up, temp_dir};
 
 fn start_agent(banner: &Banner, data_dir: &Path, name: &str) -> Process {
+    // As the banner says: the token in a file only this user reads, never on the command line.
+    std::fs::create_dir_all(data_dir).expect("data dir");
+    let token_file = data_dir.join("coordinator-token");
+    std::fs::write(&token_file, &banner.token).expect("token file");
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).expect("mode");
     let child = sollol(&[
         "agent",
         "--join",
         &banner.join,
-        "--token",
-        &banner.token,
+        "--token-file",
+        &token_file.display().to_string(),
         "--data-dir",
         &data_dir.display().to_string(),
         "--name",
@@ -199,12 +74,6 @@ fn ids(list: &NodeList) -> Vec<String> {
     let mut ids: Vec<String> = list.nodes.iter().map(|node| node.id.clone()).collect();
     ids.sort();
     ids
-}
-
-fn temp_dir() -> (tempfile::TempDir, PathBuf) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().to_owned();
-    (dir, path)
 }
 
 #[test]
@@ -313,7 +182,17 @@ fn usage_errors_exit_64_and_name_the_problem() {
     check(
         &["agent", "--token", "0123456789abcdef0123"],
         &[],
+        "at least 32 characters",
+    );
+    check(
+        &["agent", "--token", "0123456789abcdef0123456789abcdef"],
+        &[],
         "no coordinator to join: pass --join HOST:PORT",
+    );
+    check(
+        &["agent", "--token-file", "/nonexistent/token"],
+        &[],
+        "cannot read the token file",
     );
     check(
         &["agent", "--join", "127.0.0.1:1"],

@@ -75,11 +75,19 @@ fn the_agent_installs_into_a_fake_root_and_uninstalls_without_a_trace() {
 
     let root = tempfile::tempdir().expect("tempdir");
     let root = root.path();
+    // The token arrives in a file, as `sollol up` says; never on the command line.
+    let tokens = tempfile::tempdir().expect("tempdir");
+    let token_file = tokens.path().join("cluster-token");
+    std::fs::write(&token_file, "tok-0123456789abcdef0123456789abcdef\n").expect("token");
+    let other_token_file = tokens.path().join("other-token");
+    std::fs::write(&other_token_file, "tok-fedcba9876543210fedcba9876543210").expect("token");
+    let token_path = token_file.display().to_string();
+    let other_token_path = other_token_file.display().to_string();
     let args = [
         "--join",
         "127.0.0.1:11436",
-        "--token",
-        "tok-0123456789abcdef",
+        "--token-file",
+        &token_path,
         "--name",
         "pi-kitchen",
         "--binary",
@@ -90,10 +98,10 @@ fn the_agent_installs_into_a_fake_root_and_uninstalls_without_a_trace() {
     assert_eq!(
         files(root),
         [
+            "etc/sollol/.installed",
             "etc/sollol/agent.toml",
             "etc/systemd/system/sollol-agent.service",
             "usr/local/bin/sollol",
-            "var/lib/sollol/.installed",
         ]
     );
 
@@ -173,20 +181,19 @@ fn the_agent_installs_into_a_fake_root_and_uninstalls_without_a_trace() {
     assert_eq!(String::from_utf8_lossy(&printed.stdout), unit);
 
     // Again, with another token: the config changes, nothing else is created.
-    let manifest =
-        std::fs::read_to_string(root.join("var/lib/sollol/.installed")).expect("manifest");
+    let manifest = std::fs::read_to_string(root.join("etc/sollol/.installed")).expect("manifest");
     let mut again = args;
-    again[3] = "tok-fedcba9876543210";
+    again[3] = &other_token_path;
     let second = install(root, &again);
     assert!(second.status.success(), "{}", text(&second));
     assert!(
         std::fs::read_to_string(&config)
             .expect("config")
-            .contains("token = \"tok-fedcba9876543210\"")
+            .contains("token = \"tok-fedcba9876543210fedcba9876543210\"")
     );
     assert_eq!(mode(&config), 0o600);
     assert_eq!(
-        std::fs::read_to_string(root.join("var/lib/sollol/.installed")).expect("manifest"),
+        std::fs::read_to_string(root.join("etc/sollol/.installed")).expect("manifest"),
         manifest
     );
 
@@ -194,7 +201,14 @@ fn the_agent_installs_into_a_fake_root_and_uninstalls_without_a_trace() {
     let other = tempfile::tempdir().expect("tempdir");
     let refused = install(
         other.path(),
-        &["--join", "nohost", "--token", "t", "--binary", SOLLOL],
+        &[
+            "--join",
+            "nohost",
+            "--token-file",
+            &token_path,
+            "--binary",
+            SOLLOL,
+        ],
     );
     assert_eq!(refused.status.code(), Some(64));
     assert!(
@@ -209,8 +223,8 @@ fn the_agent_installs_into_a_fake_root_and_uninstalls_without_a_trace() {
     let seeded = install(
         found.path(),
         &[
-            "--token",
-            "tok-0123456789abcdef",
+            "--token-file",
+            &token_path,
             "--seeds",
             "coordinator.lan:11436,10.8.0.1:11436",
             "--binary",
@@ -234,7 +248,14 @@ fn the_agent_installs_into_a_fake_root_and_uninstalls_without_a_trace() {
     );
     let bad_seed = install(
         other.path(),
-        &["--token", "t", "--seeds", "nohost", "--binary", SOLLOL],
+        &[
+            "--token-file",
+            &token_path,
+            "--seeds",
+            "nohost",
+            "--binary",
+            SOLLOL,
+        ],
     );
     assert_eq!(bad_seed.status.code(), Some(64));
     assert!(
@@ -243,6 +264,43 @@ fn the_agent_installs_into_a_fake_root_and_uninstalls_without_a_trace() {
         text(&bad_seed)
     );
     assert!(files(other.path()).is_empty());
+
+    // A control character in any argument could add lines to the config or the unit: refused.
+    for (flag, value) in [
+        ("--name", "pi\nExecStartPre=/bin/sh -c evil"),
+        ("--models-dir", "/srv/models\u{1b}[2J"),
+        ("--join", "127.0.0.1:11436\r"),
+    ] {
+        let injected = install(
+            other.path(),
+            &["--token-file", &token_path, flag, value, "--binary", SOLLOL],
+        );
+        assert_eq!(
+            injected.status.code(),
+            Some(64),
+            "{flag}: {}",
+            text(&injected)
+        );
+        assert!(
+            text(&injected).contains("control characters"),
+            "{}",
+            text(&injected)
+        );
+        assert!(files(other.path()).is_empty());
+    }
+    // A token too short, or only on the command line (accepted, with a warning).
+    std::fs::write(tokens.path().join("short"), "0123456789abcdef").expect("token");
+    let short = install(
+        other.path(),
+        &[
+            "--token-file",
+            &tokens.path().join("short").display().to_string(),
+            "--binary",
+            SOLLOL,
+        ],
+    );
+    assert_eq!(short.status.code(), Some(64), "{}", text(&short));
+    assert!(text(&short).contains("too short"), "{}", text(&short));
 
     // --uninstall removes everything it created.
     let removed = install(root, &["--uninstall"]);

@@ -306,6 +306,8 @@ fn agents_find_the_coordinator_by_mdns_or_seed_and_the_scan_finds_ollama() {
         .trim()
         .to_owned();
     assert!(!token.is_empty(), "sollol token printed nothing");
+    // The agents read the token from a file, as `sollol up` tells users to: never on a command line.
+    let token_file = format!("{coordinator_dir}/cluster-token");
 
     // Both agents get only the token: h2 over mDNS, h3 through its seed.
     for (host, name, seeds) in [
@@ -322,8 +324,8 @@ fn agents_find_the_coordinator_by_mdns_or_seed_and_the_scan_finds_ollama() {
             &[
                 SOLLOL,
                 "agent",
-                "--token",
-                &token,
+                "--token-file",
+                &token_file,
                 "--data-dir",
                 &data_dir,
                 "--name",

@@ -45,7 +45,7 @@ impl Default for HttpClient {
         connector.set_connect_timeout(Some(Duration::from_secs(2)));
         Self {
             client: Client::builder(TokioExecutor::new())
-                .pool_idle_timeout(Duration::from_secs(30))
+                .pool_idle_timeout(Duration::from_secs(20))
                 .pool_max_idle_per_host(2)
                 .build(connector),
         }

@@ -335,7 +335,7 @@ async fn gateway_answers_like_ollama() {
     let address = coordinator.gateway_address;
     let request = |method: &str, path: &str| {
         format!(
-            "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
         )
     };
     fn check(actual: (u16, String), status: u16, body: &str) {
@@ -406,13 +406,13 @@ async fn slow_clients_are_disconnected() {
     let mut slow = tokio::net::TcpStream::connect(coordinator.gateway_address)
         .await
         .expect("connect");
-    slow.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n")
         .await
         .expect("write");
     let started = Instant::now();
     let (status, body) = raw_http(
         coordinator.gateway_address,
-        "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
     )
     .await;
     assert_eq!((status, body.as_str()), (200, "Ollama is running"));

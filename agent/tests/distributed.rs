@@ -125,8 +125,6 @@ fn spawn_agent_with(
             "agent",
             "--join",
             join,
-            "--token",
-            token,
             "--data-dir",
             &dir.path().display().to_string(),
             "--name",
@@ -135,6 +133,8 @@ fn spawn_agent_with(
             "200ms",
         ])
         .env("SOLLOL_MODELS_DIR", &models)
+        // The token through the environment, never on a command line.
+        .env("SOLLOL_TOKEN", token)
         // Tests stay on loopback: no mDNS on the machine's interfaces.
         .env("SOLLOL_MDNS", "false")
         .envs(env.iter().copied())
@@ -198,7 +198,7 @@ fn start_coordinator(env: &[(&str, &str)]) -> (Agent, String, String, String, te
         .stderr(Stdio::null())
         .spawn()
         .expect("start coordinator");
-    let (mut gateway, mut join) = (String::new(), None);
+    let (mut gateway, mut join, mut token) = (String::new(), None, None);
     let lines = std::io::BufRead::lines(std::io::BufReader::new(
         coordinator.stdout.take().expect("stdout"),
     ));
@@ -207,14 +207,20 @@ fn start_coordinator(env: &[(&str, &str)]) -> (Agent, String, String, String, te
         let words: Vec<&str> = line.split_whitespace().collect();
         match words.as_slice() {
             ["Gateway:", url, ..] => gateway = (*url).to_owned(),
-            ["sollol", "agent", "--join", address, "--token", token] => {
-                join = Some(((*address).to_owned(), (*token).to_owned()));
-                break;
+            ["sollol", "agent", "--join", address, "--token-file", _] => {
+                join = Some((*address).to_owned());
             }
+            ["Token:", text, ..] => token = Some((*text).to_owned()),
             _ => {}
         }
+        if join.is_some() && token.is_some() {
+            break;
+        }
     }
-    let (join, token) = join.expect("the banner's join line");
+    let (join, token) = (
+        join.expect("the banner's join line"),
+        token.expect("the banner's token line"),
+    );
     (
         Agent {
             child: coordinator,
@@ -538,8 +544,8 @@ async fn incompatible_stages_are_refused_at_plan_time() {
     );
 
     // And a client without the cluster token gets nowhere.
-    let wrong =
-        sollol::cluster::identity::ClusterToken::parse("0123456789abcdef0123").expect("token");
+    let wrong = sollol::cluster::identity::ClusterToken::parse("0123456789abcdef0123456789abcdef")
+        .expect("token");
     let error = sollol::distributed::stage::dial(&address, &wrong, Duration::from_secs(5))
         .await
         .expect_err("wrong token");

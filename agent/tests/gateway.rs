@@ -313,6 +313,46 @@ async fn bad_input_gets_ollama_errors() {
     cluster.stop().await;
 }
 
+/// An answer read whole larger than `coordinator.max_response_body` is a 502 that names the limit,
+/// not a coordinator holding it in memory, and the node stays healthy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_answers_are_refused_not_buffered() {
+    let cluster = cluster_with(
+        &[("coordinator.max_response_body", "4KiB")],
+        &[EmulatorConfig {
+            name: "only".to_owned(),
+            ..EmulatorConfig::default()
+        }],
+    )
+    .await;
+    let small = post(
+        &cluster.url("/api/generate"),
+        json!({"model": "smollm2:135m", "prompt": "hi", "stream": false, "options": {"num_predict": 4}}),
+    )
+    .await;
+    assert_eq!(small.status, 200, "{}", small.text());
+    let large = post(
+        &cluster.url("/api/generate"),
+        json!({"model": "smollm2:135m", "prompt": "hi", "stream": false, "options": {"num_predict": 5000}}),
+    )
+    .await;
+    assert_eq!(large.status, 502, "{}", large.text());
+    let error = large.json()["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(error.contains("max_response_body"), "{error}");
+    // Streamed, the same answer passes through.
+    let streamed = post(
+        &cluster.url("/api/generate"),
+        json!({"model": "smollm2:135m", "prompt": "hi", "options": {"num_predict": 5000}}),
+    )
+    .await;
+    assert_eq!(streamed.status, 200);
+    assert!(streamed.body.len() > 4096, "{}", streamed.body.len());
+    cluster.stop().await;
+}
+
 /// An upload that stops halfway is answered 408 once it has been idle for `body_read_timeout`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_uploads_time_out() {
@@ -329,7 +369,7 @@ async fn stalled_uploads_time_out() {
         .await
         .expect("connect");
     stalled
-        .write_all(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"model\": \"smollm2")
+        .write_all(b"POST /api/chat HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"model\": \"smollm2")
         .await
         .expect("write");
     let started = Instant::now();
@@ -917,6 +957,73 @@ async fn api_keys_guard_the_gateway_and_name_applications() {
     cluster.stop().await;
 }
 
+/// Inference keys generate but cannot change the cluster; admin keys can. Each key and each
+/// application has its own requests per minute, and a client past them gets 429 with Retry-After.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_scopes_and_rate_limits() {
+    let node = EmulatorConfig {
+        name: "only".to_owned(),
+        ..EmulatorConfig::default()
+    };
+    let cluster = cluster_with(
+        &[
+            ("coordinator.api_keys", "webui=0123456789abcdef0123"),
+            ("coordinator.admin_keys", "ops=a0a0a0a0a0a0a0a0a0a0"),
+            ("coordinator.requests_per_minute", "4"),
+        ],
+        &[node],
+    )
+    .await;
+    let pull =
+        serde_json::to_vec(&json!({"model": "tinyllama:1b", "stream": false})).expect("json");
+    let inference = [("authorization", "Bearer 0123456789abcdef0123")];
+    let admin = [("authorization", "Bearer a0a0a0a0a0a0a0a0a0a0")];
+    for path in [
+        "/api/pull",
+        "/api/delete",
+        "/api/create",
+        "/api/push",
+        "/api/blobs/sha256:00",
+    ] {
+        let refused = send("POST", &cluster.url(path), pull.clone(), &inference).await;
+        assert_eq!(refused.status, 403, "{path}: {}", refused.text());
+        assert!(refused.text().contains("admin_keys"), "{}", refused.text());
+    }
+    let planned = send(
+        "POST",
+        &cluster.url("/api/sollol/v1/distributed/smollm2:135m/plan"),
+        Vec::new(),
+        &inference,
+    )
+    .await;
+    assert_eq!(planned.status, 403, "{}", planned.text());
+    let pulled = send("POST", &cluster.url("/api/pull"), pull.clone(), &admin).await;
+    assert_eq!(pulled.status, 200, "{}", pulled.text());
+
+    // 4 a minute for the webui key: the admin's pull above counted against the ops key only.
+    let chat =
+        serde_json::to_vec(&json!({"model": "smollm2:135m", "stream": false, "messages": []}))
+            .expect("json");
+    for _ in 0..4 {
+        let answer = send("POST", &cluster.url("/api/chat"), chat.clone(), &inference).await;
+        assert_eq!(answer.status, 200, "{}", answer.text());
+    }
+    let limited = send("POST", &cluster.url("/api/chat"), chat.clone(), &inference).await;
+    assert_eq!(limited.status, 429, "{}", limited.text());
+    let retry: u64 = limited
+        .headers
+        .get("retry-after")
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse().ok())
+        .expect("Retry-After");
+    assert!((1..=15).contains(&retry), "{retry}");
+    assert!(limited.text().contains("key:webui"), "{}", limited.text());
+    // The admin key still has its own minute.
+    let other = send("POST", &cluster.url("/api/chat"), chat.clone(), &admin).await;
+    assert_eq!(other.status, 200, "{}", other.text());
+    cluster.stop().await;
+}
+
 /// A node that keeps failing is cut off after three failures, then let back in by a trial once it recovers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn circuit_breaker_opens_and_recovers() {
@@ -959,6 +1066,39 @@ async fn circuit_breaker_opens_and_recovers() {
         vec!["fast"; 4],
         "traffic is back on the recovered node"
     );
+    cluster.stop().await;
+}
+
+/// A pull of a model the registry does not have fails for the client (as Ollama's does) without
+/// counting against the node: its breaker stays closed and chats keep going to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_pull_is_not_a_node_failure() {
+    let node = EmulatorConfig {
+        name: "only".to_owned(),
+        not_in_registry: vec!["no-such-model:7b".to_owned()],
+        ..EmulatorConfig::default()
+    };
+    let cluster = cluster_with(&[], &[node]).await;
+    for _ in 0..5 {
+        let pulled = post(
+            &cluster.url("/api/pull"),
+            json!({"model": "no-such-model:7b", "stream": false}),
+        )
+        .await;
+        assert_eq!(pulled.status, 500, "{}", pulled.text());
+        assert!(
+            pulled.text().contains("file does not exist"),
+            "{}",
+            pulled.text()
+        );
+    }
+    let chat = post(
+        &cluster.url("/api/chat"),
+        json!({"model": "smollm2:135m", "stream": false, "messages": [], "options": {"num_predict": 4}}),
+    )
+    .await;
+    assert_eq!(chat.status, 200, "{}", chat.text());
+    assert_eq!(chat.node.as_deref(), Some("only"));
     cluster.stop().await;
 }
 
@@ -1254,5 +1394,149 @@ async fn a_node_killed_under_load_loses_no_request() {
         }
     }
     assert_eq!(answered, 40);
+    cluster.stop().await;
+}
+
+/// Generated tokens are charged after each answer, streamed or not: once an application's minute of
+/// tokens is spent, it waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_per_minute_are_charged_from_the_answers() {
+    let node = EmulatorConfig {
+        name: "only".to_owned(),
+        default_num_predict: 16,
+        ..EmulatorConfig::default()
+    };
+    let cluster = cluster_with(&[("coordinator.tokens_per_minute", "20")], &[node]).await;
+    let app = [("x-sollol-app", "summariser")];
+    let whole =
+        serde_json::to_vec(&json!({"model": "smollm2:135m", "stream": false, "prompt": "hi"}))
+            .expect("json");
+    let streamed =
+        serde_json::to_vec(&json!({"model": "smollm2:135m", "prompt": "hi"})).expect("json");
+    // 16 tokens of 20: still above zero.
+    let first = send("POST", &cluster.url("/api/generate"), whole.clone(), &app).await;
+    assert_eq!(first.status, 200, "{}", first.text());
+    // Admitted with 4 left, then charged 16 more when its stream ends.
+    let second = send("POST", &cluster.url("/api/generate"), streamed, &app).await;
+    assert_eq!(second.status, 200, "{}", second.text());
+    let started = Instant::now();
+    let limited = loop {
+        let answer = send("POST", &cluster.url("/api/generate"), whole.clone(), &app).await;
+        if answer.status == 429 || started.elapsed() > Duration::from_secs(2) {
+            break answer;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(limited.status, 429, "{}", limited.text());
+    assert!(limited.headers.contains_key("retry-after"));
+    // Another application is not held back.
+    let other = send(
+        "POST",
+        &cluster.url("/api/generate"),
+        whole,
+        &[("x-sollol-app", "chat")],
+    )
+    .await;
+    assert_eq!(other.status, 200, "{}", other.text());
+    cluster.stop().await;
+}
+
+/// The dashboard signs in once with a key and then reads with a session cookie (its event stream
+/// too); an inference key's session cannot change the cluster; signing out ends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_sessions_stand_in_for_keys() {
+    let node = EmulatorConfig {
+        name: "only".to_owned(),
+        ..EmulatorConfig::default()
+    };
+    let cluster = cluster_with(
+        &[("coordinator.api_keys", "webui=0123456789abcdef0123")],
+        &[node],
+    )
+    .await;
+    let session_url = cluster.url("/api/sollol/v1/session");
+    let status = send("GET", &session_url, Vec::new(), &[]).await;
+    assert_eq!(status.status, 200);
+    assert_eq!(
+        status.json(),
+        json!({"keys_required": true, "signed_in_as": null})
+    );
+    let wrong = send(
+        "POST",
+        &session_url,
+        br#"{"key": "0123456789abcdef9999"}"#.to_vec(),
+        &[],
+    )
+    .await;
+    assert_eq!(wrong.status, 401, "{}", wrong.text());
+    assert!(!wrong.headers.contains_key("set-cookie"));
+    let signed = send(
+        "POST",
+        &session_url,
+        br#"{"key": "0123456789abcdef0123"}"#.to_vec(),
+        &[],
+    )
+    .await;
+    assert_eq!(signed.status, 200, "{}", signed.text());
+    let cookie = signed.headers["set-cookie"]
+        .to_str()
+        .expect("cookie")
+        .to_owned();
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
+    assert!(
+        !cookie.contains("0123456789abcdef0123"),
+        "the key is not the cookie"
+    );
+    let session = cookie.split(';').next().expect("name=value").to_owned();
+    let with_cookie = [("cookie", session.as_str())];
+    assert_eq!(
+        send("GET", &session_url, Vec::new(), &with_cookie)
+            .await
+            .json(),
+        json!({"keys_required": true, "signed_in_as": "webui"})
+    );
+    for path in [
+        "/api/sollol/v1/nodes",
+        "/api/sollol/v1/cluster",
+        "/api/tags",
+    ] {
+        let answer = send("GET", &cluster.url(path), Vec::new(), &with_cookie).await;
+        assert_eq!(answer.status, 200, "{path}: {}", answer.text());
+    }
+    // The event stream (an EventSource sends cookies, not headers): its head arrives.
+    let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<hyper::body::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
+    let events = hyper::Request::get(cluster.url("/api/sollol/v1/events"))
+        .header("cookie", session.as_str())
+        .body(http_body_util::Empty::new())
+        .expect("request");
+    let head = tokio::time::timeout(Duration::from_secs(5), client.request(events))
+        .await
+        .expect("in time")
+        .expect("answer");
+    assert_eq!(head.status(), 200);
+    drop(head);
+    let plan = send(
+        "POST",
+        &cluster.url("/api/sollol/v1/distributed/smollm2:135m/plan"),
+        Vec::new(),
+        &with_cookie,
+    )
+    .await;
+    assert_eq!(plan.status, 403, "{}", plan.text());
+    let out = send("DELETE", &session_url, Vec::new(), &with_cookie).await;
+    assert_eq!(out.status, 204);
+    let after = send(
+        "GET",
+        &cluster.url("/api/sollol/v1/nodes"),
+        Vec::new(),
+        &with_cookie,
+    )
+    .await;
+    assert_eq!(after.status, 401);
     cluster.stop().await;
 }

@@ -15,15 +15,39 @@ mod store;
 
 use leptos::prelude::*;
 
-use components::{ConnectionBadge, NodePage, Overview};
+use components::{ConnectionBadge, NodePage, Overview, SignInForm};
 use store::{
-    DETAIL_EVERY_MS, Route, STATS_EVERY_MS, Store, connect_live, load_detail, load_snapshot,
-    load_stats, location_hash,
+    Access, DETAIL_EVERY_MS, Route, STATS_EVERY_MS, Store, check_access, connect_live, load_detail,
+    load_snapshot, load_stats, location_hash,
 };
 
 #[component]
 pub fn App() -> impl IntoView {
     let store = Store::new();
+    // With API keys on, nothing is read until this browser has signed in.
+    check_access(store, move || start(store));
+    view! {
+        <header>
+            <a class="brand" href="#/">"sollol"</a>
+            <span class="subtitle">"cluster dashboard"</span>
+            <ConnectionBadge store=store/>
+        </header>
+        {move || store.error.get().map(|error| view! {
+            <p class="banner error" role="alert">"Cannot read the coordinator's API: " {error} " — retrying."</p>
+        })}
+        <main>
+            {move || match (store.access.get(), store.route.get()) {
+                (Access::SignInNeeded, _) => view! { <SignInForm/> }.into_any(),
+                (Access::Checking, _) => view! { <p>"Connecting…"</p> }.into_any(),
+                (Access::Granted(_), Route::Overview) => view! { <Overview store=store/> }.into_any(),
+                (Access::Granted(_), Route::Node(id)) => view! { <NodePage store=store id=id/> }.into_any(),
+            }}
+        </main>
+    }
+}
+
+/// Reads the snapshots, follows the live stream and refreshes the statistics.
+fn start(store: Store) {
     load_snapshot(store);
     load_stats(store);
     connect_live(store);
@@ -54,21 +78,5 @@ pub fn App() -> impl IntoView {
     std::mem::forget(hash_listener);
     if let Route::Node(id) = store.route.get_untracked() {
         load_detail(store, id);
-    }
-    view! {
-        <header>
-            <a class="brand" href="#/">"sollol"</a>
-            <span class="subtitle">"cluster dashboard"</span>
-            <ConnectionBadge store=store/>
-        </header>
-        {move || store.error.get().map(|error| view! {
-            <p class="banner error" role="alert">"Cannot read the coordinator's API: " {error} " — retrying."</p>
-        })}
-        <main>
-            {move || match store.route.get() {
-                Route::Overview => view! { <Overview store=store/> }.into_any(),
-                Route::Node(id) => view! { <NodePage store=store id=id/> }.into_any(),
-            }}
-        </main>
     }
 }

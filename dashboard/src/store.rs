@@ -7,7 +7,7 @@ use leptos::prelude::*;
 use serde::de::DeserializeOwned;
 use sollol_shared::api::{
     API_PREFIX, ClusterSummary, DistributedList, DistributedModel, LiveEvent, Node, NodeDetail,
-    NodeList, RequestEntry, RequestList, Stats, StatsWindow,
+    NodeList, RequestEntry, RequestList, SessionStatus, SignIn, Stats, StatsWindow,
 };
 use wasm_bindgen::JsCast;
 use wasm_bindgen::closure::Closure;
@@ -44,6 +44,16 @@ impl Route {
     }
 }
 
+/// Whether this browser may read the API: keys off, signed in, or not yet.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum Access {
+    Checking,
+    /// Keys are off, or this browser holds a session (as the key named here).
+    Granted(Option<String>),
+    /// The gateway needs a key and this browser has no session.
+    SignInNeeded,
+}
+
 /// Everything the page shows; every field is a signal, so the store is `Copy`.
 #[derive(Clone, Copy)]
 pub(crate) struct Store {
@@ -65,6 +75,7 @@ pub(crate) struct Store {
     pub(crate) detail: RwSignal<Option<NodeDetail>>,
     /// Browser time, advanced every second so "last seen" ages.
     pub(crate) now_ms: RwSignal<f64>,
+    pub(crate) access: RwSignal<Access>,
 }
 
 impl Store {
@@ -83,6 +94,7 @@ impl Store {
             route: RwSignal::new(Route::from_hash(&location_hash())),
             detail: RwSignal::new(None),
             now_ms: RwSignal::new(js_sys::Date::now()),
+            access: RwSignal::new(Access::Checking),
         }
     }
 
@@ -120,6 +132,52 @@ pub(crate) fn location_hash() -> String {
     web_sys::window()
         .and_then(|window| window.location().hash().ok())
         .unwrap_or_default()
+}
+
+/// Asks whether the gateway needs a key and whether this browser holds a session, then calls `start`
+/// once the API may be read.
+pub(crate) fn check_access(store: Store, start: impl FnOnce() + 'static) {
+    leptos::task::spawn_local(async move {
+        match get_json::<SessionStatus>(&format!("{API_PREFIX}/session")).await {
+            Ok(status) if status.keys_required && status.signed_in_as.is_none() => {
+                store.access.set(Access::SignInNeeded);
+            }
+            Ok(status) => {
+                store.access.set(Access::Granted(status.signed_in_as));
+                start();
+            }
+            // An older coordinator without sessions: read as before.
+            Err(_) => {
+                store.access.set(Access::Granted(None));
+                start();
+            }
+        }
+    });
+}
+
+/// Signs in with `key`: the gateway answers with a session cookie (`HttpOnly`, this origin only), so
+/// the key itself is kept nowhere in the page.
+pub(crate) async fn sign_in(key: &str) -> Result<(), String> {
+    let window = web_sys::window().ok_or("no window")?;
+    let body = serde_json::to_string(&SignIn {
+        key: key.to_owned(),
+    })
+    .map_err(|error| error.to_string())?;
+    let init = web_sys::RequestInit::new();
+    init.set_method("POST");
+    init.set_body(&wasm_bindgen::JsValue::from_str(&body));
+    let response =
+        JsFuture::from(window.fetch_with_str_and_init(&format!("{API_PREFIX}/session"), &init))
+            .await
+            .map_err(|_| "network error".to_owned())?;
+    let response: web_sys::Response = response
+        .dyn_into()
+        .map_err(|_| "not a response".to_owned())?;
+    match response.status() {
+        200 => Ok(()),
+        401 => Err("That is not one of this gateway's API keys.".to_owned()),
+        status => Err(format!("The gateway answered HTTP {status}.")),
+    }
 }
 
 pub(crate) fn load_snapshot(store: Store) {

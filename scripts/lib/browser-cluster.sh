@@ -43,13 +43,13 @@ start_browser_cluster() {
     --gateway-bind 127.0.0.1:0 --cluster-bind 127.0.0.1:0 >"$work/coordinator.out" 2>"$work/coordinator.err" &
   coordinator_pid=$!
   pids+=($!)
-  wait_for_line "$work/coordinator.out" '--token' || browser_cluster_failed "the coordinator did not start"
+  wait_for_line "$work/coordinator.out" 'Token:' || browser_cluster_failed "the coordinator did not start"
   gateway="$(awk '/Gateway:/ {print $2}' "$work/coordinator.out")"
   local cluster token name index=0
   cluster="$(awk '/Cluster:/ {print $2}' "$work/coordinator.out")"
-  token="$(grep -o -- '--token [0-9a-f]*' "$work/coordinator.out" | head -n 1 | awk '{print $2}')"
+  token="$(awk '/Token:/ {print $2; exit}' "$work/coordinator.out")"
   for name in browser-node-a browser-node-b; do
-    "$bin/sollol" agent --data-dir "$work/$name" --join "$cluster" --token "$token" --name "$name" \
+    SOLLOL_TOKEN="$token" "$bin/sollol" agent --data-dir "$work/$name" --join "$cluster" --name "$name" \
       --ollama-url "${node_urls[$index]}" --heartbeat-interval 300ms >"$work/$name.out" 2>"$work/$name.err" &
     pids+=($!)
     index=$((index + 1))
@@ -66,15 +66,35 @@ start_distributed_cluster() {
     SOLLOL_PROBE_INTERVAL=300ms "$bin/sollol" coordinator --data-dir "$work/distributed" \
     --gateway-bind 127.0.0.1:0 --cluster-bind 127.0.0.1:0 >"$work/distributed.out" 2>"$work/distributed.err" &
   pids+=($!)
-  wait_for_line "$work/distributed.out" '--token' || browser_cluster_failed "the distributed coordinator did not start"
+  wait_for_line "$work/distributed.out" 'Token:' || browser_cluster_failed "the distributed coordinator did not start"
   distributed_gateway="$(awk '/Gateway:/ {print $2}' "$work/distributed.out")"
   local cluster token name
   cluster="$(awk '/Cluster:/ {print $2}' "$work/distributed.out")"
-  token="$(grep -o -- '--token [0-9a-f]*' "$work/distributed.out" | head -n 1 | awk '{print $2}')"
+  token="$(awk '/Token:/ {print $2; exit}' "$work/distributed.out")"
   for name in stage-left stage-right; do
-    SOLLOL_MODELS_DIR="$models" SOLLOL_ENGINE=off RAYON_NUM_THREADS=1 \
-      "$bin/sollol" agent --data-dir "$work/$name" --join "$cluster" --token "$token" --name "$name" \
+    SOLLOL_TOKEN="$token" SOLLOL_MODELS_DIR="$models" SOLLOL_ENGINE=off RAYON_NUM_THREADS=1 \
+      "$bin/sollol" agent --data-dir "$work/$name" --join "$cluster" --name "$name" \
       --heartbeat-interval 300ms >"$work/$name.out" 2>"$work/$name.err" &
     pids+=($!)
   done
+}
+
+# start_keyed_coordinator BIN_DIR KEY starts `sollol coordinator` with the API key KEY (name
+# "dashboard") and one agent in front of the first emulated node started by start_browser_cluster,
+# and sets keyed_gateway.
+start_keyed_coordinator() {
+  local bin="$1" key="$2"
+  SOLLOL_API_KEYS="dashboard=$key" SOLLOL_CALIBRATION=false "$bin/sollol" coordinator \
+    --data-dir "$work/keyed" --gateway-bind 127.0.0.1:0 --cluster-bind 127.0.0.1:0 \
+    >"$work/keyed.out" 2>"$work/keyed.err" &
+  pids+=($!)
+  wait_for_line "$work/keyed.out" 'Token:' || browser_cluster_failed "the keyed coordinator did not start"
+  keyed_gateway="$(awk '/Gateway:/ {print $2}' "$work/keyed.out")"
+  local cluster token node_url
+  cluster="$(awk '/Cluster:/ {print $2}' "$work/keyed.out")"
+  token="$(awk '/Token:/ {print $2; exit}' "$work/keyed.out")"
+  node_url="$(head -n 1 "$work/nodes.out")"
+  SOLLOL_TOKEN="$token" "$bin/sollol" agent --data-dir "$work/keyed-node" --join "$cluster" --name keyed-node \
+    --ollama-url "$node_url" --heartbeat-interval 300ms >"$work/keyed-node.out" 2>"$work/keyed-node.err" &
+  pids+=($!)
 }

@@ -188,6 +188,9 @@ pub struct ClusterSummary {
     /// Requests waiting in the gateway's priority queue now.
     #[serde(default)]
     pub queued: u64,
+    /// What the operator should know about this coordinator, e.g. a corrupt history moved aside.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notices: Vec<String>,
 }
 
 /// `GET /readyz` and `GET /healthz`
@@ -565,4 +568,24 @@ pub struct StageProgress {
     /// Tensor bytes the stage fetches in all (0: it has them).
     #[serde(default)]
     pub fetch_total_bytes: u64,
+}
+
+/// `GET /api/sollol/v1/session` (and the answer to signing in): whether the gateway needs an API
+/// key, and which key's session this browser holds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionStatus {
+    pub keys_required: bool,
+    pub signed_in_as: Option<String>,
+}
+
+/// `POST /api/sollol/v1/session`: a dashboard signs in with an API key.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignIn {
+    pub key: String,
+}
+
+impl std::fmt::Debug for SignIn {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("SignIn { key: <hidden> }")
+    }
 }

@@ -30,7 +30,8 @@ use serde::{Deserialize, Serialize};
 use crate::protocol::Refusal;
 
 /// The layer protocol version this build speaks.
-pub const LAYER_PROTOCOL_VERSION: u32 = 2;
+/// 3: every frame after the handshake is encrypted and authenticated, as on the cluster link.
+pub const LAYER_PROTOCOL_VERSION: u32 = 3;
 
 /// The first bytes a layer client sends, before any frame.
 pub const LAYER_MAGIC: [u8; 8] = *b"SOLLOLL\x01";

@@ -6,6 +6,7 @@
 //! `tests/snapshots.rs` make that a reviewed diff.
 
 pub mod api;
+pub mod digest;
 pub mod hardware;
 pub mod layers;
 pub mod model_name;

@@ -31,8 +31,10 @@ use serde::{Deserialize, Serialize};
 use crate::hardware::NodeReport;
 
 /// The protocol version this build speaks.
-/// 2: reports carry the agent's stage address (distributed inference).
-pub const PROTOCOL_VERSION: u32 = 3;
+/// 2: reports carry the agent's stage address (distributed inference); 3: the memory limit; 4: every
+/// frame after the handshake is encrypted and authenticated (Noise `NNpsk0`, key from the token and
+/// both nonces).
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// The first bytes an agent sends, before any frame.
 pub const MAGIC: [u8; 8] = *b"SOLLOL\x00\x01";

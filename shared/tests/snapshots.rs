@@ -291,6 +291,7 @@ fn cluster_summary_json() {
             history_dropped: 0,
             in_flight: 3,
             queued: 0,
+            notices: Vec::new(),
         },
     );
 }

@@ -6,29 +6,11 @@
 // Prints one line per check and a last line "dashboard: N passed, N failed"; exits 1 on any failure.
 
 const { chromium } = await import(process.env.PLAYWRIGHT_CORE);
+const { check, attempt, finish } = await import('./checks.mjs');
 const gateway = process.env.GATEWAY;
 const outDir = process.env.OUT_DIR;
 const requests = 10;
 
-let passed = 0;
-let failed = 0;
-function check(name, ok, detail = '') {
-  if (ok) {
-    passed += 1;
-    console.log(`ok: ${name}`);
-  } else {
-    failed += 1;
-    console.log(`FAILED: ${name}${detail ? ` (${detail})` : ''}`);
-  }
-}
-
-async function attempt(name, action) {
-  try {
-    await action();
-  } catch (error) {
-    check(name, false, String(error).split('\n')[0]);
-  }
-}
 
 // Both agents have reported their node's models once the gateway lists them.
 for (let tries = 0; tries < 100; tries += 1) {
@@ -152,5 +134,4 @@ check('no requests to other hosts', foreign.length === 0, foreign.join(' '));
 await browser.close();
 const { writeFileSync } = await import('node:fs');
 writeFileSync(`${outDir}/dashboard-timings.json`, JSON.stringify({ first_meaningful_paint_ms: paintMs }) + '\n');
-console.log(`dashboard: ${passed} passed, ${failed} failed`);
-process.exit(failed === 0 ? 0 : 1);
+finish('dashboard');

@@ -7,19 +7,9 @@
 // last line "pipeline: N passed, N failed"; exits 1 on any failure.
 
 const { chromium } = await import(process.env.PLAYWRIGHT_CORE);
+const { check, attempt, finish } = await import('./checks.mjs');
 const gateway = process.env.GATEWAY;
 const outDir = process.env.OUT_DIR;
-let passed = 0;
-let failed = 0;
-function check(name, ok, detail = '') {
-  if (ok) {
-    passed += 1;
-    console.log(`ok: ${name}`);
-  } else {
-    failed += 1;
-    console.log(`FAILED: ${name}${detail ? ` (${detail})` : ''}`);
-  }
-}
 
 // The distributed model is listed once the coordinator has probed its own front and the agents joined.
 let listed = false;
@@ -68,5 +58,4 @@ const width = await page.evaluate(() => document.documentElement.scrollWidth);
 check('the page fits 360 px', width <= 360, `scroll width ${width}`);
 check('no console errors', consoleErrors.length === 0, consoleErrors.join(' | '));
 await browser.close();
-console.log(`pipeline: ${passed} passed, ${failed} failed`);
-process.exit(failed === 0 ? 0 : 1);
+finish('pipeline');

@@ -122,9 +122,15 @@ fn ollama_models(root: &Path) -> Vec<ModelFile> {
                     .find(|layer| layer["mediaType"] == "application/vnd.ollama.image.model")
                     .and_then(|layer| layer["digest"].as_str())
             });
+            // A manifest's digest names a file: only `sha256:` and 64 hex digits may (CVE-2024-37032).
+            let digest = digest.and_then(|digest| {
+                sollol_shared::digest::Sha256Digest::parse(digest)
+                    .inspect_err(|reason| tracing::warn!(manifest = %path.display(), %reason, "manifest skipped"))
+                    .ok()
+            });
             if let Some(digest) = digest {
-                let blob = root.join("blobs").join(digest.replace(':', "-"));
-                if let Some(file) = model_file(name, &blob, Some(digest.to_owned())) {
+                let blob = root.join("blobs").join(digest.file_stem());
+                if let Some(file) = model_file(name, &blob, Some(digest.to_string())) {
                     found.push(file);
                 }
             }
@@ -227,12 +233,21 @@ mod tests {
         let manifest_dir = store.join("manifests/registry.ollama.ai/library/smollm2");
         std::fs::create_dir_all(&manifest_dir).expect("dirs");
         std::fs::create_dir_all(store.join("blobs")).expect("dirs");
-        std::fs::write(store.join("blobs/sha256-abc"), b"GGUF").expect("write");
+        let hex = "ab".repeat(32);
+        std::fs::write(store.join(format!("blobs/sha256-{hex}")), b"GGUF").expect("write");
+        let manifest = |digest: &str| {
+            format!(
+                r#"{{"layers":[{{"mediaType":"application/vnd.ollama.image.model","digest":"{digest}"}}]}}"#
+            )
+        };
         std::fs::write(
             manifest_dir.join("135m"),
-            r#"{"layers":[{"mediaType":"application/vnd.ollama.image.model","digest":"sha256:abc"}]}"#,
+            manifest(&format!("sha256:{hex}")),
         )
         .expect("write");
+        // A hostile manifest whose digest walks out of the blobs directory to a GGUF elsewhere.
+        std::fs::write(store.join("outside.gguf"), b"GGUF").expect("write");
+        std::fs::write(manifest_dir.join("evil"), manifest("../outside.gguf")).expect("write");
         let names: Vec<String> = discover(dir.path(), Some(&store))
             .into_iter()
             .map(|file| file.name)

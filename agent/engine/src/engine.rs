@@ -14,12 +14,36 @@ pub use crate::error::EngineError;
 pub use crate::loaded::{Compute, Embedding, GenerateOptions, Generated, LoadedModel, TextStream};
 use crate::remote::RemoteCompute;
 
+/// Ollama's "for ever" (`keep_alive` < 0): the longest duration Go's time package holds, about 292
+/// years. Every keep-alive is at most this, so the time a model expires can always be computed.
+pub const FOREVER: Duration = Duration::from_nanos(i64::MAX as u64);
+
+/// When a model kept for `keep` from `now` expires; `None`: never (past what the clock can hold).
+fn expiry(now: Instant, keep: Duration) -> Option<Instant> {
+    now.checked_add(keep)
+}
+
+/// A model in memory, when it expires (`None`: never) and when a request last asked for it.
+#[derive(Debug)]
+struct Kept {
+    model: Arc<LoadedModel>,
+    expires: Option<Instant>,
+    used: Instant,
+}
+
+impl Kept {
+    fn alive(&self, now: Instant) -> bool {
+        self.expires.is_none_or(|at| at > now)
+    }
+}
+
 /// The engine's models: known on disk, loaded in memory with their expiry.
 #[derive(Debug)]
 pub struct Engine {
     /// On disk, and (coordinator) served through stages; the latter come and go.
     files: RwLock<Vec<ModelFile>>,
-    loaded: Mutex<BTreeMap<String, (Arc<LoadedModel>, Instant)>>,
+    /// Each with when it expires (`None`: never).
+    loaded: Mutex<BTreeMap<String, Kept>>,
     /// Serialises loads, as Ollama does.
     loading: tokio::sync::Mutex<()>,
     pub slots: Arc<tokio::sync::Semaphore>,
@@ -27,7 +51,8 @@ pub struct Engine {
     pub default_keep_alive: Duration,
     /// Models computed elsewhere (through stages), by name.
     remote: RwLock<BTreeMap<String, Arc<dyn RemoteCompute>>>,
-    /// The most memory a model loaded whole may take (`engine.max_memory`).
+    /// The most memory models loaded whole may take together (`engine.max_memory`): a larger model is
+    /// refused, and loading one unloads the least recently used until it fits.
     max_memory: Option<u64>,
 }
 
@@ -109,12 +134,15 @@ impl Engine {
             .cloned()
     }
 
-    /// Loaded models with when they expire.
-    pub fn loaded(&self) -> Vec<(Arc<LoadedModel>, Instant)> {
+    /// Loaded models with when they expire (`None`: never).
+    pub fn loaded(&self) -> Vec<(Arc<LoadedModel>, Option<Instant>)> {
         let now = Instant::now();
         let mut loaded = self.loaded.lock().unwrap_or_else(PoisonError::into_inner);
-        loaded.retain(|_, (_, expires)| *expires > now);
-        loaded.values().cloned().collect()
+        loaded.retain(|_, kept| kept.alive(now));
+        loaded
+            .values()
+            .map(|kept| (Arc::clone(&kept.model), kept.expires))
+            .collect()
     }
 
     /// The model in memory, loading it if needed; `Duration::ZERO` load time when it was warm.
@@ -153,6 +181,9 @@ impl Engine {
                     offered,
                 });
             }
+            if let Some(budget) = self.max_memory {
+                self.make_room(&file.name, file.size_bytes, budget);
+            }
             tracing::info!(model = %file.name, path = %file.path.display(), "loading model");
             tokio::task::spawn_blocking(move || LoadedModel::load(&file))
                 .await
@@ -166,7 +197,11 @@ impl Engine {
             .unwrap_or_else(PoisonError::into_inner)
             .insert(
                 loaded.file.name.clone(),
-                (Arc::clone(&loaded), Instant::now() + keep),
+                Kept {
+                    model: Arc::clone(&loaded),
+                    expires: expiry(Instant::now(), keep),
+                    used: Instant::now(),
+                },
             );
         Ok((loaded, load_duration))
     }
@@ -174,10 +209,32 @@ impl Engine {
     fn touch(&self, name: &str, keep: Duration) -> Option<Arc<LoadedModel>> {
         let mut loaded = self.loaded.lock().unwrap_or_else(PoisonError::into_inner);
         let now = Instant::now();
-        loaded.retain(|_, (_, expires)| *expires > now);
-        let (model, expires) = loaded.get_mut(name)?;
-        *expires = now + keep;
-        Some(Arc::clone(model))
+        loaded.retain(|_, kept| kept.alive(now));
+        let kept = loaded.get_mut(name)?;
+        kept.expires = expiry(now, keep);
+        kept.used = now;
+        Some(Arc::clone(&kept.model))
+    }
+
+    /// Unloads the least recently used models until `needs` more bytes fit in `budget` (requests
+    /// running on an unloaded model finish with it; its memory goes when they do).
+    fn make_room(&self, name: &str, needs: u64, budget: u64) {
+        let mut loaded = self.loaded.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            let used: u64 = loaded.values().map(|kept| kept.model.file.size_bytes).sum();
+            if used.saturating_add(needs) <= budget {
+                return;
+            }
+            let Some(oldest) = loaded
+                .iter()
+                .min_by_key(|(_, kept)| kept.used)
+                .map(|(oldest, _)| oldest.clone())
+            else {
+                return;
+            };
+            tracing::info!(unloaded = %oldest, to_load = %name, budget, "unloading the least recently used model to make room");
+            loaded.remove(&oldest);
+        }
     }
 
     /// Drops a model from memory now (`keep_alive: 0`), once running requests finish with it.

@@ -12,6 +12,8 @@ const MAGIC: &[u8; 4] = b"GGUF";
 /// More tensors or metadata entries than this is not a model.
 const MAX_COUNT: u64 = 1 << 20;
 const MAX_DIMS: u32 = 4;
+/// The longest string a header may hold (chat templates are kilobytes; tokens are bytes).
+const MAX_STRING: u64 = 16 << 20;
 const DEFAULT_ALIGNMENT: u64 = 32;
 
 #[derive(Debug, thiserror::Error)]
@@ -176,9 +178,19 @@ impl<R: Read> Bounded<R> {
 
     fn string(&mut self, what: &str) -> Result<String, GgufError> {
         let length = self.u64(what)?;
+        if length > MAX_STRING {
+            return Err(GgufError::Corrupt(format!(
+                "{what} claims {length} bytes (at most {MAX_STRING})"
+            )));
+        }
         self.claim(length, what)?;
-        let mut buffer = vec![0; usize::try_from(length).map_err(|_| corrupt(what))?];
-        self.reader.read_exact(&mut buffer)?;
+        // Memory grows with the bytes that actually arrive, not with what the length field claims
+        // (the file's length may itself be a peer's claim).
+        let mut buffer = Vec::with_capacity(length.min(1 << 16) as usize);
+        (&mut self.reader).take(length).read_to_end(&mut buffer)?;
+        if buffer.len() as u64 != length {
+            return Err(GgufError::Corrupt(format!("{what} is cut short")));
+        }
         self.left -= length;
         String::from_utf8(buffer).map_err(|_| GgufError::Corrupt(format!("{what} is not UTF-8")))
     }
@@ -511,5 +523,18 @@ mod tests {
         let mut huge_dims = tiny_file();
         huge_dims[dims_at..dims_at + 8].copy_from_slice(&(u64::MAX).to_le_bytes());
         assert!(matches!(read(&huge_dims), Err(GgufError::Corrupt(_))));
+    }
+
+    #[test]
+    fn a_claimed_file_length_does_not_size_allocations() {
+        // A peer sends 40 bytes of header and claims the file is 2^41 bytes long, with a key of
+        // 2^40 bytes, and then of 1 MiB: neither may allocate more than what arrives.
+        for claimed in [1u64 << 40, 1 << 20] {
+            let mut header = tiny_file();
+            header[24..32].copy_from_slice(&claimed.to_le_bytes());
+            header.truncate(40);
+            let result = Gguf::read(std::io::Cursor::new(&header), 1 << 41);
+            assert!(matches!(result, Err(GgufError::Corrupt(_))), "{result:?}");
+        }
     }
 }

@@ -4,31 +4,15 @@
 //!
 //! The model is fetched by `scripts/fetch-model` (run by `scripts/test`); `SOLLOL_TEST_MODEL` overrides its path.
 
-use std::path::{Path, PathBuf};
-
 use serde_json::Value;
 use sollol_engine::gguf::Gguf;
 use sollol_engine::model::{Model, Part};
 use sollol_engine::sampling::greedy;
 use sollol_engine::tokenizer::{ChatMessage, TextCodec};
 
-/// The repository root.
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+mod support;
 
-/// The test model, fetched by `scripts/fetch-model` (run by `scripts/test`); `SOLLOL_TEST_MODEL` overrides.
-fn model_path() -> PathBuf {
-    let path = std::env::var_os("SOLLOL_TEST_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join(".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf"));
-    assert!(
-        path.exists(),
-        "{} is missing: run scripts/fetch-model (scripts/test does) or set SOLLOL_TEST_MODEL",
-        path.display()
-    );
-    path
-}
+use support::{model_path, root};
 
 fn reference() -> Value {
     let path = root().join("tests/reference/smollm2-135m-q4_1.llamacpp.json");

@@ -5,5 +5,7 @@
 pub mod admission;
 pub mod backoff;
 pub mod breaker;
+pub mod browser;
 pub mod health;
+pub mod quota;
 pub mod routing;

@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{Shutdown, StartError, announce, bind, local_address};
+use super::{Shutdown, StartError, announce, bind, http_guard, local_address};
 use crate::cluster::identity::{self, ClusterToken, NodeId};
 use crate::cluster::mdns::{Mdns, Role};
 use crate::cluster::membership::{self, Membership};
@@ -109,6 +109,7 @@ pub async fn start_coordinator(config: &Config) -> Result<CoordinatorHandle, Sta
         tasks: TaskTracker::new(),
     };
     let remembered_pairs = std::mem::take(&mut remembered.pairs);
+    let moved_aside = remembered.moved_aside.take();
     let cluster_task = ClusterTask::new(
         remembered,
         history.sender(),
@@ -163,11 +164,29 @@ pub async fn start_coordinator(config: &Config) -> Result<CoordinatorHandle, Sta
         cluster_address,
         cluster_connections: Arc::clone(&membership.connections),
         history_dropped: history.dropped(),
+        notices: moved_aside
+            .iter()
+            .map(|aside| {
+                format!(
+                    "the history database was corrupt at start-up: moved to {} and replaced by an empty one",
+                    aside.display()
+                )
+            })
+            .collect(),
         proxy,
         max_request_body: settings.max_request_body.get() as usize,
         api_keys: GatewayState::digest_keys(&settings.api_keys),
-        header_read_timeout: settings.header_read_timeout,
+        sessions: Default::default(),
+        http: http_guard(config, gateway_address),
         body_read_timeout: settings.body_read_timeout,
+        body_deadline: settings.body_deadline,
+        body_memory: {
+            let kib = (settings.body_memory / 1024).clamp(1, u64::from(u32::MAX) / 2);
+            (
+                Arc::new(tokio::sync::Semaphore::new(kib as usize)),
+                kib,
+            )
+        },
         observer: Arc::clone(&observer),
         history: open_history_reader(history_path).await,
         shutdown: start.shutdown.clone(),
@@ -238,6 +257,9 @@ fn proxy_settings(config: &Config, distributed_front: Option<String>) -> ProxySe
         max_attempts: settings.max_attempts.get() as usize,
         node_slots: settings.node_slots.get(),
         response_timeout: settings.response_timeout,
+        max_response_body: usize::try_from(settings.max_response_body).unwrap_or(usize::MAX),
+        requests_per_minute: settings.requests_per_minute,
+        tokens_per_minute: settings.tokens_per_minute,
         node_queue_depth: settings.node_queue_depth,
         queue: QueueSettings {
             capacity: settings.queue_capacity.get() as usize,
@@ -353,9 +375,12 @@ impl Start<'_> {
         let listener = bind(loopback, "distributed inference front").await?;
         let url = format!("http://{}", local_address(&listener, loopback));
         tracing::info!(%url, models = ?config.distributed.models, auto = config.distributed.auto, max_stages, "distributed inference (experimental) serves models through agents' stages");
+        let (boundary, limits) = http_guard(config, loopback);
         self.tasks.spawn(sollol_engine::server::serve(
             listener,
             engine,
+            boundary,
+            limits,
             self.shutdown.clone(),
         ));
         if config.distributed.auto {

@@ -7,7 +7,7 @@ use sollol_engine::engine::{self, Engine, ModelFile};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{StartError, bind, local_address};
+use super::{StartError, bind, http_guard, local_address};
 use crate::config::{Config, EngineMode};
 
 /// Starts the built-in engine when the configuration asks for it (or, in `auto`, when there are GGUF
@@ -37,13 +37,22 @@ pub(super) async fn start(
     let address = crate::config::loopback_if_unspecified(local_address(&listener, settings.bind));
     let names: Vec<&str> = files.iter().map(|file| file.name.as_str()).collect();
     tracing::info!(%address, models = ?names, "built-in engine serving");
+    // Without engine.max_memory, models loaded whole stay within what the node had available when
+    // the engine started (unknown: no limit).
+    let budget = settings.max_memory.or_else(|| {
+        let available = crate::telemetry::available_memory_bytes();
+        (available > 0).then_some(available)
+    });
     let engine = Arc::new(
         Engine::new(files, settings.parallel.get() as usize, settings.keep_alive)
-            .with_max_memory(settings.max_memory),
+            .with_max_memory(budget),
     );
+    let (boundary, limits) = http_guard(config, settings.bind);
     tasks.spawn(sollol_engine::server::serve(
         listener,
         engine,
+        boundary,
+        limits,
         shutdown.clone(),
     ));
     Ok(Some(format!("http://{address}")))

@@ -16,6 +16,8 @@ mod engine;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use sollol_http::Limits;
+use sollol_policy::browser::Boundary;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -91,6 +93,23 @@ async fn bind(address: SocketAddr, what: &'static str) -> Result<TcpListener, St
             address,
             source,
         })
+}
+
+/// The browser boundary and connection limits of an HTTP server listening on `bound`.
+fn http_guard(config: &Config, bound: SocketAddr) -> (Arc<Boundary>, Limits) {
+    let http = &config.http;
+    let boundary = Boundary::new(
+        bound.ip(),
+        &http.allowed_origins,
+        &http.allowed_hosts,
+        &crate::cluster::identity::host_name(),
+    );
+    let limits = Limits {
+        max_connections: http.max_connections.get() as usize,
+        max_per_address: http.max_connections_per_address.get() as usize,
+        header_read_timeout: config.coordinator.header_read_timeout,
+    };
+    (Arc::new(boundary), limits)
 }
 
 fn local_address(listener: &TcpListener, requested: SocketAddr) -> SocketAddr {

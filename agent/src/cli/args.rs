@@ -46,7 +46,12 @@ pub enum Command {
         /// the coordinator it finds over mDNS or through discovery.seeds that holds the same token.
         #[arg(long, value_name = "HOST:PORT")]
         join: Option<String>,
-        /// The cluster token (`sollol token` on the coordinator prints it). Env: SOLLOL_TOKEN.
+        /// A file holding the cluster token (`sollol token` on the coordinator prints it). Env:
+        /// SOLLOL_TOKEN_FILE, or the token itself in SOLLOL_TOKEN.
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
+        /// The cluster token itself. Avoid: a command line is visible to every user of the machine
+        /// (`ps`); prefer --token-file or SOLLOL_TOKEN.
         #[arg(long, value_name = "TOKEN")]
         token: Option<String>,
         #[command(flatten)]
@@ -158,9 +163,18 @@ impl Cli {
                 agent.push_into(&mut push);
             }
             Command::Coordinator { coordinator } => coordinator.push_into(&mut push),
-            Command::Agent { join, token, agent } => {
+            Command::Agent {
+                join,
+                token,
+                token_file,
+                agent,
+            } => {
                 push("agent.join", join.clone());
                 push("agent.token", token.clone());
+                push(
+                    "agent.token_file",
+                    token_file.as_ref().map(|path| path.display().to_string()),
+                );
                 agent.push_into(&mut push);
             }
             Command::Status(client)

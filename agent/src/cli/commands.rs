@@ -11,7 +11,7 @@ use sollol_shared::protocol::PROTOCOL_VERSION;
 use super::args::Command;
 use super::render::{
     render_banner, render_discovery, render_nodes, render_plan, render_progress, render_status,
-    strip_elapsed,
+    strip_elapsed, terminal_safe,
 };
 use super::{EXIT_FAILURE, EXIT_USAGE};
 use crate::app::{self, StartError};
@@ -59,7 +59,14 @@ pub async fn run(command: Command, raw: &RawConfig, config: Config) -> ExitCode 
         Command::Distribute { model, client } => distribute(&config, &model, client.json).await,
         Command::Coordinator { .. } => serve(&config, false).await,
         Command::Up { .. } => serve(&config, true).await,
-        Command::Agent { .. } => agent(&config).await,
+        Command::Agent { token, .. } => {
+            if token.is_some() {
+                eprintln!(
+                    "warning: --token puts the cluster token on the command line, where every user of this machine can read it (ps, /proc); use --token-file FILE or SOLLOL_TOKEN"
+                );
+            }
+            agent(&config).await
+        }
     }
 }
 
@@ -155,7 +162,7 @@ async fn agent_without_token(config: &Config) -> ExitCode {
         Ok(mdns) => mdns,
         Err(error) => return start_failed(&error),
     };
-    tracing::error!(instance = %mdns.announced_as(), "`agent.token` is not set: this agent cannot join a cluster. It announces itself over mDNS, so `sollol discover` on the coordinator lists it as discovered, not joined; start it again with --token TOKEN (printed by `sollol up`)");
+    tracing::error!(instance = %mdns.announced_as(), "`agent.token` is not set: this agent cannot join a cluster. It announces itself over mDNS, so `sollol discover` on the coordinator lists it as discovered, not joined; start it again with --token-file FILE (a copy of the coordinator's token, which `sollol token` prints)");
     let signal = wait_for_signal().await;
     tracing::info!(%signal, "shutting down");
     shutdown.cancel();
@@ -198,7 +205,7 @@ async fn show<T: serde::de::DeserializeOwned + serde::Serialize>(
     match HttpClient::default().get_json::<T>(&url, API_TIMEOUT).await {
         Ok(value) if json => print_json(&value),
         Ok(value) => {
-            print!("{}", render(&value));
+            print!("{}", terminal_safe(&render(&value)));
             ExitCode::SUCCESS
         }
         Err(error) => fail(&error),
@@ -244,7 +251,7 @@ async fn distribute(config: &Config, model: &str, json: bool) -> ExitCode {
             else {
                 continue;
             };
-            let line = render_progress(&progress);
+            let line = terminal_safe(&render_progress(&progress)).into_owned();
             if terminal {
                 eprint!("\r  {line:<100}");
                 let _ = std::io::stderr().flush();
@@ -264,7 +271,10 @@ async fn distribute(config: &Config, model: &str, json: bool) -> ExitCode {
     match planned {
         Ok(status) if json => print_json(&status),
         Ok(status) => {
-            print!("{}", render_plan(&status, started.elapsed()));
+            print!(
+                "{}",
+                terminal_safe(&render_plan(&status, started.elapsed()))
+            );
             ExitCode::SUCCESS
         }
         Err(error) => fail(&error),
@@ -325,6 +335,6 @@ fn start_failed(error: &StartError) -> ExitCode {
 }
 
 fn fail(error: &dyn std::fmt::Display) -> ExitCode {
-    eprintln!("error: {error}");
+    eprintln!("error: {}", terminal_safe(&error.to_string()));
     ExitCode::from(EXIT_FAILURE)
 }

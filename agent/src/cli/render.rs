@@ -12,6 +12,29 @@ use sollol_shared::api::{ClusterSummary, Node};
 use crate::config;
 
 /// `sollol discover` as text.
+/// Text from the network (node names, mDNS TXT records, Ollama versions, error messages) made safe to
+/// print: control characters but newline and tab (an escape sequence can rewrite the screen, the
+/// window title or the clipboard) and bidirectional overrides (which reorder what is shown) appear
+/// as `\u{…}` escapes.
+pub fn terminal_safe(text: &str) -> std::borrow::Cow<'_, str> {
+    let unsafe_char = |c: char| {
+        (c.is_control() && c != '\n' && c != '\t')
+            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if !text.contains(unsafe_char) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut safe = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        if unsafe_char(c) {
+            safe.push_str(&c.escape_unicode().to_string());
+        } else {
+            safe.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(safe)
+}
+
 pub fn render_discovery(discovery: &sollol_shared::api::Discovery, now_ms: u64) -> String {
     let mut text = render_mdns(discovery.mdns.as_ref());
     let Some(scan) = &discovery.scan else {
@@ -224,12 +247,20 @@ pub(super) fn render_banner(
     let _ = writeln!(text, "  Dashboard: http://{gateway}/dashboard/");
     let _ = writeln!(text, "  Cluster:   {cluster}");
     let _ = writeln!(text, "  Data:      {}", data_dir.display());
-    let _ = writeln!(text, "Join other nodes with:");
+    let token_file = data_dir.join("cluster-token");
     let _ = writeln!(
         text,
-        "  sollol agent --join {join_host}:{} --token {}",
+        "Join other nodes: put the token in a file there that only the agent's user can read, then run"
+    );
+    let _ = writeln!(
+        text,
+        "  sollol agent --join {join_host}:{} --token-file ./cluster-token",
         cluster.port(),
-        token
+    );
+    let _ = writeln!(
+        text,
+        "  Token: {token}  (also in {}; `sollol token` prints it)",
+        token_file.display()
     );
     let _ = writeln!(
         text,
@@ -237,9 +268,8 @@ pub(super) fn render_banner(
     );
     let _ = writeln!(
         text,
-        "  ./sollol install-script | sudo sh -s -- --binary ./sollol --join {join_host}:{} --token {}",
+        "  ./sollol install-script | sudo sh -s -- --binary ./sollol --join {join_host}:{} --token-file ./cluster-token",
         cluster.port(),
-        token
     );
     if cluster.ip().is_loopback() {
         let _ = writeln!(
@@ -277,6 +307,9 @@ pub fn render_status(summary: &ClusterSummary) -> String {
             "warning      {} history records dropped (writer behind)",
             summary.history_dropped
         );
+    }
+    for notice in &summary.notices {
+        let _ = writeln!(text, "warning      {notice}");
     }
     text
 }
@@ -407,6 +440,21 @@ fn human_duration(ms: u64) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn text_from_the_network_cannot_drive_the_terminal() {
+        use super::terminal_safe;
+        assert_eq!(terminal_safe("node-1\tup\n"), "node-1\tup\n");
+        // Set the window title, clear the screen, write the clipboard, reorder the text.
+        assert_eq!(
+            terminal_safe("lab\u{1b}]0;pwned\u{7}"),
+            "lab\\u{1b}]0;pwned\\u{7}"
+        );
+        assert_eq!(terminal_safe("\u{1b}[2J"), "\\u{1b}[2J");
+        assert_eq!(terminal_safe("a\u{9b}b\rc"), "a\\u{9b}b\\u{d}c");
+        assert_eq!(terminal_safe("gpu\u{202e}1-edon"), "gpu\\u{202e}1-edon");
+        assert_eq!(terminal_safe("naïve 节点"), "naïve 节点");
+    }
 
     #[test]
     fn mdns_status_names_silent_interfaces_and_peers_that_cannot_join() {
@@ -547,7 +595,8 @@ mod tests {
             "  Dashboard: http://127.0.0.1:11435/dashboard/",
             "  Cluster:   127.0.0.1:11436",
             "  Data:      /srv/sollol",
-            "  sollol agent --join lab:11436 --token 0123456789abcdef",
+            "  sollol agent --join lab:11436 --token-file ./cluster-token",
+            "  Token: 0123456789abcdef  (also in /srv/sollol/cluster-token; `sollol token` prints it)",
             "  (the cluster port is loopback-only; set coordinator.cluster_bind to accept other machines)",
         ] {
             assert!(

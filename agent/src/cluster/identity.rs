@@ -15,7 +15,8 @@ use rand::RngCore;
 const TOKEN_FILE: &str = "cluster-token";
 const NODE_ID_FILE: &str = "node-id";
 const MAX_TOKEN_LEN: usize = 256;
-const MIN_TOKEN_LEN: usize = 16;
+/// 32 characters: 128 bits written as hexadecimal (generated tokens have 64).
+const MIN_TOKEN_LEN: usize = 32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
@@ -56,7 +57,9 @@ impl ClusterToken {
     pub fn parse(text: &str) -> Result<Self, InvalidToken> {
         let text = text.trim();
         if text.len() < MIN_TOKEN_LEN {
-            return Err(InvalidToken("a cluster token has at least 16 characters"));
+            return Err(InvalidToken(
+                "a cluster token has at least 32 characters (128 bits as hex); `sollol token` prints the coordinator's",
+            ));
         }
         if text.len() > MAX_TOKEN_LEN {
             return Err(InvalidToken("a cluster token has at most 256 characters"));
@@ -219,30 +222,42 @@ fn load_or_create<T>(
         path: path.to_owned(),
         source,
     };
-    // create_new: two processes starting at once must not overwrite each other's identity.
-    let mut file = match OpenOptions::new()
+    // Written whole to a temporary file first, then linked into place: a crash leaves either no
+    // file or a complete one, and (the link fails if the name exists) two processes starting at
+    // once do not overwrite each other's identity.
+    let temporary = path.with_extension(format!("tmp-{}", std::process::id()));
+    let _ = fs::remove_file(&temporary);
+    let mut file = OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(path)
-    {
-        Ok(file) => file,
+        .open(&temporary)
+        .map_err(write_error)?;
+    let written = file
+        .write_all(format!("{}\n", render(&value)).as_bytes())
+        .and_then(|()| file.sync_all());
+    drop(file);
+    let linked = written.and_then(|()| fs::hard_link(&temporary, path));
+    let _ = fs::remove_file(&temporary);
+    match linked {
+        Ok(()) => {
+            if let Ok(directory) = fs::File::open(data_dir) {
+                let _ = directory.sync_all();
+            }
+            Ok(value)
+        }
         Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {
             let text = fs::read_to_string(path).map_err(|source| IdentityError::Read {
                 path: path.to_owned(),
                 source,
             })?;
-            return parse(&text).map_err(|reason| IdentityError::Corrupt {
+            parse(&text).map_err(|reason| IdentityError::Corrupt {
                 path: path.to_owned(),
                 reason,
-            });
+            })
         }
-        Err(source) => return Err(write_error(source)),
-    };
-    file.write_all(format!("{}\n", render(&value)).as_bytes())
-        .and_then(|()| file.sync_all())
-        .map_err(write_error)?;
-    Ok(value)
+        Err(source) => Err(write_error(source)),
+    }
 }
 
 #[cfg(test)]
@@ -287,9 +302,29 @@ mod tests {
             assert_eq!(ClusterToken::parse(text).is_ok(), valid, "{text:?}");
         }
         check("short", false);
-        check("0123456789abcdef", true);
-        check(" 0123456789abcdef\n", true);
-        check("0123456789 abcdef", false);
+        // Fewer than 128 bits as hex.
+        check("0123456789abcdef", false);
+        check(&"a".repeat(31), false);
+        check(&"a".repeat(32), true);
+        check(" 0123456789abcdef0123456789abcdef\n", true);
+        check("0123456789abcdef 0123456789abcdef", false);
         check(&"a".repeat(257), false);
+    }
+
+    #[test]
+    fn a_token_file_is_complete_or_absent() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data_dir = dir.path().join("data");
+        let token = ClusterToken::load_or_create(&data_dir).expect("create");
+        let names: Vec<String> = fs::read_dir(&data_dir)
+            .expect("dir")
+            .flatten()
+            .map(|entry| entry.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, [TOKEN_FILE], "no temporary file left behind");
+        assert_eq!(
+            fs::read_to_string(data_dir.join(TOKEN_FILE)).expect("read"),
+            format!("{}\n", token.expose())
+        );
     }
 }

@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cluster::identity::{ClusterToken, NodeId};
 use crate::cluster::mdns::Mdns;
+use crate::cluster::secure::{self, Role};
 use crate::cluster::wire::{self, FrameError, ProofSide};
 use crate::telemetry::{self, Sampler};
 use sollol_policy::backoff::Backoff;
@@ -86,6 +87,9 @@ pub enum Coordinator {
 
 /// How long a discovered coordinator that refused this agent (another cluster's) is not tried again.
 const AVOID_FOR: Duration = Duration::from_secs(300);
+/// How long one that accepted the connection and then stalled or dropped it before the handshake
+/// ended is not tried again: an impostor that never proves the token must not hold the agent.
+const AVOID_STALLED_FOR: Duration = Duration::from_secs(60);
 /// How often the agent looks again when it knows no coordinator.
 const LOOK_AGAIN: Duration = Duration::from_millis(500);
 
@@ -150,6 +154,18 @@ impl<'a> Finder<'a> {
         }
     }
 
+    /// A discovered address whose handshake never finished (stalled, dropped, malformed) is left alone
+    /// for a while, like one that refused; a fixed address is retried with the usual backoff.
+    fn handshake_failed(&mut self, address: &str, error: &JoinError) {
+        if matches!(self.coordinator, Coordinator::Discover { .. })
+            && matches!(error, JoinError::Lost { .. })
+        {
+            tracing::warn!(%error, avoid_for_s = AVOID_STALLED_FOR.as_secs(), "the coordinator did not finish the handshake: trying others");
+            self.avoided
+                .insert(address.to_owned(), Instant::now() + AVOID_STALLED_FOR);
+        }
+    }
+
     /// Whether `error` at `address` ends the agent; otherwise a discovered address it cannot heal at is
     /// avoided for a while.
     fn is_fatal(&mut self, address: &str, error: &JoinError) -> bool {
@@ -185,6 +201,8 @@ pub async fn run(
         let result = session(&params, &address, &sampler, &shutdown, &mut welcomed).await;
         if welcomed {
             backoff.reset();
+        } else if let Err(error) = &result {
+            finder.handshake_failed(&address, error);
         }
         match result {
             Ok(()) => return Ok(()),
@@ -221,14 +239,17 @@ async fn session(
         () = shutdown.cancelled() => return Ok(()),
     };
     let (mut reader, mut writer) = stream.into_split();
-    let handshake = tokio::time::timeout(
-        HANDSHAKE_TIMEOUT,
-        handshake(params, address, &mut reader, &mut writer),
-    );
-    tokio::select! {
-        result = handshake => result.map_err(|_| lost("handshake timed out".to_owned()))??,
+    let secured = async {
+        let key = handshake(params, address, &mut reader, &mut writer).await?;
+        // From here on every frame is encrypted and authenticated with a key only the two ends have.
+        secure::establish(reader, writer, Role::Dialler, &key)
+            .await
+            .map_err(|error| lost(error.to_string()))
+    };
+    let (mut reader, mut writer) = tokio::select! {
+        result = tokio::time::timeout(HANDSHAKE_TIMEOUT, secured) => result.map_err(|_| lost("handshake timed out".to_owned()))??,
         () = shutdown.cancelled() => return Ok(()),
-    }
+    };
     *welcomed = true;
     tracing::info!(coordinator = %address, node = %params.node_name, id = %params.node_id, "joined the cluster");
 
@@ -300,12 +321,13 @@ async fn connect(address: &str) -> Result<TcpStream, JoinError> {
     })
 }
 
+/// The challenge–response; on success, the key of the encrypted link that follows.
 async fn handshake(
     params: &JoinParams,
     address: &str,
     reader: &mut tokio::net::tcp::OwnedReadHalf,
     writer: &mut OwnedWriteHalf,
-) -> Result<(), JoinError> {
+) -> Result<[u8; 32], JoinError> {
     let lost = |error: FrameError| JoinError::Lost {
         address: address.to_owned(),
         reason: error.to_string(),
@@ -358,7 +380,12 @@ async fn handshake(
                 params.node_id.as_str(),
                 &proof,
             ) {
-                Ok(())
+                Ok(secure::link_key(
+                    &params.token,
+                    secure::CLUSTER_LINK,
+                    &own_nonce,
+                    &challenge,
+                ))
             } else {
                 Err(JoinError::CoordinatorUnverified {
                     address: address.to_owned(),
@@ -398,7 +425,7 @@ async fn sample(sampler: &Arc<Mutex<Sampler>>) -> sollol_shared::hardware::NodeR
     )
 }
 
-async fn say_goodbye(writer: &mut OwnedWriteHalf) {
+async fn say_goodbye<W: tokio::io::AsyncWrite + Unpin>(writer: &mut W) {
     let goodbye = AgentMessage::Goodbye {
         reason: "agent shutting down".to_owned(),
     };
@@ -443,6 +470,21 @@ mod tests {
         for _ in 0..3 {
             assert_eq!(
                 finder.next(&shutdown).await.as_deref(),
+                Some(second.as_str())
+            );
+        }
+
+        // One that stalls the handshake is left alone like one that refuses.
+        finder.handshake_failed(&second, &lost);
+        let third_coordinator = Coordinator::Discover {
+            seeds: vec![first.clone(), second.clone()],
+            mdns: None,
+        };
+        let mut fresh = Finder::new(&third_coordinator);
+        fresh.handshake_failed(&first, &lost);
+        for _ in 0..3 {
+            assert_eq!(
+                fresh.next(&shutdown).await.as_deref(),
                 Some(second.as_str())
             );
         }

@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::cluster::identity::{ClusterToken, NodeId, validate_node_name};
+use crate::cluster::secure::{self, Role};
 use crate::cluster::wire::{self, FrameError, ProofSide};
 use crate::cluster::{ClusterEvent, ConnectionId};
 
@@ -32,6 +33,12 @@ const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// At most this much of a refused peer's input is read and discarded before closing.
 const REFUSAL_DRAIN_BYTES: usize = 1024 * 1024;
+
+/// Connections still in their handshake (not yet proven to hold the token) at once: past it, new
+/// connections are closed, so strangers cannot take the places of joined agents.
+const MAX_HANDSHAKING: u64 = 64;
+/// Of those, from one remote address (loopback not limited).
+const MAX_HANDSHAKING_PER_ADDRESS: usize = 8;
 
 /// Shortest and longest heartbeat interval an agent may announce.
 const MIN_HEARTBEAT: Duration = Duration::from_millis(50);
@@ -48,6 +55,9 @@ pub struct Membership {
     pub shutdown: CancellationToken,
     /// Open connections on the cluster port, for the API and tests.
     pub connections: Arc<AtomicU64>,
+    /// Of those, the ones still in their handshake, in all and per remote address.
+    handshaking: AtomicU64,
+    handshaking_from: Arc<sollol_http::AddressCounts>,
     next_connection: AtomicU64,
 }
 
@@ -68,6 +78,8 @@ impl Membership {
             max_connections,
             shutdown,
             connections: Arc::new(AtomicU64::new(0)),
+            handshaking: AtomicU64::new(0),
+            handshaking_from: Arc::default(),
             next_connection: AtomicU64::new(1),
         }
     }
@@ -89,14 +101,33 @@ pub async fn serve(listener: TcpListener, membership: Arc<Membership>, tasks: Ta
                 continue;
             }
         };
-        if membership.connections.load(Ordering::Relaxed) >= membership.max_connections {
+        let handshaking = membership.handshaking.load(Ordering::Relaxed);
+        if handshaking >= MAX_HANDSHAKING {
+            tracing::debug!(%peer, limit = MAX_HANDSHAKING, "too many cluster connections in their handshake; closing connection");
+            continue;
+        }
+        let joined = membership
+            .connections
+            .load(Ordering::Relaxed)
+            .saturating_sub(handshaking);
+        if joined >= membership.max_connections {
             tracing::warn!(%peer, limit = membership.max_connections, "cluster port connection limit reached; closing connection");
             continue;
         }
+        let Some(from) = sollol_http::AddressCounts::enter(
+            &membership.handshaking_from,
+            peer,
+            MAX_HANDSHAKING_PER_ADDRESS,
+        ) else {
+            tracing::debug!(%peer, limit = MAX_HANDSHAKING_PER_ADDRESS, "too many handshakes from this address; closing connection");
+            continue;
+        };
+        // Counted here, not in the task: a burst of connections must not all pass the check above.
+        membership.handshaking.fetch_add(1, Ordering::Relaxed);
         let membership = Arc::clone(&membership);
         tasks.spawn(async move {
             let _guard = ConnectionGuard::new(&membership.connections);
-            handle_connection(stream, peer, &membership).await;
+            handle_connection(stream, peer, &membership, from).await;
         });
     }
 }
@@ -108,6 +139,11 @@ impl<'a> ConnectionGuard<'a> {
         counter.fetch_add(1, Ordering::Relaxed);
         Self(counter)
     }
+
+    /// Takes over one count already added (by the accept loop, before the task started).
+    fn adopt(counter: &'a AtomicU64) -> Self {
+        Self(counter)
+    }
 }
 
 impl Drop for ConnectionGuard<'_> {
@@ -116,16 +152,23 @@ impl Drop for ConnectionGuard<'_> {
     }
 }
 
-async fn handle_connection(stream: TcpStream, peer: SocketAddr, membership: &Membership) {
+/// `from` counts the connection against its address until the handshake ends.
+async fn handle_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    membership: &Membership,
+    from: sollol_http::Counted,
+) {
     let _ = stream.set_nodelay(true);
     let (mut reader, mut writer) = stream.into_split();
+    let handshaking = ConnectionGuard::adopt(&membership.handshaking);
     let handshake = tokio::time::timeout(
         membership.handshake_timeout,
         handshake(&mut reader, &mut writer, membership),
     );
-    let hello = tokio::select! {
+    let (hello, key) = tokio::select! {
         result = handshake => match result {
-            Ok(Ok(hello)) => hello,
+            Ok(Ok(accepted)) => accepted,
             Ok(Err(Rejection::Refuse(refusal))) => {
                 tracing::warn!(%peer, code = ?refusal.code, reason = %refusal.message, "refused cluster connection");
                 refuse(&mut reader, &mut writer, refusal).await;
@@ -154,6 +197,21 @@ async fn handle_connection(stream: TcpStream, peer: SocketAddr, membership: &Mem
         }
     };
 
+    // From here on every frame is encrypted and authenticated with a key only the two ends have.
+    let secured = secure::establish(reader, writer, Role::Listener, &key);
+    let (mut reader, mut writer) =
+        match tokio::time::timeout(membership.handshake_timeout, secured).await {
+            Ok(Ok(halves)) => halves,
+            Ok(Err(error)) => {
+                tracing::warn!(%peer, %error, "cluster link encryption failed");
+                return;
+            }
+            Err(_) => {
+                tracing::warn!(%peer, "cluster link encryption not finished in time");
+                return;
+            }
+        };
+    drop((handshaking, from));
     let connection: ConnectionId = membership.next_connection.fetch_add(1, Ordering::Relaxed);
     let node_id = hello.node_id.clone();
     let heartbeat = Duration::from_millis(hello.heartbeat_interval_ms);
@@ -255,11 +313,12 @@ fn malformed(message: String) -> Rejection {
     })
 }
 
+/// The challenge–response; on success, the agent's hello and the key of the encrypted link.
 async fn handshake(
     reader: &mut OwnedReadHalf,
     writer: &mut OwnedWriteHalf,
     membership: &Membership,
-) -> Result<Hello, Rejection> {
+) -> Result<(Hello, [u8; 32]), Rejection> {
     let mut magic = [0u8; MAGIC.len()];
     reader
         .read_exact(&mut magic)
@@ -333,11 +392,21 @@ async fn handshake(
         &hello.node_id,
     );
     wire::write_message(writer, &AuthReply::Welcome { proof }).await?;
-    Ok(hello)
+    let key = secure::link_key(
+        &membership.token,
+        secure::CLUSTER_LINK,
+        &auth.nonce,
+        &challenge,
+    );
+    Ok((hello, key))
 }
 
 /// Sends a refusal and closes. Every reply enum has `Refused` as variant 0 with the same payload, so one encoding serves at any stage.
-async fn refuse(reader: &mut OwnedReadHalf, writer: &mut OwnedWriteHalf, refusal: Refusal) {
+async fn refuse<R, W>(reader: &mut R, writer: &mut W, refusal: Refusal)
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
     let write = async {
         wire::write_message(writer, &HelloReply::Refused(refusal)).await?;
         writer.shutdown().await.map_err(FrameError::Io)

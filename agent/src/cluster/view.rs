@@ -208,6 +208,8 @@ struct Entry {
     last_persisted: Option<Instant>,
     /// A plain Ollama URL from the configuration, probed by the coordinator; it has no agent connection.
     is_static: bool,
+    /// Why the agent's last connection ended, for the event that reports it.
+    lost_because: Option<String>,
 }
 
 /// Owns the node table; runs until `shutdown` is cancelled and every event sender is gone or the shutdown arrives.
@@ -235,6 +237,7 @@ impl ClusterTask {
                     events: events.into_iter().collect(),
                     last_persisted: None,
                     is_static,
+                    lost_because: None,
                 };
                 (id, entry)
             })
@@ -358,6 +361,7 @@ impl ClusterTask {
                 entry.connection = None;
                 Arc::make_mut(&mut entry.node).connected = false;
                 tracing::info!(id = %node_id, %reason, "node connection lost");
+                entry.lost_because = Some(reason);
                 self.evaluate();
                 self.publish();
             }
@@ -402,6 +406,7 @@ impl ClusterTask {
                     events: VecDeque::new(),
                     last_persisted: None,
                     is_static: true,
+                    lost_because: None,
                 },
             );
             tracing::info!(%url, "static Ollama node from the configuration");
@@ -489,6 +494,7 @@ impl ClusterTask {
                         events: VecDeque::new(),
                         last_persisted: Some(now),
                         is_static: false,
+                        lost_because: None,
                     },
                 );
                 (
@@ -524,7 +530,10 @@ impl ClusterTask {
             if status != entry.node.status {
                 let detail = match status {
                     NodeStatus::Up => "reporting again".to_owned(),
-                    NodeStatus::Suspect if !liveness.connected => "connection lost".to_owned(),
+                    NodeStatus::Suspect if !liveness.connected => match &entry.lost_because {
+                        Some(reason) => format!("connection lost: {reason}"),
+                        None => "connection lost".to_owned(),
+                    },
                     _ => format!(
                         "no report for {} ms (heartbeat every {} ms)",
                         liveness.since_last_report.as_millis(),

@@ -179,7 +179,7 @@ mod tests {
 
     #[test]
     fn proofs_bind_token_side_nonce_and_node() {
-        let good = token("0123456789abcdef0123");
+        let good = token("0123456789abcdef0123456789abcdef");
         let nonce = [7u8; NONCE_BYTES];
         let proof_a = proof(&good, ProofSide::Agent, &nonce, "node");
         assert!(verify_proof(
@@ -190,7 +190,7 @@ mod tests {
             &proof_a
         ));
         assert!(!verify_proof(
-            &token("0123456789abcdef0124"),
+            &token("0123456789abcdef0123456789abcdee"),
             ProofSide::Agent,
             &nonce,
             "node",

@@ -23,7 +23,7 @@ pub use keys::{KEYS, KeySpec};
 pub use raw::{ConfigSources, RawConfig, default_config_file};
 pub use typed::{
     AgentConfig, ApiKey, Config, CoordinatorConfig, DiscoveryConfig, DistributedConfig,
-    EngineConfig, EngineMode, loopback_if_unspecified,
+    EngineConfig, EngineMode, HttpConfig, KeyScope, loopback_if_unspecified,
 };
 
 #[cfg(test)]

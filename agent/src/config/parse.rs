@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::time::Duration;
 
-use super::typed::ApiKey;
+use super::typed::{ApiKey, KeyScope};
 
 /// The entries of a comma-separated list (a TOML list arrives joined with commas), trimmed, empty ones
 /// skipped.
@@ -34,7 +34,7 @@ pub(super) fn parse_seed(seed: &str) -> Result<String, String> {
     }
 }
 
-pub(super) fn parse_api_keys(text: &str) -> Result<Vec<ApiKey>, String> {
+pub(super) fn parse_api_keys(text: &str, scope: KeyScope) -> Result<Vec<ApiKey>, String> {
     list_items(text)
         .enumerate()
         .map(|(index, entry)| {
@@ -54,7 +54,7 @@ pub(super) fn parse_api_keys(text: &str) -> Result<Vec<ApiKey>, String> {
                     index + 1
                 ));
             }
-            Ok(ApiKey { name, key })
+            Ok(ApiKey { name, key, scope })
         })
         .collect()
 }

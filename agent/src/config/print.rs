@@ -18,7 +18,10 @@ impl RawConfig {
             }
             match self.get(spec.key) {
                 Some((value, source)) => {
-                    let shown = if spec.key == "agent.token" || spec.key == "coordinator.api_keys" {
+                    let shown = if matches!(
+                        spec.key,
+                        "agent.token" | "coordinator.api_keys" | "coordinator.admin_keys"
+                    ) {
                         "<set, hidden>".to_owned()
                     } else {
                         value.to_owned()

@@ -20,6 +20,17 @@ pub struct Config {
     pub engine: EngineConfig,
     pub distributed: DistributedConfig,
     pub discovery: DiscoveryConfig,
+    pub http: HttpConfig,
+}
+
+/// What every HTTP server (the gateway, the engine's port) accepts: which pages and host names, how
+/// many connections.
+#[derive(Clone, Debug)]
+pub struct HttpConfig {
+    pub allowed_origins: Vec<String>,
+    pub allowed_hosts: Vec<String>,
+    pub max_connections: NonZeroU32,
+    pub max_connections_per_address: NonZeroU32,
 }
 
 /// How the coordinator finds plain Ollama servers by itself.
@@ -82,11 +93,18 @@ pub struct CoordinatorConfig {
     pub max_attempts: NonZeroU32,
     pub response_timeout: Duration,
     pub max_request_body: NonZeroU32,
+    pub max_response_body: u64,
+    /// Inference keys, then admin keys.
     pub api_keys: Vec<ApiKey>,
+    /// Per key and per application; 0: no limit.
+    pub requests_per_minute: u64,
+    pub tokens_per_minute: u64,
     pub hedging: bool,
     pub calibration: bool,
     pub header_read_timeout: Duration,
     pub body_read_timeout: Duration,
+    pub body_deadline: Duration,
+    pub body_memory: u64,
     /// Static Ollama URLs, normalised to `http://HOST:PORT`.
     pub nodes: Vec<String>,
     pub probe_interval: Duration,
@@ -97,6 +115,17 @@ pub struct CoordinatorConfig {
 pub struct ApiKey {
     pub name: String,
     pub key: String,
+    pub scope: KeyScope,
+}
+
+/// What a key may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyScope {
+    /// Generate and embed, read the cluster's state (`coordinator.api_keys`).
+    Inference,
+    /// Also change the cluster: pull, delete, copy, create, push models, plan distributed models
+    /// (`coordinator.admin_keys`).
+    Admin,
 }
 
 impl fmt::Debug for ApiKey {

@@ -1,7 +1,7 @@
 //! Stage two: validating the raw text of every key into the typed [`Config`], one function per section.
 //!
 //! The sections are read in a fixed order (top-level keys, coordinator, agent, engine, distributed,
-//! discovery) so that, of several invalid values, the same one is always reported first.
+//! discovery, http) so that, of several invalid values, the same one is always reported first.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -15,7 +15,7 @@ use super::parse::{
 use super::raw::{ConfigSources, RawConfig};
 use super::typed::{
     AgentConfig, Config, CoordinatorConfig, DiscoveryConfig, DistributedConfig, EngineConfig,
-    EngineMode, loopback_if_unspecified,
+    EngineMode, HttpConfig, KeyScope, loopback_if_unspecified,
 };
 
 impl TryFrom<&RawConfig> for Config {
@@ -35,6 +35,7 @@ impl TryFrom<&RawConfig> for Config {
         let model_sharding_enabled = reader.parse("model_sharding_enabled", parse_bool)?;
         let distributed = distributed(&reader, model_sharding_enabled)?;
         let discovery = discovery(&reader)?;
+        let http = http(&reader)?;
         Ok(Self {
             shutdown_grace: reader.parse("shutdown_grace", parse_duration)?,
             log_level: reader.parse("log_level", |text| {
@@ -52,6 +53,7 @@ impl TryFrom<&RawConfig> for Config {
             engine,
             distributed,
             discovery,
+            http,
         })
     }
 }
@@ -111,15 +113,40 @@ fn coordinator(
         max_attempts: reader.parse("coordinator.max_attempts", parse_non_zero)?,
         response_timeout: reader.parse("coordinator.response_timeout", parse_positive_duration)?,
         max_request_body: reader.parse("coordinator.max_request_body", parse_non_zero)?,
-        api_keys: reader
-            .optional("coordinator.api_keys", parse_api_keys)?
-            .unwrap_or_default(),
+        max_response_body: reader.parse("coordinator.max_response_body", parse_bytes)?,
+        api_keys: {
+            let mut keys = reader
+                .optional("coordinator.api_keys", |text| {
+                    parse_api_keys(text, KeyScope::Inference)
+                })?
+                .unwrap_or_default();
+            keys.extend(
+                reader
+                    .optional("coordinator.admin_keys", |text| {
+                        parse_api_keys(text, KeyScope::Admin)
+                    })?
+                    .unwrap_or_default(),
+            );
+            keys
+        },
+        requests_per_minute: reader.parse("coordinator.requests_per_minute", |text| {
+            text.trim()
+                .parse::<u64>()
+                .map_err(|_| "a whole number of requests per minute (0: no limit)".to_owned())
+        })?,
+        tokens_per_minute: reader.parse("coordinator.tokens_per_minute", |text| {
+            text.trim().parse::<u64>().map_err(|_| {
+                "a whole number of generated tokens per minute (0: no limit)".to_owned()
+            })
+        })?,
         hedging: reader.parse("coordinator.hedging", parse_bool)?,
         calibration: reader.parse("coordinator.calibration", parse_bool)?,
         header_read_timeout: reader
             .parse("coordinator.header_read_timeout", parse_positive_duration)?,
         body_read_timeout: reader
             .parse("coordinator.body_read_timeout", parse_positive_duration)?,
+        body_deadline: reader.parse("coordinator.body_deadline", parse_positive_duration)?,
+        body_memory: reader.parse("coordinator.body_memory", parse_bytes)?,
         nodes: reader
             .optional("coordinator.nodes", |text| {
                 list_items(text).map(parse_http_url).collect()
@@ -158,11 +185,20 @@ fn agent(reader: &Reader<'_>, data_dir: &Path) -> Result<AgentConfig, ConfigErro
         join: reader.optional("agent.join", |text| {
             parse_host_port(text).map(|()| text.to_owned())
         })?,
-        token: reader.optional("agent.token", |text| {
-            crate::cluster::identity::ClusterToken::parse(text)
+        token: match reader.optional("agent.token_file", |path| {
+            let text = std::fs::read_to_string(path.trim())
+                .map_err(|error| format!("cannot read the token file: {error}"))?;
+            crate::cluster::identity::ClusterToken::parse(&text)
                 .map(|token| token.expose().to_owned())
-                .map_err(|error| error.to_string())
-        })?,
+                .map_err(|error| format!("the file's token is invalid: {error}"))
+        })? {
+            Some(token) => Some(token),
+            None => reader.optional("agent.token", |text| {
+                crate::cluster::identity::ClusterToken::parse(text)
+                    .map(|token| token.expose().to_owned())
+                    .map_err(|error| error.to_string())
+            })?,
+        },
         name: match reader.text("agent.name") {
             Some(text) => reader.parse_text("agent.name", text, parse_node_name)?,
             None => crate::cluster::identity::host_name(),
@@ -240,6 +276,33 @@ fn discovery(reader: &Reader<'_>) -> Result<DiscoveryConfig, ConfigError> {
                 list_items(text).map(parse_seed).collect()
             })?
             .unwrap_or_default(),
+    })
+}
+
+/// The `http` section.
+fn http(reader: &Reader<'_>) -> Result<HttpConfig, ConfigError> {
+    let list = |key| {
+        reader
+            .optional(key, |text| {
+                list_items(text)
+                    .map(|item| {
+                        if item.chars().any(char::is_control) || item.contains(char::is_whitespace)
+                        {
+                            Err(format!("{item:?} has spaces or control characters"))
+                        } else {
+                            Ok(item.to_owned())
+                        }
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .map(Option::unwrap_or_default)
+    };
+    Ok(HttpConfig {
+        allowed_origins: list("http.allowed_origins")?,
+        allowed_hosts: list("http.allowed_hosts")?,
+        max_connections: reader.parse("http.max_connections", parse_non_zero)?,
+        max_connections_per_address: reader
+            .parse("http.max_connections_per_address", parse_non_zero)?,
     })
 }
 

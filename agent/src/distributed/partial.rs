@@ -11,6 +11,7 @@ use std::collections::BTreeSet;
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
+use sollol_shared::digest::Sha256Digest;
 use sollol_shared::layers::PartSpec;
 
 use sollol_engine::gguf::Gguf;
@@ -53,18 +54,22 @@ pub struct PartialCopy {
 }
 
 impl PartialCopy {
-    fn paths(models_dir: &Path, digest: &str) -> (PathBuf, PathBuf) {
+    /// The copy's file and manifest; the digest comes from the network, so it is checked before it
+    /// names a file (a `../` or an absolute path must not write outside the models directory).
+    fn paths(models_dir: &Path, digest: &str) -> std::io::Result<(PathBuf, PathBuf)> {
+        let digest = Sha256Digest::parse(digest)
+            .map_err(|reason| std::io::Error::new(std::io::ErrorKind::InvalidInput, reason))?;
         let directory = models_dir.join(".partial");
-        let stem = digest.replace(':', "-");
-        (
+        let stem = digest.file_stem();
+        Ok((
             directory.join(format!("{stem}.gguf")),
             directory.join(format!("{stem}.tensors.json")),
-        )
+        ))
     }
 
     /// The partial copy of the file with `digest`, if one was started.
     pub fn open(models_dir: &Path, digest: &str) -> Option<Self> {
-        let (path, manifest) = Self::paths(models_dir, digest);
+        let (path, manifest) = Self::paths(models_dir, digest).ok()?;
         let text = std::fs::read_to_string(&manifest).ok()?;
         let present: BTreeSet<String> = serde_json::from_str(&text).ok()?;
         path.is_file().then_some(Self {
@@ -81,7 +86,7 @@ impl PartialCopy {
         header: &[u8],
         file_bytes: u64,
     ) -> std::io::Result<Self> {
-        let (path, manifest) = Self::paths(models_dir, digest);
+        let (path, manifest) = Self::paths(models_dir, digest)?;
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)?;
         }
@@ -134,15 +139,19 @@ impl PartialCopy {
 mod tests {
     use super::*;
 
+    fn digest(byte: &str) -> String {
+        format!("sha256:{}", byte.repeat(64))
+    }
+
     #[test]
     fn a_partial_copy_remembers_what_it_holds() {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut copy =
-            PartialCopy::create(dir.path(), "sha256:abc", b"GGUF-header", 1 << 20).expect("create");
+            PartialCopy::create(dir.path(), &digest("a"), b"GGUF-header", 1 << 20).expect("create");
         assert_eq!(std::fs::metadata(&copy.path).expect("file").len(), 1 << 20);
         copy.write_at(4096, b"tensor").expect("write");
         copy.mark(["blk.0.attn_q.weight".to_owned()]).expect("mark");
-        let again = PartialCopy::open(dir.path(), "sha256:abc").expect("open");
+        let again = PartialCopy::open(dir.path(), &digest("a")).expect("open");
         let wanted = [
             "blk.0.attn_q.weight".to_owned(),
             "blk.1.attn_q.weight".to_owned(),
@@ -151,6 +160,36 @@ mod tests {
         let bytes = std::fs::read(&again.path).expect("read");
         assert_eq!(&bytes[..11], b"GGUF-header");
         assert_eq!(&bytes[4096..4102], b"tensor");
-        assert!(PartialCopy::open(dir.path(), "sha256:other").is_none());
+        assert!(PartialCopy::open(dir.path(), &digest("b")).is_none());
+    }
+
+    #[test]
+    fn a_digest_from_the_network_never_names_a_path_outside() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let models = root.path().join("models");
+        std::fs::create_dir(&models).expect("models dir");
+        for hostile in [
+            "../../escaped".to_owned(),
+            "sha256:../../escaped".to_owned(),
+            format!("sha256:{}/../../escaped", "a".repeat(40)),
+            root.path().join("escaped").display().to_string(),
+        ] {
+            let created = PartialCopy::create(&models, &hostile, b"GGUF", 16);
+            assert!(created.is_err(), "{hostile}");
+            assert!(PartialCopy::open(&models, &hostile).is_none(), "{hostile}");
+        }
+        let written: Vec<_> = walk(root.path());
+        assert_eq!(written, [models], "nothing but the empty models dir");
+    }
+
+    fn walk(dir: &Path) -> Vec<PathBuf> {
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir(dir).expect("read dir").flatten() {
+            found.push(entry.path());
+            if entry.path().is_dir() {
+                found.extend(walk(&entry.path()));
+            }
+        }
+        found
     }
 }

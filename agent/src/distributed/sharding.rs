@@ -124,7 +124,7 @@ mod tests {
             status: NodeStatus::Up,
             addresses: vec!["127.0.0.1:40000".to_owned()],
             build_version: String::new(),
-            protocol_version: 3,
+            protocol_version: sollol_shared::protocol::PROTOCOL_VERSION,
             first_seen_ms: 0,
             last_seen_ms: 0,
             heartbeat_interval_ms: 2000,

@@ -1,7 +1,9 @@
-//! A request body that fails when the client stops sending it: a stalled or trickling upload must not
-//! hold a connection, a task and a buffer forever.
+//! A request body that fails when the client sends it too slowly: a stalled upload (no bytes for the
+//! idle time) or a trickling one (some bytes now and then, never finishing) must not hold a
+//! connection, a task and a buffer forever.
 //!
-//! The clock restarts with every chunk, so a large upload over a slow link passes as long as it moves.
+//! The idle clock restarts with every chunk, so a large upload over a slow link passes as long as it
+//! moves; the total clock does not, so even a moving upload ends by its deadline.
 
 use std::fmt;
 use std::pin::Pin;
@@ -12,38 +14,51 @@ use axum::body::Body;
 use hyper::body::{Body as HttpBody, Bytes, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 
-/// The error a stalled body ends with; the gateway answers it with HTTP 408.
+/// Why a body was abandoned; the gateway answers it with HTTP 408.
 #[derive(Debug)]
-pub struct BodyStalled {
-    pub after: Duration,
+pub enum BodyTooSlow {
+    /// No bytes arrived for this long.
+    Stalled(Duration),
+    /// The whole body had not arrived after this long.
+    Overdue(Duration),
 }
 
-impl fmt::Display for BodyStalled {
+impl fmt::Display for BodyTooSlow {
     fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            formatter,
-            "the request body stopped arriving for {} ms",
-            self.after.as_millis()
-        )
+        match self {
+            Self::Stalled(after) => write!(
+                formatter,
+                "the request body stopped arriving for {} ms",
+                after.as_millis()
+            ),
+            Self::Overdue(after) => write!(
+                formatter,
+                "the request body was still arriving after {} s (coordinator.body_deadline)",
+                after.as_secs()
+            ),
+        }
     }
 }
 
-impl std::error::Error for BodyStalled {}
+impl std::error::Error for BodyTooSlow {}
 
-/// Wraps `body` so that a gap of more than `idle` between two chunks ends it with [`BodyStalled`].
-pub fn with_idle_timeout(body: Body, idle: Duration) -> Body {
-    Body::new(IdleTimeout {
+/// Wraps `body` so that a gap of more than `idle` between two chunks, or a body still arriving after
+/// `total`, ends it with [`BodyTooSlow`].
+pub fn with_timeouts(body: Body, idle: Duration, total: Duration) -> Body {
+    Body::new(Timed {
         inner: body,
         idle,
-        deadline: Box::pin(tokio::time::sleep(idle)),
+        total,
+        idle_deadline: Box::pin(tokio::time::sleep(idle)),
+        total_deadline: Box::pin(tokio::time::sleep(total)),
     })
 }
 
-/// Whether `error` (or what caused it) is a [`BodyStalled`].
-pub fn is_stalled(error: &(dyn std::error::Error + 'static)) -> bool {
+/// Whether `error` (or what caused it) is a [`BodyTooSlow`].
+pub fn is_too_slow(error: &(dyn std::error::Error + 'static)) -> bool {
     let mut current = Some(error);
     while let Some(error) = current {
-        if error.is::<BodyStalled>() {
+        if error.is::<BodyTooSlow>() {
             return true;
         }
         current = error.source();
@@ -51,13 +66,15 @@ pub fn is_stalled(error: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-struct IdleTimeout {
+struct Timed {
     inner: Body,
     idle: Duration,
-    deadline: Pin<Box<Sleep>>,
+    total: Duration,
+    idle_deadline: Pin<Box<Sleep>>,
+    total_deadline: Pin<Box<Sleep>>,
 }
 
-impl HttpBody for IdleTimeout {
+impl HttpBody for Timed {
     type Data = Bytes;
     type Error = axum::Error;
 
@@ -66,16 +83,21 @@ impl HttpBody for IdleTimeout {
         context: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
         let this = &mut *self;
+        if this.total_deadline.as_mut().poll(context).is_ready() {
+            return Poll::Ready(Some(Err(axum::Error::new(BodyTooSlow::Overdue(
+                this.total,
+            )))));
+        }
         match Pin::new(&mut this.inner).poll_frame(context) {
             Poll::Ready(frame) => {
                 let idle = this.idle;
-                this.deadline.as_mut().reset(Instant::now() + idle);
+                this.idle_deadline.as_mut().reset(Instant::now() + idle);
                 Poll::Ready(frame)
             }
-            Poll::Pending => match this.deadline.as_mut().poll(context) {
-                Poll::Ready(()) => Poll::Ready(Some(Err(axum::Error::new(BodyStalled {
-                    after: this.idle,
-                })))),
+            Poll::Pending => match this.idle_deadline.as_mut().poll(context) {
+                Poll::Ready(()) => {
+                    Poll::Ready(Some(Err(axum::Error::new(BodyTooSlow::Stalled(this.idle)))))
+                }
                 Poll::Pending => Poll::Pending,
             },
         }
@@ -98,9 +120,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_body_that_keeps_coming_passes() {
         let (sender, receiver) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, axum::Error>>(1);
-        let body = with_idle_timeout(
+        let body = with_timeouts(
             Body::new(http_body_util::StreamBody::new(tokio_stream_from(receiver))),
             Duration::from_secs(1),
+            Duration::from_secs(60),
         );
         tokio::spawn(async move {
             for _ in 0..5 {
@@ -117,9 +140,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_stalled_body_fails_as_stalled() {
         let (sender, receiver) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, axum::Error>>(1);
-        let body = with_idle_timeout(
+        let body = with_timeouts(
             Body::new(http_body_util::StreamBody::new(tokio_stream_from(receiver))),
             Duration::from_secs(1),
+            Duration::from_secs(60),
         );
         tokio::spawn(async move {
             let _ = sender
@@ -131,7 +155,35 @@ mod tests {
         let Err(error) = body.collect().await else {
             panic!("a stalled body must fail");
         };
-        assert!(is_stalled(&error), "{error}");
+        assert!(is_too_slow(&error), "{error}");
+        assert!(error.to_string().contains("stopped arriving"), "{error}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_trickled_body_ends_at_its_deadline() {
+        let (sender, receiver) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, axum::Error>>(1);
+        let body = with_timeouts(
+            Body::new(http_body_util::StreamBody::new(tokio_stream_from(receiver))),
+            Duration::from_secs(1),
+            Duration::from_secs(10),
+        );
+        tokio::spawn(async move {
+            // One byte every 900 ms, for ever: never idle for a whole second.
+            while sender
+                .send(Ok(Frame::data(Bytes::from_static(b"a"))))
+                .await
+                .is_ok()
+            {
+                tokio::time::sleep(Duration::from_millis(900)).await;
+            }
+        });
+        let started = Instant::now();
+        let Err(error) = body.collect().await else {
+            panic!("a trickled body must fail");
+        };
+        assert!(is_too_slow(&error), "{error}");
+        assert!(error.to_string().contains("still arriving"), "{error}");
+        assert_eq!(started.elapsed().as_secs(), 10);
     }
 
     fn tokio_stream_from<T: Send + 'static>(

@@ -3,10 +3,13 @@
 //! Handlers read the cluster snapshot and never wait on the history or the
 //! cluster task. Every error is Ollama's shape, `{"error": "..."}`.
 
+mod access;
 pub mod admission;
 pub mod body_timeout;
 pub mod learning;
 pub mod proxy;
+pub mod quota;
+mod session;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -32,11 +35,12 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::cluster::SharedView;
-use crate::config::ApiKey;
+use crate::config::KeyScope;
 use crate::dashboard_assets;
 use crate::history::{HistoryReader, RequestFilter};
 use crate::observability::{self, Gauges, Observer};
-use proxy::{ApiKeyName, Proxy};
+use access::{SESSION_PATH, authenticate, session_status, sign_in, sign_out};
+use proxy::Proxy;
 use std::collections::HashMap;
 use tokio::sync::broadcast;
 
@@ -51,14 +55,22 @@ pub struct GatewayState {
     pub cluster_address: SocketAddr,
     pub cluster_connections: Arc<AtomicU64>,
     pub history_dropped: Arc<AtomicU64>,
+    /// What the operator should know (`sollol status` prints it), e.g. a corrupt history moved aside.
+    pub notices: Vec<String>,
     pub proxy: Proxy,
     pub max_request_body: usize,
     /// SHA-256 of each API key, with its name; empty means the gateway is open.
-    pub api_keys: Vec<([u8; 32], String)>,
-    /// A client that takes longer to send its request headers is disconnected (slowloris).
-    pub header_read_timeout: Duration,
+    pub api_keys: Vec<([u8; 32], String, KeyScope)>,
+    /// Dashboards signed in with a key.
+    pub sessions: session::Sessions,
+    /// Which pages and host names may call the gateway, and how many connections it holds.
+    pub http: (Arc<sollol_policy::browser::Boundary>, sollol_http::Limits),
     /// A request body that stops arriving for this long is abandoned with 408.
     pub body_read_timeout: Duration,
+    /// A request body still arriving after this long is abandoned with 408, however it trickles.
+    pub body_deadline: Duration,
+    /// The memory budget of bodies in flight, in KiB: the semaphore and its size.
+    pub body_memory: (Arc<tokio::sync::Semaphore>, u64),
     pub observer: Arc<Observer>,
     /// Reads requests back from SQLite; `None` when the second connection could not be opened.
     pub history: Option<Arc<HistoryReader>>,
@@ -71,16 +83,6 @@ pub struct GatewayState {
     /// The coordinator's mDNS announcement and browser: `None` when `discovery.mdns` is off, the
     /// reason when it could not start.
     pub mdns: Option<Result<Arc<crate::cluster::mdns::Mdns>, String>>,
-}
-
-impl GatewayState {
-    /// Digests of the configured API keys, as `api_keys` holds them.
-    pub fn digest_keys(api_keys: &[ApiKey]) -> Vec<([u8; 32], String)> {
-        api_keys
-            .iter()
-            .map(|key| (key_digest(&key.key), key.name.clone()))
-            .collect()
-    }
 }
 
 pub fn router(state: Arc<GatewayState>) -> Router {
@@ -121,6 +123,10 @@ pub fn router(state: Arc<GatewayState>) -> Router {
         .route(&format!("{API_PREFIX}/distributed"), get(distributed))
         .route(&format!("{API_PREFIX}/discovery"), get(discovery))
         .route(
+            SESSION_PATH,
+            get(session_status).post(sign_in).delete(sign_out),
+        )
+        .route(
             &format!("{API_PREFIX}/distributed/{{model}}/plan"),
             post(plan_distributed),
         )
@@ -134,108 +140,61 @@ pub fn router(state: Arc<GatewayState>) -> Router {
             Arc::clone(&state),
             authenticate,
         ))
+        // Outermost: a foreign page is refused before anything else looks at its request.
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(&state.http.0),
+            sollol_http::guard,
+        ))
         .with_state(state)
 }
 
-/// Routes anyone may call, keys or not: liveness and the dashboard's static files (they hold no data).
-fn is_public(path: &str) -> bool {
-    matches!(path, "/" | "/healthz" | "/readyz" | "/dashboard") || path.starts_with("/dashboard/")
-}
+/// What a body costs in memory while a request is read, parsed and routed, per byte received, at
+/// worst: the bytes themselves and their parsed JSON — an array of one-digit numbers takes 32 bytes
+/// per element of 2 bytes of text, and its vector may hold twice that while it grows.
+const BODY_MEMORY_PER_BYTE: u64 = 33;
 
-fn key_digest(key: &str) -> [u8; 32] {
-    use sha2::Digest;
-    sha2::Sha256::digest(key.as_bytes()).into()
-}
-
-/// With API keys configured, every non-public route needs `Authorization: Bearer KEY` or `X-API-Key: KEY`.
-async fn authenticate(
-    State(state): State<Arc<GatewayState>>,
-    mut request: Request,
-    next: Next,
-) -> Response {
-    if state.api_keys.is_empty() || is_public(request.uri().path()) {
-        return next.run(request).await;
-    }
-    let headers = request.headers();
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.strip_prefix("Bearer "))
-        .or_else(|| {
-            headers
-                .get("x-api-key")
-                .and_then(|value| value.to_str().ok())
-        })
-        .map(str::trim);
-    // Comparing digests keeps the comparison's timing independent of how much of a key matched.
-    let name = presented.and_then(|key| {
-        let digest = key_digest(key);
-        state
-            .api_keys
-            .iter()
-            .find(|(known, _)| *known == digest)
-            .map(|(_, name)| name.clone())
-    });
-    match name {
-        Some(name) => {
-            request.extensions_mut().insert(ApiKeyName(name));
-            next.run(request).await
-        }
-        None => ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "missing or invalid API key: send Authorization: Bearer KEY or X-API-Key: KEY",
-        )
-        .into_response(),
-    }
-}
-
-/// Forwarded requests read their body through an idle timeout (a stalled upload ends with 408).
+/// Forwarded requests read their body within an idle timeout and a total deadline (408 otherwise),
+/// and only once the memory budget of bodies in flight (`coordinator.body_memory`) has room for it:
+/// many large bodies at once wait their turn instead of exhausting the coordinator's memory.
 async fn limit_body_stalls(
     State(state): State<Arc<GatewayState>>,
     request: Request,
     next: Next,
 ) -> Response {
+    let announced = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok())
+        .unwrap_or(state.max_request_body as u64)
+        .min(state.max_request_body as u64);
+    let budget = state.body_memory.1;
+    let cost_kib = (announced.saturating_mul(BODY_MEMORY_PER_BYTE) / 1024)
+        .clamp(1, budget)
+        .try_into()
+        .unwrap_or(u32::MAX);
+    let reserved = tokio::time::timeout(
+        state.body_read_timeout,
+        Arc::clone(&state.body_memory.0).acquire_many_owned(cost_kib),
+    )
+    .await;
+    let Ok(Ok(_reserved)) = reserved else {
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the gateway is busy receiving other large requests (coordinator.body_memory): try again",
+        )
+        .retry_after(1)
+        .into_response();
+    };
     let (parts, body) = request.into_parts();
-    let body = body_timeout::with_idle_timeout(body, state.body_read_timeout);
+    let body = body_timeout::with_timeouts(body, state.body_read_timeout, state.body_deadline);
     next.run(Request::from_parts(parts, body)).await
 }
 
 /// Serves until `shutdown`, then finishes in-flight requests.
 pub async fn serve(listener: TcpListener, state: Arc<GatewayState>, shutdown: CancellationToken) {
-    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-    use hyper_util::server::conn::auto;
-    let state_header_timeout = state.header_read_timeout;
-    let app = router(state);
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    // A client that takes longer than this to send its request headers (slowloris) is disconnected.
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(state_header_timeout);
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    loop {
-        let (stream, _peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    tracing::warn!(%error, "gateway accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = shutdown.cancelled() => break,
-        };
-        // Small writes (streamed tokens) must not wait for delayed ACKs.
-        let _ = stream.set_nodelay(true);
-        let service = hyper_util::service::TowerToHyperService::new(app.clone());
-        let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-        let connection = graceful.watch(connection.into_owned());
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
-    }
-    // In-flight requests finish; idle keep-alive connections close.
-    graceful.shutdown().await;
+    let limits = state.http.1;
+    sollol_http::serve(listener, router(state), limits, shutdown).await;
 }
 
 /// An error answered in Ollama's shape.
@@ -330,6 +289,7 @@ async fn cluster(State(state): State<Arc<GatewayState>>) -> Json<ClusterSummary>
             .map(|count| u64::from(*count))
             .sum(),
         queued: state.proxy.queued() as u64,
+        notices: state.notices.clone(),
     })
 }
 

@@ -51,6 +51,11 @@ pub enum HistoryError {
     },
     #[error("history database error: {0}")]
     Sql(#[from] rusqlite::Error),
+    #[error("history database {} is corrupt and could not be moved aside: {source}", .path.display())]
+    MoveAside {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// One write for the history.
@@ -132,6 +137,8 @@ pub struct Remembered {
     pub nodes: Vec<(Node, Vec<NodeEvent>)>,
     /// What routing learned: (node id, model, statistics).
     pub pairs: Vec<(String, String, PairStats)>,
+    /// Where a corrupt database was moved before a new one was created.
+    pub moved_aside: Option<PathBuf>,
 }
 
 /// Handle to the writer thread.
@@ -149,8 +156,7 @@ impl History {
         event_retention: u32,
         events_per_node: usize,
     ) -> Result<(Self, Remembered), HistoryError> {
-        let mut connection = open_connection(path)?;
-        let remembered = read_remembered(&connection, events_per_node)?;
+        let (mut connection, remembered) = open_or_replace(path, events_per_node)?;
         let (sender, receiver) = mpsc::channel(QUEUE_CAPACITY);
         let writer = std::thread::Builder::new()
             .name("sollol-history".to_owned())
@@ -205,6 +211,56 @@ impl HistorySender {
         if self.sender.try_send(record).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
+    }
+}
+
+/// Opens the database and reads what it remembers; a corrupt one is moved aside (with its WAL files,
+/// named after the time) and a new one created, so a damaged disk costs history, not the coordinator.
+fn open_or_replace(
+    path: &Path,
+    events_per_node: usize,
+) -> Result<(Connection, Remembered), HistoryError> {
+    let opened = open_connection(path)
+        .and_then(|connection| Ok((read_remembered(&connection, events_per_node)?, connection)));
+    match opened {
+        Ok((remembered, connection)) => Ok((connection, remembered)),
+        Err(error) if error.is_corruption() => {
+            let seconds = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |since| since.as_secs());
+            let aside = path.with_extension(format!("db.corrupt-{seconds}"));
+            std::fs::rename(path, &aside).map_err(|source| HistoryError::MoveAside {
+                path: path.to_owned(),
+                source,
+            })?;
+            for suffix in ["-wal", "-shm"] {
+                let mut companion = path.as_os_str().to_owned();
+                companion.push(suffix);
+                let mut moved = aside.as_os_str().to_owned();
+                moved.push(suffix);
+                let _ = std::fs::rename(&companion, &moved);
+            }
+            tracing::error!(%error, moved_to = %aside.display(), "THE HISTORY DATABASE IS CORRUPT: moved aside, starting with an empty history (learned routing figures and remembered nodes are lost; the old file is kept for inspection)");
+            let connection = open_connection(path)?;
+            let mut remembered = read_remembered(&connection, events_per_node)?;
+            remembered.moved_aside = Some(aside);
+            Ok((connection, remembered))
+        }
+        Err(error) => Err(error),
+    }
+}
+
+impl HistoryError {
+    /// SQLite says the file is damaged or not a database at all.
+    fn is_corruption(&self) -> bool {
+        let source = match self {
+            Self::Open { source, .. } | Self::Sql(source) => source,
+            Self::TooNew { .. } | Self::MoveAside { .. } => return false,
+        };
+        matches!(
+            source.sqlite_error_code(),
+            Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase)
+        )
     }
 }
 
@@ -413,5 +469,27 @@ mod tests {
         drop(connection);
         let error = History::open(&path, 10, 10).expect_err("too new");
         assert!(error.to_string().contains("upgrade sollol"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_database_is_moved_aside_and_replaced() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("history.db");
+        let garbage = b"this was a history database before the disk failed".repeat(200);
+        std::fs::write(&path, &garbage).expect("write");
+        let (history, remembered) = History::open(&path, 10, 10).expect("a new database");
+        let aside = remembered.moved_aside.expect("moved aside");
+        assert_eq!(std::fs::read(&aside).expect("kept"), garbage);
+        assert!(
+            aside.display().to_string().contains("history.db.corrupt-"),
+            "{}",
+            aside.display()
+        );
+        assert!(remembered.nodes.is_empty());
+        history.close().await;
+        // The new one works and is not moved again.
+        let (history, remembered) = History::open(&path, 10, 10).expect("reopen");
+        assert!(remembered.moved_aside.is_none());
+        history.close().await;
     }
 }

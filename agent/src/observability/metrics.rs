@@ -38,13 +38,10 @@ pub(super) struct Metrics {
 }
 
 impl Metrics {
-    /// Counts a finished attempt on the node named `node`.
-    pub(super) fn count(&mut self, node: String, row: &RequestRow) {
+    /// Counts a finished attempt on the node named `node`, under the label `model`.
+    pub(super) fn count(&mut self, node: String, model: String, row: &RequestRow) {
         let status = if row.ok { "ok" } else { "failed" };
-        let series = self
-            .requests
-            .entry((node, row.model.clone(), status))
-            .or_default();
+        let series = self.requests.entry((node, model, status)).or_default();
         series.count += 1;
         series.output_tokens += row.output_tokens.unwrap_or(0);
         series.duration.observe(row.total_ms as f64 / 1000.0);
@@ -572,6 +569,57 @@ mod tests {
                 "sollol_routing_decisions_total{strategy=\"intelligent\",kind=\"failover\"} 1",
                 "sollol_routing_decisions_total{strategy=\"intelligent\",kind=\"hedge\"} 1",
                 "sollol_routing_decisions_total{strategy=\"round_robin\",kind=\"best\"} 1",
+            ]
+        );
+    }
+
+    /// Any client may name any model; only models a node lists get a series of their own.
+    #[test]
+    fn models_no_node_lists_share_one_label() {
+        let view = crate::cluster::ClusterView {
+            backends: vec![Arc::new(crate::cluster::Backend {
+                node_id: "n".to_owned(),
+                name: "gpu1".to_owned(),
+                base_url: "http://127.0.0.1:1".to_owned(),
+                models: vec!["llama3.2:3b".to_owned()],
+                loaded: Vec::new(),
+                reported_ms: 0,
+            })],
+            ..crate::cluster::ClusterView::default()
+        };
+        let observer = Observer::new(Arc::new(arc_swap::ArcSwap::from_pointee(view)));
+        for model in [
+            "llama3.2:3b",
+            "made-up-1:latest",
+            "made-up-2:latest",
+            "typo:3b",
+        ] {
+            let outcome = Outcome {
+                node_id: "n".to_owned(),
+                model: model.to_owned(),
+                path: "/api/pull".to_owned(),
+                app: "test".to_owned(),
+                ok: true,
+                time_to_first_byte: std::time::Duration::ZERO,
+                total: std::time::Duration::ZERO,
+                timings: None,
+                choice: Choice::routed(Strategy::Intelligent, DecisionKind::Best),
+                reason: String::new(),
+                candidates: Arc::from([]),
+                concurrent: 0,
+            };
+            observer.finished(&RequestRow::of(&outcome, 0));
+        }
+        let exposition = observer.render(&Gauges::default());
+        let counts: Vec<&str> = exposition
+            .lines()
+            .filter(|line| line.starts_with("sollol_requests_total{"))
+            .collect();
+        assert_eq!(
+            counts,
+            [
+                "sollol_requests_total{node=\"n\",model=\"llama3.2:3b\",status=\"ok\"} 1",
+                "sollol_requests_total{node=\"n\",model=\"other\",status=\"ok\"} 3",
             ]
         );
     }

@@ -32,6 +32,9 @@ const EVENT_BUFFER: usize = 1024;
 const SAMPLES_PER_NODE: usize = 300;
 
 /// The hub of the observability surface; cheap to call from the request path.
+/// The metrics label of every model no node lists.
+pub const OTHER_MODEL: &str = "other";
+
 #[derive(Debug)]
 pub struct Observer {
     view: SharedView,
@@ -94,10 +97,23 @@ impl Observer {
     /// An attempt finished: counted, and pushed to the live feed.
     pub fn finished(&self, row: &RequestRow) {
         let node = self.node_name(&row.node_id);
+        // Any client may name any model (a pull of a made-up name, a typo): only models some node
+        // lists get a metrics series of their own, so the label set stays bounded.
+        let known = self
+            .view
+            .load()
+            .backends
+            .iter()
+            .any(|backend| backend.has_model(&row.model));
+        let model = if known {
+            row.model.clone()
+        } else {
+            OTHER_MODEL.to_owned()
+        };
         self.metrics
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .count(node.clone(), row);
+            .count(node.clone(), model, row);
         if self.wanted() {
             self.publish(LiveEvent::Finished {
                 request: events::entry_of(row, node),

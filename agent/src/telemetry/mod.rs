@@ -94,6 +94,13 @@ pub fn report(
     }
 }
 
+/// The node's available memory now (`MemAvailable`), 0 when unknown.
+pub fn available_memory_bytes() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .map(|text| procfs::parse_meminfo(&text).available_bytes)
+        .unwrap_or(0)
+}
+
 pub fn unix_ms(time: SystemTime) -> u64 {
     time.duration_since(UNIX_EPOCH)
         .map(|since| u64::try_from(since.as_millis()).unwrap_or(u64::MAX))

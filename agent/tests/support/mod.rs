@@ -66,6 +66,7 @@ pub struct Answer {
     pub status: u16,
     pub node: Option<String>,
     pub decision: Option<String>,
+    pub headers: hyper::HeaderMap,
     pub body: Vec<u8>,
 }
 
@@ -113,6 +114,7 @@ pub async fn send_within(
             .map(str::to_owned)
     };
     let (node, decision) = (header("x-sollol-node"), header("x-sollol-decision"));
+    let headers = response.headers().clone();
     let body = tokio::time::timeout(Duration::from_secs(20), response.into_body().collect())
         .await
         .expect("body in time")
@@ -123,6 +125,7 @@ pub async fn send_within(
         status,
         node,
         decision,
+        headers,
         body,
     }
 }

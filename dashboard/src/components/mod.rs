@@ -1,12 +1,13 @@
 //! The page's components: the header's connection badge and the overview with its summary and window
 //! picker; the child modules hold the node cards, the pipelines, the charts, the tables, the request
-//! feed and the node page.
+//! feed, the node page and the sign-in form.
 
 mod charts;
 mod feed;
 mod node_page;
 mod nodes;
 mod pipeline;
+mod sign_in;
 mod tables;
 
 use leptos::prelude::*;
@@ -18,6 +19,7 @@ use feed::Feed;
 pub(crate) use node_page::NodePage;
 use nodes::NodeCards;
 use pipeline::Pipelines;
+pub(crate) use sign_in::SignInForm;
 use tables::AggregateTable;
 
 #[component]

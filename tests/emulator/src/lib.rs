@@ -51,6 +51,9 @@ pub struct EmulatorConfig {
     pub default_num_predict: u32,
     pub embedding_dimensions: usize,
     pub version: String,
+    /// Names the emulated registry does not have: pulling one fails as Ollama's does (HTTP 500,
+    /// "pull model manifest: file does not exist").
+    pub not_in_registry: Vec<String>,
 }
 
 impl Default for EmulatorConfig {
@@ -70,6 +73,7 @@ impl Default for EmulatorConfig {
             default_num_predict: 16,
             embedding_dimensions: 8,
             version: "0.12.3".to_owned(),
+            not_in_registry: Vec::new(),
         }
     }
 }
@@ -513,6 +517,17 @@ async fn pull(State(state): State<Arc<EmulatorState>>, body: Bytes) -> Response 
         return error(StatusCode::BAD_REQUEST, "model is required");
     };
     let model = normalize(name);
+    if state
+        .config
+        .not_in_registry
+        .iter()
+        .any(|missing| normalize(missing) == model)
+    {
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "pull model manifest: file does not exist",
+        );
+    }
     {
         let mut models = lock(&state.models);
         if !models.contains(&model) {

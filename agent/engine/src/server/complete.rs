@@ -249,7 +249,8 @@ pub(super) async fn complete(engine: Arc<Engine>, body: Bytes, api: Api) -> Resp
                     .is_ok()
             } else {
                 whole.push_str(text);
-                true
+                // The client left (its handler, holding the receiver, was dropped): stop generating.
+                !sender.is_closed()
             }
         });
         match result {

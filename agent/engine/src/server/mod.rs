@@ -22,6 +22,8 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
+use sollol_http::Limits;
+use sollol_policy::browser::Boundary;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -63,7 +65,12 @@ fn engine_refusal(failure: EngineError) -> Refusal {
     refuse(status, failure.to_string())
 }
 
+/// The last second RFC 3339 can write (9999-12-31T23:59:59Z), after the Unix epoch.
+const LATEST: Duration = Duration::from_secs(253_402_300_799);
+
+/// RFC 3339 time, clamped to what the format can write (humantime panics outside 1970..=9999).
 fn rfc3339(time: SystemTime) -> String {
+    let time = time.clamp(SystemTime::UNIX_EPOCH, SystemTime::UNIX_EPOCH + LATEST);
     humantime::format_rfc3339_nanos(time).to_string()
 }
 
@@ -90,15 +97,19 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .with_state(engine)
 }
 
-/// Serves the engine on `listener` until `shutdown`.
-pub async fn serve(listener: TcpListener, engine: Arc<Engine>, shutdown: CancellationToken) {
-    let app = router(engine);
-    if let Err(failure) = axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
-    {
-        tracing::error!(error = %failure, "the engine's server stopped");
-    }
+/// Serves the engine on `listener` until `shutdown`, behind the browser boundary and within `limits`.
+pub async fn serve(
+    listener: TcpListener,
+    engine: Arc<Engine>,
+    boundary: Arc<Boundary>,
+    limits: Limits,
+    shutdown: CancellationToken,
+) {
+    let app = router(engine).layer(axum::middleware::from_fn_with_state(
+        boundary,
+        sollol_http::guard,
+    ));
+    sollol_http::serve(listener, app, limits, shutdown).await;
 }
 
 fn model_name(request: &Value) -> Option<&str> {

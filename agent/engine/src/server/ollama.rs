@@ -12,8 +12,8 @@ use serde_json::{Value, json};
 
 use super::complete::{Api, complete};
 use super::embed::{EmbedApi, embed_with};
-use super::{engine_error, error, model_name, parse, rfc3339};
-use crate::engine::{Engine, ModelDetails};
+use super::{LATEST, engine_error, error, model_name, parse, rfc3339};
+use crate::engine::{Engine, FOREVER, ModelDetails};
 
 pub(super) async fn version() -> axum::Json<Value> {
     axum::Json(json!({"version": sollol_shared::BUILD_VERSION}))
@@ -57,14 +57,15 @@ pub(super) async fn ps(State(engine): State<Arc<Engine>>) -> axum::Json<Value> {
         .loaded()
         .iter()
         .map(|(model, expires)| {
-            let expires_at = SystemTime::now() + expires.saturating_duration_since(now);
+            let left = expires.map_or(FOREVER, |at| at.saturating_duration_since(now));
+            let expires_at = SystemTime::now().checked_add(left);
             json!({
                 "name": model.file.name,
                 "model": model.file.name,
                 "size": model.file.size_bytes,
                 "digest": model.file.digest.trim_start_matches("sha256:"),
                 "details": details(Some(&model.details)),
-                "expires_at": rfc3339(expires_at),
+                "expires_at": expires_at.map_or_else(|| rfc3339(SystemTime::UNIX_EPOCH + LATEST), rfc3339),
                 "size_vram": 0,
             })
         })
@@ -80,22 +81,34 @@ pub(super) async fn show(State(engine): State<Arc<Engine>>, body: Bytes) -> Resp
     let Some(name) = model_name(&request) else {
         return error(StatusCode::BAD_REQUEST, "model is required");
     };
-    match engine.get(name, None).await {
-        Ok((model, _)) => axum::Json(json!({
-            "modelfile": format!("FROM {}", model.file.path.display()),
-            "parameters": "",
-            "template": model.details.chat_template.clone().unwrap_or_default(),
-            "details": details(Some(&model.details)),
-            "model_info": {
-                "general.architecture": model.details.family,
-                "general.parameter_count": model.details.parameter_size,
-                "llama.context_length": model.details.context_length,
-            },
-            "modified_at": rfc3339(model.file.modified),
-        }))
-        .into_response(),
-        Err(failure) => engine_error(failure),
-    }
+    // Described from the file's header when it has one: showing a model does not load it (as in
+    // Ollama), so `/api/show` cannot be used to fill memory. A model computed elsewhere is described
+    // once prepared.
+    let described = match engine.file(name) {
+        Some(file) if file.details.is_some() => file.details.clone().map(|details| (file, details)),
+        Some(_) => match engine.get(name, None).await {
+            Ok((model, _)) => Some((model.file.clone(), model.details.clone())),
+            Err(failure) => return engine_error(failure),
+        },
+        None => None,
+    };
+    let Some((file, details)) = described else {
+        return engine_error(crate::engine::EngineError::NotFound(name.to_owned()));
+    };
+    axum::Json(json!({
+        // The model's name, never where it lies on disk.
+        "modelfile": format!("FROM {}", file.name),
+        "parameters": "",
+        "template": details.chat_template.clone().unwrap_or_default(),
+        "details": self::details(Some(&details)),
+        "model_info": {
+            "general.architecture": details.family,
+            "general.parameter_count": details.parameter_size,
+            "llama.context_length": details.context_length,
+        },
+        "modified_at": rfc3339(file.modified),
+    }))
+    .into_response()
 }
 
 pub(super) async fn embed(State(engine): State<Arc<Engine>>, body: Bytes) -> Response {

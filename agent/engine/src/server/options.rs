@@ -7,39 +7,49 @@ use axum::http::StatusCode;
 use serde_json::{Value, json};
 
 use super::{Refusal, refuse};
-use crate::engine::GenerateOptions;
+use crate::engine::{FOREVER, GenerateOptions};
 use crate::sampling::SamplingOptions;
 
-/// Ollama's `keep_alive`: a duration ("5m", "30s"), seconds as a number, 0 to unload, negative for ever.
+/// Ollama's `keep_alive`: a duration ("5m", "30s"), seconds as a number or a numeric string, 0 to
+/// unload, negative for ever. Anything longer than [`FOREVER`] (Ollama's own "for ever", about 292
+/// years) is for ever; values that are not a time (`"inf"`, `"nan"`, `true`) are refused.
 pub(super) fn keep_alive(request: &Value) -> Result<Option<Duration>, Refusal> {
-    let bad = || {
-        refuse(
-            StatusCode::BAD_REQUEST,
-            "keep_alive must be a duration such as \"5m\" or a number of seconds",
-        )
-    };
     match request.get("keep_alive") {
         None | Some(Value::Null) => Ok(None),
-        Some(Value::Number(number)) => {
-            let seconds = number.as_f64().ok_or_else(bad)?;
-            Ok(Some(if seconds < 0.0 {
-                Duration::from_secs(u64::MAX / 4)
-            } else {
-                Duration::from_secs_f64(seconds)
-            }))
+        Some(value) => parse_keep_alive(value).map(Some).ok_or_else(|| {
+            refuse(
+                StatusCode::BAD_REQUEST,
+                "keep_alive must be a duration such as \"5m\", a number of seconds, or negative for ever",
+            )
+        }),
+    }
+}
+
+fn parse_keep_alive(value: &Value) -> Option<Duration> {
+    let seconds = |seconds: f64| {
+        if !seconds.is_finite() {
+            None
+        } else if seconds < 0.0 {
+            Some(FOREVER)
+        } else {
+            Some(Duration::try_from_secs_f64(seconds).map_or(FOREVER, |keep| keep.min(FOREVER)))
         }
-        Some(Value::String(text)) => {
-            if text.trim_start().starts_with('-') {
-                return Ok(Some(Duration::from_secs(u64::MAX / 4)));
+    };
+    match value {
+        Value::Number(number) => seconds(number.as_f64()?),
+        Value::String(text) => {
+            let text = text.trim();
+            if let Ok(number) = text.parse::<f64>() {
+                return seconds(number);
             }
-            if let Ok(seconds) = text.trim().parse::<f64>() {
-                return Ok(Some(Duration::from_secs_f64(seconds.max(0.0))));
+            match text.strip_prefix('-') {
+                Some(rest) => humantime::parse_duration(rest.trim()).ok().map(|_| FOREVER),
+                None => humantime::parse_duration(text)
+                    .ok()
+                    .map(|keep| keep.min(FOREVER)),
             }
-            humantime::parse_duration(text.trim())
-                .map(Some)
-                .map_err(|_| bad())
         }
-        Some(_) => Err(bad()),
+        _ => None,
     }
 }
 
@@ -109,4 +119,37 @@ pub(super) fn openai_options(request: &Value) -> Result<GenerateOptions, Refusal
         translated["num_predict"] = value.clone();
     }
     options(&json!({ "options": translated }))
+}
+
+#[cfg(test)]
+mod keep_alive_tests {
+    use super::*;
+
+    #[test]
+    fn every_keep_alive_ollama_accepts_is_a_bounded_duration() {
+        fn check(value: Value, expected: Option<Duration>) {
+            assert_eq!(parse_keep_alive(&value), expected, "{value}");
+        }
+        let seconds = Duration::from_secs;
+        check(json!(-1), Some(FOREVER));
+        check(json!(-0.5), Some(FOREVER));
+        check(json!("-1"), Some(FOREVER));
+        check(json!("-1m"), Some(FOREVER));
+        check(json!(0), Some(Duration::ZERO));
+        check(json!("0"), Some(Duration::ZERO));
+        check(json!(300), Some(seconds(300)));
+        check(json!(1.5), Some(Duration::from_millis(1500)));
+        check(json!("5m"), Some(seconds(300)));
+        check(json!(" 30s "), Some(seconds(30)));
+        check(json!("1h30m"), Some(seconds(5400)));
+        check(json!(1e20), Some(FOREVER));
+        check(json!(u64::MAX), Some(FOREVER));
+        check(json!("100000000000y"), Some(FOREVER));
+        check(json!("inf"), None);
+        check(json!("-inf"), None);
+        check(json!("NaN"), None);
+        check(json!("soon"), None);
+        check(json!(true), None);
+        check(json!([5]), None);
+    }
 }

@@ -11,6 +11,7 @@ use tokio::sync::mpsc;
 
 use super::PipelineError;
 use crate::cluster::identity::ClusterToken;
+use crate::cluster::secure::SecureWriter;
 use crate::cluster::wire;
 use crate::distributed::stage::{StagePeer, dial};
 
@@ -19,7 +20,7 @@ use crate::distributed::stage::{StagePeer, dial};
 pub(super) struct Link {
     peer: StagePeer,
     pub(super) address: String,
-    writer: tokio::sync::Mutex<OwnedWriteHalf>,
+    writer: tokio::sync::Mutex<SecureWriter<OwnedWriteHalf>>,
     pub(super) routes: Arc<Routes>,
 }
 

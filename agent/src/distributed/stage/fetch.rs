@@ -129,7 +129,12 @@ impl Stage {
                 } => {
                     let info = gguf
                         .tensor(&name)
-                        .filter(|info| info.size == size && offset + bytes.len() as u64 <= size)
+                        .filter(|info| {
+                            info.size == size
+                                && offset
+                                    .checked_add(bytes.len() as u64)
+                                    .is_some_and(|end| end <= size)
+                        })
                         .ok_or_else(|| {
                             format!(
                                 "{} sent a tensor {name:?} that does not fit the file",

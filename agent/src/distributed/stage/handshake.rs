@@ -10,6 +10,8 @@ use sollol_shared::protocol::{Refusal, RefusalCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::cluster::secure::{self, Role, SecureTcp};
+
 use super::Stage;
 use crate::cluster::identity::ClusterToken;
 use crate::cluster::wire::{self, ProofSide};
@@ -45,7 +47,7 @@ pub async fn dial(
     address: &str,
     token: &ClusterToken,
     timeout: Duration,
-) -> Result<(TcpStream, StagePeer), DialError> {
+) -> Result<(SecureTcp, StagePeer), DialError> {
     let failed = |message: String| DialError::Handshake {
         address: address.to_owned(),
         message,
@@ -116,7 +118,14 @@ pub async fn dial(
             .await
             .map_err(|error| failed(error.to_string()))?
         {
-            LayerWelcome::Welcome => Ok((stream, peer)),
+            LayerWelcome::Welcome => {
+                // From here on every frame is encrypted and authenticated.
+                let key = secure::link_key(token, secure::LAYER_LINK, &nonce, &stage_nonce);
+                let stream = secure::secure_tcp(stream, Role::Dialler, &key)
+                    .await
+                    .map_err(|error| failed(error.to_string()))?;
+                Ok((stream, peer))
+            }
             LayerWelcome::Refused(refusal) => Err(DialError::Refused {
                 address: address.to_owned(),
                 refusal,
@@ -129,7 +138,8 @@ pub async fn dial(
 }
 
 impl Stage {
-    pub(super) async fn handshake(&self, stream: &mut TcpStream) -> Result<(), String> {
+    /// The stage's side of the handshake; on success, the key of the encrypted link that follows.
+    pub(super) async fn handshake(&self, stream: &mut TcpStream) -> Result<[u8; 32], String> {
         let mut magic = [0u8; 8];
         stream
             .read_exact(&mut magic)
@@ -187,6 +197,12 @@ impl Stage {
         }
         wire::write_message(stream, &LayerWelcome::Welcome)
             .await
-            .map_err(|error| error.to_string())
+            .map_err(|error| error.to_string())?;
+        Ok(secure::link_key(
+            &self.settings.token,
+            secure::LAYER_LINK,
+            &hello.nonce,
+            &nonce,
+        ))
     }
 }

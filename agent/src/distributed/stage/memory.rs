@@ -13,15 +13,11 @@ pub fn offered_memory(available: u64, limit: Option<u64>) -> u64 {
 impl Stage {
     /// The memory this node offers to a part now: what it has available, within `engine.max_memory`.
     pub(super) fn offered_memory(&self) -> u64 {
-        offered_memory(free_memory_bytes(), self.settings.memory_limit)
+        offered_memory(
+            crate::telemetry::available_memory_bytes(),
+            self.settings.memory_limit,
+        )
     }
-}
-
-/// The node's available memory now (`MemAvailable`), 0 when unknown.
-fn free_memory_bytes() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .map(|text| crate::telemetry::procfs::parse_meminfo(&text).available_bytes)
-        .unwrap_or(0)
 }
 
 /// This process's resident memory (`VmRSS`), 0 when unknown.

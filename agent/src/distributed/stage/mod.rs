@@ -20,6 +20,8 @@ use std::time::Duration;
 use sollol_shared::layers::{Forward, MAX_LAYER_FRAME_BYTES, PartSpec, StageReply, StageRequest};
 use sollol_shared::protocol::{Refusal, RefusalCode};
 use tokio::net::tcp::OwnedWriteHalf;
+
+use crate::cluster::secure::SecureWriter;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -101,7 +103,7 @@ struct Stage {
     settings: StageSettings,
     part: tokio::sync::Mutex<Option<Arc<LoadedPart>>>,
     /// The connection to the next stage: its address and writing half.
-    next: tokio::sync::Mutex<Option<(String, OwnedWriteHalf)>>,
+    next: tokio::sync::Mutex<Option<(String, SecureWriter<OwnedWriteHalf>)>>,
     sequences: Mutex<HashMap<u64, Sequence>>,
     /// Content digests computed so far, by path and length.
     digests: Mutex<HashMap<(PathBuf, u64), String>>,
@@ -117,14 +119,24 @@ fn refusal(code: RefusalCode, message: impl Into<String>) -> StageReply {
 async fn connection(stage: Arc<Stage>, mut stream: TcpStream, shutdown: CancellationToken) {
     stream.set_nodelay(true).ok();
     let timeout = stage.settings.handshake_timeout;
-    match tokio::time::timeout(timeout, stage.handshake(&mut stream)).await {
-        Ok(Ok(())) => {}
+    let key = match tokio::time::timeout(timeout, stage.handshake(&mut stream)).await {
+        Ok(Ok(key)) => key,
         Ok(Err(reason)) => {
             tracing::info!(%reason, "stage connection refused");
             return;
         }
         Err(_) => return,
-    }
+    };
+    let secured =
+        crate::cluster::secure::secure_tcp(stream, crate::cluster::secure::Role::Listener, &key);
+    let stream = match tokio::time::timeout(timeout, secured).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(error)) => {
+            tracing::info!(%error, "stage link encryption failed");
+            return;
+        }
+        Err(_) => return,
+    };
     let (mut reader, mut writer) = stream.into_split();
     let (replies, mut outgoing) = mpsc::channel::<StageReply>(64);
     let writing = tokio::spawn(async move {

@@ -7,15 +7,18 @@ use std::time::Instant;
 
 use axum::body::Body;
 use axum::http::{HeaderValue, StatusCode, header};
-use axum::response::Response;
-use http_body_util::{BodyExt, Full};
+use axum::response::{IntoResponse, Response};
+use http_body_util::BodyExt;
 use hyper::body::{Bytes, Incoming};
 use serde_json::Value;
 
 use super::relay::{Relay, next_data, read_limited};
 use super::request::RouteKind;
-use super::{CANDIDATES_HEADER, DECISION_HEADER, InFlight, NODE_HEADER, Proxy, lock};
+use super::{
+    CANDIDATES_HEADER, Charge, DECISION_HEADER, InFlight, NODE_HEADER, Proxy, lock, post_json,
+};
 use crate::cluster::Backend;
+use crate::gateway::ApiError;
 use crate::history::{OllamaTimings, Outcome, candidates_json};
 use crate::http_client::error_chain;
 
@@ -25,6 +28,10 @@ pub(super) struct Attempt<'a> {
     pub(super) backend: &'a Backend,
     pub(super) path: &'a str,
     pub(super) body: Bytes,
+    /// The browser page that sent the request, if one did.
+    pub(super) origin: Option<&'a HeaderValue>,
+    /// Who the answer's generated tokens are charged to.
+    pub(super) charge: Charge,
     pub(super) stream: bool,
     pub(super) kind: RouteKind,
     pub(super) outcome: Outcome,
@@ -41,10 +48,11 @@ impl Attempt<'_> {
         self.outcome.concurrent = load.load(Ordering::Relaxed);
         let in_flight = InFlight::new(load, self.proxy.admission());
         let started = Instant::now();
-        let request = hyper::Request::post(format!("{}{}", self.backend.base_url, self.path))
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(Full::new(self.body.clone()))
-            .map_err(|error| error.to_string())?;
+        let request = post_json(
+            format!("{}{}", self.backend.base_url, self.path),
+            self.body.clone(),
+            self.origin,
+        )?;
         let response = match tokio::time::timeout(
             self.proxy.settings.response_timeout,
             self.proxy.client().request(request),
@@ -62,7 +70,9 @@ impl Attempt<'_> {
             Ok(Ok(response)) => response,
         };
         let status = response.status();
-        if status.is_server_error() {
+        // A pull that fails (no such model in the registry, no internet) says nothing about the
+        // node's health, and another node would fail it the same way: the answer goes to the client.
+        if status.is_server_error() && !self.kind.any_node {
             let body = read_limited(response.into_body(), 4096)
                 .await
                 .unwrap_or_default();
@@ -97,10 +107,26 @@ impl Attempt<'_> {
     ) -> Result<Response, String> {
         let status = response.status();
         let content_type = response.headers().get(header::CONTENT_TYPE).cloned();
-        let bytes = match response.into_body().collect().await {
+        let limit = self.proxy.settings.max_response_body;
+        let bytes = match http_body_util::Limited::new(response.into_body(), limit)
+            .collect()
+            .await
+        {
             Ok(collected) => collected.to_bytes(),
+            Err(error) if error.is::<http_body_util::LengthLimitError>() => {
+                // The node answered; another node's answer would be as large: no failover.
+                self.proxy.node_result(self.backend, true);
+                return Ok(ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    format!(
+                        "{}'s answer is larger than coordinator.max_response_body ({limit} bytes)",
+                        self.backend.name
+                    ),
+                )
+                .into_response());
+            }
             Err(error) => {
-                return Err(self.fail(started, format!("answer cut off: {}", error_chain(&error))));
+                return Err(self.fail(started, format!("answer cut off: {}", error_chain(&*error))));
             }
         };
         let outcome = &mut self.outcome;
@@ -116,6 +142,7 @@ impl Attempt<'_> {
                     .and_then(|value| OllamaTimings::from_json(&value));
             }
             self.proxy.learner().record(outcome.clone());
+            self.charge.tokens(outcome);
         }
         drop(in_flight);
         Ok(respond(
@@ -154,6 +181,7 @@ impl Attempt<'_> {
             backend,
             kind,
             outcome,
+            charge,
             ..
         } = self;
         proxy.node_result(backend, true);
@@ -169,6 +197,7 @@ impl Attempt<'_> {
             started,
             outcome,
             learner: Arc::clone(&proxy.learner),
+            charge,
             _in_flight: in_flight,
             done: false,
         };

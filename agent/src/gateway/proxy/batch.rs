@@ -13,13 +13,13 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use hyper::body::Bytes;
-use hyper::header;
+use hyper::header::HeaderValue;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use super::{InFlight, Proxy};
+use super::{InFlight, Proxy, post_json};
 use crate::cluster::Backend;
 
 /// Chunks per worker the batch is cut into, so work can move between nodes.
@@ -82,8 +82,17 @@ pub async fn run(
     path: &str,
     request: &Value,
     flavour: Flavour,
+    origin: Option<&HeaderValue>,
 ) -> Result<BatchAnswer, String> {
     let inputs = inputs(request).cloned().unwrap_or_default();
+    // Every chunk sends the client's fields with its own inputs: the fields are copied, the inputs not.
+    let mut fields = request.as_object().cloned().unwrap_or_default();
+    fields.remove("input");
+    let shared = Shared {
+        path,
+        fields,
+        origin,
+    };
     let started = Instant::now();
     let slots = proxy.settings.node_slots.max(1) as usize;
     let workers = backends.len() * slots;
@@ -106,16 +115,7 @@ pub async fn run(
     let work = Arc::new(Mutex::new(work));
     let finished = CancellationToken::new();
     let runs = backends.iter().flat_map(|backend| {
-        (0..slots).map(|_| {
-            worker(
-                proxy,
-                backend,
-                path,
-                request,
-                Arc::clone(&work),
-                finished.clone(),
-            )
-        })
+        (0..slots).map(|_| worker(proxy, backend, &shared, Arc::clone(&work), finished.clone()))
     });
     futures_util::future::join_all(runs).await;
     let work = Arc::try_unwrap(work)
@@ -165,11 +165,17 @@ pub async fn run(
     })
 }
 
+/// What every chunk's request shares: the route, the client's fields but `input`, the page's Origin.
+struct Shared<'a> {
+    path: &'a str,
+    fields: serde_json::Map<String, Value>,
+    origin: Option<&'a HeaderValue>,
+}
+
 async fn worker(
     proxy: &Proxy,
     backend: &Backend,
-    path: &str,
-    request: &Value,
+    shared: &Shared<'_>,
     work: Arc<Mutex<Work>>,
     finished: CancellationToken,
 ) {
@@ -193,7 +199,7 @@ async fn worker(
         };
         // Once every input is embedded, a worker still waiting on a slow node stops (its connection is dropped).
         let result = tokio::select! {
-            result = embed_chunk(proxy, backend, path, request, &chunk) => result,
+            result = embed_chunk(proxy, backend, shared, &chunk) => result,
             () = finished.cancelled() => break,
         };
         match result {
@@ -239,21 +245,18 @@ async fn worker(
 async fn embed_chunk(
     proxy: &Proxy,
     backend: &Backend,
-    path: &str,
-    request: &Value,
+    shared: &Shared<'_>,
     chunk: &Chunk,
 ) -> Result<(Vec<Value>, u64), String> {
     let _in_flight = InFlight::new(proxy.load_of(&backend.node_id), proxy.admission());
-    let mut body = request.clone();
-    if let Some(fields) = body.as_object_mut() {
-        fields.insert("input".into(), Value::Array(chunk.inputs.clone()));
-    }
-    let request = hyper::Request::post(format!("{}{path}", backend.base_url))
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(Full::new(Bytes::from(
-            serde_json::to_vec(&body).map_err(|error| error.to_string())?,
-        )))
-        .map_err(|error| error.to_string())?;
+    let mut body = shared.fields.clone();
+    body.insert("input".into(), Value::Array(chunk.inputs.clone()));
+    let body = serde_json::to_vec(&body).map_err(|error| error.to_string())?;
+    let request = post_json(
+        format!("{}{}", backend.base_url, shared.path),
+        Bytes::from(body),
+        shared.origin,
+    )?;
     let response = tokio::time::timeout(
         proxy.settings.response_timeout,
         proxy.client().request(request),
@@ -262,7 +265,9 @@ async fn embed_chunk(
     .map_err(|_| "no response in time".to_owned())?
     .map_err(|error| error.to_string())?;
     let status = response.status();
-    let bytes = tokio::time::timeout(Duration::from_secs(300), response.into_body().collect())
+    let limited =
+        http_body_util::Limited::new(response.into_body(), proxy.settings.max_response_body);
+    let bytes = tokio::time::timeout(Duration::from_secs(300), limited.collect())
         .await
         .map_err(|_| "answer too slow".to_owned())?
         .map_err(|error| error.to_string())?

@@ -12,7 +12,6 @@ use axum::response::{IntoResponse, Response};
 use futures_util::{FutureExt, StreamExt};
 use hyper::body::Bytes;
 use rand::Rng;
-use serde_json::Value;
 use sollol_policy::routing::{self, Candidate, Choice, Decision, DecisionKind};
 use sollol_shared::api::{CandidateCost, RoutingDecision};
 
@@ -20,7 +19,7 @@ use super::attempt::{Attempt, header_text};
 use super::batch;
 use super::request::{ApiKeyName, ParsedRequest, application, request_shape};
 use super::selection::Selection;
-use super::{DECISION_HEADER, NODE_HEADER, Proxy};
+use super::{Charge, DECISION_HEADER, NODE_HEADER, Proxy};
 use crate::cluster::Backend;
 use crate::gateway::{ApiError, GatewayState};
 use crate::history::Outcome;
@@ -38,8 +37,31 @@ pub async fn forward(
     key: Option<axum::Extension<ApiKeyName>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let app = application(&headers, key.as_ref().map(|key| key.0.0.as_str()));
-    match forward_inner(&state, uri.path(), &headers, &app, body).await {
+    let key = key.as_ref().map(|key| key.0.0.as_str());
+    let app = application(&headers, key);
+    // Limited per application, and per key when keys are on (a key holder may name any application).
+    let who: Arc<[String]> = key
+        .map(|key| format!("key:{key}"))
+        .into_iter()
+        .chain([format!("app:{app}")])
+        .collect();
+    if let Err(wait) = state.proxy.quotas.admit(&who) {
+        return ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "rate limit reached for {}: try again in {} s (coordinator.requests_per_minute, coordinator.tokens_per_minute)",
+                who.join(" and "),
+                sollol_policy::quota::retry_after_seconds(wait)
+            ),
+        )
+        .retry_after(sollol_policy::quota::retry_after_seconds(wait))
+        .into_response();
+    }
+    let charge = Charge {
+        quotas: Arc::clone(&state.proxy.quotas),
+        who,
+    };
+    match forward_inner(&state, uri.path(), &headers, &app, body, &charge).await {
         Ok(response) => response,
         Err(error) => error.into_response(),
     }
@@ -51,6 +73,7 @@ async fn forward_inner(
     headers: &HeaderMap,
     app: &str,
     body: Result<Bytes, BytesRejection>,
+    charge: &Charge,
 ) -> Result<Response, ApiError> {
     let proxy = &state.proxy;
     let request = ParsedRequest::parse(proxy.settings.default_strategy, path, headers, body)?;
@@ -72,7 +95,7 @@ async fn forward_inner(
         && batch::inputs(&request.json).is_some_and(|inputs| inputs.len() > 1)
         && backends.len() > 1
     {
-        return forward_batch(proxy, &backends, path, &request.json, flavour).await;
+        return forward_batch(proxy, &backends, path, &request, flavour).await;
     }
     let plan = Plan::decide(proxy, &request, &candidates);
     proxy.calibrate_idle(
@@ -88,6 +111,7 @@ async fn forward_inner(
         request: &request,
         path,
         app,
+        charge,
         backends: &backends,
         candidates: &candidates,
         plan: &plan,
@@ -101,13 +125,20 @@ async fn forward_batch(
     proxy: &Proxy,
     backends: &[&Arc<Backend>],
     path: &str,
-    request: &Value,
+    request: &ParsedRequest,
     flavour: batch::Flavour,
 ) -> Result<Response, ApiError> {
-    let answer = batch::run(proxy, backends, path, request, flavour)
-        .await
-        .map_err(|failure| ApiError::new(StatusCode::BAD_GATEWAY, failure))?;
-    let inputs = batch::inputs(request).map_or(0, Vec::len);
+    let answer = batch::run(
+        proxy,
+        backends,
+        path,
+        &request.json,
+        flavour,
+        request.origin.as_ref(),
+    )
+    .await
+    .map_err(|failure| ApiError::new(StatusCode::BAD_GATEWAY, failure))?;
+    let inputs = batch::inputs(&request.json).map_or(0, Vec::len);
     let mut response = axum::Json(answer.body).into_response();
     let headers = response.headers_mut();
     headers.insert(NODE_HEADER, header_text(&answer.nodes.join(",")));
@@ -220,6 +251,7 @@ struct Failover<'a> {
     request: &'a ParsedRequest,
     path: &'a str,
     app: &'a str,
+    charge: &'a Charge,
     backends: &'a [&'a Arc<Backend>],
     candidates: &'a [Candidate],
     plan: &'a Plan,
@@ -311,6 +343,8 @@ impl Failover<'_> {
             backend,
             path: self.path,
             body: self.request.body.clone(),
+            origin: self.request.origin.as_ref(),
+            charge: self.charge.clone(),
             stream: self.request.stream,
             kind: self.request.kind,
             outcome: Outcome {

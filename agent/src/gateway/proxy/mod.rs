@@ -44,6 +44,8 @@ use tokio_util::sync::CancellationToken;
 use crate::cluster::{Backend, SharedView};
 use crate::gateway::admission::Admission;
 use crate::gateway::learning::Learner;
+use crate::gateway::quota::Quotas;
+use crate::history::Outcome;
 use crate::observability::Observer;
 use affinity::Affinity;
 use sollol_policy::admission::QueueSettings;
@@ -84,6 +86,8 @@ pub struct Proxy {
     calibrating: PerNode<AtomicU32>,
     affinity: Affinity,
     observer: Arc<Observer>,
+    /// Requests and generated tokens per key and per application.
+    pub quotas: Arc<Quotas>,
     pub settings: ProxySettings,
 }
 
@@ -98,6 +102,11 @@ pub struct ProxySettings {
     pub node_slots: u32,
     /// How long a node may take to send its response headers.
     pub response_timeout: Duration,
+    /// The largest answer read whole from a node (`coordinator.max_response_body`).
+    pub max_response_body: usize,
+    /// Per key and per application; 0: no limit.
+    pub requests_per_minute: u64,
+    pub tokens_per_minute: u64,
     /// Requests allowed in a node's own queue beyond its slots before the gateway queues instead.
     pub node_queue_depth: u32,
     pub queue: QueueSettings,
@@ -119,7 +128,10 @@ impl Proxy {
         connector.set_connect_timeout(Some(Duration::from_secs(3)));
         Self {
             client: Client::builder(TokioExecutor::new())
-                .pool_idle_timeout(Duration::from_secs(60))
+                // Shorter than the engine's idle limit (`coordinator.header_read_timeout`, 30 s by
+                // default): a pooled connection is dropped here before the node closes it, so a
+                // request never races a node's close.
+                .pool_idle_timeout(Duration::from_secs(20))
                 .build(connector),
             learner,
             loads: PerNode::new(),
@@ -130,6 +142,10 @@ impl Proxy {
             calibrating: PerNode::new(),
             affinity: Affinity::default(),
             observer,
+            quotas: Arc::new(Quotas::new(
+                settings.requests_per_minute,
+                settings.tokens_per_minute,
+            )),
             settings,
         }
     }
@@ -249,6 +265,39 @@ impl<T: Default> PerNode<T> {
 
     fn snapshot(&self) -> Arc<HashMap<String, Arc<T>>> {
         self.map.load_full()
+    }
+}
+
+/// A JSON `POST` to a node. The browser's `Origin`, when the client sent one, goes along, so the node's
+/// own checks (Ollama refuses foreign pages) see the page and not an origin-less request.
+fn post_json(
+    url: String,
+    body: Bytes,
+    origin: Option<&hyper::header::HeaderValue>,
+) -> Result<hyper::Request<Full<Bytes>>, String> {
+    let mut request =
+        hyper::Request::post(url).header(hyper::header::CONTENT_TYPE, "application/json");
+    if let Some(origin) = origin {
+        request = request.header(hyper::header::ORIGIN, origin);
+    }
+    request
+        .body(Full::new(body))
+        .map_err(|error| error.to_string())
+}
+
+/// Who an answer's generated tokens are charged to (`key:NAME`, `app:NAME`).
+#[derive(Clone, Debug)]
+pub(super) struct Charge {
+    quotas: Arc<Quotas>,
+    who: Arc<[String]>,
+}
+
+impl Charge {
+    /// Charges the tokens a finished answer generated, as its timings report them.
+    fn tokens(&self, outcome: &Outcome) {
+        if let Some(timings) = &outcome.timings {
+            self.quotas.charge_tokens(&self.who, timings.eval_tokens);
+        }
     }
 }
 

@@ -9,7 +9,7 @@ use hyper::body::{Bytes, Incoming};
 use serde_json::{Value, json};
 use sollol_policy::breaker::{Breaker, BreakerSettings};
 
-use super::{InFlight, lock};
+use super::{Charge, InFlight, lock};
 use crate::gateway::learning::Learner;
 use crate::history::{OllamaTimings, Outcome};
 use crate::http_client::error_chain;
@@ -30,6 +30,7 @@ pub(super) struct Relay {
     pub(super) started: Instant,
     pub(super) outcome: Outcome,
     pub(super) learner: Arc<Learner>,
+    pub(super) charge: Charge,
     pub(super) _in_flight: InFlight,
     pub(super) done: bool,
 }
@@ -57,6 +58,7 @@ impl Relay {
                         .and_then(|value| OllamaTimings::from_json(&value));
                 }
                 self.learner.record(self.outcome.clone());
+                self.charge.tokens(&self.outcome);
                 None
             }
             Err(error) => {

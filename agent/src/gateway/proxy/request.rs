@@ -87,6 +87,8 @@ pub(super) struct ParsedRequest {
     pub(super) wanted_node: Option<String>,
     /// The conversation the request continues, for prefix affinity.
     pub(super) conversation: Option<u64>,
+    /// The browser page that sent it (already allowed by the gateway), forwarded as it came.
+    pub(super) origin: Option<axum::http::HeaderValue>,
 }
 
 impl ParsedRequest {
@@ -102,7 +104,7 @@ impl ParsedRequest {
             ApiError::new(StatusCode::NOT_FOUND, format!("no such endpoint: {path}"))
         })?;
         let body = body.map_err(|rejection| {
-            if crate::gateway::body_timeout::is_stalled(&rejection) {
+            if crate::gateway::body_timeout::is_too_slow(&rejection) {
                 ApiError::new(StatusCode::REQUEST_TIMEOUT, rejection.body_text())
             } else {
                 ApiError::new(rejection.status(), rejection.body_text())
@@ -147,6 +149,7 @@ impl ParsedRequest {
             priority,
             wanted_node,
             conversation,
+            origin: headers.get(axum::http::header::ORIGIN).cloned(),
         })
     }
 }
