@@ -12,6 +12,9 @@
 //! h3's own /etc/hosts: `ip netns exec` mounts /etc/netns/NS/hosts over it). A third agent on h2 has no
 //! token: the coordinator lists it as discovered, not joined. The coordinator's range scan of
 //! 10.77.0.0/28 finds the emulated Ollama on h2 and lists the router's web server as not Ollama.
+//! All along, the router announces a thousand fake coordinators over mDNS (`agent/examples/mdns_flood.rs`:
+//! half stall the handshake, half are closed ports): the coordinator's and the agent's peer tables hold
+//! only a few of them, and the agent still joins the real coordinator.
 //!
 //! Needs root (to create namespaces) and `ip` from iproute2, `curl` and `python3`.
 
@@ -165,6 +168,19 @@ fn ip(args: &[&str]) {
 }
 
 /// The emulated Ollama server built beside the sollol binary (`scripts/test` builds it first).
+/// The mDNS flood (an example of the sollol package, built by `cargo test` or `cargo build --examples`).
+fn flood() -> PathBuf {
+    let path = Path::new(SOLLOL)
+        .with_file_name("examples")
+        .join("mdns_flood");
+    assert!(
+        path.exists(),
+        "{} is missing: build it with `cargo build -p sollol --example mdns_flood`",
+        path.display()
+    );
+    path
+}
+
 fn emulator() -> PathBuf {
     let path = Path::new(SOLLOL).with_file_name("ollama-emulator");
     assert!(
@@ -272,6 +288,15 @@ fn agents_find_the_coordinator_by_mdns_or_seed_and_the_scan_finds_ollama() {
             "10.77.0.14",
             "11434",
         ],
+    );
+
+    // A hostile host: a thousand fake coordinators, announced before any sollol process starts.
+    let flood = flood();
+    hosts.spawn(
+        "r",
+        "mdns-flood",
+        &[],
+        &[flood.to_str().expect("utf-8 path"), "10.77.0.14", "1000"],
     );
 
     let coordinator_dir = dir("coordinator");
@@ -415,8 +440,24 @@ fn agents_find_the_coordinator_by_mdns_or_seed_and_the_scan_finds_ollama() {
         .expect("waiting-agent");
     assert_eq!(waiting["has_token"], false);
     assert_eq!(waiting["joined"], false);
+    // The flood holds at most MAX_PER_ADDRESS places in the coordinator's table, the agent's too, and the
+    // agent joined the real coordinator regardless (above).
+    let impostors = peers
+        .iter()
+        .filter(|peer| peer["name"] == "impostor")
+        .count();
+    assert!(
+        (1..=8).contains(&impostors),
+        "{impostors} of the 1,000 fake coordinators in the coordinator's table: {peers:?}\n{}",
+        hosts.logs()
+    );
     assert_eq!(mdns["interfaces"][0]["name"], "eth0");
-    assert_eq!(mdns["interfaces"][0]["answers"], 2);
+    assert_eq!(mdns["interfaces"][0]["answers"], 2 + impostors);
+    let agent_log = std::fs::read_to_string(hosts.log("lan-agent")).expect("agent log");
+    assert!(
+        agent_log.contains("mDNS peer table full"),
+        "the agent's table reached its bound: {agent_log}"
+    );
 
     let scan = &discovery["scan"];
     assert_eq!(
@@ -459,9 +500,10 @@ fn agents_find_the_coordinator_by_mdns_or_seed_and_the_scan_finds_ollama() {
         &[SOLLOL, "discover", "--url", "http://10.77.0.1:11435"],
     );
     println!("sollol discover on h1:\n{shown}");
+    let answers = format!("mDNS: {} answer(s) on eth0 (10.77.0.1/24)", 2 + impostors);
     for expected in [
         "mDNS: announced as lan-coordinator-",
-        "mDNS: 2 answer(s) on eth0 (10.77.0.1/24)",
+        answers.as_str(),
         "agent, joined",
         "agent, discovered, not joined (it has no token)",
         "found       10.77.0.2:11434",

@@ -48,6 +48,8 @@ struct Cluster {
 
 /// Agents whose name starts with this get an empty models directory.
 const WITHOUT_MODEL: &str = "empty";
+/// Agents whose name starts with this get a copy of the test model of their own (others, a link to it).
+const OWN_COPY: &str = "copy";
 
 /// A coordinator here and `names.len()` agent processes, each with its own models directory holding
 /// the test model (or, for a name in `altered`, a copy with one weight byte changed).
@@ -112,6 +114,8 @@ fn spawn_agent_with(
     let target = models.join("smollm2:135m.gguf");
     if name.starts_with(WITHOUT_MODEL) {
         // No copy at all: this agent fetches its part from a peer.
+    } else if name.starts_with(OWN_COPY) {
+        std::fs::copy(support::test_model(), &target).expect("copy model");
     } else if altered {
         let mut bytes = std::fs::read(support::test_model()).expect("read model");
         let last = bytes.len() - 1;
@@ -833,6 +837,70 @@ async fn a_stage_without_the_file_fetches_its_part_from_a_peer() {
     );
     let (tokens, _) = pipeline_run(&whole, &prompt, 8).await;
     assert_eq!(tokens, expected_tokens);
+}
+
+/// A holder whose copy changed after it took its digest (a disk that rots, a file rewritten in place
+/// with its time kept, or a holder that lies) still names the old digest and manifest: a stage fetching
+/// from it checks each tensor against the plan's manifest, refuses the changed one and keeps only the
+/// tensors that matched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetched_tensors_are_checked_against_the_plans_manifest() {
+    let cluster = cluster(&["empty-stage", "copy-holder"], &[]).await;
+    let token = cluster.coordinator.token.clone();
+    // The holder takes its digest and manifest once, for this plan.
+    let whole = Pipeline::start(
+        "smollm2:135m",
+        &cluster.candidates(&["copy-holder"]),
+        1,
+        &token,
+        Timeouts::default(),
+    )
+    .await
+    .expect("the holder alone");
+    drop(whole);
+
+    // One byte of the token embedding (the first stage's) changes on the holder's disk, its time kept.
+    let copy = cluster._dirs[2].path().join("models/smollm2:135m.gguf");
+    let gguf = sollol_engine::gguf::Gguf::open(&copy).expect("gguf");
+    let embedding = gguf.tensor("token_embd.weight").expect("token embedding");
+    let modified = std::fs::metadata(&copy)
+        .and_then(|metadata| metadata.modified())
+        .expect("mtime");
+    let mut bytes = std::fs::read(&copy).expect("read copy");
+    bytes[(embedding.offset + embedding.size / 2) as usize] ^= 0x10;
+    std::fs::write(&copy, &bytes).expect("rewrite copy");
+    std::fs::File::options()
+        .write(true)
+        .open(&copy)
+        .and_then(|file| file.set_modified(modified))
+        .expect("keep mtime");
+
+    let refused = Pipeline::start(
+        "smollm2:135m",
+        &cluster.candidates(&["empty-stage", "copy-holder"]),
+        2,
+        &token,
+        Timeouts::default(),
+    )
+    .await
+    .expect_err("a tensor that does not match the manifest");
+    let message = refused.to_string();
+    assert!(
+        message.contains(
+            "tensor \"token_embd.weight\" from copy-holder does not match the plan's manifest"
+        ),
+        "{message}"
+    );
+    // The tensors that matched are kept; the changed one is not.
+    let partial_dir = cluster._dirs[1].path().join("models/.partial");
+    let present = std::fs::read_dir(&partial_dir)
+        .expect("partial copies")
+        .flatten()
+        .find(|entry| entry.path().to_string_lossy().ends_with(".tensors.json"))
+        .map(|entry| std::fs::read_to_string(entry.path()).expect("present list"))
+        .expect("a partial copy");
+    assert!(present.contains("blk.0."), "{present}");
+    assert!(!present.contains("token_embd"), "{present}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

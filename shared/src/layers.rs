@@ -31,7 +31,8 @@ use crate::protocol::Refusal;
 
 /// The layer protocol version this build speaks.
 /// 3: every frame after the handshake is encrypted and authenticated, as on the cluster link.
-pub const LAYER_PROTOCOL_VERSION: u32 = 3;
+/// 4: fetched tensors are checked against a tensor manifest the plan names (`PartSpec::manifest`).
+pub const LAYER_PROTOCOL_VERSION: u32 = 4;
 
 /// The first bytes a layer client sends, before any frame.
 pub const LAYER_MAGIC: [u8; 8] = *b"SOLLOLL\x01";
@@ -84,6 +85,9 @@ pub struct PartSpec {
     pub model: String,
     /// `sha256:…` of the GGUF file's content; a stage whose copy differs refuses.
     pub digest: String,
+    /// The digest of the file's tensor manifest (the SHA-256 of its header and of each tensor), as every
+    /// holder described it: a stage fetching tensors checks each one against it.
+    pub manifest: [u8; 32],
     /// Layers `start..end`.
     pub start: u32,
     pub end: u32,
@@ -198,6 +202,8 @@ pub enum StageReply {
     Refused(Refusal),
     Described {
         digest: String,
+        /// The digest of the file's tensor manifest, computed with `digest`.
+        manifest: [u8; 32],
         layers: u32,
         /// Bytes of the whole GGUF file.
         file_bytes: u64,
@@ -215,14 +221,14 @@ pub enum StageReply {
         /// Tensor bytes fetched from a peer for this load (0 with a local copy, or when cached).
         fetched_bytes: u64,
     },
-    /// Part of a tensor's bytes (`offset` within the tensor of `size` bytes); the last chunk of a
-    /// tensor carries the SHA-256 of all of them.
+    /// Part of a tensor's bytes (`offset` within the tensor of `size` bytes), in order; `last` on the
+    /// tensor's last chunk. The receiver checks the tensor against the plan's manifest.
     TensorChunk {
         name: String,
         offset: u64,
         size: u64,
         bytes: Vec<u8>,
-        sha256: Option<[u8; 32]>,
+        last: bool,
     },
     TensorsSent,
     /// While a [`StageRequest::Load`] fetches tensors from a peer: bytes fetched so far of the
@@ -257,5 +263,8 @@ pub enum StageReply {
     Header {
         bytes: Vec<u8>,
         file_bytes: u64,
+        /// The SHA-256 of each tensor, in the order of the header's tensor directory (empty when asked
+        /// for the loaded part's header): with the header, the manifest a plan's `PartSpec` names.
+        tensors: Vec<[u8; 32]>,
     },
 }

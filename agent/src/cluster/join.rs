@@ -30,6 +30,8 @@ use sollol_policy::backoff::Backoff;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A discovered coordinator that takes longer than this to prove the token is treated as one that stalls.
+const DISCOVERED_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 const GOODBYE_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
@@ -127,17 +129,20 @@ impl<'a> Finder<'a> {
         candidates
     }
 
-    /// The next address to try; waits while none is known. `None` on shutdown.
-    async fn next(&mut self, shutdown: &CancellationToken) -> Option<String> {
+    /// The addresses to try now, in turn order (a fixed address alone); waits while none is known.
+    /// `None` on shutdown.
+    async fn round(&mut self, shutdown: &CancellationToken) -> Option<Vec<String>> {
         if let Coordinator::Fixed(address) = self.coordinator {
-            return Some(address.clone());
+            return Some(vec![address.clone()]);
         }
         loop {
-            let candidates = self.candidates();
+            let mut candidates = self.candidates();
             if !candidates.is_empty() {
                 self.waiting_logged = false;
                 self.turn = self.turn.wrapping_add(1);
-                return Some(candidates[self.turn % candidates.len()].clone());
+                let turn = self.turn % candidates.len();
+                candidates.rotate_left(turn);
+                return Some(candidates);
             }
             if !self.waiting_logged {
                 self.waiting_logged = true;
@@ -154,31 +159,95 @@ impl<'a> Finder<'a> {
         }
     }
 
-    /// A discovered address whose handshake never finished (stalled, dropped, malformed) is left alone
-    /// for a while, like one that refused; a fixed address is retried with the usual backoff.
-    fn handshake_failed(&mut self, address: &str, error: &JoinError) {
-        if matches!(self.coordinator, Coordinator::Discover { .. })
-            && matches!(error, JoinError::Lost { .. })
-        {
-            tracing::warn!(%error, avoid_for_s = AVOID_STALLED_FOR.as_secs(), "the coordinator did not finish the handshake: trying others");
-            self.avoided
-                .insert(address.to_owned(), Instant::now() + AVOID_STALLED_FOR);
+    /// Records that joining at `address` failed with `error`; whether that ends the agent. A discovered
+    /// address that is not this cluster's coordinator (refused, unverified, or never finished the
+    /// handshake) is left alone for a while and dropped from the mDNS table; a fixed one ends the agent
+    /// on a refusal that cannot heal and is retried otherwise.
+    fn failed(&mut self, address: &str, error: &JoinError) -> bool {
+        let Coordinator::Discover { mdns, .. } = self.coordinator else {
+            return !error.is_retryable();
+        };
+        let avoid_for = match error {
+            JoinError::Lost { .. } => AVOID_STALLED_FOR,
+            error if !error.is_retryable() => AVOID_FOR,
+            _ => return false,
+        };
+        tracing::warn!(%error, avoid_for_s = avoid_for.as_secs(), "not this agent's coordinator, or it did not finish the handshake: trying others");
+        self.avoided
+            .insert(address.to_owned(), Instant::now() + avoid_for);
+        if let (Some(mdns), Ok(socket)) = (mdns, address.parse()) {
+            mdns.forget(socket);
         }
+        false
     }
+}
 
-    /// Whether `error` at `address` ends the agent; otherwise a discovered address it cannot heal at is
-    /// avoided for a while.
-    fn is_fatal(&mut self, address: &str, error: &JoinError) -> bool {
-        if error.is_retryable() {
-            return false;
+type LinkReader = secure::SecureReader<tokio::net::tcp::OwnedReadHalf>;
+type LinkWriter = secure::SecureWriter<OwnedWriteHalf>;
+
+/// A coordinator that proved the token, and the encrypted link to it.
+struct Joined {
+    address: String,
+    reader: LinkReader,
+    writer: LinkWriter,
+}
+
+/// Handshakes with up to this many discovered coordinators at once: the first that proves the token wins.
+const PARALLEL_TRIES: usize = 8;
+
+/// Tries every address of a round, [`PARALLEL_TRIES`] at a time, until one proves the token; the last
+/// error when none did, with whether it ends the agent. `Ok(None)` on shutdown.
+async fn join_first(
+    params: &JoinParams,
+    finder: &mut Finder<'_>,
+    shutdown: &CancellationToken,
+) -> Result<Option<Joined>, (JoinError, bool)> {
+    use futures_util::stream::{FuturesUnordered, StreamExt};
+    let Some(round) = finder.round(shutdown).await else {
+        return Ok(None);
+    };
+    let handshake_timeout = match params.coordinator {
+        Coordinator::Fixed(_) => HANDSHAKE_TIMEOUT,
+        Coordinator::Discover { .. } => DISCOVERED_HANDSHAKE_TIMEOUT,
+    };
+    let mut waiting = round.into_iter();
+    let mut tries = FuturesUnordered::new();
+    let mut last_error = None;
+    loop {
+        while tries.len() < PARALLEL_TRIES
+            && let Some(address) = waiting.next()
+        {
+            tries.push(async move {
+                let result = establish(params, &address, handshake_timeout).await;
+                (address, result)
+            });
         }
-        match self.coordinator {
-            Coordinator::Fixed(_) => true,
-            Coordinator::Discover { .. } => {
-                tracing::warn!(%error, avoid_for_s = AVOID_FOR.as_secs(), "not this agent's coordinator: trying others");
-                self.avoided
-                    .insert(address.to_owned(), Instant::now() + AVOID_FOR);
-                false
+        let next = tokio::select! {
+            next = tries.next() => next,
+            () = shutdown.cancelled() => return Ok(None),
+        };
+        match next {
+            Some((address, Ok((reader, writer)))) => {
+                return Ok(Some(Joined {
+                    address,
+                    reader,
+                    writer,
+                }));
+            }
+            Some((address, Err(error))) => {
+                if finder.failed(&address, &error) {
+                    return Err((error, true));
+                }
+                last_error = Some(error);
+            }
+            None => {
+                return Err((
+                    last_error.unwrap_or_else(|| JoinError::Connect {
+                        address: "(none)".to_owned(),
+                        reason: "no coordinator to try".to_owned(),
+                    }),
+                    false,
+                ));
             }
         }
     }
@@ -194,23 +263,26 @@ pub async fn run(
     let mut backoff = Backoff::new(params.initial_backoff, params.max_backoff);
     let mut finder = Finder::new(&params.coordinator);
     loop {
-        let Some(address) = finder.next(&shutdown).await else {
-            return Ok(());
+        let (result, fatal) = match join_first(&params, &mut finder, &shutdown).await {
+            Ok(None) => return Ok(()),
+            Ok(Some(joined)) => {
+                backoff.reset();
+                let address = joined.address.clone();
+                let result = session(&params, joined, &sampler, &shutdown).await;
+                let fatal = result
+                    .as_ref()
+                    .err()
+                    .is_some_and(|error| finder.failed(&address, error));
+                (result, fatal)
+            }
+            Err((error, fatal)) => (Err(error), fatal),
         };
-        let mut welcomed = false;
-        let result = session(&params, &address, &sampler, &shutdown, &mut welcomed).await;
-        if welcomed {
-            backoff.reset();
-        } else if let Err(error) = &result {
-            finder.handshake_failed(&address, error);
-        }
         match result {
             Ok(()) => return Ok(()),
-            Err(error) if finder.is_fatal(&address, &error) => {
+            Err(error) if fatal => {
                 tracing::error!(%error, "agent cannot join the cluster");
                 return Err(error);
             }
-            Err(error) if !error.is_retryable() => {}
             Err(error) => {
                 let delay = backoff.next_delay(rand::rng().random::<f64>());
                 tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "not connected to the coordinator");
@@ -223,21 +295,17 @@ pub async fn run(
     }
 }
 
-async fn session(
+/// Connects to `address`, proves the token both ways and sets up the encrypted link.
+async fn establish(
     params: &JoinParams,
     address: &str,
-    sampler: &Arc<Mutex<Sampler>>,
-    shutdown: &CancellationToken,
-    welcomed: &mut bool,
-) -> Result<(), JoinError> {
+    handshake_timeout: Duration,
+) -> Result<(LinkReader, LinkWriter), JoinError> {
     let lost = |reason: String| JoinError::Lost {
         address: address.to_owned(),
         reason,
     };
-    let stream = tokio::select! {
-        stream = connect(address) => stream?,
-        () = shutdown.cancelled() => return Ok(()),
-    };
+    let stream = connect(address).await?;
     let (mut reader, mut writer) = stream.into_split();
     let secured = async {
         let key = handshake(params, address, &mut reader, &mut writer).await?;
@@ -246,11 +314,28 @@ async fn session(
             .await
             .map_err(|error| lost(error.to_string()))
     };
-    let (mut reader, mut writer) = tokio::select! {
-        result = tokio::time::timeout(HANDSHAKE_TIMEOUT, secured) => result.map_err(|_| lost("handshake timed out".to_owned()))??,
-        () = shutdown.cancelled() => return Ok(()),
+    tokio::time::timeout(handshake_timeout, secured)
+        .await
+        .map_err(|_| lost("handshake timed out".to_owned()))?
+}
+
+/// Reports every heartbeat over the joined link until shutdown (a goodbye) or the link ends.
+async fn session(
+    params: &JoinParams,
+    joined: Joined,
+    sampler: &Arc<Mutex<Sampler>>,
+    shutdown: &CancellationToken,
+) -> Result<(), JoinError> {
+    let Joined {
+        address,
+        mut reader,
+        mut writer,
+    } = joined;
+    let address = address.as_str();
+    let lost = |reason: String| JoinError::Lost {
+        address: address.to_owned(),
+        reason,
     };
-    *welcomed = true;
     tracing::info!(coordinator = %address, node = %params.node_name, id = %params.node_id, "joined the cluster");
 
     // Frames from the coordinator are read by their own task, so a heartbeat never interrupts a half-read frame.
@@ -449,50 +534,46 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn discovered_coordinators_are_tried_in_turn_and_one_of_another_cluster_is_avoided() {
+    async fn discovered_coordinators_are_tried_together_and_one_of_another_cluster_is_avoided() {
         let coordinator = Coordinator::Discover {
             seeds: vec!["a.lan:11436".to_owned(), "10.0.0.2:11436".to_owned()],
             mdns: None,
         };
         let shutdown = CancellationToken::new();
         let mut finder = Finder::new(&coordinator);
-        let first = finder.next(&shutdown).await.expect("a seed");
-        let second = finder.next(&shutdown).await.expect("a seed");
-        assert_ne!(first, second, "both seeds are tried");
+        let round = finder.round(&shutdown).await.expect("the seeds");
+        assert_eq!(round.len(), 2, "both seeds are tried");
+        let again = finder.round(&shutdown).await.expect("the seeds");
+        assert_ne!(
+            round[0], again[0],
+            "in turn, so no one address always goes first"
+        );
+        let (first, second) = (round[0].clone(), round[1].clone());
 
-        // A lost connection is retried later; another cluster's coordinator is skipped, not fatal.
-        let lost = JoinError::Lost {
+        // A connection refused is retried later; one that stalls the handshake, or another cluster's
+        // coordinator, is skipped for a while, never fatal.
+        let refused = JoinError::Connect {
             address: first.clone(),
-            reason: "reset".to_owned(),
+            reason: "connection refused".to_owned(),
         };
-        assert!(!finder.is_fatal(&first, &lost));
-        assert!(!finder.is_fatal(&first, &unverified(&first)));
-        for _ in 0..3 {
-            assert_eq!(
-                finder.next(&shutdown).await.as_deref(),
-                Some(second.as_str())
-            );
-        }
-
-        // One that stalls the handshake is left alone like one that refuses.
-        finder.handshake_failed(&second, &lost);
-        let third_coordinator = Coordinator::Discover {
-            seeds: vec![first.clone(), second.clone()],
-            mdns: None,
+        assert!(!finder.failed(&first, &refused));
+        assert_eq!(
+            finder.round(&shutdown).await.map(|round| round.len()),
+            Some(2)
+        );
+        let stalled = JoinError::Lost {
+            address: first.clone(),
+            reason: "handshake timed out".to_owned(),
         };
-        let mut fresh = Finder::new(&third_coordinator);
-        fresh.handshake_failed(&first, &lost);
+        assert!(!finder.failed(&first, &stalled));
         for _ in 0..3 {
-            assert_eq!(
-                fresh.next(&shutdown).await.as_deref(),
-                Some(second.as_str())
-            );
+            assert_eq!(finder.round(&shutdown).await, Some(vec![second.clone()]));
         }
 
         // With every candidate avoided the finder waits (here until shut down).
-        assert!(!finder.is_fatal(&second, &unverified(&second)));
+        assert!(!finder.failed(&second, &unverified(&second)));
         shutdown.cancel();
-        assert_eq!(finder.next(&shutdown).await, None);
+        assert_eq!(finder.round(&shutdown).await, None);
     }
 
     #[tokio::test]
@@ -501,9 +582,56 @@ mod tests {
         let shutdown = CancellationToken::new();
         let mut finder = Finder::new(&coordinator);
         assert_eq!(
-            finder.next(&shutdown).await.as_deref(),
-            Some("10.0.0.1:11436")
+            finder.round(&shutdown).await,
+            Some(vec!["10.0.0.1:11436".to_owned()])
         );
-        assert!(finder.is_fatal("10.0.0.1:11436", &unverified("10.0.0.1:11436")));
+        let lost = JoinError::Lost {
+            address: "10.0.0.1:11436".to_owned(),
+            reason: "reset".to_owned(),
+        };
+        assert!(!finder.failed("10.0.0.1:11436", &lost));
+        assert!(finder.failed("10.0.0.1:11436", &unverified("10.0.0.1:11436")));
+    }
+
+    #[tokio::test]
+    async fn stalling_coordinators_do_not_keep_the_agent_from_the_real_one() {
+        use tokio::net::TcpListener;
+        // Impostors that accept and never answer, and closed ports: one round tries them all in about
+        // one handshake timeout (one by one, eight impostors took eight), then avoids the impostors.
+        let mut held = Vec::new();
+        let mut seeds = Vec::new();
+        for _ in 0..PARALLEL_TRIES {
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            seeds.push(listener.local_addr().expect("address").to_string());
+            held.push(listener);
+        }
+        for _ in 0..20 {
+            let closed = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            seeds.push(closed.local_addr().expect("address").to_string());
+        }
+        let coordinator = Coordinator::Discover { seeds, mdns: None };
+        let params = JoinParams {
+            coordinator,
+            token: ClusterToken::parse(&"ab".repeat(32)).expect("token"),
+            node_id: NodeId::generate(),
+            node_name: "agent".to_owned(),
+            heartbeat_interval: Duration::from_secs(1),
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_millis(200),
+        };
+        let shutdown = CancellationToken::new();
+        let mut finder = Finder::new(&params.coordinator);
+        let started = Instant::now();
+        let failed = join_first(&params, &mut finder, &shutdown).await;
+        assert!(matches!(failed, Err((_, false))), "no coordinator here");
+        assert!(
+            started.elapsed() < DISCOVERED_HANDSHAKE_TIMEOUT * 2,
+            "{:?}: impostors are tried {PARALLEL_TRIES} at a time",
+            started.elapsed()
+        );
+        // The impostors are avoided from now on: the next round holds only the closed ports.
+        let round = finder.round(&shutdown).await.expect("round");
+        assert_eq!(round.len(), 20);
+        drop(held);
     }
 }

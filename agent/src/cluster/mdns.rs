@@ -9,6 +9,12 @@
 //! network namespaces sharing a host name) never answer for each other's addresses.
 //!
 //! mDNS only says who is there: joining still needs the token proven both ways (see [`crate::cluster::join`]).
+//!
+//! Anyone on the LAN can announce, so the table of peers is bounded ([`PeerTable`]): at most
+//! [`MAX_PEERS`] peers, at most [`MAX_PER_ADDRESS`] claiming any one address, a few addresses and short
+//! strings each. A newcomer past a bound waits outside; a coordinator that failed its handshake is
+//! forgotten ([`Mdns::forget`]), and once there is room the daemon's cache is read again so the ones that
+//! waited get their turn.
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -25,6 +31,15 @@ use tokio_util::sync::CancellationToken;
 pub const SERVICE_TYPE: &str = "_sollol._tcp.local.";
 /// How long withdrawing the announcement (goodbye packets) may take at shutdown.
 const GOODBYE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Peers the table holds at most.
+pub const MAX_PEERS: usize = 256;
+/// Peers that may claim any one address: one host announcing a thousand instances fills this, not the table.
+pub const MAX_PER_ADDRESS: usize = 8;
+/// Addresses kept per peer, and characters per string read from its TXT record.
+const MAX_ADDRESSES: usize = 4;
+const MAX_TEXT: usize = 64;
+/// How often the daemon's cache may be read again for peers that waited outside a full table.
+const REFRESH_EVERY: Duration = Duration::from_secs(2);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
@@ -82,7 +97,9 @@ pub struct Mdns {
     daemon: ServiceDaemon,
     own_id: String,
     announced_as: String,
-    peers: Mutex<HashMap<String, Peer>>,
+    peers: Mutex<PeerTable>,
+    /// Woken when the table has room for peers that were refused.
+    room: tokio::sync::Notify,
     /// Cancelled once the announcement is withdrawn and the daemon stopped.
     stopped: CancellationToken,
 }
@@ -119,7 +136,8 @@ impl Mdns {
             daemon,
             own_id: announce.node_id.clone(),
             announced_as,
-            peers: Mutex::new(HashMap::new()),
+            peers: Mutex::new(PeerTable::default()),
+            room: tokio::sync::Notify::new(),
             stopped: CancellationToken::new(),
         });
         tracing::info!(instance = %mdns.announced_as, role = announce.role.as_str(), port = announce.port, "announced over mDNS");
@@ -138,15 +156,26 @@ impl Mdns {
 
     /// Every other process seen, by instance name.
     pub fn peers(&self) -> Vec<Peer> {
-        let mut peers: Vec<Peer> = self
-            .peers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .values()
-            .cloned()
-            .collect();
-        peers.sort_by(|a, b| a.instance.cmp(&b.instance));
-        peers
+        self.table().peers()
+    }
+
+    fn table(&self) -> std::sync::MutexGuard<'_, PeerTable> {
+        self.peers.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Drops the coordinators announced at `address` (one whose handshake failed), making room for
+    /// others; they come back if they announce again.
+    pub fn forget(&self, address: SocketAddr) {
+        let (forgotten, waiting) = {
+            let mut table = self.table();
+            (table.forget(address), table.refused)
+        };
+        if forgotten > 0 {
+            tracing::info!(%address, forgotten, "forgot coordinators announced over mDNS that failed their handshake");
+            if waiting > 0 {
+                self.room.notify_one();
+            }
+        }
     }
 
     /// The cluster addresses of the coordinators seen, one per address each announced.
@@ -205,39 +234,164 @@ impl Mdns {
         if peer.node_id == self.own_id {
             return;
         }
-        let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
-        if peers.get(&peer.instance) != Some(&peer) {
-            tracing::info!(instance = %peer.instance, role = peer.role.as_str(), addresses = ?peer.addresses, port = peer.port, "found over mDNS");
-            peers.insert(peer.instance.clone(), peer);
+        let (instance, role, addresses, port) = (
+            peer.instance.clone(),
+            peer.role,
+            peer.addresses.clone(),
+            peer.port,
+        );
+        match self.table().insert(peer) {
+            Inserted::New => {
+                tracing::info!(%instance, role = role.as_str(), ?addresses, port, "found over mDNS");
+            }
+            Inserted::Same => {}
+            Inserted::Refused(first) => {
+                if first {
+                    tracing::warn!(%instance, ?addresses, max_peers = MAX_PEERS, max_per_address = MAX_PER_ADDRESS, "mDNS peer table full for this address or in all: later announcements wait until there is room");
+                }
+            }
         }
     }
 
     fn removed(&self, instance: &str) {
-        if self
-            .peers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(instance)
-            .is_some()
-        {
+        let (removed, waiting) = {
+            let mut table = self.table();
+            (table.remove(instance), table.refused)
+        };
+        if removed {
             tracing::info!(%instance, "withdrawn over mDNS");
+            if waiting > 0 {
+                self.room.notify_one();
+            }
         }
+    }
+}
+
+/// What [`PeerTable::insert`] did.
+#[derive(Debug, PartialEq, Eq)]
+enum Inserted {
+    /// A new peer, or a known one that announced something else.
+    New,
+    /// Already there as announced.
+    Same,
+    /// Past a bound; `true` for the first refusal since the table last had room.
+    Refused(bool),
+}
+
+/// The peers seen, bounded: [`MAX_PEERS`] in all, [`MAX_PER_ADDRESS`] claiming any one address.
+#[derive(Debug, Default)]
+struct PeerTable {
+    peers: HashMap<String, Peer>,
+    /// Announcements refused since the cache was last read again.
+    refused: usize,
+}
+
+impl PeerTable {
+    fn insert(&mut self, peer: Peer) -> Inserted {
+        if let Some(known) = self.peers.get(&peer.instance) {
+            if *known == peer {
+                return Inserted::Same;
+            }
+            // An update never adds a peer, but may claim other addresses: the per-address bound holds.
+            if self.crowded(&peer, Some(&peer.instance)) {
+                return self.refuse();
+            }
+            self.peers.insert(peer.instance.clone(), peer);
+            return Inserted::New;
+        }
+        if self.peers.len() >= MAX_PEERS || self.crowded(&peer, None) {
+            return self.refuse();
+        }
+        self.peers.insert(peer.instance.clone(), peer);
+        Inserted::New
+    }
+
+    /// Whether some address `peer` claims is claimed by [`MAX_PER_ADDRESS`] others already.
+    fn crowded(&self, peer: &Peer, except: Option<&str>) -> bool {
+        peer.addresses.iter().any(|address| {
+            self.peers
+                .values()
+                .filter(|other| Some(other.instance.as_str()) != except)
+                .filter(|other| other.addresses.contains(address))
+                .count()
+                >= MAX_PER_ADDRESS
+        })
+    }
+
+    fn refuse(&mut self) -> Inserted {
+        self.refused += 1;
+        Inserted::Refused(self.refused == 1)
+    }
+
+    fn remove(&mut self, instance: &str) -> bool {
+        self.peers.remove(instance).is_some()
+    }
+
+    /// Removes the coordinators announced at `address`; how many.
+    fn forget(&mut self, address: SocketAddr) -> usize {
+        let before = self.peers.len();
+        self.peers.retain(|_, peer| {
+            !(peer.role == Role::Coordinator
+                && peer.port == address.port()
+                && peer
+                    .addresses
+                    .iter()
+                    .any(|ip| std::net::IpAddr::V4(*ip) == address.ip()))
+        });
+        before - self.peers.len()
+    }
+
+    fn peers(&self) -> Vec<Peer> {
+        let mut peers: Vec<Peer> = self.peers.values().cloned().collect();
+        peers.sort_by(|a, b| a.instance.cmp(&b.instance));
+        peers
     }
 }
 
 async fn watch(
     mdns: Arc<Mdns>,
-    events: mdns_sd::Receiver<ServiceEvent>,
+    mut events: mdns_sd::Receiver<ServiceEvent>,
     shutdown: CancellationToken,
 ) {
+    // Browsing again replays the daemon's cache: the peers refused while the table was full are offered
+    // again once there is room, and a subscription the daemon ended (its event queue overflowed during a
+    // flood of announcements) starts again. At most every REFRESH_EVERY.
+    let mut last_browse = tokio::time::Instant::now();
+    let mut browse_at: Option<tokio::time::Instant> = None;
+    let mut subscribed = true;
     loop {
+        let browse_due = async {
+            match browse_at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            event = events.recv_async() => match event {
+            event = events.recv_async(), if subscribed => match event {
                 Ok(ServiceEvent::ServiceResolved(service)) => mdns.resolved(&service),
                 Ok(ServiceEvent::ServiceRemoved(_, instance)) => mdns.removed(&instance),
                 Ok(_) => {}
-                Err(_) => break,
+                Err(_) => {
+                    subscribed = false;
+                    browse_at = Some(last_browse + REFRESH_EVERY);
+                }
             },
+            () = mdns.room.notified(), if browse_at.is_none() => {
+                browse_at = Some(last_browse + REFRESH_EVERY);
+            }
+            () = browse_due => {
+                browse_at = None;
+                last_browse = tokio::time::Instant::now();
+                mdns.table().refused = 0;
+                match mdns.daemon.browse(SERVICE_TYPE) {
+                    Ok(again) => {
+                        events = again;
+                        subscribed = true;
+                    }
+                    // The daemon stopped.
+                    Err(_) => break,
+                }
+            }
             () = shutdown.cancelled() => break,
         }
     }
@@ -291,20 +445,22 @@ fn service_info(announce: &Announce) -> Result<ServiceInfo, String> {
 /// The peer an answer describes, if it carries sollol's TXT keys.
 fn peer_of(service: &mdns_sd::ResolvedService) -> Option<Peer> {
     let txt = |key: &str| service.txt_properties.get_property_val_str(key);
+    let short = |text: &str| text.chars().take(MAX_TEXT).collect::<String>();
     let mut addresses: Vec<Ipv4Addr> = service.get_addresses_v4().into_iter().collect();
     addresses.sort();
+    addresses.truncate(MAX_ADDRESSES);
     let role = Role::parse(txt("role")?)?;
     let roles = match txt("roles") {
-        Some(roles) if !roles.is_empty() => roles.split(',').map(str::to_owned).collect(),
+        Some(roles) if !roles.is_empty() => roles.split(',').take(8).map(short).collect(),
         _ => vec![role.as_str().to_owned()],
     };
     Some(Peer {
         instance: service.fullname.clone(),
-        node_id: txt("id").filter(|id| !id.is_empty())?.to_owned(),
-        name: txt("name").unwrap_or_default().to_owned(),
+        node_id: short(txt("id").filter(|id| !id.is_empty())?),
+        name: short(txt("name").unwrap_or_default()),
         role,
         roles,
-        version: txt("v").unwrap_or_default().to_owned(),
+        version: short(txt("v").unwrap_or_default()),
         addresses,
         port: service.port,
         has_token: txt("token") == Some("1"),
@@ -372,6 +528,72 @@ mod tests {
             ..interface
         };
         assert!(everything.contains(Ipv4Addr::new(10, 0, 0, 1)));
+    }
+
+    fn coordinator(index: usize, address: Ipv4Addr, port: u16) -> Peer {
+        Peer {
+            instance: format!("fake-{index}._sollol._tcp.local."),
+            node_id: format!("{index:032x}"),
+            name: format!("fake {index}"),
+            role: Role::Coordinator,
+            roles: vec!["coordinator".to_owned()],
+            version: BUILD_VERSION.to_owned(),
+            addresses: vec![address],
+            port,
+            has_token: true,
+        }
+    }
+
+    #[test]
+    fn a_thousand_announcements_from_one_host_hold_a_few_places_and_the_real_one_gets_in() {
+        let mut table = PeerTable::default();
+        let flood = Ipv4Addr::new(10, 77, 0, 14);
+        let refused = (0..1000)
+            .filter(|&index| {
+                matches!(
+                    table.insert(coordinator(index, flood, 7000 + index as u16)),
+                    Inserted::Refused(_)
+                )
+            })
+            .count();
+        assert_eq!(refused, 1000 - MAX_PER_ADDRESS);
+        let real = coordinator(5000, Ipv4Addr::new(10, 77, 0, 1), 11436);
+        assert_eq!(table.insert(real.clone()), Inserted::New);
+        assert_eq!(table.insert(real.clone()), Inserted::Same);
+        assert_eq!(table.peers().len(), MAX_PER_ADDRESS + 1);
+        // A failed handshake forgets the coordinators at that address and port only.
+        assert_eq!(table.forget(SocketAddr::from((flood, 7000))), 1);
+        assert_eq!(table.forget(SocketAddr::from((flood, 7000))), 0);
+        assert_eq!(table.insert(coordinator(1001, flood, 9000)), Inserted::New);
+        assert!(table.peers().contains(&real));
+    }
+
+    #[test]
+    fn the_table_never_holds_more_than_its_bound() {
+        let mut table = PeerTable::default();
+        for index in 0..2000usize {
+            let address = Ipv4Addr::from(0x0a00_0000 + index as u32);
+            table.insert(coordinator(index, address, 11436));
+        }
+        assert_eq!(table.peers().len(), MAX_PEERS);
+        assert_eq!(table.refused, 2000 - MAX_PEERS);
+        // Withdrawing makes room.
+        assert!(table.remove(&coordinator(0, Ipv4Addr::UNSPECIFIED, 0).instance));
+        let newcomer = coordinator(5000, Ipv4Addr::new(10, 1, 1, 1), 1);
+        assert_eq!(table.insert(newcomer), Inserted::New);
+    }
+
+    #[test]
+    fn a_known_peer_cannot_move_onto_a_crowded_address() {
+        let mut table = PeerTable::default();
+        let crowded = Ipv4Addr::new(10, 0, 0, 9);
+        for index in 0..MAX_PER_ADDRESS {
+            table.insert(coordinator(index, crowded, 1));
+        }
+        let mut mover = coordinator(100, Ipv4Addr::new(10, 0, 0, 1), 1);
+        assert_eq!(table.insert(mover.clone()), Inserted::New);
+        mover.addresses = vec![crowded];
+        assert!(matches!(table.insert(mover), Inserted::Refused(_)));
     }
 
     #[test]

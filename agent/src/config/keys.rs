@@ -176,7 +176,7 @@ pub const KEYS: &[KeySpec] = &[
         key: "coordinator.body_memory",
         env: "SOLLOL_BODY_MEMORY",
         default: Some("1GiB"),
-        doc: "Memory the gateway lets request bodies in flight take, counted at worst, as 33 bytes per byte of body (the bytes and their parsed JSON: an array of one-digit numbers takes 32 bytes per 2 bytes of text, and its vector may hold twice that while it grows; a body that costs more than the whole budget still passes, alone). A request that finds no room waits up to `coordinator.body_read_timeout`, then gets HTTP 503 with `Retry-After`.",
+        doc: "Memory the gateway lets request bodies in flight take, counted at worst, as 17 bytes per byte of body (the bytes and the raw slices routing reads: a list of one-digit numbers takes a 16-byte slice per 2 bytes of text, and its vector may hold twice that while it grows; a body that costs more than the whole budget still passes, alone). A request that finds no room waits up to `coordinator.body_read_timeout`, then gets HTTP 503 with `Retry-After`.",
     },
     KeySpec {
         key: "coordinator.max_request_body",

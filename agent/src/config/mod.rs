@@ -242,4 +242,73 @@ mod tests {
         // The printed file parses back as TOML.
         toml::from_str::<toml::Table>(&text).expect("print-config output is TOML");
     }
+
+    /// Config fuzzing, as a property test: any value for any key (from the environment, as users set
+    /// them) and any text as the config file is either a configuration or an error naming what is
+    /// wrong; never a panic. Keys naming files to read (`*_file`) are left out: reading is not parsing.
+    mod arbitrary {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        fn value() -> impl Strategy<Value = String> {
+            prop_oneof![
+                // Anything printable, and the shapes values take, near their edges.
+                "[ -~]{0,24}",
+                "-?[0-9]{1,22}(\\.[0-9]{0,3})?[a-zA-Z]{0,3}",
+                "[0-9]{1,3}\\.[0-9]{1,3}\\.[0-9]{1,3}\\.[0-9]{1,3}(:[0-9]{0,6})?(/[0-9]{1,3})?",
+                "(https?|ftp)://[a-z0-9.:@\\[\\]]{0,20}(/[ -~]{0,8})?",
+                "[a-z0-9:=,. ]{0,40}",
+                "\\PC{0,12}",
+            ]
+        }
+
+        fn keys() -> Vec<&'static KeySpec> {
+            KEYS.iter()
+                .filter(|spec| !spec.key.ends_with("_file") && spec.key != "data_dir")
+                .collect()
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+            #[test]
+            fn any_value_of_any_key_is_read_or_refused(
+                picks in proptest::collection::vec((any::<proptest::sample::Index>(), value()), 1..6)
+            ) {
+                let keys = keys();
+                let env: Vec<(&str, String)> = picks
+                    .iter()
+                    .map(|(index, value)| (index.get(&keys).env, value.clone()))
+                    .collect();
+                let env: Vec<(&str, &str)> =
+                    env.iter().map(|(name, value)| (*name, value.as_str())).collect();
+                match RawConfig::load(&sources(None, &env, &[])) {
+                    Ok(raw) => {
+                        if let Err(error) = Config::try_from(&raw) {
+                            prop_assert!(!error.to_string().is_empty());
+                        }
+                    }
+                    Err(error) => prop_assert!(!error.to_string().is_empty()),
+                }
+            }
+
+            #[test]
+            fn any_config_file_is_read_or_refused(text in "\\PC{0,200}|(\\[[a-z]{0,12}\\]\n)?([a-z_]{1,20} = [ -~]{0,30}\n){0,6}") {
+                let dir = tempfile::tempdir().expect("tempdir");
+                let path = dir.path().join("config.toml");
+                std::fs::write(&path, &text).expect("write config");
+                let file = ConfigSources {
+                    file: Some(path),
+                    file_is_explicit: true,
+                    ..ConfigSources::default()
+                };
+                match RawConfig::load(&file) {
+                    Ok(raw) => {
+                        let _ = Config::try_from(&raw);
+                    }
+                    Err(error) => prop_assert!(!error.to_string().is_empty()),
+                }
+            }
+        }
+    }
 }

@@ -4,6 +4,7 @@
 //! itself. The built-in engine reaches all of it through `sollol_engine::RemoteCompute`.
 
 pub(crate) mod front;
+pub(crate) mod manifest;
 pub(crate) mod partial;
 pub mod pipeline;
 pub(crate) mod sharding;

@@ -4,8 +4,9 @@
 //! A partial copy is a sparse file of the original's length under `MODELS_DIR/.partial/`, named by the
 //! file's digest: the header (metadata, tokenizer, tensor directory) at the start and each fetched
 //! tensor at its own offset, holes elsewhere, so the GGUF reader and the model loader read it as the
-//! original. A manifest beside it lists the tensors present; a tensor is listed only once its bytes are
-//! written and their SHA-256 matched the one the peer computed from its own copy.
+//! original. Beside it: the file's tensor manifest (its header's and each tensor's SHA-256, whose digest
+//! the plan named), and the list of tensors present; a tensor is listed only once its bytes are written
+//! and their SHA-256 matched the manifest.
 
 use std::collections::BTreeSet;
 use std::io::{Seek, SeekFrom, Write};
@@ -15,6 +16,8 @@ use sollol_shared::digest::Sha256Digest;
 use sollol_shared::layers::PartSpec;
 
 use sollol_engine::gguf::Gguf;
+
+use crate::distributed::manifest::TensorManifest;
 
 /// The tensors a stage holding `part` reads.
 pub fn tensor_names(gguf: &Gguf, part: &PartSpec) -> Vec<String> {
@@ -49,14 +52,17 @@ pub fn tensor_names(gguf: &Gguf, part: &PartSpec) -> Vec<String> {
 #[derive(Debug)]
 pub struct PartialCopy {
     pub path: PathBuf,
-    manifest: PathBuf,
+    /// The list of tensors present.
+    present_path: PathBuf,
     present: BTreeSet<String>,
+    /// The hashes every tensor is checked against.
+    manifest: TensorManifest,
 }
 
 impl PartialCopy {
     /// The copy's file and manifest; the digest comes from the network, so it is checked before it
     /// names a file (a `../` or an absolute path must not write outside the models directory).
-    fn paths(models_dir: &Path, digest: &str) -> std::io::Result<(PathBuf, PathBuf)> {
+    fn paths(models_dir: &Path, digest: &str) -> std::io::Result<(PathBuf, PathBuf, PathBuf)> {
         let digest = Sha256Digest::parse(digest)
             .map_err(|reason| std::io::Error::new(std::io::ErrorKind::InvalidInput, reason))?;
         let directory = models_dir.join(".partial");
@@ -64,29 +70,44 @@ impl PartialCopy {
         Ok((
             directory.join(format!("{stem}.gguf")),
             directory.join(format!("{stem}.tensors.json")),
+            directory.join(format!("{stem}.manifest")),
         ))
     }
 
     /// The partial copy of the file with `digest`, if one was started.
     pub fn open(models_dir: &Path, digest: &str) -> Option<Self> {
-        let (path, manifest) = Self::paths(models_dir, digest).ok()?;
-        let text = std::fs::read_to_string(&manifest).ok()?;
+        let (path, present_path, manifest_path) = Self::paths(models_dir, digest).ok()?;
+        let text = std::fs::read_to_string(&present_path).ok()?;
         let present: BTreeSet<String> = serde_json::from_str(&text).ok()?;
+        let manifest = read_manifest(&std::fs::read(manifest_path).ok()?)?;
         path.is_file().then_some(Self {
             path,
-            manifest,
+            present_path,
             present,
+            manifest,
         })
     }
 
-    /// Starts a partial copy: a sparse file of `file_bytes` with `header` at its start.
+    /// The manifest the copy's tensors were checked against.
+    pub fn manifest(&self) -> &TensorManifest {
+        &self.manifest
+    }
+
+    /// The SHA-256 of each tensor of the file, in the order of its tensor directory.
+    pub fn tensors(&self) -> &[[u8; 32]] {
+        &self.manifest.tensors
+    }
+
+    /// Starts a partial copy: a sparse file of `file_bytes` with `header` at its start, and the
+    /// `manifest` its tensors will be checked against.
     pub fn create(
         models_dir: &Path,
         digest: &str,
         header: &[u8],
         file_bytes: u64,
+        manifest: TensorManifest,
     ) -> std::io::Result<Self> {
-        let (path, manifest) = Self::paths(models_dir, digest)?;
+        let (path, present_path, manifest_path) = Self::paths(models_dir, digest)?;
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)?;
         }
@@ -94,10 +115,14 @@ impl PartialCopy {
         file.set_len(file_bytes)?;
         file.write_all(header)?;
         file.sync_all()?;
+        let mut bytes = manifest.header.to_vec();
+        bytes.extend(manifest.tensors.iter().flatten());
+        write_whole(&manifest_path, &bytes)?;
         let copy = Self {
             path,
-            manifest,
+            present_path,
             present: BTreeSet::new(),
+            manifest,
         };
         copy.save()?;
         Ok(copy)
@@ -126,13 +151,34 @@ impl PartialCopy {
     }
 
     fn save(&self) -> std::io::Result<()> {
-        let temporary = self.manifest.with_extension("json.tmp");
-        std::fs::write(
-            &temporary,
-            serde_json::to_vec(&self.present).map_err(std::io::Error::other)?,
-        )?;
-        std::fs::rename(&temporary, &self.manifest)
+        write_whole(
+            &self.present_path,
+            &serde_json::to_vec(&self.present).map_err(std::io::Error::other)?,
+        )
     }
+}
+
+/// Writes `bytes` to a temporary file beside `path`, then renames it into place.
+fn write_whole(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut temporary = path.as_os_str().to_owned();
+    temporary.push(".tmp");
+    std::fs::write(&temporary, bytes)?;
+    std::fs::rename(&temporary, path)
+}
+
+/// A manifest as [`PartialCopy::create`] wrote it: the header's hash, then each tensor's.
+fn read_manifest(bytes: &[u8]) -> Option<TensorManifest> {
+    if bytes.len() < 32 || !bytes.len().is_multiple_of(32) {
+        return None;
+    }
+    let mut hashes = bytes
+        .chunks_exact(32)
+        .map(|chunk| <[u8; 32]>::try_from(chunk).ok());
+    let header = hashes.next()??;
+    Some(TensorManifest {
+        header,
+        tensors: hashes.collect::<Option<Vec<_>>>()?,
+    })
 }
 
 #[cfg(test)]
@@ -146,8 +192,18 @@ mod tests {
     #[test]
     fn a_partial_copy_remembers_what_it_holds() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut copy =
-            PartialCopy::create(dir.path(), &digest("a"), b"GGUF-header", 1 << 20).expect("create");
+        let manifest = TensorManifest {
+            header: [1; 32],
+            tensors: vec![[2; 32], [3; 32]],
+        };
+        let mut copy = PartialCopy::create(
+            dir.path(),
+            &digest("a"),
+            b"GGUF-header",
+            1 << 20,
+            manifest.clone(),
+        )
+        .expect("create");
         assert_eq!(std::fs::metadata(&copy.path).expect("file").len(), 1 << 20);
         copy.write_at(4096, b"tensor").expect("write");
         copy.mark(["blk.0.attn_q.weight".to_owned()]).expect("mark");
@@ -157,6 +213,7 @@ mod tests {
             "blk.1.attn_q.weight".to_owned(),
         ];
         assert_eq!(again.missing(&wanted), ["blk.1.attn_q.weight"]);
+        assert_eq!(again.manifest(), &manifest);
         let bytes = std::fs::read(&again.path).expect("read");
         assert_eq!(&bytes[..11], b"GGUF-header");
         assert_eq!(&bytes[4096..4102], b"tensor");
@@ -174,7 +231,11 @@ mod tests {
             format!("sha256:{}/../../escaped", "a".repeat(40)),
             root.path().join("escaped").display().to_string(),
         ] {
-            let created = PartialCopy::create(&models, &hostile, b"GGUF", 16);
+            let manifest = TensorManifest {
+                header: [0; 32],
+                tensors: Vec::new(),
+            };
+            let created = PartialCopy::create(&models, &hostile, b"GGUF", 16, manifest);
             assert!(created.is_err(), "{hostile}");
             assert!(PartialCopy::open(&models, &hostile).is_none(), "{hostile}");
         }

@@ -106,7 +106,9 @@ impl Pipeline {
             .ask(&StageRequest::Header { digest: None }, self.timeouts.load)
             .await?
         {
-            StageReply::Header { bytes, file_bytes } => Ok((bytes, file_bytes)),
+            StageReply::Header {
+                bytes, file_bytes, ..
+            } => Ok((bytes, file_bytes)),
             other => Err(PipelineError::Protocol {
                 node: self.links[0].name().to_owned(),
                 answer: format!("{other:?}"),

@@ -28,6 +28,8 @@ pub struct PlannedStage {
 pub struct Plan {
     pub model: String,
     pub digest: String,
+    /// The digest of the file's tensor manifest: what a stage fetching tensors checks them against.
+    pub manifest: [u8; 32],
     pub layers: usize,
     pub stages: Vec<PlannedStage>,
     /// One line per decision, for the API and the logs.
@@ -130,6 +132,8 @@ pub fn split_layers(
 pub(super) struct ModelCopy {
     /// The file's content digest: every stage must compute with the same weights.
     pub digest: String,
+    /// The digest of its tensor manifest, computed with `digest`.
+    pub manifest: [u8; 32],
     pub layers: usize,
     pub file_bytes: u64,
 }
@@ -159,7 +163,7 @@ impl Offers<'_> {
         let first_name = self.holders.first().cloned().unwrap_or_default();
         for (index, other) in self.copies.iter().enumerate() {
             if let Some(other) = other
-                && other.digest != copy.digest
+                && (other.digest != copy.digest || other.manifest != copy.manifest)
             {
                 let node = self
                     .stages
@@ -167,10 +171,17 @@ impl Offers<'_> {
                     .map_or_else(|| "a source".to_owned(), |candidate| candidate.name.clone());
                 return Err(PipelineError::Refused {
                     node,
-                    message: format!(
-                        "its copy of {model} is {}, {first_name}'s is {}: every stage must hold the same file",
-                        other.digest, copy.digest
-                    ),
+                    message: if other.digest == copy.digest {
+                        format!(
+                            "its copy of {model} has {first_name}'s digest ({}) but other tensors: one of the two copies changed since its digest was taken",
+                            copy.digest
+                        )
+                    } else {
+                        format!(
+                            "its copy of {model} is {}, {first_name}'s is {}: every stage must hold the same file",
+                            other.digest, copy.digest
+                        )
+                    },
                 });
             }
         }
@@ -189,6 +200,7 @@ pub(super) fn plan(
 ) -> Result<Plan, PipelineError> {
     let ModelCopy {
         digest,
+        manifest,
         layers,
         file_bytes,
     } = copy;
@@ -261,6 +273,7 @@ pub(super) fn plan(
     Ok(Plan {
         model: model.to_owned(),
         digest,
+        manifest,
         layers,
         stages,
         reasons,

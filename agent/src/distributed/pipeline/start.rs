@@ -175,6 +175,7 @@ async fn describe(
         let (copy, free_memory) = match link.ask(&request, timeouts.load).await? {
             StageReply::Described {
                 digest,
+                manifest,
                 layers,
                 file_bytes,
                 free_memory_bytes,
@@ -183,6 +184,7 @@ async fn describe(
                 described.holders.push(candidate.name.clone());
                 let copy = ModelCopy {
                     digest,
+                    manifest,
                     layers: layers as usize,
                     file_bytes,
                 };
@@ -247,6 +249,7 @@ async fn load(
             part: PartSpec {
                 model: model.to_owned(),
                 digest: plan.digest.clone(),
+                manifest: plan.manifest,
                 start: stage.layers.start as u32,
                 end: stage.layers.end as u32,
                 embed: index == 0,

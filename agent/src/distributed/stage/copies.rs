@@ -1,13 +1,15 @@
-//! The node's copies of models: its model files and their content digests (computed once per path and
-//! length), the full copy matching a plan's digest, and a file (full or partial) holding given tensors.
+//! The node's copies of models: its model files and their content digests and tensor manifests (computed
+//! once per path and length), the full copy matching a plan's digest, and a file (full or partial)
+//! holding given tensors.
 
 use std::path::PathBuf;
-use std::sync::PoisonError;
+use std::sync::{Arc, PoisonError};
 
 use sollol_shared::layers::StageReply;
 use sollol_shared::protocol::RefusalCode;
 
 use super::{Stage, refusal};
+use crate::distributed::manifest::TensorManifest;
 use crate::distributed::partial::PartialCopy;
 use sollol_engine::engine::{self, ModelFile};
 
@@ -21,27 +23,37 @@ impl Stage {
             .unwrap_or_default()
     }
 
-    /// `file`'s content digest, computed once per path and length.
+    /// `file`'s content digest.
     pub(super) async fn digest_of(&self, file: &ModelFile) -> Result<String, String> {
-        let key = (file.path.clone(), file.size_bytes);
-        if let Some(digest) = self
+        self.copy_of(file).await.map(|(digest, _)| digest)
+    }
+
+    /// `file`'s content digest and tensor manifest, computed together once per path, length and
+    /// modification time.
+    pub(super) async fn copy_of(
+        &self,
+        file: &ModelFile,
+    ) -> Result<(String, Arc<TensorManifest>), String> {
+        let key = (file.path.clone(), file.size_bytes, file.modified);
+        if let Some(known) = self
             .digests
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .get(&key)
         {
-            return Ok(digest.clone());
+            return Ok(known.clone());
         }
         let path = file.path.clone();
-        let digest = tokio::task::spawn_blocking(move || engine::content_digest(&path))
+        let (digest, manifest) = tokio::task::spawn_blocking(move || TensorManifest::read(&path))
             .await
             .map_err(|error| error.to_string())?
             .map_err(|error| format!("cannot read {}: {error}", file.path.display()))?;
+        let known = (digest, Arc::new(manifest));
         self.digests
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(key, digest.clone());
-        Ok(digest)
+            .insert(key, known.clone());
+        Ok(known)
     }
 
     /// The local full copy of `wanted` with `digest`: `Ok(None)` when there is none, a refusal when the
@@ -75,20 +87,22 @@ impl Stage {
         }
     }
 
-    /// A file holding the tensors `names` of the file with `digest`: a full copy, or a partial one
-    /// that has them all.
-    pub(super) async fn copy_holding(&self, digest: &str, names: &[String]) -> Option<PathBuf> {
+    /// A file holding the tensors `names` of the file with `digest` (a full copy, or a partial one that
+    /// has them all), with the file's tensor hashes.
+    pub(super) async fn copy_holding(
+        &self,
+        digest: &str,
+        names: &[String],
+    ) -> Option<(PathBuf, Vec<[u8; 32]>)> {
         for file in self.files().await {
-            if self
-                .digest_of(&file)
-                .await
-                .is_ok_and(|found| found == digest)
+            if let Ok((found, manifest)) = self.copy_of(&file).await
+                && found == digest
             {
-                return Some(file.path);
+                return Some((file.path, manifest.tensors.clone()));
             }
         }
         PartialCopy::open(&self.settings.models_dir, digest)
             .filter(|copy| copy.missing(names).is_empty())
-            .map(|copy| copy.path)
+            .map(|copy| (copy.path.clone(), copy.tensors().to_vec()))
     }
 }

@@ -9,6 +9,7 @@ use tokio::sync::mpsc;
 
 use super::{Stage, dial, refusal};
 use crate::cluster::wire;
+use crate::distributed::manifest::{self, TensorManifest};
 use crate::distributed::partial::{self, PartialCopy};
 use sollol_engine::engine::ModelFile;
 use sollol_engine::gguf::Gguf;
@@ -29,6 +30,7 @@ impl Stage {
         let mut failures = Vec::new();
         let existing = PartialCopy::open(&models_dir, &spec.digest);
         if let Some(copy) = &existing
+            && copy.manifest().digest() == spec.manifest
             && let Ok(names) = partial_names(&copy.path, spec)
             && copy.missing(&names).is_empty()
         {
@@ -80,22 +82,48 @@ impl Stage {
         wire::write_message(&mut stream, &request)
             .await
             .map_err(|error| error.to_string())?;
-        let (header, file_bytes) =
+        let (header, file_bytes, tensors) =
             match wire::read_message_within::<StageReply, _>(&mut stream, MAX_LAYER_FRAME_BYTES)
                 .await
                 .map_err(|error| error.to_string())?
             {
-                StageReply::Header { bytes, file_bytes } => (bytes, file_bytes),
+                StageReply::Header {
+                    bytes,
+                    file_bytes,
+                    tensors,
+                } => (bytes, file_bytes, tensors),
                 StageReply::Refused(refusal) => return Err(refusal.message),
                 other => return Err(format!("unexpected answer {other:?}")),
             };
+        // The header and the tensor hashes are what the plan's manifest names, or nothing is fetched.
+        if manifest::digest_from_parts(&header, &tensors) != spec.manifest {
+            return Err(format!(
+                "the header and tensor hashes {} sent do not match the plan's manifest",
+                peer.node_name
+            ));
+        }
+        let manifest = TensorManifest {
+            header: sha2::Digest::finalize(<sha2::Sha256 as sha2::Digest>::new_with_prefix(
+                &header,
+            ))
+            .into(),
+            tensors,
+        };
         let gguf = Gguf::read(std::io::Cursor::new(&header), file_bytes)
             .map_err(|error| error.to_string())?;
+        if manifest.tensors.len() != gguf.tensors.len() {
+            return Err(format!(
+                "{} listed {} tensor hashes for {} tensors",
+                peer.node_name,
+                manifest.tensors.len(),
+                gguf.tensors.len()
+            ));
+        }
         let names = partial::tensor_names(&gguf, spec);
         let models_dir = self.settings.models_dir.clone();
         let mut copy = match PartialCopy::open(&models_dir, &spec.digest) {
-            Some(copy) => copy,
-            None => PartialCopy::create(&models_dir, &spec.digest, &header, file_bytes)
+            Some(copy) if copy.manifest() == &manifest => copy,
+            _ => PartialCopy::create(&models_dir, &spec.digest, &header, file_bytes, manifest)
                 .map_err(|error| format!("cannot start a partial copy: {error}"))?,
         };
         let missing = copy.missing(&names);
@@ -115,6 +143,9 @@ impl Stage {
             .sum();
         let (mut fetched, mut reported) = (0u64, 0u64);
         let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
+        // The tensor being received and how many of its bytes came: chunks arrive in order, one tensor
+        // at a time, or the fetch ends.
+        let mut receiving: Option<(String, u64)> = None;
         loop {
             match wire::read_message_within::<StageReply, _>(&mut stream, MAX_LAYER_FRAME_BYTES)
                 .await
@@ -125,19 +156,25 @@ impl Stage {
                     offset,
                     size,
                     bytes,
-                    sha256,
+                    last,
                 } => {
+                    let expected_offset = match &receiving {
+                        Some((current, received)) if *current == name => *received,
+                        Some(_) => u64::MAX,
+                        None => 0,
+                    };
+                    let end = offset.checked_add(bytes.len() as u64);
                     let info = gguf
                         .tensor(&name)
                         .filter(|info| {
                             info.size == size
-                                && offset
-                                    .checked_add(bytes.len() as u64)
-                                    .is_some_and(|end| end <= size)
+                                && offset == expected_offset
+                                && end.is_some_and(|end| end <= size && (end == size) == last)
+                                && missing.contains(&name)
                         })
                         .ok_or_else(|| {
                             format!(
-                                "{} sent a tensor {name:?} that does not fit the file",
+                                "{} sent a piece of tensor {name:?} that does not fit the file or comes out of order",
                                 peer.node_name
                             )
                         })?;
@@ -155,15 +192,18 @@ impl Stage {
                             })
                             .await;
                     }
-                    if let Some(expected) = sha256 {
+                    if last {
+                        receiving = None;
                         let got: [u8; 32] = sha2::Digest::finalize_reset(&mut hasher).into();
-                        if got != expected {
+                        if Some(got) != copy.manifest().tensor(&gguf, &name) {
                             return Err(format!(
-                                "tensor {name:?} from {} failed its checksum",
+                                "tensor {name:?} from {} does not match the plan's manifest",
                                 peer.node_name
                             ));
                         }
                         copy.mark([name]).map_err(|error| error.to_string())?;
+                    } else {
+                        receiving = Some((name, end.unwrap_or(u64::MAX)));
                     }
                 }
                 StageReply::TensorsSent => break,
@@ -183,7 +223,7 @@ impl Stage {
         Ok((self.partial_file(spec, &copy.path), fetched))
     }
 
-    /// Streams `names` of the file with `digest` in chunks, each tensor's last chunk with its SHA-256.
+    /// Streams `names` of the file with `digest` in chunks, in order, each tensor's last chunk marked.
     pub(super) async fn send_tensors(
         &self,
         digest: &str,
@@ -191,7 +231,7 @@ impl Stage {
         replies: &mpsc::Sender<StageReply>,
     ) {
         const CHUNK: u64 = 8 << 20;
-        let Some(path) = self.copy_holding(digest, names).await else {
+        let Some((path, _)) = self.copy_holding(digest, names).await else {
             let _ = replies
                 .send(refusal(
                     RefusalCode::ModelMissing,
@@ -217,7 +257,6 @@ impl Stage {
                     let info = gguf
                         .tensor(&name)
                         .ok_or_else(|| format!("no tensor {name:?} in the file"))?;
-                    let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
                     let mut offset = 0;
                     file.seek(std::io::SeekFrom::Start(info.offset))
                         .map_err(|error| error.to_string())?;
@@ -226,14 +265,13 @@ impl Stage {
                         let mut bytes = vec![0u8; take as usize];
                         file.read_exact(&mut bytes)
                             .map_err(|error| error.to_string())?;
-                        sha2::Digest::update(&mut hasher, &bytes);
                         let last = offset + take == info.size;
                         let chunk = StageReply::TensorChunk {
                             name: name.clone(),
                             offset,
                             size: info.size,
                             bytes,
-                            sha256: last.then(|| sha2::Digest::finalize_reset(&mut hasher).into()),
+                            last,
                         };
                         if sender.blocking_send(Ok(chunk)).is_err() {
                             return Ok(());

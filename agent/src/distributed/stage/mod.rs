@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cluster::identity::ClusterToken;
 use crate::cluster::wire;
+use crate::distributed::manifest::TensorManifest;
 use sollol_engine::engine::ModelFile;
 use sollol_engine::model::{KvCache, Model};
 use sollol_engine::sampling::Sampler;
@@ -105,9 +106,11 @@ struct Stage {
     /// The connection to the next stage: its address and writing half.
     next: tokio::sync::Mutex<Option<(String, SecureWriter<OwnedWriteHalf>)>>,
     sequences: Mutex<HashMap<u64, Sequence>>,
-    /// Content digests computed so far, by path and length.
-    digests: Mutex<HashMap<(PathBuf, u64), String>>,
+    /// Content digests and tensor manifests computed so far, by path, length and modification time.
+    digests: Mutex<HashMap<CopyKey, (String, Arc<TensorManifest>)>>,
 }
+
+type CopyKey = (PathBuf, u64, std::time::SystemTime);
 
 fn refusal(code: RefusalCode, message: impl Into<String>) -> StageReply {
     StageReply::Refused(Refusal {

@@ -26,8 +26,8 @@ impl Stage {
                 free_memory_bytes: self.offered_memory(),
             };
         };
-        let digest = match self.digest_of(file).await {
-            Ok(digest) => digest,
+        let (digest, manifest) = match self.copy_of(file).await {
+            Ok(copy) => copy,
             Err(message) => return refusal(RefusalCode::ModelMissing, message),
         };
         let path = file.path.clone();
@@ -43,6 +43,7 @@ impl Stage {
         match layers {
             Ok(layers) => StageReply::Described {
                 digest,
+                manifest: manifest.digest(),
                 layers: u32::try_from(layers).unwrap_or(u32::MAX),
                 file_bytes: file.size_bytes,
                 free_memory_bytes: self.offered_memory(),
@@ -182,9 +183,9 @@ impl Stage {
 
     /// The header of the file with `digest` (any copy holding it), or of the loaded part's file.
     pub(super) async fn header(&self, digest: Option<String>) -> StageReply {
-        let path = match digest {
+        let (path, tensors) = match digest {
             Some(digest) => match self.copy_holding(&digest, &[]).await {
-                Some(path) => path,
+                Some(holding) => holding,
                 None => {
                     return refusal(
                         RefusalCode::ModelMissing,
@@ -193,7 +194,7 @@ impl Stage {
                 }
             },
             None => match self.part.lock().await.as_ref() {
-                Some(part) => part.file.path.clone(),
+                Some(part) => (part.file.path.clone(), Vec::new()),
                 None => {
                     return refusal(
                         RefusalCode::BadRequest,
@@ -207,7 +208,11 @@ impl Stage {
             .map_err(|error| error.to_string())
             .and_then(|read| read.map_err(|error| error.to_string()));
         match read {
-            Ok((bytes, file_bytes)) => StageReply::Header { bytes, file_bytes },
+            Ok((bytes, file_bytes)) => StageReply::Header {
+                bytes,
+                file_bytes,
+                tensors,
+            },
             Err(message) => refusal(RefusalCode::BadRequest, message),
         }
     }

@@ -4,8 +4,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 
-use serde_json::Value;
-
+use super::fields::{self, Fields};
 use super::lock;
 
 /// Conversations remembered for prefix affinity, and how much of a prompt identifies one.
@@ -15,27 +14,23 @@ const AFFINITY_PROMPT_CHARS: usize = 256;
 /// Identifies a conversation: the model, the system prompt and the first user turn (chat), or the system
 /// prompt and the start of the prompt (generate). Later turns of one conversation share it, so they can go
 /// where the earlier turns' KV cache is.
-pub(super) fn conversation_key(model: &str, request: &Value) -> Option<u64> {
+pub(super) fn conversation_key(model: &str, request: &Fields<'_>) -> Option<u64> {
     use std::hash::{Hash, Hasher};
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     model.hash(&mut hasher);
-    if let Some(messages) = request.get("messages").and_then(Value::as_array) {
-        let system = messages
-            .iter()
-            .find(|message| message.get("role").and_then(Value::as_str) == Some("system"))
-            .and_then(|message| message.get("content").and_then(Value::as_str));
-        let first_user = messages
-            .iter()
-            .find(|message| message.get("role").and_then(Value::as_str) == Some("user"))
-            .and_then(|message| message.get("content").and_then(Value::as_str))?;
-        system.hash(&mut hasher);
-        first_user.hash(&mut hasher);
+    let (mut system, mut first_user) = (None, None);
+    let chat = fields::each_message(request, |message| match message.role.as_deref() {
+        Some("system") if system.is_none() => system = message.content,
+        Some("user") if first_user.is_none() => first_user = message.content,
+        _ => {}
+    });
+    if chat {
+        let first_user = first_user?;
+        system.as_deref().hash(&mut hasher);
+        first_user.as_ref().hash(&mut hasher);
     } else {
-        let prompt = request.get("prompt").and_then(Value::as_str)?;
-        request
-            .get("system")
-            .and_then(Value::as_str)
-            .hash(&mut hasher);
+        let prompt = request.text("prompt")?;
+        request.text("system").as_deref().hash(&mut hasher);
         prompt
             .chars()
             .take(AFFINITY_PROMPT_CHARS)
@@ -73,7 +68,7 @@ impl Affinity {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{Value, json};
 
     #[test]
     fn conversations_share_a_key_across_turns() {
@@ -81,10 +76,14 @@ mod tests {
         let next = json!({"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
             {"role": "assistant", "content": "hello"}, {"role": "user", "content": "more"}]});
         let other = json!({"messages": [{"role": "user", "content": "something else"}]});
-        let key = |request: &Value| conversation_key("m:1", request);
+        let key_for = |model: &str, request: &Value| {
+            let body = request.to_string();
+            conversation_key(model, &Fields::parse(body.as_bytes()).expect("object"))
+        };
+        let key = |request: &Value| key_for("m:1", request);
         assert_eq!(key(&first), key(&next));
         assert_ne!(key(&first), key(&other));
-        assert_ne!(conversation_key("m:2", &first), key(&first));
+        assert_ne!(key_for("m:2", &first), key(&first));
         assert_eq!(key(&json!({"messages": []})), None);
         assert!(key(&json!({"prompt": "abc"})).is_some());
         let affinity = Affinity::default();

@@ -9,16 +9,19 @@
 //! the oldest outstanding chunk (the first answer wins), so one slow node
 //! cannot hold the whole batch back. Results are put back in input order.
 
-use std::collections::VecDeque;
+use std::borrow::Cow;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use http_body_util::BodyExt;
 use hyper::body::Bytes;
 use hyper::header::HeaderValue;
+use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
+use super::fields::Fields;
 use super::{InFlight, Proxy, post_json};
 use crate::cluster::Backend;
 
@@ -42,10 +45,17 @@ pub struct BatchAnswer {
     pub chunks: usize,
 }
 
+/// Inputs `start..end` of the batch.
 #[derive(Debug)]
 struct Chunk {
     start: usize,
-    inputs: Vec<Value>,
+    end: usize,
+}
+
+impl Chunk {
+    fn len(&self) -> usize {
+        self.end - self.start
+    }
 }
 
 #[derive(Debug, Default)]
@@ -70,27 +80,23 @@ pub fn flavour(path: &str) -> Option<Flavour> {
     }
 }
 
-/// The inputs of an embedding request, when it has a list of them.
-pub fn inputs(request: &Value) -> Option<&Vec<Value>> {
-    request.get("input").and_then(Value::as_array)
-}
-
 /// Embeds every input of `request` over `backends`; `Err` names each failure when no node could finish it.
 pub async fn run(
     proxy: &Proxy,
     backends: &[&Arc<Backend>],
     path: &str,
-    request: &Value,
+    body: &[u8],
     flavour: Flavour,
     origin: Option<&HeaderValue>,
 ) -> Result<BatchAnswer, String> {
-    let inputs = inputs(request).cloned().unwrap_or_default();
-    // Every chunk sends the client's fields with its own inputs: the fields are copied, the inputs not.
-    let mut fields = request.as_object().cloned().unwrap_or_default();
-    fields.remove("input");
+    // The inputs and the other fields stay the client's raw JSON, borrowed from its body: every chunk
+    // sends the other fields with its own slice of the inputs.
+    let request = Fields::parse(body)?;
+    let inputs = request.list("input").unwrap_or_default();
     let shared = Shared {
         path,
-        fields,
+        fields: request.without("input"),
+        inputs: &inputs,
         origin,
     };
     let started = Instant::now();
@@ -105,10 +111,10 @@ pub async fn run(
         workers_alive: workers,
         ..Work::default()
     };
-    for (index, piece) in inputs.chunks(chunk_size).enumerate() {
+    for start in (0..inputs.len()).step_by(chunk_size) {
         work.queue.push_back(Arc::new(Chunk {
-            start: index * chunk_size,
-            inputs: piece.to_vec(),
+            start,
+            end: (start + chunk_size).min(inputs.len()),
         }));
     }
     let chunks = work.queue.len();
@@ -138,7 +144,9 @@ pub async fn run(
         .into_iter()
         .map(Option::unwrap_or_default)
         .collect();
-    let model = request.get("model").cloned().unwrap_or(Value::Null);
+    let model = request
+        .text("model")
+        .map_or(Value::Null, |model| Value::from(model.as_ref()));
     let body = match flavour {
         Flavour::Ollama => json!({
             "model": model,
@@ -165,11 +173,21 @@ pub async fn run(
     })
 }
 
-/// What every chunk's request shares: the route, the client's fields but `input`, the page's Origin.
+/// What every chunk's request shares: the route, the client's fields but `input`, every input (a chunk
+/// sends its slice), the page's Origin.
 struct Shared<'a> {
     path: &'a str,
-    fields: serde_json::Map<String, Value>,
+    fields: BTreeMap<Cow<'a, str>, &'a RawValue>,
+    inputs: &'a [&'a RawValue],
     origin: Option<&'a HeaderValue>,
+}
+
+/// One chunk's request body: the client's other fields as they came, and the chunk's inputs.
+#[derive(serde::Serialize)]
+struct ChunkBody<'a> {
+    #[serde(flatten)]
+    fields: &'a BTreeMap<Cow<'a, str>, &'a RawValue>,
+    input: &'a [&'a RawValue],
 }
 
 async fn worker(
@@ -212,7 +230,7 @@ async fn worker(
                 for (offset, embedding) in embeddings.into_iter().enumerate() {
                     work.results[chunk.start + offset] = Some(embedding);
                 }
-                work.done += chunk.inputs.len();
+                work.done += chunk.len();
                 work.prompt_tokens += prompt_tokens;
                 work.outstanding
                     .retain(|outstanding| !Arc::ptr_eq(outstanding, &chunk));
@@ -249,9 +267,11 @@ async fn embed_chunk(
     chunk: &Chunk,
 ) -> Result<(Vec<Value>, u64), String> {
     let _in_flight = InFlight::new(proxy.load_of(&backend.node_id), proxy.admission());
-    let mut body = shared.fields.clone();
-    body.insert("input".into(), Value::Array(chunk.inputs.clone()));
-    let body = serde_json::to_vec(&body).map_err(|error| error.to_string())?;
+    let body = serde_json::to_vec(&ChunkBody {
+        fields: &shared.fields,
+        input: &shared.inputs[chunk.start..chunk.end],
+    })
+    .map_err(|error| error.to_string())?;
     let request = post_json(
         format!("{}{}", backend.base_url, shared.path),
         Bytes::from(body),
@@ -309,11 +329,11 @@ async fn embed_chunk(
             )
         }
     };
-    if embeddings.len() != chunk.inputs.len() {
+    if embeddings.len() != chunk.len() {
         return Err(format!(
             "{} embeddings for {} inputs",
             embeddings.len(),
-            chunk.inputs.len()
+            chunk.len()
         ));
     }
     Ok((embeddings, prompt_tokens))

@@ -17,7 +17,7 @@ use sollol_shared::api::{CandidateCost, RoutingDecision};
 
 use super::attempt::{Attempt, header_text};
 use super::batch;
-use super::request::{ApiKeyName, ParsedRequest, application, request_shape};
+use super::request::{ApiKeyName, ParsedRequest, application};
 use super::selection::Selection;
 use super::{Charge, DECISION_HEADER, NODE_HEADER, Proxy};
 use crate::cluster::Backend;
@@ -92,7 +92,7 @@ async fn forward_inner(
         .map(|(index, candidate)| (&view.backends[index], candidate))
         .unzip();
     if let Some(flavour) = batch::flavour(path)
-        && batch::inputs(&request.json).is_some_and(|inputs| inputs.len() > 1)
+        && request.inputs.is_some_and(|inputs| inputs > 1)
         && backends.len() > 1
     {
         return forward_batch(proxy, &backends, path, &request, flavour).await;
@@ -132,13 +132,13 @@ async fn forward_batch(
         proxy,
         backends,
         path,
-        &request.json,
+        &request.body,
         flavour,
         request.origin.as_ref(),
     )
     .await
     .map_err(|failure| ApiError::new(StatusCode::BAD_GATEWAY, failure))?;
-    let inputs = batch::inputs(&request.json).map_or(0, Vec::len);
+    let inputs = request.inputs.unwrap_or(0);
     let mut response = axum::Json(answer.body).into_response();
     let headers = response.headers_mut();
     headers.insert(NODE_HEADER, header_text(&answer.nodes.join(",")));
@@ -168,7 +168,7 @@ impl Plan {
     fn decide(proxy: &Proxy, request: &ParsedRequest, candidates: &[Candidate]) -> Self {
         let decision = routing::choose(
             candidates,
-            &request_shape(&request.json),
+            &request.shape,
             request.strategy,
             &proxy.settings.priors,
             rand::rng().random::<f64>(),

@@ -22,6 +22,7 @@ mod affinity;
 mod attempt;
 mod batch;
 mod calibration;
+mod fields;
 mod forward;
 mod models;
 mod relay;

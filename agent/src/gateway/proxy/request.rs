@@ -4,11 +4,11 @@
 use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, StatusCode};
 use hyper::body::Bytes;
-use serde_json::Value;
 use sollol_policy::admission;
 use sollol_policy::routing::{RequestShape, Strategy};
 
 use super::affinity::conversation_key;
+use super::fields::{self, Fields};
 use super::{NODE_HEADER, PRIORITY_HEADER, STRATEGY_HEADER};
 use crate::cluster::normalize_model;
 use crate::gateway::ApiError;
@@ -75,7 +75,10 @@ pub(super) struct ParsedRequest {
     pub(super) kind: RouteKind,
     /// The body exactly as the client sent it; every attempt forwards these bytes.
     pub(super) body: Bytes,
-    pub(super) json: Value,
+    /// The prompt's and the answer's size as routing estimates them.
+    pub(super) shape: RequestShape,
+    /// How many inputs an embedding request lists, when `input` is a list.
+    pub(super) inputs: Option<usize>,
     /// The model as the client named it, for error messages.
     pub(super) requested_name: String,
     /// The model's normalized name, as nodes list it.
@@ -110,26 +113,17 @@ impl ParsedRequest {
                 ApiError::new(rejection.status(), rejection.body_text())
             }
         })?;
-        let json: Value = serde_json::from_slice(&body).map_err(|error| {
-            ApiError::new(StatusCode::BAD_REQUEST, format!("invalid JSON: {error}"))
-        })?;
-        if !json.is_object() {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "the request body must be a JSON object",
-            ));
-        }
-        let requested_name = json
-            .get("model")
-            .or_else(|| json.get("name"))
-            .and_then(Value::as_str)
+        let fields = Fields::parse(&body)
+            .map_err(|message| ApiError::new(StatusCode::BAD_REQUEST, message))?;
+        let requested_name = fields
+            .text("model")
+            .or_else(|| fields.text("name"))
             .filter(|name| !name.trim().is_empty())
             .ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "model is required"))?
-            .to_owned();
+            .into_owned();
         let model = normalize_model(requested_name.trim());
-        let stream = json
-            .get("stream")
-            .and_then(Value::as_bool)
+        let stream = fields
+            .get::<bool>("stream")
             .unwrap_or(kind.stream_by_default);
         let strategy = strategy(headers, default_strategy)?;
         let priority = priority(headers)?;
@@ -137,11 +131,18 @@ impl ParsedRequest {
             .get(NODE_HEADER)
             .and_then(|value| value.to_str().ok())
             .map(str::to_owned);
-        let conversation = conversation_key(&model, &json);
+        let conversation = conversation_key(&model, &fields);
+        let shape = request_shape(&fields);
+        let mut counted = 0;
+        let inputs = fields
+            .each_item("input", |_| counted += 1)
+            .then_some(counted);
+        drop(fields);
         Ok(Self {
             kind,
             body,
-            json,
+            shape,
+            inputs,
             requested_name,
             model,
             stream,
@@ -196,38 +197,27 @@ fn priority(headers: &HeaderMap) -> Result<u8, ApiError> {
 }
 
 /// Prompt and output size as routing estimates them: about four characters per token.
-pub(super) fn request_shape(request: &Value) -> RequestShape {
+pub(super) fn request_shape(request: &Fields<'_>) -> RequestShape {
     let mut characters = 0usize;
-    if let Some(messages) = request.get("messages").and_then(Value::as_array) {
-        characters += messages
-            .iter()
-            .filter_map(|message| message.get("content").and_then(Value::as_str))
-            .map(str::len)
-            .sum::<usize>();
-    }
+    fields::each_message(request, |message| {
+        characters += message.content.map_or(0, |content| content.len());
+    });
     for field in ["prompt", "system", "suffix"] {
-        characters += request
-            .get(field)
-            .and_then(Value::as_str)
-            .map_or(0, str::len);
+        characters += request.text(field).map_or(0, |text| text.len());
     }
-    match request.get("input") {
-        Some(Value::String(text)) => characters += text.len(),
-        Some(Value::Array(items)) => {
-            characters += items
-                .iter()
-                .filter_map(Value::as_str)
-                .map(str::len)
-                .sum::<usize>()
-        }
-        _ => {}
+    if let Some(input) = request.text("input") {
+        characters += input.len();
+    } else {
+        request.each_item("input", |item| {
+            characters += fields::text(item).map_or(0, |text| text.len());
+        });
     }
     let limit = request
-        .get("options")
-        .and_then(|options| options.get("num_predict"))
-        .or_else(|| request.get("max_tokens"))
-        .or_else(|| request.get("max_completion_tokens"))
-        .and_then(Value::as_i64)
+        .get::<OutputLimit>("options")
+        .and_then(|options| options.num_predict)
+        .and_then(|raw| serde_json::from_str::<i64>(raw.get()).ok())
+        .or_else(|| request.get::<i64>("max_tokens"))
+        .or_else(|| request.get::<i64>("max_completion_tokens"))
         .filter(|limit| *limit >= 0);
     RequestShape {
         prompt_tokens: u32::try_from(characters / 4).unwrap_or(u32::MAX).max(1),
@@ -237,18 +227,26 @@ pub(super) fn request_shape(request: &Value) -> RequestShape {
     }
 }
 
+/// Ollama's `options` as routing reads them.
+#[derive(serde::Deserialize)]
+struct OutputLimit<'a> {
+    #[serde(borrow, default)]
+    num_predict: Option<&'a serde_json::value::RawValue>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use axum::http::HeaderValue;
     use axum::response::IntoResponse;
-    use serde_json::json;
+    use serde_json::{Value, json};
 
     #[test]
     fn shapes_estimate_tokens() {
         fn check(request: Value, prompt_tokens: u32, output_tokens: u32) {
+            let body = request.to_string();
             assert_eq!(
-                request_shape(&request),
+                request_shape(&Fields::parse(body.as_bytes()).expect("object")),
                 RequestShape {
                     prompt_tokens,
                     output_tokens
