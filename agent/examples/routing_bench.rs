@@ -271,19 +271,59 @@ async fn send(client: &Client<HttpConnector, Full<Bytes>>, url: &str, body: &Val
     (sent.elapsed(), outcome)
 }
 
-/// Runs the workload through `balancer`; with `faults`, halfway through one mid node starts answering
-/// HTTP 500 and the other is killed (the failover scenario of `shared/baselines.md`).
-async fn run(balancer: Balancer, clients: usize, faults: bool) -> RunResult {
-    let emulators = start_emulators().await;
-    let dirs: Vec<tempfile::TempDir> = (0..=NODES.len())
+/// What the coordinator knows when the measured run starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Scenario {
+    /// A coordinator that has seen no traffic; the clients start as soon as the nodes joined.
+    Fresh,
+    /// The coordinator's history (and the agents' identities) from an earlier run of the same workload;
+    /// every node restarted cold, as after a power cut; the clients come back `SETTLE` after the nodes
+    /// joined (the same pause for every balancer).
+    History,
+}
+
+/// How long after the cluster is up the clients start in the `History` scenario.
+const SETTLE: Duration = Duration::from_secs(10);
+
+fn data_dirs() -> Vec<tempfile::TempDir> {
+    (0..=NODES.len())
         .map(|_| tempfile::tempdir().expect("tempdir"))
-        .collect();
+        .collect()
+}
+
+/// Runs the workload through `balancer` in `scenario`.
+async fn run_scenario(balancer: Balancer, clients: usize, scenario: Scenario) -> RunResult {
+    let dirs = data_dirs();
+    match scenario {
+        Scenario::Fresh => run(balancer, clients, false, &dirs, Duration::ZERO).await,
+        Scenario::History => {
+            if matches!(balancer, Balancer::Strategy(_)) {
+                // The earlier run whose history the measured one starts from; its nodes go away with it.
+                run(balancer, clients, false, &dirs, Duration::ZERO).await;
+            }
+            run(balancer, clients, false, &dirs, SETTLE).await
+        }
+    }
+}
+
+/// Runs the workload through `balancer` with fresh (cold) emulated nodes, the coordinator and agents
+/// keeping their data in `dirs`, the clients starting `settle` after the cluster is up; with `faults`,
+/// halfway through one mid node starts answering HTTP 500 and the other is killed (the failover
+/// scenario of `shared/baselines.md`).
+async fn run(
+    balancer: Balancer,
+    clients: usize,
+    faults: bool,
+    dirs: &[tempfile::TempDir],
+    settle: Duration,
+) -> RunResult {
+    let emulators = start_emulators().await;
     let mut coordinator = None;
     let mut agents = Vec::new();
     let target = match balancer {
         Balancer::FastestOnly => emulators[0].url(),
         Balancer::Strategy(strategy) => {
-            let (started, joined) = start_cluster(strategy, &emulators, &dirs).await;
+            let (started, joined) = start_cluster(strategy, &emulators, dirs).await;
             agents = joined;
             let url = format!("http://{}", started.gateway_address);
             coordinator = Some(started);
@@ -291,6 +331,7 @@ async fn run(balancer: Balancer, clients: usize, faults: bool) -> RunResult {
         }
     };
 
+    tokio::time::sleep(settle).await;
     let client: Client<HttpConnector, Full<Bytes>> =
         Client::builder(TokioExecutor::new()).build_http();
     let requests = Arc::new(std::sync::Mutex::new(
@@ -386,19 +427,43 @@ async fn main() {
         failover().await;
         return;
     }
+    // An optional third argument picks the scenarios: `fresh` (default), `history` or `both`.
+    let scenarios: Vec<Scenario> = match std::env::args().nth(3).as_deref() {
+        Some("history") => vec![Scenario::History],
+        Some("both") => vec![Scenario::Fresh, Scenario::History],
+        _ => vec![Scenario::Fresh],
+    };
     println!(
-        "routing benchmark: {REQUESTS} requests, seed {SEED}, nodes fast/mid1/mid2/slow1/slow2, cold start each run"
+        "routing benchmark: {REQUESTS} requests, seed {SEED}, nodes fast/mid1/mid2/slow1/slow2, every node cold at the start of each run"
     );
     for clients in clients_list {
+        for &scenario in &scenarios {
+            table(&balancers, clients, scenario).await;
+        }
+    }
+}
+
+/// One table: every balancer at `clients` in `scenario`, and our ratios against fastest-node-only.
+async fn table(balancers: &[Balancer], clients: usize, scenario: Scenario) {
+    {
         println!();
-        println!("{clients} clients in parallel");
+        match scenario {
+            Scenario::Fresh => {
+                println!("{clients} clients in parallel, a coordinator that has seen no traffic")
+            }
+            Scenario::History => println!(
+                "{clients} clients in parallel, the coordinator's history from an earlier run, every node restarted cold, clients back {} s after the nodes joined",
+                SETTLE.as_secs()
+            ),
+        }
         println!(
             "| balancer | p50 (s) | p95 (s) | p99 (s) | req/s | failed | spread fast/mid1/mid2/slow1/slow2 |"
         );
         println!("|---|---|---|---|---|---|---|");
         let mut p95 = BTreeMap::new();
-        for &balancer in &balancers {
-            let result = run(balancer, clients, false).await;
+        let mut throughput = BTreeMap::new();
+        for &balancer in balancers {
+            let result = run_scenario(balancer, clients, scenario).await;
             let spread = result.spread_text();
             println!(
                 "| {} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} |",
@@ -411,6 +476,21 @@ async fn main() {
                 spread
             );
             p95.insert(balancer.label(), result.percentile(0.95));
+            throughput.insert(balancer.label(), result.throughput());
+        }
+        let fastest = Balancer::FastestOnly.label();
+        let ours = Balancer::Strategy("intelligent").label();
+        if let (Some(p95_ours), Some(p95_fastest), Some(rate_ours), Some(rate_fastest)) = (
+            p95.get(&ours),
+            p95.get(&fastest),
+            throughput.get(&ours),
+            throughput.get(&fastest),
+        ) {
+            println!(
+                "intelligent vs fastest node only: p95 {:.2}x, throughput {:.2}x",
+                p95_ours / p95_fastest,
+                rate_ours / rate_fastest
+            );
         }
         let ours = p95
             .get(&Balancer::Strategy("intelligent").label())
@@ -439,7 +519,14 @@ async fn failover() {
     println!("|---|---|---|---|---|---|---|");
     let mut p95 = Vec::new();
     for faults in [false, true] {
-        let result = run(Balancer::Strategy("intelligent"), 6, faults).await;
+        let result = run(
+            Balancer::Strategy("intelligent"),
+            6,
+            faults,
+            &data_dirs(),
+            Duration::ZERO,
+        )
+        .await;
         let spread = result.spread_text();
         println!(
             "| sollol intelligent | {} | {:.2} | {:.2} | {:.2} | {} | {} |",

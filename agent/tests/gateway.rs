@@ -1540,3 +1540,254 @@ async fn dashboard_sessions_stand_in_for_keys() {
     assert_eq!(after.status, 401);
     cluster.stop().await;
 }
+
+/// Waits until `ready` holds, checking every 50 ms, at most `limit`; false when it never did.
+async fn eventually(limit: Duration, mut ready: impl FnMut() -> bool) -> bool {
+    let started = Instant::now();
+    while !ready() {
+        if started.elapsed() > limit {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    true
+}
+
+/// Every emulated node restarted on its port with nothing loaded, as after its Ollama restarted.
+async fn restart_cold(emulators: &[Emulator]) {
+    for emulator in emulators {
+        emulator.kill();
+        // The killed server task lets go of its port a moment later.
+        let started = Instant::now();
+        while let Err(error) = emulator.restart().await {
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "restart: {error}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Agents for `emulators` joining `coordinator`, each keeping its identity in its directory of `dirs`.
+async fn rejoin(
+    coordinator: &CoordinatorHandle,
+    emulators: &[Emulator],
+    dirs: &[tempfile::TempDir],
+) -> Vec<AgentHandle> {
+    let mut agents = Vec::new();
+    for (emulator, dir) in emulators.iter().zip(dirs) {
+        let url = emulator.url();
+        let config = config(dir.path(), emulator.name(), &[("agent.ollama_url", &url)]);
+        agents.push(
+            app::start_agent(
+                &config,
+                coordinator.cluster_address.to_string(),
+                coordinator.token.clone(),
+            )
+            .await
+            .expect("agent"),
+        );
+    }
+    assert!(
+        eventually(Duration::from_secs(10), || coordinator
+            .view()
+            .backends
+            .len()
+            == emulators.len())
+        .await,
+        "nodes never joined"
+    );
+    agents
+}
+
+/// A coordinator restarted with its history, every node restarted cold: the models the history asked
+/// for are loaded on the nodes the router would pick (not the slow one) before any client asks; a node
+/// that comes back cold is warmed again; with `coordinator.warmup = false` nothing is loaded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_coordinator_warms_cold_nodes_with_the_demand_it_remembers() {
+    let small = "smollm2:135m";
+    let big = "qwen2:0.5b";
+    let nodes =
+        [("fast", 2000.0), ("mid", 800.0), ("slow", 50.0)].map(|(name, speed)| EmulatorConfig {
+            name: name.to_owned(),
+            models: vec![small.to_owned(), big.to_owned()],
+            decode_tokens_per_second: speed,
+            prompt_tokens_per_second: speed * 10.0,
+            load_time: Duration::from_millis(300),
+            max_loaded_models: 2,
+            ..EmulatorConfig::default()
+        });
+    let quiet = [
+        ("coordinator.calibration", "false"),
+        ("coordinator.warmup", "false"),
+    ];
+    let cluster = cluster_with(&quiet, &nodes).await;
+    let chat = |model: &str| json!({"model": model, "stream": false, "messages": [{"role": "user", "content": "hi"}], "options": {"num_predict": 16}});
+    // Round robin over three nodes: every node serves each model; the demand is 9 small, 3 big.
+    let taught: Vec<Value> = [small, small, small, big, big, big]
+        .into_iter()
+        .chain([small; 6])
+        .map(chat)
+        .collect();
+    teach(&cluster, &taught).await;
+    let data_dir = cluster.coordinator.data_dir.clone();
+    let Cluster {
+        coordinator,
+        agents,
+        emulators,
+        _dirs: dirs,
+    } = cluster;
+    let stop = |coordinator: CoordinatorHandle, agents: Vec<AgentHandle>| async move {
+        for agent in agents {
+            agent.stop(Duration::from_secs(5)).await.expect("stop");
+        }
+        coordinator.shutdown(Duration::from_secs(5)).await;
+    };
+    stop(coordinator, agents).await;
+    restart_cold(&emulators).await;
+    let generations =
+        |emulators: &[Emulator]| -> u64 { emulators.iter().map(Emulator::started).sum() };
+    let before = generations(&emulators);
+
+    let coordinator = app::start_coordinator(&config(&data_dir, "coordinator", &quiet[..1]))
+        .await
+        .expect("restart");
+    let agents = rejoin(&coordinator, &emulators, &dirs[1..]).await;
+    let holds = |emulator: &Emulator| {
+        let loaded = emulator.loaded_models();
+        loaded.iter().any(|model| model == small) && loaded.iter().any(|model| model == big)
+    };
+    assert!(
+        eventually(Duration::from_secs(15), || holds(&emulators[0])
+            && holds(&emulators[1]))
+        .await,
+        "fast and mid warmed with both models: fast {:?}, mid {:?}",
+        emulators[0].loaded_models(),
+        emulators[1].loaded_models()
+    );
+    assert_eq!(
+        emulators[2].loaded_models(),
+        Vec::<String>::new(),
+        "the slow node (40x slower) is left cold"
+    );
+    assert_eq!(generations(&emulators), before, "no generation: loads only");
+    let gateway = |path: &str| format!("http://{}{path}", coordinator.gateway_address);
+    // The history writes in batches: the last loads show up a moment after they ended.
+    let started = Instant::now();
+    let (listed, warmups) = loop {
+        let listed = get(&gateway("/api/sollol/v1/requests?app=sollol-warmup")).await;
+        let warmups: Vec<Value> = listed.json()["requests"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        if warmups.len() >= 4 || started.elapsed() > Duration::from_secs(5) {
+            break (listed, warmups);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(warmups.len(), 4, "{}", listed.text());
+    assert!(
+        warmups
+            .iter()
+            .all(|entry| entry["decision"]["strategy"] == "warmup" && entry["status"] == "ok"),
+        "{}",
+        listed.text()
+    );
+    let metrics = get(&gateway("/metrics")).await.text();
+    assert!(
+        metrics.contains("sollol_routing_decisions_total{strategy=\"warmup\",kind=\"warmup\"}"),
+        "{metrics}"
+    );
+
+    // The fast node's Ollama restarts: it comes back cold and is warmed again.
+    restart_cold(&emulators[..1]).await;
+    assert!(
+        eventually(Duration::from_secs(15), || holds(&emulators[0])).await,
+        "fast warmed again after coming back cold: {:?}",
+        emulators[0].loaded_models()
+    );
+    stop(coordinator, agents).await;
+
+    // Off: nothing is loaded.
+    restart_cold(&emulators).await;
+    let coordinator = app::start_coordinator(&config(&data_dir, "coordinator", &quiet))
+        .await
+        .expect("restart");
+    let agents = rejoin(&coordinator, &emulators, &dirs[1..]).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for emulator in &emulators {
+        assert_eq!(
+            emulator.loaded_models(),
+            Vec::<String>::new(),
+            "{}",
+            emulator.name()
+        );
+    }
+    stop(coordinator, agents).await;
+}
+
+/// Spare capacity: while the fast node's only slot is taken, an idle node that would serve the next
+/// request sooner once warm gets the model loaded in the background; no client request pays that load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_that_keeps_requests_waiting_is_loaded_on_an_idle_node() {
+    let nodes =
+        [("fast", 100.0, 0), ("spare", 80.0, 2000)].map(|(name, speed, load_ms)| EmulatorConfig {
+            name: name.to_owned(),
+            decode_tokens_per_second: speed,
+            prompt_tokens_per_second: speed * 100.0,
+            parallel: 1,
+            load_time: Duration::from_millis(load_ms),
+            ..EmulatorConfig::default()
+        });
+    let cluster = cluster_with(
+        &[
+            ("coordinator.calibration", "false"),
+            ("coordinator.node_slots", "1"),
+        ],
+        &nodes,
+    )
+    .await;
+    let chat = json!({"model": "smollm2:135m", "stream": false, "messages": [{"role": "user", "content": "hi"}], "options": {"num_predict": 32}});
+    // The first request teaches the fast node's speed; then three at once keep its slot taken.
+    let first = post(&cluster.url("/api/chat"), chat.clone()).await;
+    assert_eq!(first.node.as_deref(), Some("fast"), "{}", first.text());
+    let url = cluster.url("/api/chat");
+    let burst = futures_util::future::join_all((0..3).map(|_| post(&url, chat.clone()))).await;
+    for answer in &burst {
+        assert_eq!(answer.status, 200, "{}", answer.text());
+        assert_eq!(
+            answer.node.as_deref(),
+            Some("fast"),
+            "waiting on fast beats a 2 s cold load: {:?}",
+            answer.decision
+        );
+    }
+    let spare = &cluster.emulators[1];
+    assert!(
+        eventually(Duration::from_secs(5), || !spare.loaded_models().is_empty()).await,
+        "the idle node was warmed"
+    );
+    assert_eq!(spare.started(), 0, "no client request paid the load");
+    let started = Instant::now();
+    let warmups = loop {
+        let listed = get(&cluster.url("/api/sollol/v1/requests?app=sollol-warmup")).await;
+        let warmups = listed.json()["requests"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        if !warmups.is_empty() || started.elapsed() > Duration::from_secs(5) {
+            break warmups;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(warmups.len(), 1, "{warmups:?}");
+    assert_eq!(warmups[0]["node"], "spare");
+    assert!(
+        warmups[0]["decision"]["reason"]
+            .as_str()
+            .is_some_and(|reason| reason.contains("spare capacity")),
+        "{warmups:?}"
+    );
+    cluster.stop().await;
+}

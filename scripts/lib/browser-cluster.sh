@@ -1,5 +1,5 @@
 # A small real cluster for browser checks and benchmarks: sourced, not run (after common.sh).
-# start_browser_cluster BIN_DIR starts `ollama-emulator 2`, `sollol coordinator` (no calibration, so
+# start_browser_cluster BIN_DIR starts `ollama-emulator 2`, `sollol coordinator` (no calibration or warm-up, so
 # counters equal what a test sends) and agents browser-node-a/-b on loopback, and sets: gateway, pids
 # (everything started, stopped by the EXIT trap), coordinator_pid, doomed (browser-node-b's agent), work.
 
@@ -39,7 +39,7 @@ start_browser_cluster() {
   mapfile -t node_urls <"$work/nodes.out"
   [ "${#node_urls[@]}" -eq 2 ] || browser_cluster_failed "expected 2 emulated nodes, got ${#node_urls[@]}"
 
-  SOLLOL_CALIBRATION=false "$bin/sollol" coordinator --data-dir "$work/coordinator" \
+  SOLLOL_CALIBRATION=false SOLLOL_WARMUP=false "$bin/sollol" coordinator --data-dir "$work/coordinator" \
     --gateway-bind 127.0.0.1:0 --cluster-bind 127.0.0.1:0 >"$work/coordinator.out" 2>"$work/coordinator.err" &
   coordinator_pid=$!
   pids+=($!)
@@ -62,7 +62,7 @@ start_browser_cluster() {
 # smollm2:135m.gguf), and sets distributed_gateway.
 start_distributed_cluster() {
   local bin="$1" models="$2"
-  SOLLOL_CALIBRATION=false SOLLOL_MODEL_SHARDING_ENABLED=true SOLLOL_DISTRIBUTED_MODELS=smollm2:135m \
+  SOLLOL_CALIBRATION=false SOLLOL_WARMUP=false SOLLOL_MODEL_SHARDING_ENABLED=true SOLLOL_DISTRIBUTED_MODELS=smollm2:135m \
     SOLLOL_PROBE_INTERVAL=300ms "$bin/sollol" coordinator --data-dir "$work/distributed" \
     --gateway-bind 127.0.0.1:0 --cluster-bind 127.0.0.1:0 >"$work/distributed.out" 2>"$work/distributed.err" &
   pids+=($!)
@@ -84,7 +84,7 @@ start_distributed_cluster() {
 # and sets keyed_gateway.
 start_keyed_coordinator() {
   local bin="$1" key="$2"
-  SOLLOL_API_KEYS="dashboard=$key" SOLLOL_CALIBRATION=false "$bin/sollol" coordinator \
+  SOLLOL_API_KEYS="dashboard=$key" SOLLOL_CALIBRATION=false SOLLOL_WARMUP=false "$bin/sollol" coordinator \
     --data-dir "$work/keyed" --gateway-bind 127.0.0.1:0 --cluster-bind 127.0.0.1:0 \
     >"$work/keyed.out" 2>"$work/keyed.err" &
   pids+=($!)

@@ -9,3 +9,4 @@ pub mod browser;
 pub mod health;
 pub mod quota;
 pub mod routing;
+pub mod warmup;

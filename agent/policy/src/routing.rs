@@ -69,16 +69,20 @@ pub enum DecisionKind {
     Hedge,
     /// The gateway's own short request measuring a node never measured with the model.
     Calibration,
+    /// The gateway's own load-only request, loading a model before requests need it (history's
+    /// demand, or a queue that a warm node would shorten).
+    Warmup,
 }
 
 impl DecisionKind {
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 7] = [
         Self::Best,
         Self::Affinity,
         Self::Exploration,
         Self::Failover,
         Self::Hedge,
         Self::Calibration,
+        Self::Warmup,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -89,6 +93,7 @@ impl DecisionKind {
             Self::Failover => "failover",
             Self::Hedge => "hedge",
             Self::Calibration => "calibration",
+            Self::Warmup => "warmup",
         }
     }
 
@@ -112,6 +117,12 @@ impl Choice {
         kind: DecisionKind::Calibration,
     };
 
+    /// A warm-up: the gateway loading a model on a node with a load-only request of its own.
+    pub const WARMUP: Self = Self {
+        strategy: None,
+        kind: DecisionKind::Warmup,
+    };
+
     /// A client's request sent where `strategy` ranked it; `kind` says how (best, affinity,
     /// exploration, failover or hedge). A calibration is [`Choice::CALIBRATION`], never this.
     pub fn routed(strategy: Strategy, kind: DecisionKind) -> Self {
@@ -121,7 +132,7 @@ impl Choice {
         }
     }
 
-    /// The strategy that chose the node; `None` for a calibration.
+    /// The strategy that chose the node; `None` for the gateway's own requests (calibration, warm-up).
     pub fn strategy(self) -> Option<Strategy> {
         self.strategy
     }
@@ -131,10 +142,10 @@ impl Choice {
     }
 
     /// The name the history's `strategy` column, the API and the metrics' `strategy` label show: the
-    /// strategy's name, or `calibration` for a calibration, which no strategy chose.
+    /// strategy's name, or the kind (`calibration`, `warmup`) for the gateway's own requests, which no
+    /// strategy chose.
     pub fn strategy_label(self) -> &'static str {
-        self.strategy
-            .map_or(DecisionKind::Calibration.as_str(), Strategy::as_str)
+        self.strategy.map_or(self.kind.as_str(), Strategy::as_str)
     }
 }
 
@@ -172,6 +183,17 @@ pub struct Candidate {
     pub node_stats: Option<PairStats>,
     /// The gateway is measuring the node with a request of its own: it is busy with an unknown cost.
     pub calibrating: bool,
+    /// A model load the gateway started on the node (a warm-up) and still running.
+    pub warming: Option<Warming>,
+}
+
+/// A warm-up running on a candidate: a load of this request's model (it will be loaded sooner than a
+/// cold load), or of another model (the node loads one model at a time, so this request waits for it).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Warming {
+    pub same_model: bool,
+    /// The load's expected time left: the learned cold load less the time it has run, at least zero.
+    pub remaining: Duration,
 }
 
 /// The request as routing sees it.
@@ -249,15 +271,19 @@ pub fn predict(candidate: &Candidate, shape: &RequestShape, priors: &Priors) -> 
     } else {
         1.0
     };
-    let load = if candidate.model_loaded {
-        0.0
-    } else {
-        stats
-            .and_then(|stats| stats.cold_load)
-            .unwrap_or(priors.cold_load)
-            .as_secs_f64()
+    let cold = stats
+        .and_then(|stats| stats.cold_load)
+        .unwrap_or(priors.cold_load)
+        .as_secs_f64();
+    // A warm-up of this model already running is that much nearer done; one of another model holds
+    // the node's loader until it ends.
+    let (load, loader_busy) = match candidate.warming {
+        _ if candidate.model_loaded => (0.0, 0.0),
+        Some(warming) if warming.same_model => (warming.remaining.as_secs_f64(), 0.0),
+        Some(warming) => (cold, warming.remaining.as_secs_f64()),
+        None => (cold, 0.0),
     };
-    let total = f64::from(waiting_rounds) * service + load + service * sharing;
+    let total = f64::from(waiting_rounds) * service + loader_busy + load + service * sharing;
     Duration::from_secs_f64(total.clamp(0.0, 1e9))
 }
 
@@ -458,8 +484,17 @@ fn intelligent_adjustments(
     }
     let mut reason = format!("lowest predicted time {}", millis(predicted[best]));
     let candidate = &candidates[best];
-    if !candidate.model_loaded {
-        reason.push_str(", includes cold load");
+    match candidate.warming {
+        Some(warming) if !candidate.model_loaded => {
+            let what = if warming.same_model {
+                "model loading"
+            } else {
+                "node loading another model"
+            };
+            let _ = write!(reason, ", {what} ({} left)", millis(warming.remaining));
+        }
+        _ if !candidate.model_loaded => reason.push_str(", includes cold load"),
+        _ => {}
     }
     if candidate.in_flight >= candidate.slots.max(1) {
         let _ = write!(reason, ", queued behind {}", candidate.in_flight);
@@ -506,6 +541,7 @@ mod tests {
             has_affinity: false,
             node_stats: None,
             calibrating: false,
+            warming: None,
         }
     }
 
@@ -612,6 +648,51 @@ mod tests {
         ];
         far[1].has_affinity = true;
         assert_eq!(winner(&far, Strategy::Intelligent, 0.5, 0), "a");
+    }
+
+    #[test]
+    fn a_running_warm_up_counts_only_the_load_time_left() {
+        let cold = candidate("cold", Some(100.0), 0, 1, false);
+        let mut warming = cold.clone();
+        warming.warming = Some(Warming {
+            same_model: true,
+            remaining: Duration::from_millis(500),
+        });
+        let mut busy = cold.clone();
+        busy.warming = Some(Warming {
+            same_model: false,
+            remaining: Duration::from_millis(500),
+        });
+        let priors = Priors::default();
+        let at = |candidate: &Candidate| predict(candidate, &shape(), &priors).as_secs_f64();
+        assert!(
+            (at(&cold) - at(&warming) - 2.5).abs() < 1e-6,
+            "3 s load, 2.5 s done"
+        );
+        assert!(
+            (at(&busy) - at(&cold) - 0.5).abs() < 1e-6,
+            "waits for the other load"
+        );
+        let mut loaded = busy.clone();
+        loaded.model_loaded = true;
+        assert!(
+            at(&loaded) < at(&cold) - 2.9,
+            "a loaded model does not wait for the loader"
+        );
+        let decision = choose(
+            &[cold, warming],
+            &shape(),
+            Strategy::Intelligent,
+            &priors,
+            0.5,
+            0,
+        );
+        assert_eq!(decision.ranking[0], 1);
+        assert!(
+            decision.reason.contains("model loading (500ms left)"),
+            "{}",
+            decision.reason
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 use sollol_policy::admission::QueueSettings;
 use sollol_policy::breaker::BreakerSettings;
 use sollol_policy::routing::Priors;
+use sollol_policy::warmup::WarmupSettings;
 use sollol_shared::api::DiscoveryScan;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -24,7 +25,7 @@ use crate::cluster::{
 use crate::config::Config;
 use crate::distributed::front::Front;
 use crate::gateway::learning::{Learned, Learner};
-use crate::gateway::proxy::{Proxy, ProxySettings};
+use crate::gateway::proxy::{Proxy, ProxySettings, WarmupConfig};
 use crate::gateway::{self, GatewayState};
 use crate::history::{History, HistoryReader, Remembered};
 use crate::observability::{self, Observer};
@@ -110,6 +111,11 @@ pub async fn start_coordinator(config: &Config) -> Result<CoordinatorHandle, Sta
     };
     let remembered_pairs = std::mem::take(&mut remembered.pairs);
     let moved_aside = remembered.moved_aside.take();
+    let loaded_counts: Vec<(String, usize)> = remembered
+        .nodes
+        .iter()
+        .filter_map(|(node, _)| Some((node.id.clone(), node.ollama.as_ref()?.loaded.len())))
+        .collect();
     let cluster_task = ClusterTask::new(
         remembered,
         history.sender(),
@@ -155,6 +161,7 @@ pub async fn start_coordinator(config: &Config) -> Result<CoordinatorHandle, Sta
         Arc::clone(&observer),
         proxy_settings(config, distributed.as_ref().map(|(_, id)| id.clone())),
     );
+    proxy.remember_loaded_counts(loaded_counts);
     let gateway_state = Arc::new(GatewayState {
         view: Arc::clone(&view),
         ready: AtomicBool::new(false),
@@ -269,6 +276,13 @@ fn proxy_settings(config: &Config, distributed_front: Option<String>) -> ProxySe
         breaker: BreakerSettings::default(),
         hedging: settings.hedging,
         calibration: settings.calibration,
+        warmup: settings.warmup.then_some(WarmupConfig {
+            window: settings.warmup_window,
+            plan: WarmupSettings {
+                max_models: settings.warmup_models.get() as usize,
+                ..WarmupSettings::default()
+            },
+        }),
         distributed_front,
     }
 }
@@ -429,6 +443,11 @@ impl Start<'_> {
         let probe_shutdown = shutdown.clone();
         self.tasks
             .spawn(async move { prober.proxy.probe_open_breakers(view, probe_shutdown).await });
+        let warmer = Arc::clone(gateway_state);
+        let (view, history) = (Arc::clone(&warmer.view), warmer.history.clone());
+        let warm_shutdown = shutdown.clone();
+        self.tasks
+            .spawn(async move { warmer.proxy.warm_up(view, history, warm_shutdown).await });
         self.tasks.spawn(gateway::serve(
             gateway_listener,
             Arc::clone(gateway_state),

@@ -143,6 +143,24 @@ pub const KEYS: &[KeySpec] = &[
         doc: "Measure idle nodes that were never measured with a model by sending them a short generation of the gateway's own (8 tokens, `/api/generate`), at most once per node and model every 10 minutes, so no client request pays for trying an unknown node. It loads the model on that node.",
     },
     KeySpec {
+        key: "coordinator.warmup",
+        env: "SOLLOL_WARMUP",
+        default: Some("true"),
+        doc: "Load models before requests need them: the models the history says are asked for (within `coordinator.warmup_window`) are loaded, with Ollama's load-only request, on the nodes the router would pick for them (not over four times slower than the model's fastest node), within the most models each node was seen holding — when the coordinator starts, when a node joins, and when a node's Ollama restarted (every model it held gone before the time Ollama said it would unload them). Only idle nodes are warmed, one load at a time per node; a request that finds a node's queue full loads its model on an idle node the same way. Warm-ups show in the request feed (strategy `warmup`) and the metrics.",
+    },
+    KeySpec {
+        key: "coordinator.warmup_window",
+        env: "SOLLOL_WARMUP_WINDOW",
+        default: Some("24h"),
+        doc: "How far back the history is read for the demand that warm-up follows.",
+    },
+    KeySpec {
+        key: "coordinator.warmup_models",
+        env: "SOLLOL_WARMUP_MODELS",
+        default: Some("4"),
+        doc: "The most models warmed, the most asked-for first; a model is warmed only with at least 3 requests and 5% of all requests in the window.",
+    },
+    KeySpec {
         key: "coordinator.max_attempts",
         env: "SOLLOL_MAX_ATTEMPTS",
         default: Some("3"),

@@ -101,6 +101,10 @@ pub struct CoordinatorConfig {
     pub tokens_per_minute: u64,
     pub hedging: bool,
     pub calibration: bool,
+    /// Warm-up from history (`coordinator.warmup*`).
+    pub warmup: bool,
+    pub warmup_window: Duration,
+    pub warmup_models: NonZeroU32,
     pub header_read_timeout: Duration,
     pub body_read_timeout: Duration,
     pub body_deadline: Duration,

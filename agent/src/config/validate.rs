@@ -141,6 +141,9 @@ fn coordinator(
         })?,
         hedging: reader.parse("coordinator.hedging", parse_bool)?,
         calibration: reader.parse("coordinator.calibration", parse_bool)?,
+        warmup: reader.parse("coordinator.warmup", parse_bool)?,
+        warmup_window: reader.parse("coordinator.warmup_window", parse_positive_duration)?,
+        warmup_models: reader.parse("coordinator.warmup_models", parse_non_zero)?,
         header_read_timeout: reader
             .parse("coordinator.header_read_timeout", parse_positive_duration)?,
         body_read_timeout: reader

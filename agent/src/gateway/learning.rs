@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::history::{HistorySender, Outcome, PairRow, Record, RequestRow};
 use crate::observability::Observer;
 use crate::telemetry::unix_ms;
-use sollol_policy::routing::PairStats;
+use sollol_policy::routing::{DecisionKind, PairStats};
 
 /// Weight of the newest sample in the moving averages.
 const SMOOTHING: f64 = 0.3;
@@ -204,6 +204,23 @@ pub fn update(previous: Option<PairStats>, outcome: &Outcome) -> Option<PairStat
         return previous;
     }
     let timings = outcome.timings.unwrap_or_default();
+    // A warm-up is a load and nothing else: it tells the load time, never a speed or a first token.
+    if outcome.choice.kind() == DecisionKind::Warmup {
+        let stats = previous?;
+        return Some(PairStats {
+            cold_load: (timings.load >= COLD_LOAD_THRESHOLD)
+                .then(|| {
+                    let new = timings.load.as_secs_f64();
+                    Duration::from_secs_f64(
+                        stats
+                            .cold_load
+                            .map_or(new, |old| smooth(old.as_secs_f64(), new)),
+                    )
+                })
+                .or(stats.cold_load),
+            ..stats
+        });
+    }
     let decode = (timings.eval_tokens >= 2 && !timings.eval.is_zero())
         .then(|| timings.eval_tokens as f64 / timings.eval.as_secs_f64());
     let prompt = (timings.prompt_tokens >= 4 && !timings.prompt.is_zero())

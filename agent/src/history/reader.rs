@@ -121,6 +121,29 @@ impl HistoryReader {
     }
 }
 
+impl HistoryReader {
+    /// How often each model was asked for by clients on the generation routes since `since_ms` (the
+    /// gateway's own calibrations and warm-ups left out), most asked-for first.
+    pub fn demand(&self, since_ms: u64) -> rusqlite::Result<Vec<(String, u64)>> {
+        let connection = self
+            .connection
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut statement = connection.prepare_cached(
+            "SELECT model, COUNT(*) FROM requests
+             WHERE at_ms >= ?1 AND status = 'ok' AND strategy NOT IN ('calibration', 'warmup')
+               AND path IN ('/api/chat', '/api/generate', '/v1/chat/completions', '/v1/completions')
+             GROUP BY model ORDER BY 2 DESC, model",
+        )?;
+        statement
+            .query_map(
+                params![i64::try_from(since_ms).unwrap_or(i64::MAX)],
+                |row| Ok((row.get(0)?, row.get::<_, i64>(1)?.max(0) as u64)),
+            )?
+            .collect()
+    }
+}
+
 /// The candidates of a decision from the `candidates` column's JSON (`[{"node", "predicted_ms"}]`).
 pub fn candidates_of(json: &str) -> Vec<CandidateCost> {
     serde_json::from_str(json).unwrap_or_default()

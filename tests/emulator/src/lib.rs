@@ -716,7 +716,16 @@ async fn generation(state: Arc<EmulatorState>, body: Bytes, flavour: Flavour) ->
             ),
         );
     }
-    state.started.fetch_add(1, Ordering::Relaxed);
+    // Ollama's load-only request: `/api/generate` without a prompt (or `/api/chat` without messages)
+    // loads the model and answers at once, without a slot. It is not a generation (`started`).
+    let load_only = match flavour {
+        Flavour::Generate => request.get("prompt").is_none_or(Value::is_null),
+        Flavour::Chat => request.get("messages").is_none_or(Value::is_null),
+        Flavour::OpenAiChat | Flavour::OpenAiCompletion => false,
+    };
+    if !load_only {
+        state.started.fetch_add(1, Ordering::Relaxed);
+    }
     match state.fault() {
         Fault::InternalError => {
             return error(
@@ -726,6 +735,23 @@ async fn generation(state: Arc<EmulatorState>, body: Bytes, flavour: Flavour) ->
         }
         Fault::HangBeforeFirstByte => return std::future::pending().await,
         _ => {}
+    }
+    if load_only {
+        let keep_alive = keep_alive(&state, &request);
+        state.ensure_loaded(&model).await;
+        state.touch(&model, keep_alive);
+        let field = if flavour == Flavour::Chat {
+            ("message", json!({"role": "assistant", "content": ""}))
+        } else {
+            ("response", json!(""))
+        };
+        let mut answer = serde_json::Map::new();
+        answer.insert("model".into(), json!(model));
+        answer.insert("created_at".into(), json!("2026-01-01T00:00:00Z"));
+        answer.insert(field.0.into(), field.1);
+        answer.insert("done_reason".into(), json!("load"));
+        answer.insert("done".into(), json!(true));
+        return axum::Json(Value::Object(answer)).into_response();
     }
     let stream = match flavour {
         Flavour::Chat | Flavour::Generate => request

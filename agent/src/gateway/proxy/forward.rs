@@ -105,6 +105,9 @@ async fn forward_inner(
         &candidates,
         &backends,
     );
+    if request.kind.learns {
+        proxy.invest(&request.model, &plan.decision, &candidates, &backends);
+    }
     announce(proxy, &request, path, app, &candidates, &plan);
     Failover {
         proxy,
@@ -391,6 +394,7 @@ mod tests {
             has_affinity: false,
             node_stats: None,
             calibrating: false,
+            warming: None,
         };
         let plan = |candidates: &[Candidate]| {
             let decision = routing::choose(

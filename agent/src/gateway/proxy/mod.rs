@@ -28,6 +28,7 @@ mod models;
 mod relay;
 mod request;
 mod selection;
+mod warmup;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -56,6 +57,7 @@ use sollol_policy::routing::{Priors, Strategy};
 pub use forward::forward;
 pub use models::{openai_models, ps, tags, version};
 pub use request::ApiKeyName;
+pub use warmup::WarmupConfig;
 
 /// Header that picks a strategy for one request.
 pub const STRATEGY_HEADER: &str = "x-sollol-strategy";
@@ -86,6 +88,8 @@ pub struct Proxy {
     /// Calibrations running per node.
     calibrating: PerNode<AtomicU32>,
     affinity: Affinity,
+    /// Loads running and tried, and the nodes' limits of loaded models.
+    warmups: Arc<warmup::Warmups>,
     observer: Arc<Observer>,
     /// Requests and generated tokens per key and per application.
     pub quotas: Arc<Quotas>,
@@ -116,6 +120,8 @@ pub struct ProxySettings {
     pub hedging: bool,
     /// Whether idle, never-measured nodes are measured with a short request of the gateway's own.
     pub calibration: bool,
+    /// Warm-up from history and for spare capacity; `None`: off.
+    pub warmup: Option<WarmupConfig>,
     /// The node id of the coordinator's distributed inference front: the only node that serves the
     /// models it lists (they are distributed because the nodes that hold them should not serve them
     /// whole).
@@ -142,6 +148,7 @@ impl Proxy {
             calibrated: Mutex::new(HashMap::new()),
             calibrating: PerNode::new(),
             affinity: Affinity::default(),
+            warmups: Arc::default(),
             observer,
             quotas: Arc::new(Quotas::new(
                 settings.requests_per_minute,
@@ -149,6 +156,12 @@ impl Proxy {
             )),
             settings,
         }
+    }
+
+    /// Remembers how many models each node held in its last report before a restart, so warm-up
+    /// knows the nodes' limits before they load anything.
+    pub fn remember_loaded_counts(&self, counts: impl IntoIterator<Item = (String, usize)>) {
+        self.warmups.remember_capacity(counts);
     }
 
     pub fn learner(&self) -> &Learner {

@@ -93,6 +93,7 @@ impl Selection<'_> {
                         .get(&backend.node_id)
                         .load(Ordering::Relaxed)
                         > 0,
+                    warming: proxy.warmups.warming(&backend.node_id, self.model),
                 };
                 (index, candidate)
             })
