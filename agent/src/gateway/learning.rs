@@ -77,6 +77,41 @@ impl Learned {
             .get(&(node_id.to_owned(), model.to_owned()))
             .is_some_and(|served_ms| *served_ms >= report_ms)
     }
+
+    /// Whether the model is loaded on the node as far as the gateway knows: the node's last report
+    /// (`reported_loaded`, at `report_ms`) lists it or it answered since, and no more than `capacity - 1`
+    /// of the node's other `installed` models answered after it (a node holding `capacity` models unloads
+    /// the least recently used one to load another).
+    pub fn believed_loaded(
+        &self,
+        node_id: &str,
+        model: &str,
+        reported_loaded: bool,
+        report_ms: u64,
+        installed: &[String],
+        capacity: usize,
+    ) -> bool {
+        let served = |model: &str| {
+            self.last_served_ms
+                .get(&(node_id.to_owned(), model.to_owned()))
+                .copied()
+        };
+        let this = served(model);
+        let used_ms = match (reported_loaded, this) {
+            (_, Some(served_ms)) if served_ms >= report_ms => served_ms,
+            (true, served_ms) => served_ms.unwrap_or(report_ms).max(report_ms),
+            (false, _) => return false,
+        };
+        if installed.len() <= capacity {
+            return true;
+        }
+        let newer = installed
+            .iter()
+            .filter(|other| other.as_str() != model)
+            .filter(|other| served(other).is_some_and(|served_ms| served_ms > used_ms))
+            .count();
+        newer < capacity.max(1)
+    }
 }
 
 /// The request path's handle: reads the snapshot, queues outcomes.
@@ -323,6 +358,25 @@ fn smooth(old: f64, new: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_node_with_room_for_one_model_holds_the_last_one_served() {
+        let mut learned = Learned::default();
+        let installed: Vec<String> = vec!["a".into(), "b".into()];
+        let node = "n";
+        let loaded = |learned: &Learned, model: &str, reported: bool, capacity: usize| {
+            learned.believed_loaded(node, model, reported, 1_000, &installed, capacity)
+        };
+        assert!(loaded(&learned, "a", true, 1), "reported loaded");
+        assert!(!loaded(&learned, "b", false, 1), "neither reported nor served");
+        learned.last_served_ms.insert((node.into(), "b".into()), 2_000);
+        assert!(loaded(&learned, "b", false, 1), "served since the report");
+        assert!(!loaded(&learned, "a", true, 1), "b pushed a out of the only place");
+        assert!(loaded(&learned, "a", true, 2), "room for both");
+        learned.last_served_ms.insert((node.into(), "a".into()), 3_000);
+        assert!(loaded(&learned, "a", true, 1));
+        assert!(!loaded(&learned, "b", false, 1));
+    }
     use crate::history::OllamaTimings;
     use sollol_policy::routing::{Choice, DecisionKind, Strategy};
 

@@ -102,7 +102,7 @@ impl Metrics {
             out,
             "sollol_routing_decisions_total",
             "counter",
-            "Routing decisions by strategy and kind (best, affinity, exploration, failover, hedge, calibration).",
+            "Routing decisions by strategy and kind (best, affinity, exploration, failover, hedge, calibration, warmup).",
         );
         let mut decisions: Vec<(&str, &str, u64)> = self
             .decisions

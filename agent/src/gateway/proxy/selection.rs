@@ -82,8 +82,14 @@ impl Selection<'_> {
                         .settings
                         .node_slots
                         .max(learned.slots(&backend.node_id)),
-                    model_loaded: backend.has_loaded(self.model)
-                        || learned.served_since(&backend.node_id, self.model, backend.reported_ms),
+                    model_loaded: learned.believed_loaded(
+                        &backend.node_id,
+                        self.model,
+                        backend.has_loaded(self.model),
+                        backend.reported_ms,
+                        &backend.models,
+                        proxy.warmups.capacity_of(&backend.node_id, backend.loaded.len()),
+                    ),
                     stats: learned.pair(&backend.node_id, self.model),
                     served: learned.served.get(&backend.node_id).copied().unwrap_or(0),
                     has_affinity: self.affine_node.as_deref() == Some(backend.node_id.as_str()),

@@ -59,7 +59,8 @@ pub(super) struct Warmups {
     running: arc_swap::ArcSwap<HashMap<String, Loading>>,
     /// Per pair: when it was last tried, and whether that load failed.
     tried: std::sync::Mutex<HashMap<(String, String), (Instant, bool)>>,
-    capacity: std::sync::Mutex<HashMap<String, usize>>,
+    /// Per node, the most models it was seen holding at once (a snapshot routing reads without a lock).
+    capacity: arc_swap::ArcSwap<HashMap<String, usize>>,
 }
 
 impl Warmups {
@@ -122,21 +123,35 @@ impl Warmups {
         });
     }
 
-    /// The most models the node was seen holding at once (at least 1), raised by `loaded_now`.
-    fn capacity(&self, node_id: &str, loaded_now: usize) -> usize {
-        let mut capacity = super::lock(&self.capacity);
-        let seen = capacity.entry(node_id.to_owned()).or_insert(1);
-        *seen = (*seen).max(loaded_now).max(1);
-        *seen
+    /// The most models the node was seen holding at once, `loaded_now` included; at least 1.
+    pub(super) fn capacity_of(&self, node_id: &str, loaded_now: usize) -> usize {
+        self.capacity
+            .load()
+            .get(node_id)
+            .copied()
+            .unwrap_or(1)
+            .max(loaded_now)
+            .max(1)
     }
 
-    /// Remembers limits seen before a restart (the nodes' last reports in the history).
-    pub(super) fn remember_capacity(&self, remembered: impl IntoIterator<Item = (String, usize)>) {
-        let mut capacity = super::lock(&self.capacity);
-        for (node, count) in remembered {
-            let seen = capacity.entry(node).or_insert(1);
-            *seen = (*seen).max(count);
+    /// Raises the nodes' limits to what they hold now, or held before a restart (their last reports
+    /// in the history).
+    pub(super) fn remember_capacity(&self, seen: impl IntoIterator<Item = (String, usize)>) {
+        let raised: Vec<(String, usize)> = seen
+            .into_iter()
+            .filter(|(node, count)| self.capacity_of(node, *count) > self.capacity_of(node, 0))
+            .collect();
+        if raised.is_empty() {
+            return;
         }
+        self.capacity.rcu(|capacity| {
+            let mut capacity = HashMap::clone(capacity);
+            for (node, count) in &raised {
+                let seen = capacity.entry(node.clone()).or_insert(1);
+                *seen = (*seen).max(*count);
+            }
+            capacity
+        });
     }
 
     /// When the pair was last warmed (or tried).
@@ -196,6 +211,11 @@ impl Proxy {
     ) {
         let view = view.load_full();
         let learned = self.learner.snapshot();
+        self.warmups.remember_capacity(
+            view.backends
+                .iter()
+                .map(|backend| (backend.node_id.clone(), backend.loaded.len())),
+        );
         let backends: Vec<&Arc<Backend>> = view
             .backends
             .iter()
@@ -209,7 +229,7 @@ impl Proxy {
                 loaded: backend.loaded.clone(),
                 capacity: self
                     .warmups
-                    .capacity(&backend.node_id, backend.loaded.len()),
+                    .capacity_of(&backend.node_id, backend.loaded.len()),
                 slots: self
                     .settings
                     .node_slots
@@ -230,9 +250,14 @@ impl Proxy {
             let backend = backends[load.node];
             let model = load.model.as_str();
             let key = (backend.node_id.clone(), model.to_owned());
-            if backend.has_loaded(model)
-                || learned.served_since(&backend.node_id, model, backend.reported_ms)
-            {
+            if learned.believed_loaded(
+                &backend.node_id,
+                model,
+                backend.has_loaded(model),
+                backend.reported_ms,
+                &backend.models,
+                nodes[load.node].capacity,
+            ) {
                 continue;
             }
             // A model warmed or served here before is loaded again only when the node lost it in a
@@ -281,6 +306,28 @@ impl Proxy {
             return;
         }
         let waiting = decision.predicted[best];
+        let learned = self.learner.snapshot();
+        // Models the node holds as far as the gateway knows, against the most it was seen holding.
+        let has_room = |backend: &Backend| {
+            let capacity = self
+                .warmups
+                .capacity_of(&backend.node_id, backend.loaded.len());
+            let held = backend
+                .models
+                .iter()
+                .filter(|model| {
+                    learned.believed_loaded(
+                        &backend.node_id,
+                        model,
+                        backend.has_loaded(model),
+                        backend.reported_ms,
+                        &backend.models,
+                        capacity,
+                    )
+                })
+                .count();
+            held < capacity
+        };
         let spare = decision
             .ranking
             .iter()
@@ -290,10 +337,7 @@ impl Proxy {
                 !candidate.model_loaded
                     && candidate.warming.is_none()
                     && candidate.in_flight == 0
-                    && backends[*index].loaded.len()
-                        < self
-                            .warmups
-                            .capacity(&candidate.node_id, backends[*index].loaded.len())
+                    && has_room(backends[*index])
             })
             .find(|index| {
                 let warm = Candidate {
