@@ -145,10 +145,88 @@ fn workload() -> Vec<serde_json::Value> {
         .collect()
 }
 
-async fn start_emulators() -> Vec<Emulator> {
+/// One emulated node: the Rust emulator in this process, or the independent Python emulation
+/// (`scripts/bench/ollama_sim.py`) in a process of its own.
+enum Node {
+    Rust(Emulator),
+    Python {
+        process: std::process::Child,
+        url: String,
+    },
+}
+
+impl Node {
+    fn url(&self) -> String {
+        match self {
+            Self::Rust(emulator) => emulator.url(),
+            Self::Python { url, .. } => url.clone(),
+        }
+    }
+
+    fn rust(&self) -> &Emulator {
+        match self {
+            Self::Rust(emulator) => emulator,
+            Self::Python { .. } => panic!("faults need the Rust emulator"),
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Self::Python { process, .. } = self {
+            let _ = process.kill();
+            let _ = process.wait();
+        }
+    }
+}
+
+/// Which emulation the nodes run: `SOLLOL_BENCH_EMULATION=python` picks the Python one.
+fn python_emulation() -> bool {
+    std::env::var("SOLLOL_BENCH_EMULATION").is_ok_and(|value| value == "python")
+}
+
+/// Starts the Python emulation of `spec` and reads its address from its first line.
+fn start_python(spec: &NodeSpec, seed: usize) -> Node {
+    use std::io::BufRead;
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../scripts/bench/ollama_sim.py"
+    );
+    let mut process = std::process::Command::new("python3")
+        .arg(script)
+        .args(["--name", spec.name])
+        .args(["--decode", &spec.decode.to_string()])
+        .args(["--slots", &spec.slots.to_string()])
+        .args(["--load-seconds", &spec.load_seconds.to_string()])
+        .args(["--max-loaded", &spec.max_loaded.to_string()])
+        .args(["--seed", &seed.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 runs scripts/bench/ollama_sim.py");
+    let stdout = process.stdout.take().expect("stdout");
+    let mut line = String::new();
+    std::io::BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("the emulation says where it listens");
+    let url = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line from ollama_sim.py: {line:?}"))
+        .to_owned();
+    Node::Python { process, url }
+}
+
+async fn start_emulators() -> Vec<Node> {
+    if python_emulation() {
+        return NODES
+            .iter()
+            .enumerate()
+            .map(|(index, spec)| start_python(spec, index))
+            .collect();
+    }
     let mut emulators = Vec::new();
     for spec in &NODES {
-        emulators.push(
+        emulators.push(Node::Rust(
             Emulator::start(EmulatorConfig {
                 name: spec.name.to_owned(),
                 models: vec![
@@ -165,7 +243,7 @@ async fn start_emulators() -> Vec<Emulator> {
             })
             .await
             .expect("emulator starts"),
-        );
+        ));
     }
     emulators
 }
@@ -173,7 +251,7 @@ async fn start_emulators() -> Vec<Emulator> {
 /// A coordinator with one agent per emulated node, once every node has joined.
 async fn start_cluster(
     strategy: &str,
-    emulators: &[Emulator],
+    emulators: &[Node],
     dirs: &[tempfile::TempDir],
 ) -> (CoordinatorHandle, Vec<AgentHandle>) {
     let data_dir = dirs[0].path().display().to_string();
@@ -369,8 +447,10 @@ async fn run(
         while finished.load(std::sync::atomic::Ordering::Relaxed) < REQUESTS / 2 {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        emulators[1].set_fault(sollol_ollama_emulator::Fault::InternalError);
-        emulators[2].kill();
+        emulators[1]
+            .rust()
+            .set_fault(sollol_ollama_emulator::Fault::InternalError);
+        emulators[2].rust().kill();
     }
     for worker in futures_util::future::join_all(workers).await {
         for (latency, (ok, node)) in worker.expect("worker") {
@@ -434,7 +514,12 @@ async fn main() {
         _ => vec![Scenario::Fresh],
     };
     println!(
-        "routing benchmark: {REQUESTS} requests, seed {SEED}, nodes fast/mid1/mid2/slow1/slow2, every node cold at the start of each run"
+        "routing benchmark: {REQUESTS} requests, seed {SEED}, nodes fast/mid1/mid2/slow1/slow2, every node cold at the start of each run, {} emulation",
+        if python_emulation() {
+            "Python (scripts/bench/ollama_sim.py)"
+        } else {
+            "Rust (tests/emulator)"
+        }
     );
     for clients in clients_list {
         for &scenario in &scenarios {

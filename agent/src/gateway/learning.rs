@@ -368,12 +368,22 @@ mod tests {
             learned.believed_loaded(node, model, reported, 1_000, &installed, capacity)
         };
         assert!(loaded(&learned, "a", true, 1), "reported loaded");
-        assert!(!loaded(&learned, "b", false, 1), "neither reported nor served");
-        learned.last_served_ms.insert((node.into(), "b".into()), 2_000);
+        assert!(
+            !loaded(&learned, "b", false, 1),
+            "neither reported nor served"
+        );
+        learned
+            .last_served_ms
+            .insert((node.into(), "b".into()), 2_000);
         assert!(loaded(&learned, "b", false, 1), "served since the report");
-        assert!(!loaded(&learned, "a", true, 1), "b pushed a out of the only place");
+        assert!(
+            !loaded(&learned, "a", true, 1),
+            "b pushed a out of the only place"
+        );
         assert!(loaded(&learned, "a", true, 2), "room for both");
-        learned.last_served_ms.insert((node.into(), "a".into()), 3_000);
+        learned
+            .last_served_ms
+            .insert((node.into(), "a".into()), 3_000);
         assert!(loaded(&learned, "a", true, 1));
         assert!(!loaded(&learned, "b", false, 1));
     }

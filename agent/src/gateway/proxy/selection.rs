@@ -88,7 +88,9 @@ impl Selection<'_> {
                         backend.has_loaded(self.model),
                         backend.reported_ms,
                         &backend.models,
-                        proxy.warmups.capacity_of(&backend.node_id, backend.loaded.len()),
+                        proxy
+                            .warmups
+                            .capacity_of(&backend.node_id, backend.loaded.len()),
                     ),
                     stats: learned.pair(&backend.node_id, self.model),
                     served: learned.served.get(&backend.node_id).copied().unwrap_or(0),
