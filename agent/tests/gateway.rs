@@ -1707,6 +1707,24 @@ async fn a_restarted_coordinator_warms_cold_nodes_with_the_demand_it_remembers()
         "fast warmed again after coming back cold: {:?}",
         emulators[0].loaded_models()
     );
+    // A client unloading both models (keep_alive 0) is obeyed, not repaired.
+    for model in [small, big] {
+        let unload = send(
+            "POST",
+            &gateway("/api/generate"),
+            serde_json::to_vec(&json!({"model": model, "keep_alive": 0})).expect("json"),
+            &[("x-sollol-node", "fast")],
+        )
+        .await;
+        assert_eq!(unload.status, 200, "{}", unload.text());
+    }
+    // Longer than a pair's 10 s pause between warm-ups, so a repair would have happened.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    assert_eq!(
+        emulators[0].loaded_models(),
+        Vec::<String>::new(),
+        "models unloaded on purpose stay unloaded"
+    );
     stop(coordinator, agents).await;
 
     // Off: nothing is loaded.

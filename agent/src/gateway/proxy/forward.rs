@@ -108,6 +108,9 @@ async fn forward_inner(
     if request.kind.learns {
         proxy.invest(&request.model, &plan.decision, &candidates, &backends);
     }
+    if request.unloads {
+        proxy.unloaded_on_purpose(&request.model);
+    }
     announce(proxy, &request, path, app, &candidates, &plan);
     Failover {
         proxy,

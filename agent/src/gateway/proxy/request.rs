@@ -92,6 +92,8 @@ pub(super) struct ParsedRequest {
     pub(super) conversation: Option<u64>,
     /// The browser page that sent it (already allowed by the gateway), forwarded as it came.
     pub(super) origin: Option<axum::http::HeaderValue>,
+    /// `keep_alive` is zero: the client wants the model unloaded after this answer.
+    pub(super) unloads: bool,
 }
 
 impl ParsedRequest {
@@ -133,6 +135,7 @@ impl ParsedRequest {
             .map(str::to_owned);
         let conversation = conversation_key(&model, &fields);
         let shape = request_shape(&fields);
+        let unloads = fields.raw("keep_alive").is_some_and(is_zero_keep_alive);
         let mut counted = 0;
         let inputs = fields
             .each_item("input", |_| counted += 1)
@@ -151,8 +154,19 @@ impl ParsedRequest {
             wanted_node,
             conversation,
             origin: headers.get(axum::http::header::ORIGIN).cloned(),
+            unloads,
         })
     }
+}
+
+/// Whether a `keep_alive` says "unload now": `0`, `0.0`, `"0"`, `"0s"`, `"0m"`…
+fn is_zero_keep_alive(raw: &serde_json::value::RawValue) -> bool {
+    let text = super::fields::text(raw);
+    let text = text.as_deref().unwrap_or(raw.get()).trim();
+    if let Ok(number) = text.parse::<f64>() {
+        return number == 0.0;
+    }
+    humantime::parse_duration(text).is_ok_and(|duration| duration.is_zero())
 }
 
 /// The strategy `X-Sollol-Strategy` asks for, else the configured default.

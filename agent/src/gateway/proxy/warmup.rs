@@ -33,6 +33,8 @@ const READ_DEMAND_EVERY: Duration = Duration::from_secs(60);
 const RETRY_AFTER: Duration = Duration::from_secs(60);
 /// …and after one that worked (a node that cannot keep the model must not be loaded every second).
 const WARM_AGAIN_AFTER: Duration = Duration::from_secs(10);
+/// The unloading request's own answer (served after it was routed) still counts as before the unload.
+const UNLOAD_ANSWER_MS: u64 = 300_000;
 /// The longest a load may take.
 const LOAD_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -61,6 +63,8 @@ pub(super) struct Warmups {
     tried: std::sync::Mutex<HashMap<(String, String), (Instant, bool)>>,
     /// Per node, the most models it was seen holding at once (a snapshot routing reads without a lock).
     capacity: arc_swap::ArcSwap<HashMap<String, usize>>,
+    /// Models a client asked to unload (`keep_alive: 0`), and when (Unix milliseconds).
+    unloaded: std::sync::Mutex<HashMap<String, u64>>,
 }
 
 impl Warmups {
@@ -163,6 +167,15 @@ impl Warmups {
 }
 
 impl Proxy {
+    /// A client asked for `model` to be unloaded: a node losing it is not a restart to repair, until
+    /// the model is served there again.
+    pub(super) fn unloaded_on_purpose(&self, model: &str) {
+        if self.settings.warmup.is_some() {
+            super::lock(&self.warmups.unloaded)
+                .insert(model.to_owned(), unix_ms(SystemTime::now()));
+        }
+    }
+
     /// Keeps the models the history's demand predicts loaded where the router would send them, until
     /// `shutdown`. Reads the demand from `history` every minute.
     pub async fn warm_up(
@@ -264,7 +277,16 @@ impl Proxy {
             // restart; one it let expire or unloaded on purpose is left alone.
             let used_before = learned.last_served_ms.contains_key(&key)
                 || self.warmups.last_tried(&backend.node_id, model).is_some();
-            if used_before && !restarts.lost(&key) {
+            let unloaded_since_use =
+                super::lock(&self.warmups.unloaded)
+                    .get(model)
+                    .is_some_and(|unloaded_ms| {
+                        learned
+                            .last_served_ms
+                            .get(&key)
+                            .is_none_or(|served_ms| *served_ms <= unloaded_ms + UNLOAD_ANSWER_MS)
+                    });
+            if used_before && (!restarts.lost(&key) || unloaded_since_use) {
                 continue;
             }
             if self.is_idle(&backend.node_id) {
