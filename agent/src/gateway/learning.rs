@@ -260,9 +260,24 @@ pub fn update(previous: Option<PairStats>, outcome: &Outcome) -> Option<PairStat
         .then(|| timings.eval_tokens as f64 / timings.eval.as_secs_f64());
     let prompt = (timings.prompt_tokens >= 4 && !timings.prompt.is_zero())
         .then(|| timings.prompt_tokens as f64 / timings.prompt.as_secs_f64());
-    let cold_load = (timings.load >= COLD_LOAD_THRESHOLD).then_some(timings.load);
-    let warm_first_token =
-        (timings.load < COLD_LOAD_THRESHOLD).then_some(outcome.time_to_first_byte);
+    // Without `load_duration`, the load is what the answer's time leaves after prompt and generation,
+    // trusted only when nothing else of ours ran on the node (so no slot wait hides in it).
+    let load = if timings.load_reported {
+        Some(timings.load)
+    } else if outcome.concurrent == 0 {
+        let total = if timings.total.is_zero() {
+            outcome.total
+        } else {
+            timings.total
+        };
+        Some(total.saturating_sub(timings.prompt + timings.eval))
+    } else {
+        None
+    };
+    let cold_load = load.filter(|load| *load >= COLD_LOAD_THRESHOLD);
+    let warm_first_token = load
+        .is_some_and(|load| load < COLD_LOAD_THRESHOLD)
+        .then_some(outcome.time_to_first_byte);
     match previous {
         None => {
             let decode = decode?;
@@ -304,7 +319,8 @@ pub fn update(previous: Option<PairStats>, outcome: &Outcome) -> Option<PairStat
 /// when it says nothing (it ran alone, or has no timings). Pure.
 pub fn slot_evidence(outcome: &Outcome) -> Option<(u32, bool)> {
     let timings = outcome.timings?;
-    if outcome.concurrent == 0 {
+    // Without `load_duration` a load and a wait for a slot look alike.
+    if outcome.concurrent == 0 || !timings.load_reported {
         return None;
     }
     let working = timings.load + timings.prompt + timings.eval;
@@ -406,12 +422,39 @@ mod tests {
                 prompt: Duration::from_millis(100),
                 eval_tokens,
                 eval: Duration::from_millis(eval_ms),
+                load_reported: true,
             }),
             choice: Choice::routed(Strategy::Intelligent, DecisionKind::Best),
             reason: String::new(),
             candidates: Arc::from([]),
             concurrent: 0,
         }
+    }
+
+    #[test]
+    fn a_load_left_out_of_the_timings_is_read_from_the_clock() {
+        let warm = update(None, &outcome(40, 1000, 0, true)).expect("measured");
+        // The same answer after a 2 s load, from a server that does not send load_duration.
+        let mut cold = outcome(40, 1000, 2000, true);
+        if let Some(timings) = cold.timings.as_mut() {
+            timings.load = Duration::ZERO;
+            timings.load_reported = false;
+        }
+        let learned = update(Some(warm), &cold).expect("still measured");
+        let load = learned.cold_load.expect("the load is learned");
+        assert!(
+            (load.as_secs_f64() - 2.0).abs() < 0.01,
+            "total 3.1 s less 0.1 s prompt and 1 s generation: {load:?}"
+        );
+        assert_eq!(
+            learned.time_to_first_token, warm.time_to_first_token,
+            "the slow first token was the load, not a slower node"
+        );
+        // Beside another request of ours the time may be a wait for a slot: nothing is read from it.
+        cold.concurrent = 1;
+        let beside = update(Some(warm), &cold).expect("measured");
+        assert_eq!(beside.cold_load, warm.cold_load);
+        assert_eq!(slot_evidence(&cold), None);
     }
 
     #[test]

@@ -21,6 +21,9 @@ pub struct OllamaTimings {
     pub prompt: Duration,
     pub eval_tokens: u64,
     pub eval: Duration,
+    /// Whether the answer had `load_duration`. Without it (some servers and proxies leave it out),
+    /// `load` is zero and the load can only be told from the wall clock.
+    pub load_reported: bool,
 }
 
 impl OllamaTimings {
@@ -43,6 +46,7 @@ impl OllamaTimings {
             prompt: nanos("prompt_eval_duration").unwrap_or_default(),
             eval_tokens: count("eval_count").unwrap_or(0),
             eval: nanos("eval_duration").unwrap_or_default(),
+            load_reported: nanos("load_duration").is_some(),
         })
     }
 }

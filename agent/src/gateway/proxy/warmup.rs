@@ -440,6 +440,7 @@ impl Proxy {
                 outcome.timings = Some(OllamaTimings {
                     total: outcome.total,
                     load: outcome.total,
+                    load_reported: true,
                     ..OllamaTimings::default()
                 });
             } else {
