@@ -205,7 +205,7 @@ impl Proxy {
             }
             if !demand.is_empty() {
                 restarts.observe(&view.load());
-                self.warm_planned(&view, &demand, &config.plan, &mut restarts);
+                self.warm_planned(&view, &demand, &config.plan, &restarts);
             }
             tokio::select! {
                 () = tokio::time::sleep(CHECK_EVERY) => {}
@@ -220,7 +220,7 @@ impl Proxy {
         view: &SharedView,
         demand: &[Demand],
         settings: &WarmupSettings,
-        restarts: &mut Restarts,
+        restarts: &Restarts,
     ) {
         let view = view.load_full();
         let learned = self.learner.snapshot();
