@@ -582,6 +582,7 @@ mod tests {
                 name: "gpu1".to_owned(),
                 base_url: "http://127.0.0.1:1".to_owned(),
                 models: vec!["llama3.2:3b".to_owned()],
+                digests: vec!["a80c4f17acd5".to_owned()],
                 loaded: Vec::new(),
                 reported_ms: 0,
             })],
