@@ -24,7 +24,7 @@ use crate::cluster::{
 use crate::config::Config;
 use crate::distributed::front::Front;
 use crate::gateway::learning::{Learned, Learner};
-use crate::gateway::proxy::{Proxy, ProxySettings};
+use crate::gateway::proxy::{CacheSettings, Proxy, ProxySettings};
 use crate::gateway::{self, GatewayState};
 use crate::history::{History, HistoryReader, Remembered};
 use crate::observability::{self, Observer};
@@ -270,6 +270,10 @@ fn proxy_settings(config: &Config, distributed_front: Option<String>) -> ProxySe
         hedging: settings.hedging,
         calibration: settings.calibration,
         distributed_front,
+        cache: config.cache.enabled.then_some(CacheSettings {
+            max_bytes: config.cache.max_bytes,
+            ttl: config.cache.ttl,
+        }),
     }
 }
 
