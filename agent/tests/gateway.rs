@@ -836,6 +836,8 @@ async fn batch_embeddings_split_across_nodes() {
     let split = started.elapsed();
     assert_eq!(answer.status, 200, "{}", answer.text());
     check_embeddings(&answer.json(), &inputs);
+    // The response cache is off by default: no cache header.
+    assert!(answer.headers.get("x-sollol-cache").is_none());
     let nodes = answer.node.clone().unwrap_or_default();
     assert_eq!(nodes.split(',').count(), 3, "every node helped: {nodes}");
     assert!(
@@ -1807,5 +1809,158 @@ async fn a_model_that_keeps_requests_waiting_is_loaded_on_an_idle_node() {
             .is_some_and(|reason| reason.contains("spare capacity")),
         "{warmups:?}"
     );
+    cluster.stop().await;
+}
+
+/// The opt-in response cache: a repeated embedding or deterministic generation is answered without a
+/// node (`X-Sollol-Cache: hit`); a change of any option, the model or the prompt misses; generations
+/// that are not deterministic, streams and requests pinned to a node are never cached; hits and misses
+/// are in `/metrics`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_response_cache_answers_only_identical_requests() {
+    let nodes = ["one", "two"].map(|name| EmulatorConfig {
+        name: name.to_owned(),
+        models: ["smollm2:135m", "qwen2:0.5b", "nomic-embed-text:latest"]
+            .map(str::to_owned)
+            .to_vec(),
+        ..EmulatorConfig::default()
+    });
+    let cluster = cluster_with(
+        &[
+            ("cache.enabled", "true"),
+            ("coordinator.calibration", "false"),
+        ],
+        &nodes,
+    )
+    .await;
+    let reached = || -> u64 { cluster.emulators.iter().map(Emulator::started).sum() };
+    // Sends a request; checks its `X-Sollol-Cache` header and whether a node saw it.
+    let check = async |path: &str, body: &Value, headers: &[(&str, &str)], cache: Option<&str>| {
+        let before = reached();
+        let answer = send(
+            "POST",
+            &cluster.url(path),
+            serde_json::to_vec(body).expect("json"),
+            headers,
+        )
+        .await;
+        assert_eq!(answer.status, 200, "{path} {body}: {}", answer.text());
+        let seen = answer
+            .headers
+            .get("x-sollol-cache")
+            .and_then(|value| value.to_str().ok());
+        assert_eq!(seen, cache, "{path} {body}");
+        let expected_nodes = u64::from(cache != Some("hit"));
+        // A batch over both nodes reaches each of them.
+        assert!(
+            (reached() - before).min(1) == expected_nodes,
+            "{path} {body}: nodes reached {} times for {cache:?}",
+            reached() - before
+        );
+        answer
+    };
+
+    // Embeddings: a batch spread over both nodes, then the same batch again from the cache, the same
+    // bytes; the model's short name and `keep_alive` do not change the key.
+    let batch = json!({"model": "nomic-embed-text", "input": batch_inputs(64)});
+    let first = check("/api/embed", &batch, &[], Some("miss")).await;
+    check_embeddings(&first.json(), &batch_inputs(64));
+    let again = check("/api/embed", &batch, &[], Some("hit")).await;
+    assert_eq!(again.body, first.body);
+    assert_eq!(again.decision.as_deref(), Some("cache hit"));
+    let respelled =
+        json!({"model": "nomic-embed-text:latest", "input": batch_inputs(64), "keep_alive": "1m"});
+    check("/api/embed", &respelled, &[], Some("hit")).await;
+    let one_more_input = json!({"model": "nomic-embed-text", "input": batch_inputs(65)});
+    check("/api/embed", &one_more_input, &[], Some("miss")).await;
+    let openai = json!({"model": "nomic-embed-text", "input": ["a", "b"]});
+    check("/v1/embeddings", &openai, &[], Some("miss")).await;
+    check("/v1/embeddings", &openai, &[], Some("hit")).await;
+
+    // A deterministic generation, then every variation of it: each misses once and hits after.
+    let generation = json!({"model": "smollm2:135m", "prompt": "Why is the sky blue?", "stream": false,
+        "format": "json", "options": {"temperature": 0, "num_predict": 4, "top_k": 40, "stop": ["\n\n"]}});
+    check("/api/generate", &generation, &[], Some("miss")).await;
+    check("/api/generate", &generation, &[], Some("hit")).await;
+    let variations: &[(&str, Value)] = &[
+        ("/options/temperature", json!(0.0001)),
+        ("/options/seed", json!(7)),
+        ("/options/num_predict", json!(5)),
+        ("/options/top_k", json!(41)),
+        ("/options/stop", json!(["\n"])),
+        ("/options/num_ctx", json!(4096)),
+        ("/format", json!({"type": "object"})),
+        ("/prompt", json!("Why is the sky blue")),
+        ("/system", json!("Be brief.")),
+        ("/model", json!("qwen2:0.5b")),
+    ];
+    for (pointer, value) in variations {
+        let mut changed = generation.clone();
+        let (parent, field) = pointer.rsplit_once('/').expect("pointer");
+        let target = if parent.is_empty() {
+            &mut changed
+        } else {
+            changed.pointer_mut(parent).expect("parent")
+        };
+        target[field] = value.clone();
+        // A temperature above 0 is deterministic only with a seed.
+        if *pointer == "/options/temperature" {
+            changed["options"]["seed"] = json!(1);
+        }
+        check("/api/generate", &changed, &[], Some("miss")).await;
+        check("/api/generate", &changed, &[], Some("hit")).await;
+    }
+    let chat = json!({"model": "smollm2:135m", "stream": false, "options": {"seed": 3, "temperature": 0.7},
+        "messages": [{"role": "user", "content": "hi"}]});
+    check("/api/chat", &chat, &[], Some("miss")).await;
+    check("/api/chat", &chat, &[], Some("hit")).await;
+    let openai_chat = json!({"model": "smollm2:135m", "temperature": 0, "max_tokens": 4,
+        "messages": [{"role": "user", "content": "hi"}]});
+    check("/v1/chat/completions", &openai_chat, &[], Some("miss")).await;
+    check("/v1/chat/completions", &openai_chat, &[], Some("hit")).await;
+
+    // Never cached: sampled generations, streams, requests pinned to a node.
+    let mut sampled = generation.clone();
+    sampled["options"]["temperature"] = json!(0.8);
+    check("/api/generate", &sampled, &[], None).await;
+    check("/api/generate", &sampled, &[], None).await;
+    let mut streamed = generation.clone();
+    streamed["stream"] = json!(true);
+    check("/api/generate", &streamed, &[], None).await;
+    check(
+        "/api/generate",
+        &generation,
+        &[("x-sollol-node", "one")],
+        None,
+    )
+    .await;
+    // Errors are not kept: the second of these misses too.
+    let mut refused = generation.clone();
+    refused["model"] = json!("nomic-embed-text");
+    for _ in 0..2 {
+        let answer = post(&cluster.url("/api/generate"), refused.clone()).await;
+        assert_eq!(answer.status, 400, "{}", answer.text());
+        assert_eq!(
+            answer
+                .headers
+                .get("x-sollol-cache")
+                .map(|value| value.as_bytes()),
+            Some(&b"miss"[..])
+        );
+    }
+
+    // The counts: 18 misses and 16 hits above; the two errors were not kept.
+    let metrics = get(&cluster.url("/metrics")).await.text();
+    let value = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(&format!("{name} ")))
+            .and_then(|value| value.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing:\n{metrics}"))
+    };
+    assert_eq!(value("sollol_cache_misses_total"), 18);
+    assert_eq!(value("sollol_cache_hits_total"), 16);
+    assert_eq!(value("sollol_cache_entries"), 16);
+    assert!(value("sollol_cache_bytes") > first.body.len() as u64);
     cluster.stop().await;
 }

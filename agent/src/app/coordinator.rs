@@ -25,7 +25,7 @@ use crate::cluster::{
 use crate::config::Config;
 use crate::distributed::front::Front;
 use crate::gateway::learning::{Learned, Learner};
-use crate::gateway::proxy::{Proxy, ProxySettings, WarmupConfig};
+use crate::gateway::proxy::{CacheSettings, Proxy, ProxySettings, WarmupConfig};
 use crate::gateway::{self, GatewayState};
 use crate::history::{History, HistoryReader, Remembered};
 use crate::observability::{self, Observer};
@@ -284,6 +284,10 @@ fn proxy_settings(config: &Config, distributed_front: Option<String>) -> ProxySe
             },
         }),
         distributed_front,
+        cache: config.cache.enabled.then_some(CacheSettings {
+            max_bytes: config.cache.max_bytes,
+            ttl: config.cache.ttl,
+        }),
     }
 }
 

@@ -88,6 +88,9 @@ pub struct Backend {
     pub base_url: String,
     /// Installed models, `name:tag`.
     pub models: Vec<String>,
+    /// Each installed model's content digest as the node reports it (`/api/tags`), in the order of
+    /// `models`; empty when the node reports none.
+    pub digests: Vec<String>,
     /// Models loaded in memory, as of `reported_ms`.
     pub loaded: Vec<String>,
     /// When the node's last report arrived (Unix milliseconds, coordinator clock).
@@ -109,6 +112,11 @@ impl Backend {
                 .iter()
                 .map(|model| normalize_model(&model.name))
                 .collect(),
+            digests: ollama
+                .models
+                .iter()
+                .map(|model| model.digest.trim().to_owned())
+                .collect(),
             loaded: ollama
                 .loaded
                 .iter()
@@ -124,6 +132,35 @@ impl Backend {
 
     pub fn has_loaded(&self, model: &str) -> bool {
         self.loaded.iter().any(|name| name == model)
+    }
+
+    /// The digest the node reports for an installed model; `None` when it lacks the model or reports no digest.
+    pub fn digest_of(&self, model: &str) -> Option<&str> {
+        let index = self.models.iter().position(|name| name == model)?;
+        self.digests
+            .get(index)
+            .map(String::as_str)
+            .filter(|digest| !digest.is_empty())
+    }
+}
+
+impl ClusterView {
+    /// The model's content digest when every node that serves it reports the same one; `None` when no
+    /// node has it, one reports none, or two disagree (then which copy answers is a matter of routing).
+    pub fn model_digest(&self, model: &str) -> Option<&str> {
+        let mut agreed = None;
+        for backend in self
+            .backends
+            .iter()
+            .filter(|backend| backend.has_model(model))
+        {
+            let digest = backend.digest_of(model)?;
+            if agreed.is_some_and(|agreed| agreed != digest) {
+                return None;
+            }
+            agreed = Some(digest);
+        }
+        agreed
     }
 }
 
@@ -639,6 +676,41 @@ impl ClusterTask {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A model's digest counts only when every node that has the model reports the same one.
+    #[test]
+    fn a_models_digest_is_what_every_node_agrees_on() {
+        fn check(reported: &[&[(&str, &str)]], expected: Option<&str>) {
+            let view = ClusterView {
+                backends: reported
+                    .iter()
+                    .enumerate()
+                    .map(|(index, models)| {
+                        Arc::new(Backend {
+                            node_id: format!("n{index}"),
+                            name: format!("n{index}"),
+                            base_url: "http://127.0.0.1:1".to_owned(),
+                            models: models.iter().map(|(name, _)| (*name).to_owned()).collect(),
+                            digests: models
+                                .iter()
+                                .map(|(_, digest)| (*digest).to_owned())
+                                .collect(),
+                            loaded: Vec::new(),
+                            reported_ms: 0,
+                        })
+                    })
+                    .collect(),
+                ..ClusterView::default()
+            };
+            assert_eq!(view.model_digest("m:1"), expected, "{reported:?}");
+        }
+        check(&[&[("m:1", "aaa")], &[("m:1", "aaa")]], Some("aaa"));
+        check(&[&[("m:1", "aaa")], &[("other:1", "bbb")]], Some("aaa"));
+        check(&[&[("m:1", "aaa")], &[("m:1", "bbb")]], None);
+        check(&[&[("m:1", "aaa")], &[("m:1", "")]], None);
+        check(&[&[("other:1", "bbb")]], None);
+        check(&[], None);
+    }
 
     #[test]
     fn ollama_urls_are_made_reachable_from_the_coordinator() {

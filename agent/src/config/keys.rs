@@ -400,6 +400,24 @@ pub const KEYS: &[KeySpec] = &[
         default: None,
         doc: "Coordinator cluster addresses (`HOST:PORT`, comma-separated or a TOML list; names are resolved again at every attempt) that an agent without `agent.join` tries besides what mDNS finds: for routed networks, VPNs and VLANs where multicast does not pass.",
     },
+    KeySpec {
+        key: "cache.enabled",
+        env: "SOLLOL_CACHE_ENABLED",
+        default: Some("false"),
+        doc: "Answer repeated requests from the gateway's response cache, in memory, without touching a node: embeddings (`/api/embed`, `/api/embeddings`, `/v1/embeddings`) and non-streaming deterministic generations (`/api/generate`, `/api/chat`, `/v1/chat/completions`, `/v1/completions` with temperature 0 or a fixed non-negative seed). The key is the route, the model's digest as every node that has the model reports it (no agreement: no caching) and the whole request body with every option; only `stream: false` and `keep_alive` are left out. Only HTTP 200 answers are kept. Answers say `X-Sollol-Cache: hit` or `miss`. See docs/gateway.md.",
+    },
+    KeySpec {
+        key: "cache.max_bytes",
+        env: "SOLLOL_CACHE_MAX_BYTES",
+        default: Some("256MiB"),
+        doc: "Memory the response cache may hold (bytes, or with a unit: `64MiB`, `1GiB`; at least 1MiB), counted as each answer's bytes plus 128 bytes for its key and bookkeeping; the least recently used answers are dropped to make room. An answer or an embedding request body larger than an eighth of it is not cached; generation request bodies over 1 MiB are not either.",
+    },
+    KeySpec {
+        key: "cache.ttl",
+        env: "SOLLOL_CACHE_TTL",
+        default: Some("1h"),
+        doc: "How long a cached answer is served after it was stored; then the next such request goes to a node again.",
+    },
 ];
 
 /// The spec of a key the code itself names; a key missing from [`KEYS`] is a programming error.

@@ -22,8 +22,8 @@ pub use error::{ConfigError, Source};
 pub use keys::{KEYS, KeySpec};
 pub use raw::{ConfigSources, RawConfig, default_config_file};
 pub use typed::{
-    AgentConfig, ApiKey, Config, CoordinatorConfig, DiscoveryConfig, DistributedConfig,
-    EngineConfig, EngineMode, HttpConfig, KeyScope, loopback_if_unspecified,
+    AgentConfig, ApiKey, CacheConfig, Config, CoordinatorConfig, DiscoveryConfig,
+    DistributedConfig, EngineConfig, EngineMode, HttpConfig, KeyScope, loopback_if_unspecified,
 };
 
 #[cfg(test)]
@@ -201,6 +201,49 @@ mod tests {
             2
         );
         assert!(Config::from_pairs(&[("coordinator.api_keys", "short")]).is_err());
+    }
+
+    /// The response cache is off by default; its keys come from the environment like any other and
+    /// are checked.
+    #[test]
+    fn cache_keys_are_typed_and_checked() {
+        let config = Config::from_pairs(&[]).expect("valid");
+        assert_eq!(
+            config.cache,
+            CacheConfig {
+                enabled: false,
+                max_bytes: 256 << 20,
+                ttl: Duration::from_secs(3600),
+            }
+        );
+        let raw = RawConfig::load(&sources(
+            Some("[cache]\nttl = \"10m\"\n"),
+            &[
+                ("SOLLOL_CACHE_ENABLED", "true"),
+                ("SOLLOL_CACHE_MAX_BYTES", "64MiB"),
+            ],
+            &[],
+        ))
+        .expect("load");
+        assert_eq!(
+            Config::try_from(&raw).expect("valid").cache,
+            CacheConfig {
+                enabled: true,
+                max_bytes: 64 << 20,
+                ttl: Duration::from_secs(600),
+            }
+        );
+        fn refused(env: (&str, &str), key: &str) {
+            let raw = RawConfig::load(&sources(None, &[env], &[])).expect("load");
+            let message = Config::try_from(&raw).expect_err("invalid").to_string();
+            assert!(message.contains(&format!("`{key}`")), "{message}");
+            assert!(message.contains(env.0), "{message}");
+        }
+        refused(("SOLLOL_CACHE_ENABLED", "sometimes"), "cache.enabled");
+        refused(("SOLLOL_CACHE_MAX_BYTES", "1000"), "cache.max_bytes");
+        refused(("SOLLOL_CACHE_MAX_BYTES", "lots"), "cache.max_bytes");
+        refused(("SOLLOL_CACHE_TTL", "0s"), "cache.ttl");
+        refused(("SOLLOL_CACHE_TTL", "400days"), "cache.ttl");
     }
 
     #[test]

@@ -21,6 +21,17 @@ pub struct Config {
     pub distributed: DistributedConfig,
     pub discovery: DiscoveryConfig,
     pub http: HttpConfig,
+    pub cache: CacheConfig,
+}
+
+/// The gateway's response cache (off unless `cache.enabled`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CacheConfig {
+    pub enabled: bool,
+    /// Memory the cached answers may hold, their bookkeeping included.
+    pub max_bytes: u64,
+    /// How long an answer is served after it was stored.
+    pub ttl: Duration,
 }
 
 /// What every HTTP server (the gateway, the engine's port) accepts: which pages and host names, how

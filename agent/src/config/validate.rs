@@ -1,7 +1,7 @@
 //! Stage two: validating the raw text of every key into the typed [`Config`], one function per section.
 //!
 //! The sections are read in a fixed order (top-level keys, coordinator, agent, engine, distributed,
-//! discovery, http) so that, of several invalid values, the same one is always reported first.
+//! discovery, http, cache) so that, of several invalid values, the same one is always reported first.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -14,8 +14,8 @@ use super::parse::{
 };
 use super::raw::{ConfigSources, RawConfig};
 use super::typed::{
-    AgentConfig, Config, CoordinatorConfig, DiscoveryConfig, DistributedConfig, EngineConfig,
-    EngineMode, HttpConfig, KeyScope, loopback_if_unspecified,
+    AgentConfig, CacheConfig, Config, CoordinatorConfig, DiscoveryConfig, DistributedConfig,
+    EngineConfig, EngineMode, HttpConfig, KeyScope, loopback_if_unspecified,
 };
 
 impl TryFrom<&RawConfig> for Config {
@@ -36,6 +36,7 @@ impl TryFrom<&RawConfig> for Config {
         let distributed = distributed(&reader, model_sharding_enabled)?;
         let discovery = discovery(&reader)?;
         let http = http(&reader)?;
+        let cache = cache(&reader)?;
         Ok(Self {
             shutdown_grace: reader.parse("shutdown_grace", parse_duration)?,
             log_level: reader.parse("log_level", |text| {
@@ -54,6 +55,7 @@ impl TryFrom<&RawConfig> for Config {
             distributed,
             discovery,
             http,
+            cache,
         })
     }
 }
@@ -306,6 +308,31 @@ fn http(reader: &Reader<'_>) -> Result<HttpConfig, ConfigError> {
         max_connections: reader.parse("http.max_connections", parse_non_zero)?,
         max_connections_per_address: reader
             .parse("http.max_connections_per_address", parse_non_zero)?,
+    })
+}
+
+/// The `cache` section.
+fn cache(reader: &Reader<'_>) -> Result<CacheConfig, ConfigError> {
+    /// Below this the cache could hold no answer worth keeping (entries are limited to an eighth).
+    const SMALLEST: u64 = 1 << 20;
+    /// A year: far enough for any use, near enough that adding it to a clock cannot overflow.
+    const LONGEST: Duration = Duration::from_secs(365 * 24 * 3600);
+    Ok(CacheConfig {
+        enabled: reader.parse("cache.enabled", parse_bool)?,
+        max_bytes: reader.parse("cache.max_bytes", |text| {
+            let bytes = parse_bytes(text)?;
+            if bytes < SMALLEST {
+                return Err("must be at least 1MiB".to_owned());
+            }
+            Ok(bytes)
+        })?,
+        ttl: reader.parse("cache.ttl", |text| {
+            let ttl = parse_positive_duration(text)?;
+            if ttl > LONGEST {
+                return Err("must be at most 365d".to_owned());
+            }
+            Ok(ttl)
+        })?,
     })
 }
 

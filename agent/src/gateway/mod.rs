@@ -611,6 +611,7 @@ async fn metrics(State(state): State<Arc<GatewayState>>) -> Response {
         queued: state.proxy.queued(),
         history_dropped: state.history_dropped.load(Ordering::Relaxed),
         learning_dropped: state.proxy.learner().dropped(),
+        cache: state.proxy.cache_figures(),
     };
     let mut text = state.observer.render(&gauges);
     let models = distributed_status(&state).await;

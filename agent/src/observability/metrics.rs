@@ -26,6 +26,17 @@ pub struct Gauges {
     pub queued: usize,
     pub history_dropped: u64,
     pub learning_dropped: u64,
+    /// The gateway's response cache; zeros when it is off.
+    pub cache: CacheFigures,
+}
+
+/// The response cache's counters and size, read at scrape time.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheFigures {
+    pub hits: u64,
+    pub misses: u64,
+    pub bytes: u64,
+    pub entries: u64,
 }
 
 /// Counters since start; the gauges are read from the live state when rendering.
@@ -134,6 +145,7 @@ impl Observer {
         render_node_gauges(&mut out, &view);
         render_gpu_gauges(&mut out, &view);
         render_drops(&mut out, gauges);
+        render_cache(&mut out, &gauges.cache);
         out
     }
 }
@@ -309,6 +321,39 @@ fn render_drops(out: &mut String, gauges: &Gauges) {
         "sollol_learning_outcomes_dropped_total {}",
         gauges.learning_dropped
     );
+}
+
+/// The response cache: requests answered from it and not, and what it holds.
+fn render_cache(out: &mut String, cache: &CacheFigures) {
+    for (name, kind, help, value) in [
+        (
+            "sollol_cache_hits_total",
+            "counter",
+            "Cacheable requests answered from the response cache, without a node.",
+            cache.hits,
+        ),
+        (
+            "sollol_cache_misses_total",
+            "counter",
+            "Cacheable requests the response cache had no answer for (routed to a node).",
+            cache.misses,
+        ),
+        (
+            "sollol_cache_bytes",
+            "gauge",
+            "Bytes the response cache holds, answers and bookkeeping.",
+            cache.bytes,
+        ),
+        (
+            "sollol_cache_entries",
+            "gauge",
+            "Answers the response cache holds.",
+            cache.entries,
+        ),
+    ] {
+        header(out, name, kind, help);
+        let _ = writeln!(out, "{name} {value}");
+    }
 }
 
 fn header(out: &mut String, name: &str, kind: &str, help: &str) {
@@ -582,6 +627,7 @@ mod tests {
                 name: "gpu1".to_owned(),
                 base_url: "http://127.0.0.1:1".to_owned(),
                 models: vec!["llama3.2:3b".to_owned()],
+                digests: vec!["a80c4f17acd5".to_owned()],
                 loaded: Vec::new(),
                 reported_ms: 0,
             })],

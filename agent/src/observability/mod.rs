@@ -23,7 +23,7 @@ use crate::history::RequestRow;
 use metrics::Metrics;
 
 pub use events::watch_nodes;
-pub use metrics::{Gauges, render_distributed};
+pub use metrics::{CacheFigures, Gauges, render_distributed};
 pub use stats::aggregate;
 
 /// Events buffered for slow SSE clients before they are told they lagged.

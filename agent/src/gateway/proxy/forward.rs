@@ -1,9 +1,10 @@
-//! The forwarded routes' handler, as a sequence of steps: parse → wait for capacity → decide → attempt
-//! with failover (and hedging) → relay. Embedding batches leave the sequence after the wait.
+//! The forwarded routes' handler, as a sequence of steps: parse → look in the response cache (when on)
+//! → wait for capacity → decide → attempt with failover (and hedging) → relay → keep the answer in the
+//! cache. Embedding batches leave the sequence after the wait, and come back to it to be kept.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
@@ -77,6 +78,33 @@ async fn forward_inner(
 ) -> Result<Response, ApiError> {
     let proxy = &state.proxy;
     let request = ParsedRequest::parse(proxy.settings.default_strategy, path, headers, body)?;
+    let Some((cache, key)) = proxy.cache.as_ref().and_then(|cache| {
+        let view = state.view.load();
+        let digest = view.model_digest(&request.model);
+        cache.key_of(path, &request, digest).map(|key| (cache, key))
+    }) else {
+        return route(state, path, app, &request, charge).await;
+    };
+    // A hit touches no node: nothing is measured, so neither the learner nor the history hears of it
+    // (`sollol_cache_hits_total` counts it), and no tokens are charged, none being generated.
+    if let Some(answer) = cache.lookup(&key, Instant::now()) {
+        return Ok(answer.into_response());
+    }
+    let response = route(state, path, app, &request, charge)
+        .await
+        .unwrap_or_else(IntoResponse::into_response);
+    Ok(cache.keep(key, response).await)
+}
+
+/// A parsed request's way through the cluster: wait for capacity, decide, attempt with failover.
+async fn route(
+    state: &GatewayState,
+    path: &str,
+    app: &str,
+    request: &ParsedRequest,
+    charge: &Charge,
+) -> Result<Response, ApiError> {
+    let proxy = &state.proxy;
     let selection = Selection {
         model: &request.model,
         requested_name: &request.requested_name,
@@ -95,9 +123,9 @@ async fn forward_inner(
         && request.inputs.is_some_and(|inputs| inputs > 1)
         && backends.len() > 1
     {
-        return forward_batch(proxy, &backends, path, &request, flavour).await;
+        return forward_batch(proxy, &backends, path, request, flavour).await;
     }
-    let plan = Plan::decide(proxy, &request, &candidates);
+    let plan = Plan::decide(proxy, request, &candidates);
     proxy.calibrate_idle(
         request.kind.learns,
         &request.model,
@@ -111,10 +139,10 @@ async fn forward_inner(
     if request.unloads {
         proxy.unloaded_on_purpose(&request.model);
     }
-    announce(proxy, &request, path, app, &candidates, &plan);
+    announce(proxy, request, path, app, &candidates, &plan);
     Failover {
         proxy,
-        request: &request,
+        request,
         path,
         app,
         charge,

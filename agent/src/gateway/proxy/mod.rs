@@ -11,16 +11,20 @@
 //! stream with an error object (`relay`). Outcomes go to the learner with
 //! `try_send`. Later turns of a conversation prefer the node that served it
 //! (`affinity`), embedding batches are spread over nodes (`batch`), idle
-//! unmeasured nodes are measured (`calibration`), and the model lists are
-//! answered by the gateway itself (`models`).
+//! unmeasured nodes are measured (`calibration`), the model lists are
+//! answered by the gateway itself (`models`), and, when `cache.enabled`,
+//! repeated embeddings and deterministic generations are answered from
+//! memory without a node (`cache`).
 //!
 //! This module owns the shared state ([`Proxy`]); its children are the steps,
 //! and they use this module and each other only one way (forward → request
-//! → affinity, forward → attempt → relay), never in a circle.
+//! → affinity, forward → attempt → relay, forward → cache → request), never
+//! in a circle.
 
 mod affinity;
 mod attempt;
 mod batch;
+mod cache;
 mod calibration;
 mod fields;
 mod forward;
@@ -48,12 +52,14 @@ use crate::gateway::admission::Admission;
 use crate::gateway::learning::Learner;
 use crate::gateway::quota::Quotas;
 use crate::history::Outcome;
-use crate::observability::Observer;
+use crate::observability::{CacheFigures, Observer};
 use affinity::Affinity;
+use cache::ResponseCache;
 use sollol_policy::admission::QueueSettings;
 use sollol_policy::breaker::{Breaker, BreakerSettings};
 use sollol_policy::routing::{Priors, Strategy};
 
+pub use cache::CacheSettings;
 pub use forward::forward;
 pub use models::{openai_models, ps, tags, version};
 pub use request::ApiKeyName;
@@ -90,6 +96,8 @@ pub struct Proxy {
     affinity: Affinity,
     /// Loads running and tried, and the nodes' limits of loaded models.
     warmups: Arc<warmup::Warmups>,
+    /// The response cache; `None` when `cache.enabled` is false.
+    cache: Option<ResponseCache>,
     observer: Arc<Observer>,
     /// Requests and generated tokens per key and per application.
     pub quotas: Arc<Quotas>,
@@ -126,6 +134,8 @@ pub struct ProxySettings {
     /// models it lists (they are distributed because the nodes that hold them should not serve them
     /// whole).
     pub distributed_front: Option<String>,
+    /// The response cache's budget and time to live; `None`: no cache.
+    pub cache: Option<CacheSettings>,
 }
 
 impl Proxy {
@@ -149,6 +159,7 @@ impl Proxy {
             calibrating: PerNode::new(),
             affinity: Affinity::default(),
             warmups: Arc::default(),
+            cache: settings.cache.map(ResponseCache::new),
             observer,
             quotas: Arc::new(Quotas::new(
                 settings.requests_per_minute,
@@ -166,6 +177,14 @@ impl Proxy {
 
     pub fn learner(&self) -> &Learner {
         &self.learner
+    }
+
+    /// The response cache's counters and size; zeros when it is off.
+    pub fn cache_figures(&self) -> CacheFigures {
+        self.cache
+            .as_ref()
+            .map(ResponseCache::figures)
+            .unwrap_or_default()
     }
 
     /// Requests waiting in the priority queue now.
