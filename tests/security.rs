@@ -590,7 +590,13 @@ fn concurrent_huge_bodies_stay_within_the_body_memory_budget() {
         "127.0.0.1:0",
         "127.0.0.1:0",
         &[],
-        &[("SOLLOL_BODY_MEMORY", "512MiB"), ("SOLLOL_ENGINE", "off")],
+        // Bodies waiting for the budget wait at most the body read timeout, then get 503 before their
+        // body is read (the client's write then fails): long enough here for all eight to be read.
+        &[
+            ("SOLLOL_BODY_MEMORY", "512MiB"),
+            ("SOLLOL_BODY_READ_TIMEOUT", "120s"),
+            ("SOLLOL_ENGINE", "off"),
+        ],
     );
     let address = host_port(&banner.gateway).to_owned();
     let started_mib = peak_rss_mib(process.child.id());
