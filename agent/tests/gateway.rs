@@ -1934,6 +1934,10 @@ async fn the_response_cache_answers_only_identical_requests() {
         None,
     )
     .await;
+    // Nor a generation that unloads its model: only a node can do that.
+    let mut unloading = generation.clone();
+    unloading["keep_alive"] = json!(0);
+    check("/api/generate", &unloading, &[], None).await;
     // Errors are not kept: the second of these misses too.
     let mut refused = generation.clone();
     refused["model"] = json!("nomic-embed-text");

@@ -108,7 +108,8 @@ impl ResponseCache {
         digest: Option<&str>,
     ) -> Option<CacheKey> {
         let route = Route::of(path)?;
-        if request.stream || request.wanted_node.is_some() {
+        // A request that unloads its model (`keep_alive: 0`) must reach a node to have that effect.
+        if request.stream || request.wanted_node.is_some() || request.unloads {
             return None;
         }
         let limit = match route {
