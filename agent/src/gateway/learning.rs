@@ -32,7 +32,8 @@ pub struct Learned {
     /// Requests served per node since start.
     pub served: HashMap<String, u64>,
     /// When each (node, model) last answered successfully, in Unix milliseconds.
-    pub last_served_ms: HashMap<(String, String), u64>,
+    /// Per node, per model (nested so that lookups by `&str` allocate nothing).
+    pub last_served_ms: HashMap<String, HashMap<String, u64>>,
     /// Requests each node was seen to run at once without queueing them.
     pub slots: HashMap<String, u32>,
     /// `pairs` grouped by node, rebuilt with every snapshot, so per-node questions do not scan every pair.
@@ -41,9 +42,16 @@ pub struct Learned {
 
 impl Learned {
     pub fn pair(&self, node_id: &str, model: &str) -> Option<PairStats> {
-        self.pairs
-            .get(&(node_id.to_owned(), model.to_owned()))
-            .copied()
+        self.by_node
+            .get(node_id)?
+            .iter()
+            .find(|(name, _)| name == model)
+            .map(|(_, stats)| *stats)
+    }
+
+    /// When the model last answered on the node, in Unix milliseconds.
+    pub fn served_ms(&self, node_id: &str, model: &str) -> Option<u64> {
+        self.last_served_ms.get(node_id)?.get(model).copied()
     }
 
     /// The node's best-measured statistics with any model other than `model`.
@@ -73,9 +81,8 @@ impl Learned {
 
     /// Whether the model answered on the node after the node's last report, so it is loaded even if that report says otherwise.
     pub fn served_since(&self, node_id: &str, model: &str, report_ms: u64) -> bool {
-        self.last_served_ms
-            .get(&(node_id.to_owned(), model.to_owned()))
-            .is_some_and(|served_ms| *served_ms >= report_ms)
+        self.served_ms(node_id, model)
+            .is_some_and(|served_ms| served_ms >= report_ms)
     }
 
     /// Whether the model is loaded on the node as far as the gateway knows: the node's last report
@@ -91,11 +98,7 @@ impl Learned {
         installed: &[String],
         capacity: usize,
     ) -> bool {
-        let served = |model: &str| {
-            self.last_served_ms
-                .get(&(node_id.to_owned(), model.to_owned()))
-                .copied()
-        };
+        let served = |model: &str| self.served_ms(node_id, model);
         let this = served(model);
         let used_ms = match (reported_loaded, this) {
             (_, Some(served_ms)) if served_ms >= report_ms => served_ms,
@@ -199,7 +202,11 @@ async fn run(
             *table.served.entry(outcome.node_id.clone()).or_default() += 1;
             let key = (outcome.node_id.clone(), outcome.model.clone());
             if outcome.ok {
-                table.last_served_ms.insert(key.clone(), now_ms);
+                table
+                    .last_served_ms
+                    .entry(outcome.node_id.clone())
+                    .or_default()
+                    .insert(outcome.model.clone(), now_ms);
                 if let Some((concurrent, waited)) = slot_evidence(&outcome) {
                     let evidence = evidence.entry(outcome.node_id.clone()).or_default();
                     evidence.add(concurrent, waited);
@@ -390,7 +397,9 @@ mod tests {
         );
         learned
             .last_served_ms
-            .insert((node.into(), "b".into()), 2_000);
+            .entry(node.into())
+            .or_default()
+            .insert("b".into(), 2_000);
         assert!(loaded(&learned, "b", false, 1), "served since the report");
         assert!(
             !loaded(&learned, "a", true, 1),
@@ -399,7 +408,9 @@ mod tests {
         assert!(loaded(&learned, "a", true, 2), "room for both");
         learned
             .last_served_ms
-            .insert((node.into(), "a".into()), 3_000);
+            .entry(node.into())
+            .or_default()
+            .insert("a".into(), 3_000);
         assert!(loaded(&learned, "a", true, 1));
         assert!(!loaded(&learned, "b", false, 1));
     }

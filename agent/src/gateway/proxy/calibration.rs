@@ -34,29 +34,40 @@ impl Proxy {
             return;
         }
         let chosen = decision.first();
-        for (index, candidate) in candidates.iter().enumerate() {
-            let unmeasured = candidate.stats.is_none() && candidate.node_stats.is_none();
-            if unmeasured && candidate.in_flight == 0 && Some(index) != chosen {
-                self.calibrate(backends[index], model);
+        let due: Vec<usize> = {
+            // One lock for the whole decision; checking a pair allocates nothing.
+            let mut calibrated = lock(&self.calibrated);
+            let now = Instant::now();
+            let mut due = Vec::new();
+            for (index, candidate) in candidates.iter().enumerate() {
+                let unmeasured = candidate.stats.is_none() && candidate.node_stats.is_none();
+                if !unmeasured || candidate.in_flight > 0 || Some(index) == chosen {
+                    continue;
+                }
+                let recent = calibrated.get(model).and_then(|nodes| {
+                    nodes
+                        .get(&candidate.node_id)
+                        .filter(|at| now.duration_since(**at) < CALIBRATE_EVERY)
+                });
+                if recent.is_none() {
+                    calibrated
+                        .entry(model.to_owned())
+                        .or_default()
+                        .insert(candidate.node_id.clone(), now);
+                    due.push(index);
+                }
             }
+            due
+        };
+        for index in due {
+            self.calibrate(backends[index], model);
         }
     }
 
     /// Measures a never-measured (node, model) pair in the background with a short generation of the
-    /// gateway's own, so no client request pays for exploring an unknown node. At most once per pair per
-    /// `CALIBRATE_EVERY`; the node counts as busy meanwhile.
+    /// gateway's own, so no client request pays for exploring an unknown node. Its caller marked the
+    /// pair (at most once per `CALIBRATE_EVERY`); the node counts as busy meanwhile.
     fn calibrate(&self, backend: &Backend, model: &str) {
-        let key = (backend.node_id.clone(), model.to_owned());
-        {
-            let mut calibrated = lock(&self.calibrated);
-            if calibrated
-                .get(&key)
-                .is_some_and(|at| at.elapsed() < CALIBRATE_EVERY)
-            {
-                return;
-            }
-            calibrated.insert(key, Instant::now());
-        }
         let body = json!({
             "model": model,
             "prompt": "Say hello.",

@@ -89,8 +89,9 @@ pub struct Proxy {
     breakers: PerNode<Mutex<Breaker>>,
     round_robin: AtomicU64,
     admission: Arc<Admission>,
-    /// When each (node, model) was last calibrated, so each is measured at most once per `CALIBRATE_EVERY`.
-    calibrated: Mutex<HashMap<(String, String), Instant>>,
+    /// When each (model, node) was last calibrated, so each is measured at most once per
+    /// `CALIBRATE_EVERY` (nested so that checking a pair allocates nothing).
+    calibrated: Mutex<HashMap<String, HashMap<String, Instant>>>,
     /// Calibrations running per node.
     calibrating: PerNode<AtomicU32>,
     affinity: Affinity,

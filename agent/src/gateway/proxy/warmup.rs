@@ -275,16 +275,15 @@ impl Proxy {
             }
             // A model warmed or served here before is loaded again only when the node lost it in a
             // restart; one it let expire or unloaded on purpose is left alone.
-            let used_before = learned.last_served_ms.contains_key(&key)
+            let used_before = learned.served_ms(&backend.node_id, model).is_some()
                 || self.warmups.last_tried(&backend.node_id, model).is_some();
             let unloaded_since_use =
                 super::lock(&self.warmups.unloaded)
                     .get(model)
                     .is_some_and(|unloaded_ms| {
                         learned
-                            .last_served_ms
-                            .get(&key)
-                            .is_none_or(|served_ms| *served_ms <= unloaded_ms + UNLOAD_ANSWER_MS)
+                            .served_ms(&backend.node_id, model)
+                            .is_none_or(|served_ms| served_ms <= unloaded_ms + UNLOAD_ANSWER_MS)
                     });
             if used_before && (!restarts.lost(&key) || unloaded_since_use) {
                 continue;
