@@ -9,7 +9,7 @@ use http_body_util::{BodyExt, Empty, Limited};
 use hyper::body::Bytes;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use serde::de::DeserializeOwned;
 
 const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
@@ -40,19 +40,26 @@ pub struct HttpClient {
 
 impl Default for HttpClient {
     fn default() -> Self {
+        Self::with_idle_connections(2, Duration::from_secs(20))
+    }
+}
+
+impl HttpClient {
+    /// A client keeping at most `idle` connections per host open for `idle_timeout` between calls (a
+    /// short timeout for servers polled among many: kept connections cost memory).
+    pub fn with_idle_connections(idle: usize, idle_timeout: Duration) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(2)));
         Self {
             client: Client::builder(TokioExecutor::new())
-                .pool_idle_timeout(Duration::from_secs(20))
-                .pool_max_idle_per_host(2)
+                .pool_timer(TokioTimer::new())
+                .pool_idle_timeout(idle_timeout)
+                .pool_max_idle_per_host(idle)
                 .build(connector),
         }
     }
-}
 
-impl HttpClient {
     /// GETs `url` and decodes its JSON body as `T`.
     pub async fn get_json<T: DeserializeOwned>(
         &self,

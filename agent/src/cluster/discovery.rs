@@ -37,42 +37,55 @@ pub fn probed(
 }
 
 /// Probes every URL (with the name to show, if not the URL) each `interval` until `shutdown`,
-/// reporting to the cluster task.
+/// reporting to the cluster task. The probes are spread evenly over the interval, so a thousand
+/// servers make a steady trickle of requests rather than a burst every interval.
 pub async fn probe_static_nodes(
     urls: Vec<(String, Option<String>)>,
     interval: Duration,
     events: mpsc::Sender<ClusterEvent>,
     shutdown: CancellationToken,
 ) {
-    let probes: Vec<(String, Option<String>, OllamaProbe)> = urls
-        .into_iter()
-        .map(|(url, name)| {
-            let probe = OllamaProbe::new(Some(&url));
-            (url, name, probe)
-        })
-        .collect();
-    let mut ticker = tokio::time::interval(interval);
+    let count = u32::try_from(urls.len()).unwrap_or(u32::MAX).max(1);
+    let loops = urls.into_iter().zip(0u32..).map(|((url, name), index)| {
+        let offset = interval / count * index;
+        probe_loop(
+            url,
+            name,
+            offset,
+            interval,
+            events.clone(),
+            shutdown.clone(),
+        )
+    });
+    futures_util::future::join_all(loops).await;
+}
+
+/// Probes one URL every `interval`, the first time after `offset`.
+async fn probe_loop(
+    url: String,
+    name: Option<String>,
+    offset: Duration,
+    interval: Duration,
+    events: mpsc::Sender<ClusterEvent>,
+    shutdown: CancellationToken,
+) {
+    let probe = OllamaProbe::remote(&url);
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + offset, interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
             () = shutdown.cancelled() => return,
         }
-        let samples = futures_util::future::join_all(
-            probes
-                .iter()
-                .map(|(url, name, probe)| async move { (url, name, probe.sample().await) }),
-        )
-        .await;
-        for (url, name, sample) in samples {
-            let Some(ollama) = sample else { continue };
-            if events
-                .send(probed(url, name.clone(), ollama, interval))
-                .await
-                .is_err()
-            {
-                return;
-            }
+        let Some(ollama) = probe.sample().await else {
+            continue;
+        };
+        if events
+            .send(probed(&url, name.clone(), ollama, interval))
+            .await
+            .is_err()
+        {
+            return;
         }
     }
 }

@@ -221,7 +221,7 @@ pub async fn run(
             for server in &report.found {
                 let url = format!("http://{}", server.address);
                 if !probes.iter().any(|(known, _)| *known == url) {
-                    probes.push((url.clone(), OllamaProbe::new(Some(&url))));
+                    probes.push((url.clone(), OllamaProbe::remote(&url)));
                 }
             }
             *last.lock().unwrap_or_else(PoisonError::into_inner) = report;

@@ -73,8 +73,8 @@ pub enum ClusterEvent {
 pub struct ClusterView {
     /// Sorted by name, then id.
     pub nodes: Vec<Arc<Node>>,
-    /// Newest first, per node id.
-    pub events: HashMap<String, Arc<Vec<NodeEvent>>>,
+    /// Newest first, per node id (shared between snapshots until an event changes it).
+    pub events: Arc<HashMap<String, Arc<Vec<NodeEvent>>>>,
     /// Ollama endpoints the gateway may send requests to: up nodes whose Ollama answers.
     pub backends: Vec<Arc<Backend>>,
 }
@@ -247,7 +247,44 @@ struct Entry {
     is_static: bool,
     /// Why the agent's last connection ended, for the event that reports it.
     lost_because: Option<String>,
+    /// The node as routing sees it, built once per change of `node` (`None`: not built since).
+    backend: Option<Option<Arc<Backend>>>,
 }
+
+impl Entry {
+    fn new(node: Node, events: VecDeque<NodeEvent>, is_static: bool) -> Self {
+        Self {
+            node: Arc::new(node),
+            last_report: None,
+            connection: None,
+            events,
+            last_persisted: None,
+            is_static,
+            lost_because: None,
+            backend: None,
+        }
+    }
+
+    /// The node to change; its backend is built again at the next publish.
+    fn node_mut(&mut self) -> &mut Node {
+        self.backend = None;
+        Arc::make_mut(&mut self.node)
+    }
+
+    fn backend(&mut self) -> Option<Arc<Backend>> {
+        self.backend
+            .get_or_insert_with(|| Backend::of(&self.node).map(Arc::new))
+            .clone()
+    }
+}
+
+/// Events handled before the snapshot is published again: a burst of reports (a thousand probed nodes)
+/// costs one publish per batch, not one per report.
+const EVENTS_PER_PUBLISH: usize = 1024;
+
+/// Snapshots are published at most this often while reports stream in (a thousand nodes probed every
+/// two seconds are 500 reports a second); routing never needs a report sooner than that.
+const PUBLISH_GAP: Duration = Duration::from_millis(20);
 
 /// Owns the node table; runs until `shutdown` is cancelled and every event sender is gone or the shutdown arrives.
 #[derive(Debug)]
@@ -256,6 +293,16 @@ pub struct ClusterTask {
     view: SharedView,
     history: HistorySender,
     down_after_missed: u32,
+    /// Every node's events as last published, rebuilt only when an event is added.
+    events: Arc<HashMap<String, Arc<Vec<NodeEvent>>>>,
+    events_changed: bool,
+    /// Something changed since the last publish.
+    changed: bool,
+    published_at: Instant,
+    /// Node ids sorted by name, then id; `None` after a node was added or renamed.
+    order: Option<Vec<String>>,
+    /// How often health is judged again (from the nodes' heartbeats), as of the last publish.
+    tick: Duration,
 }
 
 impl ClusterTask {
@@ -267,23 +314,23 @@ impl ClusterTask {
                 let id = node.id.clone();
                 // Static Ollama nodes are the ones without a protocol version.
                 let is_static = node.protocol_version == 0;
-                let entry = Entry {
-                    node: Arc::new(node),
-                    last_report: None,
-                    connection: None,
-                    events: events.into_iter().collect(),
-                    last_persisted: None,
-                    is_static,
-                    lost_because: None,
-                };
-                (id, entry)
+                (
+                    id,
+                    Entry::new(node, events.into_iter().collect(), is_static),
+                )
             })
             .collect();
-        let task = Self {
+        let mut task = Self {
             entries,
             view: Arc::new(ArcSwap::from_pointee(ClusterView::default())),
             history,
             down_after_missed,
+            events: Arc::default(),
+            events_changed: true,
+            changed: true,
+            published_at: Instant::now(),
+            order: None,
+            tick: Duration::from_millis(500),
         };
         task.publish();
         task
@@ -299,18 +346,26 @@ impl ClusterTask {
         shutdown: CancellationToken,
     ) {
         loop {
-            let tick = self.tick_interval();
+            let publish_due = self.published_at + PUBLISH_GAP;
             tokio::select! {
                 event = events.recv() => match event {
-                    Some(event) => self.handle(event),
+                    Some(event) => {
+                        self.handle(event);
+                        // Whatever else is already waiting goes into the same snapshot.
+                        for _ in 1..EVENTS_PER_PUBLISH {
+                            let Ok(event) = events.try_recv() else { break };
+                            self.handle(event);
+                        }
+                    }
                     None => break,
                 },
-                () = tokio::time::sleep(tick) => {
-                    if self.evaluate() {
-                        self.publish();
-                    }
-                }
+                () = tokio::time::sleep_until(publish_due.into()), if self.changed => {}
+                () = tokio::time::sleep(self.tick) => self.evaluate(),
                 () = shutdown.cancelled() => break,
+            }
+            if self.changed && self.published_at.elapsed() >= PUBLISH_GAP {
+                self.evaluate();
+                self.publish();
             }
         }
         // Persist the final state so a restarted coordinator starts from it.
@@ -340,7 +395,7 @@ impl ClusterTask {
                     return;
                 };
                 entry.last_report = Some(now);
-                let node = Arc::make_mut(&mut entry.node);
+                let node = entry.node_mut();
                 node.last_seen_ms = now_ms;
                 node.hardware = Some(report.hardware);
                 node.ollama = report.ollama;
@@ -356,8 +411,7 @@ impl ClusterTask {
                 });
                 persist_throttled(&history, entry, now);
                 // A report changes hardware figures even when no status changes.
-                self.evaluate();
-                self.publish();
+                self.changed = true;
             }
             ClusterEvent::Goodbye {
                 node_id,
@@ -368,7 +422,7 @@ impl ClusterTask {
                     return;
                 };
                 entry.connection = None;
-                let node = Arc::make_mut(&mut entry.node);
+                let node = entry.node_mut();
                 node.connected = false;
                 node.last_seen_ms = now_ms;
                 tracing::info!(node = %node.name, id = %node_id, %reason, "node left");
@@ -378,7 +432,6 @@ impl ClusterTask {
                     format!("said goodbye: {reason}"),
                     now_ms,
                 );
-                self.publish();
             }
             ClusterEvent::Probed {
                 node_id,
@@ -396,11 +449,10 @@ impl ClusterTask {
                     return;
                 };
                 entry.connection = None;
-                Arc::make_mut(&mut entry.node).connected = false;
+                entry.node_mut().connected = false;
                 tracing::info!(id = %node_id, %reason, "node connection lost");
                 entry.lost_because = Some(reason);
-                self.evaluate();
-                self.publish();
+                self.changed = true;
             }
         }
     }
@@ -434,18 +486,9 @@ impl ClusterTask {
                 stage_address: None,
                 memory_limit_bytes: None,
             };
-            self.entries.insert(
-                node_id.clone(),
-                Entry {
-                    node: Arc::new(node),
-                    last_report: None,
-                    connection: None,
-                    events: VecDeque::new(),
-                    last_persisted: None,
-                    is_static: true,
-                    lost_because: None,
-                },
-            );
+            self.entries
+                .insert(node_id.clone(), Entry::new(node, VecDeque::new(), true));
+            self.order = None;
             tracing::info!(%url, "static Ollama node from the configuration");
             self.push_event(
                 &node_id,
@@ -457,11 +500,13 @@ impl ClusterTask {
         let Some(entry) = self.entries.get_mut(&node_id) else {
             return;
         };
-        let node = Arc::make_mut(&mut entry.node);
+        if ollama.reachable {
+            entry.last_report = Some(now);
+        }
+        let node = entry.node_mut();
         node.heartbeat_interval_ms = interval_ms;
         node.connected = ollama.reachable;
         if ollama.reachable {
-            entry.last_report = Some(now);
             node.last_seen_ms = now_ms;
             if let Some(version) = &ollama.version {
                 node.build_version = format!("ollama {version}");
@@ -469,8 +514,7 @@ impl ClusterTask {
         }
         node.ollama = Some(ollama);
         persist_throttled(&self.history, entry, now);
-        self.evaluate();
-        self.publish();
+        self.changed = true;
     }
 
     fn joined(
@@ -493,7 +537,10 @@ impl ClusterTask {
                 entry.connection = Some((connection, closer));
                 entry.last_report = Some(now);
                 entry.last_persisted = Some(now);
-                let node = Arc::make_mut(&mut entry.node);
+                let node = entry.node_mut();
+                if node.name != hello.node_name {
+                    self.order = None;
+                }
                 node.name = hello.node_name.clone();
                 node.build_version = hello.build_version.clone();
                 node.protocol_version = hello.protocol_version;
@@ -522,18 +569,12 @@ impl ClusterTask {
                     stage_address: None,
                     memory_limit_bytes: None,
                 };
-                self.entries.insert(
-                    hello.node_id.clone(),
-                    Entry {
-                        node: Arc::new(node),
-                        last_report: Some(now),
-                        connection: Some((connection, closer)),
-                        events: VecDeque::new(),
-                        last_persisted: Some(now),
-                        is_static: false,
-                        lost_because: None,
-                    },
-                );
+                let mut entry = Entry::new(node, VecDeque::new(), false);
+                entry.last_report = Some(now);
+                entry.connection = Some((connection, closer));
+                entry.last_persisted = Some(now);
+                self.entries.insert(hello.node_id.clone(), entry);
+                self.order = None;
                 (
                     NodeEventKind::Joined,
                     format!("joined from {peer_text} (sollol {})", hello.build_version),
@@ -542,15 +583,15 @@ impl ClusterTask {
         };
         tracing::info!(node = %hello.node_name, id = %hello.node_id, %peer, "node joined");
         if let Some(entry) = self.entries.get_mut(&hello.node_id) {
-            Arc::make_mut(&mut entry.node).status = NodeStatus::Up;
+            entry.node_mut().status = NodeStatus::Up;
         }
         self.push_event(&hello.node_id, kind, detail, now_ms);
         self.persist(&hello.node_id);
-        self.publish();
+        self.changed = true;
     }
 
-    /// Re-judges every node's health and records what changed; says whether anything did.
-    fn evaluate(&mut self) -> bool {
+    /// Re-judges every node's health and records what changed (a change is published).
+    fn evaluate(&mut self) {
         let now = Instant::now();
         let now_ms = unix_ms(SystemTime::now());
         let mut changes = Vec::new();
@@ -580,7 +621,6 @@ impl ClusterTask {
                 changes.push((id.clone(), status, detail));
             }
         }
-        let changed = !changes.is_empty();
         for (id, status, detail) in changes {
             match status {
                 NodeStatus::Down => tracing::warn!(%id, %detail, "node down"),
@@ -588,14 +628,13 @@ impl ClusterTask {
             }
             self.transition(&id, status, detail, now_ms);
         }
-        changed
     }
 
     fn transition(&mut self, id: &str, status: NodeStatus, detail: String, now_ms: u64) {
         let Some(entry) = self.entries.get_mut(id) else {
             return;
         };
-        Arc::make_mut(&mut entry.node).status = status;
+        entry.node_mut().status = status;
         let kind = match status {
             NodeStatus::Up => NodeEventKind::Up,
             NodeStatus::Suspect => NodeEventKind::Suspect,
@@ -617,6 +656,12 @@ impl ClusterTask {
         };
         entry.events.push_front(event.clone());
         entry.events.truncate(EVENTS_PER_NODE);
+        Arc::make_mut(&mut self.events).insert(
+            id.to_owned(),
+            Arc::new(entry.events.iter().cloned().collect()),
+        );
+        self.events_changed = true;
+        self.changed = true;
         self.history.record(Record::Event {
             node_id: id.to_owned(),
             event,
@@ -637,25 +682,44 @@ impl ClusterTask {
         )
     }
 
-    fn publish(&self) {
-        let mut nodes: Vec<Arc<Node>> = self
-            .entries
-            .values()
-            .map(|entry| Arc::clone(&entry.node))
-            .collect();
-        nodes.sort_by(|a, b| a.name.cmp(&b.name).then_with(|| a.id.cmp(&b.id)));
-        let events = self
-            .entries
-            .iter()
-            .map(|(id, entry)| (id.clone(), Arc::new(entry.events.iter().cloned().collect())))
-            .collect();
-        let backends = nodes
-            .iter()
-            .filter_map(|node| Backend::of(node).map(Arc::new))
-            .collect();
+    /// Stores a new snapshot when something changed since the last one. Only changed nodes' backends
+    /// are built again; the events map is shared until an event is added.
+    fn publish(&mut self) {
+        if !std::mem::take(&mut self.changed) {
+            return;
+        }
+        let entries = &mut self.entries;
+        let order = self.order.get_or_insert_with(|| {
+            let mut order: Vec<(&str, &str)> = entries
+                .values()
+                .map(|entry| (entry.node.name.as_str(), entry.node.id.as_str()))
+                .collect();
+            order.sort_unstable();
+            order.into_iter().map(|(_, id)| id.to_owned()).collect()
+        });
+        let mut nodes = Vec::with_capacity(order.len());
+        let mut backends = Vec::new();
+        for id in order.iter() {
+            let Some(entry) = entries.get_mut(id) else {
+                continue;
+            };
+            nodes.push(Arc::clone(&entry.node));
+            backends.extend(entry.backend());
+        }
+        if std::mem::take(&mut self.events_changed) {
+            // Nodes remembered with events but none added this run are filled in once.
+            let events = Arc::make_mut(&mut self.events);
+            for (id, entry) in &self.entries {
+                if !events.contains_key(id) && !entry.events.is_empty() {
+                    events.insert(id.clone(), Arc::new(entry.events.iter().cloned().collect()));
+                }
+            }
+        }
+        self.tick = self.tick_interval();
+        self.published_at = Instant::now();
         self.view.store(Arc::new(ClusterView {
             nodes,
-            events,
+            events: Arc::clone(&self.events),
             backends,
         }));
     }

@@ -33,6 +33,16 @@ impl OllamaProbe {
         }
     }
 
+    /// A probe of a server the coordinator polls among many (a configured or scanned Ollama): one
+    /// connection for a probe's three requests, closed until the next probe, so a thousand servers do
+    /// not hold a thousand connections' buffers in the coordinator.
+    pub fn remote(url: &str) -> Self {
+        Self {
+            client: HttpClient::with_idle_connections(1, Duration::from_millis(250)),
+            ..Self::new(Some(url))
+        }
+    }
+
     pub async fn sample(&self) -> Option<OllamaState> {
         let version = self
             .client
@@ -54,10 +64,12 @@ impl OllamaProbe {
         };
         let tags_url = format!("{}/api/tags", self.url);
         let ps_url = format!("{}/api/ps", self.url);
-        let (tags, ps) = tokio::join!(
-            self.client.get_json::<TagsBody>(&tags_url, PROBE_TIMEOUT),
-            self.client.get_json::<PsBody>(&ps_url, PROBE_TIMEOUT),
-        );
+        // One after the other: one kept-alive connection per server (a coordinator probes many).
+        let tags = self
+            .client
+            .get_json::<TagsBody>(&tags_url, PROBE_TIMEOUT)
+            .await;
+        let ps = self.client.get_json::<PsBody>(&ps_url, PROBE_TIMEOUT).await;
         let error = [tags.as_ref().err(), ps.as_ref().err()]
             .into_iter()
             .flatten()

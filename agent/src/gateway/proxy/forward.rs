@@ -111,6 +111,8 @@ async fn route(
         any_node: request.kind.any_node,
         wanted_node: request.wanted_node.as_deref(),
         affine_node: request.conversation.and_then(|key| proxy.affinity.get(key)),
+        strategy: request.strategy,
+        shape: &request.shape,
     };
     let (view, candidates) = selection
         .wait_for_capacity(proxy, &state.view, request.priority)

@@ -94,6 +94,8 @@ pub struct Proxy {
     calibrated: Mutex<HashMap<String, HashMap<String, Instant>>>,
     /// Calibrations running per node.
     calibrating: PerNode<AtomicU32>,
+    /// Each model's nodes ranked for big clusters.
+    rankings: selection::Rankings,
     affinity: Affinity,
     /// Loads running and tried, and the nodes' limits of loaded models.
     warmups: Arc<warmup::Warmups>,
@@ -158,6 +160,7 @@ impl Proxy {
             admission: Arc::new(Admission::new(settings.queue)),
             calibrated: Mutex::new(HashMap::new()),
             calibrating: PerNode::new(),
+            rankings: selection::Rankings::default(),
             affinity: Affinity::default(),
             warmups: Arc::default(),
             cache: settings.cache.map(ResponseCache::new),

@@ -1,17 +1,47 @@
 //! Selection: which nodes may serve a request (model, wanted node, open breakers, the distributed
 //! front), and waiting in the priority queue while all of them are saturated.
+//!
+//! On a big cluster intelligent routing does not weigh every node for every request: the nodes with
+//! the model are ranked by their predicted time when idle (at most every [`SHORTLIST_FRESH`], per
+//! model), and a request weighs them with their live load a few at a time, best first, until one
+//! would serve it without queueing. A thousand nodes then cost a request about what a dozen do.
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
 use sollol_policy::admission::Rejected;
-use sollol_policy::routing::Candidate;
+use sollol_policy::routing::{self, Candidate, RequestShape, Strategy};
 
 use super::{Proxy, lock};
-use crate::cluster::{ClusterView, SharedView};
+use crate::cluster::{Backend, ClusterView, SharedView};
 use crate::gateway::ApiError;
+use crate::gateway::learning::Learned;
+
+/// Clusters with more nodes for a model than this use the ranked shortlist (intelligent routing only).
+const SHORTLIST_ABOVE: usize = 64;
+/// Nodes weighed with their live load at a time, walking the ranking.
+const SHORTLIST_STEP: usize = 16;
+/// How long a model's ranking is used before it is built again from the newest view and learning.
+const SHORTLIST_FRESH: Duration = Duration::from_millis(250);
+/// Unmeasured nodes kept at the front of each step, so exploration and calibration still find them.
+const UNMEASURED_KEPT: usize = 2;
+
+/// Each model's nodes ranked by predicted time when idle.
+#[derive(Debug, Default)]
+pub(crate) struct Rankings(Mutex<HashMap<String, Arc<Ranking>>>);
+
+#[derive(Debug)]
+struct Ranking {
+    built_at: Instant,
+    /// Backend indexes into the view the ranking was built from, with their node ids (a newer view
+    /// with other nodes at those places makes the ranking stale).
+    order: Vec<(usize, Arc<str>)>,
+    /// Unmeasured nodes, by name.
+    unmeasured: Vec<(usize, Arc<str>)>,
+}
 
 /// Which nodes may serve a request.
 pub(super) struct Selection<'a> {
@@ -21,6 +51,8 @@ pub(super) struct Selection<'a> {
     pub(super) wanted_node: Option<&'a str>,
     /// The node that last served this conversation, if any.
     pub(super) affine_node: Option<String>,
+    pub(super) strategy: Strategy,
+    pub(super) shape: &'a RequestShape,
 }
 
 impl Selection<'_> {
@@ -64,6 +96,9 @@ impl Selection<'_> {
         view: &ClusterView,
     ) -> Result<Vec<(usize, Candidate)>, ApiError> {
         let learned = proxy.learner.snapshot();
+        if let Some(shortlist) = self.shortlist(proxy, view, &learned) {
+            return Ok(shortlist);
+        }
         let mut candidates: Vec<(usize, Candidate)> = view
             .backends
             .iter()
@@ -73,38 +108,7 @@ impl Selection<'_> {
                 self.wanted_node
                     .is_none_or(|wanted| backend.name == wanted || backend.node_id == wanted)
             })
-            .map(|(index, backend)| {
-                let candidate = Candidate {
-                    node_id: backend.node_id.clone(),
-                    name: backend.name.clone(),
-                    in_flight: proxy.load_of(&backend.node_id).load(Ordering::Relaxed),
-                    slots: proxy
-                        .settings
-                        .node_slots
-                        .max(learned.slots(&backend.node_id)),
-                    model_loaded: learned.believed_loaded(
-                        &backend.node_id,
-                        self.model,
-                        backend.has_loaded(self.model),
-                        backend.reported_ms,
-                        &backend.models,
-                        proxy
-                            .warmups
-                            .capacity_of(&backend.node_id, backend.loaded.len()),
-                    ),
-                    stats: learned.pair(&backend.node_id, self.model),
-                    served: learned.served.get(&backend.node_id).copied().unwrap_or(0),
-                    has_affinity: self.affine_node.as_deref() == Some(backend.node_id.as_str()),
-                    node_stats: learned.node_stats(&backend.node_id, self.model),
-                    calibrating: proxy
-                        .calibrating
-                        .get(&backend.node_id)
-                        .load(Ordering::Relaxed)
-                        > 0,
-                    warming: proxy.warmups.warming(&backend.node_id, self.model),
-                };
-                (index, candidate)
-            })
+            .map(|(index, backend)| (index, self.candidate(proxy, &learned, backend)))
             .collect();
         if let Some(front) = proxy.settings.distributed_front.as_deref()
             && !self.any_node
@@ -115,16 +119,7 @@ impl Selection<'_> {
             candidates.retain(|(_, candidate)| candidate.node_id == front);
         }
         // Nodes whose breaker is open are left out, unless that leaves nobody.
-        let now = Instant::now();
-        let usable: Vec<(usize, Candidate)> = candidates
-            .iter()
-            .filter(|(_, candidate)| {
-                let breaker = proxy.breaker_of(&candidate.node_id);
-                let breaker = lock(&breaker);
-                breaker.is_closed() || breaker.trial_due(now)
-            })
-            .cloned()
-            .collect();
+        let usable = usable(proxy, &candidates);
         if !usable.is_empty() {
             return Ok(usable);
         }
@@ -152,4 +147,186 @@ impl Selection<'_> {
             )
         })
     }
+}
+
+impl Selection<'_> {
+    /// One node as routing weighs it, with its live load.
+    fn candidate(&self, proxy: &Proxy, learned: &Learned, backend: &Backend) -> Candidate {
+        Candidate {
+            node_id: backend.node_id.clone(),
+            name: backend.name.clone(),
+            in_flight: proxy.load_of(&backend.node_id).load(Ordering::Relaxed),
+            slots: proxy
+                .settings
+                .node_slots
+                .max(learned.slots(&backend.node_id)),
+            model_loaded: learned.believed_loaded(
+                &backend.node_id,
+                self.model,
+                backend.has_loaded(self.model),
+                backend.reported_ms,
+                &backend.models,
+                proxy
+                    .warmups
+                    .capacity_of(&backend.node_id, backend.loaded.len()),
+            ),
+            stats: learned.pair(&backend.node_id, self.model),
+            served: learned.served.get(&backend.node_id).copied().unwrap_or(0),
+            has_affinity: self.affine_node.as_deref() == Some(backend.node_id.as_str()),
+            node_stats: learned.node_stats(&backend.node_id, self.model),
+            calibrating: proxy
+                .calibrating
+                .get(&backend.node_id)
+                .load(Ordering::Relaxed)
+                > 0,
+            warming: proxy.warmups.warming(&backend.node_id, self.model),
+        }
+    }
+
+    /// The shortlist of a big cluster: the model's ranking walked [`SHORTLIST_STEP`] nodes at a time
+    /// (with the conversation's node and a few unmeasured ones) until a usable node would serve without
+    /// queueing; `None` when the whole cluster is weighed instead (small clusters, other strategies, a
+    /// wanted node, a distributed front).
+    fn shortlist(
+        &self,
+        proxy: &Proxy,
+        view: &ClusterView,
+        learned: &Learned,
+    ) -> Option<Vec<(usize, Candidate)>> {
+        if self.strategy != Strategy::Intelligent
+            || self.any_node
+            || self.wanted_node.is_some()
+            || proxy.settings.distributed_front.is_some()
+            || view.backends.len() <= SHORTLIST_ABOVE
+        {
+            return None;
+        }
+        let mut ranking = self.ranking(proxy, view, learned, false)?;
+        // A newer view with other nodes at the ranked places (a node joined or left): ranked again.
+        let placed = |(index, id): &(usize, Arc<str>)| {
+            view.backends
+                .get(*index)
+                .is_some_and(|backend| *backend.node_id == **id)
+        };
+        if !ranking.order.iter().take(SHORTLIST_STEP).all(placed) {
+            ranking = self.ranking(proxy, view, learned, true)?;
+        }
+        let weigh = |index: usize| self.candidate(proxy, learned, &view.backends[index]);
+        let mut chosen: Vec<(usize, Candidate)> = Vec::with_capacity(SHORTLIST_STEP + 4);
+        let mut seen = std::collections::HashSet::new();
+        let mut add = |entry: &(usize, Arc<str>), chosen: &mut Vec<(usize, Candidate)>| {
+            if placed(entry) && seen.insert(entry.0) {
+                chosen.push((entry.0, weigh(entry.0)));
+            }
+        };
+        if let Some(affine) = self.affine_node.as_deref()
+            && let Some(index) = view
+                .backends
+                .iter()
+                .position(|backend| backend.node_id == affine && backend.has_model(self.model))
+        {
+            add(&(index, Arc::from(affine)), &mut chosen);
+        }
+        for entry in ranking.unmeasured.iter().take(UNMEASURED_KEPT) {
+            add(entry, &mut chosen);
+        }
+        for step in ranking.order.chunks(SHORTLIST_STEP) {
+            for entry in step {
+                add(entry, &mut chosen);
+            }
+            let usable = usable(proxy, &chosen);
+            if usable
+                .iter()
+                .any(|(_, candidate)| candidate.in_flight < candidate.slots.max(1))
+            {
+                return Some(usable);
+            }
+        }
+        // Every node weighed and all would queue: the caller weighs them all again as usual.
+        None
+    }
+
+    /// The model's ranking, built again when older than [`SHORTLIST_FRESH`] or when `again`.
+    fn ranking(
+        &self,
+        proxy: &Proxy,
+        view: &ClusterView,
+        learned: &Learned,
+        again: bool,
+    ) -> Option<Arc<Ranking>> {
+        let now = Instant::now();
+        if !again
+            && let Some(ranking) = lock(&proxy.rankings.0).get(self.model)
+            && now.duration_since(ranking.built_at) < SHORTLIST_FRESH
+        {
+            return Some(Arc::clone(ranking));
+        }
+        // Weighed as if idle and untouched by warm-ups or calibration: the order of what each node
+        // would cost a request like this one; live load is weighed per request.
+        let idle: Vec<(usize, Candidate)> = view
+            .backends
+            .iter()
+            .enumerate()
+            .filter(|(_, backend)| backend.has_model(self.model))
+            .map(|(index, backend)| {
+                let mut candidate = self.candidate(proxy, learned, backend);
+                candidate.in_flight = 0;
+                candidate.calibrating = false;
+                candidate.warming = None;
+                candidate.has_affinity = false;
+                (index, candidate)
+            })
+            .collect();
+        if idle.is_empty() {
+            return None;
+        }
+        let candidates: Vec<Candidate> = idle
+            .iter()
+            .map(|(_, candidate)| candidate.clone())
+            .collect();
+        let decision = routing::choose(
+            &candidates,
+            self.shape,
+            Strategy::Intelligent,
+            &proxy.settings.priors,
+            1.0,
+            0,
+        );
+        let id = |position: usize| {
+            let (index, candidate) = &idle[position];
+            (*index, Arc::<str>::from(candidate.node_id.as_str()))
+        };
+        let mut unmeasured: Vec<usize> = (0..idle.len())
+            .filter(|position| {
+                let candidate = &idle[*position].1;
+                candidate.stats.is_none() && candidate.node_stats.is_none()
+            })
+            .collect();
+        unmeasured.sort_by(|a, b| idle[*a].1.name.cmp(&idle[*b].1.name));
+        let ranking = Arc::new(Ranking {
+            built_at: now,
+            order: decision
+                .ranking
+                .iter()
+                .map(|position| id(*position))
+                .collect(),
+            unmeasured: unmeasured.into_iter().map(id).collect(),
+        });
+        lock(&proxy.rankings.0).insert(self.model.to_owned(), Arc::clone(&ranking));
+        Some(ranking)
+    }
+}
+
+/// The candidates whose breaker lets a request through now.
+fn usable(proxy: &Proxy, candidates: &[(usize, Candidate)]) -> Vec<(usize, Candidate)> {
+    let now = Instant::now();
+    candidates
+        .iter()
+        .filter(|(_, candidate)| {
+            let breaker = proxy.breaker_of(&candidate.node_id);
+            let breaker = lock(&breaker);
+            breaker.is_closed() || breaker.trial_due(now)
+        })
+        .cloned()
+        .collect()
 }
