@@ -231,9 +231,18 @@ fn help_version_and_print_config() {
         assert_eq!(output.status.code(), Some(0), "{command} --help");
     }
     let version = run(&["version"]);
+    let shown = String::from_utf8_lossy(&version.stdout);
+    assert!(shown.starts_with(&format!("sollol {}", env!("CARGO_PKG_VERSION"))));
+    // The kernels chosen for this CPU are named; the setting forces the portable ones.
+    assert!(shown.contains(", kernels "), "{shown}");
+    let portable = sollol(&["version"])
+        .env("SOLLOL_KERNELS", "portable")
+        .output()
+        .expect("run sollol");
     assert!(
-        String::from_utf8_lossy(&version.stdout)
-            .starts_with(&format!("sollol {}", env!("CARGO_PKG_VERSION")))
+        String::from_utf8_lossy(&portable.stdout).contains(", kernels portable)"),
+        "{}",
+        String::from_utf8_lossy(&portable.stdout)
     );
 
     let (_keep, dir) = temp_dir();

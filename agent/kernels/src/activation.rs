@@ -1,20 +1,39 @@
 //! Row-wise operations between the matrix products: RMS normalisation and the SwiGLU gate, computed
 //! as llama.cpp's CPU backend computes them (see [`crate::quant`] for why the rounding must match).
+//! Each is compiled once per form of the kernels ([`crate::simd`]).
+
+use crate::simd::{Isa, dispatch};
 
 /// ggml's `rms_norm` followed by its multiplication by the norm's weights: the squares summed in f64,
 /// `1/sqrt(mean + eps)` in f32, each value scaled, then weighted. `x` holds rows of `weights.len()`.
 pub fn rms_norm(x: &[f32], weights: &[f32], epsilon: f32) -> Vec<f32> {
+    dispatch!(isa => rms_norm_with(isa, x, weights, epsilon))
+}
+
+/// [`rms_norm`] in the form `isa`.
+fn rms_norm_with<I: Isa>(isa: I, x: &[f32], weights: &[f32], epsilon: f32) -> Vec<f32> {
+    isa.run(
+        #[inline(always)]
+        || rms_norm_body(x, weights, epsilon),
+    )
+}
+
+// The bodies are plain loops into buffers allocated up front: an iterator adapter the compiler kept out
+// of line would be compiled without the form's target features.
+#[inline(always)]
+fn rms_norm_body(x: &[f32], weights: &[f32], epsilon: f32) -> Vec<f32> {
     let width = weights.len();
-    let mut out = Vec::with_capacity(x.len());
-    for row in x.chunks_exact(width) {
-        let sum: f64 = row.iter().map(|value| f64::from(value * value)).sum();
+    let mut out = vec![0f32; x.len()];
+    for (row, out) in x.chunks_exact(width).zip(out.chunks_exact_mut(width)) {
+        let mut sum = 0f64;
+        for value in row {
+            sum += f64::from(value * value);
+        }
         let mean = (sum / width as f64) as f32;
         let scale = 1.0 / (mean + epsilon).sqrt();
-        out.extend(
-            row.iter()
-                .zip(weights)
-                .map(|(value, weight)| (value * scale) * weight),
-        );
+        for ((out, value), weight) in out.iter_mut().zip(row).zip(weights) {
+            *out = (value * scale) * weight;
+        }
     }
     out
 }
@@ -22,24 +41,43 @@ pub fn rms_norm(x: &[f32], weights: &[f32], epsilon: f32) -> Vec<f32> {
 /// `silu(gate) * up`, element by element, as ggml's `ggml_vec_swiglu_f32` computes it on AVX-512: 16
 /// values at a time through its vector `expf`, the rest (past a multiple of 16) through libm's.
 pub fn swiglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
+    dispatch!(isa => swiglu_with(isa, gate, up))
+}
+
+/// [`swiglu`] in the form `isa`.
+fn swiglu_with<I: Isa>(isa: I, gate: &[f32], up: &[f32]) -> Vec<f32> {
+    isa.run(
+        #[inline(always)]
+        || swiglu_body(gate, up),
+    )
+}
+
+#[inline(always)]
+fn swiglu_body(gate: &[f32], up: &[f32]) -> Vec<f32> {
     const VECTOR: usize = 16;
-    let whole = gate.len() / VECTOR * VECTOR;
-    let mut out: Vec<f32> = gate[..whole]
-        .iter()
+    let length = gate.len().min(up.len());
+    let whole = length / VECTOR * VECTOR;
+    let mut out = vec![0f32; length];
+    for ((out, x), g) in out[..whole]
+        .iter_mut()
+        .zip(&gate[..whole])
         .zip(&up[..whole])
-        .map(|(x, g)| (x / (1.0 + vector_exp(-x))) * g)
-        .collect();
-    out.extend(
-        gate[whole..]
-            .iter()
-            .zip(&up[whole..])
-            .map(|(x, g)| (x / (1.0 + (-x).exp())) * g),
-    );
+    {
+        *out = (x / (1.0 + vector_exp(-x))) * g;
+    }
+    for ((out, x), g) in out[whole..]
+        .iter_mut()
+        .zip(&gate[whole..length])
+        .zip(&up[whole..length])
+    {
+        *out = (x / (1.0 + (-x).exp())) * g;
+    }
     out
 }
 
 /// ggml's `ggml_v_expf` (AVX-512 form): `2^n * p(b)` with `n = round(x / ln 2)`, `b` the remainder and
 /// `p` a degree-5 polynomial, all in fused multiply-adds; 0 or infinity past `|n| > 192`.
+#[inline(always)]
 fn vector_exp(x: f32) -> f32 {
     let bits = f32::from_bits;
     let round = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer.
@@ -62,6 +100,36 @@ fn vector_exp(x: f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[cfg(target_arch = "x86_64")]
+    use crate::simd::{Avx2, Baseline};
+
+    /// The AVX2 forms give the portable forms' values bit for bit (where this CPU has AVX2).
+    #[test]
+    fn the_forms_compute_alike() {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(avx2) = Avx2::detect() {
+            let bits = |values: Vec<f32>| values.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            // Widths past a multiple of 16 and of the vector registers; values wide enough for every
+            // branch of the exponential (0 and infinity included).
+            for width in [1, 7, 16, 40, 576] {
+                let x: Vec<f32> = (0..width * 3)
+                    .map(|index| ((index * 7919) % 4001) as f32 / 10.0 - 200.0)
+                    .collect();
+                let y: Vec<f32> = x.iter().rev().map(|value| value * 0.37 + 0.5).collect();
+                let weights = &y[..width];
+                assert_eq!(
+                    bits(rms_norm_with(avx2, &x, weights, 1e-5)),
+                    bits(rms_norm_with(Baseline, &x, weights, 1e-5)),
+                    "rms_norm, width {width}"
+                );
+                assert_eq!(
+                    bits(swiglu_with(avx2, &x, &y)),
+                    bits(swiglu_with(Baseline, &x, &y)),
+                    "swiglu, width {width}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn vector_exp_is_within_two_ulps_of_libm() {

@@ -9,8 +9,9 @@
 //! prompts; this one follows it on all four.
 
 use half::f16;
-use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
+
+use crate::simd::{Isa, dispatch};
 
 /// How rotary embeddings pair a head's dimensions: llama.cpp's "normal" (adjacent pairs) or "neox"
 /// (first half with second half).
@@ -70,6 +71,19 @@ impl Rotary {
 /// Rotates `x`, laid out `[token][head][dim]` with `heads` heads, whose first token is at position
 /// `start`, with the angles of `table`.
 pub fn rotate(table: &Rotary, x: &mut [f32], heads: usize, start: usize) {
+    dispatch!(isa => rotate_with(isa, table, x, heads, start));
+}
+
+/// [`rotate`] in the form `isa`.
+fn rotate_with<I: Isa>(isa: I, table: &Rotary, x: &mut [f32], heads: usize, start: usize) {
+    isa.run(
+        #[inline(always)]
+        || rotate_body(table, x, heads, start),
+    );
+}
+
+#[inline(always)]
+fn rotate_body(table: &Rotary, x: &mut [f32], heads: usize, start: usize) {
     let dim = table.half * 2;
     for (token, row) in x.chunks_exact_mut(heads * dim).enumerate() {
         let angles = (start + token) * table.half;
@@ -109,11 +123,17 @@ impl KvLayer {
 
     /// Appends the keys and values of some tokens, each `[token][kv head][dim]`, rounded to f16.
     pub fn push(&mut self, keys: &[f32], values: &[f32]) {
+        dispatch!(isa => self.push_with(isa, keys, values));
+    }
+
+    /// [`KvLayer::push`] in the form `isa`.
+    fn push_with<I: Isa>(&mut self, isa: I, keys: &[f32], values: &[f32]) {
         debug_assert_eq!(keys.len(), values.len());
-        self.keys
-            .extend(keys.iter().map(|value| f16::from_f32(*value)));
-        self.values
-            .extend(values.iter().map(|value| f16::from_f32(*value)));
+        for (into, from) in [(&mut self.keys, keys), (&mut self.values, values)] {
+            let start = into.len();
+            into.resize(start + from.len(), f16::ZERO);
+            isa.to_f16_slice(from, &mut into[start..]);
+        }
     }
 
     /// Forgets every position from `positions` on.
@@ -134,6 +154,11 @@ impl KvLayer {
 /// # Panics
 /// When `queries` or `out` do not hold a whole number of tokens, or more tokens than the cache.
 pub fn attend(cache: &KvLayer, heads: &Heads, queries: &[f32], out: &mut [f32]) {
+    dispatch!(isa => attend_with(isa, cache, heads, queries, out));
+}
+
+/// [`attend`] in the form `isa`; each row runs with its features.
+fn attend_with<I: Isa>(isa: I, cache: &KvLayer, heads: &Heads, queries: &[f32], out: &mut [f32]) {
     let dim = heads.dim;
     let width = heads.query * dim;
     assert!(width > 0 && queries.len().is_multiple_of(width) && out.len() == queries.len());
@@ -149,15 +174,21 @@ pub fn attend(cache: &KvLayer, heads: &Heads, queries: &[f32], out: &mut [f32]) 
     let row = |index: usize, out: &mut [f32], scratch: &mut Scratch| {
         let (token, head) = (index / heads.query, index % heads.query);
         let query = &queries[index * dim..(index + 1) * dim];
-        attend_row(
-            cache,
-            heads,
-            query,
-            head / group,
-            first + token + 1,
-            scale,
-            out,
-            scratch,
+        isa.run(
+            #[inline(always)]
+            || {
+                attend_row(
+                    isa,
+                    cache,
+                    heads,
+                    query,
+                    head / group,
+                    first + token + 1,
+                    scale,
+                    out,
+                    scratch,
+                )
+            },
         );
     };
     // Short contexts are not worth a hand-off to another thread.
@@ -196,16 +227,19 @@ impl Scratch {
     }
 
     /// `values` rounded to the nearest f16, into `into`.
-    fn round(half: &mut [f16], values: &[f32], into: &mut [f32]) {
-        half.convert_from_f32_slice(values);
-        half.convert_to_f32_slice(into);
+    #[inline(always)]
+    fn round<I: Isa>(isa: I, half: &mut [f16], values: &[f32], into: &mut [f32]) {
+        isa.to_f16_slice(values, half);
+        isa.to_f32_slice(half, into);
     }
 }
 
 /// One query head over the first `positions` cached positions of `kv_head`: ggml's
 /// `flash_attn_ext_f16` for one row, the weighted values accumulated in f16.
 #[allow(clippy::too_many_arguments)]
-fn attend_row(
+#[inline(always)]
+fn attend_row<I: Isa>(
+    isa: I,
     cache: &KvLayer,
     heads: &Heads,
     query: &[f32],
@@ -223,13 +257,13 @@ fn attend_row(
         sums,
         half,
     } = scratch;
-    Scratch::round(half, query, rounded_query);
+    Scratch::round(isa, half, query, rounded_query);
     sums.fill(0.0);
     let mut total = 0f32;
     let mut max = f32::NEG_INFINITY;
     for position in 0..positions {
         let at = (position * heads.kv + kv_head) * dim;
-        cache.keys[at..at + dim].convert_to_f32_slice(key);
+        isa.to_f32_slice(&cache.keys[at..at + dim], key);
         let score = dot_f16(key, rounded_query) * scale;
         let (old_scale, weight) = if score > max {
             let shrink = (max - score).exp();
@@ -237,18 +271,18 @@ fn attend_row(
             for sum in sums.iter_mut() {
                 *sum *= shrink;
             }
-            half.convert_from_f32_slice(sums);
-            half.convert_to_f32_slice(sums);
+            isa.to_f16_slice(sums, half);
+            isa.to_f32_slice(half, sums);
             (shrink, 1.0)
         } else {
             (1.0, (score - max).exp())
         };
-        cache.values[at..at + dim].convert_to_f32_slice(value);
+        isa.to_f32_slice(&cache.values[at..at + dim], value);
         for (sum, value) in sums.iter_mut().zip(value.iter()) {
             *sum = value.mul_add(weight, *sum);
         }
-        half.convert_from_f32_slice(sums);
-        half.convert_to_f32_slice(sums);
+        isa.to_f16_slice(sums, half);
+        isa.to_f32_slice(half, sums);
         total = total.mul_add(old_scale, weight);
     }
     let inverse = 1.0 / total;
@@ -263,6 +297,7 @@ const REGISTERS: usize = 4;
 
 /// ggml's `ggml_vec_dot_f16` over f16 values held as f32: products summed per lane over four 16-lane
 /// registers, the registers and lanes then summed pairwise, the tail (past a multiple of 64) added in f64.
+#[inline(always)]
 fn dot_f16(a: &[f32], b: &[f32]) -> f32 {
     const STEP: usize = LANES * REGISTERS;
     let whole = a.len() / STEP * STEP;
@@ -295,6 +330,50 @@ fn dot_f16(a: &[f32], b: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[cfg(target_arch = "x86_64")]
+    use crate::simd::{Avx2, Baseline};
+
+    /// Rotation, the cache's rounding and attention (short contexts in one thread, long ones over the
+    /// threads; head widths with and without a tail past 64) give the AVX2 forms' values bit for bit in
+    /// the portable forms (where this CPU has AVX2).
+    #[test]
+    fn the_forms_compute_alike() {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(avx2) = Avx2::detect() {
+            let bits = |values: &[f32]| values.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            let value = |index: usize, salt: usize| {
+                ((index * 7919 + salt * 104_729) % 2003) as f32 / 97.0 - 10.0
+            };
+            for (dim, tokens) in [(64, 3), (80, 40)] {
+                let heads = Heads {
+                    query: 4,
+                    kv: 2,
+                    dim,
+                };
+                let table = Rotary::new(Rope::Halves, dim, 10_000.0, tokens);
+                let mut queries: Vec<f32> = (0..tokens * 4 * dim).map(|i| value(i, 1)).collect();
+                let mut keys: Vec<f32> = (0..tokens * 2 * dim).map(|i| value(i, 2)).collect();
+                let values: Vec<f32> = (0..tokens * 2 * dim).map(|i| value(i, 3)).collect();
+                let (mut portable_queries, mut portable_keys) = (queries.clone(), keys.clone());
+                rotate_with(avx2, &table, &mut queries, 4, 0);
+                rotate_with(avx2, &table, &mut keys, 2, 0);
+                rotate_with(Baseline, &table, &mut portable_queries, 4, 0);
+                rotate_with(Baseline, &table, &mut portable_keys, 2, 0);
+                assert_eq!(bits(&queries), bits(&portable_queries), "rotation");
+                assert_eq!(bits(&keys), bits(&portable_keys), "rotation");
+                let (mut cache, mut portable_cache) = (KvLayer::default(), KvLayer::default());
+                cache.push_with(avx2, &keys, &values);
+                portable_cache.push_with(Baseline, &keys, &values);
+                assert_eq!(cache.keys, portable_cache.keys);
+                assert_eq!(cache.values, portable_cache.values);
+                let mut out = vec![0f32; queries.len()];
+                let mut portable_out = vec![0f32; queries.len()];
+                attend_with(avx2, &cache, &heads, &queries, &mut out);
+                attend_with(Baseline, &cache, &heads, &queries, &mut portable_out);
+                assert_eq!(bits(&out), bits(&portable_out), "attention, dim {dim}");
+            }
+        }
+    }
 
     /// Plain f32 softmax attention over the same f16-rounded inputs, for comparison.
     fn reference(keys: &[f32], values: &[f32], query: &[f32], positions: usize) -> Vec<f32> {

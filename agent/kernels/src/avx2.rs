@@ -2,37 +2,41 @@
 //! (`maddubs` then `madd` for the eight four-product lanes, a fused multiply-add per block, `hsum`),
 //! so the results are the portable forms' in [`crate::quant`] bit for bit, at vector speed.
 //!
-//! Compiled only when the build enables AVX2 and FMA (sollol's x86-64 builds target x86-64-v3; see
-//! `.cargo/config.toml`), so every intrinsic below is available wherever this code runs.
+//! x86-64 builds target the baseline instruction set, so these are `target_feature` functions: callers
+//! prove the CPU has AVX2, FMA and F16C with an [`crate::simd::Avx2`] before they call them.
 #![allow(unsafe_code)]
 
 use std::arch::x86_64::{
-    __m256, __m256i, _mm_add_ps, _mm_add_ss, _mm_cvtss_f32, _mm_loadu_si128, _mm_movehdup_ps,
-    _mm_movehl_ps, _mm_srli_epi16, _mm256_and_si256, _mm256_castps256_ps128, _mm256_cvtepi32_ps,
-    _mm256_extractf128_ps, _mm256_fmadd_ps, _mm256_loadu_si256, _mm256_madd_epi16,
-    _mm256_maddubs_epi16, _mm256_set_m128i, _mm256_set1_epi8, _mm256_set1_epi16, _mm256_set1_ps,
-    _mm256_setzero_ps, _mm256_sign_epi8,
+    __m256, __m256i, _mm_add_ps, _mm_add_ss, _mm_cvtph_ps, _mm_cvtsi32_si128, _mm_cvtss_f32,
+    _mm_loadu_si128, _mm_movehdup_ps, _mm_movehl_ps, _mm_srli_epi16, _mm256_and_si256,
+    _mm256_castps256_ps128, _mm256_cvtepi32_ps, _mm256_extractf128_ps, _mm256_fmadd_ps,
+    _mm256_loadu_si256, _mm256_madd_epi16, _mm256_maddubs_epi16, _mm256_set_m128i,
+    _mm256_set1_epi8, _mm256_set1_epi16, _mm256_set1_ps, _mm256_setzero_ps, _mm256_sign_epi8,
 };
+
+use half::f16;
 
 use crate::quant::{Q8Block, Q41Block, Q80Block};
 
 /// ggml's `ggml_vec_dot_q4_1_q8_1`.
-pub(crate) fn q41_dot(weights: &[Q41Block], activations: &[Q8Block]) -> f32 {
-    // SAFETY: AVX2 and FMA are enabled for the whole build (this module's `cfg`); the loads read the
-    // blocks' own fixed-size arrays (16 and 32 bytes).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub(crate) unsafe fn q41_dot(weights: &[Q41Block], activations: &[Q8Block]) -> f32 {
+    // SAFETY: the caller runs on a CPU with these features; the loads read the blocks' own fixed-size
+    // arrays (16 and 32 bytes).
     unsafe {
         let mask = _mm256_set1_epi8(0x0F);
         let mut lanes = _mm256_setzero_ps();
         let mut minimums = 0f32;
         for (weight, activation) in weights.iter().zip(activations) {
-            minimums = weight.min.to_f32().mul_add(activation.sum, minimums);
+            minimums = to_f32(weight.min).mul_add(activation.sum, minimums);
             let packed = _mm_loadu_si128(weight.values.as_ptr().cast());
             let nibbles =
                 _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), mask);
             let values = _mm256_loadu_si256(activation.values.as_ptr().cast());
             lanes = accumulate(
                 lanes,
-                weight.scale.to_f32() * activation.scale,
+                to_f32(weight.scale) * activation.scale,
                 nibbles,
                 values,
             );
@@ -42,7 +46,9 @@ pub(crate) fn q41_dot(weights: &[Q41Block], activations: &[Q8Block]) -> f32 {
 }
 
 /// [`q41_dot`] of one weight row with several activation rows, the weights unpacked once.
-pub(crate) fn q41_dots<const N: usize>(
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub(crate) unsafe fn q41_dots<const N: usize>(
     weights: &[Q41Block],
     activations: [&[Q8Block]; N],
 ) -> [f32; N] {
@@ -52,7 +58,7 @@ pub(crate) fn q41_dots<const N: usize>(
         let mut lanes = [_mm256_setzero_ps(); N];
         let mut minimums = [0f32; N];
         for (index, weight) in weights.iter().enumerate() {
-            let (scale, min) = (weight.scale.to_f32(), weight.min.to_f32());
+            let (scale, min) = (to_f32(weight.scale), to_f32(weight.min));
             let packed = _mm_loadu_si128(weight.values.as_ptr().cast());
             let nibbles =
                 _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), mask);
@@ -68,7 +74,9 @@ pub(crate) fn q41_dots<const N: usize>(
 }
 
 /// ggml's `ggml_vec_dot_q8_0_q8_0`.
-pub(crate) fn q80_dot(weights: &[Q80Block], activations: &[Q8Block]) -> f32 {
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub(crate) unsafe fn q80_dot(weights: &[Q80Block], activations: &[Q8Block]) -> f32 {
     // SAFETY: as in `q41_dot`; the loads read 32-byte arrays.
     unsafe {
         let mut lanes = _mm256_setzero_ps();
@@ -80,13 +88,20 @@ pub(crate) fn q80_dot(weights: &[Q80Block], activations: &[Q8Block]) -> f32 {
             let signed = _mm256_sign_epi8(y, x);
             lanes = accumulate(
                 lanes,
-                weight.scale.to_f32() * activation.scale,
+                to_f32(weight.scale) * activation.scale,
                 magnitudes,
                 signed,
             );
         }
         sum_lanes(lanes)
     }
+}
+
+/// A block's f16 scale or minimum as f32 (F16C), as `half` converts it.
+#[inline(always)]
+unsafe fn to_f32(value: f16) -> f32 {
+    // SAFETY: the caller runs with F16C; only registers are touched.
+    unsafe { _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(value.to_bits())))) }
 }
 
 /// `lanes + scale * (eight sums of four byte products)`, fused.

@@ -3,8 +3,10 @@
 mod activation;
 mod attention;
 mod quant;
-// The quantized dot products in SIMD, where `build.rs` finds it (`cfg(vector_kernels)`).
-#[cfg(all(vector_kernels, target_arch = "x86_64"))]
+mod simd;
+// The quantized dot products in SIMD: AVX2 on x86-64, chosen at run time where the CPU has it
+// (`simd`); NEON on aarch64, where `build.rs` sets `cfg(vector_kernels)`.
+#[cfg(target_arch = "x86_64")]
 #[path = "avx2.rs"]
 mod vector;
 #[cfg(all(vector_kernels, target_arch = "aarch64"))]
@@ -14,3 +16,4 @@ mod vector;
 pub use activation::{rms_norm, swiglu};
 pub use attention::{Heads, KvLayer, Rope, Rotary, attend, rotate};
 pub use quant::{Q41Matrix, Q80Matrix};
+pub use simd::Kernels;

@@ -14,6 +14,10 @@
 use half::f16;
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
+use crate::simd::Avx2;
+use crate::simd::{Baseline, Isa, dispatch};
+
 const BLOCK: usize = 32;
 /// ggml sums a block's products four at a time into eight vector lanes.
 const LANES: usize = 8;
@@ -34,13 +38,87 @@ pub trait Format: Send + Sync {
     const BYTES: usize;
     fn parse(bytes: &[u8]) -> Self::Block;
     /// The dot product of one weight row and one quantized activation row.
-    fn dot(weights: &[Self::Block], activations: &[Q8Block]) -> f32;
+    fn dot<I: Dots>(isa: I, weights: &[Self::Block], activations: &[Q8Block]) -> f32;
 
     /// The dot products of one weight row with `N` activation rows (prompt tokens, or one token of
     /// each of several sequences): each equal to [`Format::dot`]'s, faster where a format unpacks its
     /// weights once for all of them.
-    fn dots<const N: usize>(weights: &[Self::Block], activations: [&[Q8Block]; N]) -> [f32; N] {
-        activations.map(|activations| Self::dot(weights, activations))
+    fn dots<I: Dots, const N: usize>(
+        isa: I,
+        weights: &[Self::Block],
+        activations: [&[Q8Block]; N],
+    ) -> [f32; N] {
+        activations.map(|activations| Self::dot(isa, weights, activations))
+    }
+}
+
+/// The block dot products of a form of the kernels ([`crate::simd`]): the portable ones below, NEON's
+/// on aarch64, the AVX2 intrinsics where the CPU has them.
+pub trait Dots: Isa {
+    fn q41_dot(self, weights: &[Q41Block], activations: &[Q8Block]) -> f32;
+
+    fn q41_dots<const N: usize>(
+        self,
+        weights: &[Q41Block],
+        activations: [&[Q8Block]; N],
+    ) -> [f32; N] {
+        activations.map(|activations| self.q41_dot(weights, activations))
+    }
+
+    fn q80_dot(self, weights: &[Q80Block], activations: &[Q8Block]) -> f32;
+}
+
+impl Dots for Baseline {
+    #[inline(always)]
+    fn q41_dot(self, weights: &[Q41Block], activations: &[Q8Block]) -> f32 {
+        #[cfg(vector_kernels)]
+        return crate::vector::q41_dot(weights, activations);
+        #[allow(unreachable_code)]
+        q41_dot(self, weights, activations)
+    }
+
+    #[cfg(vector_kernels)]
+    #[inline(always)]
+    fn q41_dots<const N: usize>(
+        self,
+        weights: &[Q41Block],
+        activations: [&[Q8Block]; N],
+    ) -> [f32; N] {
+        crate::vector::q41_dots(weights, activations)
+    }
+
+    #[inline(always)]
+    fn q80_dot(self, weights: &[Q80Block], activations: &[Q8Block]) -> f32 {
+        #[cfg(vector_kernels)]
+        return crate::vector::q80_dot(weights, activations);
+        #[allow(unreachable_code)]
+        q80_dot(self, weights, activations)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+impl Dots for Avx2 {
+    #[inline(always)]
+    fn q41_dot(self, weights: &[Q41Block], activations: &[Q8Block]) -> f32 {
+        // SAFETY: an `Avx2` exists only where the CPU has the features these functions enable.
+        unsafe { crate::vector::q41_dot(weights, activations) }
+    }
+
+    #[inline(always)]
+    fn q41_dots<const N: usize>(
+        self,
+        weights: &[Q41Block],
+        activations: [&[Q8Block]; N],
+    ) -> [f32; N] {
+        // SAFETY: as in `q41_dot`.
+        unsafe { crate::vector::q41_dots(weights, activations) }
+    }
+
+    #[inline(always)]
+    fn q80_dot(self, weights: &[Q80Block], activations: &[Q8Block]) -> f32 {
+        // SAFETY: as in `q41_dot`.
+        unsafe { crate::vector::q80_dot(weights, activations) }
     }
 }
 
@@ -50,13 +128,16 @@ pub const GROUP: usize = 8;
 
 /// [`Format::dots`] of `weights` with the `N` activation rows from `first` of `quantized` (`per_row`
 /// blocks each).
-fn dots_at<F: Format, const N: usize>(
+#[inline(always)]
+fn dots_at<F: Format, I: Dots, const N: usize>(
+    isa: I,
     weights: &[F::Block],
     quantized: &[Q8Block],
     per_row: usize,
     first: usize,
 ) -> [f32; N] {
     F::dots(
+        isa,
         weights,
         std::array::from_fn(|index| {
             let token = first + index;
@@ -92,27 +173,30 @@ impl Format for Q41 {
         }
     }
 
-    fn dot(weights: &[Q41Block], activations: &[Q8Block]) -> f32 {
-        #[cfg(vector_kernels)]
-        return crate::vector::q41_dot(weights, activations);
-        #[allow(unreachable_code)]
-        q41_dot(weights, activations)
+    #[inline(always)]
+    fn dot<I: Dots>(isa: I, weights: &[Q41Block], activations: &[Q8Block]) -> f32 {
+        isa.q41_dot(weights, activations)
     }
 
-    #[cfg(vector_kernels)]
-    fn dots<const N: usize>(weights: &[Q41Block], activations: [&[Q8Block]; N]) -> [f32; N] {
-        crate::vector::q41_dots(weights, activations)
+    #[inline(always)]
+    fn dots<I: Dots, const N: usize>(
+        isa: I,
+        weights: &[Q41Block],
+        activations: [&[Q8Block]; N],
+    ) -> [f32; N] {
+        isa.q41_dots(weights, activations)
     }
 }
 
 /// ggml's `ggml_vec_dot_q4_1_q8_1` (AVX2), portable.
 #[cfg_attr(vector_kernels, allow(dead_code))]
-fn q41_dot(weights: &[Q41Block], activations: &[Q8Block]) -> f32 {
+#[inline(always)]
+fn q41_dot<I: Isa>(isa: I, weights: &[Q41Block], activations: &[Q8Block]) -> f32 {
     let mut lanes = [0f32; LANES];
     let mut minimums = 0f32;
     for (weight, activation) in weights.iter().zip(activations) {
-        let scale = weight.scale.to_f32() * activation.scale;
-        minimums = weight.min.to_f32().mul_add(activation.sum, minimums);
+        let scale = isa.to_f32(weight.scale) * activation.scale;
+        minimums = isa.to_f32(weight.min).mul_add(activation.sum, minimums);
         let mut unpacked = [0i8; BLOCK];
         for (index, byte) in weight.values.iter().enumerate() {
             unpacked[index] = (byte & 0x0F) as i8;
@@ -148,27 +232,26 @@ impl Format for Q80 {
         }
     }
 
-    fn dot(weights: &[Q80Block], activations: &[Q8Block]) -> f32 {
-        #[cfg(vector_kernels)]
-        return crate::vector::q80_dot(weights, activations);
-        #[allow(unreachable_code)]
-        q80_dot(weights, activations)
+    #[inline(always)]
+    fn dot<I: Dots>(isa: I, weights: &[Q80Block], activations: &[Q8Block]) -> f32 {
+        isa.q80_dot(weights, activations)
     }
 }
 
 /// ggml's `ggml_vec_dot_q8_0_q8_0` (AVX2; llamafile's tinyBLAS sums the same way), portable.
 #[cfg_attr(vector_kernels, allow(dead_code))]
-fn q80_dot(weights: &[Q80Block], activations: &[Q8Block]) -> f32 {
+#[inline(always)]
+fn q80_dot<I: Isa>(isa: I, weights: &[Q80Block], activations: &[Q8Block]) -> f32 {
     let mut lanes = [0f32; LANES];
     for (weight, activation) in weights.iter().zip(activations) {
-        let scale = weight.scale.to_f32() * activation.scale;
+        let scale = isa.to_f32(weight.scale) * activation.scale;
         accumulate(&mut lanes, scale, &weight.values, &activation.values);
     }
     sum_lanes(&lanes)
 }
 
 /// Adds one block's products to the lanes: lane `k` gets `scale * (the sum of products 4k..4k+4)`, fused.
-#[inline]
+#[inline(always)]
 fn accumulate(
     lanes: &mut [f32; LANES],
     scale: f32,
@@ -190,14 +273,15 @@ fn accumulate(
 }
 
 /// ggml's `hsum_float_8`: the upper four lanes onto the lower, then pairs.
-#[inline]
+#[inline(always)]
 fn sum_lanes(lanes: &[f32; LANES]) -> f32 {
     let quarters: [f32; 4] = std::array::from_fn(|lane| lanes[lane + 4] + lanes[lane]);
     (quarters[0] + quarters[2]) + (quarters[1] + quarters[3])
 }
 
 /// ggml's `quantize_row_q8_1` for one block (AVX2).
-fn quantize(values: &[f32]) -> Q8Block {
+#[inline(always)]
+fn quantize<I: Isa>(isa: I, values: &[f32]) -> Q8Block {
     let max = values.iter().fold(0f32, |max, value| max.max(value.abs()));
     let scale = max / 127.0;
     let multiplier = if max != 0.0 { 127.0 / max } else { 0.0 };
@@ -208,10 +292,26 @@ fn quantize(values: &[f32]) -> Q8Block {
         sum += i32::from(*slot);
     }
     Q8Block {
-        scale: f16::from_f32(scale).to_f32(),
-        sum: f16::from_f32(sum as f32 * scale).to_f32(),
+        scale: isa.to_f32(isa.to_f16(scale)),
+        sum: isa.to_f32(isa.to_f16(sum as f32 * scale)),
         values: quantized,
     }
+}
+
+/// `input`, rows of whole blocks, quantized block by block.
+fn quantize_rows<I: Isa>(isa: I, input: &[f32]) -> Vec<Q8Block> {
+    isa.run(
+        #[inline(always)]
+        || {
+            // A plain loop: an iterator adapter the compiler kept out of line would lose the form's
+            // target features.
+            let mut quantized = Vec::with_capacity(input.len() / BLOCK);
+            for block in input.chunks_exact(BLOCK) {
+                quantized.push(quantize(isa, block));
+            }
+            quantized
+        },
+    )
 }
 
 /// A quantized weight matrix, `rows` × `columns`, row-major (a GGUF tensor of ggml dimensions
@@ -253,8 +353,12 @@ impl<F: Format> Matrix<F> {
 
     /// `input` holds `tokens` rows of `columns` values; returns `tokens` rows of `rows` values.
     pub fn forward(&self, input: &[f32], tokens: usize) -> Vec<f32> {
-        let per_row = self.columns / BLOCK;
-        let quantized: Vec<Q8Block> = input.chunks_exact(BLOCK).map(quantize).collect();
+        dispatch!(isa => self.forward_with(isa, input, tokens))
+    }
+
+    /// [`Matrix::forward`] in the form `isa`; each thread's share of the rows runs with its features.
+    fn forward_with<I: Dots>(&self, isa: I, input: &[f32], tokens: usize) -> Vec<f32> {
+        let quantized = quantize_rows(isa, input);
         let mut output = vec![0f32; tokens * self.rows];
         if tokens == 1 {
             // Generation: the rows in a few pieces per thread, written in place.
@@ -264,11 +368,10 @@ impl<F: Format> Matrix<F> {
                 .par_chunks_mut(chunk_rows)
                 .enumerate()
                 .for_each(|(chunk, out)| {
-                    for (offset, slot) in out.iter_mut().enumerate() {
-                        let row = chunk * chunk_rows + offset;
-                        *slot =
-                            F::dot(&self.blocks[row * per_row..(row + 1) * per_row], &quantized);
-                    }
+                    isa.run(
+                        #[inline(always)]
+                        || self.one_token(isa, chunk * chunk_rows, &quantized, out),
+                    );
                 });
             return output;
         }
@@ -277,45 +380,11 @@ impl<F: Format> Matrix<F> {
         let by_rows: Vec<Vec<f32>> = (0..self.rows.div_ceil(chunk_rows))
             .into_par_iter()
             .map(|chunk| {
-                let first = chunk * chunk_rows;
-                let last = (first + chunk_rows).min(self.rows);
-                let width = last - first;
-                let activations = |token: usize| &quantized[token * per_row..(token + 1) * per_row];
-                let mut out = vec![0f32; width * tokens];
-                for row in first..last {
-                    let weights = &self.blocks[row * per_row..(row + 1) * per_row];
-                    let mut token = 0;
-                    while token < tokens {
-                        let mut results = [0f32; GROUP];
-                        let count = match tokens - token {
-                            left if left >= GROUP => {
-                                results = dots_at::<F, GROUP>(weights, &quantized, per_row, token);
-                                GROUP
-                            }
-                            4..GROUP => {
-                                results[..4].copy_from_slice(&dots_at::<F, 4>(
-                                    weights, &quantized, per_row, token,
-                                ));
-                                4
-                            }
-                            2..4 => {
-                                results[..2].copy_from_slice(&dots_at::<F, 2>(
-                                    weights, &quantized, per_row, token,
-                                ));
-                                2
-                            }
-                            _ => {
-                                results[0] = F::dot(weights, activations(token));
-                                1
-                            }
-                        };
-                        for (index, value) in results[..count].iter().enumerate() {
-                            out[(token + index) * width + row - first] = *value;
-                        }
-                        token += count;
-                    }
-                }
-                out
+                let rows = chunk * chunk_rows..((chunk + 1) * chunk_rows).min(self.rows);
+                isa.run(
+                    #[inline(always)]
+                    || self.tokens(isa, rows, &quantized, tokens),
+                )
             })
             .collect();
         for (chunk, values) in by_rows.iter().enumerate() {
@@ -327,6 +396,70 @@ impl<F: Format> Matrix<F> {
             }
         }
         output
+    }
+
+    /// Rows `first..first + out.len()` applied to one token's activations, into `out`.
+    #[inline(always)]
+    fn one_token<I: Dots>(&self, isa: I, first: usize, quantized: &[Q8Block], out: &mut [f32]) {
+        let per_row = self.columns / BLOCK;
+        for (offset, slot) in out.iter_mut().enumerate() {
+            let row = first + offset;
+            *slot = F::dot(
+                isa,
+                &self.blocks[row * per_row..(row + 1) * per_row],
+                quantized,
+            );
+        }
+    }
+
+    /// Rows `rows` applied to every one of `tokens` rows of activations: `tokens` rows of
+    /// `rows.len()` values.
+    #[inline(always)]
+    fn tokens<I: Dots>(
+        &self,
+        isa: I,
+        rows: std::ops::Range<usize>,
+        quantized: &[Q8Block],
+        tokens: usize,
+    ) -> Vec<f32> {
+        let per_row = self.columns / BLOCK;
+        let (first, width) = (rows.start, rows.len());
+        let activations = |token: usize| &quantized[token * per_row..(token + 1) * per_row];
+        let mut out = vec![0f32; width * tokens];
+        for row in rows {
+            let weights = &self.blocks[row * per_row..(row + 1) * per_row];
+            let mut token = 0;
+            while token < tokens {
+                let mut results = [0f32; GROUP];
+                let count = match tokens - token {
+                    left if left >= GROUP => {
+                        results = dots_at::<F, I, GROUP>(isa, weights, quantized, per_row, token);
+                        GROUP
+                    }
+                    4..GROUP => {
+                        results[..4].copy_from_slice(&dots_at::<F, I, 4>(
+                            isa, weights, quantized, per_row, token,
+                        ));
+                        4
+                    }
+                    2..4 => {
+                        results[..2].copy_from_slice(&dots_at::<F, I, 2>(
+                            isa, weights, quantized, per_row, token,
+                        ));
+                        2
+                    }
+                    _ => {
+                        results[0] = F::dot(isa, weights, activations(token));
+                        1
+                    }
+                };
+                for (index, value) in results[..count].iter().enumerate() {
+                    out[(token + index) * width + row - first] = *value;
+                }
+                token += count;
+            }
+        }
+        out
     }
 }
 
@@ -406,16 +539,35 @@ mod tests {
         bytes
     }
 
-    #[test]
-    fn the_vector_dots_equal_the_portable_ones_bit_for_bit() {
-        let mut state = 7u32;
-        let input: Vec<f32> = (0..256)
+    /// Deterministic pseudo-random activations around ±10.
+    fn random_input(length: usize, seed: u32) -> Vec<f32> {
+        let mut state = seed;
+        (0..length)
             .map(|_| {
                 state = state.wrapping_mul(1_103_515_245).wrapping_add(12_345);
                 (state >> 16) as f32 / 3000.0 - 10.0
             })
-            .collect();
-        let activations: Vec<Q8Block> = input.chunks_exact(BLOCK).map(quantize).collect();
+            .collect()
+    }
+
+    #[test]
+    fn the_vector_dots_equal_the_portable_ones_bit_for_bit() {
+        check_dots(Baseline);
+        #[cfg(target_arch = "x86_64")]
+        if let Some(avx2) = Avx2::detect() {
+            check_dots(avx2);
+        }
+    }
+
+    /// `isa`'s quantization and dot products against the portable forms.
+    fn check_dots<I: Dots>(isa: I) {
+        let input = random_input(256, 7);
+        let activations = quantize_rows(Baseline, &input);
+        for (ours, portable) in quantize_rows(isa, &input).iter().zip(&activations) {
+            assert_eq!(ours.scale.to_bits(), portable.scale.to_bits());
+            assert_eq!(ours.sum.to_bits(), portable.sum.to_bits());
+            assert_eq!(ours.values, portable.values);
+        }
         let q41: Vec<Q41Block> = random_blocks(20, 8, 1)
             .chunks_exact(20)
             .map(Q41::parse)
@@ -425,21 +577,60 @@ mod tests {
             .map(Q80::parse)
             .collect();
         assert_eq!(
-            Q41::dot(&q41, &activations).to_bits(),
-            q41_dot(&q41, &activations).to_bits()
+            Q41::dot(isa, &q41, &activations).to_bits(),
+            q41_dot(Baseline, &q41, &activations).to_bits()
         );
         let rows: [&[Q8Block]; GROUP] =
             std::array::from_fn(|index| &activations[index % 4..index % 4 + 4]);
-        let grouped = Q41::dots(&q41[..4], rows);
+        let grouped = Q41::dots(isa, &q41[..4], rows);
         for (index, result) in grouped.iter().enumerate() {
-            assert_eq!(result.to_bits(), q41_dot(&q41[..4], rows[index]).to_bits());
+            assert_eq!(
+                result.to_bits(),
+                q41_dot(Baseline, &q41[..4], rows[index]).to_bits()
+            );
         }
-        let pair = Q41::dots(&q41[..4], [rows[0], rows[1]]);
-        assert_eq!(pair[1].to_bits(), q41_dot(&q41[..4], rows[1]).to_bits());
+        let pair = Q41::dots(isa, &q41[..4], [rows[0], rows[1]]);
         assert_eq!(
-            Q80::dot(&q80, &activations).to_bits(),
-            q80_dot(&q80, &activations).to_bits()
+            pair[1].to_bits(),
+            q41_dot(Baseline, &q41[..4], rows[1]).to_bits()
         );
+        assert_eq!(
+            Q80::dot(isa, &q80, &activations).to_bits(),
+            q80_dot(Baseline, &q80, &activations).to_bits()
+        );
+    }
+
+    /// Whole matrix products, for one token (generation) and for batches that go by 8, 4, 2 and 1,
+    /// equal in the AVX2 and portable forms.
+    #[test]
+    fn the_forms_compute_equal_products() {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(avx2) = Avx2::detect() {
+            let (rows, columns) = (70, 96);
+            let q41 = Q41Matrix::from_gguf(&random_blocks(20, rows * 3, 3), rows, columns)
+                .expect("Q4_1 matrix");
+            let q80 = Q80Matrix::from_gguf(&random_blocks(34, rows * 3, 4), rows, columns)
+                .expect("Q8_0 matrix");
+            for tokens in [1, 2, 15] {
+                let input = random_input(tokens * columns, tokens as u32);
+                let bits = |values: Vec<f32>| {
+                    values
+                        .iter()
+                        .map(|value| value.to_bits())
+                        .collect::<Vec<_>>()
+                };
+                assert_eq!(
+                    bits(q41.forward_with(avx2, &input, tokens)),
+                    bits(q41.forward_with(Baseline, &input, tokens)),
+                    "Q4_1, {tokens} tokens"
+                );
+                assert_eq!(
+                    bits(q80.forward_with(avx2, &input, tokens)),
+                    bits(q80.forward_with(Baseline, &input, tokens)),
+                    "Q8_0, {tokens} tokens"
+                );
+            }
+        }
     }
 
     #[test]
@@ -447,7 +638,7 @@ mod tests {
         // max 127 so the multiplier is 1: 0.5 -> 0, 1.5 -> 2, -2.5 -> -2.
         let mut values = [0f32; BLOCK];
         values[..4].copy_from_slice(&[127.0, 0.5, 1.5, -2.5]);
-        let block = quantize(&values);
+        let block = quantize(Baseline, &values);
         assert_eq!(block.values[..4], [127, 0, 2, -2]);
         assert_eq!(block.scale, 1.0);
         assert_eq!(block.sum, 127.0);

@@ -75,7 +75,7 @@ pub enum Command {
     Token,
     /// Print the effective configuration and where each value comes from.
     PrintConfig,
-    /// Print the build and protocol versions.
+    /// Print the build and protocol versions and the engine kernels chosen for this CPU.
     Version,
     /// Print the script that installs this binary as a systemd service (an agent joining a
     /// coordinator); pipe it to `sudo sh -s -- --binary ./sollol --join HOST:PORT --token TOKEN`.

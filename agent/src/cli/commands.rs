@@ -28,7 +28,10 @@ pub const INSTALL_SCRIPT: &str = include_str!("../../../scripts/install-agent.sh
 pub async fn run(command: Command, raw: &RawConfig, config: Config) -> ExitCode {
     match command {
         Command::Version => {
-            println!("sollol {BUILD_VERSION} (protocol v{PROTOCOL_VERSION})");
+            // The engine's kernels are chosen on this CPU at start (`SOLLOL_KERNELS=portable` forces
+            // the portable ones): saying which tells a user what speed to expect.
+            let kernels = sollol_kernels::Kernels::chosen().name();
+            println!("sollol {BUILD_VERSION} (protocol v{PROTOCOL_VERSION}, kernels {kernels})");
             ExitCode::SUCCESS
         }
         Command::InstallScript => {
