@@ -1968,3 +1968,85 @@ async fn the_response_cache_answers_only_identical_requests() {
     assert!(value("sollol_cache_bytes") > first.body.len() as u64);
     cluster.stop().await;
 }
+
+/// Above 64 nodes, intelligent routing weighs a ranked shortlist instead of every node: among 80 static
+/// nodes it still finds the one fast node once every node has been measured.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_big_cluster_is_routed_through_its_ranked_shortlist() {
+    const FAST: usize = 57;
+    let mut emulators = Vec::new();
+    for index in 0..80 {
+        let speed = if index == FAST { 20_000.0 } else { 1_000.0 };
+        emulators.push(
+            Emulator::start(EmulatorConfig {
+                name: format!("n{index}"),
+                decode_tokens_per_second: speed,
+                prompt_tokens_per_second: speed * 10.0,
+                parallel: 1,
+                ..EmulatorConfig::default()
+            })
+            .await
+            .expect("emulator"),
+        );
+    }
+    let urls: Vec<String> = emulators.iter().map(Emulator::url).collect();
+    let urls = urls.join(",");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let coordinator = app::start_coordinator(&config(
+        dir.path(),
+        "c",
+        &[
+            ("coordinator.nodes", &urls),
+            ("coordinator.probe_interval", "500ms"),
+            ("coordinator.calibration", "false"),
+            ("coordinator.warmup", "false"),
+        ],
+    ))
+    .await
+    .expect("coordinator");
+    assert!(
+        eventually(Duration::from_secs(10), || coordinator
+            .view()
+            .backends
+            .len()
+            == 80)
+        .await,
+        "80 static nodes never came up: {}",
+        coordinator.view().backends.len()
+    );
+    let url = format!("http://{}/api/chat", coordinator.gateway_address);
+    let chat = json!({"model": "smollm2:135m", "stream": false, "messages": [{"role": "user", "content": "hi"}], "options": {"num_predict": 20}});
+    let body = serde_json::to_vec(&chat).expect("json");
+    // Round robin measures every node.
+    for _ in 0..80 {
+        let answer = send(
+            "POST",
+            &url,
+            body.clone(),
+            &[("x-sollol-strategy", "round_robin")],
+        )
+        .await;
+        assert_eq!(answer.status, 200, "{}", answer.text());
+    }
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            coordinator.learned().served.values().sum::<u64>() >= 80
+        })
+        .await,
+        "the learner never caught up"
+    );
+    // The ranking is rebuilt from what was learned at most 250 ms later.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let fast = emulators[FAST].address().to_string();
+    for _ in 0..5 {
+        let answer = post(&url, chat.clone()).await;
+        assert_eq!(answer.status, 200, "{}", answer.text());
+        assert_eq!(
+            answer.node.as_deref(),
+            Some(fast.as_str()),
+            "{:?}",
+            answer.decision
+        );
+    }
+    coordinator.shutdown(Duration::from_secs(5)).await;
+}
