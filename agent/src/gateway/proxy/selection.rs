@@ -263,7 +263,7 @@ impl Selection<'_> {
         }
         // Weighed as if idle and untouched by warm-ups or calibration: the order of what each node
         // would cost a request like this one; live load is weighed per request.
-        let idle: Vec<(usize, Candidate)> = view
+        let (indexes, idle): (Vec<usize>, Vec<Candidate>) = view
             .backends
             .iter()
             .enumerate()
@@ -276,16 +276,12 @@ impl Selection<'_> {
                 candidate.has_affinity = false;
                 (index, candidate)
             })
-            .collect();
+            .unzip();
         if idle.is_empty() {
             return None;
         }
-        let candidates: Vec<Candidate> = idle
-            .iter()
-            .map(|(_, candidate)| candidate.clone())
-            .collect();
         let decision = routing::choose(
-            &candidates,
+            &idle,
             self.shape,
             Strategy::Intelligent,
             &proxy.settings.priors,
@@ -293,16 +289,17 @@ impl Selection<'_> {
             0,
         );
         let id = |position: usize| {
-            let (index, candidate) = &idle[position];
-            (*index, Arc::<str>::from(candidate.node_id.as_str()))
+            (
+                indexes[position],
+                Arc::<str>::from(idle[position].node_id.as_str()),
+            )
         };
         let mut unmeasured: Vec<usize> = (0..idle.len())
             .filter(|position| {
-                let candidate = &idle[*position].1;
-                candidate.stats.is_none() && candidate.node_stats.is_none()
+                idle[*position].stats.is_none() && idle[*position].node_stats.is_none()
             })
             .collect();
-        unmeasured.sort_by(|a, b| idle[*a].1.name.cmp(&idle[*b].1.name));
+        unmeasured.sort_by(|a, b| idle[*a].name.cmp(&idle[*b].name));
         let ranking = Arc::new(Ranking {
             built_at: now,
             order: decision
