@@ -7,7 +7,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::Value;
 use sollol_policy::routing::Choice;
 use sollol_shared::api::CandidateCost;
 
@@ -27,27 +26,55 @@ pub struct OllamaTimings {
 }
 
 impl OllamaTimings {
-    /// Reads the timing fields from a final Ollama response object; `None` when it has none.
-    pub fn from_json(value: &Value) -> Option<Self> {
-        let nanos = |name: &str| {
-            value
-                .get(name)
-                .and_then(Value::as_u64)
-                .map(Duration::from_nanos)
-        };
-        let count = |name: &str| value.get(name).and_then(Value::as_u64);
-        if nanos("total_duration").is_none() && count("eval_count").is_none() {
+    /// Reads the timing fields from a final Ollama response object; `None` when it has none or is not
+    /// a JSON object. Only these fields are decoded: the answer's text is skipped, not copied.
+    pub fn from_slice(json: &[u8]) -> Option<Self> {
+        let reported: Reported = serde_json::from_slice(json).ok()?;
+        let nanos = |field: Option<Count>| field.and_then(Count::get).map(Duration::from_nanos);
+        let total = nanos(reported.total_duration);
+        let load = nanos(reported.load_duration);
+        let eval_tokens = reported.eval_count.and_then(Count::get);
+        if total.is_none() && eval_tokens.is_none() {
             return None;
         }
         Some(Self {
-            total: nanos("total_duration").unwrap_or_default(),
-            load: nanos("load_duration").unwrap_or_default(),
-            prompt_tokens: count("prompt_eval_count").unwrap_or(0),
-            prompt: nanos("prompt_eval_duration").unwrap_or_default(),
-            eval_tokens: count("eval_count").unwrap_or(0),
-            eval: nanos("eval_duration").unwrap_or_default(),
-            load_reported: nanos("load_duration").is_some(),
+            total: total.unwrap_or_default(),
+            load: load.unwrap_or_default(),
+            prompt_tokens: reported.prompt_eval_count.and_then(Count::get).unwrap_or(0),
+            prompt: nanos(reported.prompt_eval_duration).unwrap_or_default(),
+            eval_tokens: eval_tokens.unwrap_or(0),
+            eval: nanos(reported.eval_duration).unwrap_or_default(),
+            load_reported: load.is_some(),
         })
+    }
+}
+
+/// The timing fields of an answer, as sent; every other field is skipped.
+#[derive(serde::Deserialize)]
+struct Reported {
+    total_duration: Option<Count>,
+    load_duration: Option<Count>,
+    prompt_eval_count: Option<Count>,
+    prompt_eval_duration: Option<Count>,
+    eval_count: Option<Count>,
+    eval_duration: Option<Count>,
+}
+
+/// A count or nanoseconds; a field of another type (a server that sends floats or strings) reads as
+/// missing instead of discarding the other fields.
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum Count {
+    Whole(u64),
+    Other(serde::de::IgnoredAny),
+}
+
+impl Count {
+    fn get(self) -> Option<u64> {
+        match self {
+            Self::Whole(value) => Some(value),
+            Self::Other(_) => None,
+        }
     }
 }
 
@@ -79,14 +106,29 @@ mod tests {
 
     #[test]
     fn reads_ollama_timing_fields() {
-        let value = serde_json::json!({"done": true, "total_duration": 5_000_000_000u64, "load_duration": 2_000_000_000u64,
-            "prompt_eval_count": 26, "prompt_eval_duration": 130_000_000u64, "eval_count": 290, "eval_duration": 4_700_000_000u64});
-        let timings = OllamaTimings::from_json(&value).expect("timings");
+        let answer =
+            br#"{"message": {"role": "assistant", "content": "a \"quoted\" answer"}, "done": true,
+            "total_duration": 5000000000, "load_duration": 2000000000, "prompt_eval_count": 26,
+            "prompt_eval_duration": 130000000, "eval_count": 290, "eval_duration": 4700000000}"#;
+        let timings = OllamaTimings::from_slice(answer).expect("timings");
         assert_eq!(timings.eval_tokens, 290);
+        assert_eq!(timings.prompt_tokens, 26);
         assert_eq!(timings.load, Duration::from_secs(2));
-        assert_eq!(
-            OllamaTimings::from_json(&serde_json::json!({"done": false})),
-            None
-        );
+        assert!(timings.load_reported);
+        assert_eq!(OllamaTimings::from_slice(br#"{"done": false}"#), None);
+        assert_eq!(OllamaTimings::from_slice(b"[1, 2]"), None);
+        assert_eq!(OllamaTimings::from_slice(b"not json"), None);
+    }
+
+    #[test]
+    fn a_field_of_another_type_reads_as_missing() {
+        let timings = OllamaTimings::from_slice(
+            br#"{"total_duration": 1.5, "load_duration": "2s", "eval_count": 7, "eval_duration": -3}"#,
+        )
+        .expect("timings");
+        assert_eq!(timings.eval_tokens, 7);
+        assert_eq!(timings.total, Duration::ZERO);
+        assert!(!timings.load_reported);
+        assert_eq!(timings.eval, Duration::ZERO);
     }
 }

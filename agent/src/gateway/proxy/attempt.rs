@@ -10,7 +10,6 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use http_body_util::BodyExt;
 use hyper::body::{Bytes, Incoming};
-use serde_json::Value;
 
 use super::relay::{Relay, next_data, read_limited};
 use super::request::RouteKind;
@@ -137,9 +136,7 @@ impl Attempt<'_> {
         if status.is_success() {
             outcome.ok = true;
             if self.kind.learns {
-                outcome.timings = serde_json::from_slice::<Value>(&bytes)
-                    .ok()
-                    .and_then(|value| OllamaTimings::from_json(&value));
+                outcome.timings = OllamaTimings::from_slice(&bytes);
             }
             self.proxy.learner().record(outcome.clone());
             self.charge.tokens(outcome);

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper::header;
-use serde_json::{Value, json};
+use serde_json::json;
 use sollol_policy::routing::{Candidate, Choice, Decision};
 
 use super::{InFlight, Proxy, lock};
@@ -126,9 +126,7 @@ impl Proxy {
             outcome.time_to_first_byte = outcome.total;
             if let Ok(Some(bytes)) = answer {
                 outcome.ok = true;
-                outcome.timings = serde_json::from_slice::<Value>(&bytes)
-                    .ok()
-                    .and_then(|value| OllamaTimings::from_json(&value));
+                outcome.timings = OllamaTimings::from_slice(&bytes);
             }
             learner.record(outcome);
         });

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use http_body_util::BodyExt;
 use hyper::body::{Bytes, Incoming};
-use serde_json::{Value, json};
+use serde_json::json;
 use sollol_policy::breaker::{Breaker, BreakerSettings};
 
 use super::{Charge, InFlight, lock};
@@ -54,8 +54,8 @@ impl Relay {
                 self.outcome.ok = true;
                 self.outcome.total = self.started.elapsed();
                 if self.learns {
-                    self.outcome.timings = last_json_line(&self.tail)
-                        .and_then(|value| OllamaTimings::from_json(&value));
+                    self.outcome.timings =
+                        last_json_line(&self.tail).and_then(OllamaTimings::from_slice);
                 }
                 self.learner.record(self.outcome.clone());
                 self.charge.tokens(&self.outcome);
@@ -88,12 +88,11 @@ impl Relay {
     }
 }
 
-/// The last complete JSON line of an NDJSON tail.
-fn last_json_line(tail: &[u8]) -> Option<Value> {
+/// The last line of an NDJSON tail that is not blank.
+fn last_json_line(tail: &[u8]) -> Option<&[u8]> {
     tail.split(|byte| *byte == b'\n')
         .rev()
         .find(|line| !line.iter().all(u8::is_ascii_whitespace))
-        .and_then(|line| serde_json::from_slice(line).ok())
 }
 
 pub(super) async fn next_data(body: &mut Incoming) -> Result<Option<Bytes>, String> {
@@ -128,8 +127,9 @@ mod tests {
     fn the_last_ndjson_line_carries_the_timings() {
         let tail =
             b"{\"done\":false}\n{\"done\":true,\"eval_count\":3,\"eval_duration\":3000000}\n";
-        let value = last_json_line(tail).expect("json");
-        assert_eq!(value["eval_count"], 3);
+        let line = last_json_line(tail).expect("a line");
+        let timings = OllamaTimings::from_slice(line).expect("timings");
+        assert_eq!(timings.eval_tokens, 3);
         assert_eq!(last_json_line(b"  \n"), None);
     }
 }
