@@ -9,37 +9,12 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{Value, json};
 use sollol::app::{self, AgentHandle, CoordinatorHandle};
-use sollol::config::Config;
 use sollol_ollama_emulator::{Emulator, EmulatorConfig, Fault, embedding_of};
 
 mod support;
 
+use support::cluster::{Cluster, cluster_with, config};
 use support::{Answer, get, post, send};
-
-struct Cluster {
-    coordinator: CoordinatorHandle,
-    agents: Vec<AgentHandle>,
-    emulators: Vec<Emulator>,
-    _dirs: Vec<tempfile::TempDir>,
-}
-
-fn config(data_dir: &std::path::Path, name: &str, extra: &[(&'static str, &str)]) -> Config {
-    let data_dir = data_dir.display().to_string();
-    let mut pairs: Vec<(&'static str, &str)> = vec![
-        ("data_dir", &data_dir),
-        ("coordinator.gateway_bind", "127.0.0.1:0"),
-        ("coordinator.cluster_bind", "127.0.0.1:0"),
-        ("coordinator.max_request_body", "65536"),
-        // Hedging races two nodes, which makes "which node answered" timing-dependent; its own test turns it on.
-        ("coordinator.hedging", "false"),
-        ("agent.name", name),
-        ("agent.heartbeat_interval", "200ms"),
-        // Tests stay on loopback: no mDNS on the machine's interfaces.
-        ("discovery.mdns", "false"),
-    ];
-    pairs.extend_from_slice(extra);
-    Config::from_pairs(&pairs).expect("valid test config")
-}
 
 /// Nodes fast, mid and slow: decode 2000, 400 and 100 tokens/s.
 async fn cluster() -> Cluster {
@@ -51,68 +26,6 @@ async fn cluster() -> Cluster {
             ..EmulatorConfig::default()
         });
     cluster_with(&[], &nodes).await
-}
-
-/// A coordinator with `coordinator_pairs` over the test defaults, and one agent per emulated node.
-async fn cluster_with(
-    coordinator_pairs: &[(&'static str, &str)],
-    nodes: &[EmulatorConfig],
-) -> Cluster {
-    let mut dirs = vec![tempfile::tempdir().expect("tempdir")];
-    let coordinator =
-        app::start_coordinator(&config(dirs[0].path(), "coordinator", coordinator_pairs))
-            .await
-            .expect("coordinator");
-    let mut agents = Vec::new();
-    let mut emulators = Vec::new();
-    for node in nodes {
-        let name = node.name.as_str();
-        let emulator = Emulator::start(node.clone()).await.expect("emulator");
-        let dir = tempfile::tempdir().expect("tempdir");
-        let url = emulator.url();
-        let agent_config = config(dir.path(), name, &[("agent.ollama_url", &url)]);
-        agents.push(
-            app::start_agent(
-                &agent_config,
-                coordinator.cluster_address.to_string(),
-                coordinator.token.clone(),
-            )
-            .await
-            .expect("agent"),
-        );
-        emulators.push(emulator);
-        dirs.push(dir);
-    }
-    let started = Instant::now();
-    while coordinator.view().backends.len() < nodes.len() {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "backends never appeared"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    Cluster {
-        coordinator,
-        agents,
-        emulators,
-        _dirs: dirs,
-    }
-}
-
-impl Cluster {
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.coordinator.gateway_address)
-    }
-
-    async fn stop(self) {
-        for agent in self.agents {
-            agent
-                .stop(Duration::from_secs(5))
-                .await
-                .expect("stop agent");
-        }
-        self.coordinator.shutdown(Duration::from_secs(5)).await;
-    }
 }
 
 /// Sends each request with round robin, so every node gets measured, and waits until the learner has folded in every outcome.
@@ -935,7 +848,7 @@ async fn api_keys_guard_the_gateway_and_name_applications() {
     .await;
     assert_eq!(header.status, 200, "{}", header.text());
 
-    let database = cluster._dirs[0].path().join("coordinator.db");
+    let database = cluster.dirs[0].path().join("coordinator.db");
     let started = Instant::now();
     loop {
         let connection = rusqlite::Connection::open(&database).expect("open history");
@@ -1309,7 +1222,7 @@ async fn learning_survives_a_coordinator_restart() {
         coordinator,
         agents,
         emulators,
-        _dirs,
+        dirs: _dirs,
     } = cluster;
     for agent in agents {
         agent
@@ -1638,7 +1551,7 @@ async fn a_restarted_coordinator_warms_cold_nodes_with_the_demand_it_remembers()
         coordinator,
         agents,
         emulators,
-        _dirs: dirs,
+        dirs,
     } = cluster;
     let stop = |coordinator: CoordinatorHandle, agents: Vec<AgentHandle>| async move {
         for agent in agents {

@@ -7,6 +7,7 @@ pub mod backoff;
 pub mod breaker;
 pub mod browser;
 pub mod health;
+pub mod placement;
 pub mod quota;
 pub mod routing;
 pub mod warmup;

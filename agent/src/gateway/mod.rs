@@ -7,6 +7,7 @@ mod access;
 pub mod admission;
 pub mod body_timeout;
 pub mod learning;
+mod manage;
 pub mod proxy;
 pub mod quota;
 mod session;
@@ -24,7 +25,7 @@ use axum::http::{StatusCode, Uri, header};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use sollol_shared::BUILD_VERSION;
 use sollol_shared::api::{
     API_PREFIX, ClusterSummary, ErrorBody, LiveEvent, Node, NodeDetail, NodeList, NodeLoad,
@@ -58,6 +59,8 @@ pub struct GatewayState {
     /// What the operator should know (`sollol status` prints it), e.g. a corrupt history moved aside.
     pub notices: Vec<String>,
     pub proxy: Proxy,
+    /// The client of the model management routes.
+    pub models: manage::ModelApi,
     pub max_request_body: usize,
     /// SHA-256 of each API key, with its name; empty means the gateway is open.
     pub api_keys: Vec<([u8; 32], String, KeyScope)>,
@@ -92,7 +95,6 @@ pub fn router(state: Arc<GatewayState>) -> Router {
         "/api/embed",
         "/api/embeddings",
         "/api/show",
-        "/api/pull",
         "/v1/chat/completions",
         "/v1/completions",
         "/v1/embeddings",
@@ -106,11 +108,22 @@ pub fn router(state: Arc<GatewayState>) -> Router {
         .route("/api/ps", get(proxy::ps))
         .route("/api/version", get(proxy::version))
         .route("/v1/models", get(proxy::openai_models))
+        .route("/api/pull", post(manage::pull))
+        .route("/api/create", post(manage::create))
+        .route("/api/push", post(manage::push))
+        .route("/api/copy", post(manage::copy))
+        .route("/api/delete", delete(manage::delete))
         .layer(DefaultBodyLimit::max(state.max_request_body))
         .layer(middleware::from_fn_with_state(
             Arc::clone(&state),
             limit_body_stalls,
         ))
+        // A blob streams through to one node, however large: no body limit, no memory reserved, only
+        // the idle limit (`manage`).
+        .route(
+            "/api/blobs/{digest}",
+            post(manage::blob_upload).head(manage::blob_exists),
+        )
         .route("/", get(root))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))

@@ -3,6 +3,8 @@
 // Each test crate uses some of these.
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 

@@ -2,7 +2,8 @@
 //!
 //! It answers Ollama's API (`/api/chat`, `/api/generate`, `/api/embed`,
 //! `/api/embeddings`, `/api/tags`, `/api/ps`, `/api/show`, `/api/version`,
-//! `/api/pull`, `GET /`) and the OpenAI-compatible routes Ollama serves
+//! `/api/pull`, the model store: `/api/delete`, `/api/copy`, `/api/create`,
+//! `/api/push`, `/api/blobs/:digest`; `GET /`) and the OpenAI-compatible routes Ollama serves
 //! (`/v1/chat/completions`, `/v1/completions`, `/v1/embeddings`,
 //! `/v1/models`), with Ollama's field names and timing fields, NDJSON and SSE
 //! streaming. Behaviour is emulated, not computed: a node has a decode and a
@@ -12,6 +13,8 @@
 //!
 //! Generated text is deterministic (`tok0 tok1 …`) and so are embeddings (a
 //! function of the model and the input), so tests can check order and content.
+
+mod store;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -115,6 +118,12 @@ struct EmulatorState {
     loaded: Mutex<Vec<LoadedModel>>,
     served: AtomicU64,
     started: AtomicU64,
+    /// Pulls that reached the (emulated) registry.
+    pulls: AtomicU64,
+    /// Pushes to the (emulated) registry.
+    pushes: AtomicU64,
+    /// Uploaded blobs: digest and size.
+    blobs: Mutex<HashMap<String, u64>>,
 }
 
 #[derive(Clone, Debug)]
@@ -141,6 +150,9 @@ impl Emulator {
             loaded: Mutex::new(Vec::new()),
             served: AtomicU64::new(0),
             started: AtomicU64::new(0),
+            pulls: AtomicU64::new(0),
+            pushes: AtomicU64::new(0),
+            blobs: Mutex::new(HashMap::new()),
         });
         let listener = TcpListener::bind(address).await?;
         let address = listener.local_addr()?;
@@ -177,6 +189,21 @@ impl Emulator {
     /// Requests that reached a generate or embed handler, finished or not.
     pub fn started(&self) -> u64 {
         self.state.started.load(Ordering::Relaxed)
+    }
+
+    /// Pulls that went to the (emulated) registry.
+    pub fn registry_pulls(&self) -> u64 {
+        self.state.pulls.load(Ordering::Relaxed)
+    }
+
+    /// Pushes to the (emulated) registry.
+    pub fn registry_pushes(&self) -> u64 {
+        self.state.pushes.load(Ordering::Relaxed)
+    }
+
+    /// Installed models, `name:tag`, in the order they arrived.
+    pub fn models(&self) -> Vec<String> {
+        lock(&self.state.models).clone()
     }
 
     /// Models loaded now (not expired), most recently used first.
@@ -221,6 +248,14 @@ async fn serve(listener: TcpListener, state: Arc<EmulatorState>) {
         .route("/api/ps", get(ps))
         .route("/api/show", post(show))
         .route("/api/pull", post(pull))
+        .route("/api/delete", axum::routing::delete(store::delete))
+        .route("/api/copy", post(store::copy))
+        .route("/api/create", post(store::create))
+        .route("/api/push", post(store::push))
+        .route(
+            "/api/blobs/{digest}",
+            post(store::blob_upload).head(store::blob_exists),
+        )
         .route("/api/chat", post(chat))
         .route("/api/generate", post(generate))
         .route("/api/embed", post(embed))
@@ -517,6 +552,7 @@ async fn pull(State(state): State<Arc<EmulatorState>>, body: Bytes) -> Response 
         return error(StatusCode::BAD_REQUEST, "model is required");
     };
     let model = normalize(name);
+    state.pulls.fetch_add(1, Ordering::Relaxed);
     if state
         .config
         .not_in_registry

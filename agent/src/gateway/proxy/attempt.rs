@@ -69,9 +69,7 @@ impl Attempt<'_> {
             Ok(Ok(response)) => response,
         };
         let status = response.status();
-        // A pull that fails (no such model in the registry, no internet) says nothing about the
-        // node's health, and another node would fail it the same way: the answer goes to the client.
-        if status.is_server_error() && !self.kind.any_node {
+        if status.is_server_error() {
             let body = read_limited(response.into_body(), 4096)
                 .await
                 .unwrap_or_default();

@@ -108,7 +108,6 @@ async fn route(
     let selection = Selection {
         model: &request.model,
         requested_name: &request.requested_name,
-        any_node: request.kind.any_node,
         wanted_node: request.wanted_node.as_deref(),
         affine_node: request.conversation.and_then(|key| proxy.affinity.get(key)),
         strategy: request.strategy,

@@ -67,7 +67,7 @@ pub use warmup::WarmupConfig;
 
 /// Header that picks a strategy for one request.
 pub const STRATEGY_HEADER: &str = "x-sollol-strategy";
-/// Response header naming the node that answered (request header for `/api/pull`: the node to pull on).
+/// Response header naming the node that answered; as a request header, the node to send the request to.
 pub const NODE_HEADER: &str = "x-sollol-node";
 /// Response header with the routing decision's short reason.
 pub const DECISION_HEADER: &str = "x-sollol-decision";

@@ -48,23 +48,19 @@ pub(super) struct RouteKind {
     pub(super) learns: bool,
     /// Server-sent events rather than NDJSON.
     pub(super) sse: bool,
-    /// Any node may serve it, not only those that have the model (`/api/pull`).
-    pub(super) any_node: bool,
 }
 
 pub(super) fn route_kind(path: &str) -> Option<RouteKind> {
-    let kind = |stream_by_default, learns, sse, any_node| RouteKind {
+    let kind = |stream_by_default, learns, sse| RouteKind {
         stream_by_default,
         learns,
         sse,
-        any_node,
     };
     Some(match path {
-        "/api/chat" | "/api/generate" => kind(true, true, false, false),
-        "/api/embed" | "/api/embeddings" | "/api/show" => kind(false, false, false, false),
-        "/api/pull" => kind(true, false, false, true),
-        "/v1/chat/completions" | "/v1/completions" => kind(false, false, true, false),
-        "/v1/embeddings" => kind(false, false, false, false),
+        "/api/chat" | "/api/generate" => kind(true, true, false),
+        "/api/embed" | "/api/embeddings" | "/api/show" => kind(false, false, false),
+        "/v1/chat/completions" | "/v1/completions" => kind(false, false, true),
+        "/v1/embeddings" => kind(false, false, false),
         _ => return None,
     })
 }

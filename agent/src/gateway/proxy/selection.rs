@@ -47,7 +47,6 @@ struct Ranking {
 pub(super) struct Selection<'a> {
     pub(super) model: &'a str,
     pub(super) requested_name: &'a str,
-    pub(super) any_node: bool,
     pub(super) wanted_node: Option<&'a str>,
     /// The node that last served this conversation, if any.
     pub(super) affine_node: Option<String>,
@@ -103,7 +102,7 @@ impl Selection<'_> {
             .backends
             .iter()
             .enumerate()
-            .filter(|(_, backend)| self.any_node || backend.has_model(self.model))
+            .filter(|(_, backend)| backend.has_model(self.model))
             .filter(|(_, backend)| {
                 self.wanted_node
                     .is_none_or(|wanted| backend.name == wanted || backend.node_id == wanted)
@@ -111,7 +110,6 @@ impl Selection<'_> {
             .map(|(index, backend)| (index, self.candidate(proxy, &learned, backend)))
             .collect();
         if let Some(front) = proxy.settings.distributed_front.as_deref()
-            && !self.any_node
             && candidates
                 .iter()
                 .any(|(_, candidate)| candidate.node_id == front)
@@ -194,7 +192,6 @@ impl Selection<'_> {
         learned: &Learned,
     ) -> Option<Vec<(usize, Candidate)>> {
         if self.strategy != Strategy::Intelligent
-            || self.any_node
             || self.wanted_node.is_some()
             || proxy.settings.distributed_front.is_some()
             || view.backends.len() <= SHORTLIST_ABOVE

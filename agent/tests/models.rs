@@ -1,0 +1,311 @@
+//! Ollama's model management through the gateway, in front of emulated Ollama nodes behind real
+//! agents: pull, copy, delete, create, push and blobs, sent to the named nodes or to the nodes the
+//! change concerns, with several nodes' progress folded into one stream.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use sha2::Digest;
+use sollol_ollama_emulator::EmulatorConfig;
+
+mod support;
+
+use support::cluster::{Cluster, cluster_with};
+use support::{Answer, send};
+
+async fn three_nodes(not_in_registry_on_b: &[&str]) -> Cluster {
+    let nodes = ["a", "b", "c"].map(|name| EmulatorConfig {
+        name: name.to_owned(),
+        not_in_registry: if name == "b" {
+            not_in_registry_on_b
+                .iter()
+                .map(|model| (*model).to_owned())
+                .collect()
+        } else {
+            Vec::new()
+        },
+        ..EmulatorConfig::default()
+    });
+    cluster_with(&[], &nodes).await
+}
+
+async fn call(
+    cluster: &Cluster,
+    method: &str,
+    path: &str,
+    body: Value,
+    headers: &[(&str, &str)],
+) -> Answer {
+    send(
+        method,
+        &cluster.url(path),
+        serde_json::to_vec(&body).expect("json"),
+        headers,
+    )
+    .await
+}
+
+/// Which emulated nodes hold `model`, by name.
+fn holders(cluster: &Cluster, model: &str) -> Vec<String> {
+    cluster
+        .emulators
+        .iter()
+        .filter(|emulator| emulator.models().iter().any(|name| name == model))
+        .map(|emulator| emulator.name().to_owned())
+        .collect()
+}
+
+/// Waits until the coordinator's view shows `model` on exactly `nodes`.
+async fn until_the_view_shows(cluster: &Cluster, model: &str, nodes: &[&str]) {
+    let started = Instant::now();
+    loop {
+        let mut seen: Vec<String> = cluster
+            .coordinator
+            .view()
+            .backends
+            .iter()
+            .filter(|backend| backend.has_model(model))
+            .map(|backend| backend.name.clone())
+            .collect();
+        seen.sort();
+        if seen == nodes {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the view shows {model} on {seen:?}, not {nodes:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn lines(answer: &Answer) -> Vec<Value> {
+    answer
+        .text()
+        .lines()
+        .filter(|line| !line.trim().is_empty())
+        .map(|line| serde_json::from_str(line).expect("an NDJSON line"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pulls_copies_and_deletes_go_to_the_named_nodes_or_to_those_holding_the_model() {
+    let cluster = three_nodes(&["missing:7b"]).await;
+    // A pull fanned out to two nodes: one stream, each layer's bar adding up both nodes' bytes.
+    let pulled = call(
+        &cluster,
+        "POST",
+        "/api/pull",
+        json!({"model": "tinyllama:1b"}),
+        &[("x-sollol-nodes", "a, b")],
+    )
+    .await;
+    assert_eq!(pulled.status, 200, "{}", pulled.text());
+    assert_eq!(pulled.node.as_deref(), Some("a,b"));
+    let progress = lines(&pulled);
+    assert_eq!(
+        progress.last(),
+        Some(&json!({"status": "success"})),
+        "{progress:?}"
+    );
+    let layer = progress
+        .iter()
+        .rfind(|line| line.get("digest").is_some())
+        .expect("layer progress");
+    assert_eq!(layer["total"], 2 * 98_362_432u64, "{layer}");
+    assert_eq!(layer["completed"], layer["total"], "{layer}");
+    assert_eq!(holders(&cluster, "tinyllama:1b"), ["a", "b"]);
+    let registry: Vec<u64> = cluster
+        .emulators
+        .iter()
+        .map(|node| node.registry_pulls())
+        .collect();
+    assert_eq!(registry, [1, 1, 0]);
+    until_the_view_shows(&cluster, "tinyllama:1b", &["a", "b"]).await;
+
+    // Without a target a pull goes to the node that lacks the model.
+    let placed = call(
+        &cluster,
+        "POST",
+        "/api/pull",
+        json!({"model": "tinyllama:1b", "stream": false}),
+        &[],
+    )
+    .await;
+    assert_eq!(placed.status, 200, "{}", placed.text());
+    assert_eq!(placed.node.as_deref(), Some("c"));
+    assert_eq!(holders(&cluster, "tinyllama:1b"), ["a", "b", "c"]);
+    until_the_view_shows(&cluster, "tinyllama:1b", &["a", "b", "c"]).await;
+
+    // A copy goes to every holder of its source unless nodes are named; a delete likewise.
+    let copied = call(
+        &cluster,
+        "POST",
+        "/api/copy",
+        json!({"source": "tinyllama:1b", "destination": "mine:v1"}),
+        &[("x-sollol-nodes", "b,c")],
+    )
+    .await;
+    assert_eq!(copied.status, 200, "{}", copied.text());
+    assert_eq!(holders(&cluster, "mine:v1"), ["b", "c"]);
+    until_the_view_shows(&cluster, "mine:v1", &["b", "c"]).await;
+    let deleted = call(
+        &cluster,
+        "DELETE",
+        "/api/delete",
+        json!({"model": "mine:v1"}),
+        &[],
+    )
+    .await;
+    assert_eq!(deleted.status, 200, "{}", deleted.text());
+    assert_eq!(deleted.node.as_deref(), Some("b,c"));
+    assert!(holders(&cluster, "mine:v1").is_empty());
+    until_the_view_shows(&cluster, "mine:v1", &[]).await;
+    let again = call(
+        &cluster,
+        "DELETE",
+        "/api/delete",
+        json!({"model": "mine:v1"}),
+        &[],
+    )
+    .await;
+    assert_eq!(again.status, 404, "{}", again.text());
+    assert_eq!(again.json()["error"], "model 'mine:v1' not found");
+
+    // One node failing a fan-out is named, with the nodes that succeeded; the stream still ends.
+    let partly = call(
+        &cluster,
+        "POST",
+        "/api/pull",
+        json!({"model": "missing:7b"}),
+        &[("x-sollol-nodes", "all")],
+    )
+    .await;
+    assert_eq!(partly.status, 200, "{}", partly.text());
+    let last = lines(&partly).pop().expect("a last line");
+    let error = last["error"].as_str().expect("an error line");
+    assert!(
+        error.starts_with("failed on b: pull model manifest: file does not exist")
+            && error.ends_with("(done on a, c)"),
+        "{error}"
+    );
+    let unknown = call(
+        &cluster,
+        "POST",
+        "/api/pull",
+        json!({"model": "tinyllama:1b"}),
+        &[("x-sollol-node", "nosuch")],
+    )
+    .await;
+    assert_eq!(unknown.status, 404, "{}", unknown.text());
+    assert!(unknown.text().contains("up: a, b, c"), "{}", unknown.text());
+
+    // Names that are paths never reach a node.
+    let before: u64 = cluster
+        .emulators
+        .iter()
+        .map(|node| node.registry_pulls())
+        .sum();
+    for name in ["../../etc/passwd", "a/../../b", "bad\nname", "/abs:latest"] {
+        let refused = call(&cluster, "POST", "/api/pull", json!({"model": name}), &[]).await;
+        assert_eq!(refused.status, 400, "{name:?}: {}", refused.text());
+        let refused = call(
+            &cluster,
+            "POST",
+            "/api/copy",
+            json!({"source": "tinyllama:1b", "destination": name}),
+            &[],
+        )
+        .await;
+        assert_eq!(refused.status, 400, "{name:?}: {}", refused.text());
+    }
+    let after: u64 = cluster
+        .emulators
+        .iter()
+        .map(|node| node.registry_pulls())
+        .sum();
+    assert_eq!(before, after);
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_created_from_an_uploaded_blob_is_created_where_the_blob_is() {
+    let cluster = three_nodes(&[]).await;
+    let weights = b"GGUF emulated weights".repeat(1000);
+    let digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&weights)));
+    let blob = format!("/api/blobs/{digest}");
+    let head = send("HEAD", &cluster.url(&blob), Vec::new(), &[]).await;
+    assert_eq!(head.status, 404);
+    let uploaded = send(
+        "POST",
+        &cluster.url(&blob),
+        weights.clone(),
+        &[("x-sollol-node", "b")],
+    )
+    .await;
+    assert_eq!(uploaded.status, 201, "{}", uploaded.text());
+    let head = send("HEAD", &cluster.url(&blob), Vec::new(), &[]).await;
+    assert_eq!((head.status, head.node.as_deref()), (200, Some("b")));
+    // The node checks the digest; its refusal comes back as it gave it.
+    let wrong = send("POST", &cluster.url(&blob), b"other bytes".to_vec(), &[]).await;
+    assert_eq!(wrong.status, 400, "{}", wrong.text());
+    assert!(wrong.text().contains("digest mismatch"), "{}", wrong.text());
+
+    let created = call(
+        &cluster,
+        "POST",
+        "/api/create",
+        json!({"model": "uploaded", "files": {"model.gguf": digest}, "stream": false}),
+        &[],
+    )
+    .await;
+    assert_eq!(created.status, 200, "{}", created.text());
+    assert_eq!(created.node.as_deref(), Some("b"));
+    assert_eq!(holders(&cluster, "uploaded:latest"), ["b"]);
+    let missing = format!("sha256:{}", "0".repeat(64));
+    let refused = call(
+        &cluster,
+        "POST",
+        "/api/create",
+        json!({"model": "other", "files": {"model.gguf": missing}}),
+        &[],
+    )
+    .await;
+    assert_eq!(refused.status, 400, "{}", refused.text());
+    assert!(
+        refused.text().contains("upload it first"),
+        "{}",
+        refused.text()
+    );
+    // A model created from another goes where that one is: here, every node.
+    let derived = call(
+        &cluster,
+        "POST",
+        "/api/create",
+        json!({"model": "derived", "from": "smollm2:135m"}),
+        &[],
+    )
+    .await;
+    assert_eq!(derived.status, 200, "{}", derived.text());
+    assert_eq!(lines(&derived).last(), Some(&json!({"status": "success"})));
+    assert_eq!(holders(&cluster, "derived:latest"), ["a", "b", "c"]);
+
+    until_the_view_shows(&cluster, "uploaded:latest", &["b"]).await;
+    let pushed = call(
+        &cluster,
+        "POST",
+        "/api/push",
+        json!({"model": "uploaded"}),
+        &[],
+    )
+    .await;
+    assert_eq!(pushed.status, 200, "{}", pushed.text());
+    assert_eq!(pushed.node.as_deref(), Some("b"));
+    let pushes: Vec<u64> = cluster
+        .emulators
+        .iter()
+        .map(|node| node.registry_pushes())
+        .collect();
+    assert_eq!(pushes, [0, 1, 0]);
+    cluster.stop().await;
+}

@@ -1,0 +1,97 @@
+//! A coordinator with agents in front of emulated Ollama nodes, in this process, on 127.0.0.1.
+
+use std::time::{Duration, Instant};
+
+use sollol::app::{self, AgentHandle, CoordinatorHandle};
+use sollol::config::Config;
+use sollol_ollama_emulator::{Emulator, EmulatorConfig};
+
+/// A coordinator and one agent per emulated Ollama node, on loopback.
+pub struct Cluster {
+    pub coordinator: CoordinatorHandle,
+    pub agents: Vec<AgentHandle>,
+    pub emulators: Vec<Emulator>,
+    /// The coordinator's data directory first, then each agent's.
+    pub dirs: Vec<tempfile::TempDir>,
+}
+
+/// The test defaults for a coordinator or agent named `name`, with `extra` over them.
+pub fn config(data_dir: &std::path::Path, name: &str, extra: &[(&'static str, &str)]) -> Config {
+    let data_dir = data_dir.display().to_string();
+    let mut pairs: Vec<(&'static str, &str)> = vec![
+        ("data_dir", &data_dir),
+        ("coordinator.gateway_bind", "127.0.0.1:0"),
+        ("coordinator.cluster_bind", "127.0.0.1:0"),
+        ("coordinator.max_request_body", "65536"),
+        // Hedging races two nodes, which makes "which node answered" timing-dependent; its own test turns it on.
+        ("coordinator.hedging", "false"),
+        ("agent.name", name),
+        ("agent.heartbeat_interval", "200ms"),
+        // Tests stay on loopback: no mDNS on the machine's interfaces.
+        ("discovery.mdns", "false"),
+    ];
+    pairs.extend_from_slice(extra);
+    Config::from_pairs(&pairs).expect("valid test config")
+}
+
+/// A coordinator with `coordinator_pairs` over the test defaults, and one agent per emulated node.
+pub async fn cluster_with(
+    coordinator_pairs: &[(&'static str, &str)],
+    nodes: &[EmulatorConfig],
+) -> Cluster {
+    let mut dirs = vec![tempfile::tempdir().expect("tempdir")];
+    let coordinator =
+        app::start_coordinator(&config(dirs[0].path(), "coordinator", coordinator_pairs))
+            .await
+            .expect("coordinator");
+    let mut agents = Vec::new();
+    let mut emulators = Vec::new();
+    for node in nodes {
+        let name = node.name.as_str();
+        let emulator = Emulator::start(node.clone()).await.expect("emulator");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = emulator.url();
+        let agent_config = config(dir.path(), name, &[("agent.ollama_url", &url)]);
+        agents.push(
+            app::start_agent(
+                &agent_config,
+                coordinator.cluster_address.to_string(),
+                coordinator.token.clone(),
+            )
+            .await
+            .expect("agent"),
+        );
+        emulators.push(emulator);
+        dirs.push(dir);
+    }
+    let started = Instant::now();
+    while coordinator.view().backends.len() < nodes.len() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "backends never appeared"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Cluster {
+        coordinator,
+        agents,
+        emulators,
+        dirs,
+    }
+}
+
+impl Cluster {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.coordinator.gateway_address)
+    }
+
+    pub async fn stop(self) {
+        for agent in self.agents {
+            agent
+                .stop(Duration::from_secs(5))
+                .await
+                .expect("stop agent");
+        }
+        self.coordinator.shutdown(Duration::from_secs(5)).await;
+    }
+}
