@@ -309,3 +309,19 @@ async fn a_model_created_from_an_uploaded_blob_is_created_where_the_blob_is() {
     assert_eq!(pushes, [0, 1, 0]);
     cluster.stop().await;
 }
+
+/// The official `ollama` Python client, pointed at the gateway: pull on every node with one progress
+/// stream, copy, delete, create from an uploaded file, a refused name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_ollama_client_manages_models_through_the_gateway() {
+    let cluster = three_nodes(&[]).await;
+    let gateway = cluster.url("");
+    support::run_client_script(
+        "model_management.py",
+        &[&gateway],
+        "model management: 4 passed, 0 failed",
+    )
+    .await;
+    assert_eq!(holders(&cluster, "tinyllama:1b"), ["a", "b", "c"]);
+    cluster.stop().await;
+}
