@@ -36,6 +36,8 @@ pub enum HttpError {
 #[derive(Clone, Debug)]
 pub struct HttpClient {
     client: Client<HttpConnector, Empty<Bytes>>,
+    /// Sent as `Authorization: Bearer KEY` with every request, when set.
+    key: Option<String>,
 }
 
 impl Default for HttpClient {
@@ -57,7 +59,15 @@ impl HttpClient {
                 .pool_idle_timeout(idle_timeout)
                 .pool_max_idle_per_host(idle)
                 .build(connector),
+            key: None,
         }
+    }
+
+    /// The same client, sending `key` as a bearer token (the operator commands, when the coordinator
+    /// has API keys).
+    pub fn with_key(mut self, key: Option<&str>) -> Self {
+        self.key = key.map(str::to_owned);
+        self
     }
 
     /// GETs `url` and decodes its JSON body as `T`.
@@ -111,9 +121,11 @@ impl HttpClient {
             });
         }
         let exchange = async {
-            let request = hyper::Request::builder()
-                .method(method)
-                .uri(uri)
+            let mut request = hyper::Request::builder().method(method).uri(uri);
+            if let Some(key) = &self.key {
+                request = request.header(hyper::header::AUTHORIZATION, format!("Bearer {key}"));
+            }
+            let request = request
                 .body(Empty::new())
                 .map_err(|error| HttpError::InvalidUrl {
                     url: url.to_owned(),

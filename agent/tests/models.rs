@@ -325,3 +325,70 @@ async fn the_official_ollama_client_manages_models_through_the_gateway() {
     assert_eq!(holders(&cluster, "tinyllama:1b"), ["a", "b", "c"]);
     cluster.stop().await;
 }
+
+/// `sollol models`, `sollol pull` and `sollol rm`, the built binary against the gateway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_model_commands_show_pull_and_remove() {
+    let cluster = three_nodes(&[]).await;
+    let url = cluster.url("");
+    let data_dir = tempfile::tempdir().expect("tempdir");
+    let sollol = |args: &[&str]| {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_sollol"));
+        command
+            .args(args)
+            .args(["--url", &url])
+            .env("SOLLOL_DATA_DIR", data_dir.path());
+        async move {
+            let output = command.output().await.expect("run sollol");
+            (
+                output.status.code(),
+                String::from_utf8_lossy(&output.stdout).into_owned(),
+                String::from_utf8_lossy(&output.stderr).into_owned(),
+            )
+        }
+    };
+    let (code, table, _) = sollol(&["models"]).await;
+    assert_eq!(code, Some(0));
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(
+        lines
+            .first()
+            .map(|line| line.split_whitespace().collect::<Vec<_>>()),
+        Some(vec!["MODEL", "SIZE", "a", "b", "c"]),
+        "{table}"
+    );
+    assert!(
+        lines.iter().any(|line| line.starts_with("smollm2:135m")
+            && line.split_whitespace().skip(3).collect::<Vec<_>>() == ["yes", "yes", "yes"]),
+        "{table}"
+    );
+
+    let (code, out, err) = sollol(&["pull", "tinyllama:1b", "--nodes", "a,b"]).await;
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert_eq!(out.trim(), "pulled tinyllama:1b onto a, b");
+    assert!(
+        err.contains("100% of"),
+        "plain progress lines when not a terminal: {err}"
+    );
+    until_the_view_shows(&cluster, "tinyllama:1b", &["a", "b"]).await;
+    let (code, json, _) = sollol(&["models", "--json"]).await;
+    assert_eq!(code, Some(0));
+    let matrix: Value = serde_json::from_str(&json).expect("json");
+    let row = matrix["models"]
+        .as_array()
+        .and_then(|rows| rows.iter().find(|row| row["model"] == "tinyllama:1b"))
+        .expect("a row for tinyllama");
+    assert_eq!(row["on"], json!(["present", "present", "absent"]));
+
+    let (code, out, err) = sollol(&["rm", "tinyllama:1b"]).await;
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert_eq!(out.trim(), "removed tinyllama:1b from a, b");
+    until_the_view_shows(&cluster, "tinyllama:1b", &[]).await;
+    let (code, _, err) = sollol(&["rm", "tinyllama:1b"]).await;
+    assert_eq!(code, Some(1));
+    assert!(err.contains("model 'tinyllama:1b' not found"), "{err}");
+    let (code, _, err) = sollol(&["pull", "../../etc/passwd"]).await;
+    assert_eq!(code, Some(1));
+    assert!(err.contains("invalid model name"), "{err}");
+    cluster.stop().await;
+}

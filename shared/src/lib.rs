@@ -9,6 +9,7 @@ pub mod api;
 pub mod digest;
 pub mod hardware;
 pub mod layers;
+pub mod model_matrix;
 pub mod model_name;
 pub mod protocol;
 

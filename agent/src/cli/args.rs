@@ -64,6 +64,27 @@ pub enum Command {
     /// Show what a running coordinator found by scanning address ranges (`discovery.scan`), and why
     /// the rest did not count.
     Discover(ClientArgs),
+    /// Show which node holds which model: a model × node matrix (loaded, present, absent).
+    Models(ClientArgs),
+    /// Pull a model onto the cluster through the gateway, with progress: onto the best node for a new
+    /// copy, or onto the nodes named.
+    Pull {
+        /// The model, `name:tag` as Ollama's registry names it.
+        model: String,
+        #[command(flatten)]
+        nodes: NodesArgs,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Remove a model from every node that holds it, or from the nodes named.
+    Rm {
+        /// The model, `name:tag`.
+        model: String,
+        #[command(flatten)]
+        nodes: NodesArgs,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Plan and load a distributed model on the agents now, with progress, and show the plan.
     Distribute {
         /// A model of `distributed.models`, `name:tag`.
@@ -112,6 +133,14 @@ pub struct AgentArgs {
     /// Cap of the reconnect backoff, e.g. 30s. Env: SOLLOL_RECONNECT_MAX_BACKOFF.
     #[arg(long, value_name = "DURATION")]
     pub reconnect_max_backoff: Option<String>,
+}
+
+/// Which nodes a model command acts on (sent as `X-Sollol-Nodes`).
+#[derive(Debug, Args)]
+pub struct NodesArgs {
+    /// `all`, a number of nodes (the best ones for a new copy) or names, comma-separated.
+    #[arg(long, value_name = "all|N|NAME,NAME")]
+    pub nodes: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -179,6 +208,9 @@ impl Cli {
             }
             Command::Status(client)
             | Command::Nodes(client)
+            | Command::Models(client)
+            | Command::Pull { client, .. }
+            | Command::Rm { client, .. }
             | Command::Discover(client)
             | Command::Distribute { client, .. } => push("coordinator_url", client.url.clone()),
             Command::Token | Command::PrintConfig | Command::Version | Command::InstallScript => {}

@@ -19,7 +19,7 @@ use crate::cluster::identity::ClusterToken;
 use crate::config::{self, Config, RawConfig};
 use crate::http_client::HttpClient;
 
-const API_TIMEOUT: Duration = Duration::from_secs(5);
+pub(super) const API_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// `scripts/install-agent.sh`, shipped inside the binary so that a copied binary can install itself.
 pub const INSTALL_SCRIPT: &str = include_str!("../../../scripts/install-agent.sh");
@@ -59,6 +59,13 @@ pub async fn run(command: Command, raw: &RawConfig, config: Config) -> ExitCode 
         Command::Status(client) => status(&config, client.json).await,
         Command::Nodes(client) => nodes(&config, client.json).await,
         Command::Discover(client) => discover(&config, client.json).await,
+        Command::Models(client) => super::models::models(&config, client.json).await,
+        Command::Pull { model, nodes, .. } => {
+            super::models::pull(&config, &model, nodes.nodes.as_deref()).await
+        }
+        Command::Rm { model, nodes, .. } => {
+            super::models::remove(&config, &model, nodes.nodes.as_deref()).await
+        }
         Command::Distribute { model, client } => distribute(&config, &model, client.json).await,
         Command::Coordinator { .. } => serve(&config, false).await,
         Command::Up { .. } => serve(&config, true).await,
@@ -205,7 +212,11 @@ async fn show<T: serde::de::DeserializeOwned + serde::Serialize>(
     render: impl FnOnce(&T) -> String,
 ) -> ExitCode {
     let url = format!("{}{API_PREFIX}/{path}", config.coordinator_url);
-    match HttpClient::default().get_json::<T>(&url, API_TIMEOUT).await {
+    match HttpClient::default()
+        .with_key(config.api_key.as_deref())
+        .get_json::<T>(&url, API_TIMEOUT)
+        .await
+    {
         Ok(value) if json => print_json(&value),
         Ok(value) => {
             print!("{}", terminal_safe(&render(&value)));
@@ -235,8 +246,8 @@ async fn distribute(config: &Config, model: &str, json: bool) -> ExitCode {
     // The plan's progress, from the coordinator's API while the plan is made.
     let list_url = format!("{}{API_PREFIX}/distributed", config.coordinator_url);
     let wanted = sollol_shared::model_name::normalize(model);
+    let client = HttpClient::default().with_key(config.api_key.as_deref());
     let poller = tokio::spawn(async move {
-        let client = HttpClient::default();
         let mut shown = String::new();
         loop {
             tokio::time::sleep(Duration::from_millis(250)).await;
@@ -265,6 +276,7 @@ async fn distribute(config: &Config, model: &str, json: bool) -> ExitCode {
         }
     });
     let planned = HttpClient::default()
+        .with_key(config.api_key.as_deref())
         .post_json::<sollol_shared::api::DistributedModel>(&url, PLAN_TIMEOUT)
         .await;
     poller.abort();
@@ -337,7 +349,7 @@ fn start_failed(error: &StartError) -> ExitCode {
     }
 }
 
-fn fail(error: &dyn std::fmt::Display) -> ExitCode {
+pub(super) fn fail(error: &dyn std::fmt::Display) -> ExitCode {
     eprintln!("error: {}", terminal_safe(&error.to_string()));
     ExitCode::from(EXIT_FAILURE)
 }

@@ -3,11 +3,13 @@
 //! Exit codes: 0 success, 64 bad usage or configuration, 1 start-up or run-time failure.
 //!
 //! The files keep commands and terminal rendering apart: `args` defines the arguments and the
-//! configuration they give, `commands` runs each command, and `render` turns the coordinator's
+//! configuration they give, `commands` runs each command, `models` the model commands (`models`,
+//! `pull`, `rm`: the matrix, and changes through the gateway with progress), and `render` turns the coordinator's
 //! answers into the text and tables a person reads (pure functions, unit-tested).
 
 mod args;
 mod commands;
+mod models;
 mod render;
 
 pub use args::{AgentArgs, Cli, ClientArgs, Command, CoordinatorArgs, load_config, parse};

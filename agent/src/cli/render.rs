@@ -402,24 +402,28 @@ pub fn render_nodes(nodes: &[Node], now_ms: u64) -> String {
             ]
         })
         .collect();
-    let mut widths = header.map(|title| title.chars().count());
-    for row in &rows {
+    let mut table_rows = vec![header.map(str::to_owned).to_vec()];
+    table_rows.extend(rows.into_iter().map(|row| row.to_vec()));
+    table(&table_rows)
+}
+
+/// Rows as left-aligned columns two spaces apart, the first row being the header.
+pub(super) fn table(rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = Vec::new();
+    for row in rows {
+        widths.resize(widths.len().max(row.len()), 0);
         for (width, cell) in widths.iter_mut().zip(row) {
             *width = (*width).max(cell.chars().count());
         }
     }
     let mut text = String::new();
-    let mut line = |cells: Vec<&str>| {
-        let padded: Vec<String> = cells
+    for row in rows {
+        let padded: Vec<String> = row
             .iter()
-            .zip(widths)
+            .zip(&widths)
             .map(|(cell, width)| format!("{cell:<width$}"))
             .collect();
         let _ = writeln!(text, "{}", padded.join("  ").trim_end());
-    };
-    line(header.to_vec());
-    for row in &rows {
-        line(row.iter().map(String::as_str).collect());
     }
     text
 }

@@ -47,6 +47,12 @@ pub const KEYS: &[KeySpec] = &[
         doc: "Where `sollol status` and `sollol nodes` find the coordinator's HTTP API. Default: `http://` plus `coordinator.gateway_bind`, with an unspecified address replaced by 127.0.0.1.",
     },
     KeySpec {
+        key: "api_key",
+        env: "SOLLOL_API_KEY",
+        default: None,
+        doc: "The key the client commands (`sollol status`, `nodes`, `models`, `pull`, `rm`, `distribute`) send as `Authorization: Bearer KEY` when the coordinator has `coordinator.api_keys` or `coordinator.admin_keys`; `pull` and `rm` need an admin key. Unset: no key is sent.",
+    },
+    KeySpec {
         key: "coordinator.gateway_bind",
         env: "SOLLOL_GATEWAY_BIND",
         default: Some("127.0.0.1:11435"),

@@ -20,7 +20,10 @@ impl RawConfig {
                 Some((value, source)) => {
                     let shown = if matches!(
                         spec.key,
-                        "agent.token" | "coordinator.api_keys" | "coordinator.admin_keys"
+                        "agent.token"
+                            | "api_key"
+                            | "coordinator.api_keys"
+                            | "coordinator.admin_keys"
                     ) {
                         "<set, hidden>".to_owned()
                     } else {

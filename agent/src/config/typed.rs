@@ -15,6 +15,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     pub model_sharding_enabled: bool,
     pub coordinator_url: String,
+    /// The key the client commands send, if any.
+    pub api_key: Option<String>,
     pub coordinator: CoordinatorConfig,
     pub agent: AgentConfig,
     pub engine: EngineConfig,

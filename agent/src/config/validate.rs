@@ -48,6 +48,11 @@ impl TryFrom<&RawConfig> for Config {
             })?,
             model_sharding_enabled,
             coordinator_url,
+            api_key: reader
+                .text("api_key")
+                .map(str::trim)
+                .filter(|key| !key.is_empty())
+                .map(str::to_owned),
             data_dir,
             coordinator,
             agent,

@@ -1,0 +1,364 @@
+//! The model commands: `sollol models` (which node holds which model), `sollol pull` and `sollol rm`
+//! (through the gateway's model management, so they go where a client's request would), with progress
+//! bars on a terminal and plain lines otherwise.
+
+use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use serde_json::{Value, json};
+use sollol_shared::api::{API_PREFIX, NodeList};
+use sollol_shared::model_matrix::{ModelMatrix, Presence};
+
+use super::EXIT_FAILURE;
+use super::commands::{API_TIMEOUT, fail};
+use super::render::{table, terminal_safe};
+use crate::config::Config;
+use crate::http_client::{HttpClient, error_chain};
+
+/// How long the coordinator may take to answer a removal (it asks every node that holds the model).
+const REMOVE_TIMEOUT: Duration = Duration::from_secs(120);
+
+pub(super) async fn models(config: &Config, json: bool) -> ExitCode {
+    let url = format!("{}{API_PREFIX}/nodes", config.coordinator_url);
+    let client = HttpClient::default().with_key(config.api_key.as_deref());
+    match client.get_json::<NodeList>(&url, API_TIMEOUT).await {
+        Ok(list) => {
+            let matrix = ModelMatrix::of(&list.nodes);
+            if json {
+                match serde_json::to_string_pretty(&matrix) {
+                    Ok(text) => println!("{text}"),
+                    Err(error) => return fail(&error),
+                }
+            } else {
+                print!("{}", terminal_safe(&render_models(&matrix)));
+            }
+            ExitCode::SUCCESS
+        }
+        Err(error) => fail(&error),
+    }
+}
+
+/// The matrix as a table: a row per model, a column per node, `loaded`, `yes` or `-` in each cell.
+pub fn render_models(matrix: &ModelMatrix) -> String {
+    if matrix.nodes.is_empty() {
+        return "no node with a reachable Ollama is up\n".to_owned();
+    }
+    if matrix.models.is_empty() {
+        return format!(
+            "no models on {}: `sollol pull MODEL` puts one on the cluster\n",
+            matrix.nodes.join(", ")
+        );
+    }
+    let mut rows = vec![
+        ["MODEL", "SIZE"]
+            .into_iter()
+            .map(str::to_owned)
+            .chain(matrix.nodes.iter().cloned())
+            .collect::<Vec<String>>(),
+    ];
+    for row in &matrix.models {
+        let cells = row.on.iter().map(|presence| {
+            match presence {
+                Presence::Loaded => "loaded",
+                Presence::Present => "yes",
+                Presence::Absent => "-",
+            }
+            .to_owned()
+        });
+        rows.push(
+            [row.model.clone(), size(row.size_bytes)]
+                .into_iter()
+                .chain(cells)
+                .collect(),
+        );
+    }
+    table(&rows)
+}
+
+fn size(bytes: u64) -> String {
+    let mib = bytes as f64 / (1024.0 * 1024.0);
+    if mib >= 1024.0 {
+        format!("{:.1} GiB", mib / 1024.0)
+    } else {
+        format!("{mib:.0} MiB")
+    }
+}
+
+/// A request to the gateway's model management.
+fn request(
+    config: &Config,
+    method: hyper::Method,
+    path: &str,
+    body: &Value,
+    nodes: Option<&str>,
+) -> Result<hyper::Request<Full<Bytes>>, String> {
+    let mut request = hyper::Request::builder()
+        .method(method)
+        .uri(format!("{}{path}", config.coordinator_url))
+        .header(hyper::header::CONTENT_TYPE, "application/json");
+    if let Some(key) = &config.api_key {
+        request = request.header(hyper::header::AUTHORIZATION, format!("Bearer {key}"));
+    }
+    if let Some(nodes) = nodes {
+        request = request.header("x-sollol-nodes", nodes);
+    }
+    request
+        .body(Full::new(Bytes::from(body.to_string())))
+        .map_err(|error| error.to_string())
+}
+
+fn client() -> Client<HttpConnector, Full<Bytes>> {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(Duration::from_secs(5)));
+    Client::builder(TokioExecutor::new()).build(connector)
+}
+
+/// The `error` of an answer that is not a success, or its status and text.
+async fn failure(response: hyper::Response<hyper::body::Incoming>) -> String {
+    let status = response.status();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map(|collected| collected.to_bytes())
+        .unwrap_or_default();
+    serde_json::from_slice::<Value>(&body)
+        .ok()
+        .and_then(|value| value.get("error")?.as_str().map(str::to_owned))
+        .unwrap_or_else(|| {
+            format!(
+                "HTTP {}: {}",
+                status.as_u16(),
+                String::from_utf8_lossy(&body).trim()
+            )
+        })
+}
+
+fn nodes_of(response: &hyper::Response<hyper::body::Incoming>) -> String {
+    response
+        .headers()
+        .get("x-sollol-node")
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or("?")
+        .replace(',', ", ")
+}
+
+pub(super) async fn pull(config: &Config, model: &str, nodes: Option<&str>) -> ExitCode {
+    let request = match request(
+        config,
+        hyper::Method::POST,
+        "/api/pull",
+        &json!({"model": model}),
+        nodes,
+    ) {
+        Ok(request) => request,
+        Err(error) => return fail(&error),
+    };
+    let response = match client().request(request).await {
+        Ok(response) => response,
+        Err(error) => {
+            return fail(&format!(
+                "cannot reach {}: {}",
+                config.coordinator_url,
+                error_chain(&error)
+            ));
+        }
+    };
+    if !response.status().is_success() {
+        return fail(&failure(response).await);
+    }
+    let targets = nodes_of(&response);
+    eprintln!("pulling {model} onto {targets}");
+    let mut shown = Shown::new(std::io::stderr().is_terminal());
+    let mut body = response.into_body();
+    let mut pending: Vec<u8> = Vec::new();
+    let mut last: Option<Value> = None;
+    loop {
+        match body.frame().await {
+            None => break,
+            Some(Err(error)) => {
+                shown.finish();
+                return fail(&format!("the stream broke off: {}", error_chain(&error)));
+            }
+            Some(Ok(frame)) => {
+                let Ok(data) = frame.into_data() else {
+                    continue;
+                };
+                pending.extend_from_slice(&data);
+                while let Some(end) = pending.iter().position(|byte| *byte == b'\n') {
+                    let line: Vec<u8> = pending.drain(..=end).collect();
+                    if let Ok(value) = serde_json::from_slice::<Value>(&line) {
+                        shown.line(&value);
+                        last = Some(value);
+                    }
+                }
+            }
+        }
+    }
+    shown.finish();
+    match last {
+        Some(value) if value["status"] == "success" => {
+            println!("pulled {model} onto {targets}");
+            ExitCode::SUCCESS
+        }
+        Some(value) if value.get("error").is_some() => {
+            eprintln!(
+                "error: {}",
+                terminal_safe(value["error"].as_str().unwrap_or("failed"))
+            );
+            ExitCode::from(EXIT_FAILURE)
+        }
+        _ => fail(&"the pull's stream ended without success"),
+    }
+}
+
+/// Progress as it is shown: a bar per layer on a terminal, else a line per step and per quarter of
+/// each layer.
+struct Shown {
+    bars: Option<MultiProgress>,
+    layers: HashMap<String, (ProgressBar, u64)>,
+}
+
+impl Shown {
+    fn new(terminal: bool) -> Self {
+        Self {
+            bars: terminal.then(MultiProgress::new),
+            layers: HashMap::new(),
+        }
+    }
+
+    fn line(&mut self, value: &Value) {
+        let status = value["status"].as_str().unwrap_or_default();
+        let digest = value["digest"].as_str();
+        let (total, completed) = (value["total"].as_u64(), value["completed"].as_u64());
+        let (Some(digest), Some(total)) = (digest, total) else {
+            if !status.is_empty() && status != "success" {
+                self.say(&terminal_safe(status));
+            }
+            return;
+        };
+        let completed = completed.unwrap_or(0).min(total);
+        let short: String = digest
+            .trim_start_matches("sha256:")
+            .chars()
+            .take(12)
+            .collect();
+        let bars = self.bars.clone();
+        let (bar, quarter) = self.layers.entry(short.clone()).or_insert_with(|| {
+            let bar = ProgressBar::new(total);
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{msg} {bar:40} {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            bar.set_message(format!("pulling {short}"));
+            let bar = match &bars {
+                Some(bars) => bars.add(bar),
+                None => {
+                    bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+                    bar
+                }
+            };
+            (bar, 0)
+        });
+        bar.set_length(total);
+        bar.set_position(completed);
+        if self.bars.is_none() {
+            let reached = completed * 4 / total.max(1);
+            if reached > *quarter {
+                *quarter = reached;
+                eprintln!(
+                    "pulling {short}: {}% of {}",
+                    completed * 100 / total.max(1),
+                    size(total)
+                );
+            }
+        }
+    }
+
+    fn say(&self, text: &str) {
+        match &self.bars {
+            Some(bars) => {
+                let _ = bars.println(text);
+            }
+            None => eprintln!("{text}"),
+        }
+    }
+
+    fn finish(&mut self) {
+        for (bar, _) in self.layers.values() {
+            bar.finish();
+        }
+    }
+}
+
+pub(super) async fn remove(config: &Config, model: &str, nodes: Option<&str>) -> ExitCode {
+    let request = match request(
+        config,
+        hyper::Method::DELETE,
+        "/api/delete",
+        &json!({"model": model}),
+        nodes,
+    ) {
+        Ok(request) => request,
+        Err(error) => return fail(&error),
+    };
+    match tokio::time::timeout(REMOVE_TIMEOUT, client().request(request)).await {
+        Err(_) => fail(&format!(
+            "no answer from {} within {} s",
+            config.coordinator_url,
+            REMOVE_TIMEOUT.as_secs()
+        )),
+        Ok(Err(error)) => fail(&format!(
+            "cannot reach {}: {}",
+            config.coordinator_url,
+            error_chain(&error)
+        )),
+        Ok(Ok(response)) if response.status().is_success() => {
+            println!("removed {model} from {}", nodes_of(&response));
+            ExitCode::SUCCESS
+        }
+        Ok(Ok(response)) => fail(&failure(response).await),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sollol_shared::model_matrix::ModelRow;
+
+    #[test]
+    fn the_matrix_has_a_column_per_node_and_a_row_per_model() {
+        let matrix = ModelMatrix {
+            nodes: vec!["gpu-1".to_owned(), "pi".to_owned()],
+            models: vec![
+                ModelRow {
+                    model: "llama3.2:3b".to_owned(),
+                    size_bytes: 2 * 1024 * 1024 * 1024,
+                    on: vec![Presence::Loaded, Presence::Absent],
+                },
+                ModelRow {
+                    model: "smollm2:135m".to_owned(),
+                    size_bytes: 270 * 1024 * 1024,
+                    on: vec![Presence::Present, Presence::Present],
+                },
+            ],
+        };
+        assert_eq!(
+            render_models(&matrix),
+            "MODEL         SIZE     gpu-1   pi\n\
+             llama3.2:3b   2.0 GiB  loaded  -\n\
+             smollm2:135m  270 MiB  yes     yes\n"
+        );
+        assert!(render_models(&ModelMatrix::default()).starts_with("no node"));
+    }
+}
