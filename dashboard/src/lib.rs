@@ -7,7 +7,7 @@
 //! the page loads nothing from other hosts.
 //!
 //! `store` holds the signals and feeds them (JSON reads, the live event stream), `components` draws
-//! the page from them, and `format` formats figures and chart geometry.
+//! the pages from them (the overview, a node's page, the models matrix), and `format` formats figures and chart geometry.
 
 mod components;
 mod format;
@@ -15,7 +15,7 @@ mod store;
 
 use leptos::prelude::*;
 
-use components::{ConnectionBadge, NodePage, Overview, SignInForm};
+use components::{ConnectionBadge, ModelsPage, NodePage, Overview, SignInForm};
 use store::{
     Access, DETAIL_EVERY_MS, Route, STATS_EVERY_MS, Store, check_access, connect_live, load_detail,
     load_snapshot, load_stats, location_hash,
@@ -30,6 +30,10 @@ pub fn App() -> impl IntoView {
         <header>
             <a class="brand" href="#/">"sollol"</a>
             <span class="subtitle">"cluster dashboard"</span>
+            <nav>
+                <a href="#/" id="nodes-link" aria-current=move || (store.route.get() == Route::Overview).then_some("page")>"Nodes"</a>
+                <a href="#/models" id="models-link" aria-current=move || (store.route.get() == Route::Models).then_some("page")>"Models"</a>
+            </nav>
             <ConnectionBadge store=store/>
         </header>
         {move || store.error.get().map(|error| view! {
@@ -40,6 +44,7 @@ pub fn App() -> impl IntoView {
                 (Access::SignInNeeded, _) => view! { <SignInForm/> }.into_any(),
                 (Access::Checking, _) => view! { <p>"Connecting…"</p> }.into_any(),
                 (Access::Granted(_), Route::Overview) => view! { <Overview store=store/> }.into_any(),
+                (Access::Granted(_), Route::Models) => view! { <ModelsPage store=store/> }.into_any(),
                 (Access::Granted(_), Route::Node(id)) => view! { <NodePage store=store id=id/> }.into_any(),
             }}
         </main>

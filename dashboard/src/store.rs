@@ -32,12 +32,17 @@ pub(crate) enum Connection {
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) enum Route {
     Overview,
+    Models,
     Node(String),
 }
 
 impl Route {
     pub(crate) fn from_hash(hash: &str) -> Self {
-        match hash.trim_start_matches('#').strip_prefix("/node/") {
+        let path = hash.trim_start_matches('#');
+        if path == "/models" {
+            return Self::Models;
+        }
+        match path.strip_prefix("/node/") {
             Some(id) if !id.is_empty() => Self::Node(id.to_owned()),
             _ => Self::Overview,
         }

@@ -53,6 +53,28 @@ await attempt('node cards show RAM from the agents', async () => {
   check('node cards show RAM from the agents', text.includes('RAM') && text.includes(`/ ${total}`), `${total} not in ${text}`);
 });
 
+// The models page: which node holds which model, updated live when a pull through the gateway lands.
+await attempt('the models page shows each model on each node, live', async () => {
+  await page.click('#models-link');
+  await page.waitForSelector('#model-matrix tr[data-model="smollm2:135m"]', { timeout: 10000 });
+  const header = await page.$$eval('#model-matrix thead th', (cells) => cells.map((cell) => cell.textContent));
+  check('the models page has a column per node', JSON.stringify(header) === JSON.stringify(['Model', 'Size', 'browser-node-a', 'browser-node-b']), JSON.stringify(header));
+  const pulled = await fetch(`${gateway}/api/pull`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json', 'x-sollol-node': 'browser-node-a' },
+    body: JSON.stringify({ model: 'tinyllama:1b', stream: false }),
+  });
+  check('a pull through the gateway succeeds', pulled.status === 200, `${pulled.status} ${await pulled.text()}`);
+  await page.waitForSelector('#model-matrix tr[data-model="tinyllama:1b"]', { timeout: 10000 });
+  const cells = await page.$$eval('#model-matrix tr[data-model="tinyllama:1b"] td', (tds) => tds.map((td) => td.className));
+  check('the pulled model shows on its node only', cells[2] === 'present' && cells[3] === 'absent', JSON.stringify(cells));
+  await page.screenshot({ path: `${outDir}/dashboard-models.png`, fullPage: true });
+  const width = await page.evaluate(() => document.documentElement.scrollWidth);
+  check('the models page fits 360 px', width <= 360, `scroll width ${width}`);
+  await page.click('#nodes-link');
+  await page.waitForSelector('article.card[data-name="browser-node-a"]', { timeout: 10000 });
+});
+
 await attempt('the live stream connects', async () => {
   await page.waitForSelector('#connection.live', { timeout: 10000 });
   check('the live stream connects', true);

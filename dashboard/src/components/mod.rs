@@ -1,9 +1,10 @@
 //! The page's components: the header's connection badge and the overview with its summary and window
 //! picker; the child modules hold the node cards, the pipelines, the charts, the tables, the request
-//! feed, the node page and the sign-in form.
+//! feed, the node page, the models page and the sign-in form.
 
 mod charts;
 mod feed;
+mod models;
 mod node_page;
 mod nodes;
 mod pipeline;
@@ -16,6 +17,7 @@ use sollol_shared::api::{NodeStatus, Stats, StatsWindow};
 use crate::store::{Connection, Store, load_stats};
 use charts::Charts;
 use feed::Feed;
+pub(crate) use models::ModelsPage;
 pub(crate) use node_page::NodePage;
 use nodes::NodeCards;
 use pipeline::Pipelines;
