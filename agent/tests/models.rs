@@ -392,3 +392,58 @@ async fn the_model_commands_show_pull_and_remove() {
     assert!(err.contains("invalid model name"), "{err}");
     cluster.stop().await;
 }
+
+/// Ollama's unload (a load-only request with `keep_alive: 0`, as Open WebUI and `ollama stop` send it)
+/// reaches every node that has the model loaded, not only the one routing would pick.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unload_reaches_every_node_that_has_the_model_loaded() {
+    let cluster = three_nodes(&[]).await;
+    for node in ["a", "b"] {
+        let loaded = call(
+            &cluster,
+            "POST",
+            "/api/generate",
+            json!({"model": "smollm2:135m"}),
+            &[("x-sollol-node", node)],
+        )
+        .await;
+        assert_eq!(loaded.status, 200, "{}", loaded.text());
+    }
+    let started = Instant::now();
+    while cluster
+        .coordinator
+        .view()
+        .backends
+        .iter()
+        .filter(|backend| backend.has_loaded("smollm2:135m"))
+        .count()
+        < 2
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "never reported loaded"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let unloaded = call(
+        &cluster,
+        "POST",
+        "/api/generate",
+        json!({"model": "smollm2:135m", "keep_alive": 0}),
+        &[],
+    )
+    .await;
+    assert_eq!(unloaded.status, 200, "{}", unloaded.text());
+    assert_eq!(unloaded.node.as_deref(), Some("a,b"));
+    for emulator in &cluster.emulators {
+        assert!(
+            !emulator
+                .loaded_models()
+                .iter()
+                .any(|model| model == "smollm2:135m"),
+            "{} still has it loaded",
+            emulator.name()
+        );
+    }
+    cluster.stop().await;
+}

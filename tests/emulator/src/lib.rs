@@ -755,7 +755,11 @@ async fn generation(state: Arc<EmulatorState>, body: Bytes, flavour: Flavour) ->
     // Ollama's load-only request: `/api/generate` without a prompt (or `/api/chat` without messages)
     // loads the model and answers at once, without a slot. It is not a generation (`started`).
     let load_only = match flavour {
-        Flavour::Generate => request.get("prompt").is_none_or(Value::is_null),
+        Flavour::Generate => request
+            .get("prompt")
+            .is_none_or(|prompt| prompt.is_null() || prompt == ""),
+        // Ollama also reads an empty `messages` list as load-only; the tests send `[]` for the
+        // shortest chat, so here only a missing list is.
         Flavour::Chat => request.get("messages").is_none_or(Value::is_null),
         Flavour::OpenAiChat | Flavour::OpenAiCompletion => false,
     };

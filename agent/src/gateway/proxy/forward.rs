@@ -20,6 +20,7 @@ use super::attempt::{Attempt, header_text};
 use super::batch;
 use super::request::{ApiKeyName, ParsedRequest, application};
 use super::selection::Selection;
+use super::unload;
 use super::{Charge, DECISION_HEADER, NODE_HEADER, Proxy};
 use crate::cluster::Backend;
 use crate::gateway::{ApiError, GatewayState};
@@ -105,6 +106,10 @@ async fn route(
     charge: &Charge,
 ) -> Result<Response, ApiError> {
     let proxy = &state.proxy;
+    if let Some(nodes) = unload::everywhere(&state.view.load(), request) {
+        proxy.unloaded_on_purpose(&request.model);
+        return unload::run(proxy, path, request, &nodes).await;
+    }
     let selection = Selection {
         model: &request.model,
         requested_name: &request.requested_name,

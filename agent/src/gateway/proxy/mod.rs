@@ -9,7 +9,8 @@
 //! dying mid-answer is failed over too; a streaming answer passes through
 //! chunk by chunk with backpressure, and a failure after it began ends the
 //! stream with an error object (`relay`). Outcomes go to the learner with
-//! `try_send`. Later turns of a conversation prefer the node that served it
+//! `try_send`. A request that only unloads a model goes to every node that has it loaded
+//! (`unload`). Later turns of a conversation prefer the node that served it
 //! (`affinity`), embedding batches are spread over nodes (`batch`), idle
 //! unmeasured nodes are measured (`calibration`), the model lists are
 //! answered by the gateway itself (`models`), and, when `cache.enabled`,
@@ -32,6 +33,7 @@ mod models;
 mod relay;
 mod request;
 mod selection;
+mod unload;
 mod warmup;
 
 use std::collections::{BTreeMap, HashMap};

@@ -90,6 +90,9 @@ pub(super) struct ParsedRequest {
     pub(super) origin: Option<axum::http::HeaderValue>,
     /// `keep_alive` is zero: the client wants the model unloaded after this answer.
     pub(super) unloads: bool,
+    /// Ollama's load-only request (`/api/generate` without a prompt, `/api/chat` without messages):
+    /// with `unloads`, it only unloads the model, wherever it is loaded.
+    pub(super) load_only: bool,
 }
 
 impl ParsedRequest {
@@ -132,6 +135,7 @@ impl ParsedRequest {
         let conversation = conversation_key(&model, &fields);
         let shape = request_shape(&fields);
         let unloads = fields.raw("keep_alive").is_some_and(is_zero_keep_alive);
+        let load_only = is_load_only(path, &fields);
         let mut counted = 0;
         let inputs = fields
             .each_item("input", |_| counted += 1)
@@ -151,7 +155,27 @@ impl ParsedRequest {
             conversation,
             origin: headers.get(axum::http::header::ORIGIN).cloned(),
             unloads,
+            load_only,
         })
+    }
+}
+
+/// Whether the request only loads (or, with `keep_alive: 0`, unloads) its model, as Ollama reads it: a
+/// generate without a prompt or images, a chat without messages.
+fn is_load_only(path: &str, fields: &Fields<'_>) -> bool {
+    match path {
+        "/api/generate" => {
+            fields.text("prompt").is_none_or(|prompt| prompt.is_empty())
+                && fields
+                    .raw("images")
+                    .is_none_or(|images| images.get() == "null")
+        }
+        "/api/chat" => {
+            let mut messages = 0;
+            fields::each_message(fields, |_| messages += 1);
+            messages == 0
+        }
+        _ => false,
     }
 }
 
