@@ -2,8 +2,8 @@
 //! `delete`, `copy` (plain answers) and `HEAD`/`POST /api/blobs/:digest`, each sent to the nodes the
 //! client names (`targets`) or, when it names none, to the nodes the change concerns: a pull or a new
 //! model to the roomiest node that lacks it (`sollol_policy::placement`), a delete or copy to every
-//! node that holds the model (the gateway lists the union of the nodes' models, so a model deleted
-//! through it must leave every node), a push from one holder, a create where its base model or its
+//! node (the gateway lists the union of the nodes' models, so a model deleted through it must leave
+//! every node; those without it answer 404), a push from one holder, a create where its base model or its
 //! uploaded blobs are. Several nodes' progress streams are folded into one (`progress`).
 //!
 //! Names and digests are checked before anything is sent: a name with path or control characters is
@@ -116,7 +116,7 @@ pub async fn push(
         .unwrap_or_else(IntoResponse::into_response)
 }
 
-/// `DELETE /api/delete`: from the named nodes, else from every node that holds the model.
+/// `DELETE /api/delete`: from the named nodes, else from every node that has the model.
 pub async fn delete(
     State(state): State<Arc<GatewayState>>,
     headers: HeaderMap,
@@ -134,7 +134,7 @@ pub async fn delete(
     .unwrap_or_else(IntoResponse::into_response)
 }
 
-/// `POST /api/copy`: on the named nodes, else on every node that holds the source.
+/// `POST /api/copy`: on the named nodes, else on every node that has the source.
 pub async fn copy(
     State(state): State<Arc<GatewayState>>,
     headers: HeaderMap,
@@ -393,11 +393,12 @@ async fn plain_route(
     let wanted = Wanted::of(headers)?;
     let view = state.view.load_full();
     let mut nodes = targets::resolve(&wanted, &view, &model)?;
-    if nodes.is_empty() {
-        nodes = targets::holders(&view, &model);
-    }
-    if nodes.is_empty() {
-        return Err(not_found(&model));
+    // Unnamed, the change goes to every node, not only to those whose last report lists the model:
+    // a report can be a heartbeat old (a model copied a moment ago), and a node that lacks the model
+    // answers 404, which then means "not here".
+    let absent_is_fine = nodes.is_empty();
+    if absent_is_fine {
+        nodes = view.backends.clone();
     }
     let call = Call {
         api: &state.models,
@@ -407,6 +408,19 @@ async fn plain_route(
         origin: headers.get(header::ORIGIN).cloned(),
     };
     let answers = join_all(nodes.iter().map(|node| call.answer(node))).await;
+    if absent_is_fine {
+        let (present, answers): (Vec<_>, Vec<_>) = nodes
+            .into_iter()
+            .zip(answers)
+            .filter(|(_, answer)| {
+                !matches!(answer, Ok(answer) if answer.status == StatusCode::NOT_FOUND)
+            })
+            .unzip();
+        if present.is_empty() {
+            return Err(not_found(&model));
+        }
+        return Ok(combine(&present, answers));
+    }
     Ok(combine(&nodes, answers))
 }
 
