@@ -5,7 +5,14 @@
 
 use std::collections::BTreeMap;
 
+use hyper::body::Bytes;
 use serde_json::{Value, json};
+
+/// What a node's progress stream did: a line, or its end.
+pub(super) enum Event {
+    Line(usize, Bytes),
+    End(usize, Result<(), String>),
+}
 
 /// What the nodes have reported so far.
 #[derive(Debug)]
@@ -27,6 +34,24 @@ impl Progress {
             layers: BTreeMap::new(),
             steps: BTreeMap::new(),
         }
+    }
+
+    /// Folds in one event; what to send the client, if anything.
+    pub(super) fn apply(&mut self, event: Event) -> Option<Value> {
+        match event {
+            Event::Line(index, line) => self.line(index, &line),
+            // A stream that ended without a `success` (or an `error`) line failed; a node's first
+            // ending counts.
+            Event::End(index, ended) => self.finished(
+                index,
+                ended.and(Err("its stream ended without success".to_owned())),
+            ),
+        }
+    }
+
+    /// Whether every node has ended, successfully or not.
+    pub(super) fn done(&self) -> bool {
+        self.outcome.iter().all(Option::is_some)
     }
 
     /// One line of node `index`'s stream; what to send the client (nothing for a blank line).

@@ -226,7 +226,7 @@ fn respond(
 }
 
 /// Header values must be visible ASCII; anything else becomes `?`.
-pub(super) fn header_text(text: &str) -> HeaderValue {
+pub(crate) fn header_text(text: &str) -> HeaderValue {
     let cleaned: String = text
         .chars()
         .take(1000)

@@ -61,6 +61,7 @@ use sollol_policy::admission::QueueSettings;
 use sollol_policy::breaker::{Breaker, BreakerSettings};
 use sollol_policy::routing::{Priors, Strategy};
 
+pub(crate) use attempt::header_text;
 pub use cache::CacheSettings;
 pub use forward::forward;
 pub use models::{openai_models, ps, tags, version};
@@ -145,16 +146,8 @@ pub struct ProxySettings {
 
 impl Proxy {
     pub fn new(learner: Arc<Learner>, observer: Arc<Observer>, settings: ProxySettings) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(3)));
         Self {
-            client: Client::builder(TokioExecutor::new())
-                // Shorter than the engine's idle limit (`coordinator.header_read_timeout`, 30 s by
-                // default): a pooled connection is dropped here before the node closes it, so a
-                // request never races a node's close.
-                .pool_idle_timeout(Duration::from_secs(20))
-                .build(connector),
+            client: node_client(),
             learner,
             loads: PerNode::new(),
             breakers: PerNode::new(),
@@ -309,6 +302,23 @@ impl<T: Default> PerNode<T> {
 
 /// A JSON `POST` to a node. The browser's `Origin`, when the client sent one, goes along, so the node's
 /// own checks (Ollama refuses foreign pages) see the page and not an origin-less request.
+/// The client that talks to the nodes' Ollama APIs, with body type `B`.
+pub(crate) fn node_client<B>() -> Client<HttpConnector, B>
+where
+    B: hyper::body::Body + Send,
+    B::Data: Send,
+{
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(Duration::from_secs(3)));
+    Client::builder(TokioExecutor::new())
+        // Shorter than the engine's idle limit (`coordinator.header_read_timeout`, 30 s by default): a
+        // pooled connection is dropped here before the node closes it, so a request never races a
+        // node's close.
+        .pool_idle_timeout(Duration::from_secs(20))
+        .build(connector)
+}
+
 fn post_json(
     url: String,
     body: Bytes,
