@@ -11,9 +11,10 @@ import os
 import sys
 import tempfile
 import time
-import traceback
 
 import ollama
+
+from checks import run_tests
 
 GATEWAY = sys.argv[1]
 client = ollama.Client(host=GATEWAY)
@@ -76,21 +77,5 @@ def test_a_name_that_is_a_path_is_refused():
             raise AssertionError(f"pulling {name!r} succeeded")
 
 
-def main():
-    tests = [(name, value) for name, value in globals().items() if name.startswith("test_") and callable(value)]
-    passed = failed = 0
-    for name, test in tests:
-        try:
-            test()
-            passed += 1
-            print(f"ok      {name}")
-        except Exception:  # noqa: BLE001 - report every failure, then the summary
-            failed += 1
-            print(f"FAILED  {name}")
-            traceback.print_exc()
-    print(f"model management: {passed} passed, {failed} failed")
-    sys.exit(1 if failed else 0)
-
-
 if __name__ == "__main__":
-    main()
+    run_tests("model management", globals())

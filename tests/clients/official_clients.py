@@ -7,11 +7,12 @@ line, "python clients: N passed, N failed", and exits non-zero on any failure.
 """
 
 import sys
-import traceback
 
 import httpx
 import ollama
 import openai
+
+from checks import run_tests
 
 GATEWAY = sys.argv[1]
 CHAT_MODEL = "smollm2:135m"
@@ -91,21 +92,5 @@ def test_openai_embeddings_and_models():
     assert ids == ["nomic-embed-text:latest", "smollm2:135m"], ids
 
 
-def main():
-    tests = [(name, value) for name, value in globals().items() if name.startswith("test_") and callable(value)]
-    passed = failed = 0
-    for name, test in tests:
-        try:
-            test()
-            passed += 1
-            print(f"ok      {name}")
-        except Exception:  # noqa: BLE001 - report every failure, then the summary
-            failed += 1
-            print(f"FAILED  {name}")
-            traceback.print_exc()
-    print(f"python clients: {passed} passed, {failed} failed")
-    sys.exit(1 if failed else 0)
-
-
 if __name__ == "__main__":
-    main()
+    run_tests("python clients", globals())

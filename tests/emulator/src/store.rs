@@ -14,6 +14,13 @@ use sha2::Digest;
 
 use super::{EmulatorState, digest_of, error, line, lock, normalize, parse_body};
 
+/// The request's JSON and the name in its `field`, or the error Ollama would answer.
+fn naming(body: &Bytes, field: &str) -> Result<(Value, String), Box<Response>> {
+    let request = parse_body(body)?;
+    let name = named(&request, field)?;
+    Ok((request, name))
+}
+
 /// The name in `field` (or `name`, Ollama's older spelling), normalized.
 fn named(request: &Value, field: &str) -> Result<String, Box<Response>> {
     request
@@ -47,12 +54,8 @@ fn progress(request: &Value, lines: Vec<Value>) -> Response {
 }
 
 pub(super) async fn delete(State(state): State<Arc<EmulatorState>>, body: Bytes) -> Response {
-    let request = match parse_body(&body) {
-        Ok(request) => request,
-        Err(response) => return *response,
-    };
-    let model = match named(&request, "model") {
-        Ok(model) => model,
+    let (_, model) = match naming(&body, "model") {
+        Ok(parsed) => parsed,
         Err(response) => return *response,
     };
     let mut models = lock(&state.models);
@@ -65,13 +68,13 @@ pub(super) async fn delete(State(state): State<Arc<EmulatorState>>, body: Bytes)
 }
 
 pub(super) async fn copy(State(state): State<Arc<EmulatorState>>, body: Bytes) -> Response {
-    let request = match parse_body(&body) {
-        Ok(request) => request,
+    let (request, source) = match naming(&body, "source") {
+        Ok(parsed) => parsed,
         Err(response) => return *response,
     };
-    let (source, destination) = match (named(&request, "source"), named(&request, "destination")) {
-        (Ok(source), Ok(destination)) => (source, destination),
-        (Err(response), _) | (_, Err(response)) => return *response,
+    let destination = match named(&request, "destination") {
+        Ok(destination) => destination,
+        Err(response) => return *response,
     };
     let mut models = lock(&state.models);
     if !models.contains(&source) {
@@ -84,12 +87,8 @@ pub(super) async fn copy(State(state): State<Arc<EmulatorState>>, body: Bytes) -
 }
 
 pub(super) async fn create(State(state): State<Arc<EmulatorState>>, body: Bytes) -> Response {
-    let request = match parse_body(&body) {
-        Ok(request) => request,
-        Err(response) => return *response,
-    };
-    let model = match named(&request, "model") {
-        Ok(model) => model,
+    let (request, model) = match naming(&body, "model") {
+        Ok(parsed) => parsed,
         Err(response) => return *response,
     };
     let mut lines = Vec::new();
@@ -122,12 +121,8 @@ pub(super) async fn create(State(state): State<Arc<EmulatorState>>, body: Bytes)
 }
 
 pub(super) async fn push(State(state): State<Arc<EmulatorState>>, body: Bytes) -> Response {
-    let request = match parse_body(&body) {
-        Ok(request) => request,
-        Err(response) => return *response,
-    };
-    let model = match named(&request, "model") {
-        Ok(model) => model,
+    let (request, model) = match naming(&body, "model") {
+        Ok(parsed) => parsed,
         Err(response) => return *response,
     };
     if !state.has_model(&model) {
