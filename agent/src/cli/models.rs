@@ -25,6 +25,9 @@ use crate::http_client::{HttpClient, error_chain};
 
 /// How long the coordinator may take to answer a removal (it asks every node that holds the model).
 const REMOVE_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long the coordinator may take to start a pull's progress stream (the stream itself may take
+/// hours).
+const PULL_START_TIMEOUT: Duration = Duration::from_secs(120);
 
 pub(super) async fn models(config: &Config, json: bool) -> ExitCode {
     let url = format!("{}{API_PREFIX}/nodes", config.coordinator_url);
@@ -92,14 +95,16 @@ fn size(bytes: u64) -> String {
     }
 }
 
-/// A request to the gateway's model management.
-fn request(
+/// Sends `{"model": MODEL}` to the gateway's model management (`nodes` as `X-Sollol-Nodes`) and
+/// waits, at most `within`, for the answer's head; a failed answer becomes its error message.
+async fn send(
     config: &Config,
     method: hyper::Method,
     path: &str,
-    body: &Value,
+    model: &str,
     nodes: Option<&str>,
-) -> Result<hyper::Request<Full<Bytes>>, String> {
+    within: Duration,
+) -> Result<hyper::Response<hyper::body::Incoming>, String> {
     let mut request = hyper::Request::builder()
         .method(method)
         .uri(format!("{}{path}", config.coordinator_url))
@@ -110,15 +115,33 @@ fn request(
     if let Some(nodes) = nodes {
         request = request.header("x-sollol-nodes", nodes);
     }
-    request
-        .body(Full::new(Bytes::from(body.to_string())))
-        .map_err(|error| error.to_string())
-}
-
-fn client() -> Client<HttpConnector, Full<Bytes>> {
+    let request = request
+        .body(Full::new(Bytes::from(json!({"model": model}).to_string())))
+        .map_err(|error| error.to_string())?;
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(Duration::from_secs(5)));
-    Client::builder(TokioExecutor::new()).build(connector)
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build(connector);
+    let response = tokio::time::timeout(within, client.request(request))
+        .await
+        .map_err(|_| {
+            format!(
+                "no answer from {} within {} s",
+                config.coordinator_url,
+                within.as_secs()
+            )
+        })?
+        .map_err(|error| {
+            format!(
+                "cannot reach {}: {}",
+                config.coordinator_url,
+                error_chain(&error)
+            )
+        })?;
+    if !response.status().is_success() {
+        return Err(failure(response).await);
+    }
+    Ok(response)
 }
 
 /// The `error` of an answer that is not a success, or its status and text.
@@ -152,29 +175,18 @@ fn nodes_of(response: &hyper::Response<hyper::body::Incoming>) -> String {
 }
 
 pub(super) async fn pull(config: &Config, model: &str, nodes: Option<&str>) -> ExitCode {
-    let request = match request(
+    let sent = send(
         config,
         hyper::Method::POST,
         "/api/pull",
-        &json!({"model": model}),
+        model,
         nodes,
-    ) {
-        Ok(request) => request,
+        PULL_START_TIMEOUT,
+    );
+    let response = match sent.await {
+        Ok(response) => response,
         Err(error) => return fail(&error),
     };
-    let response = match client().request(request).await {
-        Ok(response) => response,
-        Err(error) => {
-            return fail(&format!(
-                "cannot reach {}: {}",
-                config.coordinator_url,
-                error_chain(&error)
-            ));
-        }
-    };
-    if !response.status().is_success() {
-        return fail(&failure(response).await);
-    }
     let targets = nodes_of(&response);
     eprintln!("pulling {model} onto {targets}");
     let mut shown = Shown::new(std::io::stderr().is_terminal());
@@ -302,32 +314,20 @@ impl Shown {
 }
 
 pub(super) async fn remove(config: &Config, model: &str, nodes: Option<&str>) -> ExitCode {
-    let request = match request(
+    let sent = send(
         config,
         hyper::Method::DELETE,
         "/api/delete",
-        &json!({"model": model}),
+        model,
         nodes,
-    ) {
-        Ok(request) => request,
-        Err(error) => return fail(&error),
-    };
-    match tokio::time::timeout(REMOVE_TIMEOUT, client().request(request)).await {
-        Err(_) => fail(&format!(
-            "no answer from {} within {} s",
-            config.coordinator_url,
-            REMOVE_TIMEOUT.as_secs()
-        )),
-        Ok(Err(error)) => fail(&format!(
-            "cannot reach {}: {}",
-            config.coordinator_url,
-            error_chain(&error)
-        )),
-        Ok(Ok(response)) if response.status().is_success() => {
+        REMOVE_TIMEOUT,
+    );
+    match sent.await {
+        Ok(response) => {
             println!("removed {model} from {}", nodes_of(&response));
             ExitCode::SUCCESS
         }
-        Ok(Ok(response)) => fail(&failure(response).await),
+        Err(error) => fail(&error),
     }
 }
 
