@@ -106,7 +106,7 @@ async fn route(
     charge: &Charge,
 ) -> Result<Response, ApiError> {
     let proxy = &state.proxy;
-    if let Some(nodes) = unload::everywhere(&state.view.load(), request) {
+    if let Some(nodes) = unload::everywhere(&state.view, request) {
         proxy.unloaded_on_purpose(&request.model);
         return unload::run(proxy, path, request, &nodes).await;
     }

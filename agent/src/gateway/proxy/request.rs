@@ -90,9 +90,9 @@ pub(super) struct ParsedRequest {
     pub(super) origin: Option<axum::http::HeaderValue>,
     /// `keep_alive` is zero: the client wants the model unloaded after this answer.
     pub(super) unloads: bool,
-    /// Ollama's load-only request (`/api/generate` without a prompt, `/api/chat` without messages):
-    /// with `unloads`, it only unloads the model, wherever it is loaded.
-    pub(super) load_only: bool,
+    /// Ollama's unload: a load-only request (`/api/generate` without a prompt, `/api/chat` without
+    /// messages) with `unloads`; it goes wherever the model is loaded.
+    pub(super) only_unloads: bool,
 }
 
 impl ParsedRequest {
@@ -135,7 +135,8 @@ impl ParsedRequest {
         let conversation = conversation_key(&model, &fields);
         let shape = request_shape(&fields);
         let unloads = fields.raw("keep_alive").is_some_and(is_zero_keep_alive);
-        let load_only = is_load_only(path, &fields);
+        // Read only for an unload: routing every other request need not look at the messages again.
+        let only_unloads = unloads && is_load_only(path, &fields);
         let mut counted = 0;
         let inputs = fields
             .each_item("input", |_| counted += 1)
@@ -155,7 +156,7 @@ impl ParsedRequest {
             conversation,
             origin: headers.get(axum::http::header::ORIGIN).cloned(),
             unloads,
-            load_only,
+            only_unloads,
         })
     }
 }

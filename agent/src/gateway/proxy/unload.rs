@@ -12,7 +12,7 @@ use super::attempt::header_text;
 use super::relay::read_limited;
 use super::request::ParsedRequest;
 use super::{DECISION_HEADER, NODE_HEADER, Proxy, post_json};
-use crate::cluster::{Backend, ClusterView};
+use crate::cluster::{Backend, SharedView};
 use crate::gateway::ApiError;
 use crate::http_client::error_chain;
 
@@ -21,11 +21,12 @@ const ANSWER_LIMIT: usize = 64 * 1024;
 
 /// The nodes that report `model` loaded, when the request only unloads it and names no node, and more
 /// than one node has it loaded; `None` when routing should handle the request as usual.
-pub(super) fn everywhere(view: &ClusterView, request: &ParsedRequest) -> Option<Vec<Arc<Backend>>> {
-    if !(request.unloads && request.load_only) || request.wanted_node.is_some() {
+pub(super) fn everywhere(view: &SharedView, request: &ParsedRequest) -> Option<Vec<Arc<Backend>>> {
+    if !request.only_unloads || request.wanted_node.is_some() {
         return None;
     }
     let holders: Vec<Arc<Backend>> = view
+        .load()
         .backends
         .iter()
         .filter(|backend| backend.has_loaded(&request.model))
