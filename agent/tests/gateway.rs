@@ -42,10 +42,14 @@ async fn teach(cluster: &Cluster, requests: &[Value]) {
         .await;
         assert_eq!(answer.status, 200, "{}", answer.text());
     }
+    until_learned(cluster, served_before + requests.len() as u64).await;
+}
+
+/// Waits until the learner has folded in `served` outcomes in all (it learns in the background, a
+/// moment after each answer).
+async fn until_learned(cluster: &Cluster, served: u64) {
     let started = Instant::now();
-    while cluster.coordinator.learned().served.values().sum::<u64>()
-        < served_before + requests.len() as u64
-    {
+    while cluster.coordinator.learned().served.values().sum::<u64>() < served {
         assert!(
             started.elapsed() < Duration::from_secs(5),
             "the learner never caught up"
@@ -1685,6 +1689,7 @@ async fn a_model_that_keeps_requests_waiting_is_loaded_on_an_idle_node() {
     // The first request teaches the fast node's speed; then three at once keep its slot taken.
     let first = post(&cluster.url("/api/chat"), chat.clone()).await;
     assert_eq!(first.node.as_deref(), Some("fast"), "{}", first.text());
+    until_learned(&cluster, 1).await;
     let url = cluster.url("/api/chat");
     let burst = futures_util::future::join_all((0..3).map(|_| post(&url, chat.clone()))).await;
     for answer in &burst {

@@ -467,11 +467,16 @@ fn intelligent_adjustments(
             );
         }
     }
-    // Exploration: now and then try an unmeasured candidate, so new and recovered nodes are learned.
+    // Exploration: now and then try an unmeasured candidate, so new and recovered nodes are learned;
+    // only one that has the model loaded, so that no client request pays a cold load to explore
+    // (calibration measures the others with the gateway's own requests).
     if random < priors.exploration
         && let Some(position) = ranking.iter().position(|index| {
             let candidate = &candidates[*index];
-            candidate.stats.is_none() && candidate.node_stats.is_none() && candidate.in_flight == 0
+            candidate.stats.is_none()
+                && candidate.node_stats.is_none()
+                && candidate.in_flight == 0
+                && candidate.model_loaded
         })
         && position > 0
     {
@@ -772,6 +777,12 @@ mod tests {
         ];
         check(&exploring, 0.01, DecisionKind::Exploration);
         check(&exploring, 0.5, DecisionKind::Best);
+        // Never at the price of a cold load for a client.
+        let cold = vec![
+            candidate("measured", Some(200.0), 0, 1, true),
+            candidate("unmeasured-cold", None, 0, 1, false),
+        ];
+        check(&cold, 0.01, DecisionKind::Best);
     }
 
     #[test]
