@@ -301,6 +301,8 @@ async fn main() {
                 node_name: format!("stage-{index}"),
                 models_dir: models_dir.path().to_owned(),
                 ollama_store: None,
+                ollama_url: None,
+                max_disk: None,
                 token: token.clone(),
                 handshake_timeout: Duration::from_secs(5),
                 memory_limit: None,

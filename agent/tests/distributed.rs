@@ -931,9 +931,26 @@ async fn a_model_no_node_can_hold_is_distributed_automatically() {
                 .body,
         )
         .expect("distributed list");
-        let tags = support::get(&format!("{gateway}/api/tags")).await.text();
+        // Routable once the coordinator's own engine node ("distributed") is up and lists the model.
+        let nodes: sollol_shared::api::NodeList = serde_json::from_slice(
+            &support::get(&format!("{gateway}/api/sollol/v1/nodes"))
+                .await
+                .body,
+        )
+        .expect("node list");
+        let routable = nodes.nodes.iter().any(|node| {
+            node.name == "distributed"
+                && node.status == sollol_shared::api::NodeStatus::Up
+                && node.ollama.as_ref().is_some_and(|ollama| {
+                    ollama.reachable
+                        && ollama
+                            .models
+                            .iter()
+                            .any(|model| model.name.starts_with("smollm2:135m"))
+                })
+        });
         if let Some(model) = list.models.first()
-            && tags.contains("smollm2:135m")
+            && routable
         {
             break model.clone();
         }

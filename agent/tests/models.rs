@@ -14,19 +14,30 @@ use support::cluster::{Cluster, cluster_with};
 use support::{Answer, send};
 
 async fn three_nodes(not_in_registry_on_b: &[&str]) -> Cluster {
-    let nodes = ["a", "b", "c"].map(|name| EmulatorConfig {
-        name: name.to_owned(),
-        not_in_registry: if name == "b" {
-            not_in_registry_on_b
-                .iter()
-                .map(|model| (*model).to_owned())
-                .collect()
-        } else {
-            Vec::new()
-        },
-        ..EmulatorConfig::default()
-    });
-    cluster_with(&[], &nodes).await
+    // Each emulated node keeps Ollama's store on disk, which its agent reads: models go node to node.
+    let stores: Vec<tempfile::TempDir> = (0..3)
+        .map(|_| tempfile::tempdir().expect("tempdir"))
+        .collect();
+    let nodes: Vec<EmulatorConfig> = ["a", "b", "c"]
+        .iter()
+        .zip(&stores)
+        .map(|(name, store)| EmulatorConfig {
+            name: (*name).to_owned(),
+            not_in_registry: if *name == "b" {
+                not_in_registry_on_b
+                    .iter()
+                    .map(|model| (*model).to_owned())
+                    .collect()
+            } else {
+                Vec::new()
+            },
+            store: Some(store.path().to_owned()),
+            ..EmulatorConfig::default()
+        })
+        .collect();
+    let mut cluster = cluster_with(&[], &nodes).await;
+    cluster.dirs.extend(stores);
+    cluster
 }
 
 async fn call(
@@ -112,7 +123,12 @@ async fn pulls_copies_and_deletes_go_to_the_named_nodes_or_to_those_holding_the_
         .iter()
         .rfind(|line| line.get("digest").is_some())
         .expect("layer progress");
-    assert_eq!(layer["total"], 2 * 98_362_432u64, "{layer}");
+    // One node pulled from the registry, the other copied from it: the same layer, the same digest.
+    assert_eq!(
+        layer["total"],
+        2 * EmulatorConfig::default().blob_bytes,
+        "{layer}"
+    );
     assert_eq!(layer["completed"], layer["total"], "{layer}");
     assert_eq!(holders(&cluster, "tinyllama:1b"), ["a", "b"]);
     let registry: Vec<u64> = cluster
@@ -120,7 +136,13 @@ async fn pulls_copies_and_deletes_go_to_the_named_nodes_or_to_those_holding_the_
         .iter()
         .map(|node| node.registry_pulls())
         .collect();
-    assert_eq!(registry, [1, 1, 0]);
+    assert_eq!(registry, [1, 0, 0], "{progress:?}");
+    assert!(
+        progress.iter().any(|line| line["status"]
+            .as_str()
+            .is_some_and(|status| status.starts_with("copying ") && status.ends_with(" from a"))),
+        "b copied from a: {progress:?}"
+    );
     until_the_view_shows(&cluster, "tinyllama:1b", &["a", "b"]).await;
 
     // Without a target a pull goes to the node that lacks the model.
@@ -135,6 +157,12 @@ async fn pulls_copies_and_deletes_go_to_the_named_nodes_or_to_those_holding_the_
     assert_eq!(placed.status, 200, "{}", placed.text());
     assert_eq!(placed.node.as_deref(), Some("c"));
     assert_eq!(holders(&cluster, "tinyllama:1b"), ["a", "b", "c"]);
+    let registry: u64 = cluster
+        .emulators
+        .iter()
+        .map(|node| node.registry_pulls())
+        .sum();
+    assert_eq!(registry, 1, "c copied from a or b");
     until_the_view_shows(&cluster, "tinyllama:1b", &["a", "b", "c"]).await;
 
     // A copy goes to the named nodes; a delete without names to every node (those without the model
@@ -173,22 +201,33 @@ async fn pulls_copies_and_deletes_go_to_the_named_nodes_or_to_those_holding_the_
     assert_eq!(again.status, 404, "{}", again.text());
     assert_eq!(again.json()["error"], "model 'mine:v1' not found");
 
-    // One node failing a fan-out is named, with the nodes that succeeded; the stream still ends.
+    // One node failing a fan-out is named, with the nodes that succeeded; the stream still ends. b is
+    // the first named, so it pulls from the registry (which lacks the model) while c waits to copy from
+    // it; b has nothing to give, so c pulls from its own registry.
     let partly = call(
         &cluster,
         "POST",
         "/api/pull",
         json!({"model": "missing:7b"}),
-        &[("x-sollol-nodes", "all")],
+        &[("x-sollol-nodes", "b,c")],
     )
     .await;
     assert_eq!(partly.status, 200, "{}", partly.text());
-    let last = lines(&partly).pop().expect("a last line");
-    let error = last["error"].as_str().expect("an error line");
+    let partly = lines(&partly);
+    let error = partly
+        .last()
+        .and_then(|last| last["error"].as_str())
+        .expect("an error line");
     assert!(
         error.starts_with("failed on b: pull model manifest: file does not exist")
-            && error.ends_with("(done on a, c)"),
+            && error.ends_with("(done on c)"),
         "{error}"
+    );
+    assert!(
+        partly.iter().any(|line| line["status"]
+            .as_str()
+            .is_some_and(|status| status.contains("pulling from the registry"))),
+        "{partly:?}"
     );
     let unknown = call(
         &cluster,

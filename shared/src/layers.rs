@@ -32,7 +32,8 @@ use crate::protocol::Refusal;
 /// The layer protocol version this build speaks.
 /// 3: every frame after the handshake is encrypted and authenticated, as on the cluster link.
 /// 4: fetched tensors are checked against a tensor manifest the plan names (`PartSpec::manifest`).
-pub const LAYER_PROTOCOL_VERSION: u32 = 4;
+/// 5: whole model files copied between agents (`Offer`, `Blob`, `Receive`).
+pub const LAYER_PROTOCOL_VERSION: u32 = 5;
 
 /// The first bytes a layer client sends, before any frame.
 pub const LAYER_MAGIC: [u8; 8] = *b"SOLLOLL\x01";
@@ -195,6 +196,17 @@ pub enum StageRequest {
     /// The GGUF file's header (metadata, tokenizer, template, tensor directory; no tensor data): of the
     /// file with `digest`, or of the loaded part's file.
     Header { digest: Option<String> },
+    /// Whether this node can give a copy of `model` (a GGUF file in its models dir, or the model's blob in
+    /// its Ollama store): answered [`StageReply::Offered`], or [`StageReply::Lacking`].
+    Offer { model: String },
+    /// Send the whole file with content `digest` from byte `offset` on: [`StageReply::BlobChunk`] frames,
+    /// then [`StageReply::BlobSent`]. The receiver checks the digest.
+    Blob { digest: String, offset: u64 },
+    /// Get a copy of `model` from one of `sources` (agents' stage addresses that hold it, tried in order,
+    /// a transfer broken off resumed from the next) and install it: into the models dir of a node served
+    /// by the built-in engine, else into the node's Ollama (`/api/blobs` and `/api/create`). Answered by
+    /// [`StageReply::Receiving`] reports, then [`StageReply::Received`] (or a refusal saying why).
+    Receive { model: String, sources: Vec<String> },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -266,5 +278,33 @@ pub enum StageReply {
         /// The SHA-256 of each tensor, in the order of the header's tensor directory (empty when asked
         /// for the loaded part's header): with the header, the manifest a plan's `PartSpec` names.
         tensors: Vec<[u8; 32]>,
+    },
+    /// Answering [`StageRequest::Offer`]: the file's content digest and length.
+    Offered {
+        digest: String,
+        bytes: u64,
+    },
+    /// The next bytes of a [`StageRequest::Blob`], in order.
+    BlobChunk {
+        bytes: Vec<u8>,
+    },
+    /// The end of a [`StageRequest::Blob`]: every byte from the offset was sent.
+    BlobSent,
+    /// While a [`StageRequest::Receive`] copies: `done_bytes` of `total_bytes` (resumed bytes included),
+    /// from the stage at `source`.
+    Receiving {
+        source: String,
+        digest: String,
+        done_bytes: u64,
+        total_bytes: u64,
+    },
+    /// The end of a [`StageRequest::Receive`]: the model is installed (`fetched_bytes` 0 when the node
+    /// had it already).
+    Received {
+        digest: String,
+        bytes: u64,
+        fetched_bytes: u64,
+        millis: u64,
+        source: String,
     },
 }

@@ -54,6 +54,17 @@ pub struct Engine {
     /// The most memory models loaded whole may take together (`engine.max_memory`): a larger model is
     /// refused, and loading one unloads the least recently used until it fits.
     max_memory: Option<u64>,
+    /// Where the files were found (the models dir and Ollama's store), with the models dir's
+    /// modification time at that scan: a file added or removed there (a model copied from another node,
+    /// or by hand) is seen at the next lookup.
+    source: Option<Source>,
+}
+
+#[derive(Debug)]
+struct Source {
+    models_dir: PathBuf,
+    ollama_store: Option<PathBuf>,
+    scanned: Mutex<Option<SystemTime>>,
 }
 
 impl Engine {
@@ -67,7 +78,46 @@ impl Engine {
             default_keep_alive,
             remote: RwLock::new(BTreeMap::new()),
             max_memory: None,
+            source: None,
         }
+    }
+
+    /// Looks for files again whenever `models_dir` changes (its modification time: a file renamed into
+    /// it or removed); `files` are what a scan of it and `ollama_store` found just now.
+    pub fn watching(mut self, models_dir: PathBuf, ollama_store: Option<PathBuf>) -> Self {
+        let scanned = modified(&models_dir);
+        self.source = Some(Source {
+            models_dir,
+            ollama_store,
+            scanned: Mutex::new(scanned),
+        });
+        self
+    }
+
+    /// Scans again when the models dir changed since the last scan; models served through stages stay.
+    fn refresh(&self) {
+        let Some(source) = &self.source else { return };
+        let now = modified(&source.models_dir);
+        {
+            let mut scanned = source
+                .scanned
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if *scanned == now {
+                return;
+            }
+            *scanned = now;
+        }
+        let mut found = discover(&source.models_dir, source.ollama_store.as_deref());
+        let remote = self.remote.read().unwrap_or_else(PoisonError::into_inner);
+        let mut files = self.files.write().unwrap_or_else(PoisonError::into_inner);
+        found.retain(|file| !remote.contains_key(&file.name));
+        found.extend(
+            files
+                .drain(..)
+                .filter(|file| remote.contains_key(&file.name)),
+        );
+        *files = found;
     }
 
     /// Refuses to load whole a model whose file is larger than `limit`.
@@ -117,6 +167,7 @@ impl Engine {
     }
 
     pub fn files(&self) -> Vec<ModelFile> {
+        self.refresh();
         self.files
             .read()
             .unwrap_or_else(PoisonError::into_inner)
@@ -126,6 +177,7 @@ impl Engine {
     /// The model called `name` (`name` alone means `name:latest`).
     pub fn file(&self, name: &str) -> Option<ModelFile> {
         let wanted = sollol_shared::model_name::normalize(&name.to_lowercase());
+        self.refresh();
         self.files
             .read()
             .unwrap_or_else(PoisonError::into_inner)
@@ -244,4 +296,11 @@ impl Engine {
             .unwrap_or_else(PoisonError::into_inner)
             .remove(name);
     }
+}
+
+/// A directory's modification time (`None` when it cannot be read).
+fn modified(directory: &std::path::Path) -> Option<SystemTime> {
+    std::fs::metadata(directory)
+        .and_then(|metadata| metadata.modified())
+        .ok()
 }

@@ -92,7 +92,11 @@ pub async fn start_agent(
         tokio::task::spawn_blocking(move || Sampler::detect(models_dir, ollama_url.as_deref()))
             .await
             .map_err(|error| StartError::Usage(format!("hardware detection panicked: {error}")))?;
-    let stage_port = start_stage(config, &node_id, &token, &shutdown, &servers).await?;
+    // Models copied to this node go into its models dir when the engine serves it, else to its Ollama.
+    let install_to = (!engine_running)
+        .then(|| config.agent.ollama_url.clone())
+        .flatten();
+    let stage_port = start_stage(config, install_to, &node_id, &token, &shutdown, &servers).await?;
     sampler.stage_address = Some(stage_port.to_string());
     sampler.memory_limit = config.engine.max_memory;
     tracing::debug!(?sampler, "hardware probes");
@@ -146,6 +150,7 @@ pub async fn start_agent(
 /// Opens the stage port, where pipelines of distributed models reach this agent; returns its address.
 async fn start_stage(
     config: &Config,
+    ollama_url: Option<String>,
     node_id: &NodeId,
     token: &ClusterToken,
     shutdown: &CancellationToken,
@@ -158,6 +163,8 @@ async fn start_stage(
         node_name: config.agent.name.clone(),
         models_dir: config.agent.models_dir.clone(),
         ollama_store: config.engine.ollama_models.clone(),
+        ollama_url,
+        max_disk: config.engine.max_disk,
         token: token.clone(),
         handshake_timeout: Duration::from_secs(5),
         memory_limit: config.engine.max_memory,

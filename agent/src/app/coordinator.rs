@@ -181,7 +181,7 @@ pub async fn start_coordinator(config: &Config) -> Result<CoordinatorHandle, Sta
             })
             .collect(),
         proxy,
-        models: Default::default(),
+        models: crate::gateway::manage::ModelApi::new(token.clone()),
         max_request_body: settings.max_request_body.get() as usize,
         api_keys: GatewayState::digest_keys(&settings.api_keys),
         sessions: Default::default(),

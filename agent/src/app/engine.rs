@@ -45,7 +45,11 @@ pub(super) async fn start(
     });
     let engine = Arc::new(
         Engine::new(files, settings.parallel.get() as usize, settings.keep_alive)
-            .with_max_memory(budget),
+            .with_max_memory(budget)
+            .watching(
+                config.agent.models_dir.clone(),
+                settings.ollama_models.clone(),
+            ),
     );
     let (boundary, limits) = http_guard(config, settings.bind);
     tasks.spawn(sollol_engine::server::serve(

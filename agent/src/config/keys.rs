@@ -359,6 +359,12 @@ pub const KEYS: &[KeySpec] = &[
         doc: "Most memory the agent offers to models (bytes, or with a unit: `512MiB`, `6GiB`, `8GB`): the engine does not load a model larger than this whole and unloads the least recently used models to keep the ones it loads within it, a stage plans its layers within it, and the coordinator counts only this much of the node when deciding whether a model fits on one node. Default: whatever the node has available (for the engine: when it starts).",
     },
     KeySpec {
+        key: "engine.max_disk",
+        env: "SOLLOL_ENGINE_MAX_DISK",
+        default: None,
+        doc: "Most disk the model files in `agent.models_dir` may take together (bytes, or with a unit: `20GiB`): a model copied to this node from another agent is refused before any byte is written when it would pass this, or the free space of the disk, with both numbers in the error. Default: the free space of the disk only.",
+    },
+    KeySpec {
         key: "distributed.models",
         env: "SOLLOL_DISTRIBUTED_MODELS",
         default: None,

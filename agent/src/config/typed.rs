@@ -87,6 +87,8 @@ pub struct EngineConfig {
     pub stage_bind: SocketAddr,
     /// Memory offered to models; `None`: what the node has available.
     pub max_memory: Option<u64>,
+    /// Most bytes the model files in the models dir may take (`engine.max_disk`).
+    pub max_disk: Option<u64>,
 }
 
 #[derive(Clone, Debug)]

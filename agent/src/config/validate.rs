@@ -246,6 +246,7 @@ fn engine(reader: &Reader<'_>) -> Result<EngineConfig, ConfigError> {
         },
         stage_bind: reader.parse("engine.stage_bind", parse_socket_addr)?,
         max_memory: reader.optional("engine.max_memory", parse_bytes)?,
+        max_disk: reader.optional("engine.max_disk", parse_bytes)?,
     })
 }
 

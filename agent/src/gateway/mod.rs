@@ -7,7 +7,7 @@ mod access;
 pub mod admission;
 pub mod body_timeout;
 pub mod learning;
-mod manage;
+pub(crate) mod manage;
 pub mod proxy;
 pub mod quota;
 mod session;

@@ -51,7 +51,13 @@ pub async fn cluster_with(
         let emulator = Emulator::start(node.clone()).await.expect("emulator");
         let dir = tempfile::tempdir().expect("tempdir");
         let url = emulator.url();
-        let agent_config = config(dir.path(), name, &[("agent.ollama_url", &url)]);
+        // An agent reads its node's Ollama store, when the emulator keeps one, to copy models to others.
+        let store = node.store.as_ref().map(|path| path.display().to_string());
+        let mut pairs = vec![("agent.ollama_url", url.as_str())];
+        if let Some(store) = &store {
+            pairs.push(("engine.ollama_models", store));
+        }
+        let agent_config = config(dir.path(), name, &pairs);
         agents.push(
             app::start_agent(
                 &agent_config,

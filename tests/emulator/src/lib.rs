@@ -57,6 +57,13 @@ pub struct EmulatorConfig {
     /// Names the emulated registry does not have: pulling one fails as Ollama's does (HTTP 500,
     /// "pull model manifest: file does not exist").
     pub not_in_registry: Vec<String>,
+    /// Ollama's model store on disk (`manifests/…` and `blobs/sha256-…`, as Ollama lays them out), so an
+    /// agent reading it (`engine.ollama_models`) can copy models to other nodes: a pull writes the
+    /// model's blob (`blob_bytes` bytes made from its name) and manifest; an uploaded blob and a model
+    /// created from it are written too. `None`: models are names only.
+    pub store: Option<std::path::PathBuf>,
+    /// The size of a pulled model's blob in `store`.
+    pub blob_bytes: u64,
 }
 
 impl Default for EmulatorConfig {
@@ -77,6 +84,8 @@ impl Default for EmulatorConfig {
             embedding_dimensions: 8,
             version: "0.12.3".to_owned(),
             not_in_registry: Vec::new(),
+            store: None,
+            blob_bytes: 4 << 20,
         }
     }
 }
@@ -120,6 +129,8 @@ struct EmulatorState {
     started: AtomicU64,
     /// Pulls that reached the (emulated) registry.
     pulls: AtomicU64,
+    /// Bytes those pulls downloaded.
+    pulled_bytes: AtomicU64,
     /// Pushes to the (emulated) registry.
     pushes: AtomicU64,
     /// Uploaded blobs: digest and size.
@@ -141,6 +152,11 @@ impl Emulator {
     }
 
     pub async fn start_on(config: EmulatorConfig, address: SocketAddr) -> std::io::Result<Self> {
+        if let Some(root) = &config.store {
+            for model in &config.models {
+                store::write_pulled(root, &normalize(model), config.blob_bytes)?;
+            }
+        }
         let state = Arc::new(EmulatorState {
             slots: Semaphore::new(config.parallel.max(1)),
             models: Mutex::new(config.models.iter().map(|name| normalize(name)).collect()),
@@ -151,6 +167,7 @@ impl Emulator {
             served: AtomicU64::new(0),
             started: AtomicU64::new(0),
             pulls: AtomicU64::new(0),
+            pulled_bytes: AtomicU64::new(0),
             pushes: AtomicU64::new(0),
             blobs: Mutex::new(HashMap::new()),
         });
@@ -194,6 +211,11 @@ impl Emulator {
     /// Pulls that went to the (emulated) registry.
     pub fn registry_pulls(&self) -> u64 {
         self.state.pulls.load(Ordering::Relaxed)
+    }
+
+    /// Bytes the pulls downloaded from the (emulated) registry.
+    pub fn registry_bytes(&self) -> u64 {
+        self.state.pulled_bytes.load(Ordering::Relaxed)
     }
 
     /// Pushes to the (emulated) registry.
@@ -254,7 +276,10 @@ async fn serve(listener: TcpListener, state: Arc<EmulatorState>) {
         .route("/api/push", post(store::push))
         .route(
             "/api/blobs/{digest}",
-            post(store::blob_upload).head(store::blob_exists),
+            // Ollama takes blobs of any size (a model is gigabytes).
+            post(store::blob_upload)
+                .head(store::blob_exists)
+                .layer(axum::extract::DefaultBodyLimit::disable()),
         )
         .route("/api/chat", post(chat))
         .route("/api/generate", post(generate))
@@ -564,14 +589,20 @@ async fn pull(State(state): State<Arc<EmulatorState>>, body: Bytes) -> Response 
             "pull model manifest: file does not exist",
         );
     }
+    let (digest, total) = match &state.config.store {
+        Some(root) => match store::write_pulled(root, &model, state.config.blob_bytes) {
+            Ok(layer) => layer,
+            Err(why) => return error(StatusCode::INTERNAL_SERVER_ERROR, why.to_string()),
+        },
+        None => (format!("sha256:{}", digest_of(&model)), 98_362_432u64),
+    };
+    state.pulled_bytes.fetch_add(total, Ordering::Relaxed);
     {
         let mut models = lock(&state.models);
         if !models.contains(&model) {
             models.push(model.clone());
         }
     }
-    let digest = format!("sha256:{}", digest_of(&model));
-    let total = 98_362_432u64;
     let lines = vec![
         json!({"status": "pulling manifest"}),
         json!({"status": format!("pulling {}", &digest[7..19]), "digest": digest, "total": total, "completed": total / 2}),

@@ -1,7 +1,9 @@
 //! Ollama's model store routes: `DELETE /api/delete`, `POST /api/copy`, `POST /api/create` (from a
 //! model or from uploaded blobs), `POST /api/push`, `HEAD`/`POST /api/blobs/:digest`, with Ollama's
-//! status codes and progress lines. Blobs are checked against their digest and kept as sizes only.
+//! status codes and progress lines. Blobs are checked against their digest and kept as sizes only, or,
+//! with `EmulatorConfig::store`, written in Ollama's layout on disk.
 
+use std::path::{Path as FilePath, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -64,6 +66,9 @@ pub(super) async fn delete(State(state): State<Arc<EmulatorState>>, body: Bytes)
     if models.len() == before {
         return not_found(&model);
     }
+    if let Some(root) = &state.config.store {
+        let _ = std::fs::remove_file(manifest_path(root, &model));
+    }
     StatusCode::OK.into_response()
 }
 
@@ -79,6 +84,13 @@ pub(super) async fn copy(State(state): State<Arc<EmulatorState>>, body: Bytes) -
     let mut models = lock(&state.models);
     if !models.contains(&source) {
         return not_found(&source);
+    }
+    if let Some(root) = &state.config.store {
+        let to = manifest_path(root, &destination);
+        if let Some(parent) = to.parent() {
+            let _ = std::fs::create_dir_all(parent);
+        }
+        let _ = std::fs::copy(manifest_path(root, &source), to);
     }
     if !models.contains(&destination) {
         models.push(destination);
@@ -103,10 +115,15 @@ pub(super) async fn create(State(state): State<Arc<EmulatorState>>, body: Bytes)
         let blobs = lock(&state.blobs);
         for digest in files.values() {
             let digest = digest.as_str().unwrap_or_default();
-            if !blobs.contains_key(digest) {
+            let Some(size) = blobs.get(digest) else {
                 return error(StatusCode::BAD_REQUEST, format!("missing blob {digest}"));
-            }
+            };
             lines.push(json!({"status": format!("using existing layer {digest}")}));
+            if let Some(root) = &state.config.store
+                && let Err(why) = write_manifest(root, &model, digest, *size)
+            {
+                return error(StatusCode::INTERNAL_SERVER_ERROR, why.to_string());
+            }
         }
     }
     lines.push(json!({"status": "writing manifest"}));
@@ -165,6 +182,55 @@ pub(super) async fn blob_upload(
             format!("digest mismatch, expected \"{digest}\", got \"{actual}\""),
         );
     }
+    if let Some(root) = &state.config.store
+        && let Err(why) = write_blob(root, &digest, &body)
+    {
+        return error(StatusCode::INTERNAL_SERVER_ERROR, why.to_string());
+    }
     lock(&state.blobs).insert(digest, body.len() as u64);
     StatusCode::CREATED.into_response()
+}
+
+/// A pulled model written into the store at `root`: a blob of `size` bytes made from its name, and its
+/// manifest. The layer's digest and size, as the pull reports them.
+pub(super) fn write_pulled(
+    root: &FilePath,
+    model: &str,
+    size: u64,
+) -> std::io::Result<(String, u64)> {
+    let seed = sha2::Sha256::digest(model.as_bytes());
+    let bytes: Vec<u8> = seed.iter().copied().cycle().take(size as usize).collect();
+    let digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&bytes)));
+    write_blob(root, &digest, &bytes)?;
+    write_manifest(root, model, &digest, size)?;
+    Ok((digest, size))
+}
+
+fn write_blob(root: &FilePath, digest: &str, bytes: &[u8]) -> std::io::Result<()> {
+    let blobs = root.join("blobs");
+    std::fs::create_dir_all(&blobs)?;
+    std::fs::write(blobs.join(digest.replace(':', "-")), bytes)
+}
+
+/// `manifests/registry.ollama.ai/NAMESPACE/MODEL/TAG`, Ollama's place for a model's manifest.
+fn manifest_path(root: &FilePath, model: &str) -> PathBuf {
+    let (name, tag) = model.rsplit_once(':').unwrap_or((model, "latest"));
+    let (namespace, name) = name.split_once('/').unwrap_or(("library", name));
+    root.join("manifests")
+        .join("registry.ollama.ai")
+        .join(namespace)
+        .join(name)
+        .join(tag)
+}
+
+fn write_manifest(root: &FilePath, model: &str, digest: &str, size: u64) -> std::io::Result<()> {
+    let path = manifest_path(root, model);
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let manifest = json!({
+        "schemaVersion": 2,
+        "layers": [{"mediaType": "application/vnd.ollama.image.model", "digest": digest, "size": size}],
+    });
+    std::fs::write(path, manifest.to_string())
 }

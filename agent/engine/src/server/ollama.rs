@@ -111,6 +111,27 @@ pub(super) async fn show(State(engine): State<Arc<Engine>>, body: Bytes) -> Resp
     .into_response()
 }
 
+/// `POST /api/pull`: the engine downloads nothing, so a pull of a model it has is already done (Ollama's
+/// `success`), and of one it lacks is a 404 saying where models come from.
+pub(super) async fn pull(State(engine): State<Arc<Engine>>, body: Bytes) -> Response {
+    let request = match parse(&body) {
+        Ok(request) => request,
+        Err(refusal) => return refusal.into_response(),
+    };
+    let Some(name) = model_name(&request) else {
+        return error(StatusCode::BAD_REQUEST, "model is required");
+    };
+    if engine.file(name).is_none() {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!(
+                "model {name:?} not found: the built-in engine downloads nothing; pull it through the sollol gateway (it copies the model from a node that has it) or put its GGUF file in the models directory"
+            ),
+        );
+    }
+    axum::Json(json!({"status": "success"})).into_response()
+}
+
 pub(super) async fn embed(State(engine): State<Arc<Engine>>, body: Bytes) -> Response {
     embed_with(engine, body, EmbedApi::Ollama).await
 }

@@ -9,8 +9,9 @@
 //!
 //! The submodules: `handshake` is the protocol's handshake on both sides, `copies` the node's model
 //! files matched by content digest, `part` describing a copy and loading a part of it, `fetch` the
-//! tensors fetched from or served to peers, `compute` the sequences and their batched forwards, and
-//! `memory` what memory this node offers.
+//! tensors fetched from or served to peers, `compute` the sequences and their batched forwards,
+//! `memory` what memory this node offers, `transfer` whole model files copied between agents (the
+//! cluster's model management), and `ollama` handing such a copy to the node's Ollama.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -38,7 +39,9 @@ mod copies;
 mod fetch;
 mod handshake;
 mod memory;
+mod ollama;
 mod part;
+mod transfer;
 
 pub use handshake::{DialError, StagePeer, dial};
 pub use memory::{offered_memory, resident_bytes};
@@ -49,6 +52,11 @@ pub struct StageSettings {
     pub node_name: String,
     pub models_dir: PathBuf,
     pub ollama_store: Option<PathBuf>,
+    /// The node's Ollama, where copied models go; `None` when the built-in engine serves the node
+    /// (copies go into `models_dir`).
+    pub ollama_url: Option<String>,
+    /// Most bytes the files in `models_dir` may take (`engine.max_disk`).
+    pub max_disk: Option<u64>,
     pub token: ClusterToken,
     pub handshake_timeout: Duration,
     /// The most memory this node offers to models (`engine.max_memory`); `None`: what is available.
@@ -63,6 +71,8 @@ pub async fn serve(listener: TcpListener, settings: StageSettings, shutdown: Can
         next: tokio::sync::Mutex::new(None),
         sequences: Mutex::new(HashMap::new()),
         digests: Mutex::new(HashMap::new()),
+        contents: Mutex::new(HashMap::new()),
+        receiving: Mutex::new(HashMap::new()),
     });
     loop {
         tokio::select! {
@@ -108,6 +118,9 @@ struct Stage {
     sequences: Mutex<HashMap<u64, Sequence>>,
     /// Content digests and tensor manifests computed so far, by path, length and modification time.
     digests: Mutex<HashMap<CopyKey, (String, Arc<TensorManifest>)>>,
+    /// Content digests alone (of files offered to peers), the same way.
+    contents: Mutex<HashMap<CopyKey, String>>,
+    receiving: transfer::Receiving,
 }
 
 type CopyKey = (PathBuf, u64, std::time::SystemTime);
@@ -251,6 +264,14 @@ impl Stage {
                 Some(StageReply::Closed { sequence })
             }
             StageRequest::Header { digest } => Some(self.header(digest).await),
+            StageRequest::Offer { model } => Some(self.offer(&model).await),
+            StageRequest::Blob { digest, offset } => {
+                self.send_blob(&digest, offset, replies).await;
+                None
+            }
+            StageRequest::Receive { model, sources } => {
+                Some(self.receive(&model, &sources, replies).await)
+            }
         };
         if let Some(reply) = reply {
             let _ = replies.send(reply).await;

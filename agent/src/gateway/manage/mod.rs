@@ -9,6 +9,7 @@
 //! Names and digests are checked before anything is sent: a name with path or control characters is
 //! a 400 here, never a path on a node.
 
+mod peers;
 mod progress;
 mod targets;
 mod upstream;
@@ -253,11 +254,18 @@ async fn progress_route(
         body,
         origin,
     };
-    if let [node] = nodes.as_slice() {
+    let plan = (route == ProgressRoute::Pull).then(|| peers::plan(&view, &model, nodes.clone()));
+    let copies = plan.as_ref().is_some_and(peers::Plan::copies);
+    if let [node] = nodes.as_slice()
+        && !copies
+    {
         return Ok(call.pass_through(node).await);
     }
     let names = node_names(&nodes);
-    let events = call.fan_out(&nodes);
+    let events = match plan {
+        Some(plan) if copies => peers::run(plan, &call, &state.models.token, &model),
+        _ => call.fan_out(&nodes),
+    };
     let progress = Progress::new(nodes.iter().map(|node| node.name.clone()).collect());
     if stream {
         let response = Body::from_stream(aggregate(progress, events));

@@ -21,6 +21,7 @@ use tokio::sync::mpsc;
 use super::NODE_HEADER;
 use super::progress::{Event, Progress};
 use crate::cluster::Backend;
+use crate::cluster::identity::ClusterToken;
 use crate::gateway::ApiError;
 use crate::gateway::proxy::{header_text, node_client};
 use crate::http_client::error_chain;
@@ -35,17 +36,18 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
 #[derive(Debug)]
 pub struct ModelApi {
     client: Client<HttpConnector, Body>,
-}
-
-impl Default for ModelApi {
-    fn default() -> Self {
-        Self {
-            client: node_client(),
-        }
-    }
+    /// Proves the coordinator to the agents it asks to copy a model (their stage ports).
+    pub(super) token: ClusterToken,
 }
 
 impl ModelApi {
+    pub fn new(token: ClusterToken) -> Self {
+        Self {
+            client: node_client(),
+            token,
+        }
+    }
+
     /// Which of `nodes` have the blob (`HEAD /api/blobs/:digest` answered 200), asked at once.
     pub(super) async fn with_blob(
         &self,
@@ -225,6 +227,19 @@ impl Call<'_> {
         response
     }
 
+    /// The request sent to `node`; its lines into `sender` as node `index`'s. Resolves to how the stream
+    /// ended.
+    pub(super) fn follow_one(
+        &self,
+        node: &Backend,
+        index: usize,
+        sender: mpsc::Sender<Event>,
+    ) -> impl Future<Output = Result<(), String>> + Send + 'static {
+        let request = self.request(node);
+        let client = self.api.client.clone();
+        async move { follow(client, request, index, &sender).await }
+    }
+
     /// The request sent to every node at once; their lines and endings as they come.
     pub(super) fn fan_out(&self, nodes: &[Arc<Backend>]) -> mpsc::Receiver<Event> {
         let (sender, receiver) = mpsc::channel(64);
@@ -312,7 +327,7 @@ pub(super) async fn settle(mut progress: Progress, mut events: mpsc::Receiver<Ev
     progress.last()
 }
 
-fn ndjson(value: &Value) -> Bytes {
+pub(super) fn ndjson(value: &Value) -> Bytes {
     let mut line = value.to_string().into_bytes();
     line.push(b'\n');
     Bytes::from(line)

@@ -102,10 +102,11 @@ impl Selection<'_> {
             .backends
             .iter()
             .enumerate()
-            .filter(|(_, backend)| backend.has_model(self.model))
-            .filter(|(_, backend)| {
-                self.wanted_node
-                    .is_none_or(|wanted| backend.name == wanted || backend.node_id == wanted)
+            // A node the client names is asked even when its last report does not list the model (a
+            // model copied there a moment ago is listed a heartbeat later); it answers 404 itself.
+            .filter(|(_, backend)| match self.wanted_node {
+                Some(wanted) => backend.name == wanted || backend.node_id == wanted,
+                None => backend.has_model(self.model),
             })
             .map(|(index, backend)| (index, self.candidate(proxy, &learned, backend)))
             .collect();
@@ -136,7 +137,7 @@ impl Selection<'_> {
         } else if let Some(wanted) = self.wanted_node {
             ApiError::new(
                 StatusCode::NOT_FOUND,
-                format!("node {wanted:?} is not up or does not have model \"{requested_name}\""),
+                format!("node {wanted:?} is not up with a reachable Ollama"),
             )
         } else {
             ApiError::new(
