@@ -143,6 +143,34 @@ async fn pulls_copies_and_deletes_go_to_the_named_nodes_or_to_those_holding_the_
             .is_some_and(|status| status.starts_with("copying ") && status.ends_with(" from a"))),
         "b copied from a: {progress:?}"
     );
+    // The copy is listed with its outcome and counted in the metrics.
+    let transfers = call(&cluster, "GET", "/api/sollol/v1/transfers", json!({}), &[]).await;
+    let transfer = &transfers.json()["transfers"][0];
+    assert_eq!(
+        (
+            &transfer["model"],
+            &transfer["source"],
+            &transfer["target"],
+            &transfer["state"]
+        ),
+        (
+            &json!("tinyllama:1b"),
+            &json!("a"),
+            &json!("b"),
+            &json!("done")
+        ),
+        "{transfer}"
+    );
+    let metrics = call(&cluster, "GET", "/metrics", json!({}), &[])
+        .await
+        .text();
+    assert!(
+        metrics.contains(&format!(
+            "sollol_model_transfer_bytes_total{{source=\"a\",target=\"b\",outcome=\"done\"}} {}",
+            EmulatorConfig::default().blob_bytes
+        )),
+        "{metrics}"
+    );
     until_the_view_shows(&cluster, "tinyllama:1b", &["a", "b"]).await;
 
     // Without a target a pull goes to the node that lacks the model.

@@ -7,7 +7,8 @@ use leptos::prelude::*;
 use serde::de::DeserializeOwned;
 use sollol_shared::api::{
     API_PREFIX, ClusterSummary, DistributedList, DistributedModel, LiveEvent, Node, NodeDetail,
-    NodeList, RequestEntry, RequestList, SessionStatus, SignIn, Stats, StatsWindow,
+    NodeList, RequestEntry, RequestList, SessionStatus, SignIn, Stats, StatsWindow, Transfer,
+    TransferList, TransferState,
 };
 use wasm_bindgen::JsCast;
 use wasm_bindgen::closure::Closure;
@@ -81,6 +82,8 @@ pub(crate) struct Store {
     /// Browser time, advanced every second so "last seen" ages.
     pub(crate) now_ms: RwSignal<f64>,
     pub(crate) access: RwSignal<Access>,
+    /// Models being copied between nodes (finished ones leave), from the snapshot and `transfer` events.
+    pub(crate) transfers: RwSignal<Vec<Transfer>>,
 }
 
 impl Store {
@@ -100,6 +103,7 @@ impl Store {
             detail: RwSignal::new(None),
             now_ms: RwSignal::new(js_sys::Date::now()),
             access: RwSignal::new(Access::Checking),
+            transfers: RwSignal::new(Vec::new()),
         }
     }
 
@@ -127,6 +131,15 @@ impl Store {
                     feed.truncate(FEED_LENGTH);
                 });
             }
+            LiveEvent::Transfer { transfer } => self.transfers.update(|transfers| {
+                transfers.retain(|known| {
+                    (known.model.as_str(), known.target.as_str())
+                        != (transfer.model.as_str(), transfer.target.as_str())
+                });
+                if transfer.state == TransferState::Copying {
+                    transfers.push(transfer);
+                }
+            }),
             LiveEvent::Routed { .. } => {}
             LiveEvent::Lagged { .. } => load_snapshot(self),
         }
@@ -207,6 +220,14 @@ pub(crate) fn load_snapshot(store: Store) {
         }
         if let Ok(recent) = recent {
             store.feed.set(recent.requests.into_iter().collect());
+        }
+        if let Ok(list) = get_json::<TransferList>(&format!("{API_PREFIX}/transfers")).await {
+            let copying = list.transfers.into_iter();
+            store.transfers.set(
+                copying
+                    .filter(|transfer| transfer.state == TransferState::Copying)
+                    .collect(),
+            );
         }
     });
 }

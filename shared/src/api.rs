@@ -390,6 +390,8 @@ pub enum LiveEvent {
     },
     /// An attempt finished (failed attempts too, before failover).
     Finished { request: RequestEntry },
+    /// A model copied between nodes made progress, finished or failed.
+    Transfer { transfer: Transfer },
     /// The stream fell behind and skipped this many events: reload the snapshot.
     Lagged { skipped: u64 },
 }
@@ -400,9 +402,45 @@ impl LiveEvent {
             Self::Node { .. } => "node",
             Self::Routed { .. } => "routed",
             Self::Finished { .. } => "finished",
+            Self::Transfer { .. } => "transfer",
             Self::Lagged { .. } => "lagged",
         }
     }
+}
+
+/// A model copied from one node to another (a pull served node to node).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Transfer {
+    /// When it started (Unix milliseconds).
+    pub started_ms: u64,
+    pub model: String,
+    /// `sha256:…` of the file; empty until the source offered it.
+    pub digest: String,
+    /// The node it is copied from (the last source tried), by name; empty before the first report.
+    pub source: String,
+    pub target: String,
+    pub done_bytes: u64,
+    pub total_bytes: u64,
+    pub state: TransferState,
+    /// Time since it started, or how long it took.
+    pub duration_ms: u64,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TransferState {
+    Copying,
+    Done,
+    Failed,
+}
+
+/// `GET /api/sollol/v1/transfers`: copies under way, then the most recent finished ones, newest first.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TransferList {
+    pub transfers: Vec<Transfer>,
 }
 
 /// `GET /api/sollol/v1/discovery`: how the coordinator finds nodes besides agents that join it.

@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::api::{Node, NodeStatus};
+use crate::api::{Node, NodeStatus, Transfer, TransferState};
 use crate::model_name::normalize;
 
 /// Models by node.
@@ -33,6 +33,8 @@ pub enum Presence {
     Present,
     /// Present and loaded in memory.
     Loaded,
+    /// Being copied there from another node: percent done.
+    Copying(u8),
 }
 
 impl ModelMatrix {
@@ -69,5 +71,90 @@ impl ModelMatrix {
             nodes: columns.iter().map(|node| node.name.clone()).collect(),
             models: rows.into_values().collect(),
         }
+    }
+
+    /// The same matrix with the copies under way shown where the model is not there yet.
+    pub fn with_transfers(mut self, transfers: &[Transfer]) -> Self {
+        for transfer in transfers {
+            if transfer.state != TransferState::Copying {
+                continue;
+            }
+            let Some(column) = self.nodes.iter().position(|node| *node == transfer.target) else {
+                continue;
+            };
+            let name = normalize(&transfer.model);
+            let index = match self.models.iter().position(|row| row.model == name) {
+                Some(index) => index,
+                None => {
+                    let at = self.models.partition_point(|row| row.model < name);
+                    self.models.insert(
+                        at,
+                        ModelRow {
+                            model: name,
+                            size_bytes: transfer.total_bytes,
+                            on: vec![Presence::Absent; self.nodes.len()],
+                        },
+                    );
+                    at
+                }
+            };
+            let cell = &mut self.models[index].on[column];
+            if *cell == Presence::Absent {
+                let percent = (transfer.done_bytes.saturating_mul(100))
+                    .checked_div(transfer.total_bytes)
+                    .unwrap_or(0)
+                    .min(99);
+                *cell = Presence::Copying(percent as u8);
+            }
+        }
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn copying(model: &str, target: &str, done: u64, state: TransferState) -> Transfer {
+        Transfer {
+            started_ms: 0,
+            model: model.to_owned(),
+            digest: String::new(),
+            source: "a".to_owned(),
+            target: target.to_owned(),
+            done_bytes: done,
+            total_bytes: 200,
+            state,
+            duration_ms: 0,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn copies_under_way_show_where_the_model_is_not_yet() {
+        let matrix = ModelMatrix {
+            nodes: vec!["a".to_owned(), "b".to_owned()],
+            models: vec![ModelRow {
+                model: "m:latest".to_owned(),
+                size_bytes: 200,
+                on: vec![Presence::Present, Presence::Absent],
+            }],
+        };
+        let shown = matrix.with_transfers(&[
+            copying("m", "b", 50, TransferState::Copying),
+            // A node that already lists it, an unknown node and a finished copy change nothing.
+            copying("m", "a", 10, TransferState::Copying),
+            copying("m", "z", 10, TransferState::Copying),
+            copying("other:1b", "a", 200, TransferState::Done),
+            // A model no node lists yet gets a row, in order.
+            copying("aaa:1b", "b", 0, TransferState::Copying),
+        ]);
+        assert_eq!(shown.models.len(), 2);
+        assert_eq!(shown.models[0].model, "aaa:1b");
+        assert_eq!(shown.models[0].on, [Presence::Absent, Presence::Copying(0)]);
+        assert_eq!(
+            shown.models[1].on,
+            [Presence::Present, Presence::Copying(25)]
+        );
     }
 }

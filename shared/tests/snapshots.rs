@@ -9,7 +9,7 @@ use sollol_shared::api::{
     Aggregate, CandidateCost, ClusterSummary, DistributedList, DistributedModel, ErrorBody,
     HardwareSample, LiveEvent, Node, NodeDetail, NodeEvent, NodeEventKind, NodeList, NodeLoad,
     NodeStatus, Percentiles, PipelineStage, Readiness, RequestEntry, RequestList, RequestStatus,
-    RoutingDecision, SeriesPoint, Stats, StatsWindow,
+    RoutingDecision, SeriesPoint, Stats, StatsWindow, Transfer, TransferState,
 };
 use sollol_shared::hardware::{
     CpuInfo, DiskInfo, GpuInfo, GpuVendor, HardwareReport, MemoryInfo, NodeReport,
@@ -253,6 +253,20 @@ fn live_events_json() {
             },
             LiveEvent::Finished {
                 request: example_request(),
+            },
+            LiveEvent::Transfer {
+                transfer: Transfer {
+                    started_ms: 1_795_000_041_000,
+                    model: "llama3.2:3b".into(),
+                    digest: format!("sha256:{}", "ab".repeat(32)),
+                    source: "gpu-desktop".into(),
+                    target: "pi-5".into(),
+                    done_bytes: 1 << 30,
+                    total_bytes: 2 << 30,
+                    state: TransferState::Copying,
+                    duration_ms: 2_500,
+                    error: None,
+                },
             },
             LiveEvent::Lagged { skipped: 3 },
         ],

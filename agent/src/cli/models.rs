@@ -14,7 +14,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde_json::{Value, json};
-use sollol_shared::api::{API_PREFIX, NodeList};
+use sollol_shared::api::{API_PREFIX, NodeList, TransferList};
 use sollol_shared::model_matrix::{ModelMatrix, Presence};
 
 use super::EXIT_FAILURE;
@@ -32,9 +32,16 @@ const PULL_START_TIMEOUT: Duration = Duration::from_secs(120);
 pub(super) async fn models(config: &Config, json: bool) -> ExitCode {
     let url = format!("{}{API_PREFIX}/nodes", config.coordinator_url);
     let client = HttpClient::default().with_key(config.api_key.as_deref());
-    match client.get_json::<NodeList>(&url, API_TIMEOUT).await {
+    let transfers_url = format!("{}{API_PREFIX}/transfers", config.coordinator_url);
+    let (list, transfers) = tokio::join!(
+        client.get_json::<NodeList>(&url, API_TIMEOUT),
+        client.get_json::<TransferList>(&transfers_url, API_TIMEOUT)
+    );
+    match list {
         Ok(list) => {
-            let matrix = ModelMatrix::of(&list.nodes);
+            // Copies under way show as "copying N%" (an older coordinator has no transfer list).
+            let transfers = transfers.map(|list| list.transfers).unwrap_or_default();
+            let matrix = ModelMatrix::of(&list.nodes).with_transfers(&transfers);
             if json {
                 match serde_json::to_string_pretty(&matrix) {
                     Ok(text) => println!("{text}"),
@@ -49,7 +56,8 @@ pub(super) async fn models(config: &Config, json: bool) -> ExitCode {
     }
 }
 
-/// The matrix as a table: a row per model, a column per node, `loaded`, `yes` or `-` in each cell.
+/// The matrix as a table: a row per model, a column per node, `loaded`, `yes`, `copying N%` or `-` in
+/// each cell.
 pub fn render_models(matrix: &ModelMatrix) -> String {
     if matrix.nodes.is_empty() {
         return "no node with a reachable Ollama is up\n".to_owned();
@@ -68,13 +76,11 @@ pub fn render_models(matrix: &ModelMatrix) -> String {
             .collect::<Vec<String>>(),
     ];
     for row in &matrix.models {
-        let cells = row.on.iter().map(|presence| {
-            match presence {
-                Presence::Loaded => "loaded",
-                Presence::Present => "yes",
-                Presence::Absent => "-",
-            }
-            .to_owned()
+        let cells = row.on.iter().map(|presence| match presence {
+            Presence::Loaded => "loaded".to_owned(),
+            Presence::Present => "yes".to_owned(),
+            Presence::Copying(percent) => format!("copying {percent}%"),
+            Presence::Absent => "-".to_owned(),
         });
         rows.push(
             [row.model.clone(), size(row.size_bytes)]

@@ -135,6 +135,7 @@ pub fn router(state: Arc<GatewayState>) -> Router {
         .route(&format!("{API_PREFIX}/events"), get(events))
         .route(&format!("{API_PREFIX}/distributed"), get(distributed))
         .route(&format!("{API_PREFIX}/discovery"), get(discovery))
+        .route(&format!("{API_PREFIX}/transfers"), get(transfers))
         .route(
             SESSION_PATH,
             get(session_status).post(sign_in).delete(sign_out),
@@ -551,6 +552,13 @@ async fn discovery(State(state): State<Arc<GatewayState>>) -> Json<sollol_shared
 }
 
 /// `GET /api/sollol/v1/distributed`: each distributed model's plan and what its steps cost.
+/// Models being copied between nodes, then the last ones copied.
+async fn transfers(
+    State(state): State<Arc<GatewayState>>,
+) -> Json<sollol_shared::api::TransferList> {
+    Json(state.observer.transfers())
+}
+
 async fn distributed(
     State(state): State<Arc<GatewayState>>,
 ) -> Json<sollol_shared::api::DistributedList> {

@@ -46,6 +46,8 @@ pub(super) struct Metrics {
     requests: BTreeMap<(String, String, &'static str), RequestSeries>,
     /// By how the node was chosen; labelled (and sorted by label) only when rendered.
     decisions: HashMap<Choice, u64>,
+    /// Models copied between nodes, by (source, target, outcome): how many, bytes moved, seconds.
+    transfers: BTreeMap<(String, String, &'static str), (u64, u64, f64)>,
 }
 
 impl Metrics {
@@ -60,6 +62,53 @@ impl Metrics {
             series.first_token.observe(first_token as f64 / 1000.0);
         }
         *self.decisions.entry(row.choice).or_default() += 1;
+    }
+
+    /// Counts a copy between nodes that ended, with the bytes it moved.
+    pub(super) fn count_transfer(&mut self, transfer: &sollol_shared::api::Transfer, fetched: u64) {
+        let outcome = match transfer.state {
+            sollol_shared::api::TransferState::Done => "done",
+            _ => "failed",
+        };
+        let series = self
+            .transfers
+            .entry((transfer.source.clone(), transfer.target.clone(), outcome))
+            .or_default();
+        series.0 += 1;
+        series.1 += fetched;
+        series.2 += transfer.duration_ms as f64 / 1000.0;
+    }
+
+    /// The copies between nodes, by source, target and outcome.
+    fn render_transfers(&self, out: &mut String) {
+        for (name, help, value) in [
+            (
+                "sollol_model_transfers_total",
+                "Models copied between nodes (pulls served node to node), by source, target and outcome.",
+                (|series: &(u64, u64, f64)| series.0.to_string()) as fn(&(u64, u64, f64)) -> String,
+            ),
+            (
+                "sollol_model_transfer_bytes_total",
+                "Bytes those copies moved.",
+                |series: &(u64, u64, f64)| series.1.to_string(),
+            ),
+            (
+                "sollol_model_transfer_seconds_total",
+                "Time those copies took, summed.",
+                |series: &(u64, u64, f64)| format!("{:.3}", series.2),
+            ),
+        ] {
+            header(out, name, "counter", help);
+            for ((source, target, outcome), series) in &self.transfers {
+                let _ = writeln!(
+                    out,
+                    "{name}{{source=\"{}\",target=\"{}\",outcome=\"{outcome}\"}} {}",
+                    escape(source),
+                    escape(target),
+                    value(series)
+                );
+            }
+        }
     }
 
     /// The request counters and the latency histograms, by node, model and status.
@@ -140,6 +189,7 @@ impl Observer {
             let metrics = self.metrics.lock().unwrap_or_else(PoisonError::into_inner);
             metrics.render_requests(&mut out);
             metrics.render_decisions(&mut out);
+            metrics.render_transfers(&mut out);
         }
         render_load(&mut out, &view, gauges);
         render_node_gauges(&mut out, &view);

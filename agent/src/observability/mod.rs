@@ -5,12 +5,14 @@
 //! event), and the gateway tells it where each request was routed. A watcher
 //! task turns changes in the cluster snapshot into `node` events and hardware
 //! samples. `metrics` renders the exposition, `events` owns the live feed,
-//! and `stats` computes statistics over a window with [`aggregate`], a pure
-//! function over rows read back from SQLite.
+//! `stats` computes statistics over a window with [`aggregate`], a pure
+//! function over rows read back from SQLite, and `transfers` follows models
+//! copied between nodes (the gateway reports each copy).
 
 mod events;
 mod metrics;
 mod stats;
+mod transfers;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -25,6 +27,7 @@ use metrics::Metrics;
 pub use events::watch_nodes;
 pub use metrics::{CacheFigures, Gauges, render_distributed};
 pub use stats::aggregate;
+pub use transfers::TransferId;
 
 /// Events buffered for slow SSE clients before they are told they lagged.
 const EVENT_BUFFER: usize = 1024;
@@ -42,6 +45,7 @@ pub struct Observer {
     metrics: Mutex<Metrics>,
     /// Hardware samples per node id since start, oldest first, at most `SAMPLES_PER_NODE`.
     samples: Mutex<HashMap<String, VecDeque<HardwareSample>>>,
+    transfers: Mutex<transfers::Transfers>,
 }
 
 impl Observer {
@@ -51,6 +55,7 @@ impl Observer {
             events: broadcast::channel(EVENT_BUFFER).0,
             metrics: Mutex::new(Metrics::default()),
             samples: Mutex::new(HashMap::new()),
+            transfers: Mutex::new(Default::default()),
         }
     }
 

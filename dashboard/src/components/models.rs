@@ -1,5 +1,6 @@
 //! The models page: which node holds which model (loaded, present or absent), from the live node list,
-//! so a pull, copy or delete anywhere in the cluster shows up as the nodes report it.
+//! so a pull, copy or delete anywhere in the cluster shows up as the nodes report it; copies between
+//! nodes show their progress live (`transfer` events).
 
 use leptos::prelude::*;
 use sollol_shared::model_matrix::{ModelMatrix, Presence};
@@ -9,7 +10,12 @@ use crate::store::Store;
 
 #[component]
 pub(crate) fn ModelsPage(store: Store) -> impl IntoView {
-    let matrix = move || store.nodes.get().map(|nodes| ModelMatrix::of(&nodes));
+    let matrix = move || {
+        store
+            .nodes
+            .get()
+            .map(|nodes| ModelMatrix::of(&nodes).with_transfers(&store.transfers.get()))
+    };
     view! {
         <section id="models-page">
             <h2>"Models"</h2>
@@ -53,9 +59,10 @@ fn Matrix(matrix: ModelMatrix) -> impl IntoView {
                             <td>{format::bytes(row.size_bytes)}</td>
                             {row.on.into_iter().map(|presence| {
                                 let (class, text) = match presence {
-                                    Presence::Loaded => ("loaded", "loaded"),
-                                    Presence::Present => ("present", "yes"),
-                                    Presence::Absent => ("absent", "–"),
+                                    Presence::Loaded => ("loaded", "loaded".to_owned()),
+                                    Presence::Present => ("present", "yes".to_owned()),
+                                    Presence::Copying(percent) => ("copying", format!("copying {percent}%")),
+                                    Presence::Absent => ("absent", "–".to_owned()),
                                 };
                                 view! { <td class=class>{text}</td> }
                             }).collect_view()}

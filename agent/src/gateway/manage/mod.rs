@@ -263,7 +263,9 @@ async fn progress_route(
     }
     let names = node_names(&nodes);
     let events = match plan {
-        Some(plan) if copies => peers::run(plan, &call, &state.models.token, &model),
+        Some(plan) if copies => {
+            peers::run(plan, &call, &state.models.token, &state.observer, &model)
+        }
         _ => call.fan_out(&nodes),
     };
     let progress = Progress::new(nodes.iter().map(|node| node.name.clone()).collect());

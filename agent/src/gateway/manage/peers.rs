@@ -20,6 +20,7 @@ use super::upstream::{Call, ndjson};
 use crate::cluster::identity::ClusterToken;
 use crate::cluster::{Backend, ClusterView, wire};
 use crate::distributed::stage::dial;
+use crate::observability::{Observer, TransferId};
 
 /// A copy whose target reports nothing for this long is given up (the target reports every 16 MiB, and
 /// gives up a silent source after 30 s).
@@ -113,6 +114,7 @@ pub(super) fn run(
     plan: Plan,
     call: &Call<'_>,
     token: &ClusterToken,
+    observer: &Arc<Observer>,
     model: &str,
 ) -> mpsc::Receiver<Event> {
     let (sender, receiver) = mpsc::channel(64);
@@ -136,8 +138,10 @@ pub(super) fn run(
                 let copy = Copy {
                     token: token.clone(),
                     target: plan.stages[index].clone().unwrap_or_default(),
+                    target_name: plan.nodes[index].name.clone(),
                     model: model.to_owned(),
                     names: Arc::clone(&names),
+                    observer: Arc::clone(observer),
                 };
                 let pull = call.follow_one(&plan.nodes[index], index, sender.clone());
                 tokio::spawn(async move {
@@ -149,8 +153,10 @@ pub(super) fn run(
                 let copy = Copy {
                     token: token.clone(),
                     target: plan.stages[index].clone().unwrap_or_default(),
+                    target_name: plan.nodes[index].name.clone(),
                     model: model.to_owned(),
                     names: Arc::clone(&names),
+                    observer: Arc::clone(observer),
                 };
                 let pull = call.follow_one(&plan.nodes[index], index, sender.clone());
                 let mut pulled = ends[first].subscribe();
@@ -180,9 +186,12 @@ enum Failed {
 /// One copy: the target's agent told to receive `model`.
 struct Copy {
     token: ClusterToken,
+    /// The target's stage address and name.
     target: String,
+    target_name: String,
     model: String,
     names: Arc<HashMap<String, String>>,
+    observer: Arc<Observer>,
 }
 
 impl Copy {
@@ -207,12 +216,34 @@ impl Copy {
     }
 
     /// Asks the target to copy from `sources`; its reports as Ollama's progress lines, ending with
-    /// `success`, or why it failed.
+    /// `success`, or why it failed. The observer follows the copy (`transfer` events, metrics).
     async fn run(
         &self,
         sources: Vec<String>,
         index: usize,
         sender: &mpsc::Sender<Event>,
+    ) -> Result<(), Failed> {
+        let id = self
+            .observer
+            .transfer_started(&self.model, &self.target_name);
+        let mut fetched = 0;
+        let outcome = self.copy(sources, index, sender, &id, &mut fetched).await;
+        let ended = match &outcome {
+            Ok(()) => Ok(()),
+            Err(Failed::NoSource(why) | Failed::Final(why)) => Err(why.clone()),
+        };
+        self.observer.transfer_ended(id, fetched, ended);
+        outcome
+    }
+
+    /// [`Copy::run`]'s work, reported to the observer through `id`.
+    async fn copy(
+        &self,
+        sources: Vec<String>,
+        index: usize,
+        sender: &mpsc::Sender<Event>,
+        id: &TransferId,
+        fetched: &mut u64,
     ) -> Result<(), Failed> {
         let (mut stream, _) = dial(&self.target, &self.token, HANDSHAKE_TIMEOUT)
             .await
@@ -240,12 +271,17 @@ impl Copy {
                     digest,
                     done_bytes,
                     total_bytes,
-                } => json!({
-                    "status": format!("copying {} from {}", short(&digest), self.name(&source)),
-                    "digest": digest,
-                    "total": total_bytes,
-                    "completed": done_bytes,
-                }),
+                } => {
+                    let source = self.name(&source);
+                    self.observer
+                        .transfer_progress(id, source, &digest, done_bytes, total_bytes);
+                    json!({
+                        "status": format!("copying {} from {source}", short(&digest)),
+                        "digest": digest,
+                        "total": total_bytes,
+                        "completed": done_bytes,
+                    })
+                }
                 StageReply::Received {
                     fetched_bytes: 0, ..
                 } => json!({"status": "success"}),
@@ -253,8 +289,12 @@ impl Copy {
                     digest,
                     bytes,
                     source,
+                    fetched_bytes,
                     ..
                 } => {
+                    *fetched = fetched_bytes;
+                    self.observer
+                        .transfer_progress(id, self.name(&source), &digest, bytes, bytes);
                     let done = json!({
                         "status": format!("copying {} from {}", short(&digest), self.name(&source)),
                         "digest": digest,
