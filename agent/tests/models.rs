@@ -68,6 +68,15 @@ fn holders(cluster: &Cluster, model: &str) -> Vec<String> {
 
 /// Waits until the coordinator's view shows `model` on exactly `nodes`.
 async fn until_the_view_shows(cluster: &Cluster, model: &str, nodes: &[&str]) {
+    until_the_view_shows_within(cluster, model, nodes, Duration::from_secs(10)).await;
+}
+
+async fn until_the_view_shows_within(
+    cluster: &Cluster,
+    model: &str,
+    nodes: &[&str],
+    within: Duration,
+) {
     let started = Instant::now();
     loop {
         let mut seen: Vec<String> = cluster
@@ -83,7 +92,7 @@ async fn until_the_view_shows(cluster: &Cluster, model: &str, nodes: &[&str]) {
             return;
         }
         assert!(
-            started.elapsed() < Duration::from_secs(10),
+            started.elapsed() < within,
             "the view shows {model} on {seen:?}, not {nodes:?}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -513,5 +522,119 @@ async fn an_unload_reaches_every_node_that_has_the_model_loaded() {
             emulator.name()
         );
     }
+    cluster.stop().await;
+}
+
+/// `models.replicas = "all"`: the coordinator copies the model onto every node (from the one that has
+/// it: no registry pull), and onto a node that replaces one that left; a count set through the API is
+/// kept too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_fill_every_node_and_a_node_that_replaces_one() {
+    let stores: Vec<tempfile::TempDir> = (0..4)
+        .map(|_| tempfile::tempdir().expect("tempdir"))
+        .collect();
+    let node = |name: &str, store: &tempfile::TempDir, models: &[&str]| EmulatorConfig {
+        name: name.to_owned(),
+        models: models.iter().map(|model| (*model).to_owned()).collect(),
+        store: Some(store.path().to_owned()),
+        ..EmulatorConfig::default()
+    };
+    let nodes = [
+        node("a", &stores[0], &["qwen3:0.6b"]),
+        node("b", &stores[1], &[]),
+        node("c", &stores[2], &[]),
+    ];
+    let mut cluster = cluster_with(&[("models.replicas", "qwen3:0.6b=all")], &nodes).await;
+    until_the_view_shows_within(
+        &cluster,
+        "qwen3:0.6b",
+        &["a", "b", "c"],
+        Duration::from_secs(30),
+    )
+    .await;
+    let registry: u64 = cluster
+        .emulators
+        .iter()
+        .map(|node| node.registry_pulls())
+        .sum();
+    assert_eq!(registry, 0, "copied from a, not pulled");
+
+    // c leaves; d joins and gets a copy.
+    cluster
+        .agents
+        .pop()
+        .expect("c's agent")
+        .stop(Duration::from_secs(5))
+        .await
+        .expect("stop c");
+    cluster.emulators.pop();
+    cluster.add_node(node("d", &stores[3], &[])).await;
+    until_the_view_shows_within(
+        &cluster,
+        "qwen3:0.6b",
+        &["a", "b", "d"],
+        Duration::from_secs(30),
+    )
+    .await;
+    let listed = call(&cluster, "GET", "/api/sollol/v1/replicas", json!({}), &[]).await;
+    assert_eq!(
+        listed.json()["replicas"],
+        json!([{"model": "qwen3:0.6b", "wanted": "all", "holders": ["a", "b", "d"], "origin": "config"}])
+    );
+
+    // Two copies of a model no node has: one registry pull, one copy of it.
+    let set = call(
+        &cluster,
+        "PUT",
+        "/api/sollol/v1/replicas/tinyllama:1b",
+        json!({"replicas": 2}),
+        &[],
+    )
+    .await;
+    assert_eq!(set.status, 200, "{}", set.text());
+    let started = Instant::now();
+    while holders(&cluster, "tinyllama:1b").len() < 2 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "two copies never appeared: {:?}",
+            holders(&cluster, "tinyllama:1b")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let registry: u64 = cluster
+        .emulators
+        .iter()
+        .map(|node| node.registry_pulls())
+        .sum();
+    assert_eq!(registry, 1);
+    for (body, status) in [
+        (json!({"replicas": 0}), 400),
+        (json!({"replicas": "most"}), 400),
+        (json!({}), 400),
+    ] {
+        let refused = call(
+            &cluster,
+            "PUT",
+            "/api/sollol/v1/replicas/tinyllama:1b",
+            body.clone(),
+            &[],
+        )
+        .await;
+        assert_eq!(refused.status, status, "{body}: {}", refused.text());
+    }
+    let forgotten = call(
+        &cluster,
+        "DELETE",
+        "/api/sollol/v1/replicas/tinyllama:1b",
+        json!({}),
+        &[],
+    )
+    .await;
+    assert_eq!(forgotten.status, 200, "{}", forgotten.text());
+    assert_eq!(
+        holders(&cluster, "tinyllama:1b").len(),
+        2,
+        "nothing is removed"
+    );
     cluster.stop().await;
 }

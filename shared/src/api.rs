@@ -443,6 +443,97 @@ pub struct TransferList {
     pub transfers: Vec<Transfer>,
 }
 
+/// How many copies of a model the coordinator keeps: a number of nodes, or every node. In JSON a number
+/// or `"all"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReplicaCount {
+    Nodes(u32),
+    All,
+}
+
+impl ReplicaCount {
+    /// `all` or a count of at least 1.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        if text.eq_ignore_ascii_case("all") {
+            return Ok(Self::All);
+        }
+        match text.parse::<u32>() {
+            Ok(0) => Err("0 copies is none: give 1 or more, or `all`".to_owned()),
+            Ok(count) => Ok(Self::Nodes(count)),
+            Err(_) => Err(format!("{text:?} is not a number of copies or `all`")),
+        }
+    }
+
+    /// How many copies that is on a cluster of `nodes` nodes.
+    pub fn on(self, nodes: usize) -> usize {
+        match self {
+            Self::Nodes(count) => (count as usize).min(nodes),
+            Self::All => nodes,
+        }
+    }
+}
+
+impl std::fmt::Display for ReplicaCount {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Nodes(count) => write!(f, "{count}"),
+            Self::All => f.write_str("all"),
+        }
+    }
+}
+
+impl Serialize for ReplicaCount {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::Nodes(count) => serializer.serialize_u32(*count),
+            Self::All => serializer.serialize_str("all"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ReplicaCount {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Text {
+            Number(u64),
+            Text(String),
+        }
+        let text = match Text::deserialize(deserializer)? {
+            Text::Number(count) => count.to_string(),
+            Text::Text(text) => text,
+        };
+        Self::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// One model the coordinator keeps copies of.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ReplicaStatus {
+    pub model: String,
+    pub wanted: ReplicaCount,
+    /// The up nodes that hold it now, by name.
+    pub holders: Vec<String>,
+    /// `config` (`models.replicas`) or `api` (set at run time).
+    pub origin: String,
+    /// Why the last attempt to add a copy failed, if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+/// `GET /api/sollol/v1/replicas`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ReplicaList {
+    pub replicas: Vec<ReplicaStatus>,
+}
+
+/// `PUT /api/sollol/v1/replicas/MODEL`'s body.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ReplicaRequest {
+    pub replicas: ReplicaCount,
+}
+
 /// `GET /api/sollol/v1/discovery`: how the coordinator finds nodes besides agents that join it.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Discovery {

@@ -182,6 +182,7 @@ pub async fn start_coordinator(config: &Config) -> Result<CoordinatorHandle, Sta
             .collect(),
         proxy,
         models: crate::gateway::manage::ModelApi::new(token.clone()),
+        replicas: crate::gateway::manage::Replicas::from_config(&config.models.replicas),
         max_request_body: settings.max_request_body.get() as usize,
         api_keys: GatewayState::digest_keys(&settings.api_keys),
         sessions: Default::default(),
@@ -453,6 +454,10 @@ impl Start<'_> {
         let warm_shutdown = shutdown.clone();
         self.tasks
             .spawn(async move { warmer.proxy.warm_up(view, history, warm_shutdown).await });
+        self.tasks.spawn(gateway::manage::keep_replicas(
+            Arc::clone(gateway_state),
+            shutdown.clone(),
+        ));
         self.tasks.spawn(gateway::serve(
             gateway_listener,
             Arc::clone(gateway_state),

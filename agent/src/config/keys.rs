@@ -365,6 +365,12 @@ pub const KEYS: &[KeySpec] = &[
         doc: "Most disk the model files in `agent.models_dir` may take together (bytes, or with a unit: `20GiB`): a model copied to this node from another agent is refused before any byte is written when it would pass this, or the free space of the disk, with both numbers in the error. Default: the free space of the disk only.",
     },
     KeySpec {
+        key: "models.replicas",
+        env: "SOLLOL_MODELS_REPLICAS",
+        default: None,
+        doc: "Copies of models the coordinator keeps on the cluster: in the file a table, `replicas = { \"llama3.2:3b\" = 2, \"nomic-embed-text\" = \"all\" }`; in the environment `llama3.2:3b=2,nomic-embed-text=all`. The coordinator adds copies (node to node when a node has the model, else one registry pull) on the roomiest nodes that lack it until the count is met, and again when a node holding it goes away; it never removes a copy. Also set at run time with `PUT /api/sollol/v1/replicas/MODEL` (admin scope). Default: none.",
+    },
+    KeySpec {
         key: "distributed.models",
         env: "SOLLOL_DISTRIBUTED_MODELS",
         default: None,

@@ -23,7 +23,8 @@ pub use keys::{KEYS, KeySpec};
 pub use raw::{ConfigSources, RawConfig, default_config_file};
 pub use typed::{
     AgentConfig, ApiKey, CacheConfig, Config, CoordinatorConfig, DiscoveryConfig,
-    DistributedConfig, EngineConfig, EngineMode, HttpConfig, KeyScope, loopback_if_unspecified,
+    DistributedConfig, EngineConfig, EngineMode, HttpConfig, KeyScope, ModelsConfig,
+    loopback_if_unspecified,
 };
 
 #[cfg(test)]

@@ -148,6 +148,28 @@ pub(super) fn parse_bytes(text: &str) -> Result<u64, String> {
     Ok(bytes as u64)
 }
 
+/// `name=count,name=all`: models (checked, normalized) and how many copies of each.
+pub(super) fn parse_replicas(
+    text: &str,
+) -> Result<Vec<(String, sollol_shared::api::ReplicaCount)>, String> {
+    let mut replicas: Vec<(String, sollol_shared::api::ReplicaCount)> = Vec::new();
+    for item in list_items(text) {
+        let (name, count) = item
+            .rsplit_once('=')
+            .ok_or_else(|| format!("{item:?} is not MODEL=COUNT (or MODEL=all)"))?;
+        let name = name.trim().trim_matches('"');
+        sollol_shared::model_name::validate(name)?;
+        let name = sollol_shared::model_name::normalize(name);
+        let count = sollol_shared::api::ReplicaCount::parse(count)
+            .map_err(|why| format!("{name}: {why}"))?;
+        if replicas.iter().any(|(known, _)| *known == name) {
+            return Err(format!("{name} is given twice"));
+        }
+        replicas.push((name, count));
+    }
+    Ok(replicas)
+}
+
 pub(super) fn parse_bool(text: &str) -> Result<bool, String> {
     match text {
         "true" | "1" | "yes" | "on" => Ok(true),
@@ -163,6 +185,21 @@ pub(super) fn parse_node_name(text: &str) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replicas_name_models_and_counts() {
+        use sollol_shared::api::ReplicaCount;
+        assert_eq!(
+            parse_replicas("llama3.2:3b=2, nomic-embed-text=all").expect("valid"),
+            [
+                ("llama3.2:3b".to_owned(), ReplicaCount::Nodes(2)),
+                ("nomic-embed-text:latest".to_owned(), ReplicaCount::All),
+            ]
+        );
+        for bad in ["llama3.2:3b", "m=0", "m=two", "../x=1", "m=1,m:latest=2"] {
+            assert!(parse_replicas(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn sizes_take_binary_and_decimal_units() {

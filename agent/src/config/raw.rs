@@ -100,12 +100,27 @@ fn parse_file(path: &Path, text: &str) -> Result<Vec<(&'static str, String)>, Co
                 .filter_map(toml::Value::as_str)
                 .collect::<Vec<_>>()
                 .join(","),
+            // A table of names to strings or numbers (`models.replicas`) reads as `name=value,…`.
+            toml::Value::Table(items)
+                if items
+                    .values()
+                    .all(|item| item.is_str() || item.is_integer()) =>
+            {
+                items
+                    .iter()
+                    .map(|(name, item)| match item {
+                        toml::Value::String(text) => format!("{name}={text}"),
+                        other => format!("{name}={other}"),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(",")
+            }
             other => {
                 return Err(ConfigError::Invalid {
                     key: spec.key,
                     value: other.to_string(),
                     origin: Source::File(path.to_owned()),
-                    reason: "expected a string, number, boolean or list of strings".to_owned(),
+                    reason: "expected a string, number, boolean, list of strings or table of strings and numbers".to_owned(),
                 });
             }
         };

@@ -24,6 +24,14 @@ pub struct Config {
     pub discovery: DiscoveryConfig,
     pub http: HttpConfig,
     pub cache: CacheConfig,
+    pub models: ModelsConfig,
+}
+
+/// What the coordinator keeps on the cluster.
+#[derive(Clone, Debug, Default)]
+pub struct ModelsConfig {
+    /// Models and how many copies of each, in the order given.
+    pub replicas: Vec<(String, sollol_shared::api::ReplicaCount)>,
 }
 
 /// The gateway's response cache (off unless `cache.enabled`).

@@ -10,12 +10,12 @@ use super::error::{ConfigError, Source};
 use super::parse::{
     list_items, parse_api_keys, parse_bool, parse_bytes, parse_duration, parse_host_port,
     parse_http_url, parse_node_name, parse_non_zero, parse_port, parse_positive_duration,
-    parse_seed, parse_socket_addr,
+    parse_replicas, parse_seed, parse_socket_addr,
 };
 use super::raw::{ConfigSources, RawConfig};
 use super::typed::{
     AgentConfig, CacheConfig, Config, CoordinatorConfig, DiscoveryConfig, DistributedConfig,
-    EngineConfig, EngineMode, HttpConfig, KeyScope, loopback_if_unspecified,
+    EngineConfig, EngineMode, HttpConfig, KeyScope, ModelsConfig, loopback_if_unspecified,
 };
 
 impl TryFrom<&RawConfig> for Config {
@@ -37,6 +37,11 @@ impl TryFrom<&RawConfig> for Config {
         let discovery = discovery(&reader)?;
         let http = http(&reader)?;
         let cache = cache(&reader)?;
+        let models = ModelsConfig {
+            replicas: reader
+                .optional("models.replicas", parse_replicas)?
+                .unwrap_or_default(),
+        };
         Ok(Self {
             shutdown_grace: reader.parse("shutdown_grace", parse_duration)?,
             log_level: reader.parse("log_level", |text| {
@@ -61,6 +66,7 @@ impl TryFrom<&RawConfig> for Config {
             discovery,
             http,
             cache,
+            models,
         })
     }
 }

@@ -27,7 +27,7 @@ impl GatewayState {
 }
 
 /// Routes that change the cluster: only admin keys may call them when keys are on (Ollama's model
-/// management, which the gateway forwards or refuses, and planning distributed models).
+/// management, which the gateway forwards or refuses, planning distributed models, setting replicas).
 fn changes_the_cluster(method: &axum::http::Method, path: &str) -> bool {
     matches!(
         path,
@@ -36,6 +36,8 @@ fn changes_the_cluster(method: &axum::http::Method, path: &str) -> bool {
         || (method == axum::http::Method::POST
             && path.starts_with(API_PREFIX)
             && path.ends_with("/plan"))
+        || (method != axum::http::Method::GET
+            && path.starts_with(&format!("{API_PREFIX}/replicas")))
 }
 
 /// Routes anyone may call, keys or not: liveness, the dashboard's static files (they hold no data)

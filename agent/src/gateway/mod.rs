@@ -61,6 +61,8 @@ pub struct GatewayState {
     pub proxy: Proxy,
     /// The client of the model management routes.
     pub models: manage::ModelApi,
+    /// The copies of models the coordinator keeps (`models.replicas`, or set at run time).
+    pub replicas: manage::Replicas,
     pub max_request_body: usize,
     /// SHA-256 of each API key, with its name; empty means the gateway is open.
     pub api_keys: Vec<([u8; 32], String, KeyScope)>,
@@ -136,6 +138,11 @@ pub fn router(state: Arc<GatewayState>) -> Router {
         .route(&format!("{API_PREFIX}/distributed"), get(distributed))
         .route(&format!("{API_PREFIX}/discovery"), get(discovery))
         .route(&format!("{API_PREFIX}/transfers"), get(transfers))
+        .route(&format!("{API_PREFIX}/replicas"), get(manage::replicas))
+        .route(
+            &format!("{API_PREFIX}/replicas/{{model}}"),
+            axum::routing::put(manage::set_replicas).delete(manage::forget_replicas),
+        )
         .route(
             SESSION_PATH,
             get(session_status).post(sign_in).delete(sign_out),

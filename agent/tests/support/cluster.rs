@@ -39,15 +39,35 @@ pub async fn cluster_with(
     coordinator_pairs: &[(&'static str, &str)],
     nodes: &[EmulatorConfig],
 ) -> Cluster {
-    let mut dirs = vec![tempfile::tempdir().expect("tempdir")];
+    let dirs = vec![tempfile::tempdir().expect("tempdir")];
     let coordinator =
         app::start_coordinator(&config(dirs[0].path(), "coordinator", coordinator_pairs))
             .await
             .expect("coordinator");
-    let mut agents = Vec::new();
-    let mut emulators = Vec::new();
+    let mut cluster = Cluster {
+        coordinator,
+        agents: Vec::new(),
+        emulators: Vec::new(),
+        dirs,
+    };
     for node in nodes {
-        let name = node.name.as_str();
+        cluster.add_node(node.clone()).await;
+    }
+    let started = Instant::now();
+    while cluster.coordinator.view().backends.len() < nodes.len() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "backends never appeared"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    cluster
+}
+
+impl Cluster {
+    /// Starts an emulated Ollama node and an agent in front of it that joins the coordinator.
+    pub async fn add_node(&mut self, node: EmulatorConfig) {
+        let name = node.name.clone();
         let emulator = Emulator::start(node.clone()).await.expect("emulator");
         let dir = tempfile::tempdir().expect("tempdir");
         let url = emulator.url();
@@ -57,36 +77,20 @@ pub async fn cluster_with(
         if let Some(store) = &store {
             pairs.push(("engine.ollama_models", store));
         }
-        let agent_config = config(dir.path(), name, &pairs);
-        agents.push(
+        let agent_config = config(dir.path(), &name, &pairs);
+        self.agents.push(
             app::start_agent(
                 &agent_config,
-                coordinator.cluster_address.to_string(),
-                coordinator.token.clone(),
+                self.coordinator.cluster_address.to_string(),
+                self.coordinator.token.clone(),
             )
             .await
             .expect("agent"),
         );
-        emulators.push(emulator);
-        dirs.push(dir);
+        self.emulators.push(emulator);
+        self.dirs.push(dir);
     }
-    let started = Instant::now();
-    while coordinator.view().backends.len() < nodes.len() {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "backends never appeared"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    Cluster {
-        coordinator,
-        agents,
-        emulators,
-        dirs,
-    }
-}
 
-impl Cluster {
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.coordinator.gateway_address)
     }

@@ -11,6 +11,7 @@
 
 mod peers;
 mod progress;
+mod replicas;
 mod targets;
 mod upstream;
 
@@ -25,6 +26,7 @@ use axum::response::{IntoResponse, Response};
 use futures_util::future::join_all;
 use hyper::body::Bytes;
 use serde_json::Value;
+use sollol_shared::api::{ReplicaList, ReplicaRequest};
 use sollol_shared::digest::Sha256Digest;
 use sollol_shared::model_name;
 
@@ -36,6 +38,7 @@ use targets::Wanted;
 use targets::NODE_HEADER;
 use upstream::{Answer, Call, aggregate, node_names, settle};
 
+pub use replicas::{Replicas, keep as keep_replicas};
 pub use upstream::ModelApi;
 
 /// A blob upload may take this long in all (hours of a slow link for a large model); its idle limit is
@@ -460,4 +463,44 @@ pub async fn blob_upload(
 
 fn checked_digest(digest: &str) -> Result<Sha256Digest, ApiError> {
     Sha256Digest::parse(digest).map_err(|why| ApiError::new(StatusCode::BAD_REQUEST, why))
+}
+
+/// `GET /api/sollol/v1/replicas`: the models the coordinator keeps copies of, with their holders.
+pub async fn replicas(State(state): State<Arc<GatewayState>>) -> axum::Json<ReplicaList> {
+    axum::Json(state.replicas.list(&state))
+}
+
+/// `PUT /api/sollol/v1/replicas/MODEL` (`{"replicas": 2}` or `{"replicas": "all"}`): keep that many
+/// copies from now on (until the coordinator restarts: `models.replicas` is the lasting setting).
+pub async fn set_replicas(
+    State(state): State<Arc<GatewayState>>,
+    Path(model): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<axum::Json<ReplicaList>, ApiError> {
+    let model = checked_name(&model)?;
+    let body =
+        body.map_err(|rejection| ApiError::new(rejection.status(), rejection.body_text()))?;
+    let request: ReplicaRequest = serde_json::from_slice(&body).map_err(|error| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("the body must be {{\"replicas\": N}} or {{\"replicas\": \"all\"}}: {error}"),
+        )
+    })?;
+    state.replicas.set(&model, Some(request.replicas));
+    Ok(axum::Json(state.replicas.list(&state)))
+}
+
+/// `DELETE /api/sollol/v1/replicas/MODEL`: stop keeping copies (none is removed).
+pub async fn forget_replicas(
+    State(state): State<Arc<GatewayState>>,
+    Path(model): Path<String>,
+) -> Result<axum::Json<ReplicaList>, ApiError> {
+    let model = checked_name(&model)?;
+    if !state.replicas.set(&model, None) {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no replica count is set for {model}"),
+        ));
+    }
+    Ok(axum::Json(state.replicas.list(&state)))
 }
