@@ -582,6 +582,25 @@ async fn replicas_fill_every_node_and_a_node_that_replaces_one() {
         json!([{"model": "qwen3:0.6b", "wanted": "all", "holders": ["a", "b", "d"], "origin": "config"}])
     );
 
+    // `sollol models` says which counts the coordinator keeps.
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_sollol"))
+        .args(["models", "--url", &cluster.url("")])
+        .env("SOLLOL_DATA_DIR", cluster.dirs[0].path())
+        .output()
+        .await
+        .expect("run sollol models");
+    let table = String::from_utf8_lossy(&output.stdout);
+    let rows: Vec<Vec<&str>> = table
+        .lines()
+        .map(|line| line.split_whitespace().collect())
+        .collect();
+    assert_eq!(rows[0], ["MODEL", "SIZE", "KEEP", "a", "b", "d"], "{table}");
+    assert!(
+        rows.iter()
+            .any(|row| row[0] == "qwen3:0.6b" && row[3..] == ["all", "yes", "yes", "yes"]),
+        "{table}"
+    );
+
     // Two copies of a model no node has: one registry pull, one copy of it.
     let set = call(
         &cluster,
@@ -636,5 +655,80 @@ async fn replicas_fill_every_node_and_a_node_that_replaces_one() {
         2,
         "nothing is removed"
     );
+    cluster.stop().await;
+}
+
+/// A holder whose file no longer matches its digest (bit rot, a file changed under the agent) sends bytes
+/// the target discards; the target says so and copies from the next holder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_that_do_not_match_the_digest_are_discarded_and_the_next_holder_used() {
+    let cluster = three_nodes(&[]).await;
+    let pulled = call(
+        &cluster,
+        "POST",
+        "/api/pull",
+        json!({"model": "tinyllama:1b"}),
+        &[("x-sollol-nodes", "a,b")],
+    )
+    .await;
+    let progress = lines(&pulled);
+    assert_eq!(
+        progress.last(),
+        Some(&json!({"status": "success"})),
+        "{progress:?}"
+    );
+    let digest = progress
+        .iter()
+        .find_map(|line| line["digest"].as_str())
+        .expect("a layer digest")
+        .to_owned();
+    until_the_view_shows(&cluster, "tinyllama:1b", &["a", "b"]).await;
+    // a's blob: the same length, other bytes.
+    let blob = cluster.emulators[0]
+        .store()
+        .expect("a store")
+        .join("blobs")
+        .join(digest.replace(':', "-"));
+    let mut bytes = std::fs::read(&blob).expect("a's blob");
+    bytes[1000] ^= 0xff;
+    std::fs::write(&blob, &bytes).expect("corrupt a's blob");
+
+    let copied = call(
+        &cluster,
+        "POST",
+        "/api/pull",
+        json!({"model": "tinyllama:1b"}),
+        &[("x-sollol-node", "c")],
+    )
+    .await;
+    let progress = lines(&copied);
+    assert_eq!(
+        progress.last(),
+        Some(&json!({"status": "success"})),
+        "{progress:?}"
+    );
+    assert!(
+        progress
+            .iter()
+            .any(|line| line["status"].as_str().is_some_and(|status| {
+                status.starts_with("copying from a failed (sent bytes whose digest is")
+                    && status.contains("discarded")
+            })),
+        "{progress:?}"
+    );
+    assert!(
+        progress.iter().any(|line| line["status"]
+            .as_str()
+            .is_some_and(|status| status.ends_with(" from b"))),
+        "{progress:?}"
+    );
+    // c's Ollama took the blob (it checks the digest too) and lists the model; no registry pull.
+    assert_eq!(holders(&cluster, "tinyllama:1b"), ["a", "b", "c"]);
+    let registry: u64 = cluster
+        .emulators
+        .iter()
+        .map(|node| node.registry_pulls())
+        .sum();
+    assert_eq!(registry, 1);
     cluster.stop().await;
 }

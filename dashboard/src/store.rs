@@ -7,8 +7,8 @@ use leptos::prelude::*;
 use serde::de::DeserializeOwned;
 use sollol_shared::api::{
     API_PREFIX, ClusterSummary, DistributedList, DistributedModel, LiveEvent, Node, NodeDetail,
-    NodeList, RequestEntry, RequestList, SessionStatus, SignIn, Stats, StatsWindow, Transfer,
-    TransferList, TransferState,
+    NodeList, ReplicaList, ReplicaStatus, RequestEntry, RequestList, SessionStatus, SignIn, Stats,
+    StatsWindow, Transfer, TransferList, TransferState,
 };
 use wasm_bindgen::JsCast;
 use wasm_bindgen::closure::Closure;
@@ -84,6 +84,8 @@ pub(crate) struct Store {
     pub(crate) access: RwSignal<Access>,
     /// Models being copied between nodes (finished ones leave), from the snapshot and `transfer` events.
     pub(crate) transfers: RwSignal<Vec<Transfer>>,
+    /// The copy counts the coordinator keeps (`models.replicas`), re-read with the statistics.
+    pub(crate) replicas: RwSignal<Vec<ReplicaStatus>>,
 }
 
 impl Store {
@@ -104,6 +106,7 @@ impl Store {
             now_ms: RwSignal::new(js_sys::Date::now()),
             access: RwSignal::new(Access::Checking),
             transfers: RwSignal::new(Vec::new()),
+            replicas: RwSignal::new(Vec::new()),
         }
     }
 
@@ -221,6 +224,7 @@ pub(crate) fn load_snapshot(store: Store) {
         if let Ok(recent) = recent {
             store.feed.set(recent.requests.into_iter().collect());
         }
+        load_replicas(store).await;
         if let Ok(list) = get_json::<TransferList>(&format!("{API_PREFIX}/transfers")).await {
             let copying = list.transfers.into_iter();
             store.transfers.set(
@@ -232,8 +236,15 @@ pub(crate) fn load_snapshot(store: Store) {
     });
 }
 
+async fn load_replicas(store: Store) {
+    if let Ok(list) = get_json::<ReplicaList>(&format!("{API_PREFIX}/replicas")).await {
+        store.replicas.set(list.replicas);
+    }
+}
+
 pub(crate) fn load_stats(store: Store) {
     leptos::task::spawn_local(async move {
+        load_replicas(store).await;
         let window = store.window.get_untracked();
         match get_json::<Stats>(&format!("{API_PREFIX}/stats?window={}", window.as_str())).await {
             Ok(stats) if stats.window == store.window.get_untracked() => {

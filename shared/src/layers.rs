@@ -239,6 +239,7 @@ pub enum StageReply {
         name: String,
         offset: u64,
         size: u64,
+        #[serde(with = "serde_bytes")]
         bytes: Vec<u8>,
         last: bool,
     },
@@ -273,6 +274,7 @@ pub enum StageReply {
         downstream: bool,
     },
     Header {
+        #[serde(with = "serde_bytes")]
         bytes: Vec<u8>,
         file_bytes: u64,
         /// The SHA-256 of each tensor, in the order of the header's tensor directory (empty when asked
@@ -286,6 +288,7 @@ pub enum StageReply {
     },
     /// The next bytes of a [`StageRequest::Blob`], in order.
     BlobChunk {
+        #[serde(with = "serde_bytes")]
         bytes: Vec<u8>,
     },
     /// The end of a [`StageRequest::Blob`]: every byte from the offset was sent.
@@ -298,6 +301,12 @@ pub enum StageReply {
         done_bytes: u64,
         total_bytes: u64,
     },
+    /// A source of a [`StageRequest::Receive`] failed (gone, or it sent bytes that do not match its
+    /// digest, which are discarded); the next source is tried.
+    SourceFailed {
+        source: String,
+        message: String,
+    },
     /// The end of a [`StageRequest::Receive`]: the model is installed (`fetched_bytes` 0 when the node
     /// had it already).
     Received {
@@ -307,4 +316,35 @@ pub enum StageReply {
         millis: u64,
         source: String,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Byte fields are encoded as postcard's byte strings (a length and the bytes, copied whole), which
+    /// is exactly how a sequence of `u8` is encoded: the wire format did not change.
+    #[test]
+    fn byte_fields_keep_the_wire_format_of_a_u8_sequence() {
+        #[derive(Serialize)]
+        enum Before {
+            #[allow(dead_code)]
+            Other,
+            Chunk {
+                bytes: Vec<u8>,
+            },
+        }
+        let bytes: Vec<u8> = (0..=255).chain(0..44).collect();
+        let before = postcard::to_stdvec(&Before::Chunk {
+            bytes: bytes.clone(),
+        })
+        .expect("encode");
+        let reply = StageReply::BlobChunk { bytes };
+        let after = postcard::to_stdvec(&reply).expect("encode");
+        // The variant index differs; the payload does not.
+        assert_eq!(after[1..], before[1..]);
+        let decoded: StageReply =
+            postcard::from_bytes(&postcard::to_stdvec(&reply).expect("encode")).expect("decode");
+        assert_eq!(decoded, reply);
+    }
 }

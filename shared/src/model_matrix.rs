@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::api::{Node, NodeStatus, Transfer, TransferState};
+use crate::api::{Node, NodeStatus, ReplicaCount, ReplicaStatus, Transfer, TransferState};
 use crate::model_name::normalize;
 
 /// Models by node.
@@ -23,6 +23,9 @@ pub struct ModelRow {
     /// The largest size any node reports for it.
     pub size_bytes: u64,
     pub on: Vec<Presence>,
+    /// How many copies the coordinator keeps (`models.replicas`), if it keeps any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wanted: Option<ReplicaCount>,
 }
 
 /// A model on one node.
@@ -58,6 +61,7 @@ impl ModelMatrix {
                     model: name,
                     size_bytes: 0,
                     on: vec![Presence::Absent; columns.len()],
+                    wanted: None,
                 });
                 row.size_bytes = row.size_bytes.max(model.size_bytes);
                 row.on[column] = if loaded {
@@ -71,6 +75,30 @@ impl ModelMatrix {
             nodes: columns.iter().map(|node| node.name.clone()).collect(),
             models: rows.into_values().collect(),
         }
+    }
+
+    /// The same matrix with the copy counts the coordinator keeps; a model kept but on no node yet gets a
+    /// row.
+    pub fn with_replicas(mut self, replicas: &[ReplicaStatus]) -> Self {
+        for kept in replicas {
+            let name = normalize(&kept.model);
+            match self.models.iter_mut().find(|row| row.model == name) {
+                Some(row) => row.wanted = Some(kept.wanted),
+                None => {
+                    let at = self.models.partition_point(|row| row.model < name);
+                    self.models.insert(
+                        at,
+                        ModelRow {
+                            model: name,
+                            size_bytes: 0,
+                            on: vec![Presence::Absent; self.nodes.len()],
+                            wanted: Some(kept.wanted),
+                        },
+                    );
+                }
+            }
+        }
+        self
     }
 
     /// The same matrix with the copies under way shown where the model is not there yet.
@@ -93,6 +121,7 @@ impl ModelMatrix {
                             model: name,
                             size_bytes: transfer.total_bytes,
                             on: vec![Presence::Absent; self.nodes.len()],
+                            wanted: None,
                         },
                     );
                     at
@@ -138,6 +167,7 @@ mod tests {
                 model: "m:latest".to_owned(),
                 size_bytes: 200,
                 on: vec![Presence::Present, Presence::Absent],
+                wanted: None,
             }],
         };
         let shown = matrix.with_transfers(&[
@@ -156,5 +186,19 @@ mod tests {
             shown.models[1].on,
             [Presence::Present, Presence::Copying(25)]
         );
+        let kept = |model: &str, wanted| ReplicaStatus {
+            model: model.to_owned(),
+            wanted,
+            holders: Vec::new(),
+            origin: "config".to_owned(),
+            last_error: None,
+        };
+        let shown = shown.with_replicas(&[
+            kept("m", ReplicaCount::All),
+            kept("zzz:1b", ReplicaCount::Nodes(2)),
+        ]);
+        assert_eq!(shown.models[1].wanted, Some(ReplicaCount::All));
+        assert_eq!(shown.models[2].model, "zzz:1b");
+        assert_eq!(shown.models[2].on, [Presence::Absent, Presence::Absent]);
     }
 }

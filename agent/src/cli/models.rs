@@ -14,7 +14,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde_json::{Value, json};
-use sollol_shared::api::{API_PREFIX, NodeList, TransferList};
+use sollol_shared::api::{API_PREFIX, NodeList, ReplicaList, TransferList};
 use sollol_shared::model_matrix::{ModelMatrix, Presence};
 
 use super::EXIT_FAILURE;
@@ -33,15 +33,21 @@ pub(super) async fn models(config: &Config, json: bool) -> ExitCode {
     let url = format!("{}{API_PREFIX}/nodes", config.coordinator_url);
     let client = HttpClient::default().with_key(config.api_key.as_deref());
     let transfers_url = format!("{}{API_PREFIX}/transfers", config.coordinator_url);
-    let (list, transfers) = tokio::join!(
+    let replicas_url = format!("{}{API_PREFIX}/replicas", config.coordinator_url);
+    let (list, transfers, replicas) = tokio::join!(
         client.get_json::<NodeList>(&url, API_TIMEOUT),
-        client.get_json::<TransferList>(&transfers_url, API_TIMEOUT)
+        client.get_json::<TransferList>(&transfers_url, API_TIMEOUT),
+        client.get_json::<ReplicaList>(&replicas_url, API_TIMEOUT)
     );
     match list {
         Ok(list) => {
-            // Copies under way show as "copying N%" (an older coordinator has no transfer list).
+            // Copies under way show as "copying N%", kept counts in their own column (an older
+            // coordinator has neither list).
             let transfers = transfers.map(|list| list.transfers).unwrap_or_default();
-            let matrix = ModelMatrix::of(&list.nodes).with_transfers(&transfers);
+            let replicas = replicas.map(|list| list.replicas).unwrap_or_default();
+            let matrix = ModelMatrix::of(&list.nodes)
+                .with_transfers(&transfers)
+                .with_replicas(&replicas);
             if json {
                 match serde_json::to_string_pretty(&matrix) {
                     Ok(text) => println!("{text}"),
@@ -68,13 +74,14 @@ pub fn render_models(matrix: &ModelMatrix) -> String {
             matrix.nodes.join(", ")
         );
     }
-    let mut rows = vec![
-        ["MODEL", "SIZE"]
-            .into_iter()
-            .map(str::to_owned)
-            .chain(matrix.nodes.iter().cloned())
-            .collect::<Vec<String>>(),
-    ];
+    // The copies the coordinator keeps, when it keeps any: `2`, `all`.
+    let kept = matrix.models.iter().any(|row| row.wanted.is_some());
+    let mut header = vec!["MODEL".to_owned(), "SIZE".to_owned()];
+    if kept {
+        header.push("KEEP".to_owned());
+    }
+    header.extend(matrix.nodes.iter().cloned());
+    let mut rows = vec![header];
     for row in &matrix.models {
         let cells = row.on.iter().map(|presence| match presence {
             Presence::Loaded => "loaded".to_owned(),
@@ -82,12 +89,15 @@ pub fn render_models(matrix: &ModelMatrix) -> String {
             Presence::Copying(percent) => format!("copying {percent}%"),
             Presence::Absent => "-".to_owned(),
         });
-        rows.push(
-            [row.model.clone(), size(row.size_bytes)]
-                .into_iter()
-                .chain(cells)
-                .collect(),
-        );
+        let mut line = vec![row.model.clone(), size(row.size_bytes)];
+        if kept {
+            line.push(
+                row.wanted
+                    .map_or_else(|| "-".to_owned(), |count| count.to_string()),
+            );
+        }
+        line.extend(cells);
+        rows.push(line);
     }
     table(&rows)
 }
@@ -351,11 +361,13 @@ mod tests {
                     model: "llama3.2:3b".to_owned(),
                     size_bytes: 2 * 1024 * 1024 * 1024,
                     on: vec![Presence::Loaded, Presence::Absent],
+                    wanted: None,
                 },
                 ModelRow {
                     model: "smollm2:135m".to_owned(),
                     size_bytes: 270 * 1024 * 1024,
-                    on: vec![Presence::Present, Presence::Present],
+                    on: vec![Presence::Present, Presence::Copying(42)],
+                    wanted: None,
                 },
             ],
         };
@@ -363,8 +375,17 @@ mod tests {
             render_models(&matrix),
             "MODEL         SIZE     gpu-1   pi\n\
              llama3.2:3b   2.0 GiB  loaded  -\n\
-             smollm2:135m  270 MiB  yes     yes\n"
+             smollm2:135m  270 MiB  yes     copying 42%\n"
         );
         assert!(render_models(&ModelMatrix::default()).starts_with("no node"));
+        // With counts kept by the coordinator, a column says how many copies.
+        let mut kept = matrix;
+        kept.models[1].wanted = Some(sollol_shared::api::ReplicaCount::All);
+        assert_eq!(
+            render_models(&kept),
+            "MODEL         SIZE     KEEP  gpu-1   pi\n\
+             llama3.2:3b   2.0 GiB  -     loaded  -\n\
+             smollm2:135m  270 MiB  all   yes     copying 42%\n"
+        );
     }
 }

@@ -11,10 +11,11 @@ use crate::store::Store;
 #[component]
 pub(crate) fn ModelsPage(store: Store) -> impl IntoView {
     let matrix = move || {
-        store
-            .nodes
-            .get()
-            .map(|nodes| ModelMatrix::of(&nodes).with_transfers(&store.transfers.get()))
+        store.nodes.get().map(|nodes| {
+            ModelMatrix::of(&nodes)
+                .with_transfers(&store.transfers.get())
+                .with_replicas(&store.replicas.get())
+        })
     };
     view! {
         <section id="models-page">
@@ -40,6 +41,8 @@ pub(crate) fn ModelsPage(store: Store) -> impl IntoView {
 #[component]
 fn Matrix(matrix: ModelMatrix) -> impl IntoView {
     let nodes = matrix.nodes.clone();
+    // A column for the copies the coordinator keeps, when it keeps any.
+    let kept = matrix.models.iter().any(|row| row.wanted.is_some());
     view! {
         <div class="scroll">
             <table id="model-matrix">
@@ -47,6 +50,7 @@ fn Matrix(matrix: ModelMatrix) -> impl IntoView {
                     <tr>
                         <th>"Model"</th>
                         <th>"Size"</th>
+                        {kept.then(|| view! { <th title="copies the coordinator keeps (models.replicas)">"Keep"</th> })}
                         {nodes.into_iter().map(|node| view! { <th>{node}</th> }).collect_view()}
                     </tr>
                 </thead>
@@ -57,6 +61,9 @@ fn Matrix(matrix: ModelMatrix) -> impl IntoView {
                         <tr data-model=name>
                             <td>{row.model}</td>
                             <td>{format::bytes(row.size_bytes)}</td>
+                            {kept.then(|| view! {
+                                <td class="kept">{row.wanted.map_or_else(|| "–".to_owned(), |count| count.to_string())}</td>
+                            })}
                             {row.on.into_iter().map(|presence| {
                                 let (class, text) = match presence {
                                     Presence::Loaded => ("loaded", "loaded".to_owned()),

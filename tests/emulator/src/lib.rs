@@ -194,6 +194,11 @@ impl Emulator {
         &self.state.config.name
     }
 
+    /// Ollama's store on disk, when it keeps one (`EmulatorConfig::store`).
+    pub fn store(&self) -> Option<&std::path::Path> {
+        self.state.config.store.as_deref()
+    }
+
     pub fn set_fault(&self, fault: Fault) {
         *lock(&self.state.fault) = fault;
     }

@@ -28,6 +28,9 @@ use sollol_engine::engine::ModelFile;
 const CHUNK: usize = 512 << 10;
 /// Bytes between two [`StageReply::Receiving`] reports.
 const REPORT_EVERY: u64 = 16 << 20;
+/// Bytes written between two flushes started in the background, so the disk writes while the copy goes
+/// on and the final flush before the rename is short.
+const FLUSH_EVERY: u64 = 64 << 20;
 /// A source that sends nothing for this long is given up for the next one.
 const IDLE_LIMIT: Duration = Duration::from_secs(30);
 
@@ -51,6 +54,9 @@ struct Partial {
     file: std::fs::File,
     hasher: Sha256,
     written: u64,
+    /// The background flush under way, and where the last one started.
+    flushing: Option<std::thread::JoinHandle<()>>,
+    flushed_at: u64,
 }
 
 impl Partial {
@@ -88,6 +94,8 @@ impl Partial {
             file,
             hasher,
             written,
+            flushing: None,
+            flushed_at: written,
         })
     }
 
@@ -95,7 +103,29 @@ impl Partial {
         self.file.write_all(bytes)?;
         self.hasher.update(bytes);
         self.written += bytes.len() as u64;
+        if self.written - self.flushed_at >= FLUSH_EVERY
+            && self
+                .flushing
+                .as_ref()
+                .is_none_or(std::thread::JoinHandle::is_finished)
+        {
+            // The page cache would hold the whole file dirty until the final flush: start writing it
+            // out now, on another thread, and go on receiving.
+            self.flushed_at = self.written;
+            let file = self.file.try_clone()?;
+            self.flushing = Some(std::thread::spawn(move || {
+                let _ = file.sync_data();
+            }));
+        }
         Ok(())
+    }
+
+    /// Everything on disk: the background flush ended, then a last one.
+    fn sync(&mut self) -> std::io::Result<()> {
+        if let Some(flushing) = self.flushing.take() {
+            let _ = flushing.join();
+        }
+        self.file.sync_all()
     }
 
     /// Starts over: the bytes so far were not the file's.
@@ -282,6 +312,12 @@ impl Stage {
                 Err(Failure::Final(reply)) => return reply,
                 Err(Failure::Source(message)) => {
                     tracing::warn!(%source, %message, %model, "copying a model from a peer failed");
+                    let _ = replies
+                        .send(StageReply::SourceFailed {
+                            source: source.clone(),
+                            message: message.clone(),
+                        })
+                        .await;
                     failures.push(format!("{source}: {message}"));
                 }
             }
@@ -502,9 +538,15 @@ impl Stage {
         match &self.settings.ollama_url {
             None => {
                 let target = self.settings.models_dir.join(format!("{model}.gguf"));
+                let mut done = done;
                 tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-                    done.file.sync_all()?;
-                    std::fs::rename(&done.path, &target)
+                    done.sync()?;
+                    std::fs::rename(&done.path, &target)?;
+                    // The rename itself on disk, too.
+                    if let Some(directory) = target.parent() {
+                        std::fs::File::open(directory)?.sync_all()?;
+                    }
+                    Ok(())
                 })
                 .await
                 .map_err(|error| error.to_string())?

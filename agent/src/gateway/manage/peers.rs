@@ -282,6 +282,9 @@ impl Copy {
                         "completed": done_bytes,
                     })
                 }
+                StageReply::SourceFailed { source, message } => json!({
+                    "status": format!("copying from {} failed ({message}): trying the next node that has it", self.name(&source)),
+                }),
                 StageReply::Received {
                     fetched_bytes: 0, ..
                 } => json!({"status": "success"}),
