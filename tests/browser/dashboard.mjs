@@ -71,6 +71,19 @@ await attempt('the models page shows each model on each node, live', async () =>
   await page.screenshot({ path: `${outDir}/dashboard-models.png`, fullPage: true });
   const width = await page.evaluate(() => document.documentElement.scrollWidth);
   check('the models page fits 360 px', width <= 360, `scroll width ${width}`);
+  // A count kept by the coordinator: its own column, and the model added to the other node.
+  const kept = await fetch(`${gateway}/api/sollol/v1/replicas/tinyllama:1b`, {
+    method: 'PUT',
+    headers: { 'content-type': 'application/json' },
+    body: JSON.stringify({ replicas: 'all' }),
+  });
+  check('a replica count can be set', kept.status === 200, `${kept.status} ${await kept.text()}`);
+  await page.waitForFunction(() => {
+    const cells = [...document.querySelectorAll('#model-matrix tr[data-model="tinyllama:1b"] td')];
+    return cells.length === 5 && cells[2].textContent === 'all' && cells[3].className === 'present' && cells[4].className === 'present';
+  }, null, { timeout: 30000 });
+  const keptHeader = await page.$$eval('#model-matrix thead th', (cells) => cells.map((cell) => cell.textContent));
+  check('kept models show their count and fill every node', JSON.stringify(keptHeader) === JSON.stringify(['Model', 'Size', 'Keep', 'browser-node-a', 'browser-node-b']), JSON.stringify(keptHeader));
   await page.click('#nodes-link');
   await page.waitForSelector('article.card[data-name="browser-node-a"]', { timeout: 10000 });
 });
