@@ -49,14 +49,17 @@ pub async fn read_frame_within<R: AsyncRead + Unpin>(
     if length > limit {
         return Err(FrameError::TooLarge { length, limit });
     }
-    let mut payload = vec![0u8; length as usize];
-    reader.read_exact(&mut payload).await.map_err(|error| {
-        if error.kind() == std::io::ErrorKind::UnexpectedEof {
-            FrameError::Closed
-        } else {
-            FrameError::Io(error)
-        }
-    })?;
+    // Read into spare capacity (no zeroing of a buffer about to be overwritten: frames of model bytes
+    // are large).
+    let mut payload = Vec::with_capacity(length as usize);
+    (&mut *reader)
+        .take(u64::from(length))
+        .read_to_end(&mut payload)
+        .await
+        .map_err(FrameError::Io)?;
+    if payload.len() < length as usize {
+        return Err(FrameError::Closed);
+    }
     Ok(payload)
 }
 

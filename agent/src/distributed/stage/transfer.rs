@@ -232,9 +232,16 @@ impl Stage {
                     .map_err(|error| error.to_string())?;
                 let mut left = length - offset;
                 while left > 0 {
-                    let mut bytes = vec![0u8; CHUNK.min(left as usize)];
-                    file.read_exact(&mut bytes)
+                    // Read into spare capacity: no zeroing of a buffer about to be overwritten.
+                    let take = CHUNK.min(left as usize);
+                    let mut bytes = Vec::with_capacity(take);
+                    (&mut file)
+                        .take(take as u64)
+                        .read_to_end(&mut bytes)
                         .map_err(|error| error.to_string())?;
+                    if bytes.len() < take {
+                        return Err("the file shrank while it was being sent".to_owned());
+                    }
                     left -= bytes.len() as u64;
                     if sender.blocking_send(Ok(bytes)).is_err() {
                         return Ok(());
