@@ -238,6 +238,17 @@ fn models_copy_between_engine_agents_resume_from_another_holder_and_respect_disk
     );
     assert_eq!(sha256_of(&target.join("smollm2:135m.gguf")), model_digest);
 
+    // The file removed by hand: the gateway still lists the model on c until c's next report, so c's own
+    // pull is asked first; the engine says it lacks the model, and the gateway copies it from a holder.
+    std::fs::remove_file(target.join("smollm2:135m.gguf")).expect("remove c's copy");
+    let lines = pull_lines(&banner.gateway, "c", "smollm2:135m", |_| {});
+    assert_eq!(
+        lines.last(),
+        Some(&serde_json::json!({"status": "success"})),
+        "{lines:?}"
+    );
+    assert_eq!(sha256_of(&target.join("smollm2:135m.gguf")), model_digest);
+
     // The large file onto c; its first source is killed (SIGKILL) after the first progress report.
     let mut killed = None;
     let lines = pull_lines(&banner.gateway, "c", "big:1b", |line| {

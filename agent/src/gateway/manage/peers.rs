@@ -31,6 +31,10 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Clone, Debug, PartialEq)]
 pub(super) enum From {
     Registry,
+    /// The target's own pull (it has the model: Ollama checks the registry for an update, the built-in
+    /// engine says it is there); when that fails (the node's report was a heartbeat old and the file is
+    /// gone), a copy from these holders.
+    Refresh(Vec<String>),
     /// Copied from these agents' stages, in order.
     Peers(Vec<String>),
     /// Copied from target `index` once its registry pull ended.
@@ -51,7 +55,11 @@ pub(super) struct Plan {
 impl Plan {
     /// Whether any target is served node to node.
     pub(super) fn copies(&self) -> bool {
-        self.from.iter().any(|from| *from != From::Registry)
+        self.from.iter().any(|from| match from {
+            From::Registry => false,
+            From::Refresh(sources) => !sources.is_empty(),
+            From::Peers(_) | From::After(_) => true,
+        })
     }
 }
 
@@ -88,8 +96,10 @@ pub(super) fn plan(view: &ClusterView, model: &str, targets: Vec<Arc<Backend>>) 
         .zip(&stages)
         .enumerate()
         .map(|(index, (target, stage))| {
-            if stage.is_none() || target.has_model(model) {
+            if stage.is_none() {
                 From::Registry
+            } else if target.has_model(model) {
+                From::Refresh(holders.clone())
             } else if !holders.is_empty() {
                 From::Peers(holders.clone())
             } else if let Some(first) = puller {
@@ -122,6 +132,14 @@ pub(super) fn run(
     let ends: Vec<watch::Sender<bool>> =
         plan.nodes.iter().map(|_| watch::channel(false).0).collect();
     let names = Arc::new(plan.names);
+    let copy_to = |index: usize| Copy {
+        token: token.clone(),
+        target: plan.stages[index].clone().unwrap_or_default(),
+        target_name: plan.nodes[index].name.clone(),
+        model: model.to_owned(),
+        names: Arc::clone(&names),
+        observer: Arc::clone(observer),
+    };
     for (index, from) in plan.from.into_iter().enumerate() {
         let sender = sender.clone();
         match from {
@@ -134,15 +152,28 @@ pub(super) fn run(
                     let _ = sender.send(Event::End(index, ended)).await;
                 });
             }
+            From::Refresh(sources) => {
+                let copy = copy_to(index);
+                let pulled = call.follow_one(&plan.nodes[index], index, sender.clone());
+                let end = ends[index].clone();
+                tokio::spawn(async move {
+                    let mut ended = pulled.await;
+                    if let Err(why) = &ended
+                        && !sources.is_empty()
+                    {
+                        let note = json!({"status": format!("its own pull failed ({why}): copying from a node that has it")});
+                        let _ = sender.send(Event::Line(index, ndjson(&note))).await;
+                        ended = copy
+                            .run(sources, index, &sender)
+                            .await
+                            .map_err(Failed::message);
+                    }
+                    end.send_replace(true);
+                    let _ = sender.send(Event::End(index, ended)).await;
+                });
+            }
             From::Peers(sources) => {
-                let copy = Copy {
-                    token: token.clone(),
-                    target: plan.stages[index].clone().unwrap_or_default(),
-                    target_name: plan.nodes[index].name.clone(),
-                    model: model.to_owned(),
-                    names: Arc::clone(&names),
-                    observer: Arc::clone(observer),
-                };
+                let copy = copy_to(index);
                 let pull = call.follow_one(&plan.nodes[index], index, sender.clone());
                 tokio::spawn(async move {
                     let ended = copy.or_pull(sources, index, &sender, pull).await;
@@ -150,14 +181,7 @@ pub(super) fn run(
                 });
             }
             From::After(first) => {
-                let copy = Copy {
-                    token: token.clone(),
-                    target: plan.stages[index].clone().unwrap_or_default(),
-                    target_name: plan.nodes[index].name.clone(),
-                    model: model.to_owned(),
-                    names: Arc::clone(&names),
-                    observer: Arc::clone(observer),
-                };
+                let copy = copy_to(index);
                 let pull = call.follow_one(&plan.nodes[index], index, sender.clone());
                 let mut pulled = ends[first].subscribe();
                 let source = plan.stages[first].clone().unwrap_or_default();
@@ -181,6 +205,14 @@ enum Failed {
     NoSource(String),
     /// The target cannot take it (no room, a failed write) or broke off: a pull would fail the same way.
     Final(String),
+}
+
+impl Failed {
+    fn message(self) -> String {
+        match self {
+            Self::NoSource(why) | Self::Final(why) => why,
+        }
+    }
 }
 
 /// One copy: the target's agent told to receive `model`.
