@@ -146,6 +146,12 @@ async fn pulls_copies_and_deletes_go_to_the_named_nodes_or_to_those_holding_the_
         .map(|node| node.registry_pulls())
         .collect();
     assert_eq!(registry, [1, 0, 0], "{progress:?}");
+    let downloaded: u64 = cluster
+        .emulators
+        .iter()
+        .map(|node| node.registry_bytes())
+        .sum();
+    assert_eq!(downloaded, EmulatorConfig::default().blob_bytes, "the registry sent the model once");
     assert!(
         progress.iter().any(|line| line["status"]
             .as_str()
