@@ -151,7 +151,11 @@ async fn pulls_copies_and_deletes_go_to_the_named_nodes_or_to_those_holding_the_
         .iter()
         .map(|node| node.registry_bytes())
         .sum();
-    assert_eq!(downloaded, EmulatorConfig::default().blob_bytes, "the registry sent the model once");
+    assert_eq!(
+        downloaded,
+        EmulatorConfig::default().blob_bytes,
+        "the registry sent the model once"
+    );
     assert!(
         progress.iter().any(|line| line["status"]
             .as_str()
