@@ -1,5 +1,6 @@
-//! Where a model goes when a client asks the cluster to pull it without naming nodes: the nodes that
-//! lack it, roomiest first. Pure: the gateway gathers the figures, this orders them.
+//! Where a model goes when a client asks the cluster to pull it without naming nodes (or the coordinator
+//! adds copies to keep `models.replicas`): the nodes that lack it, with room for it, fastest and roomiest
+//! first. Pure: the gateway gathers the figures, this orders them.
 
 use std::cmp::Ordering;
 
@@ -13,8 +14,11 @@ pub struct Site {
     /// Free space where models are stored, when known.
     pub free_disk: Option<u64>,
     /// The model's size, when the cluster knows it from another node: a node with less free disk is
-    /// placed last.
+    /// placed last, and one with less free memory after those that can hold it.
     pub needed_disk: Option<u64>,
+    /// How fast the node generated with the models it served (tokens per second, learned from
+    /// Ollama's timings), when it served any.
+    pub speed: Option<f64>,
 }
 
 impl Site {
@@ -22,11 +26,17 @@ impl Site {
     fn too_full(&self) -> bool {
         matches!((self.free_disk, self.needed_disk), (Some(free), Some(needed)) if free < needed)
     }
+
+    /// Whether the model would not fit in the node's free memory, as far as anyone knows.
+    fn too_small(&self) -> bool {
+        matches!((self.free_memory, self.needed_disk), (Some(free), Some(needed)) if free < needed)
+    }
 }
 
 /// The `count` best nodes for a new copy of a model, best first: nodes that lack it before nodes that
-/// hold it, nodes with room on disk before nodes without, then the most free memory (known figures
-/// before unknown ones), then the most free disk, then the order given.
+/// hold it, nodes with room on disk before nodes without, nodes with the memory to run it before nodes
+/// without, then the fastest learned generation (known before unknown), then the most free memory (known
+/// figures before unknown ones), then the most free disk, then the order given.
 pub fn choose(sites: &[Site], count: usize) -> Vec<usize> {
     let mut order: Vec<usize> = (0..sites.len()).collect();
     order.sort_by(|&a, &b| compare(&sites[a], &sites[b]).then(a.cmp(&b)));
@@ -41,9 +51,17 @@ fn compare(a: &Site, b: &Site) -> Ordering {
         (None, Some(_)) => Ordering::Greater,
         (None, None) => Ordering::Equal,
     };
+    let faster = match (a.speed, b.speed) {
+        (Some(x), Some(y)) => y.total_cmp(&x),
+        (Some(_), None) => Ordering::Less,
+        (None, Some(_)) => Ordering::Greater,
+        (None, None) => Ordering::Equal,
+    };
     a.holds_model
         .cmp(&b.holds_model)
         .then(a.too_full().cmp(&b.too_full()))
+        .then(a.too_small().cmp(&b.too_small()))
+        .then(faster)
         .then(more(a.free_memory, b.free_memory))
         .then(more(a.free_disk, b.free_disk))
 }
@@ -58,7 +76,24 @@ mod tests {
             free_memory,
             free_disk,
             needed_disk: Some(100),
+            speed: None,
         }
+    }
+
+    #[test]
+    fn among_nodes_that_can_hold_it_the_fastest_comes_first() {
+        let fast = |speed: f64, free_memory: u64| Site {
+            speed: Some(speed),
+            ..site(false, Some(free_memory), Some(1000))
+        };
+        let sites = [
+            fast(20.0, 5000),
+            fast(80.0, 200),
+            // The fastest node, without the memory for the model: after those that have it.
+            fast(200.0, 50),
+            site(false, Some(9000), Some(1000)),
+        ];
+        assert_eq!(choose(&sites, 4), vec![1, 0, 3, 2]);
     }
 
     #[test]
@@ -69,7 +104,8 @@ mod tests {
             site(false, Some(500), Some(1000)),
             site(false, None, None),
         ];
-        assert_eq!(choose(&sites, 4), vec![2, 1, 3, 0]);
+        // Node 1's 10 bytes free cannot hold the model's 100: it comes after the node nothing is known of.
+        assert_eq!(choose(&sites, 4), vec![2, 3, 1, 0]);
         assert_eq!(choose(&sites, 1), vec![2]);
     }
 

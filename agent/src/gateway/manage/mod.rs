@@ -234,10 +234,11 @@ async fn progress_route(
     check_other_names(&value)?;
     let wanted = Wanted::of(headers)?;
     let view = state.view.load_full();
-    let mut nodes = targets::resolve(&wanted, &view, &model)?;
+    let learned = state.proxy.learner().snapshot();
+    let mut nodes = targets::resolve(&wanted, &view, &learned, &model)?;
     if nodes.is_empty() {
         nodes = match route {
-            ProgressRoute::Pull => targets::placed(&view, &model, 1),
+            ProgressRoute::Pull => targets::placed(&view, &learned, &model, 1),
             ProgressRoute::Push => targets::holders(&view, &model)
                 .into_iter()
                 .take(1)
@@ -305,7 +306,8 @@ async fn create_targets(
     }
     let Some(files) = value.get("files") else {
         let model = model_field(value, &["model", "name"])?;
-        return Ok(targets::placed(view, &model, 1));
+        let learned = state.proxy.learner().snapshot();
+        return Ok(targets::placed(view, &learned, &model, 1));
     };
     let digests = blob_digests(files)?;
     let mut nodes: Vec<Arc<Backend>> = view.backends.clone();
@@ -336,7 +338,8 @@ async fn plain_route(
     check_other_names(&value)?;
     let wanted = Wanted::of(headers)?;
     let view = state.view.load_full();
-    let mut nodes = targets::resolve(&wanted, &view, &model)?;
+    let learned = state.proxy.learner().snapshot();
+    let mut nodes = targets::resolve(&wanted, &view, &learned, &model)?;
     // Unnamed, the change goes to every node, not only to those whose last report lists the model:
     // a report can be a heartbeat old (a model copied a moment ago), and a node that lacks the model
     // answers 404, which then means "not here".
@@ -419,7 +422,8 @@ pub async fn blob_exists(
     let digest = checked_digest(&digest)?;
     let wanted = Wanted::of(&headers)?;
     let view = state.view.load_full();
-    let mut nodes = targets::resolve(&wanted, &view, "")?;
+    let learned = state.proxy.learner().snapshot();
+    let mut nodes = targets::resolve(&wanted, &view, &learned, "")?;
     if nodes.is_empty() {
         nodes = view.backends.clone();
     }
@@ -440,9 +444,10 @@ pub async fn blob_upload(
     let digest = checked_digest(&digest)?;
     let wanted = Wanted::of(&headers)?;
     let view = state.view.load_full();
-    let mut nodes = targets::resolve(&wanted, &view, "")?;
+    let learned = state.proxy.learner().snapshot();
+    let mut nodes = targets::resolve(&wanted, &view, &learned, "")?;
     if nodes.is_empty() {
-        nodes = targets::placed(&view, "", 1);
+        nodes = targets::placed(&view, &learned, "", 1);
     }
     let [node] = nodes.as_slice() else {
         return Err(ApiError::new(

@@ -148,6 +148,7 @@ pub async fn keep(state: Arc<GatewayState>, shutdown: CancellationToken) {
             () = shutdown.cancelled() => return,
         }
         let view = state.view.load_full();
+        let learned = state.proxy.learner().snapshot();
         let mut holders: HashMap<String, usize> = HashMap::new();
         for backend in &view.backends {
             for model in &backend.models {
@@ -155,7 +156,7 @@ pub async fn keep(state: Arc<GatewayState>, shutdown: CancellationToken) {
             }
         }
         for (model, missing) in state.replicas.due(&holders, view.backends.len()) {
-            let nodes = targets::placed(&view, &model, missing);
+            let nodes = targets::placed(&view, &learned, &model, missing);
             if nodes.is_empty() {
                 state.replicas.finished(
                     &model,

@@ -8,6 +8,7 @@ use sollol_policy::placement::{self, Site};
 
 use crate::cluster::{Backend, ClusterView};
 use crate::gateway::ApiError;
+use crate::gateway::learning::Learned;
 
 pub use crate::gateway::proxy::NODE_HEADER;
 /// Request header for fanning a change out: `all`, a number of nodes placement picks, or names.
@@ -75,12 +76,33 @@ pub(super) fn holders(view: &ClusterView, model: &str) -> Vec<Arc<Backend>> {
         .collect()
 }
 
-/// The `count` best nodes for a new copy of `model` (see `sollol_policy::placement`).
-pub(super) fn placed(view: &ClusterView, model: &str, count: usize) -> Vec<Arc<Backend>> {
+/// The `count` best nodes for a new copy of `model` (see `sollol_policy::placement`), with what the
+/// gateway learned of each node's speed.
+pub(super) fn placed(
+    view: &ClusterView,
+    learned: &Learned,
+    model: &str,
+    count: usize,
+) -> Vec<Arc<Backend>> {
+    // The model's size, as a node that has it reports it.
+    let size = view
+        .nodes
+        .iter()
+        .filter_map(|node| node.ollama.as_ref())
+        .flat_map(|ollama| &ollama.models)
+        .find(|known| sollol_shared::model_name::normalize(&known.name) == model)
+        .map(|known| known.size_bytes);
     let sites: Vec<Site> = view
         .backends
         .iter()
-        .map(|backend| site(view, backend, model))
+        .map(|backend| Site {
+            needed_disk: size,
+            speed: learned
+                .pair(&backend.node_id, model)
+                .or_else(|| learned.node_stats(&backend.node_id, model))
+                .map(|stats| stats.decode_tokens_per_second),
+            ..site(view, backend, model)
+        })
         .collect();
     placement::choose(&sites, count)
         .into_iter()
@@ -111,6 +133,7 @@ fn site(view: &ClusterView, backend: &Backend, model: &str) -> Site {
             .and_then(|hardware| hardware.disk.as_ref())
             .map(|disk| disk.available_bytes),
         needed_disk: None,
+        speed: None,
     }
 }
 
@@ -119,6 +142,7 @@ fn site(view: &ClusterView, backend: &Backend, model: &str) -> Site {
 pub(super) fn resolve(
     wanted: &Wanted,
     view: &ClusterView,
+    learned: &Learned,
     model: &str,
 ) -> Result<Vec<Arc<Backend>>, ApiError> {
     let nodes = &view.backends;
@@ -138,7 +162,7 @@ pub(super) fn resolve(
                 nodes.len()
             ),
         )),
-        Wanted::Count(count) => Ok(placed(view, model, *count)),
+        Wanted::Count(count) => Ok(placed(view, learned, model, *count)),
         Wanted::Named(names) => {
             let mut chosen: Vec<Arc<Backend>> = Vec::new();
             for name in names {
