@@ -20,6 +20,19 @@ use crate::http_client::error_chain;
 /// the model.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(600);
 
+/// Whether the Ollama at `url` has `model` (`POST /api/show` answers 200).
+pub(super) async fn has(url: &str, model: &str) -> bool {
+    let client: Client<HttpConnector, Body> =
+        Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+    let Ok(request) = hyper::Request::post(format!("{url}/api/show"))
+        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .body(Body::from(json!({"model": model}).to_string()))
+    else {
+        return false;
+    };
+    exchange(&client, request).await.is_ok()
+}
+
 /// Uploads the file at `path` (content `digest`) to the Ollama at `url` and creates `model` from it.
 pub(super) async fn install(
     url: &str,

@@ -342,9 +342,12 @@ impl Stage {
     /// Whether this node has `model` installed already (a node served by the built-in engine: the file
     /// in its models dir): its digest and length.
     async fn installed(&self, model: &str) -> Option<(String, u64)> {
-        if self.settings.ollama_url.is_some() {
-            // The node's Ollama decides; the store this agent reads may not be that Ollama's.
-            return None;
+        if let Some(url) = &self.settings.ollama_url {
+            // The node's Ollama decides (the store this agent reads may not be that Ollama's): a model it
+            // shows arrived since the coordinator's view was taken. Its digest is not needed to say so.
+            return super::ollama::has(url, model)
+                .await
+                .then(|| (String::new(), 0));
         }
         let file = self
             .files()
