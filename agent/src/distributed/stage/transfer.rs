@@ -277,6 +277,16 @@ impl Stage {
             return refusal(RefusalCode::BadRequest, why);
         }
         let model = model_name::normalize(model);
+        if self.settings.ollama_url.is_none() && model.contains('/') {
+            // The engine names a model after its file: `name:tag.gguf`, directly in the models dir.
+            return refusal(
+                RefusalCode::BadRequest,
+                format!(
+                    "node {} is served by the built-in engine, whose models dir holds models named name:tag; {model} has a namespace or registry",
+                    self.settings.node_name
+                ),
+            );
+        }
         let turn = Arc::clone(
             self.receiving
                 .lock()
