@@ -1,9 +1,9 @@
 //! Models copied between agents, black-box: `sollol up` and `sollol agent` processes serving the built-in
 //! engine, two of them holding the test model and a large file, pulls through the gateway onto the others.
 //! The official `ollama` client pulls the test model onto a node that lacks it (copied node to node, the
-//! same digest, then a greedy chat gives llama.cpp's reference text); a source SIGKILLed mid-copy is
-//! replaced by the other holder without a half file becoming visible; a node with too little room
-//! refuses before writing anything.
+//! same digest, then a greedy chat gives llama.cpp's reference text); copy and delete on an engine node;
+//! a source SIGKILLed mid-copy is replaced by the other holder without a half file becoming visible; a
+//! node with too little room refuses before writing anything.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -101,23 +101,36 @@ fn wait_for_models(gateway: &str, wanted: &[(&str, &str)]) {
     }
 }
 
-/// `POST /api/pull` of `model` onto `node`, its NDJSON lines handed to `each` as they arrive.
-fn pull_lines(gateway: &str, node: &str, model: &str, mut each: impl FnMut(&Value)) -> Vec<Value> {
+/// Sends `method path` with a JSON `body` to the gateway (to `node`, when named) over HTTP/1.0; the status
+/// and a reader positioned at the body.
+fn request(
+    gateway: &str,
+    method: &str,
+    path: &str,
+    node: Option<&str>,
+    body: &str,
+) -> (u16, BufReader<TcpStream>) {
     let address = gateway.trim_start_matches("http://").trim_end_matches('/');
     let mut stream = TcpStream::connect(address).expect("connect to the gateway");
     stream
         .set_read_timeout(Some(Duration::from_secs(120)))
         .expect("timeout");
-    let body = format!(r#"{{"model": "{model}"}}"#);
+    let node = node.map_or_else(String::new, |node| format!("X-Sollol-Node: {node}\r\n"));
     write!(
         stream,
-        "POST /api/pull HTTP/1.0\r\nHost: {address}\r\nContent-Type: application/json\r\nX-Sollol-Node: {node}\r\nContent-Length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.0\r\nHost: {address}\r\nContent-Type: application/json\r\n{node}Content-Length: {}\r\n\r\n{body}",
         body.len()
     )
-    .expect("send the pull");
+    .expect("send the request");
     let mut reader = BufReader::new(stream);
     let mut line = String::new();
-    // The status line and headers.
+    reader.read_line(&mut line).expect("read the status line");
+    let status = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("a status line: {line:?}"));
+    // The headers.
     loop {
         line.clear();
         reader.read_line(&mut line).expect("read headers");
@@ -125,6 +138,13 @@ fn pull_lines(gateway: &str, node: &str, model: &str, mut each: impl FnMut(&Valu
             break;
         }
     }
+    (status, reader)
+}
+
+/// `POST /api/pull` of `model` onto `node`, its NDJSON lines handed to `each` as they arrive.
+fn pull_lines(gateway: &str, node: &str, model: &str, mut each: impl FnMut(&Value)) -> Vec<Value> {
+    let body = format!(r#"{{"model": "{model}"}}"#);
+    let (_, reader) = request(gateway, "POST", "/api/pull", Some(node), &body);
     let mut lines = Vec::new();
     for line in reader.lines() {
         let line = line.expect("read a progress line");
@@ -248,6 +268,35 @@ fn models_copy_between_engine_agents_resume_from_another_holder_and_respect_disk
         "{lines:?}"
     );
     assert_eq!(sha256_of(&target.join("smollm2:135m.gguf")), model_digest);
+
+    // Copy and delete through the gateway on an engine node: a second name for the same file, then gone.
+    let (status, mut answer) = request(
+        &banner.gateway,
+        "POST",
+        "/api/copy",
+        Some("c"),
+        r#"{"source": "smollm2:135m", "destination": "mine:v1"}"#,
+    );
+    let mut text = String::new();
+    answer.read_to_string(&mut text).expect("read the answer");
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(sha256_of(&target.join("mine:v1.gguf")), model_digest);
+    wait_for_models(&banner.gateway, &[("mine:v1", "c")]);
+    let (status, mut answer) = request(
+        &banner.gateway,
+        "DELETE",
+        "/api/delete",
+        None,
+        r#"{"model": "mine:v1"}"#,
+    );
+    let mut text = String::new();
+    answer.read_to_string(&mut text).expect("read the answer");
+    assert_eq!(status, 200, "{text}");
+    assert!(!target.join("mine:v1.gguf").exists());
+    assert!(
+        target.join("smollm2:135m.gguf").exists(),
+        "the source stays"
+    );
 
     // The large file onto c; its first source is killed (SIGKILL) after the first progress report.
     let mut killed = None;

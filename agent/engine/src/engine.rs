@@ -103,10 +103,16 @@ impl Engine {
                 .scanned
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
-            if *scanned == now {
+            if scanned.is_some() && *scanned == now {
                 return;
             }
-            *scanned = now;
+            // File times tick coarsely (a few milliseconds): a change in the same tick as this scan would
+            // leave the time as it is, so a time that recent is not trusted, and the next lookup scans again.
+            let settled = now.is_some_and(|time| {
+                time.elapsed()
+                    .is_ok_and(|age| age > Duration::from_millis(50))
+            });
+            *scanned = if settled { now } else { None };
         }
         let mut found = discover(&source.models_dir, source.ollama_store.as_deref());
         let remote = self.remote.read().unwrap_or_else(PoisonError::into_inner);
@@ -172,6 +178,81 @@ impl Engine {
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
+    }
+
+    /// Removes the model called `name` from the models dir (unloading it first); its file there is the
+    /// model (a link to a file elsewhere is removed, not what it points to). A model in Ollama's store,
+    /// or computed elsewhere, is not this engine's to remove.
+    pub fn delete(&self, name: &str) -> Result<(), EngineError> {
+        let file = self
+            .file(name)
+            .ok_or_else(|| EngineError::NotFound(name.to_owned()))?;
+        let path = self.own_file(&file)?;
+        self.unload(&file.name);
+        std::fs::remove_file(&path).map_err(|error| {
+            EngineError::Unsupported(format!("cannot remove {}: {error}", file.name))
+        })?;
+        self.refresh();
+        Ok(())
+    }
+
+    /// Makes `destination` a second name of the model `source`: a hard link in the models dir (no more
+    /// disk), else a copy of the file. An existing `destination` is replaced, as in Ollama.
+    pub fn copy(&self, source: &str, destination: &str) -> Result<(), EngineError> {
+        let file = self
+            .file(source)
+            .ok_or_else(|| EngineError::NotFound(source.to_owned()))?;
+        let Some(source_dir) = &self.source else {
+            return Err(EngineError::Unsupported(
+                "this engine has no models dir".to_owned(),
+            ));
+        };
+        if file.path.as_os_str().is_empty() {
+            return Err(EngineError::Unsupported(format!(
+                "{} is computed on other nodes: there is no file to copy",
+                file.name
+            )));
+        }
+        let destination = sollol_shared::model_name::normalize(destination);
+        if destination.contains('/') {
+            return Err(EngineError::Unsupported(format!(
+                "the built-in engine names models name:tag; {destination} has a namespace or registry"
+            )));
+        }
+        let target = source_dir.models_dir.join(format!("{destination}.gguf"));
+        // Written under another name, then renamed: the new name appears complete or not at all.
+        let staging = source_dir
+            .models_dir
+            .join(format!(".{destination}.gguf.copying"));
+        let _ = std::fs::remove_file(&staging);
+        let made = std::fs::hard_link(&file.path, &staging)
+            .or_else(|_| std::fs::copy(&file.path, &staging).map(|_| ()))
+            .and_then(|()| std::fs::rename(&staging, &target));
+        made.map_err(|error| {
+            let _ = std::fs::remove_file(&staging);
+            EngineError::Unsupported(format!(
+                "cannot copy {} to {destination}: {error}",
+                file.name
+            ))
+        })?;
+        self.refresh();
+        Ok(())
+    }
+
+    /// The path of `file` in the models dir, when it lies there (not in Ollama's store, not remote).
+    fn own_file(&self, file: &ModelFile) -> Result<PathBuf, EngineError> {
+        let Some(source) = &self.source else {
+            return Err(EngineError::Unsupported(
+                "this engine has no models dir".to_owned(),
+            ));
+        };
+        if file.path.parent() == Some(source.models_dir.as_path()) {
+            return Ok(file.path.clone());
+        }
+        Err(EngineError::Unsupported(format!(
+            "{} is not a file in the models dir (it is in Ollama's store, or computed on other nodes): remove it there",
+            file.name
+        )))
     }
 
     /// The model called `name` (`name` alone means `name:latest`).

@@ -86,6 +86,8 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .route("/api/ps", get(ollama::ps))
         .route("/api/show", post(ollama::show))
         .route("/api/pull", post(ollama::pull))
+        .route("/api/copy", post(ollama::copy))
+        .route("/api/delete", axum::routing::delete(ollama::delete))
         .route("/api/chat", post(ollama::chat))
         .route("/api/generate", post(ollama::generate))
         .route("/v1/chat/completions", post(openai::chat))

@@ -132,6 +132,53 @@ pub(super) async fn pull(State(engine): State<Arc<Engine>>, body: Bytes) -> Resp
     axum::Json(json!({"status": "success"})).into_response()
 }
 
+/// `DELETE /api/delete`: the model's file removed from the models dir.
+pub(super) async fn delete(State(engine): State<Arc<Engine>>, body: Bytes) -> Response {
+    let request = match parse(&body) {
+        Ok(request) => request,
+        Err(refusal) => return refusal.into_response(),
+    };
+    let Some(name) = model_name(&request) else {
+        return error(StatusCode::BAD_REQUEST, "model is required");
+    };
+    if let Err(why) = sollol_shared::model_name::validate(name) {
+        return error(StatusCode::BAD_REQUEST, why);
+    }
+    match engine.delete(name) {
+        Ok(()) => StatusCode::OK.into_response(),
+        Err(failure) => engine_error(failure),
+    }
+}
+
+/// `POST /api/copy`: `destination` made a second name of `source` in the models dir.
+pub(super) async fn copy(State(engine): State<Arc<Engine>>, body: Bytes) -> Response {
+    let request = match parse(&body) {
+        Ok(request) => request,
+        Err(refusal) => return refusal.into_response(),
+    };
+    let field = |name: &str| {
+        request
+            .get(name)
+            .and_then(Value::as_str)
+            .filter(|text| !text.is_empty())
+    };
+    let (Some(source), Some(destination)) = (field("source"), field("destination")) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "source and destination are required",
+        );
+    };
+    for name in [source, destination] {
+        if let Err(why) = sollol_shared::model_name::validate(name) {
+            return error(StatusCode::BAD_REQUEST, why);
+        }
+    }
+    match engine.copy(source, destination) {
+        Ok(()) => StatusCode::OK.into_response(),
+        Err(failure) => engine_error(failure),
+    }
+}
+
 pub(super) async fn embed(State(engine): State<Arc<Engine>>, body: Bytes) -> Response {
     embed_with(engine, body, EmbedApi::Ollama).await
 }
