@@ -9,33 +9,15 @@ use sollol_shared::api::{NodeList, NodeStatus};
 
 mod common;
 
-use common::{Banner, Process, run, sollol, start_up, temp_dir};
+use common::{Banner, Process, agent_command, run, sollol, start_up, temp_dir};
 
 fn start_agent(banner: &Banner, data_dir: &Path, name: &str) -> Process {
-    // As the banner says: the token in a file only this user reads, never on the command line.
-    std::fs::create_dir_all(data_dir).expect("data dir");
-    let token_file = data_dir.join("coordinator-token");
-    std::fs::write(&token_file, &banner.token).expect("token file");
-    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).expect("mode");
-    let child = sollol(&[
-        "agent",
-        "--join",
-        &banner.join,
-        "--token-file",
-        &token_file.display().to_string(),
-        "--data-dir",
-        &data_dir.display().to_string(),
-        "--name",
-        name,
-        "--heartbeat-interval",
-        "250ms",
-        "--reconnect-max-backoff",
-        "500ms",
-    ])
-    .stdout(Stdio::null())
-    .stderr(Stdio::piped())
-    .spawn()
-    .expect("spawn sollol agent");
+    let child = agent_command(banner, data_dir, name)
+        .args(["--reconnect-max-backoff", "500ms"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn sollol agent");
     Process {
         child,
         name: "sollol agent",

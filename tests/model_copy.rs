@@ -7,7 +7,6 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -19,7 +18,7 @@ mod common;
 #[path = "../agent/tests/support/mod.rs"]
 mod support;
 
-use common::{Banner, Process, run, sollol, start_up_with, temp_dir};
+use common::{Banner, Process, agent_command, run, start_up_with, temp_dir};
 
 /// The large file's size: big enough that a copy takes many progress reports (one per 16 MiB).
 const BIG_BYTES: u64 = 384 << 20;
@@ -32,23 +31,7 @@ fn start_agent(
     models_dir: &Path,
     env: &[(&str, &str)],
 ) -> Process {
-    std::fs::create_dir_all(data_dir).expect("data dir");
-    let token_file = data_dir.join("coordinator-token");
-    std::fs::write(&token_file, &banner.token).expect("token file");
-    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).expect("mode");
-    let mut command = sollol(&[
-        "agent",
-        "--join",
-        &banner.join,
-        "--token-file",
-        &token_file.display().to_string(),
-        "--data-dir",
-        &data_dir.display().to_string(),
-        "--name",
-        name,
-        "--heartbeat-interval",
-        "250ms",
-    ]);
+    let mut command = agent_command(banner, data_dir, name);
     command
         .env("SOLLOL_ENGINE", "on")
         .env("SOLLOL_ENGINE_BIND", "127.0.0.1:0")

@@ -77,26 +77,29 @@ impl ModelMatrix {
         }
     }
 
+    /// The index of `model`'s row, added in name order (with `size_bytes`, on no node) when it has none.
+    fn row(&mut self, model: String, size_bytes: u64) -> usize {
+        if let Some(index) = self.models.iter().position(|row| row.model == model) {
+            return index;
+        }
+        let at = self.models.partition_point(|row| row.model < model);
+        let row = ModelRow {
+            model,
+            size_bytes,
+            on: vec![Presence::Absent; self.nodes.len()],
+            wanted: None,
+        };
+        self.models.insert(at, row);
+        at
+    }
+
     /// The same matrix with the copy counts the coordinator keeps; a model kept but on no node yet gets a
     /// row.
     pub fn with_replicas(mut self, replicas: &[ReplicaStatus]) -> Self {
         for kept in replicas {
             let name = normalize(&kept.model);
-            match self.models.iter_mut().find(|row| row.model == name) {
-                Some(row) => row.wanted = Some(kept.wanted),
-                None => {
-                    let at = self.models.partition_point(|row| row.model < name);
-                    self.models.insert(
-                        at,
-                        ModelRow {
-                            model: name,
-                            size_bytes: 0,
-                            on: vec![Presence::Absent; self.nodes.len()],
-                            wanted: Some(kept.wanted),
-                        },
-                    );
-                }
-            }
+            let index = self.row(name, 0);
+            self.models[index].wanted = Some(kept.wanted);
         }
         self
     }
@@ -111,22 +114,7 @@ impl ModelMatrix {
                 continue;
             };
             let name = normalize(&transfer.model);
-            let index = match self.models.iter().position(|row| row.model == name) {
-                Some(index) => index,
-                None => {
-                    let at = self.models.partition_point(|row| row.model < name);
-                    self.models.insert(
-                        at,
-                        ModelRow {
-                            model: name,
-                            size_bytes: transfer.total_bytes,
-                            on: vec![Presence::Absent; self.nodes.len()],
-                            wanted: None,
-                        },
-                    );
-                    at
-                }
-            };
+            let index = self.row(name, transfer.total_bytes);
             let cell = &mut self.models[index].on[column];
             if *cell == Presence::Absent {
                 let percent = (transfer.done_bytes.saturating_mul(100))

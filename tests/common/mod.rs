@@ -162,6 +162,29 @@ pub fn start_up_with(
     (process, banner)
 }
 
+/// `sollol agent` joining the coordinator of `banner` as `name`, its token in a file only this user reads
+/// (as the banner says: never on the command line), its data in `data_dir`; not started.
+pub fn agent_command(banner: &Banner, data_dir: &Path, name: &str) -> Command {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(data_dir).expect("data dir");
+    let token_file = data_dir.join("coordinator-token");
+    std::fs::write(&token_file, &banner.token).expect("token file");
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).expect("mode");
+    sollol(&[
+        "agent",
+        "--join",
+        &banner.join,
+        "--token-file",
+        &token_file.display().to_string(),
+        "--data-dir",
+        &data_dir.display().to_string(),
+        "--name",
+        name,
+        "--heartbeat-interval",
+        "250ms",
+    ])
+}
+
 pub fn temp_dir() -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().to_owned();

@@ -22,7 +22,7 @@ use tokio::sync::mpsc;
 
 use super::{Stage, dial, refusal};
 use crate::cluster::wire;
-use sollol_engine::engine::ModelFile;
+use sollol_engine::engine::{self, ModelFile};
 
 /// Bytes per [`StageReply::BlobChunk`]: the connection's reply queue holds at most 64 of them.
 const CHUNK: usize = 512 << 10;
@@ -185,7 +185,7 @@ impl Stage {
             return Ok(digest.clone());
         }
         let path = file.path.clone();
-        let digest = tokio::task::spawn_blocking(move || hash_file(&path))
+        let digest = tokio::task::spawn_blocking(move || engine::content_digest(&path))
             .await
             .map_err(|error| error.to_string())?
             .map_err(|error| format!("cannot read {}: {error}", file.path.display()))?;
@@ -619,19 +619,4 @@ async fn next_reply(stream: &mut crate::cluster::secure::SecureTcp) -> Result<St
         Ok(Err(error)) => Err(Failure::Source(format!("the link broke off: {error}"))),
         Ok(Ok(reply)) => Ok(reply),
     }
-}
-
-/// The SHA-256 of a file's bytes, as `sha256:…`.
-fn hash_file(path: &Path) -> std::io::Result<String> {
-    let mut file = std::fs::File::open(path)?;
-    let mut hasher = Sha256::new();
-    let mut buffer = vec![0u8; 1 << 20];
-    loop {
-        let read = file.read(&mut buffer)?;
-        if read == 0 {
-            break;
-        }
-        hasher.update(&buffer[..read]);
-    }
-    Ok(format!("sha256:{}", hex::encode(hasher.finalize())))
 }
