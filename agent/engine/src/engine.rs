@@ -97,23 +97,22 @@ impl Engine {
     /// Scans again when the models dir changed since the last scan; models served through stages stay.
     fn refresh(&self) {
         let Some(source) = &self.source else { return };
+        // Held through the scan: a slower scan that started earlier must not replace a newer one's list.
+        let mut scanned = source
+            .scanned
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let now = modified(&source.models_dir);
-        {
-            let mut scanned = source
-                .scanned
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            if scanned.is_some() && *scanned == now {
-                return;
-            }
-            // File times tick coarsely (a few milliseconds): a change in the same tick as this scan would
-            // leave the time as it is, so a time that recent is not trusted, and the next lookup scans again.
-            let settled = now.is_some_and(|time| {
-                time.elapsed()
-                    .is_ok_and(|age| age > Duration::from_millis(50))
-            });
-            *scanned = if settled { now } else { None };
+        if scanned.is_some() && *scanned == now {
+            return;
         }
+        // File times tick coarsely (a few milliseconds): a change in the same tick as this scan would
+        // leave the time as it is, so a time that recent is not trusted, and the next lookup scans again.
+        let settled = now.is_some_and(|time| {
+            time.elapsed()
+                .is_ok_and(|age| age > Duration::from_millis(50))
+        });
+        *scanned = if settled { now } else { None };
         let mut found = discover(&source.models_dir, source.ollama_store.as_deref());
         let remote = self.remote.read().unwrap_or_else(PoisonError::into_inner);
         let mut files = self.files.write().unwrap_or_else(PoisonError::into_inner);
