@@ -324,7 +324,7 @@ fn agents_find_the_coordinator_by_mdns_or_seed_and_the_scan_finds_ollama() {
     );
     let api = "http://10.77.0.1:11435/api/sollol/v1";
     hosts.wait("the coordinator's gateway", Duration::from_secs(20), || {
-        hosts.try_run("h1", &["curl", "-sf", "http://10.77.0.1:11435/readyz"])
+        hosts.try_run("h1", &["curl", "-sf", "http://10.77.0.1:11435/healthz"])
     });
     let token = hosts
         .run("h1", &[SOLLOL, "token", "--data-dir", &coordinator_dir])

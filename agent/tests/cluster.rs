@@ -353,10 +353,11 @@ async fn gateway_answers_like_ollama() {
         200,
         "\"ready\":true",
     );
+    // Up, but no node to route to: not ready, and it says why.
     check(
         raw_http(address, &request("GET", "/readyz")).await,
-        200,
-        "\"ready\":true",
+        503,
+        "cannot route: no node is up with a reachable Ollama (0 known)",
     );
     check(
         raw_http(address, &request("GET", "/api/sollol/v1/nodes")).await,

@@ -718,3 +718,72 @@ impl std::fmt::Debug for SignIn {
         formatter.write_str("SignIn { key: <hidden> }")
     }
 }
+
+/// `GET /api/sollol/v1/coordinators`: the coordinators of this cluster as this one sees them.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct CoordinatorList {
+    /// The id of the coordinator that answered.
+    pub this: String,
+    /// This coordinator first, then the others by id.
+    pub coordinators: Vec<CoordinatorInfo>,
+}
+
+/// One coordinator of the group.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CoordinatorInfo {
+    /// Its node id.
+    pub id: String,
+    pub name: String,
+    /// Its HTTP gateway as it announces it (`http://HOST:PORT`); empty until known.
+    pub gateway_url: String,
+    /// Its cluster port, `HOST:PORT`.
+    pub cluster_address: String,
+    pub state: CoordinatorState,
+    /// When it started (Unix milliseconds; 0 when unknown).
+    pub started_at_ms: u64,
+    /// Whether it runs the group's background decisions (replicas): the live coordinator with the
+    /// smallest id.
+    pub leader: bool,
+    /// Requests it has in flight on the nodes, as it last told the group.
+    pub in_flight: u32,
+    /// (node, model) pairs it has measured.
+    pub learned_pairs: u32,
+    /// Why it is refused, or what was last wrong with its link.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// How a coordinator stands in the group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CoordinatorState {
+    /// The coordinator that answered.
+    This,
+    /// Gossiping now.
+    Alive,
+    /// Known, not heard from lately.
+    Down,
+    /// Its shared configuration differs: the two do not form a group (see `detail`).
+    Refused,
+}
+
+/// `GET /api/sollol/v1/learned`: the per-(node, model) figures routing uses now, this coordinator's
+/// own measurements merged with the other coordinators'.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct LearnedList {
+    pub pairs: Vec<LearnedPair>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LearnedPair {
+    pub node_id: String,
+    pub model: String,
+    pub decode_tokens_per_second: f64,
+    pub prompt_tokens_per_second: f64,
+    pub time_to_first_token_ms: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cold_load_ms: Option<f64>,
+    pub samples: u32,
+    /// How many coordinators' measurements were merged into these figures.
+    pub coordinators: u32,
+}

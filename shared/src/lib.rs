@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod digest;
+pub mod group;
 pub mod hardware;
 pub mod layers;
 pub mod model_matrix;

@@ -144,6 +144,9 @@ pub enum RefusalCode {
     DigestMismatch,
     /// Layer protocol: the request cannot be served as asked (layers out of range, unknown sequence…).
     BadRequest,
+    /// Coordinator group: the two coordinators' shared configuration differs (the message names the
+    /// sections).
+    ConfigDiffers,
 }
 
 impl RefusalCode {

@@ -6,6 +6,7 @@ pub mod admission;
 pub mod backoff;
 pub mod breaker;
 pub mod browser;
+pub mod group;
 pub mod health;
 pub mod placement;
 pub mod quota;

@@ -67,15 +67,37 @@ impl AgentHandle {
     }
 }
 
+/// The coordinators an agent joins (each of them), or none: the agent finds one.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct JoinAddresses(pub Vec<String>);
+
+impl From<String> for JoinAddresses {
+    fn from(address: String) -> Self {
+        Self(vec![address])
+    }
+}
+
+impl From<Option<String>> for JoinAddresses {
+    fn from(address: Option<String>) -> Self {
+        Self(address.into_iter().collect())
+    }
+}
+
+impl From<Vec<String>> for JoinAddresses {
+    fn from(addresses: Vec<String>) -> Self {
+        Self(addresses)
+    }
+}
+
 /// Starts an agent that joins `join` with `token`, or without an address the coordinator it finds
 /// (`discovery.seeds`, mDNS). It announces itself over mDNS when `discovery.mdns` is on.
 pub async fn start_agent(
     config: &Config,
-    join: impl Into<Option<String>>,
+    join: impl Into<JoinAddresses>,
     token: ClusterToken,
 ) -> Result<AgentHandle, StartError> {
-    let join = join.into();
-    if join.is_none() && !config.discovery.mdns && config.discovery.seeds.is_empty() {
+    let JoinAddresses(join) = join.into();
+    if join.is_empty() && !config.discovery.mdns && config.discovery.seeds.is_empty() {
         return Err(StartError::Usage(
             "no coordinator to join: pass --join HOST:PORT (printed by `sollol up`), set discovery.seeds, or turn discovery.mdns on".to_owned(),
         ));
@@ -122,12 +144,13 @@ pub async fn start_agent(
             .ok()
         })
         .flatten();
-    let coordinator = match join {
-        Some(address) => join::Coordinator::Fixed(address),
-        None => join::Coordinator::Discover {
+    let coordinator = if join.is_empty() {
+        join::Coordinator::Discover {
             seeds: config.discovery.seeds.clone(),
             mdns,
-        },
+        }
+    } else {
+        join::Coordinator::Fixed(join)
     };
     let params = JoinParams {
         coordinator,
@@ -197,7 +220,7 @@ pub fn announce_without_token(
 
 /// The agent settings `sollol agent` needs: where to join (`None`: find the coordinator) and with which
 /// token.
-pub fn join_target(config: &Config) -> Result<(Option<String>, ClusterToken), StartError> {
+pub fn join_target(config: &Config) -> Result<(Vec<String>, ClusterToken), StartError> {
     let address = config.agent.join.clone();
     let token = config.agent.token.as_deref().ok_or_else(|| {
         StartError::Usage("`agent.token` is required: pass --token TOKEN (printed by `sollol up` and `sollol token`)".to_owned())

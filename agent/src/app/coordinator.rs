@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{Shutdown, StartError, announce, bind, http_guard, local_address};
+use crate::cluster::group::{Group, GroupSettings};
 use crate::cluster::identity::{self, ClusterToken, NodeId};
 use crate::cluster::mdns::{Mdns, Role};
 use crate::cluster::membership::{self, Membership};
@@ -24,7 +25,7 @@ use crate::cluster::{
 };
 use crate::config::Config;
 use crate::distributed::front::Front;
-use crate::gateway::learning::{Learned, Learner};
+use crate::gateway::learning::{Learned, Learner, Peers};
 use crate::gateway::proxy::{CacheSettings, Proxy, ProxySettings, WarmupConfig};
 use crate::gateway::{self, GatewayState};
 use crate::history::{History, HistoryReader, Remembered};
@@ -94,7 +95,7 @@ struct Start<'a> {
 pub async fn start_coordinator(config: &Config) -> Result<CoordinatorHandle, StartError> {
     let data_dir = config.data_dir.clone();
     identity::ensure_private_dir(&data_dir)?;
-    let token = ClusterToken::load_or_create(&data_dir)?;
+    let token = coordinator_token(config)?;
     let settings = &config.coordinator;
     let history_path = data_dir.join(HISTORY_FILE);
     let (history, mut remembered) = open_history(&history_path, config).await?;
@@ -140,17 +141,27 @@ pub async fn start_coordinator(config: &Config) -> Result<CoordinatorHandle, Sta
     } else {
         None
     };
-    let membership = Arc::new(Membership::new(
-        token.clone(),
-        events_sender,
-        settings.handshake_timeout,
-        settings.down_after_missed.get(),
-        u64::from(settings.max_cluster_connections.get()),
-        start.shutdown.clone(),
-    ));
+    let group = start
+        .group(&token, cluster_address, gateway_address)
+        .await?;
+    let membership = Arc::new(
+        Membership::new(
+            token.clone(),
+            events_sender,
+            settings.handshake_timeout,
+            settings.down_after_missed.get(),
+            u64::from(settings.max_cluster_connections.get()),
+            start.shutdown.clone(),
+        )
+        .with_group(group.links()),
+    );
     let observer = Arc::new(Observer::new(Arc::clone(&view)));
     let learner = Learner::start(
         remembered_pairs,
+        Some(Peers {
+            own_id: group.id().to_owned(),
+            others: group.others(),
+        }),
         history.sender(),
         Arc::clone(&observer),
         start.shutdown.clone(),
@@ -202,6 +213,7 @@ pub async fn start_coordinator(config: &Config) -> Result<CoordinatorHandle, Sta
         distributed: distributed.map(|(front, _)| front),
         scan,
         mdns,
+        group,
     });
     start.serve(
         cluster_listener,
@@ -224,6 +236,48 @@ pub async fn start_coordinator(config: &Config) -> Result<CoordinatorHandle, Sta
         tasks: start.tasks,
         history,
     })
+}
+
+/// The cluster token: `agent.token` (or `agent.token_file`) when set, so several coordinators share
+/// one; otherwise the data directory's, created on first start.
+fn coordinator_token(config: &Config) -> Result<ClusterToken, StartError> {
+    let Some(given) = config.agent.token.as_deref() else {
+        return Ok(ClusterToken::load_or_create(&config.data_dir)?);
+    };
+    let given = ClusterToken::parse(given)
+        .map_err(|error| StartError::Usage(format!("`agent.token`: {error}")))?;
+    if let Some(stored) = ClusterToken::load(&config.data_dir)?
+        && stored.expose() != given.expose()
+    {
+        tracing::warn!(
+            "the data directory holds another cluster token than agent.token: using agent.token (agents that joined with the other one will be refused)"
+        );
+    }
+    Ok(given)
+}
+
+/// The cluster address the other coordinators can reach: the bound one, or for an unspecified bind
+/// address the address this machine uses towards `peer` (loopback without one).
+async fn advertised_address(bound: SocketAddr, peer: Option<&String>) -> SocketAddr {
+    if !bound.ip().is_unspecified() {
+        return bound;
+    }
+    let mut address = crate::config::loopback_if_unspecified(bound);
+    let Some(peer) = peer else {
+        return address;
+    };
+    let towards = tokio::net::lookup_host(peer.as_str())
+        .await
+        .ok()
+        .and_then(|mut found| found.next());
+    if let Some(towards) = towards
+        && let Ok(socket) = tokio::net::UdpSocket::bind((bound.ip(), 0)).await
+        && socket.connect(towards).await.is_ok()
+        && let Ok(local) = socket.local_addr()
+    {
+        address.set_ip(local.ip());
+    }
+    address
 }
 
 /// Opens the history (its writer thread included) and reads what it remembers of nodes and routing.
@@ -336,6 +390,47 @@ impl Start<'_> {
             self.shutdown.clone(),
         ));
         Some(last)
+    }
+
+    /// Joins the coordinator group: the other coordinators of this cluster, found through
+    /// `coordinator.peers` and mDNS.
+    async fn group(
+        &self,
+        token: &ClusterToken,
+        cluster_address: SocketAddr,
+        gateway_address: SocketAddr,
+    ) -> Result<Arc<Group>, StartError> {
+        let settings = &self.config.coordinator;
+        let id = NodeId::load_or_create(&self.config.data_dir)?.to_string();
+        let advertised = match settings.advertise {
+            Some(address) => address,
+            None => advertised_address(cluster_address, settings.peers.first()).await,
+        };
+        let mut gateway = gateway_address;
+        if gateway.ip().is_unspecified() {
+            gateway.set_ip(advertised.ip());
+        }
+        let group = Group::start(
+            GroupSettings {
+                id,
+                name: self.config.agent.name.clone(),
+                cluster_address: advertised,
+                gateway_url: format!("http://{gateway}"),
+                started_at_ms: unix_ms(SystemTime::now()),
+                peers: settings.peers.clone(),
+                shared_config: self.config.shared_sections(),
+                handshake_timeout: settings.handshake_timeout,
+            },
+            token,
+            self.shutdown.clone(),
+            &self.tasks,
+        )
+        .await
+        .map_err(StartError::Usage)?;
+        if !settings.peers.is_empty() {
+            tracing::info!(address = %advertised, peers = ?settings.peers, "coordinator group: looking for the other coordinators");
+        }
+        Ok(group)
     }
 
     /// Announces the cluster port over mDNS, so agents started without `agent.join` find it.
@@ -454,6 +549,10 @@ impl Start<'_> {
         let warm_shutdown = shutdown.clone();
         self.tasks
             .spawn(async move { warmer.proxy.warm_up(view, history, warm_shutdown).await });
+        self.tasks.spawn(gateway::group::share(
+            Arc::clone(gateway_state),
+            shutdown.clone(),
+        ));
         self.tasks.spawn(gateway::manage::keep_replicas(
             Arc::clone(gateway_state),
             shutdown.clone(),

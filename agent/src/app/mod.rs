@@ -26,7 +26,7 @@ use crate::cluster::mdns::{Announce, Mdns, Role};
 use crate::config::Config;
 use crate::history::HistoryError;
 
-pub use agent::{AgentHandle, announce_without_token, join_target, start_agent};
+pub use agent::{AgentHandle, JoinAddresses, announce_without_token, join_target, start_agent};
 pub use coordinator::{CoordinatorHandle, HISTORY_FILE, start_coordinator};
 
 #[derive(Debug, thiserror::Error)]

@@ -146,7 +146,11 @@ async fn agent(config: &Config) -> ExitCode {
         Ok(agent) => agent,
         Err(error) => return start_failed(&error),
     };
-    let coordinator = address.as_deref().unwrap_or("found by discovery");
+    let coordinator = if address.is_empty() {
+        "found by discovery".to_owned()
+    } else {
+        address.join(", ")
+    };
     tracing::info!(id = %agent.node_id, name = %config.agent.name, %coordinator, "agent started");
     tokio::select! {
         signal = wait_for_signal() => {

@@ -77,8 +77,9 @@ pub struct JoinParams {
 /// Where the agent looks for its coordinator.
 #[derive(Debug)]
 pub enum Coordinator {
-    /// `agent.join`: this address only; a refusal that cannot heal ends the agent.
-    Fixed(String),
+    /// `agent.join`: these addresses only, each joined (several coordinators of one cluster); a refusal
+    /// that cannot heal ends that address's loop, and the agent once every loop has ended.
+    Fixed(Vec<String>),
     /// No `agent.join`: the seeds (names resolved at every attempt) and the coordinators mDNS finds,
     /// tried in turn; one that refuses this agent or cannot prove the token is left alone for a while.
     Discover {
@@ -132,8 +133,8 @@ impl<'a> Finder<'a> {
     /// The addresses to try now, in turn order (a fixed address alone); waits while none is known.
     /// `None` on shutdown.
     async fn round(&mut self, shutdown: &CancellationToken) -> Option<Vec<String>> {
-        if let Coordinator::Fixed(address) = self.coordinator {
-            return Some(vec![address.clone()]);
+        if let Coordinator::Fixed(addresses) = self.coordinator {
+            return Some(addresses.clone());
         }
         loop {
             let mut candidates = self.candidates();
@@ -206,7 +207,7 @@ async fn join_first(
     let Some(round) = finder.round(shutdown).await else {
         return Ok(None);
     };
-    let handshake_timeout = match params.coordinator {
+    let handshake_timeout = match finder.coordinator {
         Coordinator::Fixed(_) => HANDSHAKE_TIMEOUT,
         Coordinator::Discover { .. } => DISCOVERED_HANDSHAKE_TIMEOUT,
     };
@@ -253,22 +254,79 @@ async fn join_first(
     }
 }
 
-/// Runs until `shutdown` (Ok, after a goodbye) or a refusal that retrying cannot fix (Err).
+/// Runs until `shutdown` (Ok, after a goodbye) or a refusal that retrying cannot fix (Err). With
+/// several fixed addresses, each is joined by a loop of its own, and this returns once all have ended
+/// (the first error, if any).
 pub async fn run(
     params: JoinParams,
     sampler: Sampler,
     shutdown: CancellationToken,
 ) -> Result<(), JoinError> {
-    let sampler = Arc::new(Mutex::new(sampler));
+    let reporter = Reporter::new(sampler, params.heartbeat_interval);
+    match &params.coordinator {
+        Coordinator::Fixed(addresses) if addresses.len() > 1 => {
+            let targets: Vec<Coordinator> = addresses
+                .iter()
+                .map(|address| Coordinator::Fixed(vec![address.clone()]))
+                .collect();
+            let loops = targets
+                .iter()
+                .map(|target| run_one(&params, target, &reporter, &shutdown));
+            let results = futures_util::future::join_all(loops).await;
+            results.into_iter().find(Result::is_err).unwrap_or(Ok(()))
+        }
+        target => run_one(&params, target, &reporter, &shutdown).await,
+    }
+}
+
+/// The reports of one agent, shared by its links to several coordinators: sampled at most once per
+/// half heartbeat, whichever link asks first.
+struct Reporter {
+    sampler: Arc<Mutex<Sampler>>,
+    last: tokio::sync::Mutex<Option<(Instant, sollol_shared::hardware::NodeReport)>>,
+    fresh_for: Duration,
+}
+
+impl Reporter {
+    fn new(sampler: Sampler, heartbeat: Duration) -> Self {
+        Self {
+            sampler: Arc::new(Mutex::new(sampler)),
+            last: tokio::sync::Mutex::new(None),
+            fresh_for: heartbeat / 2,
+        }
+    }
+
+    async fn report(&self) -> sollol_shared::hardware::NodeReport {
+        let mut last = self.last.lock().await;
+        if let Some((at, report)) = last.as_ref()
+            && at.elapsed() < self.fresh_for
+        {
+            return report.clone();
+        }
+        let report = sample(&self.sampler).await;
+        *last = Some((Instant::now(), report.clone()));
+        report
+    }
+}
+
+/// Joins one target (a fixed address, or whichever coordinator discovery finds) until shutdown or a
+/// refusal that retrying cannot fix.
+async fn run_one(
+    params: &JoinParams,
+    target: &Coordinator,
+    reporter: &Reporter,
+    shutdown: &CancellationToken,
+) -> Result<(), JoinError> {
+    let shutdown = shutdown.clone();
     let mut backoff = Backoff::new(params.initial_backoff, params.max_backoff);
-    let mut finder = Finder::new(&params.coordinator);
+    let mut finder = Finder::new(target);
     loop {
-        let (result, fatal) = match join_first(&params, &mut finder, &shutdown).await {
+        let (result, fatal) = match join_first(params, &mut finder, &shutdown).await {
             Ok(None) => return Ok(()),
             Ok(Some(joined)) => {
                 backoff.reset();
                 let address = joined.address.clone();
-                let result = session(&params, joined, &sampler, &shutdown).await;
+                let result = session(params, joined, reporter, &shutdown).await;
                 let fatal = result
                     .as_ref()
                     .err()
@@ -323,7 +381,7 @@ async fn establish(
 async fn session(
     params: &JoinParams,
     joined: Joined,
-    sampler: &Arc<Mutex<Sampler>>,
+    reporter: &Reporter,
     shutdown: &CancellationToken,
 ) -> Result<(), JoinError> {
     let Joined {
@@ -355,7 +413,7 @@ async fn session(
         loop {
             tokio::select! {
                 _ = ticker.tick() => {
-                    let report = sample(sampler).await;
+                    let report = reporter.report().await;
                     wire::write_message(&mut writer, &AgentMessage::Report(Box::new(report)))
                         .await
                         .map_err(|error| lost(error.to_string()))?;
@@ -578,7 +636,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_fixed_address_ends_the_agent_on_a_refusal_that_cannot_heal() {
-        let coordinator = Coordinator::Fixed("10.0.0.1:11436".to_owned());
+        let coordinator = Coordinator::Fixed(vec!["10.0.0.1:11436".to_owned()]);
         let shutdown = CancellationToken::new();
         let mut finder = Finder::new(&coordinator);
         assert_eq!(

@@ -59,6 +59,8 @@ pub struct Membership {
     handshaking: AtomicU64,
     handshaking_from: Arc<sollol_http::AddressCounts>,
     next_connection: AtomicU64,
+    /// Where connections from other coordinators go (they start with the group's preamble).
+    group: Option<Arc<crate::cluster::group::Links>>,
 }
 
 impl Membership {
@@ -81,7 +83,14 @@ impl Membership {
             handshaking: AtomicU64::new(0),
             handshaking_from: Arc::default(),
             next_connection: AtomicU64::new(1),
+            group: None,
         }
+    }
+
+    /// Hands connections from other coordinators to the group's links.
+    pub fn with_group(mut self, links: Arc<crate::cluster::group::Links>) -> Self {
+        self.group = Some(links);
+        self
     }
 }
 
@@ -176,6 +185,16 @@ async fn handle_connection(
             }
             Ok(Err(Rejection::Gone(reason))) => {
                 tracing::debug!(%peer, %reason, "cluster connection ended during handshake");
+                return;
+            }
+            Ok(Err(Rejection::Coordinator)) => {
+                let Some(links) = membership.group.clone() else {
+                    return;
+                };
+                // The group's own handshake has its own time limit; the link then lives as long as
+                // both coordinators do.
+                drop((handshaking, from));
+                links.accept(reader, writer, peer).await;
                 return;
             }
             Err(_) => {
@@ -285,6 +304,8 @@ enum Rejection {
     Refuse(Refusal),
     /// The peer went away; nothing to tell.
     Gone(String),
+    /// Not an agent: another coordinator of the group (it sent the group's preamble).
+    Coordinator,
 }
 
 impl From<FrameError> for Rejection {
@@ -324,6 +345,9 @@ async fn handshake(
         .read_exact(&mut magic)
         .await
         .map_err(|error| Rejection::Gone(error.to_string()))?;
+    if magic == sollol_shared::group::GROUP_MAGIC {
+        return Err(Rejection::Coordinator);
+    }
     if magic != MAGIC {
         return Err(Rejection::Refuse(Refusal {
             code: RefusalCode::BadMagic,

@@ -4,6 +4,7 @@
 //! (`discovery`), range scans (`scan`) and multicast DNS (`mdns`).
 
 pub(crate) mod discovery;
+pub mod group;
 pub mod identity;
 pub mod join;
 pub(crate) mod mdns;

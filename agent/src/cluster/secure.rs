@@ -36,6 +36,8 @@ const KEY_CONTEXT: &[u8] = b"sollol link key v1\0";
 /// The `link` of [`link_key`] for the agent ↔ coordinator link and for the layer protocol.
 pub const CLUSTER_LINK: &[u8] = b"cluster";
 pub const LAYER_LINK: &[u8] = b"layer";
+/// The `link` of [`link_key`] between two coordinators of one cluster.
+pub const GROUP_LINK: &[u8] = b"group";
 
 /// Which end of a link: the side that dialled starts the Noise handshake.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -7,6 +7,7 @@ use hmac::{Hmac, Mac};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sha2::Sha256;
+use sollol_shared::group::{PEER_DIALLER_PROOF_CONTEXT, PEER_LISTENER_PROOF_CONTEXT};
 use sollol_shared::layers::{LAYER_CLIENT_PROOF_CONTEXT, STAGE_PROOF_CONTEXT};
 use sollol_shared::protocol::{
     AGENT_PROOF_CONTEXT, COORDINATOR_PROOF_CONTEXT, MAX_FRAME_BYTES, NONCE_BYTES,
@@ -126,6 +127,10 @@ pub enum ProofSide {
     Stage,
     /// Layer protocol: whoever dialled the stage (the coordinator or the previous stage).
     LayerClient,
+    /// Coordinator group: a coordinator dialling another.
+    PeerDialler,
+    /// Coordinator group: the coordinator it dialled.
+    PeerListener,
 }
 
 /// HMAC-SHA256(token, context ‖ nonce ‖ node id).
@@ -166,6 +171,8 @@ fn mac(
         ProofSide::Coordinator => COORDINATOR_PROOF_CONTEXT,
         ProofSide::Stage => STAGE_PROOF_CONTEXT,
         ProofSide::LayerClient => LAYER_CLIENT_PROOF_CONTEXT,
+        ProofSide::PeerDialler => PEER_DIALLER_PROOF_CONTEXT,
+        ProofSide::PeerListener => PEER_LISTENER_PROOF_CONTEXT,
     });
     mac.update(nonce);
     mac.update(node_id.as_bytes());

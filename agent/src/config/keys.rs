@@ -62,7 +62,19 @@ pub const KEYS: &[KeySpec] = &[
         key: "coordinator.cluster_bind",
         env: "SOLLOL_CLUSTER_BIND",
         default: Some("0.0.0.0:11436"),
-        doc: "Address agents join on. Every connection must prove it holds the cluster token before it is accepted.",
+        doc: "Address agents join on. Every connection must prove it holds the cluster token before it is accepted. Other coordinators of the cluster connect here too.",
+    },
+    KeySpec {
+        key: "coordinator.peers",
+        env: "SOLLOL_PEERS",
+        default: None,
+        doc: "Other coordinators of the same cluster (their cluster addresses, `HOST:PORT`, comma-separated or a TOML list; names resolved again every minute). Coordinators that find each other here or over mDNS form a group: each routes every request itself, and they share what routing learned, their requests in flight per node, open breakers and running loads, gossiped every 100 ms over the cluster port (token proved both ways, then encrypted). Coordinators whose shared configuration differs (`coordinator.api_keys`/`admin_keys`, `coordinator.nodes`, `discovery.scan`, `models.replicas`, `model_sharding_enabled` and `distributed.*`) refuse each other and say which. Listing a coordinator's own address is harmless, so every coordinator can have the same list. Default: none.",
+    },
+    KeySpec {
+        key: "coordinator.advertise",
+        env: "SOLLOL_ADVERTISE",
+        default: None,
+        doc: "The cluster address other coordinators reach this one at, `HOST:PORT` (an IP address). Default: `coordinator.cluster_bind`, with an unspecified address replaced by the address this machine uses to reach the first of `coordinator.peers` (loopback when there is none).",
     },
     KeySpec {
         key: "coordinator.down_after_missed",
@@ -266,7 +278,7 @@ pub const KEYS: &[KeySpec] = &[
         key: "agent.join",
         env: "SOLLOL_JOIN",
         default: None,
-        doc: "The coordinator's cluster address, `HOST:PORT`. Without it `sollol agent` joins the coordinator it finds over mDNS (`discovery.mdns`) or through `discovery.seeds` that proves it holds the same token; `sollol up` joins its own coordinator.",
+        doc: "The coordinators' cluster addresses, `HOST:PORT`, comma-separated or a TOML list: the agent joins every one (several coordinators of one cluster, see `coordinator.peers`). Without it `sollol agent` joins the coordinator it finds over mDNS (`discovery.mdns`) or through `discovery.seeds` that proves it holds the same token; `sollol up` joins its own coordinator.",
     },
     KeySpec {
         key: "agent.token",

@@ -135,6 +135,10 @@ pub struct CoordinatorConfig {
     /// Static Ollama URLs, normalised to `http://HOST:PORT`.
     pub nodes: Vec<String>,
     pub probe_interval: Duration,
+    /// Other coordinators' cluster addresses (`HOST:PORT`).
+    pub peers: Vec<String>,
+    /// The cluster address the other coordinators reach this one at; `None`: derived.
+    pub advertise: Option<SocketAddr>,
 }
 
 /// One gateway API key.
@@ -163,8 +167,8 @@ impl fmt::Debug for ApiKey {
 
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
-    /// `HOST:PORT` of the coordinator's cluster port.
-    pub join: Option<String>,
+    /// `HOST:PORT` of each coordinator's cluster port; empty: find them.
+    pub join: Vec<String>,
     pub token: Option<String>,
     pub name: String,
     pub heartbeat_interval: Duration,
@@ -185,4 +189,52 @@ pub fn loopback_if_unspecified(address: SocketAddr) -> SocketAddr {
         });
     }
     address
+}
+
+impl Config {
+    /// The configuration every coordinator of one cluster must share, as (section, canonical text):
+    /// coordinators compare these (as keyed digests) before they form a group, and refuse each other
+    /// naming the sections that differ.
+    pub fn shared_sections(&self) -> Vec<(&'static str, String)> {
+        let sorted = |mut items: Vec<String>| {
+            items.sort();
+            items.dedup();
+            items.join("\n")
+        };
+        let keys = self
+            .coordinator
+            .api_keys
+            .iter()
+            .map(|key| format!("{:?} {} {}", key.scope, key.name, key.key))
+            .collect();
+        let replicas = self
+            .models
+            .replicas
+            .iter()
+            .map(|(model, count)| format!("{model} {count:?}"))
+            .collect();
+        let distributed = format!(
+            "{} {:?} {} {}",
+            self.model_sharding_enabled,
+            self.distributed.models,
+            self.distributed.auto,
+            self.distributed.max_stages
+        );
+        vec![
+            ("coordinator.api_keys", sorted(keys)),
+            ("coordinator.nodes", sorted(self.coordinator.nodes.clone())),
+            (
+                "discovery.scan",
+                sorted(
+                    self.discovery
+                        .scan
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect(),
+                ),
+            ),
+            ("models.replicas", sorted(replicas)),
+            ("distributed", distributed),
+        ]
+    }
 }

@@ -175,6 +175,18 @@ fn coordinator(
             }
             Ok(interval)
         })?,
+        peers: reader
+            .optional("coordinator.peers", |text| {
+                list_items(text).map(parse_seed).collect()
+            })?
+            .unwrap_or_default(),
+        advertise: reader.optional("coordinator.advertise", |text| {
+            let address = parse_socket_addr(text)?;
+            if address.ip().is_unspecified() || address.port() == 0 {
+                return Err("must be an address others can reach: an IP address that is not 0.0.0.0, and a port".to_owned());
+            }
+            Ok(address)
+        })?,
     })
 }
 
@@ -198,9 +210,13 @@ fn agent(reader: &Reader<'_>, data_dir: &Path) -> Result<AgentConfig, ConfigErro
         ));
     }
     Ok(AgentConfig {
-        join: reader.optional("agent.join", |text| {
-            parse_host_port(text).map(|()| text.to_owned())
-        })?,
+        join: reader
+            .optional("agent.join", |text| {
+                list_items(text)
+                    .map(|item| parse_host_port(item).map(|()| item.to_owned()))
+                    .collect::<Result<Vec<_>, _>>()
+            })?
+            .unwrap_or_default(),
         token: match reader.optional("agent.token_file", |path| {
             let text = std::fs::read_to_string(path.trim())
                 .map_err(|error| format!("cannot read the token file: {error}"))?;

@@ -5,7 +5,7 @@
 //! publishes an immutable [`Learned`] snapshot, and hands the updated rows to
 //! the history so a restarted coordinator starts from them.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
@@ -14,6 +14,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::cluster::group::Others;
 use crate::history::{HistorySender, Outcome, PairRow, Record, RequestRow};
 use crate::observability::Observer;
 use crate::telemetry::unix_ms;
@@ -41,6 +42,11 @@ pub struct Learned {
     pub slots: HashMap<String, u32>,
     /// `pairs` grouped by node, rebuilt with every snapshot, so per-node questions do not scan every pair.
     pub by_node: HashMap<String, Vec<(String, PairStats)>>,
+    /// This coordinator's own measurements (what it publishes to the other coordinators); `pairs` is
+    /// these merged with the others'.
+    pub own: Arc<BTreeMap<(String, String), PairStats>>,
+    /// How many coordinators' measurements went into each pair of `pairs` (absent: this one's alone).
+    pub merged_from: HashMap<(String, String), u32>,
 }
 
 impl Learned {
@@ -129,9 +135,11 @@ pub struct Learner {
 }
 
 impl Learner {
-    /// Starts the learning task from what the history remembered.
+    /// Starts the learning task from what the history remembered; with `peers`, the published figures
+    /// are this coordinator's merged with the other live coordinators'.
     pub fn start(
         remembered: Vec<(String, String, PairStats)>,
+        peers: Option<Peers>,
         history: HistorySender,
         observer: Arc<Observer>,
         shutdown: CancellationToken,
@@ -146,12 +154,15 @@ impl Learner {
             last_served_ms: HashMap::new(),
             slots: HashMap::new(),
             by_node: HashMap::new(),
+            own: Arc::default(),
+            merged_from: HashMap::new(),
         };
         learned.rebuild_index();
         let learned = Arc::new(ArcSwap::from_pointee(learned));
         let (sender, receiver) = mpsc::channel(QUEUE_CAPACITY);
         tasks.spawn(run(
             Arc::clone(&learned),
+            peers,
             receiver,
             history,
             observer,
@@ -180,14 +191,23 @@ impl Learner {
     }
 }
 
+/// The other coordinators' figures, and this coordinator's id (the merge's order).
+#[derive(Debug)]
+pub struct Peers {
+    pub own_id: String,
+    pub others: tokio::sync::watch::Receiver<Arc<Others>>,
+}
+
 async fn run(
     learned: Arc<ArcSwap<Learned>>,
+    mut peers: Option<Peers>,
     mut receiver: mpsc::Receiver<Outcome>,
     history: HistorySender,
     observer: Arc<Observer>,
     shutdown: CancellationToken,
 ) {
     let mut table = (*learned.load_full()).clone();
+    publish(&learned, &mut table, peers.as_ref());
     let mut evidence: HashMap<String, SlotEvidence> = HashMap::new();
     let mut batch = Vec::new();
     let mut published = Instant::now();
@@ -201,8 +221,15 @@ async fn run(
                 }
             }
             () = tokio::time::sleep_until(publish_at.into()), if unpublished => {
-                publish(&learned, &mut table);
+                publish(&learned, &mut table, peers.as_ref());
                 (published, unpublished) = (Instant::now(), false);
+                continue;
+            }
+            changed = others_changed(peers.as_mut()) => {
+                if !changed {
+                    peers = None;
+                }
+                unpublished = true;
                 continue;
             }
             () = shutdown.cancelled() => break,
@@ -248,15 +275,61 @@ async fn run(
         }
         unpublished = true;
         if Instant::now() >= publish_at {
-            publish(&learned, &mut table);
+            publish(&learned, &mut table, peers.as_ref());
             (published, unpublished) = (Instant::now(), false);
         }
     }
 }
 
-fn publish(learned: &ArcSwap<Learned>, table: &mut Learned) {
-    table.rebuild_index();
-    learned.store(Arc::new(table.clone()));
+/// Waits for the other coordinators' figures to change; `false` when they never will again (no group,
+/// or it stopped).
+async fn others_changed(peers: Option<&mut Peers>) -> bool {
+    match peers {
+        Some(peers) => peers.others.changed().await.is_ok(),
+        None => std::future::pending().await,
+    }
+}
+
+type OwnPairs = BTreeMap<(String, String), PairStats>;
+
+/// Publishes the table, merged with the other live coordinators' figures when there are any.
+fn publish(learned: &ArcSwap<Learned>, table: &mut Learned, peers: Option<&Peers>) {
+    let own: BTreeMap<(String, String), PairStats> = table
+        .pairs
+        .iter()
+        .map(|(key, stats)| (key.clone(), *stats))
+        .collect();
+    let mut view = table.clone();
+    if let Some(peers) = peers {
+        let others = peers.others.borrow().clone();
+        let mut contributions: Vec<(&str, &OwnPairs)> = others
+            .alive()
+            .map(|peer| (peer.id.as_str(), &peer.figures.pairs))
+            .collect();
+        if !contributions.is_empty() {
+            contributions.push((peers.own_id.as_str(), &own));
+            contributions.sort_by_key(|(id, _)| *id);
+            let merged =
+                sollol_policy::group::merge_pairs(contributions.iter().map(|(_, pairs)| *pairs));
+            view.pairs = merged
+                .iter()
+                .map(|(key, (stats, _))| (key.clone(), *stats))
+                .collect();
+            view.merged_from = merged
+                .into_iter()
+                .map(|(key, (_, count))| (key, count))
+                .collect();
+            for peer in others.alive() {
+                for (node, slots) in &peer.figures.slots {
+                    let mine = view.slots.entry(node.clone()).or_insert(*slots);
+                    *mine = (*mine).max(*slots);
+                }
+            }
+        }
+    }
+    view.own = Arc::new(own);
+    view.rebuild_index();
+    learned.store(Arc::new(view));
 }
 
 /// Folds one outcome into a pair's statistics. Pure.

@@ -6,6 +6,7 @@
 mod access;
 pub mod admission;
 pub mod body_timeout;
+pub mod group;
 pub mod learning;
 pub(crate) mod manage;
 pub mod proxy;
@@ -88,6 +89,8 @@ pub struct GatewayState {
     /// The coordinator's mDNS announcement and browser: `None` when `discovery.mdns` is off, the
     /// reason when it could not start.
     pub mdns: Option<Result<Arc<crate::cluster::mdns::Mdns>, String>>,
+    /// The other coordinators of the cluster.
+    pub group: Arc<crate::cluster::group::Group>,
 }
 
 pub fn router(state: Arc<GatewayState>) -> Router {
@@ -138,6 +141,11 @@ pub fn router(state: Arc<GatewayState>) -> Router {
         .route(&format!("{API_PREFIX}/distributed"), get(distributed))
         .route(&format!("{API_PREFIX}/discovery"), get(discovery))
         .route(&format!("{API_PREFIX}/transfers"), get(transfers))
+        .route(
+            &format!("{API_PREFIX}/coordinators"),
+            get(group::coordinators),
+        )
+        .route(&format!("{API_PREFIX}/learned"), get(group::learned))
         .route(&format!("{API_PREFIX}/replicas"), get(manage::replicas))
         .route(
             &format!("{API_PREFIX}/replicas/{{model}}"),
@@ -269,23 +277,44 @@ async fn healthz() -> Json<Readiness> {
     })
 }
 
+/// Ready means "can route": started, and at least one node up with a reachable Ollama whose breaker
+/// lets requests through. A virtual IP's health check (keepalived) or a load balancer reads this.
 async fn readyz(State(state): State<Arc<GatewayState>>) -> Response {
-    if state.ready.load(Ordering::Acquire) {
-        Json(Readiness {
-            ready: true,
-            detail: "ready".to_owned(),
-        })
-        .into_response()
+    let (ready, detail) = if !state.ready.load(Ordering::Acquire) {
+        (false, "starting".to_owned())
     } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(Readiness {
-                ready: false,
-                detail: "starting".to_owned(),
-            }),
-        )
-            .into_response()
-    }
+        let view = state.view.load();
+        let usable = view
+            .backends
+            .iter()
+            .filter(|backend| state.proxy.lets_through(&backend.node_id))
+            .count();
+        if view.backends.is_empty() {
+            (
+                false,
+                format!(
+                    "cannot route: no node is up with a reachable Ollama ({} known)",
+                    view.nodes.len()
+                ),
+            )
+        } else if usable == 0 {
+            (
+                false,
+                format!(
+                    "cannot route: the circuit breaker of every node ({}) is open",
+                    view.backends.len()
+                ),
+            )
+        } else {
+            (true, format!("ready: {usable} node(s) can serve"))
+        }
+    };
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(Readiness { ready, detail })).into_response()
 }
 
 async fn cluster(State(state): State<Arc<GatewayState>>) -> Json<ClusterSummary> {

@@ -483,6 +483,7 @@ pub async fn set_replicas(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<axum::Json<ReplicaList>, ApiError> {
     let model = checked_name(&model)?;
+    alone_in_group(&state)?;
     let body =
         body.map_err(|rejection| ApiError::new(rejection.status(), rejection.body_text()))?;
     let request: ReplicaRequest = serde_json::from_slice(&body).map_err(|error| {
@@ -495,12 +496,34 @@ pub async fn set_replicas(
     Ok(axum::Json(state.replicas.list(&state)))
 }
 
+/// Run-time replica counts are this coordinator's alone: with other coordinators alive they would
+/// differ between coordinators, so a change is refused, naming what to do instead.
+fn alone_in_group(state: &GatewayState) -> Result<(), ApiError> {
+    let others = state.group.others();
+    let alive: Vec<String> = others
+        .borrow()
+        .alive()
+        .map(|peer| format!("{} ({})", peer.name, peer.cluster_address))
+        .collect();
+    if alive.is_empty() {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        StatusCode::CONFLICT,
+        format!(
+            "this cluster has several coordinators (also {}): a replica count set here would hold on this coordinator only; set models.replicas in every coordinator's configuration instead",
+            alive.join(", ")
+        ),
+    ))
+}
+
 /// `DELETE /api/sollol/v1/replicas/MODEL`: stop keeping copies (none is removed).
 pub async fn forget_replicas(
     State(state): State<Arc<GatewayState>>,
     Path(model): Path<String>,
 ) -> Result<axum::Json<ReplicaList>, ApiError> {
     let model = checked_name(&model)?;
+    alone_in_group(&state)?;
     if !state.replicas.set(&model, None) {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,

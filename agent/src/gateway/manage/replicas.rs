@@ -147,6 +147,10 @@ pub async fn keep(state: Arc<GatewayState>, shutdown: CancellationToken) {
             _ = ticks.tick() => {}
             () = shutdown.cancelled() => return,
         }
+        // One coordinator of a group adds the copies: the others would add the same ones again.
+        if !state.group.leads() {
+            continue;
+        }
         let view = state.view.load_full();
         let learned = state.proxy.learner().snapshot();
         let mut holders: HashMap<String, usize> = HashMap::new();

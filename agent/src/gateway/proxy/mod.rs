@@ -47,6 +47,7 @@ use hyper::body::Bytes;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use sollol_policy::group::{Figures, PeerLoad};
 use tokio_util::sync::CancellationToken;
 
 use crate::cluster::{Backend, SharedView};
@@ -104,6 +105,8 @@ pub struct Proxy {
     warmups: Arc<warmup::Warmups>,
     /// The response cache; `None` when `cache.enabled` is false.
     cache: Option<ResponseCache>,
+    /// The other coordinators' load on the nodes (in flight, open breakers, loads), as last gossiped.
+    peer_load: ArcSwap<PeerLoad>,
     observer: Arc<Observer>,
     /// Requests and generated tokens per key and per application.
     pub quotas: Arc<Quotas>,
@@ -159,6 +162,7 @@ impl Proxy {
             affinity: Affinity::default(),
             warmups: Arc::default(),
             cache: settings.cache.map(ResponseCache::new),
+            peer_load: ArcSwap::default(),
             observer,
             quotas: Arc::new(Quotas::new(
                 settings.requests_per_minute,
@@ -216,6 +220,50 @@ impl Proxy {
             .iter()
             .map(|(node, counter)| (node.clone(), counter.load(Ordering::Relaxed)))
             .collect()
+    }
+
+    /// Whether the node's breaker lets a request through now (closed, or its trial is due).
+    pub fn lets_through(&self, node_id: &str) -> bool {
+        let breaker = self.breaker_of(node_id);
+        let breaker = lock(&breaker);
+        breaker.is_closed() || breaker.trial_due(Instant::now())
+    }
+
+    /// Takes the other coordinators' load, summed, for routing.
+    pub fn set_peer_load(&self, load: PeerLoad) {
+        self.peer_load.store(Arc::new(load));
+    }
+
+    pub(crate) fn peer_load(&self) -> arc_swap::Guard<Arc<PeerLoad>> {
+        self.peer_load.load()
+    }
+
+    /// What this coordinator tells the other coordinators: its own measurements, its requests in
+    /// flight, the breakers it holds open, the loads it runs.
+    pub fn figures(&self) -> Figures {
+        let learned = self.learner.snapshot();
+        let open_breakers = self
+            .breakers
+            .snapshot()
+            .iter()
+            .filter(|(_, breaker)| !lock(breaker).is_closed())
+            .map(|(node, _)| node.clone())
+            .collect();
+        Figures {
+            pairs: (*learned.own).clone(),
+            slots: learned
+                .slots
+                .iter()
+                .map(|(node, slots)| (node.clone(), *slots))
+                .collect(),
+            in_flight: self
+                .in_flight()
+                .into_iter()
+                .filter(|(_, count)| *count > 0)
+                .collect(),
+            open_breakers,
+            warming: self.warmups.running(),
+        }
     }
 
     /// Records how a request (or probe) on a node went, for its breaker.

@@ -151,10 +151,12 @@ impl Selection<'_> {
 impl Selection<'_> {
     /// One node as routing weighs it, with its live load.
     fn candidate(&self, proxy: &Proxy, learned: &Learned, backend: &Backend) -> Candidate {
+        let peers = proxy.peer_load();
         Candidate {
             node_id: backend.node_id.clone(),
             name: backend.name.clone(),
-            in_flight: proxy.load_of(&backend.node_id).load(Ordering::Relaxed),
+            in_flight: proxy.load_of(&backend.node_id).load(Ordering::Relaxed)
+                + peers.in_flight(&backend.node_id),
             slots: proxy
                 .settings
                 .node_slots
@@ -178,7 +180,16 @@ impl Selection<'_> {
                 .get(&backend.node_id)
                 .load(Ordering::Relaxed)
                 > 0,
-            warming: proxy.warmups.warming(&backend.node_id, self.model),
+            warming: proxy
+                .warmups
+                .warming(&backend.node_id, self.model)
+                .or_else(|| {
+                    let (model, remaining) = peers.warming(&backend.node_id)?;
+                    Some(sollol_policy::routing::Warming {
+                        same_model: model == self.model,
+                        remaining,
+                    })
+                }),
         }
     }
 
@@ -315,8 +326,10 @@ impl Selection<'_> {
 /// The candidates whose breaker lets a request through now.
 fn usable(proxy: &Proxy, candidates: &[(usize, Candidate)]) -> Vec<(usize, Candidate)> {
     let now = Instant::now();
+    let peers = proxy.peer_load();
     candidates
         .iter()
+        .filter(|(_, candidate)| !peers.breaker_open(&candidate.node_id))
         .filter(|(_, candidate)| {
             let breaker = proxy.breaker_of(&candidate.node_id);
             let breaker = lock(&breaker);

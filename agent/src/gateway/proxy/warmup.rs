@@ -78,6 +78,21 @@ impl Warmups {
         })
     }
 
+    /// The loads running now: (node, model, time still expected).
+    pub(super) fn running(&self) -> Vec<(String, String, Duration)> {
+        self.running
+            .load()
+            .iter()
+            .map(|(node, loading)| {
+                (
+                    node.clone(),
+                    loading.model.clone(),
+                    loading.expected.saturating_sub(loading.started.elapsed()),
+                )
+            })
+            .collect()
+    }
+
     fn is_running(&self, node_id: &str) -> bool {
         self.running.load().contains_key(node_id)
     }
