@@ -150,6 +150,9 @@ mod tests {
         let frame = PeerFrame::Gossip(vec![1, 2, 3]);
         let bytes = postcard::to_stdvec(&frame).expect("encode");
         assert_eq!(bytes, [0, 3, 1, 2, 3]);
-        assert_eq!(postcard::from_bytes::<PeerFrame>(&bytes).expect("decode"), frame);
+        assert_eq!(
+            postcard::from_bytes::<PeerFrame>(&bytes).expect("decode"),
+            frame
+        );
     }
 }
