@@ -449,3 +449,56 @@ fn distributed_list_json() {
         },
     );
 }
+
+#[test]
+fn coordinator_list_and_learned_json() {
+    use sollol_shared::api::{
+        CoordinatorInfo, CoordinatorList, CoordinatorState, LearnedList, LearnedPair,
+    };
+    let this = CoordinatorInfo {
+        id: "0123456789abcdef0123456789abcdef".into(),
+        name: "c1".into(),
+        gateway_url: "http://10.0.0.1:11435".into(),
+        cluster_address: "10.0.0.1:11436".into(),
+        state: CoordinatorState::This,
+        started_at_ms: 1_795_000_000_000,
+        leader: true,
+        in_flight: 2,
+        learned_pairs: 6,
+        detail: None,
+    };
+    let refused = CoordinatorInfo {
+        id: "fedcba9876543210fedcba9876543210".into(),
+        name: String::new(),
+        gateway_url: String::new(),
+        cluster_address: "10.0.0.3:11436".into(),
+        state: CoordinatorState::Refused,
+        started_at_ms: 0,
+        leader: false,
+        in_flight: 0,
+        learned_pairs: 0,
+        detail: Some("configuration differs from coordinator fedcba9876543210fedcba9876543210's in: models.replicas; every coordinator of a cluster needs the same values there (compare `sollol print-config` on both)".into()),
+    };
+    check(
+        "coordinator_list",
+        &CoordinatorList {
+            this: this.id.clone(),
+            coordinators: vec![this, refused],
+        },
+    );
+    check(
+        "learned_list",
+        &LearnedList {
+            pairs: vec![LearnedPair {
+                node_id: "0123456789abcdef0123456789abcdef".into(),
+                model: "llama3.2:1b".into(),
+                decode_tokens_per_second: 41.5,
+                prompt_tokens_per_second: 415.0,
+                time_to_first_token_ms: 120.25,
+                cold_load_ms: Some(2100.0),
+                samples: 7,
+                coordinators: 2,
+            }],
+        },
+    );
+}
