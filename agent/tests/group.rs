@@ -45,6 +45,13 @@ impl Coordinator {
         answer.json()
     }
 
+    /// A short chat through this coordinator (with `headers`), which must succeed.
+    async fn chat(&self, content: &str, headers: &[(&str, &str)]) -> support::Answer {
+        let answer = send("POST", &self.url("/api/chat"), chat(content), headers).await;
+        assert_eq!(answer.status, 200, "{}", answer.text());
+        answer
+    }
+
     /// Waits until `check` holds for `GET /api/sollol/v1/PATH`; returns that answer.
     async fn until(&self, path: &str, what: &str, check: impl Fn(&Value) -> bool) -> Value {
         let started = Instant::now();
@@ -59,6 +66,15 @@ impl Coordinator {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+}
+
+async fn stop(agents: Vec<AgentHandle>, coordinators: impl IntoIterator<Item = Coordinator>) {
+    for agent in agents {
+        agent.stop(Duration::from_secs(5)).await.expect("stop");
+    }
+    for coordinator in coordinators {
+        coordinator.handle.shutdown(Duration::from_secs(5)).await;
     }
 }
 
@@ -166,14 +182,12 @@ async fn a_coordinator_started_after_traffic_starts_warm_and_both_route_alike() 
     until_backends(&first, 3).await;
     // Traffic through the first coordinator only, spread so that it measures every node.
     for round in 0..6 {
-        let answer = send(
-            "POST",
-            &first.url("/api/chat"),
-            chat(&format!("round {round}")),
-            &[("x-sollol-strategy", "round_robin")],
-        )
-        .await;
-        assert_eq!(answer.status, 200, "{}", answer.text());
+        first
+            .chat(
+                &format!("round {round}"),
+                &[("x-sollol-strategy", "round_robin")],
+            )
+            .await;
     }
     first
         .until(
@@ -230,8 +244,7 @@ async fn a_coordinator_started_after_traffic_starts_warm_and_both_route_alike() 
     );
     until_backends(&second, 3).await;
     // Its first request goes where the first coordinator's measurements say: the fast node.
-    let answer = send("POST", &second.url("/api/chat"), chat("warm?"), &[]).await;
-    assert_eq!(answer.status, 200, "{}", answer.text());
+    let answer = second.chat("warm?", &[]).await;
     assert_eq!(
         answer.node.as_deref(),
         Some("fast"),
@@ -290,11 +303,7 @@ async fn a_coordinator_started_after_traffic_starts_warm_and_both_route_alike() 
         refused.text()
     );
 
-    for agent in agents {
-        agent.stop(Duration::from_secs(5)).await.expect("stop");
-    }
-    second.handle.shutdown(Duration::from_secs(5)).await;
-    first.handle.shutdown(Duration::from_secs(5)).await;
+    stop(agents, [second, first]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -334,14 +343,12 @@ async fn a_node_busy_through_one_coordinator_is_busy_for_the_other() {
 
     // Both nodes measured (one request each, through the second coordinator).
     for round in 0..2 {
-        let answer = send(
-            "POST",
-            &second.url("/api/chat"),
-            chat(&format!("measure {round}")),
-            &[("x-sollol-strategy", "round_robin")],
-        )
-        .await;
-        assert_eq!(answer.status, 200, "{}", answer.text());
+        second
+            .chat(
+                &format!("measure {round}"),
+                &[("x-sollol-strategy", "round_robin")],
+            )
+            .await;
     }
     second
         .until("learned", "both nodes measured", |learned| {
@@ -374,14 +381,7 @@ async fn a_node_busy_through_one_coordinator_is_busy_for_the_other() {
     let heard_after = asked.elapsed();
     // …and sends its own requests to the idle node.
     for round in 0..3 {
-        let answer = send(
-            "POST",
-            &second.url("/api/chat"),
-            chat(&format!("short {round}")),
-            &[],
-        )
-        .await;
-        assert_eq!(answer.status, 200, "{}", answer.text());
+        let answer = second.chat(&format!("short {round}"), &[]).await;
         assert_eq!(
             answer.node.as_deref(),
             Some("right"),
@@ -397,11 +397,7 @@ async fn a_node_busy_through_one_coordinator_is_busy_for_the_other() {
     assert_eq!(busy.status, 200, "{}", busy.text());
     assert_eq!(busy.node.as_deref(), Some("left"));
 
-    for agent in agents {
-        agent.stop(Duration::from_secs(5)).await.expect("stop");
-    }
-    second.handle.shutdown(Duration::from_secs(5)).await;
-    first.handle.shutdown(Duration::from_secs(5)).await;
+    stop(agents, [second, first]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -460,6 +456,5 @@ async fn coordinators_with_different_shared_configuration_refuse_each_other_and_
             "a refused peer does not stop a coordinator"
         );
     }
-    second.handle.shutdown(Duration::from_secs(5)).await;
-    first.handle.shutdown(Duration::from_secs(5)).await;
+    stop(Vec::new(), [second, first]).await;
 }

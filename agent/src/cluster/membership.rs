@@ -426,7 +426,7 @@ async fn handshake(
 }
 
 /// Sends a refusal and closes. Every reply enum has `Refused` as variant 0 with the same payload, so one encoding serves at any stage.
-async fn refuse<R, W>(reader: &mut R, writer: &mut W, refusal: Refusal)
+pub(crate) async fn refuse<R, W>(reader: &mut R, writer: &mut W, refusal: Refusal)
 where
     R: tokio::io::AsyncRead + Unpin,
     W: tokio::io::AsyncWrite + Unpin,

@@ -29,7 +29,7 @@ pub async fn share(state: Arc<GatewayState>, shutdown: CancellationToken) {
             _ = publish.tick() => {
                 // Alone (no other coordinator ever heard of): nobody to tell, nothing to encode. A
                 // coordinator that appears gets everything at the next tick.
-                if state.group.others().borrow().peers.is_empty() {
+                if others.borrow().peers.is_empty() {
                     continue;
                 }
                 let known: Vec<String> = state

@@ -17,7 +17,7 @@ use sollol_shared::group::{
     PeerHelloReply, differing_parts,
 };
 use sollol_shared::protocol::{HelloPrefix, Refusal, RefusalCode};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::mpsc;
@@ -317,16 +317,8 @@ impl Links {
             Ok(accepted) => accepted,
             Err(LinkError::Refused(refusal)) => {
                 tracing::debug!(%from, reason = %refusal.message, "refused coordinator link");
-                let _ = tokio::time::timeout(
-                    Duration::from_secs(1),
-                    wire::write_message(&mut writer, &PeerHelloReply::Refused(refusal)),
-                )
-                .await;
-                let _ = writer.shutdown().await;
-                // Read what the peer still sends for a moment, so the refusal is not destroyed by a reset.
-                let mut sink = [0u8; 1024];
-                let _ =
-                    tokio::time::timeout(Duration::from_millis(200), reader.read(&mut sink)).await;
+                // Every reply enum starts with the same `Refused`: the agents' refusal reads the same.
+                crate::cluster::membership::refuse(&mut reader, &mut writer, refusal).await;
                 return;
             }
             Err(LinkError::Itself | LinkError::Failed(_)) => return,

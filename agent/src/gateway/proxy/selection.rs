@@ -325,16 +325,11 @@ impl Selection<'_> {
 
 /// The candidates whose breaker lets a request through now.
 fn usable(proxy: &Proxy, candidates: &[(usize, Candidate)]) -> Vec<(usize, Candidate)> {
-    let now = Instant::now();
     let peers = proxy.peer_load();
     candidates
         .iter()
         .filter(|(_, candidate)| !peers.breaker_open(&candidate.node_id))
-        .filter(|(_, candidate)| {
-            let breaker = proxy.breaker_of(&candidate.node_id);
-            let breaker = lock(&breaker);
-            breaker.is_closed() || breaker.trial_due(now)
-        })
+        .filter(|(_, candidate)| proxy.lets_through(&candidate.node_id))
         .cloned()
         .collect()
 }
