@@ -578,9 +578,19 @@ async fn observability_counts_every_request() {
         .and_then(|node| node["id"].as_str())
         .expect("fast node")
         .to_owned();
-    let detail = get(&cluster.url(&format!("/api/sollol/v1/nodes/{fast_id}")))
-        .await
-        .json();
+    // Hardware samples are taken by the node watch every 250 ms, so a node that joined a moment
+    // ago may not have one yet.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let detail = loop {
+        let detail = get(&cluster.url(&format!("/api/sollol/v1/nodes/{fast_id}")))
+            .await
+            .json();
+        let sampled = !detail["samples"].as_array().is_none_or(Vec::is_empty);
+        if sampled || tokio::time::Instant::now() > deadline {
+            break detail;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert_eq!(
         detail["requests"].as_array().map_or(0, Vec::len),
         on_fast,
