@@ -18,156 +18,14 @@
 //!
 //! Needs root (to create namespaces) and `ip` from iproute2, `curl` and `python3`.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-const SOLLOL: &str = env!("CARGO_BIN_EXE_sollol");
+use common::SOLLOL;
+use common::hosts::{Hosts, emulator};
 
-/// Namespaces and processes, removed on drop: also when an assertion fails.
-struct Hosts {
-    prefix: String,
-    namespaces: Vec<String>,
-    children: Vec<Child>,
-    logs: tempfile::TempDir,
-}
-
-impl Hosts {
-    fn new() -> Self {
-        Self {
-            prefix: format!("sl{}", std::process::id() % 100_000),
-            namespaces: Vec::new(),
-            children: Vec::new(),
-            logs: tempfile::tempdir().expect("tempdir"),
-        }
-    }
-
-    fn ns(&self, host: &str) -> String {
-        format!("{}{host}", self.prefix)
-    }
-
-    fn add(&mut self, host: &str) {
-        let name = self.ns(host);
-        ip(&["netns", "add", &name]);
-        self.namespaces.push(name);
-        self.run(host, &["ip", "link", "set", "lo", "up"]);
-    }
-
-    /// Runs `command` in `host` and asserts it succeeds; returns its stdout.
-    fn run(&self, host: &str, command: &[&str]) -> String {
-        let output = Command::new("ip")
-            .args(["netns", "exec", &self.ns(host)])
-            .args(command)
-            .output()
-            .expect("run ip netns exec");
-        assert!(
-            output.status.success(),
-            "{host}: {command:?} failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8_lossy(&output.stdout).into_owned()
-    }
-
-    /// Like `run`, but a failure is returned, not asserted.
-    fn try_run(&self, host: &str, command: &[&str]) -> Option<String> {
-        let output = Command::new("ip")
-            .args(["netns", "exec", &self.ns(host)])
-            .args(command)
-            .output()
-            .ok()?;
-        output
-            .status
-            .success()
-            .then(|| String::from_utf8_lossy(&output.stdout).into_owned())
-    }
-
-    /// Starts `command` in `host` in the background, its output in a log named `name`.
-    fn spawn(&mut self, host: &str, name: &str, env: &[(&str, &str)], command: &[&str]) {
-        let log = std::fs::File::create(self.log(name)).expect("log file");
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.ns(host)])
-            .args(command)
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log file"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn in namespace");
-        self.children.push(child);
-    }
-
-    fn log(&self, name: &str) -> PathBuf {
-        self.logs.path().join(format!("{name}.log"))
-    }
-
-    /// Every process's log, for a failure message.
-    fn logs(&self) -> String {
-        let mut text = String::new();
-        if let Ok(entries) = std::fs::read_dir(self.logs.path()) {
-            for entry in entries.flatten() {
-                let content = std::fs::read_to_string(entry.path()).unwrap_or_default();
-                let tail: Vec<&str> = content.lines().rev().take(15).collect();
-                text.push_str(&format!("--- {}\n", entry.path().display()));
-                for line in tail.into_iter().rev() {
-                    text.push_str(line);
-                    text.push('\n');
-                }
-            }
-        }
-        text
-    }
-
-    /// Polls `check` until it returns `Some`, at most `timeout`; fails with every log otherwise.
-    fn wait<T>(&self, what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
-        let started = Instant::now();
-        loop {
-            if let Some(value) = check() {
-                return value;
-            }
-            assert!(
-                started.elapsed() < timeout,
-                "timed out after {timeout:?} waiting for {what}\n{}",
-                self.logs()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-}
-
-impl Drop for Hosts {
-    fn drop(&mut self) {
-        for child in &mut self.children {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        for namespace in &self.namespaces {
-            // Anything still running in it (a grandchild) goes too, then the namespace and its links.
-            if let Ok(output) = Command::new("ip")
-                .args(["netns", "pids", namespace])
-                .output()
-            {
-                for pid in String::from_utf8_lossy(&output.stdout).split_whitespace() {
-                    let _ = Command::new("kill").args(["-9", pid]).status();
-                }
-            }
-            let _ = Command::new("ip")
-                .args(["netns", "del", namespace])
-                .status();
-            let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(namespace));
-        }
-    }
-}
-
-fn ip(args: &[&str]) {
-    let output = Command::new("ip").args(args).output().expect("run ip");
-    assert!(
-        output.status.success(),
-        "ip {args:?} failed: {} (this test needs root and iproute2)",
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
-
-/// The emulated Ollama server built beside the sollol binary (`scripts/test` builds it first).
 /// The mDNS flood (an example of the sollol package, built by `cargo test` or `cargo build --examples`).
 fn flood() -> PathBuf {
     let path = Path::new(SOLLOL)
@@ -181,41 +39,16 @@ fn flood() -> PathBuf {
     path
 }
 
-fn emulator() -> PathBuf {
-    let path = Path::new(SOLLOL).with_file_name("ollama-emulator");
-    assert!(
-        path.exists(),
-        "{} is missing: build it with `cargo build -p sollol-ollama-emulator`",
-        path.display()
-    );
-    path
-}
-
 /// Builds the hosts, the bridge and the routed link.
 fn network(hosts: &mut Hosts) {
     for host in ["sw", "h1", "h2", "h3", "r"] {
         hosts.add(host);
     }
-    hosts.run("sw", &["ip", "link", "add", "br0", "type", "bridge"]);
-    hosts.run("sw", &["ip", "link", "set", "br0", "up"]);
-    for (host, address) in [
+    hosts.lan(&[
         ("h1", "10.77.0.1/24"),
         ("h2", "10.77.0.2/24"),
         ("r", "10.77.0.14/24"),
-    ] {
-        let port = format!("p-{host}");
-        let peer_ns = hosts.ns(host);
-        hosts.run(
-            "sw",
-            &[
-                "ip", "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns",
-                &peer_ns,
-            ],
-        );
-        hosts.run("sw", &["ip", "link", "set", &port, "master", "br0", "up"]);
-        hosts.run(host, &["ip", "addr", "add", address, "dev", "eth0"]);
-        hosts.run(host, &["ip", "link", "set", "eth0", "up"]);
-    }
+    ]);
     let h3 = hosts.ns("h3");
     hosts.run(
         "r",

@@ -9,6 +9,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+pub mod hosts;
+
 pub const SOLLOL: &str = env!("CARGO_BIN_EXE_sollol");
 
 /// A child process that is killed when the test ends, however it ends.
