@@ -126,7 +126,11 @@ impl Hosts {
         if let Ok(entries) = std::fs::read_dir(self.logs.path()) {
             for entry in entries.flatten() {
                 let content = std::fs::read_to_string(entry.path()).unwrap_or_default();
-                let tail: Vec<&str> = content.lines().rev().take(15).collect();
+                let keep = std::env::var("SOLLOL_TEST_LOG_LINES")
+                    .ok()
+                    .and_then(|lines| lines.parse().ok())
+                    .unwrap_or(15);
+                let tail: Vec<&str> = content.lines().rev().take(keep).collect();
                 text.push_str(&format!("--- {}\n", entry.path().display()));
                 for line in tail.into_iter().rev() {
                     text.push_str(line);
