@@ -6,9 +6,9 @@ use std::collections::{BTreeMap, VecDeque};
 use leptos::prelude::*;
 use serde::de::DeserializeOwned;
 use sollol_shared::api::{
-    API_PREFIX, ClusterSummary, DistributedList, DistributedModel, LiveEvent, Node, NodeDetail,
-    NodeList, ReplicaList, ReplicaStatus, RequestEntry, RequestList, SessionStatus, SignIn, Stats,
-    StatsWindow, Transfer, TransferList, TransferState,
+    API_PREFIX, ClusterSummary, CoordinatorList, DistributedList, DistributedModel, LiveEvent,
+    Node, NodeDetail, NodeList, ReplicaList, ReplicaStatus, RequestEntry, RequestList,
+    SessionStatus, SignIn, Stats, StatsWindow, Transfer, TransferList, TransferState,
 };
 use wasm_bindgen::JsCast;
 use wasm_bindgen::closure::Closure;
@@ -86,6 +86,8 @@ pub(crate) struct Store {
     pub(crate) transfers: RwSignal<Vec<Transfer>>,
     /// The copy counts the coordinator keeps (`models.replicas`), re-read with the statistics.
     pub(crate) replicas: RwSignal<Vec<ReplicaStatus>>,
+    /// The coordinators of the cluster, re-read with the statistics.
+    pub(crate) coordinators: RwSignal<Option<CoordinatorList>>,
 }
 
 impl Store {
@@ -107,6 +109,7 @@ impl Store {
             access: RwSignal::new(Access::Checking),
             transfers: RwSignal::new(Vec::new()),
             replicas: RwSignal::new(Vec::new()),
+            coordinators: RwSignal::new(None),
         }
     }
 
@@ -259,6 +262,9 @@ pub(crate) fn load_stats(store: Store) {
         }
         if let Ok(list) = get_json::<DistributedList>(&format!("{API_PREFIX}/distributed")).await {
             store.distributed.set(list.models);
+        }
+        if let Ok(list) = get_json::<CoordinatorList>(&format!("{API_PREFIX}/coordinators")).await {
+            store.coordinators.set(Some(list));
         }
     });
 }

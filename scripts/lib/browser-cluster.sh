@@ -1,7 +1,8 @@
 # A small real cluster for browser checks and benchmarks: sourced, not run (after common.sh).
 # start_browser_cluster BIN_DIR starts `ollama-emulator 2`, `sollol coordinator` (no calibration or warm-up, so
 # counters equal what a test sends) and agents browser-node-a/-b on loopback, and sets: gateway, pids
-# (everything started, stopped by the EXIT trap), coordinator_pid, doomed (browser-node-b's agent), work.
+# (everything started, stopped by the EXIT trap), coordinator_pid, doomed (browser-node-b's agent), work,
+# cluster (the coordinator's cluster address) and token.
 
 # Loopback only: no mDNS announcements on this machine's interfaces.
 export SOLLOL_MDNS=false
@@ -45,7 +46,7 @@ start_browser_cluster() {
   pids+=($!)
   wait_for_line "$work/coordinator.out" 'Token:' || browser_cluster_failed "the coordinator did not start"
   gateway="$(awk '/Gateway:/ {print $2}' "$work/coordinator.out")"
-  local cluster token name index=0
+  local name index=0
   cluster="$(awk '/Cluster:/ {print $2}' "$work/coordinator.out")"
   token="$(awk '/Token:/ {print $2; exit}' "$work/coordinator.out")"
   for name in browser-node-a browser-node-b; do
@@ -55,6 +56,18 @@ start_browser_cluster() {
     index=$((index + 1))
   done
   doomed="${pids[-1]}"
+}
+
+# start_peer_coordinator BIN_DIR starts a second `sollol coordinator` in the group of the one
+# start_browser_cluster started (same token, that one as its peer), and sets peer_gateway.
+start_peer_coordinator() {
+  local bin="$1"
+  SOLLOL_TOKEN="$token" SOLLOL_PEERS="$cluster" SOLLOL_NODE_NAME=browser-peer SOLLOL_CALIBRATION=false SOLLOL_WARMUP=false \
+    "$bin/sollol" coordinator --data-dir "$work/peer" --gateway-bind 127.0.0.1:0 --cluster-bind 127.0.0.1:0 \
+    >"$work/peer.out" 2>"$work/peer.err" &
+  pids+=($!)
+  wait_for_line "$work/peer.out" 'Gateway:' || browser_cluster_failed "the second coordinator did not start"
+  peer_gateway="$(awk '/Gateway:/ {print $2}' "$work/peer.out")"
 }
 
 # start_distributed_cluster BIN_DIR MODELS_DIR starts `sollol coordinator` serving smollm2:135m split over

@@ -1,8 +1,9 @@
 //! The page's components: the header's connection badge and the overview with its summary and window
-//! picker; the child modules hold the node cards, the pipelines, the charts, the tables, the request
+//! picker; the child modules hold the coordinators, the node cards, the pipelines, the charts, the tables, the request
 //! feed, the node page, the models page and the sign-in form.
 
 mod charts;
+mod coordinators;
 mod feed;
 mod models;
 mod node_page;
@@ -16,6 +17,7 @@ use sollol_shared::api::{NodeStatus, Stats, StatsWindow};
 
 use crate::store::{Connection, Store, load_stats};
 use charts::Charts;
+use coordinators::Coordinators;
 use feed::Feed;
 pub(crate) use models::ModelsPage;
 pub(crate) use node_page::NodePage;
@@ -44,6 +46,7 @@ pub(crate) fn ConnectionBadge(store: Store) -> impl IntoView {
 pub(crate) fn Overview(store: Store) -> impl IntoView {
     view! {
         <Summary store=store/>
+        <Coordinators store=store/>
         <NodeCards store=store/>
         <Pipelines store=store/>
         <section class="panel">
