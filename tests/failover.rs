@@ -10,7 +10,8 @@
 //!   cl client                   10.79.0.10 ┘
 //! ```
 //!
-//! The client streams 20 chats a second at the VIP; the coordinator holding it is killed (SIGKILL).
+//! The agent is given c1's address only and joins c2 and c3 as c1 names them. The client streams
+//! 20 chats a second at the VIP; the coordinator holding it is killed (SIGKILL).
 //! The VIP moves to another ready coordinator, the client's requests are served again within
 //! seconds and none that had not started streaming is lost (the client retries a failure before
 //! the first byte, as the OpenAI clients do). The killed coordinator restarts warm: it has the
@@ -242,7 +243,7 @@ impl Cluster {
 
         // The node: an emulated Ollama streaming 40 tokens a second (16 tokens: ~0.4 s per answer),
         // listening beyond loopback as the coordinators reach it (Ollama's OLLAMA_HOST=0.0.0.0), and
-        // an agent joining all three coordinators.
+        // its agent.
         let emulator = emulator();
         cluster.hosts.spawn(
             "n",
@@ -256,14 +257,11 @@ impl Cluster {
                 "0.0.0.0:11434",
             ],
         );
-        for index in 0..count {
-            cluster.coordinators[index] = cluster.start_coordinator(index, COORDINATORS[index].0);
+        for (index, (host, _)) in COORDINATORS[..count].iter().enumerate() {
+            cluster.coordinators[index] = cluster.start_coordinator(index, host);
         }
-        let join: Vec<String> = COORDINATORS[..count]
-            .iter()
-            .map(|(_, address)| format!("{address}:11436"))
-            .collect();
-        let join = join.join(",");
+        // The agent is given the first coordinator only: it joins the others as the group names them.
+        let join = format!("{}:11436", COORDINATORS[0].1);
         let (agent_dir, token_file) = (cluster.data_dir("agent"), cluster.data_dir("token"));
         cluster.hosts.spawn(
             "n",

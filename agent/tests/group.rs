@@ -458,3 +458,47 @@ async fn coordinators_with_different_shared_configuration_refuse_each_other_and_
     }
     stop(Vec::new(), [second, first]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_given_one_coordinator_joins_the_others_the_group_names() {
+    let first = Coordinator::start("first", "127.0.0.1:0", &[]).await;
+    let first_cluster = first.handle.cluster_address.to_string();
+    let token = first.handle.token.expose().to_owned();
+    let second = Coordinator::start(
+        "second",
+        "127.0.0.1:0",
+        &[
+            ("coordinator.peers", first_cluster.as_str()),
+            ("agent.token", token.as_str()),
+        ],
+    )
+    .await;
+    first
+        .until("coordinators", "the first sees the second", |list| {
+            alive_others(list) == 1
+        })
+        .await;
+    // The agent is given the first coordinator only; the first tells it about the second.
+    let (agents, _emulators, _dirs) =
+        nodes(&[("solo", 2000.0)], &[first_cluster], &first.handle.token).await;
+    until_backends(&first, 1).await;
+    until_backends(&second, 1).await;
+    let answer = second.chat("through the second", &[]).await;
+    assert_eq!(answer.node.as_deref(), Some("solo"));
+    // One link to each: the node never reconnects (two links from one agent to one coordinator
+    // would close each other, and the node would flap).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for coordinator in [&first, &second] {
+        let nodes = coordinator.api("nodes").await;
+        let solo = &nodes["nodes"][0];
+        assert_eq!(solo["status"], "up", "{nodes:#}");
+        let id = solo["id"].as_str().expect("id");
+        let detail = coordinator.api(&format!("nodes/{id}")).await;
+        let events = detail["events"].as_array().expect("events");
+        assert!(
+            events.iter().all(|event| event["kind"] == "joined"),
+            "the node joined once and stayed: {events:#?}"
+        );
+    }
+    stop(agents, [first, second]).await;
+}

@@ -112,6 +112,21 @@ pub enum CoordinatorMessage {
     Closing {
         reason: String,
     },
+    /// The coordinators of the cluster as this one sees them: itself (`this`, its id) and the other
+    /// live ones. Sent after the welcome and whenever the group changes, only by a coordinator with
+    /// others (an agent of an earlier release never gets it). An agent given one address, or
+    /// discovering, joins the others too.
+    Coordinators {
+        this: String,
+        others: Vec<CoordinatorAddress>,
+    },
+}
+
+/// Another coordinator of the cluster: its id and its cluster address, `IP:PORT`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct CoordinatorAddress {
+    pub id: String,
+    pub address: String,
 }
 
 /// Why a peer was turned away, in a shape that never changes.

@@ -153,7 +153,7 @@ pub async fn start_coordinator(config: &Config) -> Result<CoordinatorHandle, Sta
             u64::from(settings.max_cluster_connections.get()),
             start.shutdown.clone(),
         )
-        .with_group(group.links()),
+        .with_group(&group),
     );
     let observer = Arc::new(Observer::new(Arc::clone(&view)));
     let learner = Learner::start(

@@ -100,6 +100,8 @@ const LOOK_AGAIN: Duration = Duration::from_millis(500);
 struct Finder<'a> {
     coordinator: &'a Coordinator,
     avoided: HashMap<String, Instant>,
+    /// Addresses other loops of this agent follow (coordinators a joined one named).
+    others_follow: Vec<String>,
     turn: usize,
     waiting_logged: bool,
 }
@@ -109,9 +111,16 @@ impl<'a> Finder<'a> {
         Self {
             coordinator,
             avoided: HashMap::new(),
+            others_follow: Vec::new(),
             turn: 0,
             waiting_logged: false,
         }
+    }
+
+    /// A discovering loop leaves `addresses` to the loops following them (two links from one agent to
+    /// one coordinator would close each other).
+    fn leave_to_others(&mut self, addresses: Vec<String>) {
+        self.others_follow = addresses;
     }
 
     fn candidates(&mut self) -> Vec<String> {
@@ -126,7 +135,9 @@ impl<'a> Finder<'a> {
             .map(|address| address.to_string());
         let mut candidates: Vec<String> = seeds.iter().cloned().chain(found).collect();
         candidates.dedup();
-        candidates.retain(|address| !self.avoided.contains_key(address));
+        candidates.retain(|address| {
+            !self.avoided.contains_key(address) && !self.others_follow.contains(address)
+        });
         candidates
     }
 
@@ -256,26 +267,158 @@ async fn join_first(
 
 /// Runs until `shutdown` (Ok, after a goodbye) or a refusal that retrying cannot fix (Err). With
 /// several fixed addresses, each is joined by a loop of its own, and this returns once all have ended
-/// (the first error, if any).
+/// (the first error, if any). An agent given one address, or discovering, also joins the other
+/// coordinators a joined coordinator names (a loop each, while the group lists them); one given
+/// several addresses joins exactly those.
 pub async fn run(
     params: JoinParams,
     sampler: Sampler,
     shutdown: CancellationToken,
 ) -> Result<(), JoinError> {
+    use futures_util::stream::{FuturesUnordered, StreamExt};
     let reporter = Reporter::new(sampler, params.heartbeat_interval);
-    match &params.coordinator {
-        Coordinator::Fixed(addresses) if addresses.len() > 1 => {
-            let targets: Vec<Coordinator> = addresses
-                .iter()
-                .map(|address| Coordinator::Fixed(vec![address.clone()]))
-                .collect();
-            let loops = targets
-                .iter()
-                .map(|target| run_one(&params, target, &reporter, &shutdown));
-            let results = futures_util::future::join_all(loops).await;
-            results.into_iter().find(Result::is_err).unwrap_or(Ok(()))
+    let follow =
+        !matches!(&params.coordinator, Coordinator::Fixed(addresses) if addresses.len() > 1);
+    let targets: Vec<Coordinator> = match &params.coordinator {
+        Coordinator::Fixed(addresses) => addresses
+            .iter()
+            .map(|address| Coordinator::Fixed(vec![address.clone()]))
+            .collect(),
+        Coordinator::Discover { seeds, mdns } => vec![Coordinator::Discover {
+            seeds: seeds.clone(),
+            mdns: mdns.clone(),
+        }],
+    };
+    let (told, mut heard) = mpsc::unbounded_channel();
+    let shared = Shared {
+        params: &params,
+        reporter: &reporter,
+        shutdown: &shutdown,
+        told,
+        following: Mutex::default(),
+    };
+    let shared = &shared;
+    type Loop<'a> = std::pin::Pin<Box<dyn Future<Output = Result<(), JoinError>> + Send + 'a>>;
+    let mut loops: FuturesUnordered<Loop<'_>> = FuturesUnordered::new();
+    let mut next_loop = 0;
+    for target in targets {
+        loops.push(Box::pin(run_one(shared, target, next_loop, None)));
+        next_loop += 1;
+    }
+    let mut first_error = None;
+    loop {
+        tokio::select! {
+            ended = loops.next() => match ended {
+                Some(Ok(())) => {}
+                Some(Err(error)) => {
+                    first_error.get_or_insert(error);
+                }
+                None => break,
+            },
+            Some(news) = heard.recv() => {
+                for (address, give_up) in shared.hear(news, follow) {
+                    let link = next_loop;
+                    loops.push(Box::pin(async move {
+                        // A named coordinator's refusal ends its loop only, never the agent.
+                        let target = Coordinator::Fixed(vec![address]);
+                        let _ = run_one(shared, target, link, Some(give_up)).await;
+                        Ok(())
+                    }));
+                    next_loop += 1;
+                }
+            }
         }
-        target => run_one(&params, target, &reporter, &shutdown).await,
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+/// What a link tells the loop that started it.
+#[derive(Debug)]
+enum News {
+    /// Loop `link`'s coordinator is `this`, and the other live coordinators are `others`.
+    Told {
+        link: usize,
+        this: String,
+        others: Vec<sollol_shared::protocol::CoordinatorAddress>,
+    },
+    /// Loop `link`'s session ended.
+    Ended { link: usize },
+}
+
+/// Which coordinator each loop is linked to, and the loops started for coordinators named by others.
+#[derive(Debug, Default)]
+struct Following {
+    /// Coordinator id -> the loop linked to it now.
+    linked: HashMap<String, usize>,
+    /// Coordinators named by a joined one: id -> (cluster address, what stops its loop).
+    named: HashMap<String, (String, CancellationToken)>,
+}
+
+/// What every join loop of the agent shares.
+struct Shared<'a> {
+    params: &'a JoinParams,
+    reporter: &'a Reporter,
+    shutdown: &'a CancellationToken,
+    told: mpsc::UnboundedSender<News>,
+    following: Mutex<Following>,
+}
+
+impl Shared<'_> {
+    /// Records `news`; the named coordinators to start a loop for (with `follow`), and their stops.
+    fn hear(&self, news: News, follow: bool) -> Vec<(String, CancellationToken)> {
+        let mut following = self
+            .following
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match news {
+            News::Ended { link } => {
+                following.linked.retain(|_, linked| *linked != link);
+                Vec::new()
+            }
+            News::Told { link, this, others } => {
+                following.linked.retain(|_, linked| *linked != link);
+                following.linked.insert(this.clone(), link);
+                if !follow {
+                    return Vec::new();
+                }
+                // A named coordinator the group no longer lists stops retrying (a linked one stays).
+                let listed: std::collections::HashSet<&str> = others
+                    .iter()
+                    .map(|other| other.id.as_str())
+                    .chain([this.as_str()])
+                    .collect();
+                let Following { linked, named } = &mut *following;
+                named.retain(|id, (_, give_up)| {
+                    let keep = listed.contains(id.as_str()) || linked.contains_key(id);
+                    if !keep {
+                        give_up.cancel();
+                    }
+                    keep
+                });
+                let mut start = Vec::new();
+                for other in others {
+                    if linked.contains_key(&other.id) || named.contains_key(&other.id) {
+                        continue;
+                    }
+                    tracing::info!(coordinator = %other.address, id = %other.id, named_by = %this, "joining another coordinator of the cluster");
+                    let give_up = self.shutdown.child_token();
+                    named.insert(other.id, (other.address.clone(), give_up.clone()));
+                    start.push((other.address, give_up));
+                }
+                start
+            }
+        }
+    }
+
+    /// The addresses other loops follow, which a discovering loop leaves to them.
+    fn followed_addresses(&self) -> Vec<String> {
+        self.following
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .named
+            .values()
+            .map(|(address, _)| address.clone())
+            .collect()
     }
 }
 
@@ -310,23 +453,27 @@ impl Reporter {
 }
 
 /// Joins one target (a fixed address, or whichever coordinator discovery finds) until shutdown or a
-/// refusal that retrying cannot fix.
+/// refusal that retrying cannot fix; a named coordinator's loop also ends when `give_up` fires while
+/// it is not connected.
 async fn run_one(
-    params: &JoinParams,
-    target: &Coordinator,
-    reporter: &Reporter,
-    shutdown: &CancellationToken,
+    shared: &Shared<'_>,
+    target: Coordinator,
+    link: usize,
+    give_up: Option<CancellationToken>,
 ) -> Result<(), JoinError> {
-    let shutdown = shutdown.clone();
+    let (params, shutdown) = (shared.params, shared.shutdown.clone());
+    let give_up = give_up.unwrap_or_else(|| shutdown.clone());
     let mut backoff = Backoff::new(params.initial_backoff, params.max_backoff);
-    let mut finder = Finder::new(target);
+    let mut finder = Finder::new(&target);
     loop {
-        let (result, fatal) = match join_first(params, &mut finder, &shutdown).await {
+        finder.leave_to_others(shared.followed_addresses());
+        let (result, fatal) = match join_first(params, &mut finder, &give_up).await {
             Ok(None) => return Ok(()),
             Ok(Some(joined)) => {
                 backoff.reset();
                 let address = joined.address.clone();
-                let result = session(params, joined, reporter, &shutdown).await;
+                let result = session(shared, link, joined, &shutdown).await;
+                let _ = shared.told.send(News::Ended { link });
                 let fatal = result
                     .as_ref()
                     .err()
@@ -346,7 +493,7 @@ async fn run_one(
                 tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "not connected to the coordinator");
                 tokio::select! {
                     () = tokio::time::sleep(delay) => {}
-                    () = shutdown.cancelled() => return Ok(()),
+                    () = give_up.cancelled() => return Ok(()),
                 }
             }
         }
@@ -379,11 +526,12 @@ async fn establish(
 
 /// Reports every heartbeat over the joined link until shutdown (a goodbye) or the link ends.
 async fn session(
-    params: &JoinParams,
+    shared: &Shared<'_>,
+    link: usize,
     joined: Joined,
-    reporter: &Reporter,
     shutdown: &CancellationToken,
 ) -> Result<(), JoinError> {
+    let (params, reporter) = (shared.params, shared.reporter);
     let Joined {
         address,
         mut reader,
@@ -421,6 +569,9 @@ async fn session(
                 message = incoming.recv() => match message {
                     Some(Ok(CoordinatorMessage::Closing { reason })) => return Err(lost(format!("the coordinator is closing ({reason})"))),
                     Some(Ok(CoordinatorMessage::Refused(refusal))) => return Err(JoinError::Refused { address: address.to_owned(), refusal }),
+                    Some(Ok(CoordinatorMessage::Coordinators { this, others })) => {
+                        let _ = shared.told.send(News::Told { link, this, others });
+                    }
                     Some(Err(error)) => return Err(lost(error.to_string())),
                     None => return Err(lost("reader stopped".to_owned())),
                 },

@@ -13,13 +13,13 @@ use std::time::Duration;
 
 use sollol_shared::BUILD_VERSION;
 use sollol_shared::protocol::{
-    AgentMessage, Auth, AuthReply, CoordinatorMessage, Hello, HelloPrefix, HelloReply, MAGIC,
-    PROTOCOL_VERSION, Refusal, RefusalCode,
+    AgentMessage, Auth, AuthReply, CoordinatorAddress, CoordinatorMessage, Hello, HelloPrefix,
+    HelloReply, MAGIC, PROTOCOL_VERSION, Refusal, RefusalCode,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -30,6 +30,8 @@ use crate::cluster::{ClusterEvent, ConnectionId};
 
 /// How long a refusal may take to write before the connection is dropped anyway.
 const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long telling an agent the coordinators may take before the link counts as stuck.
+const TELL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// At most this much of a refused peer's input is read and discarded before closing.
 const REFUSAL_DRAIN_BYTES: usize = 1024 * 1024;
@@ -61,6 +63,8 @@ pub struct Membership {
     next_connection: AtomicU64,
     /// Where connections from other coordinators go (they start with the group's preamble).
     group: Option<Arc<crate::cluster::group::Links>>,
+    /// This coordinator's id and the other live coordinators, told to every agent (it joins them too).
+    coordinators: Option<(String, watch::Receiver<Arc<Vec<CoordinatorAddress>>>)>,
 }
 
 impl Membership {
@@ -84,12 +88,14 @@ impl Membership {
             handshaking_from: Arc::default(),
             next_connection: AtomicU64::new(1),
             group: None,
+            coordinators: None,
         }
     }
 
-    /// Hands connections from other coordinators to the group's links.
-    pub fn with_group(mut self, links: Arc<crate::cluster::group::Links>) -> Self {
-        self.group = Some(links);
+    /// Hands connections from other coordinators to the group's links, and tells agents the group.
+    pub fn with_group(mut self, group: &crate::cluster::group::Group) -> Self {
+        self.group = Some(group.links());
+        self.coordinators = Some((group.id().to_owned(), group.addresses()));
         self
     }
 }
@@ -159,6 +165,35 @@ impl Drop for ConnectionGuard<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+/// The group's new list of other coordinators; pending forever without a group or once it ended.
+async fn group_changed(
+    coordinators: &mut Option<(String, watch::Receiver<Arc<Vec<CoordinatorAddress>>>)>,
+) -> Option<Arc<Vec<CoordinatorAddress>>> {
+    let Some((_, others)) = coordinators else {
+        return std::future::pending().await;
+    };
+    if others.changed().await.is_err() {
+        return std::future::pending().await;
+    }
+    Some(Arc::clone(&others.borrow_and_update()))
+}
+
+/// Sends an agent the coordinators of the cluster; false when the link is gone or stuck.
+async fn tell_coordinators<W: tokio::io::AsyncWrite + Unpin>(
+    writer: &mut W,
+    this: &str,
+    others: &[CoordinatorAddress],
+) -> bool {
+    let message = CoordinatorMessage::Coordinators {
+        this: this.to_owned(),
+        others: others.to_vec(),
+    };
+    matches!(
+        tokio::time::timeout(TELL_TIMEOUT, wire::write_message(writer, &message)).await,
+        Ok(Ok(()))
+    )
 }
 
 /// `from` counts the connection against its address until the handshake ends.
@@ -246,9 +281,23 @@ async fn handle_connection(
     }
     // A connection that stays silent for longer than a down node's would is dead: close it rather than leak it.
     let read_timeout = heartbeat.saturating_mul(membership.down_after_missed.saturating_add(1));
+    let mut coordinators = membership.coordinators.clone();
+    if let Some((this, others)) = &mut coordinators {
+        let others = Arc::clone(&others.borrow_and_update());
+        if !others.is_empty() && !tell_coordinators(&mut writer, this, &others).await {
+            return;
+        }
+    }
     let reason = loop {
         let frame = tokio::select! {
             frame = tokio::time::timeout(read_timeout, wire::read_message::<AgentMessage, _>(&mut reader)) => frame,
+            Some(others) = group_changed(&mut coordinators) => {
+                let this = coordinators.as_ref().map_or("", |(this, _)| this.as_str());
+                if !tell_coordinators(&mut writer, this, &others).await {
+                    break "the agent did not take the coordinators' list".to_owned();
+                }
+                continue;
+            }
             () = closer.cancelled() => return,
             () = membership.shutdown.cancelled() => {
                 let closing = CoordinatorMessage::Closing { reason: "coordinator is shutting down".into() };

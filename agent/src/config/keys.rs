@@ -278,7 +278,7 @@ pub const KEYS: &[KeySpec] = &[
         key: "agent.join",
         env: "SOLLOL_JOIN",
         default: None,
-        doc: "The coordinators' cluster addresses, `HOST:PORT`, comma-separated or a TOML list: the agent joins every one (several coordinators of one cluster, see `coordinator.peers`). Without it `sollol agent` joins the coordinator it finds over mDNS (`discovery.mdns`) or through `discovery.seeds` that proves it holds the same token; `sollol up` joins its own coordinator.",
+        doc: "The coordinators' cluster addresses, `HOST:PORT`, comma-separated or a TOML list: the agent joins every one (several coordinators of one cluster, see `coordinator.peers`). Given one address, the agent also joins the other coordinators that one names; given several, exactly those. Without it `sollol agent` joins the coordinator it finds over mDNS (`discovery.mdns`) or through `discovery.seeds` that proves it holds the same token, and the others it names; `sollol up` joins its own coordinator.",
     },
     KeySpec {
         key: "agent.token",

@@ -23,6 +23,7 @@ use sha2::Sha256;
 use sollol_policy::group::Figures;
 use sollol_shared::api::{CoordinatorInfo, CoordinatorList, CoordinatorState};
 use sollol_shared::group::ConfigPart;
+use sollol_shared::protocol::CoordinatorAddress;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -85,6 +86,8 @@ pub struct Group {
     handle: ChitchatHandle,
     links: Arc<Links>,
     others: watch::Receiver<Arc<Others>>,
+    /// The live other coordinators' ids and cluster addresses, sorted; changes only when they do.
+    addresses: watch::Receiver<Arc<Vec<CoordinatorAddress>>>,
     published: tokio::sync::Mutex<BTreeMap<String, String>>,
 }
 
@@ -167,15 +170,24 @@ impl Group {
             .await
             .map_err(|error| format!("the coordinator group did not start: {error}"))?;
         let (sender, others) = watch::channel(Arc::new(Others::default()));
+        let (addresses_sender, addresses) = watch::channel(Arc::new(Vec::new()));
+        tasks.spawn(follow_addresses(others.clone(), addresses_sender));
         let group = Arc::new(Self {
             settings,
             handle,
             links,
             others,
+            addresses,
             published: tokio::sync::Mutex::default(),
         });
         tasks.spawn(Arc::clone(&group).watch(sender, shutdown));
         Ok(group)
+    }
+
+    /// The live other coordinators' ids and cluster addresses, for the agents (sorted; a new value
+    /// only when they change, not with every gossip round's figures).
+    pub fn addresses(&self) -> watch::Receiver<Arc<Vec<CoordinatorAddress>>> {
+        self.addresses.clone()
     }
 
     pub fn id(&self) -> &str {
@@ -371,5 +383,33 @@ impl Group {
             let _ = sender.send(Arc::new(Others { peers }));
         }
         let _ = self.handle.initiate_shutdown();
+    }
+}
+
+/// Keeps `sender` at the live other coordinators' addresses; ends with the group.
+async fn follow_addresses(
+    mut others: watch::Receiver<Arc<Others>>,
+    sender: watch::Sender<Arc<Vec<CoordinatorAddress>>>,
+) {
+    loop {
+        let mut addresses: Vec<CoordinatorAddress> = others
+            .borrow_and_update()
+            .alive()
+            .map(|peer| CoordinatorAddress {
+                id: peer.id.clone(),
+                address: peer.cluster_address.to_string(),
+            })
+            .collect();
+        addresses.sort();
+        sender.send_if_modified(|current| {
+            let changed = **current != addresses;
+            if changed {
+                *current = Arc::new(addresses);
+            }
+            changed
+        });
+        if others.changed().await.is_err() {
+            return;
+        }
     }
 }
