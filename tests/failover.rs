@@ -241,7 +241,8 @@ impl Cluster {
             .collect();
         std::fs::write(cluster.data_dir("token"), format!("{token}\n")).expect("write the token");
 
-        // The node: an emulated Ollama streaming 40 tokens a second (16 tokens: ~0.4 s per answer),
+        // The node: an emulated Ollama streaming 160 tokens a second (16 tokens: ~0.1 s per answer,
+        // so 20 requests a second keep about 2 of its slots busy, not more than it has),
         // listening beyond loopback as the coordinators reach it (Ollama's OLLAMA_HOST=0.0.0.0), and
         // its agent.
         let emulator = emulator();
@@ -252,7 +253,7 @@ impl Cluster {
             &[
                 emulator.to_str().expect("utf-8 path"),
                 "--tokens-per-second",
-                "40",
+                "160",
                 "--bind",
                 "0.0.0.0:11434",
             ],
