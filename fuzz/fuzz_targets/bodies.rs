@@ -31,10 +31,11 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         assert!(is_list);
         assert_eq!(inputs.len(), counted);
         // An embedding chunk: the other fields as they came, a slice of the inputs; valid JSON again.
+        // Checked for syntax only: a number like 1e999 is valid JSON that no f64 holds, and it is
+        // passed to the node as the client wrote it.
         let rest = body.without("input");
-        let again: serde_json::Value =
-            serde_json::from_slice(&serde_json::to_vec(&rest).expect("the fields serialise"))
-                .expect("the fields re-read");
-        assert!(again.is_object());
+        let bytes = serde_json::to_vec(&rest).expect("the fields serialise");
+        serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).expect("the fields re-read");
+        assert_eq!(bytes.first(), Some(&b'{'));
     }
 });
