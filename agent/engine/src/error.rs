@@ -34,4 +34,6 @@ pub enum EngineError {
     EmptyInput,
     #[error("generation stopped: {0}")]
     Stopped(String),
+    #[error("{0}")]
+    Format(String),
 }

@@ -16,6 +16,7 @@ pub mod model;
 pub mod remote;
 pub mod sampling;
 pub mod server;
+pub mod structured;
 pub mod tokenizer;
 
 pub use remote::{RemoteCompute, RemoteError, RemoteGeneration, RemoteHeader};

@@ -12,6 +12,7 @@ use crate::gguf::Gguf;
 use crate::model::{Model, Part};
 use crate::remote::{RemoteCompute, RemoteGeneration};
 use crate::sampling::{Sampler, SamplingOptions};
+use crate::structured::{Constraint, Format, Grammars};
 use crate::tokenizer::TextCodec;
 
 /// Where a loaded model's forward passes run.
@@ -33,6 +34,8 @@ pub struct LoadedModel {
     pub load_duration: Duration,
     /// The model's context length, in tokens.
     pub context: usize,
+    /// llguidance's view of the vocabulary, built by the first request with a format.
+    grammars: std::sync::OnceLock<Result<Arc<Grammars>, String>>,
 }
 
 impl LoadedModel {
@@ -50,6 +53,7 @@ impl LoadedModel {
             compute: Compute::Local(Box::new(model)),
             codec,
             load_duration: started.elapsed(),
+            grammars: std::sync::OnceLock::new(),
         })
     }
 
@@ -77,7 +81,31 @@ impl LoadedModel {
             codec,
             load_duration: started.elapsed(),
             context,
+            grammars: std::sync::OnceLock::new(),
         })
+    }
+
+    /// The grammar state for one answer in `format`; refused (with the reason, a client's error) when
+    /// the schema is unusable or the model is computed elsewhere.
+    pub fn constrain(&self, format: &Format) -> Result<Constraint, String> {
+        if matches!(self.compute, Compute::Remote(_)) {
+            return Err(
+                "structured outputs (format) are not supported yet for a model split across agents"
+                    .to_owned(),
+            );
+        }
+        let grammars = self.grammars.get_or_init(|| {
+            let bytes = self
+                .codec
+                .token_bytes()
+                .map_err(|error| error.to_string())?;
+            let end = self
+                .codec
+                .end_token()
+                .ok_or("the model names no end-of-sequence token")?;
+            Grammars::new(&bytes, end).map(Arc::new)
+        });
+        grammars.as_ref().map_err(Clone::clone)?.constrain(format)
     }
 
     /// Generates from `prompt` tokens, handing each piece of text to `emit` (which returns false to
@@ -209,18 +237,28 @@ impl LoadedModel {
             .num_predict
             .unwrap_or(usize::MAX)
             .min(context - prompt.len());
+        let mut constraint = match &request.format {
+            Some(format) => Some(self.constrain(format).map_err(EngineError::Format)?),
+            None => None,
+        };
         while text.tokens() < limit {
+            if let Some(constraint) = &mut constraint {
+                constraint.mask(&mut logits).map_err(EngineError::Format)?;
+            }
             let token = sampler.next(&logits, &history);
             if self.codec.is_stop(token) {
                 done_reason = "stop";
                 break;
+            }
+            if let Some(constraint) = &mut constraint {
+                constraint.commit(token).map_err(EngineError::Format)?;
             }
             history.push(token);
             let (piece, stopped) = text.push(token)?;
             if !piece.is_empty() && !emit(&piece) {
                 return Err(EngineError::Stopped("the client went away".to_owned()));
             }
-            if stopped {
+            if stopped || constraint.as_ref().is_some_and(Constraint::finished) {
                 done_reason = "stop";
                 break;
             }
@@ -235,6 +273,15 @@ impl LoadedModel {
         let rest = text.finish()?;
         if !rest.is_empty() {
             emit(&rest);
+        }
+        if let Some(constraint) = &constraint {
+            let (spent, steps) = constraint.cost();
+            tracing::debug!(
+                spent_us = spent.as_micros() as u64,
+                steps,
+                per_token_us = (spent.as_micros() as u64) / u64::from(steps.max(1)),
+                "structured output: time spent masking"
+            );
         }
         Ok(Generated {
             prompt_tokens: prompt.len(),
@@ -401,6 +448,8 @@ pub struct GenerateOptions {
     pub sampling: SamplingOptions,
     pub num_predict: Option<usize>,
     pub stop: Vec<String>,
+    /// The shape the answer must have (Ollama's `format`, OpenAI's `response_format`).
+    pub format: Option<Format>,
 }
 
 /// Ollama's timing figures of one generation.

@@ -53,6 +53,8 @@ pub struct TextCodec {
     add_bos: bool,
     /// Tokens that end generation: end of sequence and end of turn.
     pub stop_tokens: Vec<u32>,
+    /// Control and user-defined tokens (`<|im_start|>` and the like), sorted.
+    special_ids: Vec<u32>,
 }
 
 impl TextCodec {
@@ -113,11 +115,16 @@ impl TextCodec {
                     .collect()
             })
             .unwrap_or_default();
-        let specials: Vec<AddedToken> = tokens
+        let special_ids: Vec<u32> = types
             .iter()
-            .zip(&types)
+            .enumerate()
             .filter(|(_, kind)| **kind == CONTROL || **kind == USER_DEFINED)
-            .map(|(token, _)| AddedToken::from((*token).to_owned(), true))
+            .filter_map(|(id, _)| u32::try_from(id).ok())
+            .collect();
+        let specials: Vec<AddedToken> = special_ids
+            .iter()
+            .filter_map(|id| tokens.get(*id as usize))
+            .map(|token| AddedToken::from((*token).to_owned(), true))
             .collect();
         tokenizer.add_special_tokens(specials).map_err(failed)?;
         let token_of = |key: &str| -> Option<(u32, String)> {
@@ -145,7 +152,39 @@ impl TextCodec {
                 .and_then(Value::as_bool)
                 .unwrap_or(false),
             stop_tokens,
+            special_ids,
         })
+    }
+
+    /// The bytes each token stands for, by id, for constrained decoding: special tokens marked with
+    /// llguidance's leading 0xFF (a grammar never produces them by their text).
+    pub fn token_bytes(&self) -> Result<Vec<Vec<u8>>, TokenizerError> {
+        let size = self.tokenizer.get_vocab_size(true);
+        let mut all = Vec::with_capacity(size);
+        for id in 0..u32::try_from(size).map_err(failed)? {
+            let token = self.tokenizer.id_to_token(id).unwrap_or_default();
+            let bytes = if self.special_ids.binary_search(&id).is_ok() {
+                let mut marked = vec![0xFF];
+                marked.extend_from_slice(token.as_bytes());
+                marked
+            } else {
+                crate::structured::byte_level_bytes(&token).ok_or_else(|| {
+                    TokenizerError::Tokenizer(format!(
+                        "token {id} ({token:?}) is not byte-level BPE text"
+                    ))
+                })?
+            };
+            all.push(bytes);
+        }
+        Ok(all)
+    }
+
+    /// The token that ends an answer: end of sequence, else the first end-of-turn marker.
+    pub fn end_token(&self) -> Option<u32> {
+        self.eos
+            .as_ref()
+            .map(|(id, _)| *id)
+            .or_else(|| self.stop_tokens.first().copied())
     }
 
     /// Token ids of `text`; special tokens written in the text are recognised. Adds BOS when the model asks.

@@ -233,6 +233,12 @@ pub(super) async fn complete(engine: Arc<Engine>, body: Bytes, api: Api) -> Resp
         });
         return axum::Json(answer).into_response();
     };
+    // A format the model cannot follow is refused before anything streams.
+    if let Some(format) = &generate_options.format
+        && let Err(reason) = model.constrain(format)
+    {
+        return error(StatusCode::BAD_REQUEST, reason);
+    }
     let ids = match model.codec.encode(&prompt) {
         Ok(ids) => ids,
         Err(failure) => return error(StatusCode::BAD_REQUEST, failure.to_string()),

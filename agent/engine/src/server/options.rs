@@ -9,6 +9,7 @@ use serde_json::{Value, json};
 use super::{Refusal, refuse};
 use crate::engine::{FOREVER, GenerateOptions};
 use crate::sampling::SamplingOptions;
+use crate::structured::Format;
 
 /// Ollama's `keep_alive`: a duration ("5m", "30s"), seconds as a number or a numeric string, 0 to
 /// unload, negative for ever. Anything longer than [`FOREVER`] (Ollama's own "for ever", about 292
@@ -95,6 +96,8 @@ pub(super) fn options(request: &Value) -> Result<GenerateOptions, Refusal> {
         },
         num_predict,
         stop,
+        format: Format::from_ollama(request.get("format"))
+            .map_err(|reason| refuse(StatusCode::BAD_REQUEST, reason))?,
     })
 }
 
@@ -118,7 +121,10 @@ pub(super) fn openai_options(request: &Value) -> Result<GenerateOptions, Refusal
     {
         translated["num_predict"] = value.clone();
     }
-    options(&json!({ "options": translated }))
+    let mut options = options(&json!({ "options": translated }))?;
+    options.format = Format::from_openai(request.get("response_format"))
+        .map_err(|reason| refuse(StatusCode::BAD_REQUEST, reason))?;
+    Ok(options)
 }
 
 #[cfg(test)]
