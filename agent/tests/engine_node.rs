@@ -58,7 +58,7 @@ async fn official_client_through_the_gateway_to_the_engine() {
     support::run_client_script(
         "engine_clients.py",
         &[&gateway, "smollm2:135m"],
-        "engine clients: 9 passed, 0 failed",
+        "engine clients: 15 passed, 0 failed",
     )
     .await;
     // Bad embedding requests get Ollama-style errors with a 4xx status, through the gateway.

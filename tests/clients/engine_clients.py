@@ -1,6 +1,8 @@
 """The official ollama Python package against the gateway in front of an agent serving the test model with
 sollol's built-in engine: chat streaming and not, generate, list, ps, show, embed and the legacy embeddings;
-and the openai package: chat streaming and not, embeddings (base64, as the client asks by default, and float).
+and the openai package: chat streaming and not, embeddings (base64, as the client asks by default, and float);
+structured outputs with both (a pydantic model's JSON schema, streamed and not, "json", json_object, the
+openai parse helper, an unusable schema refused).
 Embeddings are compared with llama.cpp's (tests/reference/smollm2-135m-q4_1.embeddings.llamacpp.json).
 
 Usage: engine_clients.py GATEWAY_URL MODEL. Prints "engine clients: N passed, N failed"; exits 1 on failure.
@@ -12,8 +14,11 @@ import pathlib
 import sys
 import traceback
 
+from typing import Literal
+
 import ollama
 import openai
+import pydantic
 
 gateway, model = sys.argv[1], sys.argv[2]
 client = ollama.Client(host=gateway)
@@ -134,6 +139,75 @@ def openai_embeddings():
     close(floats.data[0].embedding, unit(REFERENCE[0]["embedding"]))
 
 
+class Cat(pydantic.BaseModel):
+    """What the structured-output checks ask for; pydantic validates the answers (the schema's
+    constraints included), as applications using these clients do."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+    name: str = pydantic.Field(max_length=20)
+    age: int = pydantic.Field(ge=0, le=30)
+    friendly: bool
+    colour: Literal["black", "white", "ginger", "grey"]
+
+
+CAT_QUESTION = [{"role": "user", "content": "Describe a cat: its name, its age, whether it is friendly."}]
+LONG = {"temperature": 0, "num_predict": 200, "seed": 1}
+
+
+def structured_chat():
+    response = client.chat(model=model, messages=CAT_QUESTION, format=Cat.model_json_schema(), options=LONG)
+    Cat.model_validate_json(response.message.content)
+    assert response.done_reason == "stop", response.done_reason
+
+
+def structured_chat_stream():
+    pieces = list(client.chat(model=model, messages=CAT_QUESTION, format=Cat.model_json_schema(), options=LONG, stream=True))
+    assert len(pieces) > 5, len(pieces)
+    Cat.model_validate_json("".join(piece.message.content for piece in pieces))
+
+
+def structured_generate_json():
+    response = client.generate(model=model, prompt="A JSON object about the sea.", format="json", options=LONG)
+    assert isinstance(json.loads(response.response), dict), response.response
+
+
+def structured_refusal():
+    try:
+        client.chat(model=model, messages=CAT_QUESTION, format={"type": "object", "properties": {"a": {"type": "wat"}}})
+    except ollama.ResponseError as refused:
+        assert refused.status_code == 400 and "invalid format" in refused.error, (refused.status_code, refused.error)
+    else:
+        raise AssertionError("an unusable schema was accepted")
+
+
+def openai_structured():
+    schema = {"name": "cat", "schema": Cat.model_json_schema(), "strict": True}
+    answer = openai_client.chat.completions.create(
+        model=model, messages=CAT_QUESTION, max_tokens=200, temperature=0,
+        response_format={"type": "json_schema", "json_schema": schema},
+    )
+    Cat.model_validate_json(answer.choices[0].message.content)
+    chunks = openai_client.chat.completions.create(
+        model=model, messages=CAT_QUESTION, max_tokens=200, temperature=0, stream=True,
+        response_format={"type": "json_schema", "json_schema": schema},
+    )
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+    Cat.model_validate_json(streamed)
+    anything = openai_client.chat.completions.create(
+        model=model, messages=CAT_QUESTION, max_tokens=200, temperature=0,
+        response_format={"type": "json_object"},
+    )
+    assert isinstance(json.loads(anything.choices[0].message.content), dict)
+
+
+def openai_parse():
+    # The client's own helper: it sends the pydantic model's schema and parses the answer.
+    parsed = openai_client.chat.completions.parse(
+        model=model, messages=CAT_QUESTION, max_tokens=200, temperature=0, response_format=Cat,
+    )
+    assert isinstance(parsed.choices[0].message.parsed, Cat), parsed.choices[0].message
+
+
 check("chat", chat_whole)
 check("chat streaming", chat_stream)
 check("generate", generate)
@@ -143,5 +217,11 @@ check("openai chat streaming", openai_chat_stream)
 check("embed", embed)
 check("legacy embeddings", legacy_embeddings)
 check("openai embeddings", openai_embeddings)
+check("structured chat (JSON schema)", structured_chat)
+check("structured chat streaming", structured_chat_stream)
+check("structured generate (json)", structured_generate_json)
+check("an unusable schema is refused", structured_refusal)
+check("openai structured outputs (json_schema, streamed, json_object)", openai_structured)
+check("openai parse helper", openai_parse)
 print(f"engine clients: {passed} passed, {failed} failed")
 sys.exit(0 if failed == 0 else 1)
