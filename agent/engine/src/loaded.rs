@@ -209,6 +209,7 @@ impl LoadedModel {
             output_tokens: text.tokens(),
             generation_duration: first_token.elapsed(),
             done_reason: if stopped || cut { "stop" } else { "length" },
+            format_duration: Duration::ZERO,
         })
     }
 
@@ -274,21 +275,16 @@ impl LoadedModel {
         if !rest.is_empty() {
             emit(&rest);
         }
-        if let Some(constraint) = &constraint {
-            let (spent, steps) = constraint.cost();
-            tracing::debug!(
-                spent_us = spent.as_micros() as u64,
-                steps,
-                per_token_us = (spent.as_micros() as u64) / u64::from(steps.max(1)),
-                "structured output: time spent masking"
-            );
-        }
+        let format_duration = constraint
+            .as_ref()
+            .map_or(Duration::ZERO, |constraint| constraint.cost().0);
         Ok(Generated {
             prompt_tokens: prompt.len(),
             prompt_duration,
             output_tokens: text.tokens(),
             generation_duration: generation_started.elapsed(),
             done_reason,
+            format_duration,
         })
     }
 }
@@ -460,6 +456,8 @@ pub struct Generated {
     pub output_tokens: usize,
     pub generation_duration: Duration,
     pub done_reason: &'static str,
+    /// Of the generation, the time spent keeping the answer to its format (zero without one).
+    pub format_duration: Duration,
 }
 
 #[cfg(test)]
