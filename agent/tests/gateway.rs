@@ -828,10 +828,17 @@ async fn api_keys_guard_the_gateway_and_name_applications() {
     for path in ["/api/tags", "/api/sollol/v1/nodes", "/v1/models"] {
         let answer = send("GET", &cluster.url(path), Vec::new(), &[]).await;
         assert_eq!(answer.status, 401, "{path}");
+        // OpenAI's routes answer in OpenAI's error shape, which its clients read.
+        let error = &answer.json()["error"];
+        let message = if path.starts_with("/v1/") {
+            error["message"].as_str()
+        } else {
+            error.as_str()
+        };
         assert!(
-            answer.json()["error"]
-                .as_str()
-                .is_some_and(|error| error.contains("API key"))
+            message.is_some_and(|error| error.contains("API key")),
+            "{path}: {}",
+            answer.text()
         );
     }
     let wrong = send(

@@ -208,6 +208,38 @@ def openai_parse():
     assert isinstance(parsed.choices[0].message.parsed, Cat), parsed.choices[0].message
 
 
+def refused(action, needle):
+    try:
+        action()
+    except (ollama.ResponseError, openai.BadRequestError) as refusal:
+        status = getattr(refusal, "status_code", None)
+        text = str(refusal)
+        assert status == 400 and needle in text, (status, text)
+    else:
+        raise AssertionError(f"accepted; expected a 400 with {needle!r}")
+
+
+def capabilities_refused():
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    tool = {"type": "function", "function": {"name": "weather", "description": "The weather in a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+    refused(lambda: client.chat(model=model, messages=ask, tools=[tool]), "does not support tools")
+    refused(lambda: client.chat(model=model, messages=ask, think=True), "does not support thinking")
+    refused(lambda: client.generate(model=model, prompt="What is this?", images=[b"\x89PNG not really"]), "does not support vision")
+    refused(lambda: client.generate(model=model, prompt="def add(a, b):", suffix="    return total"), "does not support insert")
+    refused(lambda: openai_client.chat.completions.create(model=model, messages=ask, tools=[tool]), "does not support tools")
+
+
+def context_and_num_ctx():
+    first = client.generate(model=model, prompt="My name is Ada.", options=GREEDY)
+    assert first.context and len(first.context) == first.prompt_eval_count + first.eval_count, (len(first.context or []), first.prompt_eval_count, first.eval_count)
+    second = client.generate(model=model, prompt="What is my name?", context=first.context, options=GREEDY)
+    # The earlier exchange came first: the second prompt holds it (its BOS, if any, only once).
+    assert second.prompt_eval_count > len(first.context), (second.prompt_eval_count, len(first.context))
+    refused(lambda: client.generate(model=model, prompt="hi", options={"num_ctx": 10_000_000}), "larger than the model's context")
+    refused(lambda: client.generate(model=model, prompt="word " * 100, options={"num_ctx": 32}), "the context holds 32")
+
+
 check("chat", chat_whole)
 check("chat streaming", chat_stream)
 check("generate", generate)
@@ -223,5 +255,7 @@ check("structured generate (json)", structured_generate_json)
 check("an unusable schema is refused", structured_refusal)
 check("openai structured outputs (json_schema, streamed, json_object)", openai_structured)
 check("openai parse helper", openai_parse)
+check("tools, thinking, images, suffix refused as Ollama does", capabilities_refused)
+check("generate context, num_ctx", context_and_num_ctx)
 print(f"engine clients: {passed} passed, {failed} failed")
 sys.exit(0 if failed == 0 else 1)

@@ -85,6 +85,13 @@ impl LoadedModel {
         })
     }
 
+    /// The context a request may use: its `num_ctx`, at most the model's own.
+    pub fn context_for(&self, request: &GenerateOptions) -> usize {
+        request
+            .num_ctx
+            .map_or(self.context, |asked| asked.clamp(1, self.context))
+    }
+
     /// The grammar state for one answer in `format`; refused (with the reason, a client's error) when
     /// the schema is unusable or the model is computed elsewhere.
     pub fn constrain(&self, format: &Format) -> Result<Constraint, String> {
@@ -116,7 +123,7 @@ impl LoadedModel {
         request: &GenerateOptions,
         emit: impl FnMut(&str) -> bool,
     ) -> Result<Generated, EngineError> {
-        let context = self.context;
+        let context = self.context_for(request);
         if prompt.is_empty() || prompt.len() >= context {
             return Err(EngineError::PromptTooLong {
                 prompt: prompt.len(),
@@ -149,7 +156,7 @@ impl LoadedModel {
         let limit = request
             .num_predict
             .unwrap_or(usize::MAX)
-            .min(self.context - prompt.len());
+            .min(self.context_for(request) - prompt.len());
         let started = Instant::now();
         let mut first_token = None;
         let mut text = TextStream::new(&self.codec, &request.stop);
@@ -177,11 +184,13 @@ impl LoadedModel {
             })
         };
         let (mut cut, mut gone) = (false, false);
+        let mut tokens = Vec::new();
         for token in arriving {
             first_token.get_or_insert_with(Instant::now);
             if cut || gone {
                 continue;
             }
+            tokens.push(token);
             let (piece, stopped) = text.push(token)?;
             if !piece.is_empty() && !emit(&piece) {
                 gone = true;
@@ -210,6 +219,7 @@ impl LoadedModel {
             generation_duration: first_token.elapsed(),
             done_reason: if stopped || cut { "stop" } else { "length" },
             format_duration: Duration::ZERO,
+            tokens,
         })
     }
 
@@ -220,7 +230,7 @@ impl LoadedModel {
         request: &GenerateOptions,
         mut emit: impl FnMut(&str) -> bool,
     ) -> Result<Generated, EngineError> {
-        let context = self.context;
+        let context = self.context_for(request);
         let mut sampler = Sampler::new(request.sampling.clone());
         let mut cache = model.new_cache();
         let started = Instant::now();
@@ -285,6 +295,7 @@ impl LoadedModel {
             generation_duration: generation_started.elapsed(),
             done_reason,
             format_duration,
+            tokens: history.split_off(prompt.len()),
         })
     }
 }
@@ -446,6 +457,8 @@ pub struct GenerateOptions {
     pub stop: Vec<String>,
     /// The shape the answer must have (Ollama's `format`, OpenAI's `response_format`).
     pub format: Option<Format>,
+    /// Ollama's `num_ctx`: the context this request may use, at most the model's.
+    pub num_ctx: Option<usize>,
 }
 
 /// Ollama's timing figures of one generation.
@@ -458,6 +471,8 @@ pub struct Generated {
     pub done_reason: &'static str,
     /// Of the generation, the time spent keeping the answer to its format (zero without one).
     pub format_duration: Duration,
+    /// The tokens generated, in order (Ollama's `context` is the prompt's and these).
+    pub tokens: Vec<u32>,
 }
 
 #[cfg(test)]

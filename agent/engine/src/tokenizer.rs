@@ -179,6 +179,23 @@ impl TextCodec {
         Ok(all)
     }
 
+    /// Whether `encode` starts with BOS.
+    pub fn adds_bos(&self) -> bool {
+        self.add_bos && self.bos.is_some()
+    }
+
+    /// Whether the chat template renders a list of tools (it names `tools`).
+    pub fn template_takes_tools(&self) -> bool {
+        self.template
+            .as_deref()
+            .is_some_and(|template| template.contains("tools"))
+    }
+
+    /// The size of the vocabulary: token ids run below it.
+    pub fn vocabulary_size(&self) -> usize {
+        self.tokenizer.get_vocab_size(true)
+    }
+
     /// The token that ends an answer: end of sequence, else the first end-of-turn marker.
     pub fn end_token(&self) -> Option<u32> {
         self.eos

@@ -169,11 +169,13 @@ pub fn router(state: Arc<GatewayState>) -> Router {
             Arc::clone(&state),
             authenticate,
         ))
-        // Outermost: a foreign page is refused before anything else looks at its request.
+        // A foreign page is refused before anything else looks at its request.
         .layer(middleware::from_fn_with_state(
             Arc::clone(&state.http.0),
             sollol_http::guard,
         ))
+        // Outermost: errors on the OpenAI routes in OpenAI's shape, whoever answered them.
+        .layer(middleware::from_fn(sollol_http::openai::errors_under_v1))
         .with_state(state)
 }
 

@@ -52,7 +52,7 @@ fn prompt_of(model: &LoadedModel, request: &Value, api: Api) -> Result<Option<St
                 .iter()
                 .map(|message| ChatMessage {
                     role: message["role"].as_str().unwrap_or("user").to_owned(),
-                    content: text_of(&message["content"]).unwrap_or_default(),
+                    content: content_text(&message["content"]),
                 })
                 .collect();
             model
@@ -87,6 +87,104 @@ fn prompt_of(model: &LoadedModel, request: &Value, api: Api) -> Result<Option<St
                 .map_err(|failure| refuse(StatusCode::BAD_REQUEST, failure.to_string()))
         }
     }
+}
+
+/// A message's text: a string, or OpenAI's list of parts (the text parts joined; image parts are
+/// refused before this, see [`unsupported`]).
+fn content_text(content: &Value) -> String {
+    match content {
+        Value::String(text) => text.clone(),
+        Value::Array(parts) => parts
+            .iter()
+            .filter(|part| part["type"] == "text")
+            .filter_map(|part| part["text"].as_str())
+            .collect::<Vec<_>>()
+            .join("\n"),
+        _ => String::new(),
+    }
+}
+
+/// What the request asks that this model (or this engine) cannot do, answered as Ollama does: 400
+/// naming the capability, never silently ignored.
+fn unsupported(model: &LoadedModel, request: &Value, api: Api) -> Option<String> {
+    let name = &model.file.name;
+    let listed = |value: Option<&Value>| {
+        value
+            .and_then(Value::as_array)
+            .is_some_and(|items| !items.is_empty())
+    };
+    let thinking = match request.get("think") {
+        Some(Value::Bool(on)) => *on,
+        Some(Value::String(level)) => !level.is_empty() && level != "false",
+        _ => false,
+    } || request
+        .get("reasoning_effort")
+        .and_then(Value::as_str)
+        .is_some_and(|effort| effort != "none");
+    if thinking {
+        return Some(format!("{name:?} does not support thinking"));
+    }
+    let messages = request.get("messages").and_then(Value::as_array);
+    let images = listed(request.get("images"))
+        || messages.is_some_and(|messages| {
+            messages.iter().any(|message| {
+                listed(message.get("images"))
+                    || message["content"].as_array().is_some_and(|parts| {
+                        parts
+                            .iter()
+                            .any(|part| part["type"] != "text" && !part["type"].is_null())
+                    })
+            })
+        });
+    if images {
+        return Some(format!("{name:?} does not support vision"));
+    }
+    if listed(request.get("tools")) {
+        return Some(if model.codec.template_takes_tools() {
+            format!(
+                "{name:?}: tool calls are not supported by sollol's built-in engine yet; send tool requests to a node running Ollama"
+            )
+        } else {
+            format!("{name:?} does not support tools")
+        });
+    }
+    if api == Api::Generate
+        && request
+            .get("suffix")
+            .and_then(Value::as_str)
+            .is_some_and(|suffix| !suffix.is_empty())
+    {
+        return Some(format!("{name:?} does not support insert"));
+    }
+    None
+}
+
+/// Ollama's `context` of `/api/generate`: token ids of an earlier exchange, put before the prompt.
+fn earlier_context(model: &LoadedModel, request: &Value, api: Api) -> Result<Vec<u32>, Refusal> {
+    let Some(context) = request.get("context").filter(|context| !context.is_null()) else {
+        return Ok(Vec::new());
+    };
+    if api != Api::Generate {
+        return Ok(Vec::new());
+    }
+    let vocabulary = model.codec.vocabulary_size() as u64;
+    context
+        .as_array()
+        .and_then(|ids| {
+            ids.iter()
+                .map(|id| {
+                    id.as_u64()
+                        .filter(|id| *id < vocabulary)
+                        .map(|id| id as u32)
+                })
+                .collect::<Option<Vec<u32>>>()
+        })
+        .ok_or_else(|| {
+            refuse(
+                StatusCode::BAD_REQUEST,
+                format!("context must be a list of token ids below {vocabulary}"),
+            )
+        })
 }
 
 fn unix_seconds() -> u64 {
@@ -171,6 +269,15 @@ fn finish(
     last
 }
 
+/// Ollama's `context` of a finished `/api/generate`: the prompt's tokens and the answer's, to send
+/// back with the next prompt.
+fn with_context(mut last: Value, prompt: &[u32], generated: &Generated) -> Value {
+    let mut context = prompt.to_vec();
+    context.extend_from_slice(&generated.tokens);
+    last["context"] = json!(context);
+    last
+}
+
 /// One streamed object: an NDJSON line for Ollama, a Server-Sent Event for OpenAI.
 fn frame(api: Api, value: &Value) -> Bytes {
     if api.is_openai() {
@@ -233,16 +340,51 @@ pub(super) async fn complete(engine: Arc<Engine>, body: Bytes, api: Api) -> Resp
         });
         return axum::Json(answer).into_response();
     };
-    // A format the model cannot follow is refused before anything streams.
+    // What cannot be served is refused before anything streams: a capability the model lacks, a
+    // format it cannot follow, a context beyond its own, a prompt that does not fit.
+    if let Some(reason) = unsupported(&model, &request, api) {
+        return error(StatusCode::BAD_REQUEST, reason);
+    }
     if let Some(format) = &generate_options.format
         && let Err(reason) = model.constrain(format)
     {
         return error(StatusCode::BAD_REQUEST, reason);
     }
-    let ids = match model.codec.encode(&prompt) {
+    if let Some(asked) = generate_options.num_ctx
+        && asked > model.context
+    {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "num_ctx {asked} is larger than the model's context length ({} tokens)",
+                model.context
+            ),
+        );
+    }
+    let mut ids = match earlier_context(&model, &request, api) {
         Ok(ids) => ids,
-        Err(failure) => return error(StatusCode::BAD_REQUEST, failure.to_string()),
+        Err(refusal) => return refusal.into_response(),
     };
+    match model.codec.encode(&prompt) {
+        // The earlier exchange already began with BOS: the new prompt's own is left out.
+        Ok(prompt_ids) => ids.extend(
+            prompt_ids
+                .into_iter()
+                .skip(usize::from(!ids.is_empty() && model.codec.adds_bos())),
+        ),
+        Err(failure) => return error(StatusCode::BAD_REQUEST, failure.to_string()),
+    }
+    let context = model.context_for(&generate_options);
+    if ids.len() >= context {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "the prompt has {} tokens; the context holds {context} (options.num_ctx, at most the model's {})",
+                ids.len(),
+                model.context
+            ),
+        );
+    }
     let (sender, mut receiver) = tokio::sync::mpsc::channel::<Bytes>(STREAM_BUFFER);
     let name = model.file.name.clone();
     let worker = tokio::task::spawn_blocking(move || {
@@ -262,7 +404,7 @@ pub(super) async fn complete(engine: Arc<Engine>, body: Bytes, api: Api) -> Resp
         match result {
             Ok(generated) => {
                 let text = if stream { "" } else { whole.as_str() };
-                let last = finish(
+                let mut last = finish(
                     api,
                     stream,
                     &name,
@@ -271,6 +413,9 @@ pub(super) async fn complete(engine: Arc<Engine>, body: Bytes, api: Api) -> Resp
                     load,
                     started.elapsed(),
                 );
+                if api == Api::Generate {
+                    last = with_context(last, &ids, &generated);
+                }
                 if stream {
                     let _ = sender.blocking_send(frame(api, &last));
                     if api.is_openai() {

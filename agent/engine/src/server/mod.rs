@@ -108,10 +108,14 @@ pub async fn serve(
     limits: Limits,
     shutdown: CancellationToken,
 ) {
-    let app = router(engine).layer(axum::middleware::from_fn_with_state(
-        boundary,
-        sollol_http::guard,
-    ));
+    let app = router(engine)
+        .layer(axum::middleware::from_fn_with_state(
+            boundary,
+            sollol_http::guard,
+        ))
+        .layer(axum::middleware::from_fn(
+            sollol_http::openai::errors_under_v1,
+        ));
     sollol_http::serve(listener, app, limits, shutdown).await;
 }
 

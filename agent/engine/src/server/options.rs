@@ -80,6 +80,16 @@ pub(super) fn options(request: &Value) -> Result<GenerateOptions, Refusal> {
             ));
         }
     };
+    let num_ctx = match number("num_ctx") {
+        None => None,
+        Some(tokens) if tokens >= 1.0 && tokens.is_finite() => Some(tokens as usize),
+        Some(_) => {
+            return Err(refuse(
+                StatusCode::BAD_REQUEST,
+                "options.num_ctx must be a positive number of tokens",
+            ));
+        }
+    };
     Ok(GenerateOptions {
         sampling: SamplingOptions {
             temperature: number("temperature").map_or(defaults.temperature, |value| value as f32),
@@ -98,6 +108,7 @@ pub(super) fn options(request: &Value) -> Result<GenerateOptions, Refusal> {
         stop,
         format: Format::from_ollama(request.get("format"))
             .map_err(|reason| refuse(StatusCode::BAD_REQUEST, reason))?,
+        num_ctx,
     })
 }
 
