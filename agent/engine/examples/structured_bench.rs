@@ -80,6 +80,7 @@ fn main() {
             num_predict: Some(128),
             stop: Vec::new(),
             format,
+            num_ctx: None,
         };
         let mut best: Option<(Duration, Duration, usize)> = None;
         for _ in 0..runs {

@@ -59,6 +59,7 @@ fn greedy(format: Option<Format>) -> GenerateOptions {
         num_predict: Some(200),
         stop: Vec::new(),
         format,
+        num_ctx: None,
     }
 }
 
@@ -127,6 +128,7 @@ fn answers_follow_a_json_schema_greedy_and_sampled() {
             num_predict: Some(200),
             stop: Vec::new(),
             format: Some(Format::Schema(cat_schema())),
+            num_ctx: None,
         };
         let (text, reason) = answer(&model, QUESTION, &options);
         println!("seed {seed}: {text}");
