@@ -18,5 +18,6 @@ pub mod sampling;
 pub mod server;
 pub mod structured;
 pub mod tokenizer;
+pub mod tools;
 
 pub use remote::{RemoteCompute, RemoteError, RemoteGeneration, RemoteHeader};
