@@ -15,6 +15,14 @@ async fn official_client_through_the_gateway_to_the_engine() {
     let models = tempfile::tempdir().expect("tempdir");
     std::os::unix::fs::symlink(model_path(), models.path().join("smollm2:135m.gguf"))
         .expect("link the model");
+    // The same model with a chat template that renders tools, in a file beside it.
+    std::os::unix::fs::symlink(model_path(), models.path().join("smollm2-tools:135m.gguf"))
+        .expect("link the model");
+    std::fs::copy(
+        support::root().join("tests/fixtures/tools-template.jinja"),
+        models.path().join("smollm2-tools:135m.jinja"),
+    )
+    .expect("the tools template");
     let coordinator_dir = tempfile::tempdir().expect("tempdir");
     let agent_dir = tempfile::tempdir().expect("tempdir");
     let coordinator_data = coordinator_dir.path().display().to_string();
@@ -57,8 +65,8 @@ async fn official_client_through_the_gateway_to_the_engine() {
     let gateway = format!("http://{}", coordinator.gateway_address);
     support::run_client_script(
         "engine_clients.py",
-        &[&gateway, "smollm2:135m"],
-        "engine clients: 17 passed, 0 failed",
+        &[&gateway, "smollm2:135m", "smollm2-tools:135m"],
+        "engine clients: 19 passed, 0 failed",
     )
     .await;
     // Bad embedding requests get Ollama-style errors with a 4xx status, through the gateway.

@@ -5,7 +5,8 @@ structured outputs with both (a pydantic model's JSON schema, streamed and not, 
 openai parse helper, an unusable schema refused).
 Embeddings are compared with llama.cpp's (tests/reference/smollm2-135m-q4_1.embeddings.llamacpp.json).
 
-Usage: engine_clients.py GATEWAY_URL MODEL. Prints "engine clients: N passed, N failed"; exits 1 on failure.
+Usage: engine_clients.py GATEWAY_URL MODEL TOOLS_MODEL (the same model with a chat template that renders
+tools, tests/fixtures/tools-template.jinja beside it). Prints "engine clients: N passed, N failed"; exits 1 on failure.
 """
 
 import json
@@ -20,7 +21,7 @@ import ollama
 import openai
 import pydantic
 
-gateway, model = sys.argv[1], sys.argv[2]
+gateway, model, tools_model = sys.argv[1], sys.argv[2], sys.argv[3]
 client = ollama.Client(host=gateway)
 passed = 0
 failed = 0
@@ -240,6 +241,51 @@ def context_and_num_ctx():
     refused(lambda: client.generate(model=model, prompt="word " * 100, options={"num_ctx": 32}), "the context holds 32")
 
 
+WEATHER = {"type": "function", "function": {"name": "weather", "description": "The weather in a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30}},
+                          "required": ["city"], "additionalProperties": False}}}
+PARIS = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def openai_tool_calls():
+    # The client requires a call: the model can only answer with one, which comes back parsed.
+    answer = openai_client.chat.completions.create(
+        model=tools_model, messages=PARIS, tools=[WEATHER], tool_choice="required", max_tokens=100, temperature=0)
+    choice = answer.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    call = choice.message.tool_calls[0]
+    assert call.function.name == "weather", call
+    arguments = json.loads(call.function.arguments)
+    assert isinstance(arguments.get("city"), str), arguments
+    # Streamed, naming the function.
+    chunks = list(openai_client.chat.completions.create(
+        model=tools_model, messages=PARIS, tools=[WEATHER], max_tokens=100, temperature=0, stream=True,
+        tool_choice={"type": "function", "function": {"name": "weather"}}))
+    streamed = [call for chunk in chunks if chunk.choices for call in (chunk.choices[0].delta.tool_calls or [])]
+    assert streamed and streamed[0].function.name == "weather", chunks
+    assert chunks[-1].choices[0].finish_reason == "tool_calls", chunks[-1]
+    # The round trip: the call and its result go back, the model answers in text.
+    followed = openai_client.chat.completions.create(model=tools_model, tools=[WEATHER], max_tokens=30, temperature=0, messages=PARIS + [
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": "Sunny, 21 degrees."},
+    ])
+    assert isinstance(followed.choices[0].message.content, str), followed
+
+
+def ollama_tools():
+    # The Ollama API cannot require a call: the model answers in text or with calls, both accepted,
+    # and an earlier call with its result renders through the template.
+    free = client.chat(model=tools_model, messages=PARIS, tools=[WEATHER], options={"temperature": 0, "num_predict": 60})
+    assert free.message.content or free.message.tool_calls, free
+    for call in free.message.tool_calls or []:
+        assert call.function.name == "weather" and isinstance(call.function.arguments, dict), call
+    followed = client.chat(model=tools_model, tools=[WEATHER], options={"temperature": 0, "num_predict": 30}, messages=PARIS + [
+        {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "content": "Sunny, 21 degrees.", "tool_name": "weather"},
+    ])
+    assert followed.done and isinstance(followed.message.content, str), followed
+
+
 check("chat", chat_whole)
 check("chat streaming", chat_stream)
 check("generate", generate)
@@ -257,5 +303,7 @@ check("openai structured outputs (json_schema, streamed, json_object)", openai_s
 check("openai parse helper", openai_parse)
 check("tools, thinking, images, suffix refused as Ollama does", capabilities_refused)
 check("generate context, num_ctx", context_and_num_ctx)
+check("openai tool calls (required, streamed, round trip)", openai_tool_calls)
+check("ollama tools (free choice, round trip)", ollama_tools)
 print(f"engine clients: {passed} passed, {failed} failed")
 sys.exit(0 if failed == 0 else 1)

@@ -36,6 +36,7 @@ fn main() {
         .render_chat(&[ChatMessage {
             role: "user".to_owned(),
             content: "Describe three cats: for each its name, its age in years, whether it is friendly, and its colour.".to_owned(),
+            ..Default::default()
         }])
         .expect("prompt");
     let ids = model.codec.encode(&prompt).expect("tokens");

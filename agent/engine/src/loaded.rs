@@ -42,7 +42,10 @@ impl LoadedModel {
     pub fn load(file: &ModelFile) -> Result<Self, EngineError> {
         let started = Instant::now();
         let gguf = Gguf::open(&file.path)?;
-        let codec = TextCodec::from_gguf(&gguf)?;
+        let mut codec = TextCodec::from_gguf(&gguf)?;
+        if let Some(template) = template_beside(&file.path) {
+            codec.set_template(template);
+        }
         let shape = crate::model::Shape::read(&gguf)?;
         let model = Model::load(&file.path, &gguf, Part::whole(shape.layers))?;
         let details = details_of(&gguf, model.shape.context);
@@ -447,6 +450,21 @@ fn safe_prefix(text: &str, stops: &[String]) -> usize {
         }
     }
     end
+}
+
+/// A chat template in a file beside the model (`NAME.jinja` for `NAME.gguf`), which replaces the
+/// one inside it, as llama.cpp's `--chat-template-file` does: for a model whose own template lacks
+/// something (tools, a system role). At most 1 MiB.
+fn template_beside(model: &std::path::Path) -> Option<String> {
+    let path = model.with_extension("jinja");
+    let size = std::fs::metadata(&path).ok()?.len();
+    if size > 1 << 20 {
+        tracing::warn!(path = %path.display(), size, "chat template file ignored: larger than 1 MiB");
+        return None;
+    }
+    let template = std::fs::read_to_string(&path).ok()?;
+    tracing::info!(path = %path.display(), "chat template from the file beside the model");
+    Some(template)
 }
 
 /// What a request asks of generation.

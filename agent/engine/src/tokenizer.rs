@@ -37,10 +37,17 @@ fn failed(error: impl std::fmt::Display) -> TokenizerError {
 }
 
 /// One chat message for the template.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
+    /// An assistant's calls, `[{"type": "function", "function": {"name", "arguments": {...}}}]`, as
+    /// chat templates read them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<serde_json::Value>,
+    /// A tool result's tool name (role `tool`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 /// Encodes and decodes text for one model, and renders its chat template.
@@ -184,6 +191,12 @@ impl TextCodec {
         self.add_bos && self.bos.is_some()
     }
 
+    /// Replaces the GGUF's chat template (a template file beside the model, as llama.cpp's
+    /// `--chat-template-file`).
+    pub fn set_template(&mut self, template: String) {
+        self.template = Some(template);
+    }
+
     /// Whether the chat template renders a list of tools (it names `tools`).
     pub fn template_takes_tools(&self) -> bool {
         self.template
@@ -228,6 +241,15 @@ impl TextCodec {
 
     /// The prompt for `messages` from the model's own chat template, ending where the assistant speaks.
     pub fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, TokenizerError> {
+        self.render_chat_with_tools(messages, &[])
+    }
+
+    /// [`render_chat`](Self::render_chat) with the tools the model may call (`tools` in the template).
+    pub fn render_chat_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: &[serde_json::Value],
+    ) -> Result<String, TokenizerError> {
         let Some(template) = &self.template else {
             // No template: plain "role: content" lines, which any model can continue.
             let mut prompt: String = messages
@@ -255,6 +277,7 @@ impl TextCodec {
             .and_then(|template| {
                 template.render(minijinja::context! {
                     messages => messages,
+                    tools => (!tools.is_empty()).then_some(tools),
                     add_generation_prompt => true,
                     bos_token => self.bos.as_ref().map(|(_, text)| text.as_str()).unwrap_or(""),
                     eos_token => self.eos.as_ref().map(|(_, text)| text.as_str()).unwrap_or(""),

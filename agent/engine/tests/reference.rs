@@ -57,6 +57,7 @@ fn chat_prompts_match_llama_cpp() {
         let messages = [ChatMessage {
             role: "user".to_owned(),
             content: case["user_message"].as_str().expect("message").to_owned(),
+            ..Default::default()
         }];
         let rendered = codec.render_chat(&messages).expect("template");
         assert_eq!(rendered, case["rendered_prompt"].as_str().expect("prompt"));

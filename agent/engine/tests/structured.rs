@@ -37,6 +37,7 @@ fn answer(
         .render_chat(&[ChatMessage {
             role: "user".to_owned(),
             content: question.to_owned(),
+            ..Default::default()
         }])
         .expect("prompt");
     let ids = model.codec.encode(&prompt).expect("tokens");

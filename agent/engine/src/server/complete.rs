@@ -12,7 +12,9 @@ use serde_json::{Value, json};
 use super::options::{openai_options, options};
 use super::{Refusal, error, nanos, refuse, request_head, rfc3339, slot_and_model};
 use crate::engine::{Engine, Generated, LoadedModel};
+use crate::structured::Format;
 use crate::tokenizer::ChatMessage;
+use crate::tools::{self, ToolCall};
 
 /// Chunks of a streamed answer waiting to be written; the generation waits when the client reads slowly.
 const STREAM_BUFFER: usize = 16;
@@ -53,11 +55,17 @@ fn prompt_of(model: &LoadedModel, request: &Value, api: Api) -> Result<Option<St
                 .map(|message| ChatMessage {
                     role: message["role"].as_str().unwrap_or("user").to_owned(),
                     content: content_text(&message["content"]),
+                    tool_calls: calls_for_template(&message["tool_calls"]),
+                    name: message
+                        .get("tool_name")
+                        .or_else(|| message.get("name"))
+                        .and_then(Value::as_str)
+                        .map(str::to_owned),
                 })
                 .collect();
             model
                 .codec
-                .render_chat(&messages)
+                .render_chat_with_tools(&messages, &tools_of(request))
                 .map(Some)
                 .map_err(|failure| refuse(StatusCode::BAD_REQUEST, failure.to_string()))
         }
@@ -74,11 +82,13 @@ fn prompt_of(model: &LoadedModel, request: &Value, api: Api) -> Result<Option<St
                 messages.push(ChatMessage {
                     role: "system".to_owned(),
                     content: system,
+                    ..ChatMessage::default()
                 });
             }
             messages.push(ChatMessage {
                 role: "user".to_owned(),
                 content: prompt,
+                ..ChatMessage::default()
             });
             model
                 .codec
@@ -86,6 +96,75 @@ fn prompt_of(model: &LoadedModel, request: &Value, api: Api) -> Result<Option<St
                 .map(Some)
                 .map_err(|failure| refuse(StatusCode::BAD_REQUEST, failure.to_string()))
         }
+    }
+}
+
+/// The request's tools (chat only), as the template reads them.
+fn tools_of(request: &Value) -> Vec<Value> {
+    request
+        .get("tools")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// The names of the request's tools.
+fn tool_names(request: &Value) -> Vec<String> {
+    tools_of(request)
+        .iter()
+        .filter_map(|tool| tool.pointer("/function/name").and_then(Value::as_str))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// An assistant message's earlier calls in the shape templates read: arguments as an object (OpenAI
+/// sends them as a JSON string).
+fn calls_for_template(calls: &Value) -> Option<Value> {
+    let calls = calls.as_array().filter(|calls| !calls.is_empty())?;
+    Some(Value::Array(
+        calls
+            .iter()
+            .map(|call| {
+                let function = &call["function"];
+                let arguments = match &function["arguments"] {
+                    Value::String(text) => serde_json::from_str(text).unwrap_or(json!({})),
+                    Value::Null => json!({}),
+                    other => other.clone(),
+                };
+                json!({"type": "function", "function": {"name": function["name"], "arguments": arguments}})
+            })
+            .collect(),
+    ))
+}
+
+/// OpenAI's `tool_choice` as a format: `"required"` (a call of one of the tools) or one named
+/// function; `None` for `"auto"`, `"none"` or absent (the model decides, its text parsed afterwards).
+fn forced_call(request: &Value) -> Option<Format> {
+    let tools = tools_of(request);
+    let call = |tool: &Value| {
+        let function = &tool["function"];
+        json!({
+            "type": "object",
+            "properties": {
+                "name": {"const": function["name"]},
+                "arguments": function.get("parameters").cloned().filter(Value::is_object).unwrap_or(json!({"type": "object"})),
+            },
+            "required": ["name", "arguments"],
+            "additionalProperties": false,
+        })
+    };
+    match request.get("tool_choice") {
+        Some(Value::String(choice)) if choice == "required" && !tools.is_empty() => Some(
+            Format::Schema(json!({"anyOf": tools.iter().map(call).collect::<Vec<_>>()})),
+        ),
+        Some(choice @ Value::Object(_)) => {
+            let name = choice.pointer("/function/name")?;
+            let tool = tools
+                .iter()
+                .find(|tool| tool.pointer("/function/name") == Some(name))?;
+            Some(Format::Schema(call(tool)))
+        }
+        _ => None,
     }
 }
 
@@ -139,14 +218,8 @@ fn unsupported(model: &LoadedModel, request: &Value, api: Api) -> Option<String>
     if images {
         return Some(format!("{name:?} does not support vision"));
     }
-    if listed(request.get("tools")) {
-        return Some(if model.codec.template_takes_tools() {
-            format!(
-                "{name:?}: tool calls are not supported by sollol's built-in engine yet; send tool requests to a node running Ollama"
-            )
-        } else {
-            format!("{name:?} does not support tools")
-        });
+    if listed(request.get("tools")) && !model.codec.template_takes_tools() {
+        return Some(format!("{name:?} does not support tools"));
     }
     if api == Api::Generate
         && request
@@ -269,6 +342,54 @@ fn finish(
     last
 }
 
+/// `value` (a streamed piece or the whole answer) carrying `calls` instead of text: Ollama's
+/// `message.tool_calls` (arguments as objects), OpenAI's `tool_calls` (arguments as JSON text, with
+/// ids; in a streamed delta with indexes).
+fn with_calls(api: Api, mut value: Value, calls: &[ToolCall], streamed: bool) -> Value {
+    match api {
+        Api::Chat => {
+            value["message"]["content"] = json!("");
+            value["message"]["tool_calls"] = calls
+                .iter()
+                .map(|call| json!({"function": {"name": call.name, "arguments": call.arguments}}))
+                .collect();
+        }
+        Api::OpenAiChat => {
+            let openai: Vec<Value> = calls
+                .iter()
+                .enumerate()
+                .map(|(index, call)| {
+                    let mut entry = json!({
+                        "id": format!("call_{index}"),
+                        "type": "function",
+                        "function": {"name": call.name, "arguments": call.arguments.to_string()},
+                    });
+                    if streamed {
+                        entry["index"] = json!(index);
+                    }
+                    entry
+                })
+                .collect();
+            if streamed {
+                value["choices"][0]["delta"] = json!({"role": "assistant", "tool_calls": openai});
+            } else {
+                value["choices"][0]["message"]["content"] = Value::Null;
+                value["choices"][0]["message"]["tool_calls"] = json!(openai);
+            }
+        }
+        Api::Generate | Api::OpenAiCompletion => {}
+    }
+    value
+}
+
+/// The last object of an answer that called tools: OpenAI's `finish_reason` says so.
+fn finished_with_calls(api: Api, mut last: Value) -> Value {
+    if api == Api::OpenAiChat {
+        last["choices"][0]["finish_reason"] = json!("tool_calls");
+    }
+    last
+}
+
 /// Ollama's `context` of a finished `/api/generate`: the prompt's tokens and the answer's, to send
 /// back with the next prompt.
 fn with_context(mut last: Value, prompt: &[u32], generated: &Generated) -> Value {
@@ -345,6 +466,18 @@ pub(super) async fn complete(engine: Arc<Engine>, body: Bytes, api: Api) -> Resp
     if let Some(reason) = unsupported(&model, &request, api) {
         return error(StatusCode::BAD_REQUEST, reason);
     }
+    // A call the client requires (OpenAI's tool_choice) is made a format: the model can only answer
+    // with a call of those tools, which the answer's parsing then reads.
+    let mut generate_options = generate_options;
+    if let Some(call) = forced_call(&request) {
+        if generate_options.format.is_some() {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "tool_choice and a response format cannot be asked together",
+            );
+        }
+        generate_options.format = Some(call);
+    }
     if let Some(format) = &generate_options.format
         && let Err(reason) = model.constrain(format)
     {
@@ -387,11 +520,19 @@ pub(super) async fn complete(engine: Arc<Engine>, body: Bytes, api: Api) -> Resp
     }
     let (sender, mut receiver) = tokio::sync::mpsc::channel::<Bytes>(STREAM_BUFFER);
     let name = model.file.name.clone();
+    // With tools, the answer is read whole before it is sent: it is either calls or text.
+    let tools = if matches!(api, Api::Chat | Api::OpenAiChat) {
+        tool_names(&request)
+    } else {
+        Vec::new()
+    };
+    let calling = !tools.is_empty();
     let worker = tokio::task::spawn_blocking(move || {
         let _permit = permit;
         let mut whole = String::new();
+        let streaming_text = stream && !calling;
         let result = model.generate(&ids, &generate_options, |text| {
-            if stream {
+            if streaming_text {
                 sender
                     .blocking_send(frame(api, &piece(api, &name, text)))
                     .is_ok()
@@ -403,6 +544,20 @@ pub(super) async fn complete(engine: Arc<Engine>, body: Bytes, api: Api) -> Resp
         });
         match result {
             Ok(generated) => {
+                let names: Vec<&str> = tools.iter().map(String::as_str).collect();
+                let calls = if calling {
+                    tools::parse(&whole, &names)
+                } else {
+                    None
+                };
+                if stream && calling {
+                    // The whole answer as one piece: the calls, or the text.
+                    let mut chunk = piece(api, &name, if calls.is_some() { "" } else { &whole });
+                    if let Some(calls) = &calls {
+                        chunk = with_calls(api, chunk, calls, true);
+                    }
+                    let _ = sender.blocking_send(frame(api, &chunk));
+                }
                 let text = if stream { "" } else { whole.as_str() };
                 let mut last = finish(
                     api,
@@ -415,6 +570,13 @@ pub(super) async fn complete(engine: Arc<Engine>, body: Bytes, api: Api) -> Resp
                 );
                 if api == Api::Generate {
                     last = with_context(last, &ids, &generated);
+                }
+                if let Some(calls) = &calls {
+                    last = if stream {
+                        finished_with_calls(api, last)
+                    } else {
+                        finished_with_calls(api, with_calls(api, last, calls, false))
+                    };
                 }
                 if stream {
                     let _ = sender.blocking_send(frame(api, &last));
