@@ -35,6 +35,21 @@ impl Coordinator {
         Self { handle, _dir: dir }
     }
 
+    /// A coordinator in `first`'s group: its token, and `first` as its peer.
+    async fn join_group(first: &Self, name: &str, cluster_bind: &str) -> Self {
+        let token = first.handle.token.expose().to_owned();
+        let peer = first.handle.cluster_address.to_string();
+        Self::start(
+            name,
+            cluster_bind,
+            &[
+                ("coordinator.peers", peer.as_str()),
+                ("agent.token", token.as_str()),
+            ],
+        )
+        .await
+    }
+
     fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.handle.gateway_address)
     }
@@ -211,17 +226,7 @@ async fn a_coordinator_started_after_traffic_starts_warm_and_both_route_alike() 
 
     // The second coordinator starts with an empty history, joins the group and takes what the first
     // learned before it serves anything.
-    let first_cluster = first.handle.cluster_address.to_string();
-    let token = first.handle.token.expose().to_owned();
-    let second = Coordinator::start(
-        "second",
-        &second_address,
-        &[
-            ("coordinator.peers", first_cluster.as_str()),
-            ("agent.token", token.as_str()),
-        ],
-    )
-    .await;
+    let second = Coordinator::join_group(&first, "second", &second_address).await;
     first
         .until("coordinators", "the first sees the second", |list| {
             alive_others(list) == 1
@@ -315,16 +320,7 @@ async fn a_node_busy_through_one_coordinator_is_busy_for_the_other() {
         &[("coordinator.peers", second_address.as_str())],
     )
     .await;
-    let token = first.handle.token.expose().to_owned();
-    let second = Coordinator::start(
-        "second",
-        &second_address,
-        &[
-            ("coordinator.peers", first_address.as_str()),
-            ("agent.token", token.as_str()),
-        ],
-    )
-    .await;
+    let second = Coordinator::join_group(&first, "second", &second_address).await;
     // Two nodes alike: each runs one request at a time, slowly.
     let join = vec![first_address.clone(), second_address.clone()];
     let (agents, _emulators, _dirs) = nodes(
@@ -412,16 +408,7 @@ async fn coordinators_with_different_shared_configuration_refuse_each_other_and_
         ],
     )
     .await;
-    let token = first.handle.token.expose().to_owned();
-    let second = Coordinator::start(
-        "second",
-        &second_address,
-        &[
-            ("coordinator.peers", first_address.as_str()),
-            ("agent.token", token.as_str()),
-        ],
-    )
-    .await;
+    let second = Coordinator::join_group(&first, "second", &second_address).await;
     for coordinator in [&first, &second] {
         let list = coordinator
             .until("coordinators", "the refusal shows", |list| {
@@ -463,16 +450,7 @@ async fn coordinators_with_different_shared_configuration_refuse_each_other_and_
 async fn an_agent_given_one_coordinator_joins_the_others_the_group_names() {
     let first = Coordinator::start("first", "127.0.0.1:0", &[]).await;
     let first_cluster = first.handle.cluster_address.to_string();
-    let token = first.handle.token.expose().to_owned();
-    let second = Coordinator::start(
-        "second",
-        "127.0.0.1:0",
-        &[
-            ("coordinator.peers", first_cluster.as_str()),
-            ("agent.token", token.as_str()),
-        ],
-    )
-    .await;
+    let second = Coordinator::join_group(&first, "second", "127.0.0.1:0").await;
     first
         .until("coordinators", "the first sees the second", |list| {
             alive_others(list) == 1

@@ -6,21 +6,12 @@
 // PLAYWRIGHT_CORE. Prints one line per check and "coordinators: N passed, N failed"; exits 1 on a failure.
 
 const { chromium } = await import(process.env.PLAYWRIGHT_CORE);
-const { check, attempt, finish } = await import('./checks.mjs');
+const { check, attempt, finish, openPhonePage } = await import('./checks.mjs');
 const gateway = process.env.GATEWAY;
 const peer = process.env.PEER_GATEWAY;
 const outDir = process.env.OUT_DIR;
 
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM,
-  args: ['--no-sandbox', '--disable-gpu', '--disable-dev-shm-usage'],
-});
-const page = await browser.newPage({ viewport: { width: 360, height: 800 } });
-const consoleErrors = [];
-page.on('console', (message) => {
-  if (message.type() === 'error') consoleErrors.push(message.text());
-});
-page.on('pageerror', (error) => consoleErrors.push(String(error)));
+const { browser, page, consoleErrors } = await openPhonePage(chromium);
 
 for (const [label, url, other] of [['first', gateway, peer], ['second', peer, gateway]]) {
   await attempt(`the ${label} coordinator's dashboard lists both coordinators`, async () => {

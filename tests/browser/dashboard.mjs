@@ -6,7 +6,7 @@
 // Prints one line per check and a last line "dashboard: N passed, N failed"; exits 1 on any failure.
 
 const { chromium } = await import(process.env.PLAYWRIGHT_CORE);
-const { check, attempt, finish } = await import('./checks.mjs');
+const { check, attempt, finish, openPhonePage } = await import('./checks.mjs');
 const gateway = process.env.GATEWAY;
 const outDir = process.env.OUT_DIR;
 const requests = 10;
@@ -20,16 +20,7 @@ for (let tries = 0; tries < 100; tries += 1) {
   await new Promise((resolve) => setTimeout(resolve, 100));
 }
 
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM,
-  args: ['--no-sandbox', '--disable-gpu', '--disable-dev-shm-usage'],
-});
-const page = await browser.newPage({ viewport: { width: 360, height: 800 } });
-const consoleErrors = [];
-page.on('console', (message) => {
-  if (message.type() === 'error') consoleErrors.push(message.text());
-});
-page.on('pageerror', (error) => consoleErrors.push(String(error)));
+const { browser, page, consoleErrors } = await openPhonePage(chromium);
 const foreign = [];
 page.on('request', (request) => {
   if (!request.url().startsWith(gateway)) foreign.push(request.url());

@@ -7,7 +7,7 @@
 // last line "pipeline: N passed, N failed"; exits 1 on any failure.
 
 const { chromium } = await import(process.env.PLAYWRIGHT_CORE);
-const { check, attempt, finish } = await import('./checks.mjs');
+const { check, attempt, finish, openPhonePage } = await import('./checks.mjs');
 const gateway = process.env.GATEWAY;
 const outDir = process.env.OUT_DIR;
 
@@ -33,16 +33,7 @@ const answer = await fetch(`${gateway}/api/chat`, {
 }).then((response) => response.json()).catch((error) => ({ error: String(error) }));
 check('a chat through the gateway is answered by the pipeline', answer.done === true && answer.eval_count > 0, JSON.stringify(answer).slice(0, 200));
 
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM,
-  args: ['--no-sandbox', '--disable-gpu', '--disable-dev-shm-usage'],
-});
-const page = await browser.newPage({ viewport: { width: 360, height: 800 } });
-const consoleErrors = [];
-page.on('console', (message) => {
-  if (message.type() === 'error') consoleErrors.push(message.text());
-});
-page.on('pageerror', (error) => consoleErrors.push(String(error)));
+const { browser, page, consoleErrors } = await openPhonePage(chromium);
 await page.goto(`${gateway}/dashboard/`);
 try {
   await page.waitForSelector('#pipelines .stage:nth-child(2)', { timeout: 15000 });

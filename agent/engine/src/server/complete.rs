@@ -65,7 +65,7 @@ fn prompt_of(model: &LoadedModel, request: &Value, api: Api) -> Result<Option<St
                 .collect();
             model
                 .codec
-                .render_chat_with_tools(&messages, &tools_of(request))
+                .render_chat_with_tools(&messages, tools_of(request))
                 .map(Some)
                 .map_err(|failure| refuse(StatusCode::BAD_REQUEST, failure.to_string()))
         }
@@ -100,12 +100,11 @@ fn prompt_of(model: &LoadedModel, request: &Value, api: Api) -> Result<Option<St
 }
 
 /// The request's tools (chat only), as the template reads them.
-fn tools_of(request: &Value) -> Vec<Value> {
+fn tools_of(request: &Value) -> &[Value] {
     request
         .get("tools")
         .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default()
+        .map_or(&[], Vec::as_slice)
 }
 
 /// The names of the request's tools.
