@@ -186,20 +186,18 @@ pub fn byte_level_bytes(token: &str) -> Option<Vec<u8>> {
     token.chars().map(byte_of_char).collect()
 }
 
-/// GPT-2's table: printable bytes stand for themselves, the 68 others for U+0100 upwards in order.
+/// GPT-2's table: printable bytes stand for themselves, the 68 others (0-32, 127-160 and 173, in
+/// that order) for U+0100 upwards.
 fn byte_of_char(character: char) -> Option<u8> {
     let code = u32::from(character);
-    let printable = |byte: u32| {
-        (33..=126).contains(&byte) || (161..=172).contains(&byte) || (174..=255).contains(&byte)
+    let byte = match code {
+        33..=126 | 161..=172 | 174..=255 => code,
+        256..=288 => code - 256,
+        289..=322 => code - 289 + 127,
+        323 => 173,
+        _ => return None,
     };
-    if code < 256 && printable(code) {
-        return u8::try_from(code).ok();
-    }
-    let index = code.checked_sub(256)?;
-    (0u32..256)
-        .filter(|byte| !printable(*byte))
-        .nth(usize::try_from(index).ok()?)
-        .and_then(|byte| u8::try_from(byte).ok())
+    u8::try_from(byte).ok()
 }
 
 #[cfg(test)]
