@@ -519,8 +519,11 @@ pub(super) async fn complete(engine: Arc<Engine>, body: Bytes, api: Api) -> Resp
     }
     let (sender, mut receiver) = tokio::sync::mpsc::channel::<Bytes>(STREAM_BUFFER);
     let name = model.file.name.clone();
-    // With tools, the answer is read whole before it is sent: it is either calls or text.
-    let tools = if matches!(api, Api::Chat | Api::OpenAiChat) {
+    // With tools, the answer is read whole before it is sent: it is either calls or text (OpenAI's
+    // tool_choice "none": text only).
+    let tools = if matches!(api, Api::Chat | Api::OpenAiChat)
+        && request.get("tool_choice").and_then(Value::as_str) != Some("none")
+    {
         tool_names(&request)
     } else {
         Vec::new()
