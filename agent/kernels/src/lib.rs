@@ -2,6 +2,7 @@
 
 mod activation;
 mod attention;
+mod kquant;
 mod quant;
 mod simd;
 // The quantized dot products in SIMD: AVX2 on x86-64, chosen at run time where the CPU has it
@@ -15,5 +16,5 @@ mod vector;
 
 pub use activation::{rms_norm, swiglu};
 pub use attention::{Heads, KvLayer, Rope, Rotary, attend, rotate};
-pub use quant::{Q41Matrix, Q80Matrix};
+pub use quant::{Q4KMatrix, Q6KMatrix, Q41Matrix, Q50Matrix, Q80Matrix};
 pub use simd::Kernels;

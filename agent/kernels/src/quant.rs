@@ -34,11 +34,17 @@ pub struct Q8Block {
 /// A weight block format.
 pub trait Format: Send + Sync {
     type Block: Copy + Send + Sync + std::fmt::Debug;
+    /// A block of activations quantized as ggml quantizes them for this format (its `vec_dot_type`).
+    type Activation: Copy + Send + Sync + std::fmt::Debug;
     /// Bytes of one block in a GGUF file.
     const BYTES: usize;
+    /// Values in one block (of weights, and of activations).
+    const VALUES: usize;
     fn parse(bytes: &[u8]) -> Self::Block;
+    /// One block of activations (`VALUES` of them) quantized.
+    fn quantize<I: Isa>(isa: I, values: &[f32]) -> Self::Activation;
     /// The dot product of one weight row and one quantized activation row.
-    fn dot<I: Dots>(isa: I, weights: &[Self::Block], activations: &[Q8Block]) -> f32;
+    fn dot<I: Dots>(isa: I, weights: &[Self::Block], activations: &[Self::Activation]) -> f32;
 
     /// The dot products of one weight row with `N` activation rows (prompt tokens, or one token of
     /// each of several sequences): each equal to [`Format::dot`]'s, faster where a format unpacks its
@@ -46,7 +52,7 @@ pub trait Format: Send + Sync {
     fn dots<I: Dots, const N: usize>(
         isa: I,
         weights: &[Self::Block],
-        activations: [&[Q8Block]; N],
+        activations: [&[Self::Activation]; N],
     ) -> [f32; N] {
         activations.map(|activations| Self::dot(isa, weights, activations))
     }
@@ -132,7 +138,7 @@ pub const GROUP: usize = 8;
 fn dots_at<F: Format, I: Dots, const N: usize>(
     isa: I,
     weights: &[F::Block],
-    quantized: &[Q8Block],
+    quantized: &[F::Activation],
     per_row: usize,
     first: usize,
 ) -> [f32; N] {
@@ -161,7 +167,9 @@ pub struct Q41Block {
 
 impl Format for Q41 {
     type Block = Q41Block;
+    type Activation = Q8Block;
     const BYTES: usize = 20;
+    const VALUES: usize = BLOCK;
 
     fn parse(block: &[u8]) -> Q41Block {
         let mut values = [0u8; 16];
@@ -171,6 +179,11 @@ impl Format for Q41 {
             min: f16::from_le_bytes([block[2], block[3]]),
             values,
         }
+    }
+
+    #[inline(always)]
+    fn quantize<I: Isa>(isa: I, values: &[f32]) -> Q8Block {
+        quantize(isa, values)
     }
 
     #[inline(always)]
@@ -219,7 +232,9 @@ pub struct Q80Block {
 
 impl Format for Q80 {
     type Block = Q80Block;
+    type Activation = Q8Block;
     const BYTES: usize = 34;
+    const VALUES: usize = BLOCK;
 
     fn parse(block: &[u8]) -> Q80Block {
         let mut values = [0i8; BLOCK];
@@ -230,6 +245,11 @@ impl Format for Q80 {
             scale: f16::from_le_bytes([block[0], block[1]]),
             values,
         }
+    }
+
+    #[inline(always)]
+    fn quantize<I: Isa>(isa: I, values: &[f32]) -> Q8Block {
+        quantize(isa, values)
     }
 
     #[inline(always)]
@@ -252,7 +272,7 @@ fn q80_dot<I: Isa>(isa: I, weights: &[Q80Block], activations: &[Q8Block]) -> f32
 
 /// Adds one block's products to the lanes: lane `k` gets `scale * (the sum of products 4k..4k+4)`, fused.
 #[inline(always)]
-fn accumulate(
+pub(crate) fn accumulate(
     lanes: &mut [f32; LANES],
     scale: f32,
     weights: &[i8; BLOCK],
@@ -274,14 +294,14 @@ fn accumulate(
 
 /// ggml's `hsum_float_8`: the upper four lanes onto the lower, then pairs.
 #[inline(always)]
-fn sum_lanes(lanes: &[f32; LANES]) -> f32 {
+pub(crate) fn sum_lanes(lanes: &[f32; LANES]) -> f32 {
     let quarters: [f32; 4] = std::array::from_fn(|lane| lanes[lane + 4] + lanes[lane]);
     (quarters[0] + quarters[2]) + (quarters[1] + quarters[3])
 }
 
 /// ggml's `quantize_row_q8_1` for one block (AVX2).
 #[inline(always)]
-fn quantize<I: Isa>(isa: I, values: &[f32]) -> Q8Block {
+pub(crate) fn quantize<I: Isa>(isa: I, values: &[f32]) -> Q8Block {
     let max = values.iter().fold(0f32, |max, value| max.max(value.abs()));
     let scale = max / 127.0;
     let multiplier = if max != 0.0 { 127.0 / max } else { 0.0 };
@@ -298,16 +318,16 @@ fn quantize<I: Isa>(isa: I, values: &[f32]) -> Q8Block {
     }
 }
 
-/// `input`, rows of whole blocks, quantized block by block.
-fn quantize_rows<I: Isa>(isa: I, input: &[f32]) -> Vec<Q8Block> {
+/// `input`, rows of whole blocks, quantized block by block for `F`.
+fn quantize_rows<F: Format, I: Isa>(isa: I, input: &[f32]) -> Vec<F::Activation> {
     isa.run(
         #[inline(always)]
         || {
             // A plain loop: an iterator adapter the compiler kept out of line would lose the form's
             // target features.
-            let mut quantized = Vec::with_capacity(input.len() / BLOCK);
-            for block in input.chunks_exact(BLOCK) {
-                quantized.push(quantize(isa, block));
+            let mut quantized = Vec::with_capacity(input.len() / F::VALUES);
+            for block in input.chunks_exact(F::VALUES) {
+                quantized.push(F::quantize(isa, block));
             }
             quantized
         },
@@ -325,14 +345,17 @@ pub struct Matrix<F: Format> {
 
 pub type Q41Matrix = Matrix<Q41>;
 pub type Q80Matrix = Matrix<Q80>;
+pub type Q50Matrix = Matrix<crate::kquant::Q50>;
+pub type Q4KMatrix = Matrix<crate::kquant::Q4K>;
+pub type Q6KMatrix = Matrix<crate::kquant::Q6K>;
 
 impl<F: Format> Matrix<F> {
     /// `None` when `bytes` is not `rows` × `columns` of this format.
     pub fn from_gguf(bytes: &[u8], rows: usize, columns: usize) -> Option<Self> {
-        if columns == 0 || !columns.is_multiple_of(BLOCK) {
+        if columns == 0 || !columns.is_multiple_of(F::VALUES) {
             return None;
         }
-        let count = rows.checked_mul(columns / BLOCK)?;
+        let count = rows.checked_mul(columns / F::VALUES)?;
         if bytes.len() != count.checked_mul(F::BYTES)? {
             return None;
         }
@@ -357,8 +380,8 @@ impl<F: Format> Matrix<F> {
     }
 
     /// [`Matrix::forward`] in the form `isa`; each thread's share of the rows runs with its features.
-    fn forward_with<I: Dots>(&self, isa: I, input: &[f32], tokens: usize) -> Vec<f32> {
-        let quantized = quantize_rows(isa, input);
+    pub(crate) fn forward_with<I: Dots>(&self, isa: I, input: &[f32], tokens: usize) -> Vec<f32> {
+        let quantized = quantize_rows::<F, I>(isa, input);
         let mut output = vec![0f32; tokens * self.rows];
         if tokens == 1 {
             // Generation: the rows in a few pieces per thread, written in place.
@@ -400,8 +423,14 @@ impl<F: Format> Matrix<F> {
 
     /// Rows `first..first + out.len()` applied to one token's activations, into `out`.
     #[inline(always)]
-    fn one_token<I: Dots>(&self, isa: I, first: usize, quantized: &[Q8Block], out: &mut [f32]) {
-        let per_row = self.columns / BLOCK;
+    fn one_token<I: Dots>(
+        &self,
+        isa: I,
+        first: usize,
+        quantized: &[F::Activation],
+        out: &mut [f32],
+    ) {
+        let per_row = self.columns / F::VALUES;
         for (offset, slot) in out.iter_mut().enumerate() {
             let row = first + offset;
             *slot = F::dot(
@@ -419,10 +448,10 @@ impl<F: Format> Matrix<F> {
         &self,
         isa: I,
         rows: std::ops::Range<usize>,
-        quantized: &[Q8Block],
+        quantized: &[F::Activation],
         tokens: usize,
     ) -> Vec<f32> {
-        let per_row = self.columns / BLOCK;
+        let per_row = self.columns / F::VALUES;
         let (first, width) = (rows.start, rows.len());
         let activations = |token: usize| &quantized[token * per_row..(token + 1) * per_row];
         let mut out = vec![0f32; width * tokens];
@@ -562,8 +591,11 @@ mod tests {
     /// `isa`'s quantization and dot products against the portable forms.
     fn check_dots<I: Dots>(isa: I) {
         let input = random_input(256, 7);
-        let activations = quantize_rows(Baseline, &input);
-        for (ours, portable) in quantize_rows(isa, &input).iter().zip(&activations) {
+        let activations = quantize_rows::<Q41, _>(Baseline, &input);
+        for (ours, portable) in quantize_rows::<Q41, _>(isa, &input)
+            .iter()
+            .zip(&activations)
+        {
             assert_eq!(ours.scale.to_bits(), portable.scale.to_bits());
             assert_eq!(ours.sum.to_bits(), portable.sum.to_bits());
             assert_eq!(ours.values, portable.values);

@@ -1,0 +1,471 @@
+//! The formats of Ollama's Q4_K_M files besides Q8_0: Q4_K and Q6_K (super-blocks of 256 values with
+//! 6- or 8-bit sub-block scales) and Q5_0 (which llama.cpp's quantizer falls back to for matrices whose
+//! width is not a multiple of 256, as most of Gemma 3 270M's are). Each dot product is llama.cpp's x86
+//! arithmetic for the type, operation for operation (see [`crate::quant`] for why):
+//!
+//! - Q4_K: activations quantized to Q8_K (`quantize_row_q8_K`: scale `max/-127` of the signed
+//!   largest value, round half to even, sums of 16), each super-block's integer dot product (sub-block
+//!   scales applied) and its minimums' integer term converted to f32 and accumulated with a fused
+//!   multiply-add of the two scales' product, the minimums' total subtracted last: ggml's repacked
+//!   `gemv_q4_K_8x8_q8_K`/`gemm_q4_K_8x8_q8_K`, which every AVX2 CPU runs for matrices of a multiple
+//!   of 8 rows.
+//! - Q6_K: `ggml_vec_dot_q6_K_q8_K` (AVX2): the integer products of four values per lane, scaled per
+//!   16-value group, eight lanes, the offset of 32 taken off through the activation sums, each lane
+//!   accumulated with a fused multiply-add of the scales' product, then `hsum_float_8`.
+//! - Q5_0: `ggml_vec_dot_q5_0_q8_0` (AVX2): as Q8_0, on the 5-bit values less 16.
+//!
+//! All integer sums are exact (no 16-bit saturation can occur with these value ranges), so only where
+//! a sum is converted to f32 and in what order the floats are added decides the result.
+
+use half::f16;
+
+use crate::quant::{Dots, Format, Q8Block, accumulate, quantize, sum_lanes};
+use crate::simd::Isa;
+
+/// Values in a K-quant super-block.
+const SUPER: usize = 256;
+/// Lanes ggml's AVX2 code accumulates in.
+const LANES: usize = 8;
+
+/// Activations of one super-block quantized as ggml's Q8_K.
+#[derive(Clone, Copy, Debug)]
+pub struct Q8KBlock {
+    pub(crate) scale: f32,
+    pub(crate) values: [i8; SUPER],
+    /// Sums of each 16 values.
+    pub(crate) sums: [i16; 16],
+}
+
+/// ggml's `quantize_row_q8_K_ref` for one super-block: the value of largest magnitude (the first of
+/// equals) sets the scale `1 / (-127 / max)`, values rounded half to even and capped at 127.
+#[inline(always)]
+pub(crate) fn quantize_k(values: &[f32]) -> Q8KBlock {
+    let (mut max, mut largest) = (0f32, 0f32);
+    for value in values {
+        if value.abs() > largest {
+            largest = value.abs();
+            max = *value;
+        }
+    }
+    let mut block = Q8KBlock {
+        scale: 0.0,
+        values: [0; SUPER],
+        sums: [0; 16],
+    };
+    if largest == 0.0 {
+        return block;
+    }
+    let inverse = -127.0 / max;
+    for (slot, value) in block.values.iter_mut().zip(values) {
+        *slot = (inverse * value).round_ties_even().min(127.0) as i8;
+    }
+    for (sum, group) in block.sums.iter_mut().zip(block.values.chunks_exact(16)) {
+        *sum = group.iter().map(|value| i16::from(*value)).sum();
+    }
+    block.scale = 1.0 / inverse;
+    block
+}
+
+/// Q5_0: f16 scale, 32 five-bit values (`scale * (value - 16)`), the fifth bits apart.
+#[derive(Debug)]
+pub struct Q50;
+
+#[derive(Clone, Copy, Debug)]
+pub struct Q50Block {
+    scale: f16,
+    /// Bit `i` is value `i`'s fifth bit.
+    high: u32,
+    /// Values 0..16 in the low nibbles, 16..32 in the high ones.
+    low: [u8; 16],
+}
+
+impl Format for Q50 {
+    type Block = Q50Block;
+    type Activation = Q8Block;
+    const BYTES: usize = 22;
+    const VALUES: usize = 32;
+
+    fn parse(block: &[u8]) -> Q50Block {
+        let mut low = [0u8; 16];
+        low.copy_from_slice(&block[6..22]);
+        Q50Block {
+            scale: f16::from_le_bytes([block[0], block[1]]),
+            high: u32::from_le_bytes([block[2], block[3], block[4], block[5]]),
+            low,
+        }
+    }
+
+    #[inline(always)]
+    fn quantize<I: Isa>(isa: I, values: &[f32]) -> Q8Block {
+        quantize(isa, values)
+    }
+
+    #[inline(always)]
+    fn dot<I: Dots>(isa: I, weights: &[Q50Block], activations: &[Q8Block]) -> f32 {
+        let mut lanes = [0f32; LANES];
+        for (weight, activation) in weights.iter().zip(activations) {
+            let scale = isa.to_f32(weight.scale) * activation.scale;
+            let mut values = [0i8; 32];
+            for (index, byte) in weight.low.iter().enumerate() {
+                let fifth = |bit: usize| (((weight.high >> bit) & 1) << 4) as u8;
+                values[index] = ((byte & 0x0F) | fifth(index)) as i8 - 16;
+                values[index + 16] = ((byte >> 4) | fifth(index + 16)) as i8 - 16;
+            }
+            accumulate(&mut lanes, scale, &values, &activation.values);
+        }
+        sum_lanes(&lanes)
+    }
+}
+
+/// Q4_K: a super-block of 256 four-bit values in eight sub-blocks of 32, each with a 6-bit scale and
+/// minimum (`d * scale * value - dmin * min`).
+#[derive(Debug)]
+pub struct Q4K;
+
+#[derive(Clone, Copy, Debug)]
+pub struct Q4KBlock {
+    d: f16,
+    dmin: f16,
+    /// The sub-blocks' scales and minimums, unpacked from the file's 12 bytes.
+    scales: [u8; 8],
+    mins: [u8; 8],
+    /// Sub-blocks `2j` (low nibbles) and `2j + 1` (high nibbles) in bytes `32j..32j + 32`.
+    values: [u8; 128],
+}
+
+impl Format for Q4K {
+    type Block = Q4KBlock;
+    type Activation = Q8KBlock;
+    const BYTES: usize = 144;
+    const VALUES: usize = SUPER;
+
+    fn parse(block: &[u8]) -> Q4KBlock {
+        let packed = &block[4..16];
+        let (mut scales, mut mins) = ([0u8; 8], [0u8; 8]);
+        // ggml's `get_scale_min_k4`.
+        for index in 0..8 {
+            (scales[index], mins[index]) = if index < 4 {
+                (packed[index] & 63, packed[index + 4] & 63)
+            } else {
+                (
+                    (packed[index + 4] & 0x0F) | ((packed[index - 4] >> 6) << 4),
+                    (packed[index + 4] >> 4) | ((packed[index] >> 6) << 4),
+                )
+            };
+        }
+        let mut values = [0u8; 128];
+        values.copy_from_slice(&block[16..144]);
+        Q4KBlock {
+            d: f16::from_le_bytes([block[0], block[1]]),
+            dmin: f16::from_le_bytes([block[2], block[3]]),
+            scales,
+            mins,
+            values,
+        }
+    }
+
+    #[inline(always)]
+    fn quantize<I: Isa>(_isa: I, values: &[f32]) -> Q8KBlock {
+        quantize_k(values)
+    }
+
+    #[inline(always)]
+    fn dot<I: Dots>(isa: I, weights: &[Q4KBlock], activations: &[Q8KBlock]) -> f32 {
+        let (mut total, mut minimums) = (0f32, 0f32);
+        for (weight, activation) in weights.iter().zip(activations) {
+            let mut sum = 0i32;
+            for pair in 0..4 {
+                let bytes = &weight.values[32 * pair..32 * pair + 32];
+                let low = &activation.values[64 * pair..64 * pair + 32];
+                let high = &activation.values[64 * pair + 32..64 * pair + 64];
+                let (mut low_sum, mut high_sum) = (0i32, 0i32);
+                for ((byte, low), high) in bytes.iter().zip(low).zip(high) {
+                    low_sum += i32::from(byte & 0x0F) * i32::from(*low);
+                    high_sum += i32::from(byte >> 4) * i32::from(*high);
+                }
+                sum += i32::from(weight.scales[2 * pair]) * low_sum
+                    + i32::from(weight.scales[2 * pair + 1]) * high_sum;
+            }
+            let mut minimum = 0i32;
+            for (index, min) in weight.mins.iter().enumerate() {
+                minimum += i32::from(*min)
+                    * (i32::from(activation.sums[2 * index])
+                        + i32::from(activation.sums[2 * index + 1]));
+            }
+            total = (sum as f32).mul_add(isa.to_f32(weight.d) * activation.scale, total);
+            minimums =
+                (minimum as f32).mul_add(isa.to_f32(weight.dmin) * activation.scale, minimums);
+        }
+        total - minimums
+    }
+}
+
+/// Q6_K: a super-block of 256 six-bit values (`d * scale * (value - 32)`) in sixteen groups of 16, each
+/// with an 8-bit signed scale; low four bits and high two bits apart.
+#[derive(Debug)]
+pub struct Q6K;
+
+#[derive(Clone, Copy, Debug)]
+pub struct Q6KBlock {
+    low: [u8; 128],
+    high: [u8; 64],
+    scales: [i8; 16],
+    d: f16,
+}
+
+impl Q6KBlock {
+    /// The 256 values (0..64, before the offset of 32) in order.
+    #[inline(always)]
+    fn unpack(&self) -> [u8; SUPER] {
+        let mut values = [0u8; SUPER];
+        for half in 0..2 {
+            let low = &self.low[64 * half..64 * half + 64];
+            let high = &self.high[32 * half..32 * half + 32];
+            let out = &mut values[128 * half..128 * half + 128];
+            for index in 0..32 {
+                let bits = high[index];
+                out[index] = (low[index] & 0x0F) | ((bits & 3) << 4);
+                out[index + 32] = (low[index + 32] & 0x0F) | (((bits >> 2) & 3) << 4);
+                out[index + 64] = (low[index] >> 4) | (((bits >> 4) & 3) << 4);
+                out[index + 96] = (low[index + 32] >> 4) | (((bits >> 6) & 3) << 4);
+            }
+        }
+        values
+    }
+}
+
+impl Format for Q6K {
+    type Block = Q6KBlock;
+    type Activation = Q8KBlock;
+    const BYTES: usize = 210;
+    const VALUES: usize = SUPER;
+
+    fn parse(block: &[u8]) -> Q6KBlock {
+        let (mut low, mut high, mut scales) = ([0u8; 128], [0u8; 64], [0i8; 16]);
+        low.copy_from_slice(&block[..128]);
+        high.copy_from_slice(&block[128..192]);
+        for (scale, byte) in scales.iter_mut().zip(&block[192..208]) {
+            *scale = *byte as i8;
+        }
+        Q6KBlock {
+            low,
+            high,
+            scales,
+            d: f16::from_le_bytes([block[208], block[209]]),
+        }
+    }
+
+    #[inline(always)]
+    fn quantize<I: Isa>(_isa: I, values: &[f32]) -> Q8KBlock {
+        quantize_k(values)
+    }
+
+    #[inline(always)]
+    fn dot<I: Dots>(isa: I, weights: &[Q6KBlock], activations: &[Q8KBlock]) -> f32 {
+        let mut lanes = [0f32; LANES];
+        for (weight, activation) in weights.iter().zip(activations) {
+            let scale = activation.scale * isa.to_f32(weight.d);
+            let values = weight.unpack();
+            let mut sums = [0i32; LANES];
+            // Lane `k` of each 32 values holds values `4k..4k + 4`, scaled by their group's scale.
+            for (chunk, (values, activations)) in values
+                .chunks_exact(32)
+                .zip(activation.values.chunks_exact(32))
+                .enumerate()
+            {
+                for (lane, sum) in sums.iter_mut().enumerate() {
+                    let mut products = 0i32;
+                    for index in 4 * lane..4 * lane + 4 {
+                        products += i32::from(values[index]) * i32::from(activations[index]);
+                    }
+                    *sum += i32::from(weight.scales[2 * chunk + lane / 4]) * products;
+                }
+            }
+            for (lane, sum) in sums.iter_mut().enumerate() {
+                *sum -= 32
+                    * (i32::from(activation.sums[2 * lane]) * i32::from(weight.scales[2 * lane])
+                        + i32::from(activation.sums[2 * lane + 1])
+                            * i32::from(weight.scales[2 * lane + 1]));
+            }
+            for (lane, sum) in lanes.iter_mut().zip(sums) {
+                *lane = scale.mul_add(sum as f32, *lane);
+            }
+        }
+        sum_lanes(&lanes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::Matrix;
+    #[cfg(target_arch = "x86_64")]
+    use crate::simd::Avx2;
+    use crate::simd::Baseline;
+
+    /// Deterministic pseudo-random bytes.
+    fn bytes(count: usize, seed: u32) -> Vec<u8> {
+        let mut state = seed.max(1);
+        (0..count)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 17;
+                state ^= state << 5;
+                state as u8
+            })
+            .collect()
+    }
+
+    /// `count` blocks of `F` with random bits and small, sane f16 scales at `scales`.
+    fn blocks(size: usize, count: usize, scales: &[usize], seed: u32) -> Vec<u8> {
+        let mut all = bytes(size * count, seed);
+        for (index, block) in all.chunks_exact_mut(size).enumerate() {
+            for (offset, at) in scales.iter().enumerate() {
+                let value = 0.001 + ((index * 7 + offset * 3) % 11) as f32 / 2000.0;
+                block[*at..*at + 2].copy_from_slice(&f16::from_f32(value).to_le_bytes());
+            }
+        }
+        all
+    }
+
+    fn input(length: usize, seed: u32) -> Vec<f32> {
+        let mut state = seed;
+        (0..length)
+            .map(|_| {
+                state = state.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                (state >> 16) as f32 / 3000.0 - 10.0
+            })
+            .collect()
+    }
+
+    /// ggml's reference dequantization of one block, written from its definition.
+    fn dequantize_q4k(block: &[u8]) -> Vec<f32> {
+        let parsed = Q4K::parse(block);
+        let (d, dmin) = (parsed.d.to_f32(), parsed.dmin.to_f32());
+        let mut out = vec![0f32; 256];
+        for (index, slot) in out.iter_mut().enumerate() {
+            let (pair, within) = (index / 64, index % 64);
+            let byte = block[16 + 32 * pair + within % 32];
+            let (nibble, sub) = if within < 32 {
+                (byte & 0x0F, 2 * pair)
+            } else {
+                (byte >> 4, 2 * pair + 1)
+            };
+            *slot = d * f32::from(parsed.scales[sub]) * f32::from(nibble)
+                - dmin * f32::from(parsed.mins[sub]);
+        }
+        out
+    }
+
+    fn dequantize_q6k(block: &[u8]) -> Vec<f32> {
+        let d = f16::from_le_bytes([block[208], block[209]]).to_f32();
+        let mut out = vec![0f32; 256];
+        for half in 0..2 {
+            let (low, high) = (&block[64 * half..], &block[128 + 32 * half..]);
+            for index in 0..32 {
+                let scale =
+                    |offset: usize| f32::from(block[192 + 8 * half + index / 16 + offset] as i8);
+                let values = [
+                    (low[index] & 0xF) | ((high[index] & 3) << 4),
+                    (low[index + 32] & 0xF) | (((high[index] >> 2) & 3) << 4),
+                    (low[index] >> 4) | (((high[index] >> 4) & 3) << 4),
+                    (low[index + 32] >> 4) | (((high[index] >> 6) & 3) << 4),
+                ];
+                for (quarter, value) in values.iter().enumerate() {
+                    out[128 * half + 32 * quarter + index] =
+                        d * scale(2 * quarter) * (f32::from(*value) - 32.0);
+                }
+            }
+        }
+        out
+    }
+
+    fn dequantize_q50(block: &[u8]) -> Vec<f32> {
+        let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
+        let high = u32::from_le_bytes([block[2], block[3], block[4], block[5]]);
+        let mut out = vec![0f32; 32];
+        for index in 0..16 {
+            let byte = block[6 + index];
+            let low = f32::from((byte & 0xF) | (((high >> index) & 1) << 4) as u8);
+            let up = f32::from((byte >> 4) | (((high >> (index + 16)) & 1) << 4) as u8);
+            out[index] = d * (low - 16.0);
+            out[index + 16] = d * (up - 16.0);
+        }
+        out
+    }
+
+    /// The matrix against the dequantized weights in f64: close (activations are quantized), and the
+    /// forms equal bit for bit.
+    fn check<F: Format>(
+        bytes: &[u8],
+        rows: usize,
+        columns: usize,
+        dequantize: fn(&[u8]) -> Vec<f32>,
+    ) {
+        let matrix = Matrix::<F>::from_gguf(bytes, rows, columns).expect("matrix");
+        let weights: Vec<f32> = bytes.chunks_exact(F::BYTES).flat_map(dequantize).collect();
+        for tokens in [1, 3, 9] {
+            let x = input(tokens * columns, tokens as u32 + 5);
+            let ours = matrix.forward(&x, tokens);
+            for token in 0..tokens {
+                for row in 0..rows {
+                    let exact: f64 = (0..columns)
+                        .map(|column| {
+                            f64::from(weights[row * columns + column])
+                                * f64::from(x[token * columns + column])
+                        })
+                        .sum();
+                    let scale: f64 = (0..columns)
+                        .map(|column| {
+                            (f64::from(weights[row * columns + column])
+                                * f64::from(x[token * columns + column]))
+                            .abs()
+                        })
+                        .sum();
+                    let got = f64::from(ours[token * rows + row]);
+                    assert!(
+                        (got - exact).abs() <= 0.02 * scale.max(1e-3),
+                        "row {row}, token {token}: {got} vs {exact} (scale {scale})"
+                    );
+                }
+            }
+            let bits = |values: Vec<f32>| values.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            let portable = bits(matrix.forward_with(Baseline, &x, tokens));
+            #[cfg(target_arch = "x86_64")]
+            if let Some(avx2) = Avx2::detect() {
+                assert_eq!(bits(matrix.forward_with(avx2, &x, tokens)), portable);
+            }
+            assert_eq!(bits(ours), portable);
+        }
+        assert!(Matrix::<F>::from_gguf(&bytes[1..], rows, columns).is_none());
+    }
+
+    #[test]
+    fn q4_k_computes_the_dequantized_product() {
+        check::<Q4K>(&blocks(144, 24, &[0, 2], 1), 12, 512, dequantize_q4k);
+    }
+
+    #[test]
+    fn q6_k_computes_the_dequantized_product() {
+        check::<Q6K>(&blocks(210, 24, &[208], 2), 12, 512, dequantize_q6k);
+    }
+
+    #[test]
+    fn q5_0_computes_the_dequantized_product() {
+        check::<Q50>(&blocks(22, 40, &[0], 3), 10, 128, dequantize_q50);
+    }
+
+    #[test]
+    fn q8_k_takes_the_signed_largest_value_and_rounds_half_to_even() {
+        let mut values = [0f32; 256];
+        values[0] = -2.0;
+        values[1] = 1.0;
+        let block = quantize_k(&values);
+        // The first of equal magnitudes is -2: scale 1 / (127 / 2).
+        assert_eq!(block.scale, 1.0 / (-127.0f32 / -2.0));
+        assert_eq!(block.values[0], -127);
+        assert_eq!(block.values[1], 64); // 63.5 rounds to even
+        assert_eq!(block.sums[0], -127 + 64);
+        assert_eq!(quantize_k(&[0.0; 256]).scale, 0.0);
+    }
+}
