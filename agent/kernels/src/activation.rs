@@ -2,6 +2,8 @@
 //! as llama.cpp's CPU backend computes them (see [`crate::quant`] for why the rounding must match).
 //! Each is compiled once per form of the kernels ([`crate::simd`]).
 
+use half::f16;
+
 use crate::simd::{Isa, dispatch};
 
 /// ggml's `rms_norm` followed by its multiplication by the norm's weights: the squares summed in f64,
@@ -75,6 +77,42 @@ fn swiglu_body(gate: &[f32], up: &[f32]) -> Vec<f32> {
     out
 }
 
+/// `gelu(gate) * up`, element by element, as ggml's `ggml_vec_geglu_f32` computes it: GELU (tanh form)
+/// read from a table over every f16 input, the gate rounded to f16 to index it; gates at or below -10
+/// give 0, at or above 10 the gate itself. (The table is 64 K entries, built once.)
+pub fn geglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
+    let table = gelu_table();
+    let mut out = vec![0f32; gate.len().min(up.len())];
+    for ((out, x), g) in out.iter_mut().zip(gate).zip(up) {
+        *out = if *x <= -10.0 {
+            0.0
+        } else if *x >= 10.0 {
+            x * g
+        } else {
+            table[usize::from(f16::from_f32(*x).to_bits())].to_f32() * g
+        };
+    }
+    out
+}
+
+/// ggml's `ggml_table_gelu_f16`: `gelu_f32` of every f16 value, rounded to f16. `gelu_f32` is
+/// `0.5 x (1 + tanh(sqrt(2/pi) x (1 + 0.044715 x^2)))`, the inner `1 + a x * x` fused as GCC contracts
+/// it for the native builds.
+fn gelu_table() -> &'static [f16] {
+    static TABLE: std::sync::OnceLock<Vec<f16>> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        const COEFFICIENT: f32 = 0.044715;
+        const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+        (0..=u16::MAX)
+            .map(|bits| {
+                let x = f16::from_bits(bits).to_f32();
+                let inner = (SQRT_2_OVER_PI * x) * (COEFFICIENT * x).mul_add(x, 1.0);
+                f16::from_f32((0.5 * x) * (1.0 + inner.tanh()))
+            })
+            .collect()
+    })
+}
+
 /// ggml's `ggml_v_expf` (AVX-512 form): `2^n * p(b)` with `n = round(x / ln 2)`, `b` the remainder and
 /// `p` a degree-5 polynomial, all in fused multiply-adds; 0 or infinity past `|n| > 192`.
 #[inline(always)]
@@ -128,6 +166,20 @@ mod tests {
                     "swiglu, width {width}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn geglu_is_gelu_times_up_at_f16_precision() {
+        let gate: Vec<f32> = (0..200).map(|index| index as f32 * 0.13 - 13.0).collect();
+        let up = vec![2.0f32; 200];
+        for (ours, x) in geglu(&gate, &up).iter().zip(&gate) {
+            let exact = 0.5 * x * (1.0 + (0.797_884_6 * x * (1.0 + 0.044715 * x * x)).tanh()) * 2.0;
+            let expected = if *x <= -10.0 { 0.0 } else { exact };
+            assert!(
+                (ours - expected).abs() <= 2e-3 * expected.abs() + 1e-3,
+                "gelu({x}): {ours} vs {expected}"
+            );
         }
     }
 

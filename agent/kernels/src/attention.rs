@@ -154,11 +154,30 @@ impl KvLayer {
 /// # Panics
 /// When `queries` or `out` do not hold a whole number of tokens, or more tokens than the cache.
 pub fn attend(cache: &KvLayer, heads: &Heads, queries: &[f32], out: &mut [f32]) {
-    dispatch!(isa => attend_with(isa, cache, heads, queries, out));
+    attend_within(cache, heads, queries, out, usize::MAX);
 }
 
-/// [`attend`] in the form `isa`; each row runs with its features.
-fn attend_with<I: Isa>(isa: I, cache: &KvLayer, heads: &Heads, queries: &[f32], out: &mut [f32]) {
+/// [`attend`] with a sliding window: each query sees only the last `window` positions up to its own
+/// (llama.cpp's standard sliding-window mask: a key `window` or more positions back is left out).
+pub fn attend_within(
+    cache: &KvLayer,
+    heads: &Heads,
+    queries: &[f32],
+    out: &mut [f32],
+    window: usize,
+) {
+    dispatch!(isa => attend_with(isa, cache, heads, queries, out, window));
+}
+
+/// [`attend_within`] in the form `isa`; each row runs with its features.
+fn attend_with<I: Isa>(
+    isa: I,
+    cache: &KvLayer,
+    heads: &Heads,
+    queries: &[f32],
+    out: &mut [f32],
+    window: usize,
+) {
     let dim = heads.dim;
     let width = heads.query * dim;
     assert!(width > 0 && queries.len().is_multiple_of(width) && out.len() == queries.len());
@@ -184,6 +203,7 @@ fn attend_with<I: Isa>(isa: I, cache: &KvLayer, heads: &Heads, queries: &[f32], 
                     query,
                     head / group,
                     first + token + 1,
+                    window,
                     scale,
                     out,
                     scratch,
@@ -245,6 +265,7 @@ fn attend_row<I: Isa>(
     query: &[f32],
     kv_head: usize,
     positions: usize,
+    window: usize,
     scale: f32,
     out: &mut [f32],
     scratch: &mut Scratch,
@@ -261,7 +282,7 @@ fn attend_row<I: Isa>(
     sums.fill(0.0);
     let mut total = 0f32;
     let mut max = f32::NEG_INFINITY;
-    for position in 0..positions {
+    for position in positions.saturating_sub(window)..positions {
         let at = (position * heads.kv + kv_head) * dim;
         isa.to_f32_slice(&cache.keys[at..at + dim], key);
         let score = dot_f16(key, rounded_query) * scale;
@@ -368,8 +389,8 @@ mod tests {
                 assert_eq!(cache.values, portable_cache.values);
                 let mut out = vec![0f32; queries.len()];
                 let mut portable_out = vec![0f32; queries.len()];
-                attend_with(avx2, &cache, &heads, &queries, &mut out);
-                attend_with(Baseline, &cache, &heads, &queries, &mut portable_out);
+                attend_with(avx2, &cache, &heads, &queries, &mut out, usize::MAX);
+                attend_with(Baseline, &cache, &heads, &queries, &mut portable_out, usize::MAX);
                 assert_eq!(bits(&out), bits(&portable_out), "attention, dim {dim}");
             }
         }
@@ -398,6 +419,31 @@ mod tests {
                     / total
             })
             .collect()
+    }
+
+    #[test]
+    fn a_sliding_window_leaves_out_keys_that_far_back() {
+        let heads = Heads {
+            query: 1,
+            kv: 1,
+            dim: 64,
+        };
+        let value = |index: usize, salt: usize| ((index * 29 + salt * 13) % 19) as f32 / 5.0 - 1.7;
+        let keys: Vec<f32> = (0..5 * 64).map(|index| value(index, 1)).collect();
+        let values: Vec<f32> = (0..5 * 64).map(|index| value(index, 2)).collect();
+        let query: Vec<f32> = (0..64).map(|index| value(index, 3)).collect();
+        let mut cache = KvLayer::default();
+        cache.push(&keys, &values);
+        let mut out = vec![0f32; 64];
+        // The last position (4) with a window of 2 sees positions 3 and 4 only.
+        attend_within(&cache, &heads, &query, &mut out, 2);
+        let expected = reference(&keys[3 * 64..], &values[3 * 64..], &query, 2);
+        for (ours, expected) in out.iter().zip(&expected) {
+            assert!((ours - expected).abs() < 2e-3, "{ours} vs {expected}");
+        }
+        let mut everything = vec![0f32; 64];
+        attend(&cache, &heads, &query, &mut everything);
+        assert_ne!(out, everything);
     }
 
     #[test]

@@ -14,7 +14,7 @@ mod vector;
 #[path = "neon.rs"]
 mod vector;
 
-pub use activation::{rms_norm, swiglu};
-pub use attention::{Heads, KvLayer, Rope, Rotary, attend, rotate};
+pub use activation::{geglu, rms_norm, swiglu};
+pub use attention::{Heads, KvLayer, Rope, Rotary, attend, attend_within, rotate};
 pub use quant::{Q4KMatrix, Q6KMatrix, Q41Matrix, Q50Matrix, Q80Matrix};
 pub use simd::Kernels;
