@@ -1,7 +1,9 @@
-//! sollol's built-in inference engine: serves GGUF llama-family models as an Ollama node.
+//! sollol's built-in inference engine: serves GGUF models (llama, mistral, qwen2, gemma3) as an Ollama
+//! node.
 //!
 //! `gguf` reads and checks the file, `model` runs the forward pass in parts (embedding, a range of
-//! layers, the head), `tokenizer` builds the tokenizer and chat template from the file, `sampling`
+//! layers, the head), `tokenizer` builds the tokenizer and chat template from the file (`spm` is the
+//! SentencePiece-style tokenizer of `llama` vocabularies), `sampling`
 //! picks tokens, `catalogue` finds models on disk and describes them, `engine` loads, keeps and runs
 //! them, and `server` is the Ollama- and OpenAI-compatible HTTP API. A model may also run elsewhere
 //! (`remote`): the engine then only tokenizes and streams, and whoever implements [`RemoteCompute`]
@@ -16,6 +18,7 @@ pub mod model;
 pub mod remote;
 pub mod sampling;
 pub mod server;
+mod spm;
 pub mod structured;
 pub mod tokenizer;
 pub mod tools;

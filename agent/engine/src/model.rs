@@ -1,5 +1,6 @@
-//! Llama-family forward pass over quantized GGUF weights, split into `embed`, `layers(a..b)` and `head`
-//! so that one process can hold only a slice of a model's layers.
+//! The forward pass over quantized GGUF weights of the families the engine runs (llama, mistral, qwen2:
+//! pre-norm blocks with SwiGLU; gemma3: see [`Family::Gemma3`]), split into `embed`, `layers(a..b)` and
+//! `head` so that one process can hold only a slice of a model's layers.
 //!
 //! Tensors and kernels are candle's; the GGUF directory is ours ([`crate::gguf`]),
 //! so every offset is checked before candle sees a byte.
@@ -11,7 +12,9 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor, ggml_file};
 use candle_core::{Device, IndexOp, Module, Tensor};
 
 use crate::gguf::{Gguf, GgufError, TensorInfo};
-use sollol_kernels::{Heads, KvLayer, Q41Matrix, Q80Matrix, Rope, Rotary};
+use sollol_kernels::{
+    Heads, KvLayer, Q4KMatrix, Q6KMatrix, Q41Matrix, Q50Matrix, Q80Matrix, Rope, Rotary,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -19,7 +22,7 @@ pub enum ModelError {
     Gguf(#[from] GgufError),
     #[error("tensor computation failed: {0}")]
     Candle(#[from] candle_core::Error),
-    #[error("architecture {0:?} is not supported (llama, qwen2 and mistral are)")]
+    #[error("architecture {0:?} is not supported (llama, qwen2, mistral and gemma3 are)")]
     Architecture(String),
     #[error("layers {start}..{end} are not within the model's {count}")]
     Layers {
@@ -37,10 +40,42 @@ pub enum ModelError {
     ContextFull(usize),
 }
 
+/// What sets a family's layers apart from llama's, read from the GGUF metadata.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Family {
+    /// Llama, Mistral, Qwen 2: RMS norm before attention and feed-forward, SwiGLU.
+    Llama,
+    /// Gemma 3: embeddings scaled by the square root of their width, queries and keys RMS-normed per
+    /// head, an RMS norm after attention and after the feed-forward too, GeGLU, queries scaled by
+    /// `query_scale` before attention; every layer but each `pattern`-th attends within a sliding window
+    /// of `window` positions with rotary base `local_rope_base`. Logits soft-capped where the file
+    /// says so.
+    Gemma3 {
+        window: usize,
+        pattern: usize,
+        local_rope_base: f32,
+        query_scale: f32,
+        softcap: Option<f32>,
+    },
+}
+
+impl Family {
+    /// Whether layer `index` attends within a sliding window (and if so, how wide it is).
+    pub fn window(&self, index: usize) -> Option<usize> {
+        match self {
+            Self::Llama => None,
+            Self::Gemma3 {
+                window, pattern, ..
+            } => (*pattern == 0 || index % pattern < pattern - 1).then_some(*window),
+        }
+    }
+}
+
 /// Hyper-parameters read from the GGUF metadata.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Shape {
     pub architecture: String,
+    pub family: Family,
     pub layers: usize,
     pub embedding: usize,
     pub heads: usize,
@@ -58,7 +93,7 @@ impl Shape {
         let architecture = gguf.str("general.architecture")?.to_owned();
         let rope = match architecture.as_str() {
             "llama" | "mistral" => Rope::Adjacent,
-            "qwen2" => Rope::Halves,
+            "qwen2" | "gemma3" => Rope::Halves,
             _ => return Err(ModelError::Architecture(architecture)),
         };
         let key = |name: &str| format!("{architecture}.{name}");
@@ -67,6 +102,28 @@ impl Shape {
         };
         let heads = as_usize("attention.head_count")?;
         let embedding = as_usize("embedding_length")?;
+        // Gemma's heads are wider than the embedding divided among them.
+        let head_dim = as_usize("attention.key_length").unwrap_or(embedding / heads.max(1));
+        let family = if architecture == "gemma3" {
+            Family::Gemma3 {
+                window: as_usize("attention.sliding_window").unwrap_or(usize::MAX),
+                pattern: as_usize("attention.sliding_window_pattern").unwrap_or(6),
+                local_rope_base: gguf.f64(&key("rope.freq_base_swa")).unwrap_or(10_000.0) as f32,
+                // llama.cpp's: 1/sqrt(head width), but 1/sqrt(embedding / heads) for the 27B model.
+                query_scale: if as_usize("block_count").ok() == Some(62) {
+                    1.0 / ((embedding / heads.max(1)) as f32).sqrt()
+                } else {
+                    1.0 / (head_dim as f32).sqrt()
+                },
+                softcap: gguf
+                    .f64(&key("final_logit_softcapping"))
+                    .ok()
+                    .map(|cap| cap as f32)
+                    .filter(|cap| *cap > 0.0),
+            }
+        } else {
+            Family::Llama
+        };
         let vocab = gguf
             .get("tokenizer.ggml.tokens")
             .and_then(crate::gguf::Value::as_array)
@@ -76,7 +133,7 @@ impl Shape {
             embedding,
             heads,
             kv_heads: as_usize("attention.head_count_kv").unwrap_or(heads),
-            head_dim: embedding / heads.max(1),
+            head_dim,
             // Positions are precomputed up to this many; long contexts cost memory for nothing here.
             context: as_usize("context_length").unwrap_or(2048).min(8192),
             vocab,
@@ -86,11 +143,12 @@ impl Shape {
                 .f64(&key("attention.layer_norm_rms_epsilon"))
                 .unwrap_or(1e-5),
             architecture,
+            family,
         };
         if shape.heads == 0
             || shape.kv_heads == 0
             || !shape.heads.is_multiple_of(shape.kv_heads)
-            || !shape.embedding.is_multiple_of(shape.heads)
+            || shape.head_dim == 0
             || !shape.head_dim.is_multiple_of(2)
             || shape.layers == 0
         {
@@ -134,6 +192,11 @@ struct Layer {
     /// The feed-forward's gate and up projections.
     gate_up: Projections,
     down: Linear,
+    /// Gemma's: per-head norms of queries and keys, norms of the attention's and feed-forward's outputs.
+    q_norm: Option<Vec<f32>>,
+    k_norm: Option<Vec<f32>>,
+    post_attention_norm: Option<Vec<f32>>,
+    post_ffn_norm: Option<Vec<f32>>,
 }
 
 /// The token embedding table kept quantized; rows are dequantized as tokens need them (the table in
@@ -162,13 +225,16 @@ impl Embeddings {
     }
 }
 
-/// A weight matrix applied to activations: our kernels for Q4_1 and Q8_0, candle's quantized matmul for
-/// the other types.
+/// A weight matrix applied to activations: our kernels for Q4_1, Q8_0, Q5_0, Q4_K and Q6_K, candle's
+/// quantized matmul for the other types.
 #[derive(Debug)]
 enum Linear {
     Candle(QMatMul),
     Q41(Q41Matrix),
     Q80(Q80Matrix),
+    Q50(Q50Matrix),
+    Q4K(Q4KMatrix),
+    Q6K(Q6KMatrix),
 }
 
 impl Linear {
@@ -182,6 +248,9 @@ impl Linear {
             },
             Self::Q41(matrix) => matrix.columns(),
             Self::Q80(matrix) => matrix.columns(),
+            Self::Q50(matrix) => matrix.columns(),
+            Self::Q4K(matrix) => matrix.columns(),
+            Self::Q6K(matrix) => matrix.columns(),
         }
     }
 
@@ -201,6 +270,9 @@ impl Linear {
             }
             Self::Q41(matrix) => matrix.forward(x, tokens),
             Self::Q80(matrix) => matrix.forward(x, tokens),
+            Self::Q50(matrix) => matrix.forward(x, tokens),
+            Self::Q4K(matrix) => matrix.forward(x, tokens),
+            Self::Q6K(matrix) => matrix.forward(x, tokens),
         })
     }
 }
@@ -271,6 +343,8 @@ pub struct Model {
     layers: Vec<Layer>,
     head: Option<Head>,
     rotary: Rotary,
+    /// The sliding-window layers' angles, where their rotary base differs (Gemma 3).
+    local_rotary: Option<Rotary>,
     device: Device,
 }
 
@@ -354,6 +428,21 @@ impl Loader<'_> {
             GgmlDType::Q8_0 => {
                 if let Some(matrix) = Q80Matrix::from_gguf(bytes, rows, columns) {
                     return Ok(Linear::Q80(matrix));
+                }
+            }
+            GgmlDType::Q5_0 => {
+                if let Some(matrix) = Q50Matrix::from_gguf(bytes, rows, columns) {
+                    return Ok(Linear::Q50(matrix));
+                }
+            }
+            GgmlDType::Q4K => {
+                if let Some(matrix) = Q4KMatrix::from_gguf(bytes, rows, columns) {
+                    return Ok(Linear::Q4K(matrix));
+                }
+            }
+            GgmlDType::Q6K => {
+                if let Some(matrix) = Q6KMatrix::from_gguf(bytes, rows, columns) {
+                    return Ok(Linear::Q6K(matrix));
                 }
             }
             _ => {}
@@ -482,6 +571,10 @@ impl Model {
                 ffn_norm: loader.dense(&name("ffn_norm.weight"))?,
                 gate_up: loader.projections(&[&name("ffn_gate.weight"), &name("ffn_up.weight")])?,
                 down: loader.matmul(&name("ffn_down.weight"))?,
+                q_norm: loader.optional_dense(&name("attn_q_norm.weight"))?,
+                k_norm: loader.optional_dense(&name("attn_k_norm.weight"))?,
+                post_attention_norm: loader.optional_dense(&name("post_attention_norm.weight"))?,
+                post_ffn_norm: loader.optional_dense(&name("post_ffw_norm.weight"))?,
             });
         }
         let head = if part.head {
@@ -498,8 +591,20 @@ impl Model {
         } else {
             None
         };
+        let local_rotary = match shape.family {
+            Family::Gemma3 {
+                local_rope_base, ..
+            } => Some(Rotary::new(
+                shape.rope,
+                shape.head_dim,
+                local_rope_base,
+                shape.context,
+            )),
+            Family::Llama => None,
+        };
         Ok(Self {
             rotary: Rotary::new(shape.rope, shape.head_dim, shape.rope_base, shape.context),
+            local_rotary,
             shape,
             part,
             embeddings,
@@ -526,7 +631,21 @@ impl Model {
             .iter()
             .map(|token| table.row(*token, &self.device))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Tensor::cat(&rows, 0)?.unsqueeze(0)?)
+        let hidden = Tensor::cat(&rows, 0)?.unsqueeze(0)?;
+        Ok(match self.shape.family {
+            // ggml_scale by sqrtf(n_embd), in f32.
+            Family::Gemma3 { .. } => {
+                let scale = (self.shape.embedding as f32).sqrt();
+                let values: Vec<f32> = hidden
+                    .flatten_all()?
+                    .to_vec1::<f32>()?
+                    .into_iter()
+                    .map(|value| value * scale)
+                    .collect();
+                Tensor::from_vec(values, hidden.shape(), &self.device)?
+            }
+            Family::Llama => hidden,
+        })
     }
 
     /// Runs this instance's layers over `hidden` (positions `cache.length..`), extending the cache.
@@ -569,14 +688,25 @@ impl Model {
         }
         let epsilon = self.shape.rms_epsilon as f32;
         for (index, layer) in self.layers.iter().enumerate() {
+            let post_norm = |values: Vec<f32>, norm: &Option<Vec<f32>>| match norm {
+                Some(norm) => sollol_kernels::rms_norm(&values, norm, epsilon),
+                None => values,
+            };
             let normed = sollol_kernels::rms_norm(&hidden, &layer.attention_norm, epsilon);
             let attended = self.attention(layer, index, &normed, tokens, segments)?;
-            add(&mut hidden, &attended);
+            add(
+                &mut hidden,
+                &post_norm(attended, &layer.post_attention_norm),
+            );
             let normed = sollol_kernels::rms_norm(&hidden, &layer.ffn_norm, epsilon);
             let [gate, up] = <[Vec<f32>; 2]>::try_from(layer.gate_up.forward(&normed, tokens)?)
                 .map_err(|_| ModelError::MissingPart("feed-forward projections"))?;
-            let gated = sollol_kernels::swiglu(&gate, &up);
-            add(&mut hidden, &layer.down.forward(&gated, tokens)?);
+            let gated = match self.shape.family {
+                Family::Llama => sollol_kernels::swiglu(&gate, &up),
+                Family::Gemma3 { .. } => sollol_kernels::geglu(&gate, &up),
+            };
+            let down = layer.down.forward(&gated, tokens)?;
+            add(&mut hidden, &post_norm(down, &layer.post_ffn_norm));
         }
         Ok(hidden)
     }
@@ -615,7 +745,16 @@ impl Model {
             .as_ref()
             .ok_or(ModelError::MissingPart("output head"))?;
         let normed = sollol_kernels::rms_norm(hidden, &head.norm, self.shape.rms_epsilon as f32);
-        head.output.forward(&normed, rows)
+        let mut logits = head.output.forward(&normed, rows)?;
+        if let Family::Gemma3 {
+            softcap: Some(cap), ..
+        } = self.shape.family
+        {
+            for logit in &mut logits {
+                *logit = (*logit * (1.0 / cap)).tanh() * cap;
+            }
+        }
+        Ok(logits)
     }
 
     /// Self-attention of `x` (`tokens` rows, each segment's in turn) in layer `index`: each segment's
@@ -648,6 +787,18 @@ impl Model {
                 }
             }
         }
+        let epsilon = shape.rms_epsilon as f32;
+        if let Some(norm) = &layer.q_norm {
+            q = sollol_kernels::rms_norm(&q, norm, epsilon);
+        }
+        if let Some(norm) = &layer.k_norm {
+            k = sollol_kernels::rms_norm(&k, norm, epsilon);
+        }
+        let window = shape.family.window(index + self.part.layers.start);
+        let rotary = match (&self.local_rotary, window) {
+            (Some(local), Some(_)) => local,
+            _ => &self.rotary,
+        };
         let (q_width, kv_width) = (heads.query * heads.dim, heads.kv * heads.dim);
         let mut out = vec![0f32; q.len()];
         let mut row = 0;
@@ -657,8 +808,18 @@ impl Model {
             let q = &mut q[rows.start * q_width..rows.end * q_width];
             let k = &mut k[rows.start * kv_width..rows.end * kv_width];
             let v = &v[rows.start * kv_width..rows.end * kv_width];
-            sollol_kernels::rotate(&self.rotary, q, heads.query, start);
-            sollol_kernels::rotate(&self.rotary, k, heads.kv, start);
+            sollol_kernels::rotate(rotary, q, heads.query, start);
+            sollol_kernels::rotate(rotary, k, heads.kv, start);
+            // Gemma scales the rotated queries and attends with a scale of 1.
+            let scale = match shape.family {
+                Family::Gemma3 { query_scale, .. } => {
+                    for value in q.iter_mut() {
+                        *value *= query_scale;
+                    }
+                    1.0
+                }
+                Family::Llama => 1.0 / (heads.dim as f32).sqrt(),
+            };
             let cache = segment
                 .cache
                 .layers
@@ -671,11 +832,13 @@ impl Model {
                 return Err(ModelError::CacheBehind { cached, start });
             }
             cache.push(k, v);
-            sollol_kernels::attend(
+            sollol_kernels::attend_within(
                 cache,
                 &heads,
                 q,
                 &mut out[rows.start * q_width..rows.end * q_width],
+                window.unwrap_or(usize::MAX),
+                scale,
             );
             row = rows.end;
         }

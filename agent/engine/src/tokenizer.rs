@@ -1,6 +1,7 @@
 //! The tokenizer and chat template a GGUF file carries: byte-level BPE built from
 //! `tokenizer.ggml.tokens`/`merges` with the pre-tokenizer `tokenizer.ggml.pre` names (as llama.cpp
-//! chooses it), and `tokenizer.chat_template` rendered with minijinja.
+//! chooses it), or SentencePiece-style vocabularies ([`crate::spm`]), and `tokenizer.chat_template`
+//! rendered with minijinja.
 
 use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
@@ -10,6 +11,7 @@ use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer};
 
 use crate::gguf::{Gguf, GgufError, Value};
+use crate::spm::Spm;
 
 /// llama.cpp's token type for control tokens (`<|im_start|>` and the like).
 const CONTROL: u64 = 3;
@@ -22,7 +24,9 @@ const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}
 pub enum TokenizerError {
     #[error(transparent)]
     Gguf(#[from] GgufError),
-    #[error("tokenizer model {0:?} is not supported (gpt2-style BPE is)")]
+    #[error(
+        "tokenizer model {0:?} is not supported (gpt2-style BPE and llama-style SentencePiece are)"
+    )]
     Model(String),
     #[error("pre-tokenizer {0:?} is not supported (smollm, gpt2, qwen2 are)")]
     Pre(String),
@@ -50,10 +54,19 @@ pub struct ChatMessage {
     pub name: Option<String>,
 }
 
+/// A vocabulary's kind of tokenizer.
+#[derive(Debug)]
+enum Vocabulary {
+    /// Byte-level BPE (`gpt2`), through the `tokenizers` crate.
+    Bpe(Box<Tokenizer>),
+    /// SentencePiece-style merges by score (`llama`).
+    Spm(Spm),
+}
+
 /// Encodes and decodes text for one model, and renders its chat template.
 #[derive(Debug)]
 pub struct TextCodec {
-    tokenizer: Tokenizer,
+    vocabulary: Vocabulary,
     template: Option<String>,
     bos: Option<(u32, String)>,
     eos: Option<(u32, String)>,
@@ -67,10 +80,59 @@ pub struct TextCodec {
 impl TextCodec {
     pub fn from_gguf(gguf: &Gguf) -> Result<Self, TokenizerError> {
         let model = gguf.str("tokenizer.ggml.model")?;
-        if model != "gpt2" {
-            return Err(TokenizerError::Model(model.to_owned()));
-        }
         let tokens = gguf.strings("tokenizer.ggml.tokens")?;
+        let types: Vec<u64> = gguf
+            .get("tokenizer.ggml.token_type")
+            .and_then(Value::as_array)
+            .map(|types| {
+                types
+                    .iter()
+                    .map(|kind| kind.as_u64().unwrap_or(1))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let vocabulary = match model {
+            "gpt2" => Vocabulary::Bpe(Box::new(Self::bpe(gguf, &tokens, &types)?)),
+            "llama" => Vocabulary::Spm(Spm::from_gguf(gguf, &tokens, &types)),
+            other => return Err(TokenizerError::Model(other.to_owned())),
+        };
+        let special_ids: Vec<u32> = types
+            .iter()
+            .enumerate()
+            .filter(|(_, kind)| **kind == CONTROL || **kind == USER_DEFINED)
+            .filter_map(|(id, _)| u32::try_from(id).ok())
+            .collect();
+        let token_of = |key: &str| -> Option<(u32, String)> {
+            let id = gguf.u64(key).ok()?;
+            let text = tokens.get(usize::try_from(id).ok()?)?;
+            Some((u32::try_from(id).ok()?, (*text).to_owned()))
+        };
+        let eos = token_of("tokenizer.ggml.eos_token_id");
+        let mut stop_tokens: Vec<u32> = eos.iter().map(|(id, _)| *id).collect();
+        // End-of-turn markers of common chat formats end generation too.
+        for marker in ["<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"] {
+            if let Some(id) = tokens.iter().position(|token| *token == marker) {
+                stop_tokens.push(id as u32);
+            }
+        }
+        stop_tokens.sort_unstable();
+        stop_tokens.dedup();
+        Ok(Self {
+            vocabulary,
+            template: gguf.str("tokenizer.chat_template").ok().map(str::to_owned),
+            bos: token_of("tokenizer.ggml.bos_token_id"),
+            eos,
+            add_bos: gguf
+                .get("tokenizer.ggml.add_bos_token")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+            stop_tokens,
+            special_ids,
+        })
+    }
+
+    /// A byte-level BPE tokenizer for the vocabulary, its merges and pre-tokenizer.
+    fn bpe(gguf: &Gguf, tokens: &[&str], types: &[u64]) -> Result<Tokenizer, TokenizerError> {
         let merges: Vec<(String, String)> = gguf
             .strings("tokenizer.ggml.merges")?
             .into_iter()
@@ -112,64 +174,37 @@ impl TextCodec {
         };
         tokenizer.with_pre_tokenizer(Some(pre_tokenizer));
         tokenizer.with_decoder(Some(ByteLevel::default()));
-        let types: Vec<u64> = gguf
-            .get("tokenizer.ggml.token_type")
-            .and_then(Value::as_array)
-            .map(|types| {
-                types
-                    .iter()
-                    .map(|kind| kind.as_u64().unwrap_or(1))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let special_ids: Vec<u32> = types
+        let specials: Vec<AddedToken> = types
             .iter()
             .enumerate()
             .filter(|(_, kind)| **kind == CONTROL || **kind == USER_DEFINED)
-            .filter_map(|(id, _)| u32::try_from(id).ok())
-            .collect();
-        let specials: Vec<AddedToken> = special_ids
-            .iter()
-            .filter_map(|id| tokens.get(*id as usize))
+            .filter_map(|(id, _)| tokens.get(id))
             .map(|token| AddedToken::from((*token).to_owned(), true))
             .collect();
         tokenizer.add_special_tokens(specials).map_err(failed)?;
-        let token_of = |key: &str| -> Option<(u32, String)> {
-            let id = gguf.u64(key).ok()?;
-            let text = tokens.get(usize::try_from(id).ok()?)?;
-            Some((u32::try_from(id).ok()?, (*text).to_owned()))
-        };
-        let eos = token_of("tokenizer.ggml.eos_token_id");
-        let mut stop_tokens: Vec<u32> = eos.iter().map(|(id, _)| *id).collect();
-        // End-of-turn markers of common chat formats end generation too.
-        for marker in ["<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"] {
-            if let Some(id) = tokens.iter().position(|token| *token == marker) {
-                stop_tokens.push(id as u32);
-            }
-        }
-        stop_tokens.sort_unstable();
-        stop_tokens.dedup();
-        Ok(Self {
-            tokenizer,
-            template: gguf.str("tokenizer.chat_template").ok().map(str::to_owned),
-            bos: token_of("tokenizer.ggml.bos_token_id"),
-            eos,
-            add_bos: gguf
-                .get("tokenizer.ggml.add_bos_token")
-                .and_then(Value::as_bool)
-                .unwrap_or(false),
-            stop_tokens,
-            special_ids,
-        })
+        Ok(tokenizer)
     }
 
     /// The bytes each token stands for, by id, for constrained decoding: special tokens marked with
     /// llguidance's leading 0xFF (a grammar never produces them by their text).
     pub fn token_bytes(&self) -> Result<Vec<Vec<u8>>, TokenizerError> {
-        let size = self.tokenizer.get_vocab_size(true);
+        let size = self.vocabulary_size();
         let mut all = Vec::with_capacity(size);
+        let tokenizer = match &self.vocabulary {
+            Vocabulary::Bpe(tokenizer) => tokenizer,
+            Vocabulary::Spm(spm) => {
+                for id in 0..u32::try_from(size).map_err(failed)? {
+                    let mut bytes = spm.piece(id);
+                    if spm.is_special(id) {
+                        bytes.insert(0, 0xFF);
+                    }
+                    all.push(bytes);
+                }
+                return Ok(all);
+            }
+        };
         for id in 0..u32::try_from(size).map_err(failed)? {
-            let token = self.tokenizer.id_to_token(id).unwrap_or_default();
+            let token = tokenizer.id_to_token(id).unwrap_or_default();
             let bytes = if self.special_ids.binary_search(&id).is_ok() {
                 let mut marked = vec![0xFF];
                 marked.extend_from_slice(token.as_bytes());
@@ -206,7 +241,10 @@ impl TextCodec {
 
     /// The size of the vocabulary: token ids run below it.
     pub fn vocabulary_size(&self) -> usize {
-        self.tokenizer.get_vocab_size(true)
+        match &self.vocabulary {
+            Vocabulary::Bpe(tokenizer) => tokenizer.get_vocab_size(true),
+            Vocabulary::Spm(spm) => spm.vocabulary_size(),
+        }
     }
 
     /// The token that ends an answer: end of sequence, else the first end-of-turn marker.
@@ -219,20 +257,27 @@ impl TextCodec {
 
     /// Token ids of `text`; special tokens written in the text are recognised. Adds BOS when the model asks.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
-        let encoding = self.tokenizer.encode(text, false).map_err(failed)?;
-        let mut ids = Vec::with_capacity(encoding.len() + 1);
+        let mut ids = Vec::new();
         if self.add_bos
             && let Some((bos, _)) = &self.bos
         {
             ids.push(*bos);
         }
-        ids.extend_from_slice(encoding.get_ids());
+        match &self.vocabulary {
+            Vocabulary::Bpe(tokenizer) => {
+                ids.extend_from_slice(tokenizer.encode(text, false).map_err(failed)?.get_ids());
+            }
+            Vocabulary::Spm(spm) => ids.extend(spm.encode(text)),
+        }
         Ok(ids)
     }
 
     /// Text of `ids`, special tokens included.
     pub fn decode(&self, ids: &[u32]) -> Result<String, TokenizerError> {
-        self.tokenizer.decode(ids, false).map_err(failed)
+        match &self.vocabulary {
+            Vocabulary::Bpe(tokenizer) => tokenizer.decode(ids, false).map_err(failed),
+            Vocabulary::Spm(spm) => Ok(spm.decode(ids)),
+        }
     }
 
     pub fn is_stop(&self, id: u32) -> bool {

@@ -154,19 +154,22 @@ impl KvLayer {
 /// # Panics
 /// When `queries` or `out` do not hold a whole number of tokens, or more tokens than the cache.
 pub fn attend(cache: &KvLayer, heads: &Heads, queries: &[f32], out: &mut [f32]) {
-    attend_within(cache, heads, queries, out, usize::MAX);
+    let scale = 1.0 / (heads.dim as f32).sqrt();
+    attend_within(cache, heads, queries, out, usize::MAX, scale);
 }
 
-/// [`attend`] with a sliding window: each query sees only the last `window` positions up to its own
-/// (llama.cpp's standard sliding-window mask: a key `window` or more positions back is left out).
+/// [`attend`] with a sliding window and the scores' scale given: each query sees only the last
+/// `window` positions up to its own (llama.cpp's standard sliding-window mask: a key `window` or more
+/// positions back is left out).
 pub fn attend_within(
     cache: &KvLayer,
     heads: &Heads,
     queries: &[f32],
     out: &mut [f32],
     window: usize,
+    scale: f32,
 ) {
-    dispatch!(isa => attend_with(isa, cache, heads, queries, out, window));
+    dispatch!(isa => attend_with(isa, cache, heads, queries, out, window, scale));
 }
 
 /// [`attend_within`] in the form `isa`; each row runs with its features.
@@ -177,6 +180,7 @@ fn attend_with<I: Isa>(
     queries: &[f32],
     out: &mut [f32],
     window: usize,
+    scale: f32,
 ) {
     let dim = heads.dim;
     let width = heads.query * dim;
@@ -189,7 +193,6 @@ fn attend_with<I: Isa>(
     );
     let first = positions - tokens;
     let group = heads.query / heads.kv.max(1);
-    let scale = 1.0 / (dim as f32).sqrt();
     let row = |index: usize, out: &mut [f32], scratch: &mut Scratch| {
         let (token, head) = (index / heads.query, index % heads.query);
         let query = &queries[index * dim..(index + 1) * dim];
@@ -389,8 +392,16 @@ mod tests {
                 assert_eq!(cache.values, portable_cache.values);
                 let mut out = vec![0f32; queries.len()];
                 let mut portable_out = vec![0f32; queries.len()];
-                attend_with(avx2, &cache, &heads, &queries, &mut out, usize::MAX);
-                attend_with(Baseline, &cache, &heads, &queries, &mut portable_out, usize::MAX);
+                attend_with(avx2, &cache, &heads, &queries, &mut out, usize::MAX, 0.125);
+                attend_with(
+                    Baseline,
+                    &cache,
+                    &heads,
+                    &queries,
+                    &mut portable_out,
+                    usize::MAX,
+                    0.125,
+                );
                 assert_eq!(bits(&out), bits(&portable_out), "attention, dim {dim}");
             }
         }
@@ -436,7 +447,7 @@ mod tests {
         cache.push(&keys, &values);
         let mut out = vec![0f32; 64];
         // The last position (4) with a window of 2 sees positions 3 and 4 only.
-        attend_within(&cache, &heads, &query, &mut out, 2);
+        attend_within(&cache, &heads, &query, &mut out, 2, 0.125);
         let expected = reference(&keys[3 * 64..], &values[3 * 64..], &query, 2);
         for (ours, expected) in out.iter().zip(&expected) {
             assert!((ours - expected).abs() < 2e-3, "{ours} vs {expected}");

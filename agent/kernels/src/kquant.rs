@@ -171,33 +171,60 @@ impl Format for Q4K {
 
     #[inline(always)]
     fn dot<I: Dots>(isa: I, weights: &[Q4KBlock], activations: &[Q8KBlock]) -> f32 {
-        let (mut total, mut minimums) = (0f32, 0f32);
-        for (weight, activation) in weights.iter().zip(activations) {
-            let mut sum = 0i32;
-            for pair in 0..4 {
-                let bytes = &weight.values[32 * pair..32 * pair + 32];
-                let low = &activation.values[64 * pair..64 * pair + 32];
-                let high = &activation.values[64 * pair + 32..64 * pair + 64];
-                let (mut low_sum, mut high_sum) = (0i32, 0i32);
-                for ((byte, low), high) in bytes.iter().zip(low).zip(high) {
-                    low_sum += i32::from(byte & 0x0F) * i32::from(*low);
-                    high_sum += i32::from(byte >> 4) * i32::from(*high);
-                }
-                sum += i32::from(weight.scales[2 * pair]) * low_sum
-                    + i32::from(weight.scales[2 * pair + 1]) * high_sum;
-            }
-            let mut minimum = 0i32;
-            for (index, min) in weight.mins.iter().enumerate() {
-                minimum += i32::from(*min)
-                    * (i32::from(activation.sums[2 * index])
-                        + i32::from(activation.sums[2 * index + 1]));
-            }
-            total = (sum as f32).mul_add(isa.to_f32(weight.d) * activation.scale, total);
-            minimums =
-                (minimum as f32).mul_add(isa.to_f32(weight.dmin) * activation.scale, minimums);
-        }
-        total - minimums
+        q4k_dot(isa, weights, activations, false)
     }
+
+    const BATCH_DIFFERS: bool = true;
+
+    #[inline(always)]
+    fn batch_dot<I: Dots>(
+        isa: I,
+        weights: &[Q4KBlock],
+        activations: &[Q8KBlock],
+        in_fours: bool,
+    ) -> f32 {
+        q4k_dot(isa, weights, activations, in_fours)
+    }
+}
+
+/// The Q4_K dot product: one fused multiply-add per super-block (`gemv_q4_K_8x8_q8_K`, one token), or
+/// one per pair of sub-blocks (`gemm_q4_K_8x8_q8_K`, the rows of a batch in fours).
+#[inline(always)]
+fn q4k_dot<I: Isa>(isa: I, weights: &[Q4KBlock], activations: &[Q8KBlock], per_pair: bool) -> f32 {
+    let (mut total, mut minimums) = (0f32, 0f32);
+    for (weight, activation) in weights.iter().zip(activations) {
+        let scale = isa.to_f32(weight.d) * activation.scale;
+        let min_scale = isa.to_f32(weight.dmin) * activation.scale;
+        let (mut sum, mut minimum) = (0i32, 0i32);
+        for pair in 0..4 {
+            let bytes = &weight.values[32 * pair..32 * pair + 32];
+            let low = &activation.values[64 * pair..64 * pair + 32];
+            let high = &activation.values[64 * pair + 32..64 * pair + 64];
+            let (mut low_sum, mut high_sum) = (0i32, 0i32);
+            for ((byte, low), high) in bytes.iter().zip(low).zip(high) {
+                low_sum += i32::from(byte & 0x0F) * i32::from(*low);
+                high_sum += i32::from(byte >> 4) * i32::from(*high);
+            }
+            let sums = &activation.sums[4 * pair..4 * pair + 4];
+            let pair_sum = i32::from(weight.scales[2 * pair]) * low_sum
+                + i32::from(weight.scales[2 * pair + 1]) * high_sum;
+            let pair_minimum = i32::from(weight.mins[2 * pair])
+                * (i32::from(sums[0]) + i32::from(sums[1]))
+                + i32::from(weight.mins[2 * pair + 1]) * (i32::from(sums[2]) + i32::from(sums[3]));
+            if per_pair {
+                total = (pair_sum as f32).mul_add(scale, total);
+                minimums = (pair_minimum as f32).mul_add(min_scale, minimums);
+            } else {
+                sum += pair_sum;
+                minimum += pair_minimum;
+            }
+        }
+        if !per_pair {
+            total = (sum as f32).mul_add(scale, total);
+            minimums = (minimum as f32).mul_add(min_scale, minimums);
+        }
+    }
+    total - minimums
 }
 
 /// Q6_K: a super-block of 256 six-bit values (`d * scale * (value - 32)`) in sixteen groups of 16, each

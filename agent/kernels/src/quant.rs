@@ -56,6 +56,22 @@ pub trait Format: Send + Sync {
     ) -> [f32; N] {
         activations.map(|activations| Self::dot(isa, weights, activations))
     }
+
+    /// Whether llama.cpp computes a batch's rows differently from one token's: then each row of a batch
+    /// goes through [`Format::batch_dot`], told whether it is among the rows taken in fours.
+    const BATCH_DIFFERS: bool = false;
+
+    /// The dot product of one row of a batch; `in_fours` for the rows llama.cpp's repacked kernels take
+    /// four at a time (all but the last `rows % 4`).
+    fn batch_dot<I: Dots>(
+        isa: I,
+        weights: &[Self::Block],
+        activations: &[Self::Activation],
+        in_fours: bool,
+    ) -> f32 {
+        let _ = in_fours;
+        Self::dot(isa, weights, activations)
+    }
 }
 
 /// The block dot products of a form of the kernels ([`crate::simd`]): the portable ones below, NEON's
@@ -455,6 +471,17 @@ impl<F: Format> Matrix<F> {
         let (first, width) = (rows.start, rows.len());
         let activations = |token: usize| &quantized[token * per_row..(token + 1) * per_row];
         let mut out = vec![0f32; width * tokens];
+        if F::BATCH_DIFFERS {
+            let in_fours = tokens - tokens % 4;
+            for row in rows {
+                let weights = &self.blocks[row * per_row..(row + 1) * per_row];
+                for token in 0..tokens {
+                    out[token * width + row - first] =
+                        F::batch_dot(isa, weights, activations(token), token < in_fours);
+                }
+            }
+            return out;
+        }
         for row in rows {
             let weights = &self.blocks[row * per_row..(row + 1) * per_row];
             let mut token = 0;
