@@ -9,13 +9,16 @@
 use std::arch::x86_64::{
     __m256, __m256i, _mm_add_ps, _mm_add_ss, _mm_cvtph_ps, _mm_cvtsi32_si128, _mm_cvtss_f32,
     _mm_loadu_si128, _mm_movehdup_ps, _mm_movehl_ps, _mm_srli_epi16, _mm256_and_si256,
-    _mm256_castps256_ps128, _mm256_cvtepi32_ps, _mm256_extractf128_ps, _mm256_fmadd_ps,
-    _mm256_loadu_si256, _mm256_madd_epi16, _mm256_maddubs_epi16, _mm256_set_m128i,
-    _mm256_set1_epi8, _mm256_set1_epi16, _mm256_set1_ps, _mm256_setzero_ps, _mm256_sign_epi8,
+    _mm256_andnot_si256, _mm256_castps256_ps128, _mm256_cmpeq_epi8, _mm256_cvtepi32_ps,
+    _mm256_extractf128_ps, _mm256_fmadd_ps, _mm256_loadu_si256, _mm256_madd_epi16,
+    _mm256_maddubs_epi16, _mm256_or_si256, _mm256_set_epi64x, _mm256_set_m128i, _mm256_set1_epi8,
+    _mm256_set1_epi16, _mm256_set1_epi32, _mm256_set1_epi64x, _mm256_set1_ps, _mm256_setzero_ps,
+    _mm256_shuffle_epi8, _mm256_sign_epi8,
 };
 
 use half::f16;
 
+use crate::kquant::Q50Block;
 use crate::quant::{Q8Block, Q41Block, Q80Block};
 
 /// ggml's `ggml_vec_dot_q4_1_q8_1`.
@@ -91,6 +94,43 @@ pub(crate) unsafe fn q80_dot(weights: &[Q80Block], activations: &[Q8Block]) -> f
                 to_f32(weight.scale) * activation.scale,
                 magnitudes,
                 signed,
+            );
+        }
+        sum_lanes(lanes)
+    }
+}
+
+/// ggml's `ggml_vec_dot_q5_0_q8_0`: the fifth bits spread to bytes (`bytes_from_bits_32`), values
+/// without theirs lowered by 16 (`0xF0` or-ed in), then as Q8_0.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub(crate) unsafe fn q50_dot(weights: &[Q50Block], activations: &[Q8Block]) -> f32 {
+    // SAFETY: as in `q41_dot`; the loads read the blocks' 16- and 32-byte arrays.
+    unsafe {
+        let mask = _mm256_set1_epi8(0x0F);
+        let spread = _mm256_set_epi64x(
+            0x0303_0303_0303_0303,
+            0x0202_0202_0202_0202,
+            0x0101_0101_0101_0101,
+            0,
+        );
+        let bit_mask = _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe);
+        let ones = _mm256_set1_epi64x(-1);
+        let offset = _mm256_set1_epi8(0xF0u8 as i8);
+        let mut lanes = _mm256_setzero_ps();
+        for (weight, activation) in weights.iter().zip(activations) {
+            let packed = _mm_loadu_si128(weight.low.as_ptr().cast());
+            let nibbles =
+                _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), mask);
+            let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(weight.high as i32), spread);
+            let set = _mm256_cmpeq_epi8(_mm256_or_si256(bytes, bit_mask), ones);
+            let x = _mm256_or_si256(nibbles, _mm256_andnot_si256(set, offset));
+            let y = _mm256_loadu_si256(activation.values.as_ptr().cast());
+            lanes = accumulate(
+                lanes,
+                to_f32(weight.scale) * activation.scale,
+                _mm256_sign_epi8(x, x),
+                _mm256_sign_epi8(y, x),
             );
         }
         sum_lanes(lanes)

@@ -60,7 +60,9 @@ pub(crate) fn quantize_k(values: &[f32]) -> Q8KBlock {
         *slot = (inverse * value).round_ties_even().min(127.0) as i8;
     }
     for (sum, group) in block.sums.iter_mut().zip(block.values.chunks_exact(16)) {
-        *sum = group.iter().map(|value| i16::from(*value)).sum();
+        for value in group {
+            *sum += i16::from(*value);
+        }
     }
     block.scale = 1.0 / inverse;
     block
@@ -72,11 +74,11 @@ pub struct Q50;
 
 #[derive(Clone, Copy, Debug)]
 pub struct Q50Block {
-    scale: f16,
+    pub(crate) scale: f16,
     /// Bit `i` is value `i`'s fifth bit.
-    high: u32,
+    pub(crate) high: u32,
     /// Values 0..16 in the low nibbles, 16..32 in the high ones.
-    low: [u8; 16],
+    pub(crate) low: [u8; 16],
 }
 
 impl Format for Q50 {
@@ -102,19 +104,27 @@ impl Format for Q50 {
 
     #[inline(always)]
     fn dot<I: Dots>(isa: I, weights: &[Q50Block], activations: &[Q8Block]) -> f32 {
-        let mut lanes = [0f32; LANES];
-        for (weight, activation) in weights.iter().zip(activations) {
-            let scale = isa.to_f32(weight.scale) * activation.scale;
-            let mut values = [0i8; 32];
-            for (index, byte) in weight.low.iter().enumerate() {
-                let fifth = |bit: usize| (((weight.high >> bit) & 1) << 4) as u8;
-                values[index] = ((byte & 0x0F) | fifth(index)) as i8 - 16;
-                values[index + 16] = ((byte >> 4) | fifth(index + 16)) as i8 - 16;
-            }
-            accumulate(&mut lanes, scale, &values, &activation.values);
-        }
-        sum_lanes(&lanes)
+        isa.q50_dot(weights, activations)
     }
+}
+
+/// ggml's `ggml_vec_dot_q5_0_q8_0` (AVX2), portable.
+#[inline(always)]
+pub(crate) fn q50_dot<I: Isa>(isa: I, weights: &[Q50Block], activations: &[Q8Block]) -> f32 {
+    let mut lanes = [0f32; LANES];
+    for (weight, activation) in weights.iter().zip(activations) {
+        let scale = isa.to_f32(weight.scale) * activation.scale;
+        let mut values = [0i8; 32];
+        for index in 0..16 {
+            let byte = weight.low[index];
+            let low_fifth = ((weight.high >> index) << 4) as u8 & 0x10;
+            let high_fifth = ((weight.high >> (index + 12)) as u8) & 0x10;
+            values[index] = ((byte & 0x0F) | low_fifth) as i8 - 16;
+            values[index + 16] = ((byte >> 4) | high_fifth) as i8 - 16;
+        }
+        accumulate(&mut lanes, scale, &values, &activation.values);
+    }
+    sum_lanes(&lanes)
 }
 
 /// Q4_K: a super-block of 256 four-bit values in eight sub-blocks of 32, each with a 6-bit scale and
@@ -200,11 +210,13 @@ fn q4k_dot<I: Isa>(isa: I, weights: &[Q4KBlock], activations: &[Q8KBlock], per_p
             let bytes = &weight.values[32 * pair..32 * pair + 32];
             let low = &activation.values[64 * pair..64 * pair + 32];
             let high = &activation.values[64 * pair + 32..64 * pair + 64];
-            let (mut low_sum, mut high_sum) = (0i32, 0i32);
-            for ((byte, low), high) in bytes.iter().zip(low).zip(high) {
-                low_sum += i32::from(byte & 0x0F) * i32::from(*low);
-                high_sum += i32::from(byte >> 4) * i32::from(*high);
+            let (mut low_nibbles, mut high_nibbles) = ([0u8; 32], [0u8; 32]);
+            for (index, byte) in bytes.iter().enumerate() {
+                low_nibbles[index] = byte & 0x0F;
+                high_nibbles[index] = byte >> 4;
             }
+            let low_sum = dot32(&low_nibbles, low);
+            let high_sum = dot32(&high_nibbles, high);
             let sums = &activation.sums[4 * pair..4 * pair + 4];
             let pair_sum = i32::from(weight.scales[2 * pair]) * low_sum
                 + i32::from(weight.scales[2 * pair + 1]) * high_sum;
@@ -225,6 +237,23 @@ fn q4k_dot<I: Isa>(isa: I, weights: &[Q4KBlock], activations: &[Q8KBlock], per_p
         }
     }
     total - minimums
+}
+
+/// The integer dot product of 32 unsigned values below 64 and 32 activations (products fit 16 bits,
+/// which the compiler turns into multiply-add instructions).
+#[inline(always)]
+fn dot32(values: &[u8; 32], activations: &[i8]) -> i32 {
+    let mut products = [0i16; 32];
+    for (product, (value, activation)) in products.iter_mut().zip(values.iter().zip(activations)) {
+        *product = i16::from(*value) * i16::from(*activation);
+    }
+    // A plain loop: an iterator adapter the compiler kept out of line would lose the form's target
+    // features.
+    let mut sum = 0i32;
+    for product in products {
+        sum += i32::from(product);
+    }
+    sum
 }
 
 /// Q6_K: a super-block of 256 six-bit values (`d * scale * (value - 32)`) in sixteen groups of 16, each
@@ -300,11 +329,16 @@ impl Format for Q6K {
                 .zip(activation.values.chunks_exact(32))
                 .enumerate()
             {
+                let mut products = [0i16; 32];
+                for (product, (value, activation)) in
+                    products.iter_mut().zip(values.iter().zip(activations))
+                {
+                    *product = i16::from(*value) * i16::from(*activation);
+                }
                 for (lane, sum) in sums.iter_mut().enumerate() {
-                    let mut products = 0i32;
-                    for index in 4 * lane..4 * lane + 4 {
-                        products += i32::from(values[index]) * i32::from(activations[index]);
-                    }
+                    let quad = &products[4 * lane..4 * lane + 4];
+                    let products = (i32::from(quad[0]) + i32::from(quad[1]))
+                        + (i32::from(quad[2]) + i32::from(quad[3]));
                     *sum += i32::from(weight.scales[2 * chunk + lane / 4]) * products;
                 }
             }

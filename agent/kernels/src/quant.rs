@@ -14,6 +14,7 @@
 use half::f16;
 use rayon::prelude::*;
 
+use crate::kquant::Q50Block;
 #[cfg(target_arch = "x86_64")]
 use crate::simd::Avx2;
 use crate::simd::{Baseline, Isa, dispatch};
@@ -54,7 +55,12 @@ pub trait Format: Send + Sync {
         weights: &[Self::Block],
         activations: [&[Self::Activation]; N],
     ) -> [f32; N] {
-        activations.map(|activations| Self::dot(isa, weights, activations))
+        // A plain loop: `array::map`'s closure is kept out of line, without the form's target features.
+        let mut out = [0f32; N];
+        for (slot, activations) in out.iter_mut().zip(activations) {
+            *slot = Self::dot(isa, weights, activations);
+        }
+        out
     }
 
     /// Whether llama.cpp computes a batch's rows differently from one token's: then each row of a batch
@@ -88,6 +94,10 @@ pub trait Dots: Isa {
     }
 
     fn q80_dot(self, weights: &[Q80Block], activations: &[Q8Block]) -> f32;
+
+    fn q50_dot(self, weights: &[Q50Block], activations: &[Q8Block]) -> f32 {
+        crate::kquant::q50_dot(self, weights, activations)
+    }
 }
 
 impl Dots for Baseline {
@@ -141,6 +151,12 @@ impl Dots for Avx2 {
     fn q80_dot(self, weights: &[Q80Block], activations: &[Q8Block]) -> f32 {
         // SAFETY: as in `q41_dot`.
         unsafe { crate::vector::q80_dot(weights, activations) }
+    }
+
+    #[inline(always)]
+    fn q50_dot(self, weights: &[Q50Block], activations: &[Q8Block]) -> f32 {
+        // SAFETY: as in `q41_dot`.
+        unsafe { crate::vector::q50_dot(weights, activations) }
     }
 }
 
