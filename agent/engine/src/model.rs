@@ -340,6 +340,8 @@ pub struct Model {
     pub shape: Shape,
     pub part: Part,
     embeddings: Option<Embeddings>,
+    /// Token embeddings are the head's output matrix's rows (tied Q8_0 tables).
+    tied: bool,
     layers: Vec<Layer>,
     head: Option<Head>,
     rotary: Rotary,
@@ -536,7 +538,14 @@ impl Model {
             file: std::fs::File::open(path).map_err(GgufError::Io)?,
             device: device.clone(),
         };
-        let embeddings = if part.embed {
+        // A tied Q8_0 table that the head holds anyway is read from there (one copy in memory, not two).
+        let tied = part.embed
+            && part.head
+            && !loader.has("output.weight")
+            && gguf
+                .tensor("token_embd.weight")
+                .is_some_and(|info| info.ggml_type == 8);
+        let embeddings = if part.embed && !tied {
             let (info, bytes) = gguf.tensor_bytes(&mut loader.file, "token_embd.weight")?;
             let [width, rows] = info.dims[..] else {
                 return Err(ModelError::Gguf(GgufError::Corrupt(
@@ -608,6 +617,7 @@ impl Model {
             shape,
             part,
             embeddings,
+            tied,
             layers,
             head,
             device,
@@ -623,14 +633,33 @@ impl Model {
 
     /// Hidden states `(1, tokens, embedding)` for `tokens`.
     pub fn embed(&self, tokens: &[u32]) -> Result<Tensor, ModelError> {
-        let table = self
-            .embeddings
-            .as_ref()
-            .ok_or(ModelError::MissingPart("embedding"))?;
-        let rows = tokens
-            .iter()
-            .map(|token| table.row(*token, &self.device))
-            .collect::<Result<Vec<_>, _>>()?;
+        let rows = if let (
+            true,
+            Some(Head {
+                output: Linear::Q80(matrix),
+                ..
+            }),
+        ) = (self.tied, &self.head)
+        {
+            tokens
+                .iter()
+                .map(|token| {
+                    let row = matrix
+                        .row(*token as usize)
+                        .ok_or(ModelError::Token(*token))?;
+                    Ok(Tensor::from_vec(row, (1, matrix.columns()), &self.device)?)
+                })
+                .collect::<Result<Vec<_>, ModelError>>()?
+        } else {
+            let table = self
+                .embeddings
+                .as_ref()
+                .ok_or(ModelError::MissingPart("embedding"))?;
+            tokens
+                .iter()
+                .map(|token| table.row(*token, &self.device))
+                .collect::<Result<Vec<_>, _>>()?
+        };
         let hidden = Tensor::cat(&rows, 0)?.unsqueeze(0)?;
         Ok(match self.shape.family {
             // ggml_scale by sqrtf(n_embd), in f32.

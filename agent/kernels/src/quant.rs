@@ -377,6 +377,21 @@ pub struct Matrix<F: Format> {
 
 pub type Q41Matrix = Matrix<Q41>;
 pub type Q80Matrix = Matrix<Q80>;
+
+impl Matrix<Q80> {
+    /// Row `row` dequantized (`value * scale`, as ggml's `get_rows`): a tied model's token embedding
+    /// read from its output matrix instead of a second copy of the table.
+    pub fn row(&self, row: usize) -> Option<Vec<f32>> {
+        let per_row = self.columns / BLOCK;
+        let blocks = self.blocks.get(row * per_row..(row + 1) * per_row)?;
+        let mut values = Vec::with_capacity(self.columns);
+        for block in blocks {
+            let scale = block.scale.to_f32();
+            values.extend(block.values.iter().map(|value| f32::from(*value) * scale));
+        }
+        Some(values)
+    }
+}
 pub type Q50Matrix = Matrix<crate::kquant::Q50>;
 pub type Q4KMatrix = Matrix<crate::kquant::Q4K>;
 pub type Q6KMatrix = Matrix<crate::kquant::Q6K>;
