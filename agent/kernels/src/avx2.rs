@@ -6,19 +6,11 @@
 //! prove the CPU has AVX2, FMA and F16C with an [`crate::simd::Avx2`] before they call them.
 #![allow(unsafe_code)]
 
-use std::arch::x86_64::{
-    __m256, __m256i, _mm_add_ps, _mm_add_ss, _mm_cvtph_ps, _mm_cvtsi32_si128, _mm_cvtss_f32,
-    _mm_loadu_si128, _mm_movehdup_ps, _mm_movehl_ps, _mm_srli_epi16, _mm256_and_si256,
-    _mm256_andnot_si256, _mm256_castps256_ps128, _mm256_cmpeq_epi8, _mm256_cvtepi32_ps,
-    _mm256_extractf128_ps, _mm256_fmadd_ps, _mm256_loadu_si256, _mm256_madd_epi16,
-    _mm256_maddubs_epi16, _mm256_or_si256, _mm256_set_epi64x, _mm256_set_m128i, _mm256_set1_epi8,
-    _mm256_set1_epi16, _mm256_set1_epi32, _mm256_set1_epi64x, _mm256_set1_ps, _mm256_setzero_ps,
-    _mm256_shuffle_epi8, _mm256_sign_epi8,
-};
+use std::arch::x86_64::*;
 
 use half::f16;
 
-use crate::kquant::Q50Block;
+use crate::kquant::{Q4KBlock, Q6KBlock, Q8KBlock, Q50Block};
 use crate::quant::{Q8Block, Q41Block, Q80Block};
 
 /// ggml's `ggml_vec_dot_q4_1_q8_1`.
@@ -134,6 +126,145 @@ pub(crate) unsafe fn q50_dot(weights: &[Q50Block], activations: &[Q8Block]) -> f
             );
         }
         sum_lanes(lanes)
+    }
+}
+
+/// The Q4_K dot product of `crate::kquant` (ggml's repacked gemv, or gemm when `per_pair`): the integer
+/// sums by `maddubs` and `madd` with the sub-blocks' scales, exact, then the same fused multiply-adds.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub(crate) unsafe fn q4k_dot(
+    weights: &[Q4KBlock],
+    activations: &[Q8KBlock],
+    per_pair: bool,
+) -> f32 {
+    // SAFETY: as in `q41_dot`; the loads read 32 bytes within the blocks' 128- and 256-byte arrays.
+    unsafe {
+        let mask = _mm256_set1_epi8(0x0F);
+        let (mut total, mut minimums) = (0f32, 0f32);
+        for (weight, activation) in weights.iter().zip(activations) {
+            let scale = to_f32(weight.d) * activation.scale;
+            let min_scale = to_f32(weight.dmin) * activation.scale;
+            let mut sums = _mm256_setzero_si256();
+            let mut minimum = 0i32;
+            for pair in 0..4 {
+                let bits = _mm256_loadu_si256(weight.values.as_ptr().add(32 * pair).cast());
+                let low = _mm256_and_si256(bits, mask);
+                let high = _mm256_and_si256(_mm256_srli_epi16(bits, 4), mask);
+                let x_low = _mm256_loadu_si256(activation.values.as_ptr().add(64 * pair).cast());
+                let x_high =
+                    _mm256_loadu_si256(activation.values.as_ptr().add(64 * pair + 32).cast());
+                let low = _mm256_madd_epi16(
+                    _mm256_maddubs_epi16(low, x_low),
+                    _mm256_set1_epi16(i16::from(weight.scales[2 * pair])),
+                );
+                let high = _mm256_madd_epi16(
+                    _mm256_maddubs_epi16(high, x_high),
+                    _mm256_set1_epi16(i16::from(weight.scales[2 * pair + 1])),
+                );
+                let group = &activation.sums[4 * pair..4 * pair + 4];
+                let pair_minimum = i32::from(weight.mins[2 * pair])
+                    * (i32::from(group[0]) + i32::from(group[1]))
+                    + i32::from(weight.mins[2 * pair + 1])
+                        * (i32::from(group[2]) + i32::from(group[3]));
+                if per_pair {
+                    total = (sum_i32(_mm256_add_epi32(low, high)) as f32).mul_add(scale, total);
+                    minimums = (pair_minimum as f32).mul_add(min_scale, minimums);
+                } else {
+                    sums = _mm256_add_epi32(sums, _mm256_add_epi32(low, high));
+                    minimum += pair_minimum;
+                }
+            }
+            if !per_pair {
+                total = (sum_i32(sums) as f32).mul_add(scale, total);
+                minimums = (minimum as f32).mul_add(min_scale, minimums);
+            }
+        }
+        total - minimums
+    }
+}
+
+/// ggml's `ggml_vec_dot_q6_K_q8_K` (AVX2).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub(crate) unsafe fn q6k_dot(weights: &[Q6KBlock], activations: &[Q8KBlock]) -> f32 {
+    // SAFETY: as in `q41_dot`; the loads read 16 or 32 bytes within the blocks' arrays.
+    unsafe {
+        let (m3, m15) = (_mm256_set1_epi8(3), _mm256_set1_epi8(15));
+        let (m12, m48, m192) = (
+            _mm256_set1_epi8(12),
+            _mm256_set1_epi8(48),
+            _mm256_set1_epi8(0xC0u8 as i8),
+        );
+        let mut lanes = _mm256_setzero_ps();
+        for (weight, activation) in weights.iter().zip(activations) {
+            let scale = activation.scale * to_f32(weight.d);
+            let sums16 = _mm256_loadu_si256(activation.sums.as_ptr().cast());
+            let scales16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(weight.scales.as_ptr().cast()));
+            let offset = _mm256_slli_epi32(_mm256_madd_epi16(sums16, scales16), 5);
+            let mut sums = _mm256_setzero_si256();
+            for half in 0..2 {
+                let bits1 = _mm256_loadu_si256(weight.low.as_ptr().add(64 * half).cast());
+                let bits2 = _mm256_loadu_si256(weight.low.as_ptr().add(64 * half + 32).cast());
+                let high = _mm256_loadu_si256(weight.high.as_ptr().add(32 * half).cast());
+                let values = [
+                    _mm256_or_si256(
+                        _mm256_and_si256(bits1, m15),
+                        _mm256_slli_epi16(_mm256_and_si256(high, m3), 4),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(bits2, m15),
+                        _mm256_slli_epi16(_mm256_and_si256(high, m12), 2),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16(bits1, 4), m15),
+                        _mm256_and_si256(high, m48),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16(bits2, 4), m15),
+                        _mm256_srli_epi16(_mm256_and_si256(high, m192), 2),
+                    ),
+                ];
+                let mut products = [_mm256_setzero_si256(); 4];
+                for (quarter, (product, values)) in products.iter_mut().zip(values).enumerate() {
+                    let x = _mm256_loadu_si256(
+                        activation
+                            .values
+                            .as_ptr()
+                            .add(128 * half + 32 * quarter)
+                            .cast(),
+                    );
+                    let group = 8 * half + 2 * quarter;
+                    let scales = _mm256_set_m128i(
+                        _mm_set1_epi16(i16::from(weight.scales[group + 1])),
+                        _mm_set1_epi16(i16::from(weight.scales[group])),
+                    );
+                    *product = _mm256_madd_epi16(scales, _mm256_maddubs_epi16(values, x));
+                }
+                sums = _mm256_add_epi32(sums, _mm256_add_epi32(products[0], products[1]));
+                sums = _mm256_add_epi32(sums, _mm256_add_epi32(products[2], products[3]));
+            }
+            let sums = _mm256_sub_epi32(sums, offset);
+            lanes = _mm256_fmadd_ps(_mm256_set1_ps(scale), _mm256_cvtepi32_ps(sums), lanes);
+        }
+        sum_lanes(lanes)
+    }
+}
+
+/// The eight 32-bit lanes' sum (exact: integers).
+#[inline(always)]
+unsafe fn sum_i32(lanes: __m256i) -> i32 {
+    // SAFETY: the caller runs with AVX2.
+    unsafe {
+        let halves = _mm_add_epi32(
+            _mm256_castsi256_si128(lanes),
+            _mm256_extracti128_si256(lanes, 1),
+        );
+        let quarters = _mm_add_epi32(halves, _mm_unpackhi_epi64(halves, halves));
+        _mm_cvtsi128_si32(_mm_add_epi32(
+            quarters,
+            _mm_shuffle_epi32(quarters, 0b10_11_00_01),
+        ))
     }
 }
 

@@ -134,13 +134,13 @@ pub struct Q4K;
 
 #[derive(Clone, Copy, Debug)]
 pub struct Q4KBlock {
-    d: f16,
-    dmin: f16,
+    pub(crate) d: f16,
+    pub(crate) dmin: f16,
     /// The sub-blocks' scales and minimums, unpacked from the file's 12 bytes.
-    scales: [u8; 8],
-    mins: [u8; 8],
+    pub(crate) scales: [u8; 8],
+    pub(crate) mins: [u8; 8],
     /// Sub-blocks `2j` (low nibbles) and `2j + 1` (high nibbles) in bytes `32j..32j + 32`.
-    values: [u8; 128],
+    pub(crate) values: [u8; 128],
 }
 
 impl Format for Q4K {
@@ -181,7 +181,7 @@ impl Format for Q4K {
 
     #[inline(always)]
     fn dot<I: Dots>(isa: I, weights: &[Q4KBlock], activations: &[Q8KBlock]) -> f32 {
-        q4k_dot(isa, weights, activations, false)
+        isa.q4k_dot(weights, activations, false)
     }
 
     const BATCH_DIFFERS: bool = true;
@@ -193,14 +193,19 @@ impl Format for Q4K {
         activations: &[Q8KBlock],
         in_fours: bool,
     ) -> f32 {
-        q4k_dot(isa, weights, activations, in_fours)
+        isa.q4k_dot(weights, activations, in_fours)
     }
 }
 
 /// The Q4_K dot product: one fused multiply-add per super-block (`gemv_q4_K_8x8_q8_K`, one token), or
 /// one per pair of sub-blocks (`gemm_q4_K_8x8_q8_K`, the rows of a batch in fours).
 #[inline(always)]
-fn q4k_dot<I: Isa>(isa: I, weights: &[Q4KBlock], activations: &[Q8KBlock], per_pair: bool) -> f32 {
+pub(crate) fn q4k_dot<I: Isa>(
+    isa: I,
+    weights: &[Q4KBlock],
+    activations: &[Q8KBlock],
+    per_pair: bool,
+) -> f32 {
     let (mut total, mut minimums) = (0f32, 0f32);
     for (weight, activation) in weights.iter().zip(activations) {
         let scale = isa.to_f32(weight.d) * activation.scale;
@@ -263,10 +268,10 @@ pub struct Q6K;
 
 #[derive(Clone, Copy, Debug)]
 pub struct Q6KBlock {
-    low: [u8; 128],
-    high: [u8; 64],
-    scales: [i8; 16],
-    d: f16,
+    pub(crate) low: [u8; 128],
+    pub(crate) high: [u8; 64],
+    pub(crate) scales: [i8; 16],
+    pub(crate) d: f16,
 }
 
 impl Q6KBlock {
@@ -318,42 +323,48 @@ impl Format for Q6K {
 
     #[inline(always)]
     fn dot<I: Dots>(isa: I, weights: &[Q6KBlock], activations: &[Q8KBlock]) -> f32 {
-        let mut lanes = [0f32; LANES];
-        for (weight, activation) in weights.iter().zip(activations) {
-            let scale = activation.scale * isa.to_f32(weight.d);
-            let values = weight.unpack();
-            let mut sums = [0i32; LANES];
-            // Lane `k` of each 32 values holds values `4k..4k + 4`, scaled by their group's scale.
-            for (chunk, (values, activations)) in values
-                .chunks_exact(32)
-                .zip(activation.values.chunks_exact(32))
-                .enumerate()
+        isa.q6k_dot(weights, activations)
+    }
+}
+
+/// ggml's `ggml_vec_dot_q6_K_q8_K` (AVX2), portable.
+#[inline(always)]
+pub(crate) fn q6k_dot<I: Isa>(isa: I, weights: &[Q6KBlock], activations: &[Q8KBlock]) -> f32 {
+    let mut lanes = [0f32; LANES];
+    for (weight, activation) in weights.iter().zip(activations) {
+        let scale = activation.scale * isa.to_f32(weight.d);
+        let values = weight.unpack();
+        let mut sums = [0i32; LANES];
+        // Lane `k` of each 32 values holds values `4k..4k + 4`, scaled by their group's scale.
+        for (chunk, (values, activations)) in values
+            .chunks_exact(32)
+            .zip(activation.values.chunks_exact(32))
+            .enumerate()
+        {
+            let mut products = [0i16; 32];
+            for (product, (value, activation)) in
+                products.iter_mut().zip(values.iter().zip(activations))
             {
-                let mut products = [0i16; 32];
-                for (product, (value, activation)) in
-                    products.iter_mut().zip(values.iter().zip(activations))
-                {
-                    *product = i16::from(*value) * i16::from(*activation);
-                }
-                for (lane, sum) in sums.iter_mut().enumerate() {
-                    let quad = &products[4 * lane..4 * lane + 4];
-                    let products = (i32::from(quad[0]) + i32::from(quad[1]))
-                        + (i32::from(quad[2]) + i32::from(quad[3]));
-                    *sum += i32::from(weight.scales[2 * chunk + lane / 4]) * products;
-                }
+                *product = i16::from(*value) * i16::from(*activation);
             }
             for (lane, sum) in sums.iter_mut().enumerate() {
-                *sum -= 32
-                    * (i32::from(activation.sums[2 * lane]) * i32::from(weight.scales[2 * lane])
-                        + i32::from(activation.sums[2 * lane + 1])
-                            * i32::from(weight.scales[2 * lane + 1]));
-            }
-            for (lane, sum) in lanes.iter_mut().zip(sums) {
-                *lane = scale.mul_add(sum as f32, *lane);
+                let quad = &products[4 * lane..4 * lane + 4];
+                let products = (i32::from(quad[0]) + i32::from(quad[1]))
+                    + (i32::from(quad[2]) + i32::from(quad[3]));
+                *sum += i32::from(weight.scales[2 * chunk + lane / 4]) * products;
             }
         }
-        sum_lanes(&lanes)
+        for (lane, sum) in sums.iter_mut().enumerate() {
+            *sum -= 32
+                * (i32::from(activation.sums[2 * lane]) * i32::from(weight.scales[2 * lane])
+                    + i32::from(activation.sums[2 * lane + 1])
+                        * i32::from(weight.scales[2 * lane + 1]));
+        }
+        for (lane, sum) in lanes.iter_mut().zip(sums) {
+            *lane = scale.mul_add(sum as f32, *lane);
+        }
     }
+    sum_lanes(&lanes)
 }
 
 #[cfg(test)]

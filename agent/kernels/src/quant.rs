@@ -14,7 +14,7 @@
 use half::f16;
 use rayon::prelude::*;
 
-use crate::kquant::Q50Block;
+use crate::kquant::{Q4KBlock, Q6KBlock, Q8KBlock, Q50Block};
 #[cfg(target_arch = "x86_64")]
 use crate::simd::Avx2;
 use crate::simd::{Baseline, Isa, dispatch};
@@ -98,6 +98,14 @@ pub trait Dots: Isa {
     fn q50_dot(self, weights: &[Q50Block], activations: &[Q8Block]) -> f32 {
         crate::kquant::q50_dot(self, weights, activations)
     }
+
+    fn q4k_dot(self, weights: &[Q4KBlock], activations: &[Q8KBlock], per_pair: bool) -> f32 {
+        crate::kquant::q4k_dot(self, weights, activations, per_pair)
+    }
+
+    fn q6k_dot(self, weights: &[Q6KBlock], activations: &[Q8KBlock]) -> f32 {
+        crate::kquant::q6k_dot(self, weights, activations)
+    }
 }
 
 impl Dots for Baseline {
@@ -157,6 +165,18 @@ impl Dots for Avx2 {
     fn q50_dot(self, weights: &[Q50Block], activations: &[Q8Block]) -> f32 {
         // SAFETY: as in `q41_dot`.
         unsafe { crate::vector::q50_dot(weights, activations) }
+    }
+
+    #[inline(always)]
+    fn q4k_dot(self, weights: &[Q4KBlock], activations: &[Q8KBlock], per_pair: bool) -> f32 {
+        // SAFETY: as in `q41_dot`.
+        unsafe { crate::vector::q4k_dot(weights, activations, per_pair) }
+    }
+
+    #[inline(always)]
+    fn q6k_dot(self, weights: &[Q6KBlock], activations: &[Q8KBlock]) -> f32 {
+        // SAFETY: as in `q41_dot`.
+        unsafe { crate::vector::q6k_dot(weights, activations) }
     }
 }
 
