@@ -97,6 +97,17 @@ pub(crate) unsafe fn q80_dot(weights: &[Q80Block], activations: &[Q8Block]) -> f
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 pub(crate) unsafe fn q50_dot(weights: &[Q50Block], activations: &[Q8Block]) -> f32 {
+    // SAFETY: as in `q41_dot`.
+    unsafe { q50_dots(weights, [activations])[0] }
+}
+
+/// [`q50_dot`] of one weight row with several activation rows, the weights unpacked once.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub(crate) unsafe fn q50_dots<const N: usize>(
+    weights: &[Q50Block],
+    activations: [&[Q8Block]; N],
+) -> [f32; N] {
     // SAFETY: as in `q41_dot`; the loads read the blocks' 16- and 32-byte arrays.
     unsafe {
         let mask = _mm256_set1_epi8(0x0F);
@@ -109,23 +120,28 @@ pub(crate) unsafe fn q50_dot(weights: &[Q50Block], activations: &[Q8Block]) -> f
         let bit_mask = _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe);
         let ones = _mm256_set1_epi64x(-1);
         let offset = _mm256_set1_epi8(0xF0u8 as i8);
-        let mut lanes = _mm256_setzero_ps();
-        for (weight, activation) in weights.iter().zip(activations) {
+        let mut lanes = [_mm256_setzero_ps(); N];
+        for (index, weight) in weights.iter().enumerate() {
             let packed = _mm_loadu_si128(weight.low.as_ptr().cast());
             let nibbles =
                 _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), mask);
             let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(weight.high as i32), spread);
             let set = _mm256_cmpeq_epi8(_mm256_or_si256(bytes, bit_mask), ones);
             let x = _mm256_or_si256(nibbles, _mm256_andnot_si256(set, offset));
-            let y = _mm256_loadu_si256(activation.values.as_ptr().cast());
-            lanes = accumulate(
-                lanes,
-                to_f32(weight.scale) * activation.scale,
-                _mm256_sign_epi8(x, x),
-                _mm256_sign_epi8(y, x),
-            );
+            let magnitudes = _mm256_sign_epi8(x, x);
+            let scale = to_f32(weight.scale);
+            for (row, activations) in activations.iter().enumerate() {
+                let activation = &activations[index];
+                let y = _mm256_loadu_si256(activation.values.as_ptr().cast());
+                lanes[row] = accumulate(
+                    lanes[row],
+                    scale * activation.scale,
+                    magnitudes,
+                    _mm256_sign_epi8(y, x),
+                );
+            }
         }
-        sum_lanes(lanes)
+        std::array::from_fn(|row| sum_lanes(lanes[row]))
     }
 }
 

@@ -106,6 +106,15 @@ impl Format for Q50 {
     fn dot<I: Dots>(isa: I, weights: &[Q50Block], activations: &[Q8Block]) -> f32 {
         isa.q50_dot(weights, activations)
     }
+
+    #[inline(always)]
+    fn dots<I: Dots, const N: usize>(
+        isa: I,
+        weights: &[Q50Block],
+        activations: [&[Q8Block]; N],
+    ) -> [f32; N] {
+        isa.q50_dots(weights, activations)
+    }
 }
 
 /// ggml's `ggml_vec_dot_q5_0_q8_0` (AVX2), portable.

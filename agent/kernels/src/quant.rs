@@ -99,6 +99,18 @@ pub trait Dots: Isa {
         crate::kquant::q50_dot(self, weights, activations)
     }
 
+    fn q50_dots<const N: usize>(
+        self,
+        weights: &[Q50Block],
+        activations: [&[Q8Block]; N],
+    ) -> [f32; N] {
+        let mut out = [0f32; N];
+        for (slot, activations) in out.iter_mut().zip(activations) {
+            *slot = self.q50_dot(weights, activations);
+        }
+        out
+    }
+
     fn q4k_dot(self, weights: &[Q4KBlock], activations: &[Q8KBlock], per_pair: bool) -> f32 {
         crate::kquant::q4k_dot(self, weights, activations, per_pair)
     }
@@ -165,6 +177,16 @@ impl Dots for Avx2 {
     fn q50_dot(self, weights: &[Q50Block], activations: &[Q8Block]) -> f32 {
         // SAFETY: as in `q41_dot`.
         unsafe { crate::vector::q50_dot(weights, activations) }
+    }
+
+    #[inline(always)]
+    fn q50_dots<const N: usize>(
+        self,
+        weights: &[Q50Block],
+        activations: [&[Q8Block]; N],
+    ) -> [f32; N] {
+        // SAFETY: as in `q41_dot`.
+        unsafe { crate::vector::q50_dots(weights, activations) }
     }
 
     #[inline(always)]
