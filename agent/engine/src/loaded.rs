@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use sollol_shared::layers::Sampling;
 
+use crate::batch::Batcher;
 use crate::catalogue::{ModelDetails, ModelFile, details_of};
 use crate::error::EngineError;
 use crate::gguf::Gguf;
@@ -36,6 +37,8 @@ pub struct LoadedModel {
     pub context: usize,
     /// llguidance's view of the vocabulary, built by the first request with a format.
     grammars: std::sync::OnceLock<Result<Arc<Grammars>, String>>,
+    /// The decoding steps of the sequences generating at once, run as one batch.
+    steps: Batcher,
 }
 
 impl LoadedModel {
@@ -57,6 +60,7 @@ impl LoadedModel {
             codec,
             load_duration: started.elapsed(),
             grammars: std::sync::OnceLock::new(),
+            steps: Batcher::default(),
         })
     }
 
@@ -85,7 +89,13 @@ impl LoadedModel {
             load_duration: started.elapsed(),
             context,
             grammars: std::sync::OnceLock::new(),
+            steps: Batcher::default(),
         })
+    }
+
+    /// How many decoding steps have run batched with another sequence's.
+    pub fn batched_steps(&self) -> u64 {
+        self.steps.shared_steps()
     }
 
     /// The context a request may use: its `num_ctx`, at most the model's own.
@@ -255,6 +265,8 @@ impl LoadedModel {
             Some(format) => Some(self.constrain(format).map_err(EngineError::Format)?),
             None => None,
         };
+        // From here, this sequence's steps run batched with the others generating on this model.
+        let _decoding = self.steps.decoding();
         while text.tokens() < limit {
             if let Some(constraint) = &mut constraint {
                 constraint.mask(&mut logits).map_err(EngineError::Format)?;
@@ -279,10 +291,7 @@ impl LoadedModel {
             if text.tokens() == limit || cache.length + 1 >= context {
                 break;
             }
-            let hidden = model.embed(&[token])?;
-            let hidden = model.layers(hidden, &mut cache)?;
-            cache.length += 1;
-            logits = model.head(&hidden)?;
+            logits = self.steps.step(model, token, &mut cache)?;
         }
         let rest = text.finish()?;
         if !rest.is_empty() {

@@ -38,6 +38,8 @@ pub enum ModelError {
     CacheBehind { cached: usize, start: usize },
     #[error("the sequence is longer than the context of {0} tokens")]
     ContextFull(usize),
+    #[error("a batched step failed: {0}")]
+    Batch(String),
 }
 
 /// What sets a family's layers apart from llama's, read from the GGUF metadata.
@@ -255,7 +257,8 @@ impl Linear {
     }
 
     /// `x` holds `tokens` rows of `columns` values; returns `tokens` rows of the matrix's rows.
-    fn forward(&self, x: &[f32], tokens: usize) -> Result<Vec<f32>, ModelError> {
+    /// `independent`: the rows are one token each of different sequences, each computed as alone.
+    fn forward(&self, x: &[f32], tokens: usize, independent: bool) -> Result<Vec<f32>, ModelError> {
         let columns = self.columns();
         if x.len() != tokens * columns {
             return Err(ModelError::Candle(candle_core::Error::Msg(format!(
@@ -268,10 +271,15 @@ impl Linear {
                 let input = Tensor::from_slice(x, (tokens, columns), &Device::Cpu)?;
                 matmul.forward(&input)?.flatten_all()?.to_vec1::<f32>()?
             }
+            Self::Q41(matrix) if independent => matrix.forward_independent(x, tokens),
             Self::Q41(matrix) => matrix.forward(x, tokens),
+            Self::Q80(matrix) if independent => matrix.forward_independent(x, tokens),
             Self::Q80(matrix) => matrix.forward(x, tokens),
+            Self::Q50(matrix) if independent => matrix.forward_independent(x, tokens),
             Self::Q50(matrix) => matrix.forward(x, tokens),
+            Self::Q4K(matrix) if independent => matrix.forward_independent(x, tokens),
             Self::Q4K(matrix) => matrix.forward(x, tokens),
+            Self::Q6K(matrix) if independent => matrix.forward_independent(x, tokens),
             Self::Q6K(matrix) => matrix.forward(x, tokens),
         })
     }
@@ -287,10 +295,15 @@ enum Projections {
 
 impl Projections {
     /// Each matrix's output, `tokens` rows each.
-    fn forward(&self, x: &[f32], tokens: usize) -> Result<Vec<Vec<f32>>, ModelError> {
+    fn forward(
+        &self,
+        x: &[f32],
+        tokens: usize,
+        independent: bool,
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
         match self {
             Self::Stacked { matmul, outputs } => {
-                let all = matmul.forward(x, tokens)?;
+                let all = matmul.forward(x, tokens, independent)?;
                 let total: usize = outputs.iter().sum();
                 let mut start = 0;
                 let mut parts = Vec::with_capacity(outputs.len());
@@ -307,7 +320,7 @@ impl Projections {
             }
             Self::Separate(matmuls) => matmuls
                 .iter()
-                .map(|matmul| matmul.forward(x, tokens))
+                .map(|matmul| matmul.forward(x, tokens, independent))
                 .collect(),
         }
     }
@@ -716,25 +729,28 @@ impl Model {
             return Err(ModelError::ContextFull(self.shape.context));
         }
         let epsilon = self.shape.rms_epsilon as f32;
+        // One token of each of several sequences (batched decoding): each row computed as if alone.
+        let independent = segments.len() > 1 && segments.iter().all(|segment| segment.tokens == 1);
         for (index, layer) in self.layers.iter().enumerate() {
             let post_norm = |values: Vec<f32>, norm: &Option<Vec<f32>>| match norm {
                 Some(norm) => sollol_kernels::rms_norm(&values, norm, epsilon),
                 None => values,
             };
             let normed = sollol_kernels::rms_norm(&hidden, &layer.attention_norm, epsilon);
-            let attended = self.attention(layer, index, &normed, tokens, segments)?;
+            let attended = self.attention(layer, index, &normed, tokens, segments, independent)?;
             add(
                 &mut hidden,
                 &post_norm(attended, &layer.post_attention_norm),
             );
             let normed = sollol_kernels::rms_norm(&hidden, &layer.ffn_norm, epsilon);
-            let [gate, up] = <[Vec<f32>; 2]>::try_from(layer.gate_up.forward(&normed, tokens)?)
-                .map_err(|_| ModelError::MissingPart("feed-forward projections"))?;
+            let [gate, up] =
+                <[Vec<f32>; 2]>::try_from(layer.gate_up.forward(&normed, tokens, independent)?)
+                    .map_err(|_| ModelError::MissingPart("feed-forward projections"))?;
             let gated = match self.shape.family {
                 Family::Llama => sollol_kernels::swiglu(&gate, &up),
                 Family::Gemma3 { .. } => sollol_kernels::geglu(&gate, &up),
             };
-            let down = layer.down.forward(&gated, tokens)?;
+            let down = layer.down.forward(&gated, tokens, independent)?;
             add(&mut hidden, &post_norm(down, &layer.post_ffn_norm));
         }
         Ok(hidden)
@@ -774,7 +790,7 @@ impl Model {
             .as_ref()
             .ok_or(ModelError::MissingPart("output head"))?;
         let normed = sollol_kernels::rms_norm(hidden, &head.norm, self.shape.rms_epsilon as f32);
-        let mut logits = head.output.forward(&normed, rows)?;
+        let mut logits = head.output.forward(&normed, rows, true)?;
         if let Family::Gemma3 {
             softcap: Some(cap), ..
         } = self.shape.family
@@ -795,6 +811,7 @@ impl Model {
         x: &[f32],
         tokens: usize,
         segments: &mut [Segment<'_>],
+        independent: bool,
     ) -> Result<Vec<f32>, ModelError> {
         let shape = &self.shape;
         let heads = Heads {
@@ -803,8 +820,9 @@ impl Model {
             dim: shape.head_dim,
         };
         // `[token][head][dim]`, biases added.
-        let [mut q, mut k, mut v] = <[Vec<f32>; 3]>::try_from(layer.qkv.forward(x, tokens)?)
-            .map_err(|_| ModelError::MissingPart("attention projections"))?;
+        let [mut q, mut k, mut v] =
+            <[Vec<f32>; 3]>::try_from(layer.qkv.forward(x, tokens, independent)?)
+                .map_err(|_| ModelError::MissingPart("attention projections"))?;
         for (values, bias) in [
             (&mut q, &layer.q_bias),
             (&mut k, &layer.k_bias),
@@ -871,7 +889,7 @@ impl Model {
             );
             row = rows.end;
         }
-        layer.output.forward(&out, tokens)
+        layer.output.forward(&out, tokens, independent)
     }
 }
 

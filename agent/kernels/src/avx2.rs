@@ -72,23 +72,37 @@ pub(crate) unsafe fn q41_dots<const N: usize>(
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 pub(crate) unsafe fn q80_dot(weights: &[Q80Block], activations: &[Q8Block]) -> f32 {
+    // SAFETY: as in `q41_dot`.
+    unsafe { q80_dots(weights, [activations])[0] }
+}
+
+/// [`q80_dot`] of one weight row with several activation rows, each weight block loaded once.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub(crate) unsafe fn q80_dots<const N: usize>(
+    weights: &[Q80Block],
+    activations: [&[Q8Block]; N],
+) -> [f32; N] {
     // SAFETY: as in `q41_dot`; the loads read 32-byte arrays.
     unsafe {
-        let mut lanes = _mm256_setzero_ps();
-        for (weight, activation) in weights.iter().zip(activations) {
+        let mut lanes = [_mm256_setzero_ps(); N];
+        for (index, weight) in weights.iter().enumerate() {
             let x = _mm256_loadu_si256(weight.values.as_ptr().cast());
-            let y = _mm256_loadu_si256(activation.values.as_ptr().cast());
             // `maddubs` multiplies unsigned by signed bytes: |x| times y with x's sign.
             let magnitudes = _mm256_sign_epi8(x, x);
-            let signed = _mm256_sign_epi8(y, x);
-            lanes = accumulate(
-                lanes,
-                to_f32(weight.scale) * activation.scale,
-                magnitudes,
-                signed,
-            );
+            let scale = to_f32(weight.scale);
+            for (row, activations) in activations.iter().enumerate() {
+                let activation = &activations[index];
+                let y = _mm256_loadu_si256(activation.values.as_ptr().cast());
+                lanes[row] = accumulate(
+                    lanes[row],
+                    scale * activation.scale,
+                    magnitudes,
+                    _mm256_sign_epi8(y, x),
+                );
+            }
         }
-        sum_lanes(lanes)
+        std::array::from_fn(|row| sum_lanes(lanes[row]))
     }
 }
 

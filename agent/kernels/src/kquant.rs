@@ -511,12 +511,19 @@ mod tests {
                 }
             }
             let bits = |values: Vec<f32>| values.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-            let portable = bits(matrix.forward_with(Baseline, &x, tokens));
+            let portable = bits(matrix.forward_with(Baseline, &x, tokens, false));
             #[cfg(target_arch = "x86_64")]
             if let Some(avx2) = Avx2::detect() {
-                assert_eq!(bits(matrix.forward_with(avx2, &x, tokens)), portable);
+                assert_eq!(bits(matrix.forward_with(avx2, &x, tokens, false)), portable);
             }
             assert_eq!(bits(ours), portable);
+            // Rows of different sequences: each as that token alone.
+            let alone: Vec<u32> = (0..tokens)
+                .flat_map(|token| {
+                    bits(matrix.forward(&x[token * columns..(token + 1) * columns], 1))
+                })
+                .collect();
+            assert_eq!(bits(matrix.forward_independent(&x, tokens)), alone);
         }
         assert!(Matrix::<F>::from_gguf(&bytes[1..], rows, columns).is_none());
     }

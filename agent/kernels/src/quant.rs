@@ -95,6 +95,18 @@ pub trait Dots: Isa {
 
     fn q80_dot(self, weights: &[Q80Block], activations: &[Q8Block]) -> f32;
 
+    fn q80_dots<const N: usize>(
+        self,
+        weights: &[Q80Block],
+        activations: [&[Q8Block]; N],
+    ) -> [f32; N] {
+        let mut out = [0f32; N];
+        for (slot, activations) in out.iter_mut().zip(activations) {
+            *slot = self.q80_dot(weights, activations);
+        }
+        out
+    }
+
     fn q50_dot(self, weights: &[Q50Block], activations: &[Q8Block]) -> f32 {
         crate::kquant::q50_dot(self, weights, activations)
     }
@@ -171,6 +183,16 @@ impl Dots for Avx2 {
     fn q80_dot(self, weights: &[Q80Block], activations: &[Q8Block]) -> f32 {
         // SAFETY: as in `q41_dot`.
         unsafe { crate::vector::q80_dot(weights, activations) }
+    }
+
+    #[inline(always)]
+    fn q80_dots<const N: usize>(
+        self,
+        weights: &[Q80Block],
+        activations: [&[Q8Block]; N],
+    ) -> [f32; N] {
+        // SAFETY: as in `q41_dot`.
+        unsafe { crate::vector::q80_dots(weights, activations) }
     }
 
     #[inline(always)]
@@ -330,6 +352,15 @@ impl Format for Q80 {
     fn dot<I: Dots>(isa: I, weights: &[Q80Block], activations: &[Q8Block]) -> f32 {
         isa.q80_dot(weights, activations)
     }
+
+    #[inline(always)]
+    fn dots<I: Dots, const N: usize>(
+        isa: I,
+        weights: &[Q80Block],
+        activations: [&[Q8Block]; N],
+    ) -> [f32; N] {
+        isa.q80_dots(weights, activations)
+    }
 }
 
 /// ggml's `ggml_vec_dot_q8_0_q8_0` (AVX2; llamafile's tinyBLAS sums the same way), portable.
@@ -465,11 +496,24 @@ impl<F: Format> Matrix<F> {
 
     /// `input` holds `tokens` rows of `columns` values; returns `tokens` rows of `rows` values.
     pub fn forward(&self, input: &[f32], tokens: usize) -> Vec<f32> {
-        dispatch!(isa => self.forward_with(isa, input, tokens))
+        dispatch!(isa => self.forward_with(isa, input, tokens, false))
+    }
+
+    /// [`Matrix::forward`] of rows that are each one token of a different sequence: every row is computed
+    /// as that token alone would be (for the formats llama.cpp computes batches of one sequence
+    /// differently), so a sequence's answer does not depend on what was batched with it.
+    pub fn forward_independent(&self, input: &[f32], rows: usize) -> Vec<f32> {
+        dispatch!(isa => self.forward_with(isa, input, rows, true))
     }
 
     /// [`Matrix::forward`] in the form `isa`; each thread's share of the rows runs with its features.
-    pub(crate) fn forward_with<I: Dots>(&self, isa: I, input: &[f32], tokens: usize) -> Vec<f32> {
+    pub(crate) fn forward_with<I: Dots>(
+        &self,
+        isa: I,
+        input: &[f32],
+        tokens: usize,
+        independent: bool,
+    ) -> Vec<f32> {
         let quantized = quantize_rows::<F, I>(isa, input);
         let mut output = vec![0f32; tokens * self.rows];
         if tokens == 1 {
@@ -495,7 +539,7 @@ impl<F: Format> Matrix<F> {
                 let rows = chunk * chunk_rows..((chunk + 1) * chunk_rows).min(self.rows);
                 isa.run(
                     #[inline(always)]
-                    || self.tokens(isa, rows, &quantized, tokens),
+                    || self.tokens(isa, rows, &quantized, tokens, independent),
                 )
             })
             .collect();
@@ -539,13 +583,14 @@ impl<F: Format> Matrix<F> {
         rows: std::ops::Range<usize>,
         quantized: &[F::Activation],
         tokens: usize,
+        independent: bool,
     ) -> Vec<f32> {
         let per_row = self.columns / F::VALUES;
         let (first, width) = (rows.start, rows.len());
         let activations = |token: usize| &quantized[token * per_row..(token + 1) * per_row];
         let mut out = vec![0f32; width * tokens];
         if F::BATCH_DIFFERS {
-            let in_fours = tokens - tokens % 4;
+            let in_fours = if independent { 0 } else { tokens - tokens % 4 };
             for row in rows {
                 let weights = &self.blocks[row * per_row..(row + 1) * per_row];
                 for token in 0..tokens {
@@ -752,13 +797,13 @@ mod tests {
                         .collect::<Vec<_>>()
                 };
                 assert_eq!(
-                    bits(q41.forward_with(avx2, &input, tokens)),
-                    bits(q41.forward_with(Baseline, &input, tokens)),
+                    bits(q41.forward_with(avx2, &input, tokens, false)),
+                    bits(q41.forward_with(Baseline, &input, tokens, false)),
                     "Q4_1, {tokens} tokens"
                 );
                 assert_eq!(
-                    bits(q80.forward_with(avx2, &input, tokens)),
-                    bits(q80.forward_with(Baseline, &input, tokens)),
+                    bits(q80.forward_with(avx2, &input, tokens, false)),
+                    bits(q80.forward_with(Baseline, &input, tokens, false)),
                     "Q8_0, {tokens} tokens"
                 );
             }
