@@ -849,24 +849,44 @@ impl Model {
         let (q_width, kv_width) = (heads.query * heads.dim, heads.kv * heads.dim);
         let mut out = vec![0f32; q.len()];
         let mut row = 0;
+        for segment in segments.iter() {
+            let rows = row..row + segment.tokens;
+            let start = segment.cache.length;
+            sollol_kernels::rotate(
+                rotary,
+                &mut q[rows.start * q_width..rows.end * q_width],
+                heads.query,
+                start,
+            );
+            sollol_kernels::rotate(
+                rotary,
+                &mut k[rows.start * kv_width..rows.end * kv_width],
+                heads.kv,
+                start,
+            );
+            row = rows.end;
+        }
+        // Gemma scales the rotated queries and attends with a scale of 1.
+        let scale = match shape.family {
+            Family::Gemma3 { query_scale, .. } => {
+                for value in q.iter_mut() {
+                    *value *= query_scale;
+                }
+                1.0
+            }
+            Family::Llama => 1.0 / (heads.dim as f32).sqrt(),
+        };
+        // Each segment's keys and values into its cache, then every segment's attention (at once
+        // when there are several: one decoding step of each sequence is too little work to share
+        // otherwise).
+        let mut row = 0;
+        let mut work = Vec::with_capacity(segments.len());
+        let (mut q_rest, mut out_rest) = (&q[..], &mut out[..]);
         for segment in segments.iter_mut() {
             let rows = row..row + segment.tokens;
             let start = segment.cache.length;
-            let q = &mut q[rows.start * q_width..rows.end * q_width];
-            let k = &mut k[rows.start * kv_width..rows.end * kv_width];
+            let k = &k[rows.start * kv_width..rows.end * kv_width];
             let v = &v[rows.start * kv_width..rows.end * kv_width];
-            sollol_kernels::rotate(rotary, q, heads.query, start);
-            sollol_kernels::rotate(rotary, k, heads.kv, start);
-            // Gemma scales the rotated queries and attends with a scale of 1.
-            let scale = match shape.family {
-                Family::Gemma3 { query_scale, .. } => {
-                    for value in q.iter_mut() {
-                        *value *= query_scale;
-                    }
-                    1.0
-                }
-                Family::Llama => 1.0 / (heads.dim as f32).sqrt(),
-            };
             let cache = segment
                 .cache
                 .layers
@@ -879,16 +899,13 @@ impl Model {
                 return Err(ModelError::CacheBehind { cached, start });
             }
             cache.push(k, v);
-            sollol_kernels::attend_within(
-                cache,
-                &heads,
-                q,
-                &mut out[rows.start * q_width..rows.end * q_width],
-                window.unwrap_or(usize::MAX),
-                scale,
-            );
+            let (queries, q_next) = q_rest.split_at(segment.tokens * q_width);
+            let (into, out_next) = out_rest.split_at_mut(segment.tokens * q_width);
+            (q_rest, out_rest) = (q_next, out_next);
+            work.push((&*cache, queries, into));
             row = rows.end;
         }
+        sollol_kernels::attend_each(work, &heads, window.unwrap_or(usize::MAX), scale);
         layer.output.forward(&out, tokens, independent)
     }
 }

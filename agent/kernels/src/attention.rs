@@ -172,6 +172,22 @@ pub fn attend_within(
     dispatch!(isa => attend_with(isa, cache, heads, queries, out, window, scale));
 }
 
+/// One sequence's part of [`attend_each`]: its cache, its queries, where its output goes.
+pub type Attention<'a> = (&'a KvLayer, &'a [f32], &'a mut [f32]);
+
+/// [`attend_within`] for several sequences at once (a decoding step of each), spread over the threads
+/// when there are several: one sequence's step alone is too little work to share.
+pub fn attend_each(work: Vec<Attention<'_>>, heads: &Heads, window: usize, scale: f32) {
+    let attend = |(cache, queries, out): Attention<'_>| {
+        attend_within(cache, heads, queries, out, window, scale);
+    };
+    if work.len() > 1 {
+        work.into_par_iter().for_each(attend);
+    } else {
+        work.into_iter().for_each(attend);
+    }
+}
+
 /// [`attend_within`] in the form `isa`; each row runs with its features.
 fn attend_with<I: Isa>(
     isa: I,

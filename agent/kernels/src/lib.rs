@@ -15,6 +15,8 @@ mod vector;
 mod vector;
 
 pub use activation::{geglu, rms_norm, swiglu};
-pub use attention::{Heads, KvLayer, Rope, Rotary, attend, attend_within, rotate};
+pub use attention::{
+    Attention, Heads, KvLayer, Rope, Rotary, attend, attend_each, attend_within, rotate,
+};
 pub use quant::{Q4KMatrix, Q6KMatrix, Q41Matrix, Q50Matrix, Q80Matrix};
 pub use simd::Kernels;
