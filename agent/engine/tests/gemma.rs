@@ -149,3 +149,45 @@ fn greedy_generation_matches_llama_cpp_and_a_layer_split_matches_the_whole() {
         "layer split changed the logits by up to {worst}"
     );
 }
+
+/// The model as the engine serves it (loaded from the catalogue's description, generating through
+/// the same path as `/api/generate` with `raw`): the reference continuation, streamed in pieces.
+#[test]
+fn the_engine_serves_it() {
+    let path = gemma_path();
+    let file = sollol_engine::engine::discover(path.parent().expect("model dir"), None)
+        .into_iter()
+        .find(|file| file.path == path)
+        .expect("the model is discovered");
+    let model = sollol_engine::engine::LoadedModel::load(&file).expect("load");
+    assert_eq!(model.details.family, "gemma3");
+    let reference = reference();
+    let case = &reference["completions"][0];
+    let prompt = model
+        .codec
+        .encode(case["prompt"].as_str().expect("prompt"))
+        .expect("encode");
+    assert_eq!(prompt, ids(&case["prompt_ids"]));
+    let options = sollol_engine::engine::GenerateOptions {
+        // Ollama's default repeat penalty (1.1) would change the answer; the reference has none.
+        sampling: sollol_engine::sampling::SamplingOptions {
+            temperature: 0.0,
+            repeat_penalty: 1.0,
+            ..Default::default()
+        },
+        num_predict: Some(32),
+        stop: Vec::new(),
+        format: None,
+        num_ctx: None,
+    };
+    let mut pieces = Vec::new();
+    let generated = model
+        .generate(&prompt, &options, |piece| {
+            pieces.push(piece.to_owned());
+            true
+        })
+        .expect("generation");
+    assert_eq!(generated.tokens, ids(&case["output_ids"]));
+    assert!(pieces.len() > 1, "streamed in pieces");
+    assert_eq!(pieces.concat(), case["output_text"].as_str().expect("text"));
+}
