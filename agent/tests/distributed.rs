@@ -50,6 +50,9 @@ struct Cluster {
 const WITHOUT_MODEL: &str = "empty";
 /// Agents whose name starts with this get a copy of the test model of their own (others, a link to it).
 const OWN_COPY: &str = "copy";
+/// Agents whose name starts with this hold the second test model, Gemma 3 270M Q4_K_M, as
+/// `gemma3:270m` (a link to it).
+const GEMMA: &str = "gemma";
 
 /// A coordinator here and `names.len()` agent processes, each with its own models directory holding
 /// the test model (or, for a name in `altered`, a copy with one weight byte changed).
@@ -112,7 +115,10 @@ fn spawn_agent_with(
     let models = dir.path().join("models");
     std::fs::create_dir_all(&models).expect("models dir");
     let target = models.join("smollm2:135m.gguf");
-    if name.starts_with(WITHOUT_MODEL) {
+    if name.starts_with(GEMMA) {
+        std::os::unix::fs::symlink(support::gemma_model(), models.join("gemma3:270m.gguf"))
+            .expect("link model");
+    } else if name.starts_with(WITHOUT_MODEL) {
         // No copy at all: this agent fetches its part from a peer.
     } else if name.starts_with(OWN_COPY) {
         std::fs::copy(support::test_model(), &target).expect("copy model");
@@ -443,6 +449,65 @@ async fn two_and_three_stages_reproduce_the_single_process_model() {
             "the stages never ran two sequences in one batch ({largest})"
         );
     }
+}
+
+/// Gemma 3 (another family, K-quants, sliding-window layers) split over two stages gives the whole
+/// model's tokens and logits, for one sequence and for four at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gemma_split_over_two_stages_reproduces_the_single_process_model() {
+    let cluster = cluster(&["gemma-a", "gemma-b"], &[]).await;
+    let token = cluster.coordinator.token.clone();
+    let reference: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            support::root().join("tests/reference/gemma-3-270m-q4_k_m.llamacpp.json"),
+        )
+        .expect("reference"),
+    )
+    .expect("JSON");
+    let prompts: Vec<Vec<u32>> = reference["completions"]
+        .as_array()
+        .expect("completions")
+        .iter()
+        .take(4)
+        .map(|completion| {
+            completion["prompt_ids"]
+                .as_array()
+                .expect("ids")
+                .iter()
+                .map(|id| id.as_u64().expect("id") as u32)
+                .collect()
+        })
+        .collect();
+    let model = Model::load_whole(&support::gemma_model()).expect("load");
+    let (expected_tokens, expected_logits) = local_run(&model, &prompts[0], 12);
+    let expected_each: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|prompt| local_run(&model, prompt, 8).0)
+        .collect();
+    drop(model);
+    let pipeline = Pipeline::start(
+        "gemma3:270m",
+        &cluster.candidates(&["gemma-a", "gemma-b"]),
+        2,
+        &token,
+        Timeouts::default(),
+    )
+    .await
+    .expect("plan");
+    let ranges: Vec<_> = pipeline
+        .plan
+        .stages
+        .iter()
+        .map(|stage| stage.layers.clone())
+        .collect();
+    assert_eq!(ranges, vec![0..9, 9..18], "{:?}", pipeline.plan.reasons);
+    let (tokens, logits) = pipeline_run(&pipeline, &prompts[0], 12).await;
+    assert_eq!(tokens, expected_tokens);
+    let worst = worst_difference(&logits, &expected_logits);
+    assert!(worst <= 1e-4, "logits differ by up to {worst}");
+    let concurrent =
+        futures_util::future::join_all(prompts.iter().map(|p| sampled_run(&pipeline, p, 8))).await;
+    assert_eq!(concurrent, expected_each, "4 sequences");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -46,6 +46,21 @@ pub fn test_model() -> PathBuf {
     path
 }
 
+/// The second test model, Gemma 3 270M Q4_K_M, fetched by `scripts/fetch-model --gemma` (run by
+/// `scripts/test`); `SOLLOL_TEST_GEMMA` overrides.
+#[allow(dead_code)] // Not every test binary uses it.
+pub fn gemma_model() -> PathBuf {
+    let path = std::env::var_os("SOLLOL_TEST_GEMMA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join(".cache/gemma/gemma-3-270m-q4_k_m.gguf"));
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/fetch-model --gemma (scripts/test does) or set SOLLOL_TEST_GEMMA",
+        path.display()
+    );
+    path
+}
+
 /// Runs `tests/clients/SCRIPT` with the test venv's Python and `args`; panics with its output unless it
 /// succeeds and prints `summary` (its closing "N passed, N failed" line).
 pub async fn run_client_script(script: &str, args: &[&str], summary: &str) {
