@@ -19,8 +19,12 @@
 
 use half::f16;
 
-use crate::quant::{Dots, Format, Q8Block, accumulate, quantize, sum_lanes};
+use crate::quant::{Dots, Format, Matrix, Q8Block, accumulate, quantize, sum_lanes};
 use crate::simd::Isa;
+
+pub type Q50Matrix = Matrix<Q50>;
+pub type Q4KMatrix = Matrix<Q4K>;
+pub type Q6KMatrix = Matrix<Q6K>;
 
 /// Values in a K-quant super-block.
 const SUPER: usize = 256;
@@ -81,6 +85,7 @@ pub struct Q50Block {
     pub(crate) low: [u8; 16],
 }
 
+#[allow(unsafe_code)]
 impl Format for Q50 {
     type Block = Q50Block;
     type Activation = Q8Block;
@@ -104,7 +109,12 @@ impl Format for Q50 {
 
     #[inline(always)]
     fn dot<I: Dots>(isa: I, weights: &[Q50Block], activations: &[Q8Block]) -> f32 {
-        isa.q50_dot(weights, activations)
+        #[cfg(target_arch = "x86_64")]
+        if isa.avx2().is_some() {
+            // SAFETY: an `Avx2` exists only where the CPU has the features these functions enable.
+            return unsafe { crate::vector::q50_dot(weights, activations) };
+        }
+        q50_dot(isa, weights, activations)
     }
 
     #[inline(always)]
@@ -113,7 +123,16 @@ impl Format for Q50 {
         weights: &[Q50Block],
         activations: [&[Q8Block]; N],
     ) -> [f32; N] {
-        isa.q50_dots(weights, activations)
+        #[cfg(target_arch = "x86_64")]
+        if isa.avx2().is_some() {
+            // SAFETY: as in `dot`.
+            return unsafe { crate::vector::q50_dots(weights, activations) };
+        }
+        let mut out = [0f32; N];
+        for (slot, activations) in out.iter_mut().zip(activations) {
+            *slot = q50_dot(isa, weights, activations);
+        }
+        out
     }
 }
 
@@ -152,6 +171,7 @@ pub struct Q4KBlock {
     pub(crate) values: [u8; 128],
 }
 
+#[allow(unsafe_code)]
 impl Format for Q4K {
     type Block = Q4KBlock;
     type Activation = Q8KBlock;
@@ -190,7 +210,7 @@ impl Format for Q4K {
 
     #[inline(always)]
     fn dot<I: Dots>(isa: I, weights: &[Q4KBlock], activations: &[Q8KBlock]) -> f32 {
-        isa.q4k_dot(weights, activations, false)
+        Self::batch_dot(isa, weights, activations, false)
     }
 
     const BATCH_DIFFERS: bool = true;
@@ -202,7 +222,12 @@ impl Format for Q4K {
         activations: &[Q8KBlock],
         in_fours: bool,
     ) -> f32 {
-        isa.q4k_dot(weights, activations, in_fours)
+        #[cfg(target_arch = "x86_64")]
+        if isa.avx2().is_some() {
+            // SAFETY: as in `Q50::dot`.
+            return unsafe { crate::vector::q4k_dot(weights, activations, in_fours) };
+        }
+        q4k_dot(isa, weights, activations, in_fours)
     }
 }
 
@@ -304,6 +329,7 @@ impl Q6KBlock {
     }
 }
 
+#[allow(unsafe_code)]
 impl Format for Q6K {
     type Block = Q6KBlock;
     type Activation = Q8KBlock;
@@ -332,7 +358,12 @@ impl Format for Q6K {
 
     #[inline(always)]
     fn dot<I: Dots>(isa: I, weights: &[Q6KBlock], activations: &[Q8KBlock]) -> f32 {
-        isa.q6k_dot(weights, activations)
+        #[cfg(target_arch = "x86_64")]
+        if isa.avx2().is_some() {
+            // SAFETY: as in `Q50::dot`.
+            return unsafe { crate::vector::q6k_dot(weights, activations) };
+        }
+        q6k_dot(isa, weights, activations)
     }
 }
 
@@ -379,7 +410,6 @@ pub(crate) fn q6k_dot<I: Isa>(isa: I, weights: &[Q6KBlock], activations: &[Q8KBl
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quant::Matrix;
     #[cfg(target_arch = "x86_64")]
     use crate::simd::Avx2;
     use crate::simd::Baseline;

@@ -18,5 +18,6 @@ pub use activation::{geglu, rms_norm, swiglu};
 pub use attention::{
     Attention, Heads, KvLayer, Rope, Rotary, attend, attend_each, attend_within, rotate,
 };
-pub use quant::{Q4KMatrix, Q6KMatrix, Q41Matrix, Q50Matrix, Q80Matrix};
+pub use kquant::{Q4KMatrix, Q6KMatrix, Q50Matrix};
+pub use quant::{Q41Matrix, Q80Matrix};
 pub use simd::Kernels;

@@ -14,7 +14,6 @@
 use half::f16;
 use rayon::prelude::*;
 
-use crate::kquant::{Q4KBlock, Q6KBlock, Q8KBlock, Q50Block};
 #[cfg(target_arch = "x86_64")]
 use crate::simd::Avx2;
 use crate::simd::{Baseline, Isa, dispatch};
@@ -106,30 +105,6 @@ pub trait Dots: Isa {
         }
         out
     }
-
-    fn q50_dot(self, weights: &[Q50Block], activations: &[Q8Block]) -> f32 {
-        crate::kquant::q50_dot(self, weights, activations)
-    }
-
-    fn q50_dots<const N: usize>(
-        self,
-        weights: &[Q50Block],
-        activations: [&[Q8Block]; N],
-    ) -> [f32; N] {
-        let mut out = [0f32; N];
-        for (slot, activations) in out.iter_mut().zip(activations) {
-            *slot = self.q50_dot(weights, activations);
-        }
-        out
-    }
-
-    fn q4k_dot(self, weights: &[Q4KBlock], activations: &[Q8KBlock], per_pair: bool) -> f32 {
-        crate::kquant::q4k_dot(self, weights, activations, per_pair)
-    }
-
-    fn q6k_dot(self, weights: &[Q6KBlock], activations: &[Q8KBlock]) -> f32 {
-        crate::kquant::q6k_dot(self, weights, activations)
-    }
 }
 
 impl Dots for Baseline {
@@ -193,34 +168,6 @@ impl Dots for Avx2 {
     ) -> [f32; N] {
         // SAFETY: as in `q41_dot`.
         unsafe { crate::vector::q80_dots(weights, activations) }
-    }
-
-    #[inline(always)]
-    fn q50_dot(self, weights: &[Q50Block], activations: &[Q8Block]) -> f32 {
-        // SAFETY: as in `q41_dot`.
-        unsafe { crate::vector::q50_dot(weights, activations) }
-    }
-
-    #[inline(always)]
-    fn q50_dots<const N: usize>(
-        self,
-        weights: &[Q50Block],
-        activations: [&[Q8Block]; N],
-    ) -> [f32; N] {
-        // SAFETY: as in `q41_dot`.
-        unsafe { crate::vector::q50_dots(weights, activations) }
-    }
-
-    #[inline(always)]
-    fn q4k_dot(self, weights: &[Q4KBlock], activations: &[Q8KBlock], per_pair: bool) -> f32 {
-        // SAFETY: as in `q41_dot`.
-        unsafe { crate::vector::q4k_dot(weights, activations, per_pair) }
-    }
-
-    #[inline(always)]
-    fn q6k_dot(self, weights: &[Q6KBlock], activations: &[Q8KBlock]) -> f32 {
-        // SAFETY: as in `q41_dot`.
-        unsafe { crate::vector::q6k_dot(weights, activations) }
     }
 }
 
@@ -465,9 +412,6 @@ impl Matrix<Q80> {
         Some(values)
     }
 }
-pub type Q50Matrix = Matrix<crate::kquant::Q50>;
-pub type Q4KMatrix = Matrix<crate::kquant::Q4K>;
-pub type Q6KMatrix = Matrix<crate::kquant::Q6K>;
 
 impl<F: Format> Matrix<F> {
     /// `None` when `bytes` is not `rows` × `columns` of this format.

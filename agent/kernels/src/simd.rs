@@ -103,6 +103,12 @@ pub trait Isa: Copy + Send + Sync {
     fn to_f32_slice(self, from: &[f16], into: &mut [f32]);
     /// `into[i] = from[i]` rounded to f16, for slices of one length.
     fn to_f16_slice(self, from: &[f32], into: &mut [f16]);
+    /// The proof that AVX2, FMA and F16C may run, in the AVX2 form (a kernel with hand-written
+    /// intrinsics takes them then; the branch is resolved when each form is compiled).
+    #[cfg(target_arch = "x86_64")]
+    fn avx2(self) -> Option<Avx2> {
+        None
+    }
 }
 
 /// The target's baseline instruction set: every CPU the binary was built for has it.
@@ -137,7 +143,7 @@ impl Isa for Baseline {
 }
 
 #[cfg(target_arch = "x86_64")]
-pub(crate) use x86::Avx2;
+pub use x86::Avx2;
 
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
@@ -154,7 +160,7 @@ mod x86 {
 
     /// Proof that the CPU has AVX2, FMA and F16C: only [`Avx2::detect`] makes one.
     #[derive(Clone, Copy, Debug)]
-    pub(crate) struct Avx2(());
+    pub struct Avx2(());
 
     impl Avx2 {
         /// `Some` where the CPU has AVX2, FMA and F16C (whatever `SOLLOL_KERNELS` says).
@@ -167,6 +173,11 @@ mod x86 {
     }
 
     impl Isa for Avx2 {
+        #[inline(always)]
+        fn avx2(self) -> Option<Avx2> {
+            Some(self)
+        }
+
         #[inline(always)]
         fn run<R>(self, work: impl FnOnce() -> R) -> R {
             #[target_feature(enable = "avx2,fma,f16c")]
