@@ -108,7 +108,11 @@ impl Shape {
         let head_dim = as_usize("attention.key_length").unwrap_or(embedding / heads.max(1));
         let family = if architecture == "gemma3" {
             Family::Gemma3 {
-                window: as_usize("attention.sliding_window").unwrap_or(usize::MAX),
+                // A window of 0 would leave a query nothing to attend to: read as no window.
+                window: as_usize("attention.sliding_window")
+                    .ok()
+                    .filter(|window| *window > 0)
+                    .unwrap_or(usize::MAX),
                 pattern: as_usize("attention.sliding_window_pattern").unwrap_or(6),
                 local_rope_base: gguf.f64(&key("rope.freq_base_swa")).unwrap_or(10_000.0) as f32,
                 // llama.cpp's: 1/sqrt(head width), but 1/sqrt(embedding / heads) for the 27B model.
@@ -257,8 +261,13 @@ impl Linear {
     }
 
     /// `x` holds `tokens` rows of `columns` values; returns `tokens` rows of the matrix's rows.
-    /// `independent`: the rows are one token each of different sequences, each computed as alone.
-    fn forward(&self, x: &[f32], tokens: usize, independent: bool) -> Result<Vec<f32>, ModelError> {
+    /// `sequences`: how many of the rows belong to each sequence, in turn (each computed as alone).
+    fn forward(
+        &self,
+        x: &[f32],
+        tokens: usize,
+        sequences: &[usize],
+    ) -> Result<Vec<f32>, ModelError> {
         let columns = self.columns();
         if x.len() != tokens * columns {
             return Err(ModelError::Candle(candle_core::Error::Msg(format!(
@@ -271,16 +280,11 @@ impl Linear {
                 let input = Tensor::from_slice(x, (tokens, columns), &Device::Cpu)?;
                 matmul.forward(&input)?.flatten_all()?.to_vec1::<f32>()?
             }
-            Self::Q41(matrix) if independent => matrix.forward_independent(x, tokens),
-            Self::Q41(matrix) => matrix.forward(x, tokens),
-            Self::Q80(matrix) if independent => matrix.forward_independent(x, tokens),
-            Self::Q80(matrix) => matrix.forward(x, tokens),
-            Self::Q50(matrix) if independent => matrix.forward_independent(x, tokens),
-            Self::Q50(matrix) => matrix.forward(x, tokens),
-            Self::Q4K(matrix) if independent => matrix.forward_independent(x, tokens),
-            Self::Q4K(matrix) => matrix.forward(x, tokens),
-            Self::Q6K(matrix) if independent => matrix.forward_independent(x, tokens),
-            Self::Q6K(matrix) => matrix.forward(x, tokens),
+            Self::Q41(matrix) => matrix.forward_sequences(x, sequences),
+            Self::Q80(matrix) => matrix.forward_sequences(x, sequences),
+            Self::Q50(matrix) => matrix.forward_sequences(x, sequences),
+            Self::Q4K(matrix) => matrix.forward_sequences(x, sequences),
+            Self::Q6K(matrix) => matrix.forward_sequences(x, sequences),
         })
     }
 }
@@ -299,11 +303,11 @@ impl Projections {
         &self,
         x: &[f32],
         tokens: usize,
-        independent: bool,
+        sequences: &[usize],
     ) -> Result<Vec<Vec<f32>>, ModelError> {
         match self {
             Self::Stacked { matmul, outputs } => {
-                let all = matmul.forward(x, tokens, independent)?;
+                let all = matmul.forward(x, tokens, sequences)?;
                 let total: usize = outputs.iter().sum();
                 let mut start = 0;
                 let mut parts = Vec::with_capacity(outputs.len());
@@ -320,7 +324,7 @@ impl Projections {
             }
             Self::Separate(matmuls) => matmuls
                 .iter()
-                .map(|matmul| matmul.forward(x, tokens, independent))
+                .map(|matmul| matmul.forward(x, tokens, sequences))
                 .collect(),
         }
     }
@@ -729,28 +733,29 @@ impl Model {
             return Err(ModelError::ContextFull(self.shape.context));
         }
         let epsilon = self.shape.rms_epsilon as f32;
-        // One token of each of several sequences (batched decoding): each row computed as if alone.
-        let independent = segments.len() > 1 && segments.iter().all(|segment| segment.tokens == 1);
+        // The rows of each sequence are computed as they would be alone (batched decoding, or a
+        // stage's batch of several sequences).
+        let sequences: Vec<usize> = segments.iter().map(|segment| segment.tokens).collect();
         for (index, layer) in self.layers.iter().enumerate() {
             let post_norm = |values: Vec<f32>, norm: &Option<Vec<f32>>| match norm {
                 Some(norm) => sollol_kernels::rms_norm(&values, norm, epsilon),
                 None => values,
             };
             let normed = sollol_kernels::rms_norm(&hidden, &layer.attention_norm, epsilon);
-            let attended = self.attention(layer, index, &normed, tokens, segments, independent)?;
+            let attended = self.attention(layer, index, &normed, tokens, segments, &sequences)?;
             add(
                 &mut hidden,
                 &post_norm(attended, &layer.post_attention_norm),
             );
             let normed = sollol_kernels::rms_norm(&hidden, &layer.ffn_norm, epsilon);
             let [gate, up] =
-                <[Vec<f32>; 2]>::try_from(layer.gate_up.forward(&normed, tokens, independent)?)
+                <[Vec<f32>; 2]>::try_from(layer.gate_up.forward(&normed, tokens, &sequences)?)
                     .map_err(|_| ModelError::MissingPart("feed-forward projections"))?;
             let gated = match self.shape.family {
                 Family::Llama => sollol_kernels::swiglu(&gate, &up),
                 Family::Gemma3 { .. } => sollol_kernels::geglu(&gate, &up),
             };
-            let down = layer.down.forward(&gated, tokens, independent)?;
+            let down = layer.down.forward(&gated, tokens, &sequences)?;
             add(&mut hidden, &post_norm(down, &layer.post_ffn_norm));
         }
         Ok(hidden)
@@ -790,7 +795,8 @@ impl Model {
             .as_ref()
             .ok_or(ModelError::MissingPart("output head"))?;
         let normed = sollol_kernels::rms_norm(hidden, &head.norm, self.shape.rms_epsilon as f32);
-        let mut logits = head.output.forward(&normed, rows, true)?;
+        // Each row is a different sequence's (or position's) last token.
+        let mut logits = head.output.forward(&normed, rows, &vec![1; rows])?;
         if let Family::Gemma3 {
             softcap: Some(cap), ..
         } = self.shape.family
@@ -811,7 +817,7 @@ impl Model {
         x: &[f32],
         tokens: usize,
         segments: &mut [Segment<'_>],
-        independent: bool,
+        sequences: &[usize],
     ) -> Result<Vec<f32>, ModelError> {
         let shape = &self.shape;
         let heads = Heads {
@@ -821,7 +827,7 @@ impl Model {
         };
         // `[token][head][dim]`, biases added.
         let [mut q, mut k, mut v] =
-            <[Vec<f32>; 3]>::try_from(layer.qkv.forward(x, tokens, independent)?)
+            <[Vec<f32>; 3]>::try_from(layer.qkv.forward(x, tokens, sequences)?)
                 .map_err(|_| ModelError::MissingPart("attention projections"))?;
         for (values, bias) in [
             (&mut q, &layer.q_bias),
@@ -906,7 +912,7 @@ impl Model {
             row = rows.end;
         }
         sollol_kernels::attend_each(work, &heads, window.unwrap_or(usize::MAX), scale);
-        layer.output.forward(&out, tokens, independent)
+        layer.output.forward(&out, tokens, sequences)
     }
 }
 

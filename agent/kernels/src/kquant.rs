@@ -541,10 +541,10 @@ mod tests {
                 }
             }
             let bits = |values: Vec<f32>| values.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-            let portable = bits(matrix.forward_with(Baseline, &x, tokens, false));
+            let portable = bits(matrix.forward_with(Baseline, &x, &[tokens]));
             #[cfg(target_arch = "x86_64")]
             if let Some(avx2) = Avx2::detect() {
-                assert_eq!(bits(matrix.forward_with(avx2, &x, tokens, false)), portable);
+                assert_eq!(bits(matrix.forward_with(avx2, &x, &[tokens])), portable);
             }
             assert_eq!(bits(ours), portable);
             // Rows of different sequences: each as that token alone.
@@ -554,6 +554,15 @@ mod tests {
                 })
                 .collect();
             assert_eq!(bits(matrix.forward_independent(&x, tokens)), alone);
+            // Two sequences in one batch: each as it would be alone.
+            if tokens > 1 {
+                let split = tokens / 2 + 1;
+                let mut apart = bits(matrix.forward(&x[..split * columns], split));
+                apart.extend(bits(matrix.forward(&x[split * columns..], tokens - split)));
+                let together = bits(matrix.forward_sequences(&x, &[split, tokens - split]));
+                // `forward` lays rows out token by token, so the two halves concatenate.
+                assert_eq!(together, apart);
+            }
         }
         assert!(Matrix::<F>::from_gguf(&bytes[1..], rows, columns).is_none());
     }

@@ -440,24 +440,40 @@ impl<F: Format> Matrix<F> {
 
     /// `input` holds `tokens` rows of `columns` values; returns `tokens` rows of `rows` values.
     pub fn forward(&self, input: &[f32], tokens: usize) -> Vec<f32> {
-        dispatch!(isa => self.forward_with(isa, input, tokens, false))
+        self.forward_sequences(input, &[tokens])
     }
 
     /// [`Matrix::forward`] of rows that are each one token of a different sequence: every row is computed
     /// as that token alone would be (for the formats llama.cpp computes batches of one sequence
     /// differently), so a sequence's answer does not depend on what was batched with it.
     pub fn forward_independent(&self, input: &[f32], rows: usize) -> Vec<f32> {
-        dispatch!(isa => self.forward_with(isa, input, rows, true))
+        self.forward_sequences(input, &vec![1; rows])
     }
 
-    /// [`Matrix::forward`] in the form `isa`; each thread's share of the rows runs with its features.
+    /// [`Matrix::forward`] of the rows of several sequences, `sequences[i]` rows each, in turn: each
+    /// sequence's rows computed as they would be alone.
+    pub fn forward_sequences(&self, input: &[f32], sequences: &[usize]) -> Vec<f32> {
+        dispatch!(isa => self.forward_with(isa, input, sequences))
+    }
+
+    /// [`Matrix::forward_sequences`] in the form `isa`; each thread's share of the rows runs with its
+    /// features.
     pub(crate) fn forward_with<I: Dots>(
         &self,
         isa: I,
         input: &[f32],
-        tokens: usize,
-        independent: bool,
+        sequences: &[usize],
     ) -> Vec<f32> {
+        let tokens: usize = sequences.iter().sum();
+        // Where llama.cpp computes a sequence's rows four at a time: all but its last `rows % 4`.
+        let in_fours: Vec<bool> = if F::BATCH_DIFFERS {
+            sequences
+                .iter()
+                .flat_map(|rows| (0..*rows).map(move |row| row < rows - rows % 4))
+                .collect()
+        } else {
+            Vec::new()
+        };
         let quantized = quantize_rows::<F, I>(isa, input);
         let mut output = vec![0f32; tokens * self.rows];
         if tokens == 1 {
@@ -483,7 +499,7 @@ impl<F: Format> Matrix<F> {
                 let rows = chunk * chunk_rows..((chunk + 1) * chunk_rows).min(self.rows);
                 isa.run(
                     #[inline(always)]
-                    || self.tokens(isa, rows, &quantized, tokens, independent),
+                    || self.tokens(isa, rows, &quantized, tokens, &in_fours),
                 )
             })
             .collect();
@@ -527,19 +543,18 @@ impl<F: Format> Matrix<F> {
         rows: std::ops::Range<usize>,
         quantized: &[F::Activation],
         tokens: usize,
-        independent: bool,
+        in_fours: &[bool],
     ) -> Vec<f32> {
         let per_row = self.columns / F::VALUES;
         let (first, width) = (rows.start, rows.len());
         let activations = |token: usize| &quantized[token * per_row..(token + 1) * per_row];
         let mut out = vec![0f32; width * tokens];
         if F::BATCH_DIFFERS {
-            let in_fours = if independent { 0 } else { tokens - tokens % 4 };
             for row in rows {
                 let weights = &self.blocks[row * per_row..(row + 1) * per_row];
                 for token in 0..tokens {
                     out[token * width + row - first] =
-                        F::batch_dot(isa, weights, activations(token), token < in_fours);
+                        F::batch_dot(isa, weights, activations(token), in_fours[token]);
                 }
             }
             return out;
@@ -741,13 +756,13 @@ mod tests {
                         .collect::<Vec<_>>()
                 };
                 assert_eq!(
-                    bits(q41.forward_with(avx2, &input, tokens, false)),
-                    bits(q41.forward_with(Baseline, &input, tokens, false)),
+                    bits(q41.forward_with(avx2, &input, &[tokens])),
+                    bits(q41.forward_with(Baseline, &input, &[tokens])),
                     "Q4_1, {tokens} tokens"
                 );
                 assert_eq!(
-                    bits(q80.forward_with(avx2, &input, tokens, false)),
-                    bits(q80.forward_with(Baseline, &input, tokens, false)),
+                    bits(q80.forward_with(avx2, &input, &[tokens])),
+                    bits(q80.forward_with(Baseline, &input, &[tokens])),
                     "Q8_0, {tokens} tokens"
                 );
             }
