@@ -81,15 +81,23 @@ fn swiglu_body(gate: &[f32], up: &[f32]) -> Vec<f32> {
 /// read from a table over every f16 input, the gate rounded to f16 to index it; gates at or below -10
 /// give 0, at or above 10 the gate itself. (The table is 64 K entries, built once.)
 pub fn geglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
+    dispatch!(isa => geglu_with(isa, gate, up))
+}
+
+/// [`geglu`] in the form `isa`: the gates rounded to f16 a slice at a time (F16C in the AVX2 form).
+fn geglu_with<I: Isa>(isa: I, gate: &[f32], up: &[f32]) -> Vec<f32> {
     let table = gelu_table();
-    let mut out = vec![0f32; gate.len().min(up.len())];
-    for ((out, x), g) in out.iter_mut().zip(gate).zip(up) {
+    let length = gate.len().min(up.len());
+    let mut halves = vec![f16::ZERO; length];
+    isa.to_f16_slice(&gate[..length], &mut halves);
+    let mut out = vec![0f32; length];
+    for (((out, x), g), half) in out.iter_mut().zip(gate).zip(up).zip(&halves) {
         *out = if *x <= -10.0 {
             0.0
         } else if *x >= 10.0 {
             x * g
         } else {
-            table[usize::from(f16::from_f32(*x).to_bits())].to_f32() * g
+            table[usize::from(half.to_bits())] * g
         };
     }
     out
@@ -98,8 +106,9 @@ pub fn geglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
 /// ggml's `ggml_table_gelu_f16`: `gelu_f32` of every f16 value, rounded to f16. `gelu_f32` is
 /// `0.5 x (1 + tanh(sqrt(2/pi) x (1 + 0.044715 x^2)))`, the inner `1 + a x * x` fused as GCC contracts
 /// it for the native builds.
-fn gelu_table() -> &'static [f16] {
-    static TABLE: std::sync::OnceLock<Vec<f16>> = std::sync::OnceLock::new();
+/// Kept as f32 (the f16 values converted once): a lookup is then one load.
+fn gelu_table() -> &'static [f32] {
+    static TABLE: std::sync::OnceLock<Vec<f32>> = std::sync::OnceLock::new();
     TABLE.get_or_init(|| {
         const COEFFICIENT: f32 = 0.044715;
         const SQRT_2_OVER_PI: f32 = 0.797_884_6;
@@ -107,7 +116,7 @@ fn gelu_table() -> &'static [f16] {
             .map(|bits| {
                 let x = f16::from_bits(bits).to_f32();
                 let inner = (SQRT_2_OVER_PI * x) * (COEFFICIENT * x).mul_add(x, 1.0);
-                f16::from_f32((0.5 * x) * (1.0 + inner.tanh()))
+                f16::from_f32((0.5 * x) * (1.0 + inner.tanh())).to_f32()
             })
             .collect()
     })
@@ -164,6 +173,11 @@ mod tests {
                     bits(swiglu_with(avx2, &x, &y)),
                     bits(swiglu_with(Baseline, &x, &y)),
                     "swiglu, width {width}"
+                );
+                assert_eq!(
+                    bits(geglu_with(avx2, &x, &y)),
+                    bits(geglu_with(Baseline, &x, &y)),
+                    "geglu, width {width}"
                 );
             }
         }

@@ -168,49 +168,73 @@ pub(crate) unsafe fn q4k_dot(
     activations: &[Q8KBlock],
     per_pair: bool,
 ) -> f32 {
+    // SAFETY: as in `q41_dot`.
+    unsafe { q4k_dots(weights, [activations], per_pair)[0] }
+}
+
+/// [`q4k_dot`] of one weight row with several activation rows, each block's nibbles unpacked once.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub(crate) unsafe fn q4k_dots<const N: usize>(
+    weights: &[Q4KBlock],
+    activations: [&[Q8KBlock]; N],
+    per_pair: bool,
+) -> [f32; N] {
     // SAFETY: as in `q41_dot`; the loads read 32 bytes within the blocks' 128- and 256-byte arrays.
     unsafe {
         let mask = _mm256_set1_epi8(0x0F);
-        let (mut total, mut minimums) = (0f32, 0f32);
-        for (weight, activation) in weights.iter().zip(activations) {
-            let scale = to_f32(weight.d) * activation.scale;
-            let min_scale = to_f32(weight.dmin) * activation.scale;
-            let mut sums = _mm256_setzero_si256();
-            let mut minimum = 0i32;
+        let (mut total, mut minimums) = ([0f32; N], [0f32; N]);
+        for (index, weight) in weights.iter().enumerate() {
+            let mut nibbles = [_mm256_setzero_si256(); 8];
+            let mut scales = [_mm256_setzero_si256(); 8];
             for pair in 0..4 {
                 let bits = _mm256_loadu_si256(weight.values.as_ptr().add(32 * pair).cast());
-                let low = _mm256_and_si256(bits, mask);
-                let high = _mm256_and_si256(_mm256_srli_epi16(bits, 4), mask);
-                let x_low = _mm256_loadu_si256(activation.values.as_ptr().add(64 * pair).cast());
-                let x_high =
-                    _mm256_loadu_si256(activation.values.as_ptr().add(64 * pair + 32).cast());
-                let low = _mm256_madd_epi16(
-                    _mm256_maddubs_epi16(low, x_low),
-                    _mm256_set1_epi16(i16::from(weight.scales[2 * pair])),
-                );
-                let high = _mm256_madd_epi16(
-                    _mm256_maddubs_epi16(high, x_high),
-                    _mm256_set1_epi16(i16::from(weight.scales[2 * pair + 1])),
-                );
-                let group = &activation.sums[4 * pair..4 * pair + 4];
-                let pair_minimum = i32::from(weight.mins[2 * pair])
-                    * (i32::from(group[0]) + i32::from(group[1]))
-                    + i32::from(weight.mins[2 * pair + 1])
-                        * (i32::from(group[2]) + i32::from(group[3]));
-                if per_pair {
-                    total = (sum_i32(_mm256_add_epi32(low, high)) as f32).mul_add(scale, total);
-                    minimums = (pair_minimum as f32).mul_add(min_scale, minimums);
-                } else {
-                    sums = _mm256_add_epi32(sums, _mm256_add_epi32(low, high));
-                    minimum += pair_minimum;
+                nibbles[2 * pair] = _mm256_and_si256(bits, mask);
+                nibbles[2 * pair + 1] = _mm256_and_si256(_mm256_srli_epi16(bits, 4), mask);
+                scales[2 * pair] = _mm256_set1_epi16(i16::from(weight.scales[2 * pair]));
+                scales[2 * pair + 1] = _mm256_set1_epi16(i16::from(weight.scales[2 * pair + 1]));
+            }
+            let (d, dmin) = (to_f32(weight.d), to_f32(weight.dmin));
+            for (row, activations) in activations.iter().enumerate() {
+                let activation = &activations[index];
+                let scale = d * activation.scale;
+                let min_scale = dmin * activation.scale;
+                let mut sums = _mm256_setzero_si256();
+                let mut minimum = 0i32;
+                for pair in 0..4 {
+                    let x_low =
+                        _mm256_loadu_si256(activation.values.as_ptr().add(64 * pair).cast());
+                    let x_high =
+                        _mm256_loadu_si256(activation.values.as_ptr().add(64 * pair + 32).cast());
+                    let low = _mm256_madd_epi16(
+                        _mm256_maddubs_epi16(nibbles[2 * pair], x_low),
+                        scales[2 * pair],
+                    );
+                    let high = _mm256_madd_epi16(
+                        _mm256_maddubs_epi16(nibbles[2 * pair + 1], x_high),
+                        scales[2 * pair + 1],
+                    );
+                    let group = &activation.sums[4 * pair..4 * pair + 4];
+                    let pair_minimum = i32::from(weight.mins[2 * pair])
+                        * (i32::from(group[0]) + i32::from(group[1]))
+                        + i32::from(weight.mins[2 * pair + 1])
+                            * (i32::from(group[2]) + i32::from(group[3]));
+                    if per_pair {
+                        total[row] = (sum_i32(_mm256_add_epi32(low, high)) as f32)
+                            .mul_add(scale, total[row]);
+                        minimums[row] = (pair_minimum as f32).mul_add(min_scale, minimums[row]);
+                    } else {
+                        sums = _mm256_add_epi32(sums, _mm256_add_epi32(low, high));
+                        minimum += pair_minimum;
+                    }
+                }
+                if !per_pair {
+                    total[row] = (sum_i32(sums) as f32).mul_add(scale, total[row]);
+                    minimums[row] = (minimum as f32).mul_add(min_scale, minimums[row]);
                 }
             }
-            if !per_pair {
-                total = (sum_i32(sums) as f32).mul_add(scale, total);
-                minimums = (minimum as f32).mul_add(min_scale, minimums);
-            }
         }
-        total - minimums
+        std::array::from_fn(|row| total[row] - minimums[row])
     }
 }
 
@@ -218,6 +242,17 @@ pub(crate) unsafe fn q4k_dot(
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 pub(crate) unsafe fn q6k_dot(weights: &[Q6KBlock], activations: &[Q8KBlock]) -> f32 {
+    // SAFETY: as in `q41_dot`.
+    unsafe { q6k_dots(weights, [activations])[0] }
+}
+
+/// [`q6k_dot`] of one weight row with several activation rows, each block's values unpacked once.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub(crate) unsafe fn q6k_dots<const N: usize>(
+    weights: &[Q6KBlock],
+    activations: [&[Q8KBlock]; N],
+) -> [f32; N] {
     // SAFETY: as in `q41_dot`; the loads read 16 or 32 bytes within the blocks' arrays.
     unsafe {
         let (m3, m15) = (_mm256_set1_epi8(3), _mm256_set1_epi8(15));
@@ -226,58 +261,73 @@ pub(crate) unsafe fn q6k_dot(weights: &[Q6KBlock], activations: &[Q8KBlock]) -> 
             _mm256_set1_epi8(48),
             _mm256_set1_epi8(0xC0u8 as i8),
         );
-        let mut lanes = _mm256_setzero_ps();
-        for (weight, activation) in weights.iter().zip(activations) {
-            let scale = activation.scale * to_f32(weight.d);
-            let sums16 = _mm256_loadu_si256(activation.sums.as_ptr().cast());
+        let mut lanes = [_mm256_setzero_ps(); N];
+        for (index, weight) in weights.iter().enumerate() {
             let scales16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(weight.scales.as_ptr().cast()));
-            let offset = _mm256_slli_epi32(_mm256_madd_epi16(sums16, scales16), 5);
-            let mut sums = _mm256_setzero_si256();
+            let mut values = [_mm256_setzero_si256(); 8];
+            let mut scales = [_mm256_setzero_si256(); 8];
             for half in 0..2 {
                 let bits1 = _mm256_loadu_si256(weight.low.as_ptr().add(64 * half).cast());
                 let bits2 = _mm256_loadu_si256(weight.low.as_ptr().add(64 * half + 32).cast());
                 let high = _mm256_loadu_si256(weight.high.as_ptr().add(32 * half).cast());
-                let values = [
-                    _mm256_or_si256(
-                        _mm256_and_si256(bits1, m15),
-                        _mm256_slli_epi16(_mm256_and_si256(high, m3), 4),
-                    ),
-                    _mm256_or_si256(
-                        _mm256_and_si256(bits2, m15),
-                        _mm256_slli_epi16(_mm256_and_si256(high, m12), 2),
-                    ),
-                    _mm256_or_si256(
-                        _mm256_and_si256(_mm256_srli_epi16(bits1, 4), m15),
-                        _mm256_and_si256(high, m48),
-                    ),
-                    _mm256_or_si256(
-                        _mm256_and_si256(_mm256_srli_epi16(bits2, 4), m15),
-                        _mm256_srli_epi16(_mm256_and_si256(high, m192), 2),
-                    ),
-                ];
-                let mut products = [_mm256_setzero_si256(); 4];
-                for (quarter, (product, values)) in products.iter_mut().zip(values).enumerate() {
-                    let x = _mm256_loadu_si256(
-                        activation
-                            .values
-                            .as_ptr()
-                            .add(128 * half + 32 * quarter)
-                            .cast(),
-                    );
+                values[4 * half] = _mm256_or_si256(
+                    _mm256_and_si256(bits1, m15),
+                    _mm256_slli_epi16(_mm256_and_si256(high, m3), 4),
+                );
+                values[4 * half + 1] = _mm256_or_si256(
+                    _mm256_and_si256(bits2, m15),
+                    _mm256_slli_epi16(_mm256_and_si256(high, m12), 2),
+                );
+                values[4 * half + 2] = _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16(bits1, 4), m15),
+                    _mm256_and_si256(high, m48),
+                );
+                values[4 * half + 3] = _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16(bits2, 4), m15),
+                    _mm256_srli_epi16(_mm256_and_si256(high, m192), 2),
+                );
+                for quarter in 0..4 {
                     let group = 8 * half + 2 * quarter;
-                    let scales = _mm256_set_m128i(
+                    scales[4 * half + quarter] = _mm256_set_m128i(
                         _mm_set1_epi16(i16::from(weight.scales[group + 1])),
                         _mm_set1_epi16(i16::from(weight.scales[group])),
                     );
-                    *product = _mm256_madd_epi16(scales, _mm256_maddubs_epi16(values, x));
                 }
-                sums = _mm256_add_epi32(sums, _mm256_add_epi32(products[0], products[1]));
-                sums = _mm256_add_epi32(sums, _mm256_add_epi32(products[2], products[3]));
             }
-            let sums = _mm256_sub_epi32(sums, offset);
-            lanes = _mm256_fmadd_ps(_mm256_set1_ps(scale), _mm256_cvtepi32_ps(sums), lanes);
+            let d = to_f32(weight.d);
+            for (row, activations) in activations.iter().enumerate() {
+                let activation = &activations[index];
+                let sums16 = _mm256_loadu_si256(activation.sums.as_ptr().cast());
+                let offset = _mm256_slli_epi32(_mm256_madd_epi16(sums16, scales16), 5);
+                let mut sums = _mm256_setzero_si256();
+                for half in 0..2 {
+                    let mut products = [_mm256_setzero_si256(); 4];
+                    for (quarter, product) in products.iter_mut().enumerate() {
+                        let x = _mm256_loadu_si256(
+                            activation
+                                .values
+                                .as_ptr()
+                                .add(128 * half + 32 * quarter)
+                                .cast(),
+                        );
+                        let chunk = 4 * half + quarter;
+                        *product = _mm256_madd_epi16(
+                            scales[chunk],
+                            _mm256_maddubs_epi16(values[chunk], x),
+                        );
+                    }
+                    sums = _mm256_add_epi32(sums, _mm256_add_epi32(products[0], products[1]));
+                    sums = _mm256_add_epi32(sums, _mm256_add_epi32(products[2], products[3]));
+                }
+                let sums = _mm256_sub_epi32(sums, offset);
+                lanes[row] = _mm256_fmadd_ps(
+                    _mm256_set1_ps(activation.scale * d),
+                    _mm256_cvtepi32_ps(sums),
+                    lanes[row],
+                );
+            }
         }
-        sum_lanes(lanes)
+        std::array::from_fn(|row| sum_lanes(lanes[row]))
     }
 }
 

@@ -229,6 +229,24 @@ impl Format for Q4K {
         }
         q4k_dot(isa, weights, activations, in_fours)
     }
+
+    #[inline(always)]
+    fn batch_dots4<I: Dots>(
+        isa: I,
+        weights: &[Q4KBlock],
+        activations: [&[Q8KBlock]; 4],
+    ) -> [f32; 4] {
+        #[cfg(target_arch = "x86_64")]
+        if isa.avx2().is_some() {
+            // SAFETY: as in `Q50::dot`.
+            return unsafe { crate::vector::q4k_dots(weights, activations, true) };
+        }
+        let mut out = [0f32; 4];
+        for (slot, activations) in out.iter_mut().zip(activations) {
+            *slot = q4k_dot(isa, weights, activations, true);
+        }
+        out
+    }
 }
 
 /// The Q4_K dot product: one fused multiply-add per super-block (`gemv_q4_K_8x8_q8_K`, one token), or
@@ -364,6 +382,24 @@ impl Format for Q6K {
             return unsafe { crate::vector::q6k_dot(weights, activations) };
         }
         q6k_dot(isa, weights, activations)
+    }
+
+    #[inline(always)]
+    fn dots<I: Dots, const N: usize>(
+        isa: I,
+        weights: &[Q6KBlock],
+        activations: [&[Q8KBlock]; N],
+    ) -> [f32; N] {
+        #[cfg(target_arch = "x86_64")]
+        if isa.avx2().is_some() {
+            // SAFETY: as in `Q50::dot`.
+            return unsafe { crate::vector::q6k_dots(weights, activations) };
+        }
+        let mut out = [0f32; N];
+        for (slot, activations) in out.iter_mut().zip(activations) {
+            *slot = q6k_dot(isa, weights, activations);
+        }
+        out
     }
 }
 

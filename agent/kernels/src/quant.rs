@@ -77,6 +77,19 @@ pub trait Format: Send + Sync {
         let _ = in_fours;
         Self::dot(isa, weights, activations)
     }
+
+    /// [`Format::batch_dot`] of four rows taken four at a time.
+    fn batch_dots4<I: Dots>(
+        isa: I,
+        weights: &[Self::Block],
+        activations: [&[Self::Activation]; 4],
+    ) -> [f32; 4] {
+        let mut out = [0f32; 4];
+        for (slot, activations) in out.iter_mut().zip(activations) {
+            *slot = Self::batch_dot(isa, weights, activations, true);
+        }
+        out
+    }
 }
 
 /// The block dot products of a form of the kernels ([`crate::simd`]): the portable ones below, NEON's
@@ -552,9 +565,24 @@ impl<F: Format> Matrix<F> {
         if F::BATCH_DIFFERS {
             for row in rows {
                 let weights = &self.blocks[row * per_row..(row + 1) * per_row];
-                for token in 0..tokens {
-                    out[token * width + row - first] =
-                        F::batch_dot(isa, weights, activations(token), in_fours[token]);
+                let mut token = 0;
+                while token < tokens {
+                    // A sequence's rows in fours start at its first row: four in a row are one group.
+                    if in_fours[token] {
+                        let results = F::batch_dots4(
+                            isa,
+                            weights,
+                            std::array::from_fn(|index| activations(token + index)),
+                        );
+                        for (index, value) in results.into_iter().enumerate() {
+                            out[(token + index) * width + row - first] = value;
+                        }
+                        token += 4;
+                    } else {
+                        out[token * width + row - first] =
+                            F::batch_dot(isa, weights, activations(token), false);
+                        token += 1;
+                    }
                 }
             }
             return out;
