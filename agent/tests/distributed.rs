@@ -333,6 +333,17 @@ async fn pipeline_run(
     (tokens, all)
 }
 
+/// 16 greedy tokens after `prompt`, no stop token.
+fn generation(prompt: &[u32]) -> sollol_engine::remote::RemoteGeneration<'_> {
+    sollol_engine::remote::RemoteGeneration {
+        sampling: greedy_sampling(),
+        prompt,
+        limit: 16,
+        stop_tokens: &[],
+        choose: None,
+    }
+}
+
 fn greedy_sampling() -> Sampling {
     Sampling {
         temperature: 0.0,
@@ -519,14 +530,7 @@ async fn a_stage_killed_mid_answer_is_planned_around() {
     let distributed = Distributed::new("smollm2:135m", 3, token.clone(), Timeouts::default());
     let candidates = || cluster.candidates(&names);
     let undisturbed = distributed
-        .generate(
-            candidates,
-            &greedy_sampling(),
-            &prompt,
-            16,
-            |_| false,
-            |_| true,
-        )
+        .generate(candidates, generation(&prompt), |_| true)
         .await
         .expect("undisturbed run");
     assert_eq!(undisturbed.replans, 0);
@@ -543,10 +547,7 @@ async fn a_stage_killed_mid_answer_is_planned_around() {
     let disturbed = distributed
         .generate(
             || cluster.candidates(&names),
-            &greedy_sampling(),
-            &prompt,
-            16,
-            |_| false,
+            generation(&prompt),
             |_| {
                 seen += 1;
                 if seen == 4
@@ -777,6 +778,40 @@ async fn a_distributed_model_is_served_through_the_gateway() {
         rss_kib < 90 << 10,
         "the coordinator's RSS is {} MiB",
         rss_kib >> 10
+    );
+
+    // A structured output on the distributed model: the last stage sends each step's logits back,
+    // the coordinator's engine masks them with the schema's grammar and picks the token.
+    let answer = support::post(
+        &format!("{gateway}/api/generate"),
+        serde_json::json!({
+            "model": "smollm2:135m",
+            "prompt": "Describe a cat: its name and its age in years.",
+            "format": {
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string", "maxLength": 20},
+                    "age": {"type": "integer", "minimum": 0, "maximum": 30}
+                },
+                "required": ["name", "age"],
+                "additionalProperties": false
+            },
+            "stream": false,
+            "options": {"temperature": 0, "num_predict": 80}
+        }),
+    )
+    .await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    let response = answer.json()["response"]
+        .as_str()
+        .expect("response")
+        .to_owned();
+    let cat: serde_json::Value = serde_json::from_str(&response).expect("the answer is JSON");
+    assert!(
+        cat["name"].is_string()
+            && cat["age"].is_u64()
+            && cat.as_object().expect("object").len() == 2,
+        "{cat}"
     );
     drop(keep);
 }

@@ -108,12 +108,6 @@ impl LoadedModel {
     /// The grammar state for one answer in `format`; refused (with the reason, a client's error) when
     /// the schema is unusable or the model is computed elsewhere.
     pub fn constrain(&self, format: &Format) -> Result<Constraint, String> {
-        if matches!(self.compute, Compute::Remote(_)) {
-            return Err(
-                "structured outputs (format) are not supported yet for a model split across agents"
-                    .to_owned(),
-            );
-        }
         let grammars = self.grammars.get_or_init(|| {
             let bytes = self
                 .codec
@@ -170,6 +164,17 @@ impl LoadedModel {
             .num_predict
             .unwrap_or(usize::MAX)
             .min(self.context_for(request) - prompt.len());
+        // A format: every step's logits come here, are masked by the grammar and sampled here (the
+        // last stage cannot hold the grammar).
+        let chooser = match &request.format {
+            Some(format) => Some(Arc::new(std::sync::Mutex::new(Choice {
+                constraint: self.constrain(format).map_err(EngineError::Format)?,
+                sampler: Sampler::new(request.sampling.clone()),
+                history: prompt.to_vec(),
+                end: self.codec.end_token(),
+            }))),
+            None => None,
+        };
         let started = Instant::now();
         let mut first_token = None;
         let mut text = TextStream::new(&self.codec, &request.stop);
@@ -183,15 +188,27 @@ impl LoadedModel {
             let stop_tokens = self.codec.stop_tokens.clone();
             let prompt = prompt.to_vec();
             let wanted = Arc::clone(&wanted);
+            let chooser = chooser.clone();
             runtime.spawn(async move {
                 let mut on_token = |token| {
                     tokens.send(token).is_ok() && wanted.load(std::sync::atomic::Ordering::Relaxed)
                 };
+                let mut choose = chooser.map(|choice| {
+                    move |logits: &mut [f32]| {
+                        choice
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .choose(logits)
+                    }
+                });
                 let generation = RemoteGeneration {
                     sampling,
                     prompt: &prompt,
                     limit,
                     stop_tokens: &stop_tokens,
+                    choose: choose.as_mut().map(|choose| {
+                        choose as &mut (dyn FnMut(&mut [f32]) -> Result<u32, String> + Send)
+                    }),
                 };
                 remote.generate(generation, &mut on_token).await
             })
@@ -225,13 +242,21 @@ impl LoadedModel {
             emit(&rest);
         }
         let first_token = first_token.unwrap_or_else(Instant::now);
+        let format_duration = chooser.map_or(Duration::ZERO, |choice| {
+            choice
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .constraint
+                .cost()
+                .0
+        });
         Ok(Generated {
             prompt_tokens: prompt.len(),
             prompt_duration: first_token.duration_since(started),
             output_tokens: text.tokens(),
             generation_duration: first_token.elapsed(),
             done_reason: if stopped || cut { "stop" } else { "length" },
-            format_duration: Duration::ZERO,
+            format_duration,
             tokens,
         })
     }
@@ -378,6 +403,31 @@ impl Embedding {
             }
         }
         self
+    }
+}
+
+/// Picks a remote model's tokens here when a format constrains them: the grammar masks the step's
+/// logits, the request's sampler picks, the grammar takes the token; once the grammar is finished, the
+/// end token.
+struct Choice {
+    constraint: Constraint,
+    sampler: Sampler,
+    history: Vec<u32>,
+    end: Option<u32>,
+}
+
+impl Choice {
+    fn choose(&mut self, logits: &mut [f32]) -> Result<u32, String> {
+        if self.constraint.finished() {
+            return self
+                .end
+                .ok_or_else(|| "the model names no end-of-sequence token".to_owned());
+        }
+        self.constraint.mask(logits)?;
+        let token = self.sampler.next(logits, &self.history);
+        self.constraint.commit(token)?;
+        self.history.push(token);
+        Ok(token)
     }
 }
 

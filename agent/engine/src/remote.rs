@@ -25,8 +25,11 @@ pub struct RemoteHeader {
     pub digest: String,
 }
 
+/// Picks the next token from a step's logits here (a structured output's grammar masks them first),
+/// instead of the last stage sampling: `Err` ends the generation with that message.
+pub type Chooser<'a> = &'a mut (dyn FnMut(&mut [f32]) -> Result<u32, String> + Send);
+
 /// One generation asked of a remote model.
-#[derive(Debug)]
 pub struct RemoteGeneration<'a> {
     pub sampling: Sampling,
     pub prompt: &'a [u32],
@@ -34,6 +37,20 @@ pub struct RemoteGeneration<'a> {
     pub limit: usize,
     /// Tokens that end the answer (the model's end-of-generation tokens).
     pub stop_tokens: &'a [u32],
+    /// When set, every step's logits come back and this picks the token.
+    pub choose: Option<Chooser<'a>>,
+}
+
+impl std::fmt::Debug for RemoteGeneration<'_> {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("RemoteGeneration")
+            .field("sampling", &self.sampling)
+            .field("prompt", &self.prompt.len())
+            .field("limit", &self.limit)
+            .field("choose", &self.choose.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 /// "Compute this model elsewhere." Implemented by distributed inference; held by the engine as

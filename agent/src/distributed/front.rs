@@ -64,14 +64,7 @@ impl RemoteCompute for DistributedModel {
         Box::pin(async move {
             let generated = self
                 .pipeline
-                .generate(
-                    || self.candidates(),
-                    &generation.sampling,
-                    generation.prompt,
-                    generation.limit,
-                    |token| generation.stop_tokens.contains(&token),
-                    on_token,
-                )
+                .generate(|| self.candidates(), generation, on_token)
                 .await?;
             Ok(generated.stopped)
         })

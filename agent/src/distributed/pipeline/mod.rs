@@ -53,6 +53,9 @@ pub enum PipelineError {
     Stage { node: String, message: String },
     #[error("stage {node} answered out of turn: {answer}")]
     Protocol { node: String, answer: String },
+    /// Picking a token from the logits failed here (a format's grammar).
+    #[error("{0}")]
+    Chooser(String),
 }
 
 impl PipelineError {

@@ -1,12 +1,11 @@
 //! The supervisor of a distributed model's pipeline ([`Distributed`]): keeps one between requests,
 //! re-plans without a stage that failed and re-runs the request, and reports the status for the API.
 
+use sollol_engine::remote::RemoteGeneration;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
-
-use sollol_shared::layers::Sampling;
 
 use super::{Answer, Candidate, Pipeline, PipelineError, Progress, Timeouts};
 use crate::cluster::identity::ClusterToken;
@@ -250,18 +249,24 @@ impl Distributed {
         *self.current.lock().await = None;
     }
 
-    /// Generates up to `limit` tokens after `prompt`, handing each to `on_token` (false stops). When a
-    /// stage fails, plans again on `candidates()` without it and re-runs the prompt and the tokens so
+    /// Generates up to `generation.limit` tokens after its prompt, handing each to `on_token` (false
+    /// stops); its stop tokens end the answer; with a chooser, each step's logits come back and it picks
+    /// the token. When a stage fails, plans again on `candidates()` without it and re-runs the prompt and the tokens so
     /// far: the caller sees a pause, and (sampling depending only on seed and position) the same tokens.
     pub async fn generate(
         &self,
         candidates: impl Fn() -> Vec<Candidate>,
-        sampling: &Sampling,
-        prompt: &[u32],
-        limit: usize,
-        is_stop: impl Fn(u32) -> bool,
+        generation: RemoteGeneration<'_>,
         mut on_token: impl FnMut(u32) -> bool,
     ) -> Result<Generated, PipelineError> {
+        let RemoteGeneration {
+            sampling,
+            prompt,
+            limit,
+            stop_tokens,
+            mut choose,
+        } = generation;
+        let is_stop = |token| stop_tokens.contains(&token);
         let mut tokens = Vec::new();
         let mut replans = 0;
         loop {
@@ -272,10 +277,19 @@ impl Distributed {
                 let mut sequence = pipeline.open(sampling.clone(), &history).await?;
                 let mut input = history.clone();
                 while tokens.len() < limit {
-                    let Answer::Token(token) = sequence.feed(&input, false).await? else {
-                        return Err(PipelineError::Plan(
-                            "logits where a token was due".to_owned(),
-                        ));
+                    let token = match (sequence.feed(&input, choose.is_some()).await?, &mut choose)
+                    {
+                        (Answer::Token(token), None) => token,
+                        // Chosen here: a format's grammar masks the logits first.
+                        (Answer::Logits(mut logits), Some(choose)) => {
+                            choose(&mut logits).map_err(PipelineError::Chooser)?
+                        }
+                        _ => {
+                            return Err(PipelineError::Plan(
+                                "the last stage answered logits for a token or a token for logits"
+                                    .to_owned(),
+                            ));
+                        }
                     };
                     if is_stop(token) {
                         return Ok(true);
