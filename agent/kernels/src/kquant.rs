@@ -19,7 +19,7 @@
 
 use half::f16;
 
-use crate::quant::{Dots, Format, Matrix, Q8Block, accumulate, quantize, sum_lanes};
+use crate::quant::{Dots, Format, Matrix, Q8Block, accumulate, each_row, quantize, sum_lanes};
 use crate::simd::Isa;
 
 pub type Q50Matrix = Matrix<Q50>;
@@ -128,11 +128,9 @@ impl Format for Q50 {
             // SAFETY: as in `dot`.
             return unsafe { crate::vector::q50_dots(weights, activations) };
         }
-        let mut out = [0f32; N];
-        for (slot, activations) in out.iter_mut().zip(activations) {
-            *slot = q50_dot(isa, weights, activations);
-        }
-        out
+        each_row(activations, |activations| {
+            q50_dot(isa, weights, activations)
+        })
     }
 }
 
@@ -241,11 +239,9 @@ impl Format for Q4K {
             // SAFETY: as in `Q50::dot`.
             return unsafe { crate::vector::q4k_dots(weights, activations, true) };
         }
-        let mut out = [0f32; 4];
-        for (slot, activations) in out.iter_mut().zip(activations) {
-            *slot = q4k_dot(isa, weights, activations, true);
-        }
-        out
+        each_row(activations, |activations| {
+            q4k_dot(isa, weights, activations, true)
+        })
     }
 }
 
@@ -395,11 +391,9 @@ impl Format for Q6K {
             // SAFETY: as in `Q50::dot`.
             return unsafe { crate::vector::q6k_dots(weights, activations) };
         }
-        let mut out = [0f32; N];
-        for (slot, activations) in out.iter_mut().zip(activations) {
-            *slot = q6k_dot(isa, weights, activations);
-        }
-        out
+        each_row(activations, |activations| {
+            q6k_dot(isa, weights, activations)
+        })
     }
 }
 

@@ -54,12 +54,9 @@ pub trait Format: Send + Sync {
         weights: &[Self::Block],
         activations: [&[Self::Activation]; N],
     ) -> [f32; N] {
-        // A plain loop: `array::map`'s closure is kept out of line, without the form's target features.
-        let mut out = [0f32; N];
-        for (slot, activations) in out.iter_mut().zip(activations) {
-            *slot = Self::dot(isa, weights, activations);
-        }
-        out
+        each_row(activations, |activations| {
+            Self::dot(isa, weights, activations)
+        })
     }
 
     /// Whether llama.cpp computes a batch's rows differently from one token's: then each row of a batch
@@ -84,12 +81,24 @@ pub trait Format: Send + Sync {
         weights: &[Self::Block],
         activations: [&[Self::Activation]; 4],
     ) -> [f32; 4] {
-        let mut out = [0f32; 4];
-        for (slot, activations) in out.iter_mut().zip(activations) {
-            *slot = Self::batch_dot(isa, weights, activations, true);
-        }
-        out
+        each_row(activations, |activations| {
+            Self::batch_dot(isa, weights, activations, true)
+        })
     }
+}
+
+/// `dot` of each of `N` activation rows. A plain loop: `array::map`'s closure is kept out of line,
+/// without the form's target features.
+#[inline(always)]
+pub(crate) fn each_row<A, const N: usize>(
+    rows: [&[A]; N],
+    mut dot: impl FnMut(&[A]) -> f32,
+) -> [f32; N] {
+    let mut out = [0f32; N];
+    for (slot, row) in out.iter_mut().zip(rows) {
+        *slot = dot(row);
+    }
+    out
 }
 
 /// The block dot products of a form of the kernels ([`crate::simd`]): the portable ones below, NEON's
@@ -112,11 +121,9 @@ pub trait Dots: Isa {
         weights: &[Q80Block],
         activations: [&[Q8Block]; N],
     ) -> [f32; N] {
-        let mut out = [0f32; N];
-        for (slot, activations) in out.iter_mut().zip(activations) {
-            *slot = self.q80_dot(weights, activations);
-        }
-        out
+        each_row(activations, |activations| {
+            self.q80_dot(weights, activations)
+        })
     }
 }
 
