@@ -88,19 +88,7 @@ pub(crate) unsafe fn q80_dots<const N: usize>(
         let mut lanes = [_mm256_setzero_ps(); N];
         for (index, weight) in weights.iter().enumerate() {
             let x = _mm256_loadu_si256(weight.values.as_ptr().cast());
-            // `maddubs` multiplies unsigned by signed bytes: |x| times y with x's sign.
-            let magnitudes = _mm256_sign_epi8(x, x);
-            let scale = to_f32(weight.scale);
-            for (row, activations) in activations.iter().enumerate() {
-                let activation = &activations[index];
-                let y = _mm256_loadu_si256(activation.values.as_ptr().cast());
-                lanes[row] = accumulate(
-                    lanes[row],
-                    scale * activation.scale,
-                    magnitudes,
-                    _mm256_sign_epi8(y, x),
-                );
-            }
+            accumulate_signed(&mut lanes, x, to_f32(weight.scale), &activations, index);
         }
         std::array::from_fn(|row| sum_lanes(lanes[row]))
     }
@@ -142,18 +130,7 @@ pub(crate) unsafe fn q50_dots<const N: usize>(
             let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(weight.high as i32), spread);
             let set = _mm256_cmpeq_epi8(_mm256_or_si256(bytes, bit_mask), ones);
             let x = _mm256_or_si256(nibbles, _mm256_andnot_si256(set, offset));
-            let magnitudes = _mm256_sign_epi8(x, x);
-            let scale = to_f32(weight.scale);
-            for (row, activations) in activations.iter().enumerate() {
-                let activation = &activations[index];
-                let y = _mm256_loadu_si256(activation.values.as_ptr().cast());
-                lanes[row] = accumulate(
-                    lanes[row],
-                    scale * activation.scale,
-                    magnitudes,
-                    _mm256_sign_epi8(y, x),
-                );
-            }
+            accumulate_signed(&mut lanes, x, to_f32(weight.scale), &activations, index);
         }
         std::array::from_fn(|row| sum_lanes(lanes[row]))
     }
@@ -363,6 +340,33 @@ unsafe fn accumulate(lanes: __m256, scale: f32, unsigned: __m256i, signed: __m25
         let pairs = _mm256_maddubs_epi16(unsigned, signed);
         let quads = _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
         _mm256_fmadd_ps(_mm256_set1_ps(scale), _mm256_cvtepi32_ps(quads), lanes)
+    }
+}
+
+/// Adds one block of signed byte weights `x` (scale `scale`) times block `index` of each row's
+/// activations to that row's lanes. `maddubs` multiplies unsigned by signed bytes: |x| times y with x's
+/// sign.
+#[inline(always)]
+unsafe fn accumulate_signed<const N: usize>(
+    lanes: &mut [__m256; N],
+    x: __m256i,
+    scale: f32,
+    activations: &[&[Q8Block]; N],
+    index: usize,
+) {
+    // SAFETY: the caller runs with AVX2 and FMA; the load reads a block's 32-byte array.
+    unsafe {
+        let magnitudes = _mm256_sign_epi8(x, x);
+        for (lanes, activations) in lanes.iter_mut().zip(activations) {
+            let activation = &activations[index];
+            let y = _mm256_loadu_si256(activation.values.as_ptr().cast());
+            *lanes = accumulate(
+                *lanes,
+                scale * activation.scale,
+                magnitudes,
+                _mm256_sign_epi8(y, x),
+            );
+        }
     }
 }
 
