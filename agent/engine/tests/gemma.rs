@@ -9,31 +9,19 @@
 use serde_json::Value;
 use sollol_engine::gguf::Gguf;
 use sollol_engine::model::{Model, Part, Shape};
-use sollol_engine::sampling::greedy;
 use sollol_engine::tokenizer::TextCodec;
 
 mod support;
 
-use support::{gemma_path, root};
+use support::{assert_halves_match, discovered, gemma_path, greedy_run, ids, open_gguf, root};
 
 fn reference() -> Value {
     let path = root().join("tests/reference/gemma-3-270m-q4_k_m.llamacpp.json");
     serde_json::from_str(&std::fs::read_to_string(&path).expect("reference file")).expect("JSON")
 }
 
-fn ids(value: &Value) -> Vec<u32> {
-    value
-        .as_array()
-        .expect("ids")
-        .iter()
-        .map(|id| id.as_u64().expect("id") as u32)
-        .collect()
-}
-
 fn gguf() -> Gguf {
-    let file = std::fs::File::open(gemma_path()).expect("open model");
-    let length = file.metadata().expect("metadata").len();
-    Gguf::read(std::io::BufReader::new(file), length).expect("valid GGUF")
+    open_gguf(&gemma_path())
 }
 
 #[test]
@@ -61,27 +49,6 @@ fn tokenization_matches_llama_cpp() {
         let decoded = codec.decode(&ours[1..]).expect("decode");
         assert_eq!(decoded, text, "round trip of {text:?}");
     }
-}
-
-/// Greedy continuation of `prompt` for `steps` tokens over `models` (one whole model, or parts in
-/// order), with every step's logits.
-fn greedy_run(models: &[&Model], prompt: &[u32], steps: usize) -> (Vec<u32>, Vec<Vec<f32>>) {
-    let mut caches: Vec<_> = models.iter().map(|model| model.new_cache()).collect();
-    let mut input = prompt.to_vec();
-    let (mut output, mut all_logits) = (Vec::new(), Vec::new());
-    for _ in 0..steps {
-        let mut hidden = models[0].embed(&input).expect("embed");
-        for (model, cache) in models.iter().zip(&mut caches) {
-            hidden = model.layers(hidden, cache).expect("layers");
-            cache.length += input.len();
-        }
-        let logits = models[models.len() - 1].head(&hidden).expect("head");
-        let token = greedy(&logits);
-        all_logits.push(logits);
-        output.push(token);
-        input = vec![token];
-    }
-    (output, all_logits)
 }
 
 #[test]
@@ -113,53 +80,14 @@ fn greedy_generation_matches_llama_cpp_and_a_layer_split_matches_the_whole() {
 
     // Two instances, each holding only its layers (the split falls inside a run of sliding-window
     // layers), give the whole model's logits.
-    let split = layers / 2;
-    let front = Model::load(
-        &path,
-        &gguf,
-        Part {
-            embed: true,
-            layers: 0..split,
-            head: false,
-        },
-    )
-    .expect("front half");
-    let back = Model::load(
-        &path,
-        &gguf,
-        Part {
-            embed: false,
-            layers: split..layers,
-            head: true,
-        },
-    )
-    .expect("back half");
-    let prompt = ids(&completions[0]["prompt_ids"]);
-    let (whole_ids, whole_logits) = greedy_run(&[&whole], &prompt, 8);
-    let (split_ids, split_logits) = greedy_run(&[&front, &back], &prompt, 8);
-    assert_eq!(whole_ids, split_ids);
-    let worst = whole_logits
-        .iter()
-        .flatten()
-        .zip(split_logits.iter().flatten())
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0f32, f32::max);
-    assert!(
-        worst <= 1e-4,
-        "layer split changed the logits by up to {worst}"
-    );
+    assert_halves_match(&path, &gguf, &whole, &ids(&completions[0]["prompt_ids"]), 8);
 }
 
 /// The model as the engine serves it (loaded from the catalogue's description, generating through
 /// the same path as `/api/generate` with `raw`): the reference continuation, streamed in pieces.
 #[test]
 fn the_engine_serves_it() {
-    let path = gemma_path();
-    let file = sollol_engine::engine::discover(path.parent().expect("model dir"), None)
-        .into_iter()
-        .find(|file| file.path == path)
-        .expect("the model is discovered");
-    let model = sollol_engine::engine::LoadedModel::load(&file).expect("load");
+    let model = sollol_engine::engine::LoadedModel::load(&discovered(&gemma_path())).expect("load");
     assert_eq!(model.details.family, "gemma3");
     let reference = reference();
     let case = &reference["completions"][0];

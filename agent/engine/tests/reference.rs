@@ -7,32 +7,19 @@
 use serde_json::Value;
 use sollol_engine::gguf::Gguf;
 use sollol_engine::model::{Model, Part};
-use sollol_engine::sampling::greedy;
 use sollol_engine::tokenizer::{ChatMessage, TextCodec};
 
 mod support;
 
-use support::{model_path, root};
+use support::{assert_halves_match, discovered, greedy_run, ids, model_path, open_gguf, root};
 
 fn reference() -> Value {
     let path = root().join("tests/reference/smollm2-135m-q4_1.llamacpp.json");
     serde_json::from_str(&std::fs::read_to_string(&path).expect("reference file")).expect("JSON")
 }
 
-fn ids(value: &Value) -> Vec<u32> {
-    value
-        .as_array()
-        .expect("ids")
-        .iter()
-        .map(|id| id.as_u64().expect("id") as u32)
-        .collect()
-}
-
 fn gguf() -> Gguf {
-    let path = model_path();
-    let file = std::fs::File::open(&path).expect("open model");
-    let length = file.metadata().expect("metadata").len();
-    Gguf::read(std::io::BufReader::new(file), length).expect("valid GGUF")
+    open_gguf(&model_path())
 }
 
 #[test]
@@ -70,27 +57,6 @@ fn chat_prompts_match_llama_cpp() {
     }
 }
 
-/// Greedy continuation of `prompt` for `steps` tokens, with every step's logits.
-fn greedy_run(models: &[&Model], prompt: &[u32], steps: usize) -> (Vec<u32>, Vec<Vec<f32>>) {
-    let mut caches: Vec<_> = models.iter().map(|model| model.new_cache()).collect();
-    let mut input = prompt.to_vec();
-    let mut output = Vec::new();
-    let mut all_logits = Vec::new();
-    for _ in 0..steps {
-        let mut hidden = models[0].embed(&input).expect("embed");
-        for (model, cache) in models.iter().zip(&mut caches) {
-            hidden = model.layers(hidden, cache).expect("layers");
-            cache.length += input.len();
-        }
-        let logits = models[models.len() - 1].head(&hidden).expect("head");
-        let token = greedy(&logits);
-        all_logits.push(logits);
-        output.push(token);
-        input = vec![token];
-    }
-    (output, all_logits)
-}
-
 #[test]
 fn greedy_generation_matches_llama_cpp_and_a_layer_split_matches_the_whole() {
     let path = model_path();
@@ -115,55 +81,17 @@ fn greedy_generation_matches_llama_cpp_and_a_layer_split_matches_the_whole() {
     }
 
     // Two instances, each holding only its layers, give the whole model's logits.
-    let split = layers / 2;
-    let front = Model::load(
-        &path,
-        &gguf,
-        Part {
-            embed: true,
-            layers: 0..split,
-            head: false,
-        },
-    )
-    .expect("front half");
-    let back = Model::load(
-        &path,
-        &gguf,
-        Part {
-            embed: false,
-            layers: split..layers,
-            head: true,
-        },
-    )
-    .expect("back half");
+    let prompt = ids(&reference()["completions"][0]["prompt_ids"]);
+    let front = assert_halves_match(&path, &gguf, &whole, &prompt, 16);
     assert!(
         front.head(&front.embed(&[1]).expect("embed")).is_err(),
         "the front half has no head"
-    );
-    let prompt = ids(&reference()["completions"][0]["prompt_ids"]);
-    let (whole_ids, whole_logits) = greedy_run(&[&whole], &prompt, 16);
-    let (split_ids, split_logits) = greedy_run(&[&front, &back], &prompt, 16);
-    assert_eq!(whole_ids, split_ids);
-    let worst = whole_logits
-        .iter()
-        .flatten()
-        .zip(split_logits.iter().flatten())
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0f32, f32::max);
-    assert!(
-        worst <= 1e-4,
-        "layer split changed the logits by up to {worst}"
     );
 }
 
 #[test]
 fn embeddings_match_llama_cpp_mean_pooling() {
-    let path = model_path();
-    let file = sollol_engine::engine::discover(path.parent().expect("model dir"), None)
-        .into_iter()
-        .find(|file| file.path == path)
-        .expect("the model is discovered");
-    let model = sollol_engine::engine::LoadedModel::load(&file).expect("load");
+    let model = sollol_engine::engine::LoadedModel::load(&discovered(&model_path())).expect("load");
     let reference_path = root().join("tests/reference/smollm2-135m-q4_1.embeddings.llamacpp.json");
     let reference: Value =
         serde_json::from_str(&std::fs::read_to_string(reference_path).expect("reference"))
