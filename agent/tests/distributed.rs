@@ -254,7 +254,12 @@ fn prompt() -> Vec<u32> {
 
 /// Every reference prompt's token ids.
 fn prompts() -> Vec<Vec<u32>> {
-    let path = support::root().join("tests/reference/smollm2-135m-q4_1.llamacpp.json");
+    prompts_of("smollm2-135m-q4_1.llamacpp.json")
+}
+
+/// Every prompt's token ids in the reference file `name` (in `tests/reference/`).
+fn prompts_of(name: &str) -> Vec<Vec<u32>> {
+    let path = support::root().join("tests/reference").join(name);
     let reference: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(path).expect("reference")).expect("JSON");
     reference["completions"]
@@ -468,26 +473,9 @@ async fn two_and_three_stages_reproduce_the_single_process_model() {
 async fn gemma_split_over_two_stages_reproduces_the_single_process_model() {
     let cluster = cluster(&["gemma-a", "gemma-b"], &[]).await;
     let token = cluster.coordinator.token.clone();
-    let reference: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(
-            support::root().join("tests/reference/gemma-3-270m-q4_k_m.llamacpp.json"),
-        )
-        .expect("reference"),
-    )
-    .expect("JSON");
-    let prompts: Vec<Vec<u32>> = reference["completions"]
-        .as_array()
-        .expect("completions")
-        .iter()
+    let prompts: Vec<Vec<u32>> = prompts_of("gemma-3-270m-q4_k_m.llamacpp.json")
+        .into_iter()
         .take(4)
-        .map(|completion| {
-            completion["prompt_ids"]
-                .as_array()
-                .expect("ids")
-                .iter()
-                .map(|id| id.as_u64().expect("id") as u32)
-                .collect()
-        })
         .collect();
     let model = Model::load_whole(&support::gemma_model()).expect("load");
     let (expected_tokens, expected_logits) = local_run(&model, &prompts[0], 12);
