@@ -62,6 +62,16 @@ impl Drop for Decoding<'_> {
     }
 }
 
+/// A batch running; when it ends, the others may run the next.
+struct Running<'a>(&'a Batcher);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.lock().running = false;
+        self.0.changed.notify_all();
+    }
+}
+
 impl Batcher {
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock leaves plain counters and queued steps: still usable.
@@ -117,10 +127,12 @@ impl Batcher {
                 }
                 state.running = true;
                 drop(state);
-                run(model, batch);
+                {
+                    // Cleared however `run` ends (a panic too): the others would wait for ever.
+                    let _running = Running(self);
+                    run(model, batch);
+                }
                 state = self.lock();
-                state.running = false;
-                self.changed.notify_all();
                 continue;
             }
             let wait = deadline
