@@ -379,7 +379,7 @@ mod tests {
     #[test]
     fn the_forms_compute_alike() {
         #[cfg(target_arch = "x86_64")]
-        if let Some(avx2) = Avx2::detect() {
+        if let Some(avx2) = Avx2::detect(true) {
             let bits = |values: &[f32]| values.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
             let value = |index: usize, salt: usize| {
                 ((index * 7919 + salt * 104_729) % 2003) as f32 / 97.0 - 10.0

@@ -110,7 +110,21 @@ pub(crate) unsafe fn q50_dots<const N: usize>(
     weights: &[Q50Block],
     activations: [&[Q8Block]; N],
 ) -> [f32; N] {
-    // SAFETY: as in `q41_dot`; the loads read the blocks' 16- and 32-byte arrays.
+    // SAFETY: as in `q41_dot`.
+    unsafe {
+        let mut lanes = [_mm256_setzero_ps(); N];
+        for (index, weight) in weights.iter().enumerate() {
+            let x = q50_values(weight);
+            accumulate_signed(&mut lanes, x, to_f32(weight.scale), &activations, index);
+        }
+        std::array::from_fn(|row| sum_lanes(lanes[row]))
+    }
+}
+
+/// A Q5_0 block's 32 values (-16..16) as signed bytes.
+#[inline(always)]
+pub(crate) unsafe fn q50_values(weight: &Q50Block) -> __m256i {
+    // SAFETY: the caller runs with AVX2; the load reads the block's 16-byte array.
     unsafe {
         let mask = _mm256_set1_epi8(0x0F);
         let spread = _mm256_set_epi64x(
@@ -122,17 +136,11 @@ pub(crate) unsafe fn q50_dots<const N: usize>(
         let bit_mask = _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe);
         let ones = _mm256_set1_epi64x(-1);
         let offset = _mm256_set1_epi8(0xF0u8 as i8);
-        let mut lanes = [_mm256_setzero_ps(); N];
-        for (index, weight) in weights.iter().enumerate() {
-            let packed = _mm_loadu_si128(weight.low.as_ptr().cast());
-            let nibbles =
-                _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), mask);
-            let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(weight.high as i32), spread);
-            let set = _mm256_cmpeq_epi8(_mm256_or_si256(bytes, bit_mask), ones);
-            let x = _mm256_or_si256(nibbles, _mm256_andnot_si256(set, offset));
-            accumulate_signed(&mut lanes, x, to_f32(weight.scale), &activations, index);
-        }
-        std::array::from_fn(|row| sum_lanes(lanes[row]))
+        let packed = _mm_loadu_si128(weight.low.as_ptr().cast());
+        let nibbles = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), mask);
+        let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(weight.high as i32), spread);
+        let set = _mm256_cmpeq_epi8(_mm256_or_si256(bytes, bit_mask), ones);
+        _mm256_or_si256(nibbles, _mm256_andnot_si256(set, offset))
     }
 }
 
@@ -327,7 +335,7 @@ unsafe fn sum_i32(lanes: __m256i) -> i32 {
 
 /// A block's f16 scale or minimum as f32 (F16C), as `half` converts it.
 #[inline(always)]
-unsafe fn to_f32(value: f16) -> f32 {
+pub(crate) unsafe fn to_f32(value: f16) -> f32 {
     // SAFETY: the caller runs with F16C; only registers are touched.
     unsafe { _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(value.to_bits())))) }
 }
@@ -372,7 +380,7 @@ unsafe fn accumulate_signed<const N: usize>(
 
 /// ggml's `hsum_float_8`.
 #[inline(always)]
-unsafe fn sum_lanes(lanes: __m256) -> f32 {
+pub(crate) unsafe fn sum_lanes(lanes: __m256) -> f32 {
     // SAFETY: the caller runs with AVX2.
     unsafe {
         let quarters = _mm_add_ps(

@@ -19,7 +19,9 @@
 
 use half::f16;
 
-use crate::quant::{Dots, Format, Matrix, Q8Block, accumulate, each_row, quantize, sum_lanes};
+use crate::quant::{
+    Dots, Format, Matrix, Q8Block, accumulate, each_row, quantize, sum_lanes, wide,
+};
 use crate::simd::Isa;
 
 pub type Q50Matrix = Matrix<Q50>;
@@ -131,6 +133,29 @@ impl Format for Q50 {
         each_row(activations, |activations| {
             q50_dot(isa, weights, activations)
         })
+    }
+
+    #[inline(always)]
+    fn pairs<I: Dots>(isa: I, tokens: usize) -> bool {
+        // One token: unpacking two rows' blocks for one product each costs more than it saves.
+        tokens > 1 && wide(isa)
+    }
+
+    #[inline(always)]
+    fn dots2<I: Dots, const N: usize>(
+        isa: I,
+        weights: [&[Q50Block]; 2],
+        activations: [&[Q8Block]; N],
+    ) -> [[f32; N]; 2] {
+        #[cfg(target_arch = "x86_64")]
+        if wide(isa) {
+            // SAFETY: a `Wide` exists only where the CPU has the features these functions enable.
+            return unsafe { crate::avx512::q50_dots2(weights, activations) };
+        }
+        [
+            Self::dots(isa, weights[0], activations),
+            Self::dots(isa, weights[1], activations),
+        ]
     }
 }
 
@@ -573,8 +598,12 @@ mod tests {
             let bits = |values: Vec<f32>| values.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
             let portable = bits(matrix.forward_with(Baseline, &x, &[tokens]));
             #[cfg(target_arch = "x86_64")]
-            if let Some(avx2) = Avx2::detect() {
+            if let Some(avx2) = Avx2::detect(true) {
                 assert_eq!(bits(matrix.forward_with(avx2, &x, &[tokens])), portable);
+                assert_eq!(
+                    bits(matrix.forward_with(avx2.narrow(), &x, &[tokens])),
+                    portable
+                );
             }
             assert_eq!(bits(ours), portable);
             // Rows of different sequences: each as that token alone.
@@ -609,7 +638,7 @@ mod tests {
 
     #[test]
     fn q5_0_computes_the_dequantized_product() {
-        check::<Q50>(&blocks(22, 40, &[0], 3), 10, 128, dequantize_q50);
+        check::<Q50>(&blocks(22, 44, &[0], 3), 11, 128, dequantize_q50);
     }
 
     #[test]

@@ -29,6 +29,9 @@ pub struct Q8Block {
     /// `sum(values) * scale` rounded to f16, as Q8_1 keeps it.
     pub(crate) sum: f32,
     pub(crate) values: [i8; BLOCK],
+    /// `-128 *` the sum of each four values (a lane's): what the 512-bit forms take off a product with
+    /// weights made unsigned by adding 128 (`avx512.rs`).
+    pub(crate) offsets: [i32; LANES],
 }
 
 /// A weight block format.
@@ -57,6 +60,25 @@ pub trait Format: Send + Sync {
         each_row(activations, |activations| {
             Self::dot(isa, weights, activations)
         })
+    }
+
+    /// Whether form `isa` computes two weight rows at once ([`Format::dots2`]) faster than one by one,
+    /// for `tokens` activation rows.
+    fn pairs<I: Dots>(isa: I, tokens: usize) -> bool {
+        let _ = (isa, tokens);
+        false
+    }
+
+    /// [`Format::dots`] of two weight rows: faster where a form computes both at once.
+    fn dots2<I: Dots, const N: usize>(
+        isa: I,
+        weights: [&[Self::Block]; 2],
+        activations: [&[Self::Activation]; N],
+    ) -> [[f32; N]; 2] {
+        [
+            Self::dots(isa, weights[0], activations),
+            Self::dots(isa, weights[1], activations),
+        ]
     }
 
     /// Whether llama.cpp computes a batch's rows differently from one token's: then each row of a batch
@@ -191,6 +213,18 @@ impl Dots for Avx2 {
     }
 }
 
+/// Whether form `isa` has the 512-bit kernels (`avx512.rs`).
+#[inline(always)]
+pub(crate) fn wide<I: Isa>(isa: I) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return isa.avx2().and_then(Avx2::wide).is_some();
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = isa;
+        false
+    }
+}
+
 /// Activation rows a weight row is applied to at once in prompt processing; what is left of a batch
 /// goes by 4, then 2, then 1.
 pub const GROUP: usize = 8;
@@ -213,6 +247,31 @@ fn dots_at<F: Format, I: Dots, const N: usize>(
             &quantized[token * per_row..(token + 1) * per_row]
         }),
     )
+}
+
+/// [`Format::dots2`] of two weight rows with the `N` activation rows from `first`, in the first `N` of
+/// `GROUP` results per weight row.
+#[inline(always)]
+fn pairs_at<F: Format, I: Dots, const N: usize>(
+    isa: I,
+    weights: [&[F::Block]; 2],
+    quantized: &[F::Activation],
+    per_row: usize,
+    first: usize,
+) -> [[f32; GROUP]; 2] {
+    let results: [[f32; N]; 2] = F::dots2(
+        isa,
+        weights,
+        std::array::from_fn(|index| {
+            let token = first + index;
+            &quantized[token * per_row..(token + 1) * per_row]
+        }),
+    );
+    let mut out = [[0f32; GROUP]; 2];
+    for (out, results) in out.iter_mut().zip(results) {
+        out[..N].copy_from_slice(&results);
+    }
+    out
 }
 
 /// Q4_1: f16 scale, f16 minimum, 32 four-bit values (`scale * value + min`).
@@ -328,6 +387,31 @@ impl Format for Q80 {
     ) -> [f32; N] {
         isa.q80_dots(weights, activations)
     }
+
+    #[inline(always)]
+    fn pairs<I: Dots>(isa: I, tokens: usize) -> bool {
+        // One token streams the matrix from memory: two rows at once are no faster there (measured
+        // slower on a 262 144-row output head).
+        tokens > 1 && wide(isa)
+    }
+
+    #[inline(always)]
+    #[allow(unsafe_code)]
+    fn dots2<I: Dots, const N: usize>(
+        isa: I,
+        weights: [&[Q80Block]; 2],
+        activations: [&[Q8Block]; N],
+    ) -> [[f32; N]; 2] {
+        #[cfg(target_arch = "x86_64")]
+        if wide(isa) {
+            // SAFETY: a `Wide` exists only where the CPU has the features these functions enable.
+            return unsafe { crate::avx512::q80_dots2(weights, activations) };
+        }
+        [
+            isa.q80_dots(weights[0], activations),
+            isa.q80_dots(weights[1], activations),
+        ]
+    }
 }
 
 /// ggml's `ggml_vec_dot_q8_0_q8_0` (AVX2; llamafile's tinyBLAS sums the same way), portable.
@@ -383,10 +467,19 @@ pub(crate) fn quantize<I: Isa>(isa: I, values: &[f32]) -> Q8Block {
         *slot = (value * multiplier).round_ties_even() as i8;
         sum += i32::from(*slot);
     }
+    let mut offsets = [0i32; LANES];
+    for (offset, quad) in offsets.iter_mut().zip(quantized.chunks_exact(4)) {
+        let mut sum = 0i32;
+        for value in quad {
+            sum += i32::from(*value);
+        }
+        *offset = -128 * sum;
+    }
     Q8Block {
         scale: isa.to_f32(isa.to_f16(scale)),
         sum: isa.to_f32(isa.to_f16(sum as f32 * scale)),
         values: quantized,
+        offsets,
     }
 }
 
@@ -544,18 +637,25 @@ impl<F: Format> Matrix<F> {
         out: &mut [f32],
     ) {
         let per_row = self.columns / F::VALUES;
-        for (offset, slot) in out.iter_mut().enumerate() {
-            let row = first + offset;
-            *slot = F::dot(
-                isa,
-                &self.blocks[row * per_row..(row + 1) * per_row],
-                quantized,
-            );
+        let weights = |row: usize| &self.blocks[row * per_row..(row + 1) * per_row];
+        let mut offset = 0;
+        if F::pairs(isa, 1) {
+            while offset + 2 <= out.len() {
+                let row = first + offset;
+                let [[one], [two]] = F::dots2(isa, [weights(row), weights(row + 1)], [quantized]);
+                (out[offset], out[offset + 1]) = (one, two);
+                offset += 2;
+            }
+        }
+        for (offset, slot) in out.iter_mut().enumerate().skip(offset) {
+            *slot = F::dot(isa, weights(first + offset), quantized);
         }
     }
 
     /// Rows `rows` applied to every one of `tokens` rows of activations: `tokens` rows of
-    /// `rows.len()` values.
+    /// `rows.len()` values. Token groups outside, rows inside: a group's activations stay in the L1
+    /// cache while the chunk's rows go past them (row by row, each weight row would stream the whole
+    /// prompt's activations through the cache: 51 KB for 64 tokens of 640 values).
     #[inline(always)]
     fn tokens<I: Dots>(
         &self,
@@ -568,64 +668,65 @@ impl<F: Format> Matrix<F> {
         let per_row = self.columns / F::VALUES;
         let (first, width) = (rows.start, rows.len());
         let activations = |token: usize| &quantized[token * per_row..(token + 1) * per_row];
+        let weights = |row: usize| &self.blocks[row * per_row..(row + 1) * per_row];
         let mut out = vec![0f32; width * tokens];
-        if F::BATCH_DIFFERS {
-            for row in rows {
-                let weights = &self.blocks[row * per_row..(row + 1) * per_row];
-                let mut token = 0;
-                while token < tokens {
-                    // A sequence's rows in fours start at its first row: four in a row are one group.
-                    if in_fours[token] {
-                        let results = F::batch_dots4(
-                            isa,
-                            weights,
-                            std::array::from_fn(|index| activations(token + index)),
-                        );
-                        for (index, value) in results.into_iter().enumerate() {
-                            out[(token + index) * width + row - first] = value;
+        let mut token = 0;
+        while token < tokens {
+            let count = if F::BATCH_DIFFERS {
+                // A sequence's rows in fours start at its first row: four in a row are one group.
+                if in_fours[token] { 4 } else { 1 }
+            } else {
+                match tokens - token {
+                    left if left >= GROUP => GROUP,
+                    4..GROUP => 4,
+                    2..4 => 2,
+                    _ => 1,
+                }
+            };
+            let mut paired = rows.start;
+            if !F::BATCH_DIFFERS && F::pairs(isa, count) {
+                while paired + 2 <= rows.end {
+                    let pair = [weights(paired), weights(paired + 1)];
+                    let results = match count {
+                        GROUP => pairs_at::<F, I, GROUP>(isa, pair, quantized, per_row, token),
+                        4 => pairs_at::<F, I, 4>(isa, pair, quantized, per_row, token),
+                        2 => pairs_at::<F, I, 2>(isa, pair, quantized, per_row, token),
+                        _ => pairs_at::<F, I, 1>(isa, pair, quantized, per_row, token),
+                    };
+                    for (offset, results) in results.iter().enumerate() {
+                        for (index, value) in results[..count].iter().enumerate() {
+                            out[(token + index) * width + paired + offset - first] = *value;
                         }
-                        token += 4;
-                    } else {
-                        out[token * width + row - first] =
-                            F::batch_dot(isa, weights, activations(token), false);
-                        token += 1;
                     }
+                    paired += 2;
                 }
             }
-            return out;
-        }
-        for row in rows {
-            let weights = &self.blocks[row * per_row..(row + 1) * per_row];
-            let mut token = 0;
-            while token < tokens {
+            for row in paired..rows.end {
+                let weights = weights(row);
                 let mut results = [0f32; GROUP];
-                let count = match tokens - token {
-                    left if left >= GROUP => {
-                        results = dots_at::<F, I, GROUP>(isa, weights, quantized, per_row, token);
-                        GROUP
+                match (F::BATCH_DIFFERS, count) {
+                    (true, 4) => results[..4].copy_from_slice(&F::batch_dots4(
+                        isa,
+                        weights,
+                        std::array::from_fn(|index| activations(token + index)),
+                    )),
+                    (true, _) => results[0] = F::batch_dot(isa, weights, activations(token), false),
+                    (false, GROUP) => {
+                        results = dots_at::<F, I, GROUP>(isa, weights, quantized, per_row, token)
                     }
-                    4..GROUP => {
-                        results[..4].copy_from_slice(&dots_at::<F, I, 4>(
-                            isa, weights, quantized, per_row, token,
-                        ));
-                        4
-                    }
-                    2..4 => {
-                        results[..2].copy_from_slice(&dots_at::<F, I, 2>(
-                            isa, weights, quantized, per_row, token,
-                        ));
-                        2
-                    }
-                    _ => {
-                        results[0] = F::dot(isa, weights, activations(token));
-                        1
-                    }
-                };
+                    (false, 4) => results[..4].copy_from_slice(&dots_at::<F, I, 4>(
+                        isa, weights, quantized, per_row, token,
+                    )),
+                    (false, 2) => results[..2].copy_from_slice(&dots_at::<F, I, 2>(
+                        isa, weights, quantized, per_row, token,
+                    )),
+                    (false, _) => results[0] = F::dot(isa, weights, activations(token)),
+                }
                 for (index, value) in results[..count].iter().enumerate() {
                     out[(token + index) * width + row - first] = *value;
                 }
-                token += count;
             }
+            token += count;
         }
         out
     }
@@ -722,7 +823,7 @@ mod tests {
     fn the_vector_dots_equal_the_portable_ones_bit_for_bit() {
         check_dots(Baseline);
         #[cfg(target_arch = "x86_64")]
-        if let Some(avx2) = Avx2::detect() {
+        if let Some(avx2) = Avx2::detect(true) {
             check_dots(avx2);
         }
     }
@@ -771,13 +872,13 @@ mod tests {
         );
     }
 
-    /// Whole matrix products, for one token (generation) and for batches that go by 8, 4, 2 and 1,
-    /// equal in the AVX2 and portable forms.
+    /// Whole matrix products, for one token (generation) and for batches that go by 8, 4, 2 and 1 (rows
+    /// in pairs and one left over, where the CPU has the 512-bit forms), equal in every form.
     #[test]
     fn the_forms_compute_equal_products() {
         #[cfg(target_arch = "x86_64")]
-        if let Some(avx2) = Avx2::detect() {
-            let (rows, columns) = (70, 96);
+        if let Some(avx2) = Avx2::detect(true) {
+            let (rows, columns) = (71, 96);
             let q41 = Q41Matrix::from_gguf(&random_blocks(20, rows * 3, 3), rows, columns)
                 .expect("Q4_1 matrix");
             let q80 = Q80Matrix::from_gguf(&random_blocks(34, rows * 3, 4), rows, columns)
@@ -799,6 +900,12 @@ mod tests {
                     bits(q80.forward_with(avx2, &input, &[tokens])),
                     bits(q80.forward_with(Baseline, &input, &[tokens])),
                     "Q8_0, {tokens} tokens"
+                );
+                // Without the 512-bit forms (the same where the CPU lacks them).
+                assert_eq!(
+                    bits(q80.forward_with(avx2.narrow(), &input, &[tokens])),
+                    bits(q80.forward_with(Baseline, &input, &[tokens])),
+                    "Q8_0 in AVX2 alone, {tokens} tokens"
                 );
             }
         }

@@ -1,8 +1,10 @@
 //! Which forms of the kernels run, chosen once per process at run time, so that one x86-64 binary runs
 //! on every x86-64 CPU and at vector speed on those with AVX2, FMA and F16C (Intel Haswell, AMD
-//! Excavator and later): those get the AVX2 forms, every other CPU the portable ones.
+//! Excavator and later): those get the AVX2 forms, every other CPU the portable ones. Where the CPU also
+//! has AVX-512 with VNNI (Intel Ice Lake and Sapphire Rapids, AMD Zen 4 and later), the Q5_0 and Q8_0
+//! dot products take two weight rows at a time in 512-bit registers (`avx512.rs`), same results.
 //! `SOLLOL_KERNELS=portable` forces the portable forms (for tests, and for a CPU that claims features it
-//! does not have).
+//! does not have); `SOLLOL_KERNELS=avx2` stops at AVX2 (to measure what an AVX2-only CPU gets).
 //!
 //! Each kernel's body is written once, generic over an [`Isa`], and compiled once per form: plainly for
 //! [`Baseline`], and inside a `#[target_feature(enable = "avx2,fma,f16c")]` function for [`Avx2`]
@@ -25,6 +27,8 @@ pub enum Kernels {
     Portable,
     /// x86-64 with AVX2, FMA and F16C, detected at start.
     Avx2,
+    /// x86-64 with AVX2 and AVX-512 (F, BW, VL) with VNNI.
+    Avx512Vnni,
     /// aarch64, whose baseline includes NEON.
     Neon,
 }
@@ -34,6 +38,8 @@ impl Kernels {
     /// fixed.
     pub fn chosen() -> Self {
         match Level::chosen() {
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx2(avx2) if avx2.wide().is_some() => Self::Avx512Vnni,
             #[cfg(target_arch = "x86_64")]
             Level::Avx2(_) => Self::Avx2,
             Level::Baseline(_) if cfg!(all(vector_kernels, target_arch = "aarch64")) => Self::Neon,
@@ -46,6 +52,7 @@ impl Kernels {
         match self {
             Self::Portable => "portable",
             Self::Avx2 => "avx2",
+            Self::Avx512Vnni => "avx512-vnni",
             Self::Neon => "neon",
         }
     }
@@ -66,13 +73,15 @@ impl Level {
         *CHOSEN.get_or_init(|| Self::choose(std::env::var("SOLLOL_KERNELS").ok().as_deref()))
     }
 
-    /// `portable` forces the portable forms; anything else (or nothing) takes the best the CPU has.
+    /// `portable` forces the portable forms, `avx2` stops at AVX2; anything else (or nothing) takes the
+    /// best the CPU has.
     fn choose(setting: Option<&str>) -> Self {
-        if setting.map(str::trim) == Some("portable") {
+        let setting = setting.map(str::trim);
+        if setting == Some("portable") {
             return Self::Baseline(Baseline);
         }
         #[cfg(target_arch = "x86_64")]
-        if let Some(avx2) = Avx2::detect() {
+        if let Some(avx2) = Avx2::detect(setting != Some("avx2")) {
             return Self::Avx2(avx2);
         }
         Self::Baseline(Baseline)
@@ -160,15 +169,40 @@ mod x86 {
 
     /// Proof that the CPU has AVX2, FMA and F16C: only [`Avx2::detect`] makes one.
     #[derive(Clone, Copy, Debug)]
-    pub struct Avx2(());
+    pub struct Avx2 {
+        wide: Option<Wide>,
+    }
+
+    /// Proof that the CPU also has AVX-512 F, BW and VL with VNNI (`vpdpbusd`).
+    #[derive(Clone, Copy, Debug)]
+    pub struct Wide(());
 
     impl Avx2 {
-        /// `Some` where the CPU has AVX2, FMA and F16C (whatever `SOLLOL_KERNELS` says).
-        pub(crate) fn detect() -> Option<Self> {
+        /// `Some` where the CPU has AVX2, FMA and F16C (whatever `SOLLOL_KERNELS` says), with the
+        /// 512-bit forms where it has them and `wide` allows.
+        pub(crate) fn detect(wide: bool) -> Option<Self> {
             let has = std::arch::is_x86_feature_detected!("avx2")
                 && std::arch::is_x86_feature_detected!("fma")
                 && std::arch::is_x86_feature_detected!("f16c");
-            has.then_some(Self(()))
+            let has_wide = std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512vl")
+                && std::arch::is_x86_feature_detected!("avx512vnni");
+            has.then_some(Self {
+                wide: (wide && has_wide).then_some(Wide(())),
+            })
+        }
+
+        /// The proof for the 512-bit forms, where they run.
+        #[inline(always)]
+        pub(crate) fn wide(self) -> Option<Wide> {
+            self.wide
+        }
+
+        /// This form without the 512-bit kernels (for tests comparing them).
+        #[cfg(test)]
+        pub(crate) fn narrow(self) -> Self {
+            Self { wide: None }
         }
     }
 
@@ -280,10 +314,15 @@ mod tests {
             Level::Baseline(_)
         ));
         #[cfg(target_arch = "x86_64")]
-        assert_eq!(
-            matches!(Level::choose(None), Level::Avx2(_)),
-            Avx2::detect().is_some()
-        );
+        {
+            assert_eq!(
+                matches!(Level::choose(None), Level::Avx2(_)),
+                Avx2::detect(true).is_some()
+            );
+            if let Level::Avx2(avx2) = Level::choose(Some("avx2")) {
+                assert!(avx2.wide().is_none());
+            }
+        }
     }
 
     /// Every f16 bit pattern, and f32 values around every f16 (ties included), convert alike in the
@@ -291,7 +330,7 @@ mod tests {
     #[test]
     fn the_forms_convert_alike() {
         #[cfg(target_arch = "x86_64")]
-        if let Some(avx2) = Avx2::detect() {
+        if let Some(avx2) = Avx2::detect(true) {
             check_conversions(avx2);
         }
         check_conversions(Baseline);

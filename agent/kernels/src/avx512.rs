@@ -1,0 +1,129 @@
+//! The Q5_0 and Q8_0 dot products for CPUs with AVX-512 and VNNI: two weight rows at once, one in each
+//! half of a 512-bit register, against each activation block broadcast to both halves. Each half is the
+//! AVX2 form's eight lanes for its row, so the results are the AVX2 (and portable) forms' bit for bit:
+//!
+//! - the integer sums: `vpdpbusd` multiplies unsigned by signed bytes and adds each four products to a
+//!   32-bit lane without saturating. The weights are made unsigned by adding 128, and the activation
+//!   block's lanes start at `-128 *` their four values' sum (kept with the block), so each lane ends as
+//!   the exact sum of its four signed products, as AVX2's `maddubs`/`madd` give it;
+//! - the floats: each half's lanes converted and accumulated with a fused multiply-add of the two block
+//!   scales' product, block after block, then summed as `hsum_float_8` sums them.
+//!
+//! One `vpdpbusd` does the work of AVX2's sign, `maddubs` and `madd` for two rows, and the activations
+//! are broadcast from memory, which costs no arithmetic.
+#![allow(unsafe_code)]
+
+use std::arch::x86_64::*;
+
+use crate::kquant::Q50Block;
+use crate::quant::{Q8Block, Q80Block};
+use crate::vector::{q50_values, sum_lanes, to_f32};
+
+/// [`crate::vector::q50_dots`] of two weight rows.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+pub(crate) unsafe fn q50_dots2<const N: usize>(
+    weights: [&[Q50Block]; 2],
+    activations: [&[Q8Block]; N],
+) -> [[f32; N]; 2] {
+    // SAFETY: the caller runs on a CPU with these features; the loads read the blocks' own arrays.
+    unsafe {
+        let flip = _mm256_set1_epi8(0x80u8 as i8);
+        let mut lanes = [_mm512_setzero_ps(); N];
+        for (index, (first, second)) in weights[0].iter().zip(weights[1]).enumerate() {
+            let unsigned = join(
+                _mm256_xor_si256(q50_values(first), flip),
+                _mm256_xor_si256(q50_values(second), flip),
+            );
+            let scales = join_ps(to_f32(first.scale), to_f32(second.scale));
+            accumulate(&mut lanes, unsigned, scales, &activations, index);
+        }
+        split(lanes)
+    }
+}
+
+/// [`crate::vector::q80_dots`] of two weight rows.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+pub(crate) unsafe fn q80_dots2<const N: usize>(
+    weights: [&[Q80Block]; 2],
+    activations: [&[Q8Block]; N],
+) -> [[f32; N]; 2] {
+    // SAFETY: as in `q50_dots2`; the loads read the blocks' 32-byte arrays.
+    unsafe {
+        let flip = _mm256_set1_epi8(0x80u8 as i8);
+        let mut lanes = [_mm512_setzero_ps(); N];
+        for (index, (first, second)) in weights[0].iter().zip(weights[1]).enumerate() {
+            let unsigned = join(
+                _mm256_xor_si256(_mm256_loadu_si256(first.values.as_ptr().cast()), flip),
+                _mm256_xor_si256(_mm256_loadu_si256(second.values.as_ptr().cast()), flip),
+            );
+            let scales = join_ps(to_f32(first.scale), to_f32(second.scale));
+            accumulate(&mut lanes, unsigned, scales, &activations, index);
+        }
+        split(lanes)
+    }
+}
+
+/// Adds block `index` of each activation row times the two rows' weight blocks (`unsigned`: the values
+/// plus 128; `scales`: each row's weight scale, eight times) to that activation row's lanes.
+#[inline(always)]
+unsafe fn accumulate<const N: usize>(
+    lanes: &mut [__m512; N],
+    unsigned: __m512i,
+    scales: __m512,
+    activations: &[&[Q8Block]; N],
+    index: usize,
+) {
+    // SAFETY: the caller runs with AVX-512 F and VNNI; the loads read a block's 32-byte arrays.
+    unsafe {
+        for (lanes, activations) in lanes.iter_mut().zip(activations) {
+            let activation = &activations[index];
+            let values =
+                _mm512_broadcast_i64x4(_mm256_loadu_si256(activation.values.as_ptr().cast()));
+            let offsets =
+                _mm512_broadcast_i64x4(_mm256_loadu_si256(activation.offsets.as_ptr().cast()));
+            let sums = _mm512_dpbusd_epi32(offsets, unsigned, values);
+            let scale = _mm512_mul_ps(scales, _mm512_set1_ps(activation.scale));
+            *lanes = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(sums), *lanes);
+        }
+    }
+}
+
+/// `low` in the lower half, `high` in the upper.
+#[inline(always)]
+unsafe fn join(low: __m256i, high: __m256i) -> __m512i {
+    // SAFETY: the caller runs with AVX-512 F.
+    unsafe { _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1) }
+}
+
+/// `low` eight times, then `high` eight times.
+#[inline(always)]
+unsafe fn join_ps(low: f32, high: f32) -> __m512 {
+    // SAFETY: the caller runs with AVX-512 F.
+    unsafe {
+        _mm512_castpd_ps(_mm512_insertf64x4(
+            _mm512_castps_pd(_mm512_set1_ps(low)),
+            _mm256_castps_pd(_mm256_set1_ps(high)),
+            1,
+        ))
+    }
+}
+
+/// Each activation row's two results: the lower half's lanes summed for the first weight row, the
+/// upper half's for the second.
+#[inline(always)]
+unsafe fn split<const N: usize>(lanes: [__m512; N]) -> [[f32; N]; 2] {
+    // SAFETY: the caller runs with AVX-512 F and AVX2.
+    unsafe {
+        let mut out = [[0f32; N]; 2];
+        for (row, lanes) in lanes.into_iter().enumerate() {
+            out[0][row] = sum_lanes(_mm512_castps512_ps256(lanes));
+            out[1][row] = sum_lanes(_mm256_castpd_ps(_mm512_extractf64x4_pd(
+                _mm512_castps_pd(lanes),
+                1,
+            )));
+        }
+        out
+    }
+}
