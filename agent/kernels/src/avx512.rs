@@ -26,7 +26,9 @@ pub(crate) unsafe fn q50_dots2<const N: usize>(
     weights: [&[Q50Block]; 2],
     activations: [&[Q8Block]; N],
 ) -> [[f32; N]; 2] {
-    // SAFETY: the caller runs on a CPU with these features; the loads read the blocks' own arrays.
+    check_lengths(&weights, &activations);
+    // SAFETY: the caller runs on a CPU with these features; the loads read the blocks' own arrays, and
+    // every activation row holds a block for each weight block (checked above).
     unsafe {
         let flip = _mm256_set1_epi8(0x80u8 as i8);
         let mut lanes = [_mm512_setzero_ps(); N];
@@ -49,6 +51,7 @@ pub(crate) unsafe fn q80_dots2<const N: usize>(
     weights: [&[Q80Block]; 2],
     activations: [&[Q8Block]; N],
 ) -> [[f32; N]; 2] {
+    check_lengths(&weights, &activations);
     // SAFETY: as in `q50_dots2`; the loads read the blocks' 32-byte arrays.
     unsafe {
         let flip = _mm256_set1_epi8(0x80u8 as i8);
@@ -65,6 +68,15 @@ pub(crate) unsafe fn q80_dots2<const N: usize>(
     }
 }
 
+/// Every activation row holds a block for each block of the weight rows, which have as many.
+#[inline(always)]
+fn check_lengths<W, A, const N: usize>(weights: &[&[W]; 2], activations: &[&[A]; N]) {
+    assert_eq!(weights[0].len(), weights[1].len());
+    for activations in activations {
+        assert!(activations.len() >= weights[0].len());
+    }
+}
+
 /// Adds block `index` of each activation row times the two rows' weight blocks (`unsigned`: the values
 /// plus 128; `scales`: each row's weight scale, eight times) to that activation row's lanes.
 #[inline(always)]
@@ -75,10 +87,11 @@ unsafe fn accumulate<const N: usize>(
     activations: &[&[Q8Block]; N],
     index: usize,
 ) {
-    // SAFETY: the caller runs with AVX-512 F and VNNI; the loads read a block's 32-byte arrays.
+    // SAFETY: the caller runs with AVX-512 F and VNNI and has checked that every activation row holds
+    // block `index`; the loads read that block's 32-byte arrays.
     unsafe {
         for (lanes, activations) in lanes.iter_mut().zip(activations) {
-            let activation = &activations[index];
+            let activation = activations.get_unchecked(index);
             let values =
                 _mm512_broadcast_i64x4(_mm256_loadu_si256(activation.values.as_ptr().cast()));
             let offsets =

@@ -570,7 +570,7 @@ mod tests {
     ) {
         let matrix = Matrix::<F>::from_gguf(bytes, rows, columns).expect("matrix");
         let weights: Vec<f32> = bytes.chunks_exact(F::BYTES).flat_map(dequantize).collect();
-        for tokens in [1, 3, 9] {
+        for tokens in [1, 3, 9, 19] {
             let x = input(tokens * columns, tokens as u32 + 5);
             let ours = matrix.forward(&x, tokens);
             for token in 0..tokens {

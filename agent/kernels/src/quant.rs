@@ -228,6 +228,9 @@ pub(crate) fn wide<I: Isa>(isa: I) -> bool {
 /// Activation rows a weight row is applied to at once in prompt processing; what is left of a batch
 /// goes by 4, then 2, then 1.
 pub const GROUP: usize = 8;
+/// Activation rows two weight rows are applied to at once where a form computes them in pairs (32
+/// registers: the 512-bit forms).
+const WIDE_GROUP: usize = 16;
 
 /// [`Format::dots`] of `weights` with the `N` activation rows from `first` of `quantized` (`per_row`
 /// blocks each).
@@ -250,7 +253,7 @@ fn dots_at<F: Format, I: Dots, const N: usize>(
 }
 
 /// [`Format::dots2`] of two weight rows with the `N` activation rows from `first`, in the first `N` of
-/// `GROUP` results per weight row.
+/// `WIDE_GROUP` results per weight row.
 #[inline(always)]
 fn pairs_at<F: Format, I: Dots, const N: usize>(
     isa: I,
@@ -258,7 +261,7 @@ fn pairs_at<F: Format, I: Dots, const N: usize>(
     quantized: &[F::Activation],
     per_row: usize,
     first: usize,
-) -> [[f32; GROUP]; 2] {
+) -> [[f32; WIDE_GROUP]; 2] {
     let results: [[f32; N]; 2] = F::dots2(
         isa,
         weights,
@@ -267,7 +270,7 @@ fn pairs_at<F: Format, I: Dots, const N: usize>(
             &quantized[token * per_row..(token + 1) * per_row]
         }),
     );
-    let mut out = [[0f32; GROUP]; 2];
+    let mut out = [[0f32; WIDE_GROUP]; 2];
     for (out, results) in out.iter_mut().zip(results) {
         out[..N].copy_from_slice(&results);
     }
@@ -604,26 +607,31 @@ impl<F: Format> Matrix<F> {
                 });
             return output;
         }
-        // Rows in chunks, spread over the threads; each chunk computes every token for its rows.
+        // Rows in chunks, spread over the threads; each chunk computes every token for its rows and
+        // writes them into each token's output row.
         let chunk_rows = 64;
-        let by_rows: Vec<Vec<f32>> = (0..self.rows.div_ceil(chunk_rows))
-            .into_par_iter()
-            .map(|chunk| {
-                let rows = chunk * chunk_rows..((chunk + 1) * chunk_rows).min(self.rows);
-                isa.run(
-                    #[inline(always)]
-                    || self.tokens(isa, rows, &quantized, tokens, &in_fours),
-                )
-            })
+        let mut pieces: Vec<Vec<&mut [f32]>> = (0..self.rows.div_ceil(chunk_rows))
+            .map(|_| Vec::with_capacity(tokens))
             .collect();
-        for (chunk, values) in by_rows.iter().enumerate() {
-            let first = chunk * chunk_rows;
-            let width = values.len() / tokens.max(1);
-            for token in 0..tokens {
-                output[token * self.rows + first..token * self.rows + first + width]
-                    .copy_from_slice(&values[token * width..(token + 1) * width]);
+        for token_row in output.chunks_mut(self.rows) {
+            for (chunk, piece) in token_row.chunks_mut(chunk_rows).enumerate() {
+                pieces[chunk].push(piece);
             }
         }
+        pieces
+            .into_par_iter()
+            .enumerate()
+            .for_each(|(chunk, mut outputs)| {
+                let rows = chunk * chunk_rows..((chunk + 1) * chunk_rows).min(self.rows);
+                let width = rows.len();
+                let values = isa.run(
+                    #[inline(always)]
+                    || self.tokens(isa, rows, &quantized, tokens, &in_fours),
+                );
+                for (out, values) in outputs.iter_mut().zip(values.chunks_exact(width)) {
+                    out.copy_from_slice(values);
+                }
+            });
         output
     }
 
@@ -677,6 +685,7 @@ impl<F: Format> Matrix<F> {
                 if in_fours[token] { 4 } else { 1 }
             } else {
                 match tokens - token {
+                    left if left >= WIDE_GROUP && F::pairs(isa, left) => WIDE_GROUP,
                     left if left >= GROUP => GROUP,
                     4..GROUP => 4,
                     2..4 => 2,
@@ -688,6 +697,9 @@ impl<F: Format> Matrix<F> {
                 while paired + 2 <= rows.end {
                     let pair = [weights(paired), weights(paired + 1)];
                     let results = match count {
+                        WIDE_GROUP => {
+                            pairs_at::<F, I, WIDE_GROUP>(isa, pair, quantized, per_row, token)
+                        }
                         GROUP => pairs_at::<F, I, GROUP>(isa, pair, quantized, per_row, token),
                         4 => pairs_at::<F, I, 4>(isa, pair, quantized, per_row, token),
                         2 => pairs_at::<F, I, 2>(isa, pair, quantized, per_row, token),
@@ -703,7 +715,7 @@ impl<F: Format> Matrix<F> {
             }
             for row in paired..rows.end {
                 let weights = weights(row);
-                let mut results = [0f32; GROUP];
+                let mut results = [0f32; WIDE_GROUP];
                 match (F::BATCH_DIFFERS, count) {
                     (true, 4) => results[..4].copy_from_slice(&F::batch_dots4(
                         isa,
@@ -711,9 +723,21 @@ impl<F: Format> Matrix<F> {
                         std::array::from_fn(|index| activations(token + index)),
                     )),
                     (true, _) => results[0] = F::batch_dot(isa, weights, activations(token), false),
-                    (false, GROUP) => {
-                        results = dots_at::<F, I, GROUP>(isa, weights, quantized, per_row, token)
+                    (false, WIDE_GROUP) => {
+                        for half in 0..2 {
+                            let first = token + half * GROUP;
+                            results[half * GROUP..(half + 1) * GROUP].copy_from_slice(&dots_at::<
+                                F,
+                                I,
+                                GROUP,
+                            >(
+                                isa, weights, quantized, per_row, first,
+                            ));
+                        }
                     }
+                    (false, GROUP) => results[..GROUP].copy_from_slice(&dots_at::<F, I, GROUP>(
+                        isa, weights, quantized, per_row, token,
+                    )),
                     (false, 4) => results[..4].copy_from_slice(&dots_at::<F, I, 4>(
                         isa, weights, quantized, per_row, token,
                     )),
@@ -872,7 +896,7 @@ mod tests {
         );
     }
 
-    /// Whole matrix products, for one token (generation) and for batches that go by 8, 4, 2 and 1 (rows
+    /// Whole matrix products, for one token (generation) and for batches that go by 16, 8, 4, 2 and 1 (rows
     /// in pairs and one left over, where the CPU has the 512-bit forms), equal in every form.
     #[test]
     fn the_forms_compute_equal_products() {
@@ -883,7 +907,7 @@ mod tests {
                 .expect("Q4_1 matrix");
             let q80 = Q80Matrix::from_gguf(&random_blocks(34, rows * 3, 4), rows, columns)
                 .expect("Q8_0 matrix");
-            for tokens in [1, 2, 15] {
+            for tokens in [1, 2, 15, 23] {
                 let input = random_input(tokens * columns, tokens as u32);
                 let bits = |values: Vec<f32>| {
                     values
