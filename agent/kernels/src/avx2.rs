@@ -223,6 +223,107 @@ pub(crate) unsafe fn q4k_dots<const N: usize>(
     }
 }
 
+/// [`q4k_dots`] of four activation rows taken four at a time (`per_pair`): each pair of sub-blocks' four
+/// integer sums reduced together and the four rows' floats accumulated side by side in one register
+/// (lane `r` is row `r`'s chain of fused multiply-adds, in the same order), the minimums' terms alike.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub(crate) unsafe fn q4k_dots4(weights: &[Q4KBlock], activations: [&[Q8KBlock]; 4]) -> [f32; 4] {
+    for activations in &activations {
+        assert!(activations.len() >= weights.len());
+    }
+    // SAFETY: as in `q41_dot`; every activation row holds a block for each weight block (checked
+    // above), and the loads read 8, 16 or 32 bytes within the blocks' arrays.
+    unsafe {
+        let mask = _mm256_set1_epi8(0x0F);
+        let (mut total, mut minimums) = (_mm_setzero_ps(), _mm_setzero_ps());
+        for (index, weight) in weights.iter().enumerate() {
+            let rows: [&Q8KBlock; 4] =
+                std::array::from_fn(|row| activations[row].get_unchecked(index));
+            let row_scales = _mm_set_ps(rows[3].scale, rows[2].scale, rows[1].scale, rows[0].scale);
+            let scale = _mm_mul_ps(_mm_set1_ps(to_f32(weight.d)), row_scales);
+            let min_scale = _mm_mul_ps(_mm_set1_ps(to_f32(weight.dmin)), row_scales);
+            // Each sub-block's minimum times the activations' sum over it (`madd` of the sums of 16
+            // with each minimum twice), then the pairs' terms for the four rows, pair by pair.
+            let mins = _mm_cvtepu8_epi16(_mm_loadl_epi64(weight.mins.as_ptr().cast()));
+            let mins = _mm256_set_m128i(
+                _mm_unpackhi_epi16(mins, mins),
+                _mm_unpacklo_epi16(mins, mins),
+            );
+            let terms: [__m256i; 4] = std::array::from_fn(|row| {
+                _mm256_madd_epi16(_mm256_loadu_si256(rows[row].sums.as_ptr().cast()), mins)
+            });
+            for (pair, pair_minimums) in by_pair(terms).into_iter().enumerate() {
+                let bits = _mm256_loadu_si256(weight.values.as_ptr().add(32 * pair).cast());
+                let low_nibbles = _mm256_and_si256(bits, mask);
+                let high_nibbles = _mm256_and_si256(_mm256_srli_epi16(bits, 4), mask);
+                let low_scale = _mm256_set1_epi16(i16::from(weight.scales[2 * pair]));
+                let high_scale = _mm256_set1_epi16(i16::from(weight.scales[2 * pair + 1]));
+                let sums: [__m256i; 4] = std::array::from_fn(|row| {
+                    let values = rows[row].values.as_ptr().add(64 * pair);
+                    let low = _mm256_madd_epi16(
+                        _mm256_maddubs_epi16(low_nibbles, _mm256_loadu_si256(values.cast())),
+                        low_scale,
+                    );
+                    let high = _mm256_madd_epi16(
+                        _mm256_maddubs_epi16(
+                            high_nibbles,
+                            _mm256_loadu_si256(values.add(32).cast()),
+                        ),
+                        high_scale,
+                    );
+                    _mm256_add_epi32(low, high)
+                });
+                total = _mm_fmadd_ps(_mm_cvtepi32_ps(row_sums(sums)), scale, total);
+                minimums = _mm_fmadd_ps(_mm_cvtepi32_ps(pair_minimums), min_scale, minimums);
+            }
+        }
+        let mut out = [0f32; 4];
+        _mm_storeu_ps(out.as_mut_ptr(), _mm_sub_ps(total, minimums));
+        out
+    }
+}
+
+/// The eight lanes of each of four rows summed: `[row 0, row 1, row 2, row 3]` (exact: integers).
+#[inline(always)]
+unsafe fn row_sums(rows: [__m256i; 4]) -> __m128i {
+    // SAFETY: the caller runs with AVX2.
+    unsafe {
+        let halves = _mm256_hadd_epi32(
+            _mm256_hadd_epi32(rows[0], rows[1]),
+            _mm256_hadd_epi32(rows[2], rows[3]),
+        );
+        _mm_add_epi32(
+            _mm256_castsi256_si128(halves),
+            _mm256_extracti128_si256(halves, 1),
+        )
+    }
+}
+
+/// Four rows' eight sub-block terms, the pairs' sums (`2p` + `2p + 1`) regrouped by pair: element `p`
+/// holds `[row 0, row 1, row 2, row 3]` of pair `p` (exact: integers).
+#[inline(always)]
+unsafe fn by_pair(rows: [__m256i; 4]) -> [__m128i; 4] {
+    // SAFETY: the caller runs with AVX2.
+    unsafe {
+        // [r0 p0, r0 p1, r2 p0, r2 p1 | r0 p2, r0 p3, r2 p2, r2 p3], and rows 1 and 3 alike.
+        let even = _mm256_hadd_epi32(rows[0], rows[2]);
+        let odd = _mm256_hadd_epi32(rows[1], rows[3]);
+        // [r0 p0, r1 p0, r0 p1, r1 p1 | ...p2, p3] and [r2 p0, r3 p0, r2 p1, r3 p1 | ...].
+        let first = _mm256_unpacklo_epi32(even, odd);
+        let second = _mm256_unpackhi_epi32(even, odd);
+        // [p0 of rows 0..4 | p2 of rows 0..4] and [p1 | p3].
+        let zero_two = _mm256_unpacklo_epi64(first, second);
+        let one_three = _mm256_unpackhi_epi64(first, second);
+        [
+            _mm256_castsi256_si128(zero_two),
+            _mm256_castsi256_si128(one_three),
+            _mm256_extracti128_si256(zero_two, 1),
+            _mm256_extracti128_si256(one_three, 1),
+        ]
+    }
+}
+
 /// ggml's `ggml_vec_dot_q6_K_q8_K` (AVX2).
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]

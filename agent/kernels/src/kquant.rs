@@ -262,7 +262,7 @@ impl Format for Q4K {
         #[cfg(target_arch = "x86_64")]
         if isa.avx2().is_some() {
             // SAFETY: as in `Q50::dot`.
-            return unsafe { crate::vector::q4k_dots(weights, activations, true) };
+            return unsafe { crate::vector::q4k_dots4(weights, activations) };
         }
         each_row(activations, |activations| {
             q4k_dot(isa, weights, activations, true)
