@@ -110,16 +110,21 @@ impl Format for Q50 {
     }
 
     #[inline(always)]
+    #[cfg_attr(vector_kernels, allow(unused_variables))]
     fn dot<I: Dots>(isa: I, weights: &[Q50Block], activations: &[Q8Block]) -> f32 {
         #[cfg(target_arch = "x86_64")]
         if isa.avx2().is_some() {
             // SAFETY: an `Avx2` exists only where the CPU has the features these functions enable.
             return unsafe { crate::vector::q50_dot(weights, activations) };
         }
+        #[cfg(vector_kernels)]
+        return crate::vector::q50_dot(weights, activations);
+        #[allow(unreachable_code)]
         q50_dot(isa, weights, activations)
     }
 
     #[inline(always)]
+    #[cfg_attr(vector_kernels, allow(unused_variables))]
     fn dots<I: Dots, const N: usize>(
         isa: I,
         weights: &[Q50Block],
@@ -130,6 +135,9 @@ impl Format for Q50 {
             // SAFETY: as in `dot`.
             return unsafe { crate::vector::q50_dots(weights, activations) };
         }
+        #[cfg(vector_kernels)]
+        return crate::vector::q50_dots(weights, activations);
+        #[allow(unreachable_code)]
         each_row(activations, |activations| {
             q50_dot(isa, weights, activations)
         })
@@ -160,6 +168,7 @@ impl Format for Q50 {
 }
 
 /// ggml's `ggml_vec_dot_q5_0_q8_0` (AVX2), portable.
+#[cfg_attr(vector_kernels, allow(dead_code))]
 #[inline(always)]
 pub(crate) fn q50_dot<I: Isa>(isa: I, weights: &[Q50Block], activations: &[Q8Block]) -> f32 {
     let mut lanes = [0f32; LANES];
@@ -239,6 +248,7 @@ impl Format for Q4K {
     const BATCH_DIFFERS: bool = true;
 
     #[inline(always)]
+    #[cfg_attr(vector_kernels, allow(unused_variables))]
     fn batch_dot<I: Dots>(
         isa: I,
         weights: &[Q4KBlock],
@@ -250,6 +260,9 @@ impl Format for Q4K {
             // SAFETY: as in `Q50::dot`.
             return unsafe { crate::vector::q4k_dot(weights, activations, in_fours) };
         }
+        #[cfg(vector_kernels)]
+        return crate::vector::q4k_dot(weights, activations, in_fours);
+        #[allow(unreachable_code)]
         q4k_dot(isa, weights, activations, in_fours)
     }
 
@@ -265,13 +278,14 @@ impl Format for Q4K {
             return unsafe { crate::vector::q4k_dots4(weights, activations) };
         }
         each_row(activations, |activations| {
-            q4k_dot(isa, weights, activations, true)
+            Self::batch_dot(isa, weights, activations, true)
         })
     }
 }
 
 /// The Q4_K dot product: one fused multiply-add per super-block (`gemv_q4_K_8x8_q8_K`, one token), or
 /// one per pair of sub-blocks (`gemm_q4_K_8x8_q8_K`, the rows of a batch in fours).
+#[cfg_attr(vector_kernels, allow(dead_code))]
 #[inline(always)]
 pub(crate) fn q4k_dot<I: Isa>(
     isa: I,
@@ -396,12 +410,16 @@ impl Format for Q6K {
     }
 
     #[inline(always)]
+    #[cfg_attr(vector_kernels, allow(unused_variables))]
     fn dot<I: Dots>(isa: I, weights: &[Q6KBlock], activations: &[Q8KBlock]) -> f32 {
         #[cfg(target_arch = "x86_64")]
         if isa.avx2().is_some() {
             // SAFETY: as in `Q50::dot`.
             return unsafe { crate::vector::q6k_dot(weights, activations) };
         }
+        #[cfg(vector_kernels)]
+        return crate::vector::q6k_dot(weights, activations);
+        #[allow(unreachable_code)]
         q6k_dot(isa, weights, activations)
     }
 
@@ -417,12 +435,13 @@ impl Format for Q6K {
             return unsafe { crate::vector::q6k_dots(weights, activations) };
         }
         each_row(activations, |activations| {
-            q6k_dot(isa, weights, activations)
+            Self::dot(isa, weights, activations)
         })
     }
 }
 
 /// ggml's `ggml_vec_dot_q6_K_q8_K` (AVX2), portable.
+#[cfg_attr(vector_kernels, allow(dead_code))]
 #[inline(always)]
 pub(crate) fn q6k_dot<I: Isa>(isa: I, weights: &[Q6KBlock], activations: &[Q8KBlock]) -> f32 {
     let mut lanes = [0f32; LANES];
@@ -624,6 +643,61 @@ mod tests {
             }
         }
         assert!(Matrix::<F>::from_gguf(&bytes[1..], rows, columns).is_none());
+    }
+
+    /// Each dot product's vector form (AVX2, or NEON on aarch64) equals the portable one bit for bit,
+    /// one row and several.
+    #[test]
+    fn the_vector_dots_equal_the_portable_ones() {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(avx2) = Avx2::detect(true) {
+            check_vector_dots(avx2);
+        }
+        check_vector_dots(Baseline);
+    }
+
+    fn check_vector_dots<I: Dots>(isa: I) {
+        let rows = |columns: usize, seed: u32| -> Vec<f32> { input(3 * columns, seed) };
+        let q8 = |values: &[f32]| -> Vec<Q8Block> {
+            values
+                .chunks_exact(32)
+                .map(|v| quantize(Baseline, v))
+                .collect()
+        };
+        let q8k = |values: &[f32]| -> Vec<Q8KBlock> {
+            values.chunks_exact(256).map(quantize_k).collect()
+        };
+        let bits = |values: &[f32]| values.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+
+        let q50: Vec<Q50Block> = blocks(22, 8, &[0], 11)
+            .chunks_exact(22)
+            .map(Q50::parse)
+            .collect();
+        let x = q8(&rows(256, 1));
+        let x: [&[Q8Block]; 3] = std::array::from_fn(|row| &x[8 * row..8 * row + 8]);
+        let portable: Vec<f32> = x.iter().map(|x| q50_dot(Baseline, &q50, x)).collect();
+        assert_eq!(bits(&[Q50::dot(isa, &q50, x[0])]), bits(&portable[..1]));
+        assert_eq!(bits(&Q50::dots(isa, &q50, x)), bits(&portable));
+
+        let q4k: Vec<Q4KBlock> = blocks(144, 3, &[0, 2], 12)
+            .chunks_exact(144)
+            .map(Q4K::parse)
+            .collect();
+        let q6k: Vec<Q6KBlock> = blocks(210, 3, &[208], 13)
+            .chunks_exact(210)
+            .map(Q6K::parse)
+            .collect();
+        let x = q8k(&rows(768, 2));
+        let x: [&[Q8KBlock]; 3] = std::array::from_fn(|row| &x[3 * row..3 * row + 3]);
+        for per_pair in [false, true] {
+            assert_eq!(
+                Q4K::batch_dot(isa, &q4k, x[1], per_pair).to_bits(),
+                q4k_dot(Baseline, &q4k, x[1], per_pair).to_bits()
+            );
+        }
+        let portable: Vec<f32> = x.iter().map(|x| q6k_dot(Baseline, &q6k, x)).collect();
+        assert_eq!(bits(&[Q6K::dot(isa, &q6k, x[2])]), bits(&portable[2..]));
+        assert_eq!(bits(&Q6K::dots(isa, &q6k, x)), bits(&portable));
     }
 
     #[test]

@@ -31,6 +31,7 @@ pub struct Q8Block {
     pub(crate) values: [i8; BLOCK],
     /// `-128 *` the sum of each four values (a lane's): what the 512-bit forms take off a product with
     /// weights made unsigned by adding 128 (`avx512.rs`).
+    #[cfg(target_arch = "x86_64")]
     pub(crate) offsets: [i32; LANES],
 }
 
@@ -470,7 +471,9 @@ pub(crate) fn quantize<I: Isa>(isa: I, values: &[f32]) -> Q8Block {
         *slot = (value * multiplier).round_ties_even() as i8;
         sum += i32::from(*slot);
     }
+    #[cfg(target_arch = "x86_64")]
     let mut offsets = [0i32; LANES];
+    #[cfg(target_arch = "x86_64")]
     for (offset, quad) in offsets.iter_mut().zip(quantized.chunks_exact(4)) {
         let mut sum = 0i32;
         for value in quad {
@@ -482,6 +485,7 @@ pub(crate) fn quantize<I: Isa>(isa: I, values: &[f32]) -> Q8Block {
         scale: isa.to_f32(isa.to_f16(scale)),
         sum: isa.to_f32(isa.to_f16(sum as f32 * scale)),
         values: quantized,
+        #[cfg(target_arch = "x86_64")]
         offsets,
     }
 }
