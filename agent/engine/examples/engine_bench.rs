@@ -59,7 +59,8 @@ fn main() {
         best_generation = best_generation.min(started.elapsed().as_secs_f64());
     }
     println!(
-        "{{\"engine\": \"sollol\", \"load_s\": {load_seconds:.3}, \"pp64_tokens_per_s\": {:.1}, \"tg64_tokens_per_s\": {:.1}, \"peak_rss_mib\": {:.1}}}",
+        "{{\"engine\": \"sollol\", \"kernels\": \"{}\", \"load_s\": {load_seconds:.3}, \"pp64_tokens_per_s\": {:.1}, \"tg64_tokens_per_s\": {:.1}, \"peak_rss_mib\": {:.1}}}",
+        sollol_kernels::Kernels::chosen().name(),
         64.0 / best_prompt,
         64.0 / best_generation,
         peak_rss_bytes() as f64 / (1024.0 * 1024.0)
