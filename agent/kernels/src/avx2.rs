@@ -339,6 +339,16 @@ pub(crate) unsafe fn q6k_dots<const N: usize>(
     weights: &[Q6KBlock],
     activations: [&[Q8KBlock]; N],
 ) -> [f32; N] {
+    // SAFETY: as in `q41_dot`.
+    unsafe { q6k_dots_body(weights, activations) }
+}
+
+/// [`q6k_dots`]'s body, for the forms that compile it with more registers (`crate::avx512`).
+#[inline(always)]
+pub(crate) unsafe fn q6k_dots_body<const N: usize>(
+    weights: &[Q6KBlock],
+    activations: [&[Q8KBlock]; N],
+) -> [f32; N] {
     // SAFETY: as in `q41_dot`; the loads read 16 or 32 bytes within the blocks' arrays.
     unsafe {
         let (m3, m15) = (_mm256_set1_epi8(3), _mm256_set1_epi8(15));

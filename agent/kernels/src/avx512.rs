@@ -15,9 +15,9 @@
 
 use std::arch::x86_64::*;
 
-use crate::kquant::Q50Block;
+use crate::kquant::{Q6KBlock, Q8KBlock, Q50Block};
 use crate::quant::{Q8Block, Q80Block};
-use crate::vector::{q50_values, sum_lanes, to_f32};
+use crate::vector::{q6k_dots_body, q50_values, sum_lanes, to_f32};
 
 /// [`crate::vector::q50_dots`] of two weight rows.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
@@ -66,6 +66,18 @@ pub(crate) unsafe fn q80_dots2<const N: usize>(
         }
         split(lanes)
     }
+}
+
+/// [`crate::vector::q6k_dots`] itself (256-bit vectors), compiled with AVX-512's 32 vector registers:
+/// eight rows' lanes and a block's unpacked values no longer spill to the stack.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+pub(crate) unsafe fn q6k_dots<const N: usize>(
+    weights: &[Q6KBlock],
+    activations: [&[Q8KBlock]; N],
+) -> [f32; N] {
+    // SAFETY: the caller runs on a CPU with these features.
+    unsafe { q6k_dots_body(weights, activations) }
 }
 
 /// Every activation row holds a block for each block of the weight rows, which have as many.

@@ -432,6 +432,10 @@ impl Format for Q6K {
         #[cfg(target_arch = "x86_64")]
         if isa.avx2().is_some() {
             // SAFETY: as in `Q50::dot`.
+            if wide(isa) {
+                // SAFETY: a `Wide` exists only where the CPU has the features it enables.
+                return unsafe { crate::avx512::q6k_dots(weights, activations) };
+            }
             return unsafe { crate::vector::q6k_dots(weights, activations) };
         }
         each_row(activations, |activations| {
