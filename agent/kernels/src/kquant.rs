@@ -267,6 +267,22 @@ impl Format for Q4K {
     }
 
     #[inline(always)]
+    fn batch_dots_alone4<I: Dots>(
+        isa: I,
+        weights: &[Q4KBlock],
+        activations: [&[Q8KBlock]; 4],
+    ) -> [f32; 4] {
+        #[cfg(target_arch = "x86_64")]
+        if isa.avx2().is_some() {
+            // SAFETY: as in `Q50::dot`.
+            return unsafe { crate::vector::q4k_dots(weights, activations, false) };
+        }
+        each_row(activations, |activations| {
+            Self::batch_dot(isa, weights, activations, false)
+        })
+    }
+
+    #[inline(always)]
     fn batch_dots4<I: Dots>(
         isa: I,
         weights: &[Q4KBlock],

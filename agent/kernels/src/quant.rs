@@ -98,6 +98,18 @@ pub trait Format: Send + Sync {
         Self::dot(isa, weights, activations)
     }
 
+    /// [`Format::batch_dot`] of four rows each computed alone (not among the rows taken in fours: one
+    /// token of each of four sequences), faster where a format unpacks its weights once for them.
+    fn batch_dots_alone4<I: Dots>(
+        isa: I,
+        weights: &[Self::Block],
+        activations: [&[Self::Activation]; 4],
+    ) -> [f32; 4] {
+        each_row(activations, |activations| {
+            Self::batch_dot(isa, weights, activations, false)
+        })
+    }
+
     /// [`Format::batch_dot`] of four rows taken four at a time.
     fn batch_dots4<I: Dots>(
         isa: I,
@@ -612,8 +624,12 @@ impl<F: Format> Matrix<F> {
             return output;
         }
         // Rows in chunks, spread over the threads; each chunk computes every token for its rows and
-        // writes them into each token's output row.
-        let chunk_rows = 64;
+        // writes them into each token's output row. At least 64 rows a chunk, fewer than 16 chunks a
+        // thread (a 262 144-row output head in 64-row chunks spent its time handing them out).
+        let chunk_rows = self
+            .rows
+            .div_ceil(rayon::current_num_threads() * 16)
+            .max(64);
         let mut pieces: Vec<Vec<&mut [f32]>> = (0..self.rows.div_ceil(chunk_rows))
             .map(|_| Vec::with_capacity(tokens))
             .collect();
@@ -684,9 +700,13 @@ impl<F: Format> Matrix<F> {
         let mut out = vec![0f32; width * tokens];
         let mut token = 0;
         while token < tokens {
+            // Rows of a batch that llama.cpp computes alone, four at a time here (same arithmetic).
+            let alone = F::BATCH_DIFFERS
+                && tokens - token >= 4
+                && !in_fours[token..token + 4].contains(&true);
             let count = if F::BATCH_DIFFERS {
                 // A sequence's rows in fours start at its first row: four in a row are one group.
-                if in_fours[token] { 4 } else { 1 }
+                if in_fours[token] || alone { 4 } else { 1 }
             } else {
                 match tokens - token {
                     left if left >= WIDE_GROUP && F::pairs(isa, left) => WIDE_GROUP,
@@ -721,6 +741,11 @@ impl<F: Format> Matrix<F> {
                 let weights = weights(row);
                 let mut results = [0f32; WIDE_GROUP];
                 match (F::BATCH_DIFFERS, count) {
+                    (true, 4) if alone => results[..4].copy_from_slice(&F::batch_dots_alone4(
+                        isa,
+                        weights,
+                        std::array::from_fn(|index| activations(token + index)),
+                    )),
                     (true, 4) => results[..4].copy_from_slice(&F::batch_dots4(
                         isa,
                         weights,
