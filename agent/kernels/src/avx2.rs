@@ -11,6 +11,10 @@ use std::arch::x86_64::*;
 use half::f16;
 
 use crate::kquant::{Q4KBlock, Q6KBlock, Q8KBlock, Q50Block};
+
+// Two weight rows at a time in 512-bit registers, where the CPU has AVX-512 with VNNI (`simd`).
+#[path = "avx512.rs"]
+pub(crate) mod wide;
 use crate::quant::{Q8Block, Q41Block, Q80Block};
 
 /// ggml's `ggml_vec_dot_q4_1_q8_1`.

@@ -15,9 +15,9 @@
 
 use std::arch::x86_64::*;
 
+use super::{q6k_dots_body, q50_values, sum_lanes, to_f32};
 use crate::kquant::{Q6KBlock, Q8KBlock, Q50Block};
 use crate::quant::{Q8Block, Q80Block};
-use crate::vector::{q6k_dots_body, q50_values, sum_lanes, to_f32};
 
 /// [`crate::vector::q50_dots`] of two weight rows.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]

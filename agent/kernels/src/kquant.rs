@@ -158,7 +158,7 @@ impl Format for Q50 {
         #[cfg(target_arch = "x86_64")]
         if wide(isa) {
             // SAFETY: a `Wide` exists only where the CPU has the features these functions enable.
-            return unsafe { crate::avx512::q50_dots2(weights, activations) };
+            return unsafe { crate::vector::wide::q50_dots2(weights, activations) };
         }
         [
             Self::dots(isa, weights[0], activations),
@@ -450,7 +450,7 @@ impl Format for Q6K {
             // SAFETY: as in `Q50::dot`.
             if wide(isa) {
                 // SAFETY: a `Wide` exists only where the CPU has the features it enables.
-                return unsafe { crate::avx512::q6k_dots(weights, activations) };
+                return unsafe { crate::vector::wide::q6k_dots(weights, activations) };
             }
             return unsafe { crate::vector::q6k_dots(weights, activations) };
         }

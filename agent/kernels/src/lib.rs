@@ -13,9 +13,6 @@ mod vector;
 #[cfg(all(vector_kernels, target_arch = "aarch64"))]
 #[path = "neon.rs"]
 mod vector;
-// Two weight rows at a time in 512-bit registers, where the CPU has AVX-512 with VNNI (`simd`).
-#[cfg(target_arch = "x86_64")]
-mod avx512;
 
 pub use activation::{geglu, rms_norm, swiglu};
 pub use attention::{

@@ -421,7 +421,7 @@ impl Format for Q80 {
         #[cfg(target_arch = "x86_64")]
         if wide(isa) {
             // SAFETY: a `Wide` exists only where the CPU has the features these functions enable.
-            return unsafe { crate::avx512::q80_dots2(weights, activations) };
+            return unsafe { crate::vector::wide::q80_dots2(weights, activations) };
         }
         [
             isa.q80_dots(weights[0], activations),
