@@ -625,7 +625,7 @@ impl<F: Format> Matrix<F> {
         }
         // Rows in chunks, spread over the threads; each chunk computes every token for its rows and
         // writes them into each token's output row. At least 64 rows a chunk, fewer than 16 chunks a
-        // thread (a 262 144-row output head in 64-row chunks spent its time handing them out).
+        // thread (a 262 144-row output head made 4096 of 64 rows).
         let chunk_rows = self
             .rows
             .div_ceil(rayon::current_num_threads() * 16)
