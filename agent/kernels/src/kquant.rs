@@ -309,22 +309,46 @@ pub(crate) fn q4k_dot<I: Isa>(
     activations: &[Q8KBlock],
     per_pair: bool,
 ) -> f32 {
+    q4k_accumulate(
+        isa,
+        weights,
+        activations,
+        per_pair,
+        #[inline(always)]
+        |weight, activation, pair| {
+            let bytes = &weight.values[32 * pair..32 * pair + 32];
+            let (mut low_nibbles, mut high_nibbles) = ([0u8; 32], [0u8; 32]);
+            for (index, byte) in bytes.iter().enumerate() {
+                low_nibbles[index] = byte & 0x0F;
+                high_nibbles[index] = byte >> 4;
+            }
+            let values = &activation.values[64 * pair..64 * pair + 64];
+            [
+                dot32(&low_nibbles, &values[..32]),
+                dot32(&high_nibbles, &values[32..]),
+            ]
+        },
+    )
+}
+
+/// [`q4k_dot`]'s arithmetic around `pair_dots`, which gives sub-block pair `pair`'s two integer dot
+/// products (low nibbles with the pair's first 32 activations, high nibbles with the next 32): the
+/// sub-block scales and minimums applied, then the fused multiply-adds per super-block or per pair.
+#[inline(always)]
+pub(crate) fn q4k_accumulate<I: Isa>(
+    isa: I,
+    weights: &[Q4KBlock],
+    activations: &[Q8KBlock],
+    per_pair: bool,
+    pair_dots: impl Fn(&Q4KBlock, &Q8KBlock, usize) -> [i32; 2],
+) -> f32 {
     let (mut total, mut minimums) = (0f32, 0f32);
     for (weight, activation) in weights.iter().zip(activations) {
         let scale = isa.to_f32(weight.d) * activation.scale;
         let min_scale = isa.to_f32(weight.dmin) * activation.scale;
         let (mut sum, mut minimum) = (0i32, 0i32);
         for pair in 0..4 {
-            let bytes = &weight.values[32 * pair..32 * pair + 32];
-            let low = &activation.values[64 * pair..64 * pair + 32];
-            let high = &activation.values[64 * pair + 32..64 * pair + 64];
-            let (mut low_nibbles, mut high_nibbles) = ([0u8; 32], [0u8; 32]);
-            for (index, byte) in bytes.iter().enumerate() {
-                low_nibbles[index] = byte & 0x0F;
-                high_nibbles[index] = byte >> 4;
-            }
-            let low_sum = dot32(&low_nibbles, low);
-            let high_sum = dot32(&high_nibbles, high);
+            let [low_sum, high_sum] = pair_dots(weight, activation, pair);
             let sums = &activation.sums[4 * pair..4 * pair + 4];
             let pair_sum = i32::from(weight.scales[2 * pair]) * low_sum
                 + i32::from(weight.scales[2 * pair + 1]) * high_sum;

@@ -16,8 +16,9 @@ use std::arch::aarch64::{
     vshlq_n_u8, vshrq_n_u8, vsubq_s8, vsubq_s32, vtstq_u8,
 };
 
-use crate::kquant::{Q4KBlock, Q6KBlock, Q8KBlock, Q50Block};
+use crate::kquant::{Q4KBlock, Q6KBlock, Q8KBlock, Q50Block, q4k_accumulate};
 use crate::quant::{Q8Block, Q41Block, Q80Block};
+use crate::simd::Baseline;
 
 /// Lanes 0..4 and 4..8 of the portable form.
 #[derive(Clone, Copy)]
@@ -220,14 +221,16 @@ pub(crate) fn q50_dots<const N: usize>(
     std::array::from_fn(|row| lanes[row].sum())
 }
 
-/// The Q4_K dot product of [`crate::kquant`] (ggml's repacked gemv, or gemm when `per_pair`).
+/// The Q4_K dot product of [`crate::kquant`] (ggml's repacked gemv, or gemm when `per_pair`), each
+/// pair's integer dot products by widening byte products.
 pub(crate) fn q4k_dot(weights: &[Q4KBlock], activations: &[Q8KBlock], per_pair: bool) -> f32 {
-    let (mut total, mut minimums) = (0f32, 0f32);
-    for (weight, activation) in weights.iter().zip(activations) {
-        let scale = weight.d.to_f32() * activation.scale;
-        let min_scale = weight.dmin.to_f32() * activation.scale;
-        let (mut sum, mut minimum) = (0i32, 0i32);
-        for pair in 0..4 {
+    q4k_accumulate(
+        Baseline,
+        weights,
+        activations,
+        per_pair,
+        #[inline(always)]
+        |weight, activation, pair| {
             // SAFETY: the loads read 32 bytes within the block's 128-byte array.
             let (low, high) = unsafe {
                 let first = vld1q_u8(weight.values.as_ptr().add(32 * pair));
@@ -245,26 +248,9 @@ pub(crate) fn q4k_dot(weights: &[Q4KBlock], activations: &[Q8KBlock], per_pair: 
                 )
             };
             let values = &activation.values[64 * pair..64 * pair + 64];
-            let pair_sum = i32::from(weight.scales[2 * pair]) * dot32(low, &values[..32])
-                + i32::from(weight.scales[2 * pair + 1]) * dot32(high, &values[32..]);
-            let sums = &activation.sums[4 * pair..4 * pair + 4];
-            let pair_minimum = i32::from(weight.mins[2 * pair])
-                * (i32::from(sums[0]) + i32::from(sums[1]))
-                + i32::from(weight.mins[2 * pair + 1]) * (i32::from(sums[2]) + i32::from(sums[3]));
-            if per_pair {
-                total = (pair_sum as f32).mul_add(scale, total);
-                minimums = (pair_minimum as f32).mul_add(min_scale, minimums);
-            } else {
-                sum += pair_sum;
-                minimum += pair_minimum;
-            }
-        }
-        if !per_pair {
-            total = (sum as f32).mul_add(scale, total);
-            minimums = (minimum as f32).mul_add(min_scale, minimums);
-        }
-    }
-    total - minimums
+            [dot32(low, &values[..32]), dot32(high, &values[32..])]
+        },
+    )
 }
 
 /// ggml's `ggml_vec_dot_q6_K_q8_K` (its AVX2 arithmetic, as the portable form): eight lanes of four
