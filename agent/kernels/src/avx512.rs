@@ -15,6 +15,8 @@
 
 use std::arch::x86_64::*;
 
+use half::f16;
+
 use super::{q6k_dots_body, q50_values, sum_lanes, to_f32};
 use crate::kquant::{Q6KBlock, Q8KBlock, Q50Block};
 use crate::quant::{Q8Block, Q80Block};
@@ -26,21 +28,14 @@ pub(crate) unsafe fn q50_dots2<const N: usize>(
     weights: [&[Q50Block]; 2],
     activations: [&[Q8Block]; N],
 ) -> [[f32; N]; 2] {
-    check_lengths(&weights, &activations);
-    // SAFETY: the caller runs on a CPU with these features; the loads read the blocks' own arrays, and
-    // every activation row holds a block for each weight block (checked above).
+    // SAFETY: the caller runs with these features; `q50_values` reads the block's own arrays.
     unsafe {
-        let flip = _mm256_set1_epi8(0x80u8 as i8);
-        let mut lanes = [_mm512_setzero_ps(); N];
-        for (index, (first, second)) in weights[0].iter().zip(weights[1]).enumerate() {
-            let unsigned = join(
-                _mm256_xor_si256(q50_values(first), flip),
-                _mm256_xor_si256(q50_values(second), flip),
-            );
-            let scales = join_ps(to_f32(first.scale), to_f32(second.scale));
-            accumulate(&mut lanes, unsigned, scales, &activations, index);
-        }
-        split(lanes)
+        rows2(
+            weights,
+            activations,
+            #[inline(always)]
+            |block| (q50_values(block), block.scale),
+        )
     }
 }
 
@@ -51,17 +46,42 @@ pub(crate) unsafe fn q80_dots2<const N: usize>(
     weights: [&[Q80Block]; 2],
     activations: [&[Q8Block]; N],
 ) -> [[f32; N]; 2] {
+    // SAFETY: the caller runs with these features; the load reads the block's 32-byte array.
+    unsafe {
+        rows2(
+            weights,
+            activations,
+            #[inline(always)]
+            |block| {
+                (
+                    _mm256_loadu_si256(block.values.as_ptr().cast()),
+                    block.scale,
+                )
+            },
+        )
+    }
+}
+
+/// Two weight rows of blocks whose signed values and scale `read` gives, against `N` activation rows.
+#[inline(always)]
+unsafe fn rows2<B, const N: usize>(
+    weights: [&[B]; 2],
+    activations: [&[Q8Block]; N],
+    read: impl Fn(&B) -> (__m256i, f16),
+) -> [[f32; N]; 2] {
     check_lengths(&weights, &activations);
-    // SAFETY: as in `q50_dots2`; the loads read the blocks' 32-byte arrays.
+    // SAFETY: the caller runs with AVX-512 F, BW, VL and VNNI, AVX2 and F16C; every activation row holds
+    // a block for each weight block (checked above).
     unsafe {
         let flip = _mm256_set1_epi8(0x80u8 as i8);
         let mut lanes = [_mm512_setzero_ps(); N];
         for (index, (first, second)) in weights[0].iter().zip(weights[1]).enumerate() {
+            let ((first, first_scale), (second, second_scale)) = (read(first), read(second));
             let unsigned = join(
-                _mm256_xor_si256(_mm256_loadu_si256(first.values.as_ptr().cast()), flip),
-                _mm256_xor_si256(_mm256_loadu_si256(second.values.as_ptr().cast()), flip),
+                _mm256_xor_si256(first, flip),
+                _mm256_xor_si256(second, flip),
             );
-            let scales = join_ps(to_f32(first.scale), to_f32(second.scale));
+            let scales = join_ps(to_f32(first_scale), to_f32(second_scale));
             accumulate(&mut lanes, unsigned, scales, &activations, index);
         }
         split(lanes)
