@@ -528,6 +528,7 @@ pub(crate) fn q6k_dot<I: Isa>(isa: I, weights: &[Q6KBlock], activations: &[Q8KBl
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::quant::tests::random_input;
     #[cfg(target_arch = "x86_64")]
     use crate::simd::Avx2;
     use crate::simd::Baseline;
@@ -555,16 +556,6 @@ mod tests {
             }
         }
         all
-    }
-
-    fn input(length: usize, seed: u32) -> Vec<f32> {
-        let mut state = seed;
-        (0..length)
-            .map(|_| {
-                state = state.wrapping_mul(1_103_515_245).wrapping_add(12_345);
-                (state >> 16) as f32 / 3000.0 - 10.0
-            })
-            .collect()
     }
 
     /// ggml's reference dequantization of one block, written from its definition.
@@ -634,7 +625,7 @@ mod tests {
         let matrix = Matrix::<F>::from_gguf(bytes, rows, columns).expect("matrix");
         let weights: Vec<f32> = bytes.chunks_exact(F::BYTES).flat_map(dequantize).collect();
         for tokens in [1, 3, 9, 19] {
-            let x = input(tokens * columns, tokens as u32 + 5);
+            let x = random_input(tokens * columns, tokens as u32 + 5);
             let ours = matrix.forward(&x, tokens);
             for token in 0..tokens {
                 for row in 0..rows {
@@ -701,7 +692,7 @@ mod tests {
     }
 
     fn check_vector_dots<I: Dots>(isa: I) {
-        let rows = |columns: usize, seed: u32| -> Vec<f32> { input(3 * columns, seed) };
+        let rows = |columns: usize, seed: u32| -> Vec<f32> { random_input(3 * columns, seed) };
         let q8 = |values: &[f32]| -> Vec<Q8Block> {
             values
                 .chunks_exact(32)

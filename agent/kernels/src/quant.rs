@@ -786,7 +786,7 @@ impl<F: Format> Matrix<F> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A Q4_1 block in GGUF bytes.
@@ -862,7 +862,7 @@ mod tests {
     }
 
     /// Deterministic pseudo-random activations around ±10.
-    fn random_input(length: usize, seed: u32) -> Vec<f32> {
+    pub(crate) fn random_input(length: usize, seed: u32) -> Vec<f32> {
         let mut state = seed;
         (0..length)
             .map(|_| {
