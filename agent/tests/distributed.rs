@@ -314,6 +314,16 @@ fn local_run(model: &Model, prompt: &[u32], steps: usize) -> (Vec<u32>, Vec<Vec<
     (tokens, all)
 }
 
+/// Each stage's layers in a pipeline's plan.
+fn layer_ranges(pipeline: &Pipeline) -> Vec<std::ops::Range<usize>> {
+    pipeline
+        .plan
+        .stages
+        .iter()
+        .map(|stage| stage.layers.clone())
+        .collect()
+}
+
 /// The same through a pipeline, asking the last stage for logits at every step.
 async fn pipeline_run(
     pipeline: &Pipeline,
@@ -411,12 +421,7 @@ async fn two_and_three_stages_reproduce_the_single_process_model() {
         )
         .await
         .expect("plan");
-        let ranges: Vec<_> = pipeline
-            .plan
-            .stages
-            .iter()
-            .map(|stage| stage.layers.clone())
-            .collect();
+        let ranges = layer_ranges(&pipeline);
         let expected_ranges = if names.len() == 2 {
             vec![0..15, 15..30]
         } else {
@@ -493,12 +498,7 @@ async fn gemma_split_over_two_stages_reproduces_the_single_process_model() {
     )
     .await
     .expect("plan");
-    let ranges: Vec<_> = pipeline
-        .plan
-        .stages
-        .iter()
-        .map(|stage| stage.layers.clone())
-        .collect();
+    let ranges = layer_ranges(&pipeline);
     assert_eq!(ranges, vec![0..9, 9..18], "{:?}", pipeline.plan.reasons);
     let (tokens, logits) = pipeline_run(&pipeline, &prompts[0], 12).await;
     assert_eq!(tokens, expected_tokens);
