@@ -13,11 +13,12 @@ use sollol_engine::tokenizer::TextCodec;
 
 mod support;
 
-use support::{assert_halves_match, discovered, gemma_path, greedy_run, ids, open_gguf, root};
+use support::{
+    assert_halves_match, discovered, gemma_path, greedy_run, ids, open_gguf, reference_file,
+};
 
 fn reference() -> Value {
-    let path = root().join("tests/reference/gemma-3-270m-q4_k_m.llamacpp.json");
-    serde_json::from_str(&std::fs::read_to_string(&path).expect("reference file")).expect("JSON")
+    reference_file("gemma-3-270m-q4_k_m.llamacpp.json")
 }
 
 fn gguf() -> Gguf {

@@ -11,11 +11,12 @@ use sollol_engine::tokenizer::{ChatMessage, TextCodec};
 
 mod support;
 
-use support::{assert_halves_match, discovered, greedy_run, ids, model_path, open_gguf, root};
+use support::{
+    assert_halves_match, discovered, greedy_run, ids, model_path, open_gguf, reference_file, root,
+};
 
 fn reference() -> Value {
-    let path = root().join("tests/reference/smollm2-135m-q4_1.llamacpp.json");
-    serde_json::from_str(&std::fs::read_to_string(&path).expect("reference file")).expect("JSON")
+    reference_file("smollm2-135m-q4_1.llamacpp.json")
 }
 
 fn gguf() -> Gguf {

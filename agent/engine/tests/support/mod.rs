@@ -16,6 +16,12 @@ pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
+/// A reference file written by llama.cpp, under `tests/reference/`.
+pub fn reference_file(name: &str) -> Value {
+    let path = root().join("tests/reference").join(name);
+    serde_json::from_str(&std::fs::read_to_string(&path).expect("reference file")).expect("JSON")
+}
+
 /// The test model, fetched by `scripts/fetch-model` (run by `scripts/test`); `SOLLOL_TEST_MODEL` overrides.
 pub fn model_path() -> PathBuf {
     let path = std::env::var_os("SOLLOL_TEST_MODEL")
