@@ -18,8 +18,8 @@ use std::arch::x86_64::*;
 use half::f16;
 
 use super::{q6k_dots_body, q50_values, sum_lanes, to_f32};
-use crate::kquant::{Q6KBlock, Q8KBlock, Q50Block};
-use crate::quant::{Q8Block, Q80Block};
+use crate::kquant::{Q4KBlock, Q6KBlock, Q8KBlock, Q8KSide, Q50Block};
+use crate::quant::{Q8Block, Q80Block, WIDE_GROUP};
 
 /// [`crate::vector::q50_dots`] of two weight rows.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
@@ -85,6 +85,82 @@ unsafe fn rows2<B, const N: usize>(
             accumulate(&mut lanes, unsigned, scales, &activations, index);
         }
         split(lanes)
+    }
+}
+
+/// The Q4_K products of one weight row with the sixteen activation rows `sides` holds side by side,
+/// taken in fours (`per_pair`): [`crate::vector::q4k_dots4`]'s results for each four, bit for bit.
+///
+/// Each row has a lane: `vpdpbusd` of four weight values (the nibbles, unsigned already) broadcast to
+/// every lane with the same four values of each row adds a sub-block's products to its row's lane
+/// without any reduction across lanes. A pair of sub-blocks' exact integer sums are scaled by the
+/// sub-block scales, converted, and accumulated by a fused multiply-add per lane in the four-row form's
+/// order; the minimums' terms alike, from the rows' sums by `madd`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+pub(crate) unsafe fn q4k_dots_side(weights: &[Q4KBlock], sides: &[Q8KSide]) -> [f32; WIDE_GROUP] {
+    assert!(sides.len() >= weights.len());
+    // SAFETY: the caller runs with these features; every side holds a block for each weight block
+    // (checked above), the loads read 32 bytes of the block's 128-byte array, the sides' arrays are
+    // 64-byte aligned (`repr(align(64))`) and 64 bytes per row of four values.
+    unsafe {
+        let mask = _mm256_set1_epi8(0x0F);
+        let (mut total, mut minimums) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        for (weight, side) in weights.iter().zip(sides) {
+            // The nibbles as bytes, in the order of the activations: sub-block `2p` (low nibbles of
+            // bytes `32p..`) then `2p + 1` (high nibbles).
+            let mut nibbles = [[0u32; 8]; 8];
+            for pair in 0..4 {
+                let bits = _mm256_loadu_si256(weight.values.as_ptr().add(32 * pair).cast());
+                _mm256_storeu_si256(
+                    nibbles[2 * pair].as_mut_ptr().cast(),
+                    _mm256_and_si256(bits, mask),
+                );
+                _mm256_storeu_si256(
+                    nibbles[2 * pair + 1].as_mut_ptr().cast(),
+                    _mm256_and_si256(_mm256_srli_epi16(bits, 4), mask),
+                );
+            }
+            let scales = _mm512_load_ps(side.scales.as_ptr());
+            let scale = _mm512_mul_ps(_mm512_set1_ps(to_f32(weight.d)), scales);
+            let min_scale = _mm512_mul_ps(_mm512_set1_ps(to_f32(weight.dmin)), scales);
+            for pair in 0..4 {
+                // Two chains per sub-block, so that four products are in flight.
+                let mut chains = [_mm512_setzero_si512(); 4];
+                for four in 0..8 {
+                    for half in 0..2 {
+                        let sub_block = 2 * pair + half;
+                        let chain = &mut chains[2 * half + four % 2];
+                        let values =
+                            _mm512_load_si512(side.values[8 * sub_block + four].as_ptr().cast());
+                        let four_weights = _mm512_set1_epi32(nibbles[sub_block][four] as i32);
+                        *chain = _mm512_dpbusd_epi32(*chain, four_weights, values);
+                    }
+                }
+                let low = _mm512_mullo_epi32(
+                    _mm512_add_epi32(chains[0], chains[1]),
+                    _mm512_set1_epi32(i32::from(weight.scales[2 * pair])),
+                );
+                let high = _mm512_mullo_epi32(
+                    _mm512_add_epi32(chains[2], chains[3]),
+                    _mm512_set1_epi32(i32::from(weight.scales[2 * pair + 1])),
+                );
+                total = _mm512_fmadd_ps(
+                    _mm512_cvtepi32_ps(_mm512_add_epi32(low, high)),
+                    scale,
+                    total,
+                );
+                let mins = _mm512_set1_epi32(
+                    i32::from(weight.mins[2 * pair]) | (i32::from(weight.mins[2 * pair + 1]) << 16),
+                );
+                let pair_minimums =
+                    _mm512_madd_epi16(_mm512_load_si512(side.sums[pair].as_ptr().cast()), mins);
+                minimums = _mm512_fmadd_ps(_mm512_cvtepi32_ps(pair_minimums), min_scale, minimums);
+            }
+        }
+        let mut out = [0f32; WIDE_GROUP];
+        _mm512_storeu_ps(out.as_mut_ptr(), _mm512_sub_ps(total, minimums));
+        out
     }
 }
 

@@ -20,7 +20,7 @@
 use half::f16;
 
 use crate::quant::{
-    Dots, Format, Matrix, Q8Block, accumulate, each_row, quantize, sum_lanes, wide,
+    Dots, Format, Matrix, Q8Block, WIDE_GROUP, accumulate, each_row, quantize, sum_lanes, wide,
 };
 use crate::simd::Isa;
 
@@ -91,6 +91,7 @@ pub struct Q50Block {
 impl Format for Q50 {
     type Block = Q50Block;
     type Activation = Q8Block;
+    type Side = ();
     const BYTES: usize = 22;
     const VALUES: usize = 32;
 
@@ -203,10 +204,53 @@ pub struct Q4KBlock {
     pub(crate) values: [u8; 128],
 }
 
+/// One super-block of `WIDE_GROUP` rows of Q8_K activations side by side, as the 512-bit Q4_K form
+/// reads them: each run of four values of every row together, so that one register holds the same four
+/// values of all the rows and one `vpdpbusd` adds them, times a broadcast four weights, to each row's
+/// lane.
+#[derive(Clone, Copy, Debug)]
+#[repr(C, align(64))]
+pub struct Q8KSide {
+    /// `values[c][row]`: the row's values `4c..4c + 4`.
+    pub(crate) values: [[[i8; 4]; WIDE_GROUP]; SUPER / 4],
+    /// Each row's scale.
+    pub(crate) scales: [f32; WIDE_GROUP],
+    /// `sums[p][row]`: the row's sums over sub-blocks `2p` and `2p + 1` (32 values each, so 16 bits
+    /// hold them).
+    pub(crate) sums: [[[i16; 2]; WIDE_GROUP]; 4],
+}
+
+/// `rows` laid side by side, super-block by super-block.
+fn side_by_side(rows: [&[Q8KBlock]; WIDE_GROUP]) -> Vec<Q8KSide> {
+    let blocks = rows.iter().map(|row| row.len()).min().unwrap_or(0);
+    let mut sides = Vec::with_capacity(blocks);
+    for index in 0..blocks {
+        let mut side = Q8KSide {
+            values: [[[0; 4]; WIDE_GROUP]; SUPER / 4],
+            scales: [0.0; WIDE_GROUP],
+            sums: [[[0; 2]; WIDE_GROUP]; 4],
+        };
+        for (row, activations) in rows.iter().enumerate() {
+            let block = &activations[index];
+            for (four, values) in side.values.iter_mut().zip(block.values.chunks_exact(4)) {
+                four[row].copy_from_slice(values);
+            }
+            side.scales[row] = block.scale;
+            for (pair, sums) in side.sums.iter_mut().enumerate() {
+                let group = &block.sums[4 * pair..4 * pair + 4];
+                sums[row] = [group[0] + group[1], group[2] + group[3]];
+            }
+        }
+        sides.push(side);
+    }
+    sides
+}
+
 #[allow(unsafe_code)]
 impl Format for Q4K {
     type Block = Q4KBlock;
     type Activation = Q8KBlock;
+    type Side = Q8KSide;
     const BYTES: usize = 144;
     const VALUES: usize = SUPER;
 
@@ -280,6 +324,30 @@ impl Format for Q4K {
         each_row(activations, |activations| {
             Self::batch_dot(isa, weights, activations, false)
         })
+    }
+
+    #[inline(always)]
+    fn side_by_side<I: Dots>(isa: I) -> bool {
+        wide(isa)
+    }
+
+    fn sides(rows: [&[Q8KBlock]; WIDE_GROUP]) -> Vec<Q8KSide> {
+        side_by_side(rows)
+    }
+
+    #[inline(always)]
+    fn batch_dots_side<I: Dots>(
+        isa: I,
+        weights: &[Q4KBlock],
+        sides: &[Q8KSide],
+    ) -> [f32; WIDE_GROUP] {
+        #[cfg(target_arch = "x86_64")]
+        if wide(isa) {
+            // SAFETY: a `Wide` exists only where the CPU has the features this function enables.
+            return unsafe { crate::vector::wide::q4k_dots_side(weights, sides) };
+        }
+        let _ = (isa, weights, sides);
+        unreachable!("`Q4K::side_by_side` holds only for the 512-bit form")
     }
 
     #[inline(always)]
@@ -426,6 +494,7 @@ impl Q6KBlock {
 impl Format for Q6K {
     type Block = Q6KBlock;
     type Activation = Q8KBlock;
+    type Side = ();
     const BYTES: usize = 210;
     const VALUES: usize = SUPER;
 
@@ -624,7 +693,8 @@ mod tests {
     ) {
         let matrix = Matrix::<F>::from_gguf(bytes, rows, columns).expect("matrix");
         let weights: Vec<f32> = bytes.chunks_exact(F::BYTES).flat_map(dequantize).collect();
-        for tokens in [1, 3, 9, 19] {
+        // 19 and 36: rows in fours taken sixteen at a time where a form lays them side by side.
+        for tokens in [1, 3, 9, 19, 36] {
             let x = random_input(tokens * columns, tokens as u32 + 5);
             let ours = matrix.forward(&x, tokens);
             for token in 0..tokens {
@@ -729,6 +799,13 @@ mod tests {
                 Q4K::batch_dot(isa, &q4k, x[1], per_pair).to_bits(),
                 q4k_dot(Baseline, &q4k, x[1], per_pair).to_bits()
             );
+        }
+        if Q4K::side_by_side(isa) {
+            let x = q8k(&rows(WIDE_GROUP * 768 / 3, 3));
+            let x: [&[Q8KBlock]; WIDE_GROUP] = std::array::from_fn(|row| &x[3 * row..3 * row + 3]);
+            let portable: Vec<f32> = x.iter().map(|x| q4k_dot(Baseline, &q4k, x, true)).collect();
+            let side = Q4K::batch_dots_side(isa, &q4k, &Q4K::sides(x));
+            assert_eq!(bits(&side), bits(&portable));
         }
         let portable: Vec<f32> = x.iter().map(|x| q6k_dot(Baseline, &q6k, x)).collect();
         assert_eq!(bits(&[Q6K::dot(isa, &q6k, x[2])]), bits(&portable[2..]));

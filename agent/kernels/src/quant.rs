@@ -40,6 +40,9 @@ pub trait Format: Send + Sync {
     type Block: Copy + Send + Sync + std::fmt::Debug;
     /// A block of activations quantized as ggml quantizes them for this format (its `vec_dot_type`).
     type Activation: Copy + Send + Sync + std::fmt::Debug;
+    /// A block of `WIDE_GROUP` activation rows laid side by side, for a form that puts rows in a
+    /// register's lanes ([`Format::sides`]); `()` for the formats without one.
+    type Side: Send + Sync;
     /// Bytes of one block in a GGUF file.
     const BYTES: usize;
     /// Values in one block (of weights, and of activations).
@@ -108,6 +111,30 @@ pub trait Format: Send + Sync {
         each_row(activations, |activations| {
             Self::batch_dot(isa, weights, activations, false)
         })
+    }
+
+    /// Whether form `isa` computes `WIDE_GROUP` rows of a batch taken in fours side by side
+    /// ([`Format::sides`], [`Format::batch_dots_side`]) rather than four by four.
+    fn side_by_side<I: Dots>(isa: I) -> bool {
+        let _ = isa;
+        false
+    }
+
+    /// `WIDE_GROUP` activation rows laid side by side, block by block, for
+    /// [`Format::batch_dots_side`].
+    fn sides(rows: [&[Self::Activation]; WIDE_GROUP]) -> Vec<Self::Side> {
+        let _ = rows;
+        unreachable!("only called where `Format::side_by_side` holds")
+    }
+
+    /// [`Format::batch_dots4`] of the `WIDE_GROUP` rows [`Format::sides`] laid side by side.
+    fn batch_dots_side<I: Dots>(
+        isa: I,
+        weights: &[Self::Block],
+        sides: &[Self::Side],
+    ) -> [f32; WIDE_GROUP] {
+        let _ = (isa, weights, sides);
+        unreachable!("only called where `Format::side_by_side` holds")
     }
 
     /// [`Format::batch_dot`] of four rows taken four at a time.
@@ -242,8 +269,8 @@ pub(crate) fn wide<I: Isa>(isa: I) -> bool {
 /// goes by 4, then 2, then 1.
 pub const GROUP: usize = 8;
 /// Activation rows two weight rows are applied to at once where a form computes them in pairs (32
-/// registers: the 512-bit forms).
-const WIDE_GROUP: usize = 16;
+/// registers: the 512-bit forms), and rows a form puts side by side in a 512-bit register's lanes.
+pub(crate) const WIDE_GROUP: usize = 16;
 
 /// [`Format::dots`] of `weights` with the `N` activation rows from `first` of `quantized` (`per_row`
 /// blocks each).
@@ -306,6 +333,7 @@ pub struct Q41Block {
 impl Format for Q41 {
     type Block = Q41Block;
     type Activation = Q8Block;
+    type Side = ();
     const BYTES: usize = 20;
     const VALUES: usize = BLOCK;
 
@@ -371,6 +399,7 @@ pub struct Q80Block {
 impl Format for Q80 {
     type Block = Q80Block;
     type Activation = Q8Block;
+    type Side = ();
     const BYTES: usize = 34;
     const VALUES: usize = BLOCK;
 
@@ -597,16 +626,24 @@ impl<F: Format> Matrix<F> {
         sequences: &[usize],
     ) -> Vec<f32> {
         let tokens: usize = sequences.iter().sum();
-        // Where llama.cpp computes a sequence's rows four at a time: all but its last `rows % 4`.
-        let in_fours: Vec<bool> = if F::BATCH_DIFFERS {
-            sequences
-                .iter()
-                .flat_map(|rows| (0..*rows).map(move |row| row < rows - rows % 4))
-                .collect()
-        } else {
-            Vec::new()
-        };
         let quantized = quantize_rows::<F, I>(isa, input);
+        let (runs, sides) = if F::BATCH_DIFFERS && tokens > 1 {
+            let runs = batch_runs(sequences, F::side_by_side(isa));
+            let per_row = self.columns / F::VALUES;
+            let sides: Vec<Vec<F::Side>> = runs
+                .iter()
+                .filter(|(_, run)| matches!(run, Run::Side(_)))
+                .map(|(first, _)| {
+                    F::sides(std::array::from_fn(|index| {
+                        let token = first + index;
+                        &quantized[token * per_row..(token + 1) * per_row]
+                    }))
+                })
+                .collect();
+            (runs, sides)
+        } else {
+            (Vec::new(), Vec::new())
+        };
         let mut output = vec![0f32; tokens * self.rows];
         if tokens == 1 {
             // Generation: the rows in a few pieces per thread, written in place.
@@ -646,7 +683,13 @@ impl<F: Format> Matrix<F> {
                 let width = rows.len();
                 let values = isa.run(
                     #[inline(always)]
-                    || self.tokens(isa, rows, &quantized, tokens, &in_fours),
+                    || {
+                        if F::BATCH_DIFFERS {
+                            self.batch(isa, rows, &quantized, tokens, &runs, &sides)
+                        } else {
+                            self.tokens(isa, rows, &quantized, tokens)
+                        }
+                    },
                 );
                 for (out, values) in outputs.iter_mut().zip(values.chunks_exact(width)) {
                     out.copy_from_slice(values);
@@ -691,33 +734,22 @@ impl<F: Format> Matrix<F> {
         rows: std::ops::Range<usize>,
         quantized: &[F::Activation],
         tokens: usize,
-        in_fours: &[bool],
     ) -> Vec<f32> {
         let per_row = self.columns / F::VALUES;
         let (first, width) = (rows.start, rows.len());
-        let activations = |token: usize| &quantized[token * per_row..(token + 1) * per_row];
         let weights = |row: usize| &self.blocks[row * per_row..(row + 1) * per_row];
         let mut out = vec![0f32; width * tokens];
         let mut token = 0;
         while token < tokens {
-            // Rows of a batch that llama.cpp computes alone, four at a time here (same arithmetic).
-            let alone = F::BATCH_DIFFERS
-                && tokens - token >= 4
-                && !in_fours[token..token + 4].contains(&true);
-            let count = if F::BATCH_DIFFERS {
-                // A sequence's rows in fours start at its first row: four in a row are one group.
-                if in_fours[token] || alone { 4 } else { 1 }
-            } else {
-                match tokens - token {
-                    left if left >= WIDE_GROUP && F::pairs(isa, left) => WIDE_GROUP,
-                    left if left >= GROUP => GROUP,
-                    4..GROUP => 4,
-                    2..4 => 2,
-                    _ => 1,
-                }
+            let count = match tokens - token {
+                left if left >= WIDE_GROUP && F::pairs(isa, left) => WIDE_GROUP,
+                left if left >= GROUP => GROUP,
+                4..GROUP => 4,
+                2..4 => 2,
+                _ => 1,
             };
             let mut paired = rows.start;
-            if !F::BATCH_DIFFERS && F::pairs(isa, count) {
+            if F::pairs(isa, count) {
                 while paired + 2 <= rows.end {
                     let pair = [weights(paired), weights(paired + 1)];
                     let results = match count {
@@ -740,19 +772,8 @@ impl<F: Format> Matrix<F> {
             for row in paired..rows.end {
                 let weights = weights(row);
                 let mut results = [0f32; WIDE_GROUP];
-                match (F::BATCH_DIFFERS, count) {
-                    (true, 4) if alone => results[..4].copy_from_slice(&F::batch_dots_alone4(
-                        isa,
-                        weights,
-                        std::array::from_fn(|index| activations(token + index)),
-                    )),
-                    (true, 4) => results[..4].copy_from_slice(&F::batch_dots4(
-                        isa,
-                        weights,
-                        std::array::from_fn(|index| activations(token + index)),
-                    )),
-                    (true, _) => results[0] = F::batch_dot(isa, weights, activations(token), false),
-                    (false, WIDE_GROUP) => {
+                match count {
+                    WIDE_GROUP => {
                         for half in 0..2 {
                             let first = token + half * GROUP;
                             results[half * GROUP..(half + 1) * GROUP].copy_from_slice(&dots_at::<
@@ -764,16 +785,22 @@ impl<F: Format> Matrix<F> {
                             ));
                         }
                     }
-                    (false, GROUP) => results[..GROUP].copy_from_slice(&dots_at::<F, I, GROUP>(
+                    GROUP => results[..GROUP].copy_from_slice(&dots_at::<F, I, GROUP>(
                         isa, weights, quantized, per_row, token,
                     )),
-                    (false, 4) => results[..4].copy_from_slice(&dots_at::<F, I, 4>(
+                    4 => results[..4].copy_from_slice(&dots_at::<F, I, 4>(
                         isa, weights, quantized, per_row, token,
                     )),
-                    (false, 2) => results[..2].copy_from_slice(&dots_at::<F, I, 2>(
+                    2 => results[..2].copy_from_slice(&dots_at::<F, I, 2>(
                         isa, weights, quantized, per_row, token,
                     )),
-                    (false, _) => results[0] = F::dot(isa, weights, activations(token)),
+                    _ => {
+                        results[0] = F::dot(
+                            isa,
+                            weights,
+                            &quantized[token * per_row..(token + 1) * per_row],
+                        )
+                    }
                 }
                 for (index, value) in results[..count].iter().enumerate() {
                     out[(token + index) * width + row - first] = *value;
@@ -783,6 +810,98 @@ impl<F: Format> Matrix<F> {
         }
         out
     }
+
+    /// [`Matrix::tokens`] for a format whose batches differ ([`Format::BATCH_DIFFERS`]): each run of
+    /// `runs` as llama.cpp computes it (`sides`: the activations of the runs taken side by side).
+    #[inline(always)]
+    fn batch<I: Dots>(
+        &self,
+        isa: I,
+        rows: std::ops::Range<usize>,
+        quantized: &[F::Activation],
+        tokens: usize,
+        runs: &[(usize, Run)],
+        sides: &[Vec<F::Side>],
+    ) -> Vec<f32> {
+        let per_row = self.columns / F::VALUES;
+        let (first, width) = (rows.start, rows.len());
+        let activations = |token: usize| &quantized[token * per_row..(token + 1) * per_row];
+        let mut out = vec![0f32; width * tokens];
+        for &(token, run) in runs {
+            let four = || std::array::from_fn(|index| activations(token + index));
+            for row in rows.clone() {
+                let weights = &self.blocks[row * per_row..(row + 1) * per_row];
+                let mut results = [0f32; WIDE_GROUP];
+                match run {
+                    Run::Side(index) => results = F::batch_dots_side(isa, weights, &sides[index]),
+                    Run::Fours => {
+                        results[..4].copy_from_slice(&F::batch_dots4(isa, weights, four()))
+                    }
+                    Run::Alone => {
+                        results[..4].copy_from_slice(&F::batch_dots_alone4(isa, weights, four()));
+                    }
+                    Run::One => results[0] = F::batch_dot(isa, weights, activations(token), false),
+                }
+                for (index, value) in results[..run.rows()].iter().enumerate() {
+                    out[(token + index) * width + row - first] = *value;
+                }
+            }
+        }
+        out
+    }
+}
+
+/// How a run of a batch's rows goes through a format whose batches differ ([`Format::BATCH_DIFFERS`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Run {
+    /// `WIDE_GROUP` rows taken in fours, side by side: this entry of the sides.
+    Side(usize),
+    /// Four rows taken in fours.
+    Fours,
+    /// Four rows each computed alone (one row of each of four sequences, say).
+    Alone,
+    /// One row computed alone.
+    One,
+}
+
+impl Run {
+    fn rows(self) -> usize {
+        match self {
+            Run::Side(_) => WIDE_GROUP,
+            Run::Fours | Run::Alone => 4,
+            Run::One => 1,
+        }
+    }
+}
+
+/// The runs, from their first row, of a batch of `sequences` (their row counts): llama.cpp computes a
+/// sequence's rows four at a time but for its last `rows % 4`, which it computes alone; `side_by_side`
+/// where the form takes `WIDE_GROUP` rows in fours at once.
+fn batch_runs(sequences: &[usize], side_by_side: bool) -> Vec<(usize, Run)> {
+    let in_fours: Vec<bool> = sequences
+        .iter()
+        .flat_map(|rows| (0..*rows).map(move |row| row < rows - rows % 4))
+        .collect();
+    let all = |from: usize, count: usize, value: bool| {
+        from + count <= in_fours.len() && in_fours[from..from + count].iter().all(|x| *x == value)
+    };
+    let (mut runs, mut token, mut sides) = (Vec::new(), 0, 0);
+    while token < in_fours.len() {
+        // A sequence's rows in fours start at its first row, so four in a row are one group.
+        let run = if side_by_side && all(token, WIDE_GROUP, true) {
+            sides += 1;
+            Run::Side(sides - 1)
+        } else if in_fours[token] {
+            Run::Fours
+        } else if all(token, 4, false) {
+            Run::Alone
+        } else {
+            Run::One
+        };
+        runs.push((token, run));
+        token += run.rows();
+    }
+    runs
 }
 
 #[cfg(test)]
