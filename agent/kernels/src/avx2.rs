@@ -355,37 +355,12 @@ pub(crate) unsafe fn q6k_dots_body<const N: usize>(
 ) -> [f32; N] {
     // SAFETY: as in `q41_dot`; the loads read 16 or 32 bytes within the blocks' arrays.
     unsafe {
-        let (m3, m15) = (_mm256_set1_epi8(3), _mm256_set1_epi8(15));
-        let (m12, m48, m192) = (
-            _mm256_set1_epi8(12),
-            _mm256_set1_epi8(48),
-            _mm256_set1_epi8(0xC0u8 as i8),
-        );
         let mut lanes = [_mm256_setzero_ps(); N];
         for (index, weight) in weights.iter().enumerate() {
             let scales16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(weight.scales.as_ptr().cast()));
-            let mut values = [_mm256_setzero_si256(); 8];
+            let values = q6k_values(weight);
             let mut scales = [_mm256_setzero_si256(); 8];
             for half in 0..2 {
-                let bits1 = _mm256_loadu_si256(weight.low.as_ptr().add(64 * half).cast());
-                let bits2 = _mm256_loadu_si256(weight.low.as_ptr().add(64 * half + 32).cast());
-                let high = _mm256_loadu_si256(weight.high.as_ptr().add(32 * half).cast());
-                values[4 * half] = _mm256_or_si256(
-                    _mm256_and_si256(bits1, m15),
-                    _mm256_slli_epi16(_mm256_and_si256(high, m3), 4),
-                );
-                values[4 * half + 1] = _mm256_or_si256(
-                    _mm256_and_si256(bits2, m15),
-                    _mm256_slli_epi16(_mm256_and_si256(high, m12), 2),
-                );
-                values[4 * half + 2] = _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16(bits1, 4), m15),
-                    _mm256_and_si256(high, m48),
-                );
-                values[4 * half + 3] = _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16(bits2, 4), m15),
-                    _mm256_srli_epi16(_mm256_and_si256(high, m192), 2),
-                );
                 for quarter in 0..4 {
                     let group = 8 * half + 2 * quarter;
                     scales[4 * half + quarter] = _mm256_set_m128i(
@@ -428,6 +403,43 @@ pub(crate) unsafe fn q6k_dots_body<const N: usize>(
             }
         }
         std::array::from_fn(|row| sum_lanes(lanes[row]))
+    }
+}
+
+/// A Q6_K block's 256 values (0..64, before the offset of 32) as bytes, 32 per register in order.
+#[inline(always)]
+pub(crate) unsafe fn q6k_values(weight: &Q6KBlock) -> [__m256i; 8] {
+    // SAFETY: the caller runs with AVX2; the loads read 32 bytes within the block's arrays.
+    unsafe {
+        let (m3, m15) = (_mm256_set1_epi8(3), _mm256_set1_epi8(15));
+        let (m12, m48, m192) = (
+            _mm256_set1_epi8(12),
+            _mm256_set1_epi8(48),
+            _mm256_set1_epi8(0xC0u8 as i8),
+        );
+        let mut values = [_mm256_setzero_si256(); 8];
+        for half in 0..2 {
+            let bits1 = _mm256_loadu_si256(weight.low.as_ptr().add(64 * half).cast());
+            let bits2 = _mm256_loadu_si256(weight.low.as_ptr().add(64 * half + 32).cast());
+            let high = _mm256_loadu_si256(weight.high.as_ptr().add(32 * half).cast());
+            values[4 * half] = _mm256_or_si256(
+                _mm256_and_si256(bits1, m15),
+                _mm256_slli_epi16(_mm256_and_si256(high, m3), 4),
+            );
+            values[4 * half + 1] = _mm256_or_si256(
+                _mm256_and_si256(bits2, m15),
+                _mm256_slli_epi16(_mm256_and_si256(high, m12), 2),
+            );
+            values[4 * half + 2] = _mm256_or_si256(
+                _mm256_and_si256(_mm256_srli_epi16(bits1, 4), m15),
+                _mm256_and_si256(high, m48),
+            );
+            values[4 * half + 3] = _mm256_or_si256(
+                _mm256_and_si256(_mm256_srli_epi16(bits2, 4), m15),
+                _mm256_srli_epi16(_mm256_and_si256(high, m192), 2),
+            );
+        }
+        values
     }
 }
 

@@ -17,7 +17,7 @@ use std::arch::x86_64::*;
 
 use half::f16;
 
-use super::{q6k_dots_body, q50_values, sum_lanes, to_f32};
+use super::{q6k_dots_body, q6k_values, q50_values, sum_lanes, to_f32};
 use crate::kquant::{Q4KBlock, Q6KBlock, Q8KBlock, Q8KSide, Q50Block};
 use crate::quant::{Q8Block, Q80Block, WIDE_GROUP};
 
@@ -160,6 +160,76 @@ pub(crate) unsafe fn q4k_dots_side(weights: &[Q4KBlock], sides: &[Q8KSide]) -> [
         }
         let mut out = [0f32; WIDE_GROUP];
         _mm512_storeu_ps(out.as_mut_ptr(), _mm512_sub_ps(total, minimums));
+        out
+    }
+}
+
+/// The Q6_K products of one weight row with the sixteen activation rows `sides` holds side by side:
+/// [`crate::vector::q6k_dots`]'s results, bit for bit.
+///
+/// Each row has a lane in each of eight registers, one per lane of the AVX2 form: `maddubs` of four
+/// broadcast weight values with the same four values of each row, then `vpdpwssd` with the values'
+/// group scale, adds exactly what the AVX2 form's `maddubs` and `madd` put in that lane. The lanes
+/// start at minus the offset the AVX2 form takes off, are converted and accumulated by a fused
+/// multiply-add per super-block, then summed in `hsum_float_8`'s order.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+pub(crate) unsafe fn q6k_dots_side(weights: &[Q6KBlock], sides: &[Q8KSide]) -> [f32; WIDE_GROUP] {
+    assert!(sides.len() >= weights.len());
+    // SAFETY: the caller runs with these features; every side holds a block for each weight block
+    // (checked above), the loads read 32 bytes within the block's arrays, the sides' arrays are 64-byte
+    // aligned (`repr(align(64))`) and 64 bytes per row of four values or pair of sums.
+    unsafe {
+        let mut lanes = [_mm512_setzero_ps(); 8];
+        for (weight, side) in weights.iter().zip(sides) {
+            let values = q6k_values(weight);
+            let mut unpacked = [[0u32; 8]; 8];
+            for (chunk, values) in values.into_iter().enumerate() {
+                _mm256_storeu_si256(unpacked[chunk].as_mut_ptr().cast(), values);
+            }
+            let scale = _mm512_mul_ps(
+                _mm512_load_ps(side.scales.as_ptr()),
+                _mm512_set1_ps(to_f32(weight.d)),
+            );
+            let pair = |first: usize| {
+                (i32::from(weight.scales[first]) & 0xFFFF)
+                    | (i32::from(weight.scales[first + 1]) << 16)
+            };
+            let mut sums: [__m512i; 8] = [_mm512_setzero_si512(); 8];
+            for (lane, sum) in sums.iter_mut().enumerate() {
+                let groups = _mm512_load_si512(side.groups[lane].as_ptr().cast());
+                let offset = _mm512_slli_epi32(
+                    _mm512_madd_epi16(groups, _mm512_set1_epi32(pair(2 * lane))),
+                    5,
+                );
+                *sum = _mm512_sub_epi32(_mm512_setzero_si512(), offset);
+            }
+            for (chunk, unpacked) in unpacked.iter().enumerate() {
+                // Chunk `4h + q` holds values `128h + 32q..`, scaled by group `8h + 2q` in its first
+                // sixteen values and `8h + 2q + 1` in the rest.
+                let group = 8 * (chunk / 4) + 2 * (chunk % 4);
+                for (lane, sum) in sums.iter_mut().enumerate() {
+                    let activations =
+                        _mm512_load_si512(side.values[8 * chunk + lane].as_ptr().cast());
+                    let products =
+                        _mm512_maddubs_epi16(_mm512_set1_epi32(unpacked[lane] as i32), activations);
+                    let group_scale = _mm512_set1_epi16(i16::from(weight.scales[group + lane / 4]));
+                    *sum = _mm512_dpwssd_epi32(*sum, products, group_scale);
+                }
+            }
+            for (lanes, sum) in lanes.iter_mut().zip(sums) {
+                *lanes = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(sum), *lanes);
+            }
+        }
+        // `hsum_float_8`: the upper four lanes onto the lower, then pairs.
+        let quarters: [__m512; 4] =
+            std::array::from_fn(|lane| _mm512_add_ps(lanes[lane + 4], lanes[lane]));
+        let total = _mm512_add_ps(
+            _mm512_add_ps(quarters[0], quarters[2]),
+            _mm512_add_ps(quarters[1], quarters[3]),
+        );
+        let mut out = [0f32; WIDE_GROUP];
+        _mm512_storeu_ps(out.as_mut_ptr(), total);
         out
     }
 }

@@ -204,8 +204,8 @@ pub struct Q4KBlock {
     pub(crate) values: [u8; 128],
 }
 
-/// One super-block of `WIDE_GROUP` rows of Q8_K activations side by side, as the 512-bit Q4_K form
-/// reads them: each run of four values of every row together, so that one register holds the same four
+/// One super-block of `WIDE_GROUP` rows of Q8_K activations side by side, as the 512-bit Q4_K and Q6_K
+/// forms read them: each run of four values of every row together, so that one register holds the same four
 /// values of all the rows and one `vpdpbusd` adds them, times a broadcast four weights, to each row's
 /// lane.
 #[derive(Clone, Copy, Debug)]
@@ -216,12 +216,14 @@ pub struct Q8KSide {
     /// Each row's scale.
     pub(crate) scales: [f32; WIDE_GROUP],
     /// `sums[p][row]`: the row's sums over sub-blocks `2p` and `2p + 1` (32 values each, so 16 bits
-    /// hold them).
+    /// hold them): Q4_K's minimums.
     pub(crate) sums: [[[i16; 2]; WIDE_GROUP]; 4],
+    /// `groups[k][row]`: the row's sums of 16 values `2k` and `2k + 1`: Q6_K's offsets.
+    pub(crate) groups: [[[i16; 2]; WIDE_GROUP]; 8],
 }
 
 /// `rows` laid side by side, super-block by super-block.
-fn side_by_side(rows: [&[Q8KBlock]; WIDE_GROUP]) -> Vec<Q8KSide> {
+fn lay_side_by_side(rows: [&[Q8KBlock]; WIDE_GROUP]) -> Vec<Q8KSide> {
     let blocks = rows.iter().map(|row| row.len()).min().unwrap_or(0);
     let mut sides = Vec::with_capacity(blocks);
     for index in 0..blocks {
@@ -229,6 +231,7 @@ fn side_by_side(rows: [&[Q8KBlock]; WIDE_GROUP]) -> Vec<Q8KSide> {
             values: [[[0; 4]; WIDE_GROUP]; SUPER / 4],
             scales: [0.0; WIDE_GROUP],
             sums: [[[0; 2]; WIDE_GROUP]; 4],
+            groups: [[[0; 2]; WIDE_GROUP]; 8],
         };
         for (row, activations) in rows.iter().enumerate() {
             let block = &activations[index];
@@ -239,6 +242,9 @@ fn side_by_side(rows: [&[Q8KBlock]; WIDE_GROUP]) -> Vec<Q8KSide> {
             for (pair, sums) in side.sums.iter_mut().enumerate() {
                 let group = &block.sums[4 * pair..4 * pair + 4];
                 sums[row] = [group[0] + group[1], group[2] + group[3]];
+            }
+            for (pair, groups) in side.groups.iter_mut().enumerate() {
+                groups[row] = [block.sums[2 * pair], block.sums[2 * pair + 1]];
             }
         }
         sides.push(side);
@@ -332,15 +338,11 @@ impl Format for Q4K {
     }
 
     fn sides(rows: [&[Q8KBlock]; WIDE_GROUP]) -> Vec<Q8KSide> {
-        side_by_side(rows)
+        lay_side_by_side(rows)
     }
 
     #[inline(always)]
-    fn batch_dots_side<I: Dots>(
-        isa: I,
-        weights: &[Q4KBlock],
-        sides: &[Q8KSide],
-    ) -> [f32; WIDE_GROUP] {
+    fn dots_side<I: Dots>(isa: I, weights: &[Q4KBlock], sides: &[Q8KSide]) -> [f32; WIDE_GROUP] {
         #[cfg(target_arch = "x86_64")]
         if wide(isa) {
             // SAFETY: a `Wide` exists only where the CPU has the features this function enables.
@@ -494,7 +496,7 @@ impl Q6KBlock {
 impl Format for Q6K {
     type Block = Q6KBlock;
     type Activation = Q8KBlock;
-    type Side = ();
+    type Side = Q8KSide;
     const BYTES: usize = 210;
     const VALUES: usize = SUPER;
 
@@ -550,6 +552,26 @@ impl Format for Q6K {
         each_row(activations, |activations| {
             Self::dot(isa, weights, activations)
         })
+    }
+
+    #[inline(always)]
+    fn side_by_side<I: Dots>(isa: I) -> bool {
+        wide(isa)
+    }
+
+    fn sides(rows: [&[Q8KBlock]; WIDE_GROUP]) -> Vec<Q8KSide> {
+        lay_side_by_side(rows)
+    }
+
+    #[inline(always)]
+    fn dots_side<I: Dots>(isa: I, weights: &[Q6KBlock], sides: &[Q8KSide]) -> [f32; WIDE_GROUP] {
+        #[cfg(target_arch = "x86_64")]
+        if wide(isa) {
+            // SAFETY: a `Wide` exists only where the CPU has the features this function enables.
+            return unsafe { crate::vector::wide::q6k_dots_side(weights, sides) };
+        }
+        let _ = (isa, weights, sides);
+        unreachable!("`Q6K::side_by_side` holds only for the 512-bit form")
     }
 }
 
@@ -693,7 +715,7 @@ mod tests {
     ) {
         let matrix = Matrix::<F>::from_gguf(bytes, rows, columns).expect("matrix");
         let weights: Vec<f32> = bytes.chunks_exact(F::BYTES).flat_map(dequantize).collect();
-        // 19 and 36: rows in fours taken sixteen at a time where a form lays them side by side.
+        // 19 and 36: sixteen rows at a time where a form lays them side by side (Q4_K: rows in fours).
         for tokens in [1, 3, 9, 19, 36] {
             let x = random_input(tokens * columns, tokens as u32 + 5);
             let ours = matrix.forward(&x, tokens);
@@ -800,11 +822,14 @@ mod tests {
                 q4k_dot(Baseline, &q4k, x[1], per_pair).to_bits()
             );
         }
-        if Q4K::side_by_side(isa) {
+        if Q4K::side_by_side(isa) && Q6K::side_by_side(isa) {
             let x = q8k(&rows(WIDE_GROUP * 768 / 3, 3));
             let x: [&[Q8KBlock]; WIDE_GROUP] = std::array::from_fn(|row| &x[3 * row..3 * row + 3]);
             let portable: Vec<f32> = x.iter().map(|x| q4k_dot(Baseline, &q4k, x, true)).collect();
-            let side = Q4K::batch_dots_side(isa, &q4k, &Q4K::sides(x));
+            let side = Q4K::dots_side(isa, &q4k, &Q4K::sides(x));
+            assert_eq!(bits(&side), bits(&portable));
+            let portable: Vec<f32> = x.iter().map(|x| q6k_dot(Baseline, &q6k, x)).collect();
+            let side = Q6K::dots_side(isa, &q6k, &Q6K::sides(x));
             assert_eq!(bits(&side), bits(&portable));
         }
         let portable: Vec<f32> = x.iter().map(|x| q6k_dot(Baseline, &q6k, x)).collect();

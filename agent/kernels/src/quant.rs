@@ -113,22 +113,23 @@ pub trait Format: Send + Sync {
         })
     }
 
-    /// Whether form `isa` computes `WIDE_GROUP` rows of a batch taken in fours side by side
-    /// ([`Format::sides`], [`Format::batch_dots_side`]) rather than four by four.
+    /// Whether form `isa` computes `WIDE_GROUP` activation rows at once laid side by side, one in each
+    /// lane of a register ([`Format::sides`], [`Format::dots_side`]). For a format whose batches differ,
+    /// rows taken in fours.
     fn side_by_side<I: Dots>(isa: I) -> bool {
         let _ = isa;
         false
     }
 
-    /// `WIDE_GROUP` activation rows laid side by side, block by block, for
-    /// [`Format::batch_dots_side`].
+    /// `WIDE_GROUP` activation rows laid side by side, block by block, for [`Format::dots_side`].
     fn sides(rows: [&[Self::Activation]; WIDE_GROUP]) -> Vec<Self::Side> {
         let _ = rows;
         unreachable!("only called where `Format::side_by_side` holds")
     }
 
-    /// [`Format::batch_dots4`] of the `WIDE_GROUP` rows [`Format::sides`] laid side by side.
-    fn batch_dots_side<I: Dots>(
+    /// [`Format::dots`] of one weight row with the `WIDE_GROUP` rows [`Format::sides`] laid side by
+    /// side; for a format whose batches differ, [`Format::batch_dots4`] of each four.
+    fn dots_side<I: Dots>(
         isa: I,
         weights: &[Self::Block],
         sides: &[Self::Side],
@@ -627,23 +628,36 @@ impl<F: Format> Matrix<F> {
     ) -> Vec<f32> {
         let tokens: usize = sequences.iter().sum();
         let quantized = quantize_rows::<F, I>(isa, input);
-        let (runs, sides) = if F::BATCH_DIFFERS && tokens > 1 {
-            let runs = batch_runs(sequences, F::side_by_side(isa));
-            let per_row = self.columns / F::VALUES;
-            let sides: Vec<Vec<F::Side>> = runs
-                .iter()
-                .filter(|(_, run)| matches!(run, Run::Side(_)))
-                .map(|(first, _)| {
-                    F::sides(std::array::from_fn(|index| {
-                        let token = first + index;
-                        &quantized[token * per_row..(token + 1) * per_row]
-                    }))
-                })
-                .collect();
-            (runs, sides)
+        // The groups of rows a form takes side by side, laid out once for every chunk of the matrix:
+        // for a format whose batches differ, the runs of its rows; for the others, each whole group
+        // from the first row.
+        let runs = if F::BATCH_DIFFERS && tokens > 1 {
+            batch_runs(sequences, F::side_by_side(isa))
         } else {
-            (Vec::new(), Vec::new())
+            Vec::new()
         };
+        let side_firsts: Vec<usize> = if F::BATCH_DIFFERS {
+            runs.iter()
+                .filter(|(_, run)| matches!(run, Run::Side(_)))
+                .map(|(first, _)| *first)
+                .collect()
+        } else if F::side_by_side(isa) {
+            (0..tokens / WIDE_GROUP)
+                .map(|group| group * WIDE_GROUP)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let per_row = self.columns / F::VALUES;
+        let sides: Vec<Vec<F::Side>> = side_firsts
+            .into_iter()
+            .map(|first| {
+                F::sides(std::array::from_fn(|index| {
+                    let token = first + index;
+                    &quantized[token * per_row..(token + 1) * per_row]
+                }))
+            })
+            .collect();
         let mut output = vec![0f32; tokens * self.rows];
         if tokens == 1 {
             // Generation: the rows in a few pieces per thread, written in place.
@@ -687,7 +701,7 @@ impl<F: Format> Matrix<F> {
                         if F::BATCH_DIFFERS {
                             self.batch(isa, rows, &quantized, tokens, &runs, &sides)
                         } else {
-                            self.tokens(isa, rows, &quantized, tokens)
+                            self.tokens(isa, rows, &quantized, tokens, &sides)
                         }
                     },
                 );
@@ -734,6 +748,7 @@ impl<F: Format> Matrix<F> {
         rows: std::ops::Range<usize>,
         quantized: &[F::Activation],
         tokens: usize,
+        sides: &[Vec<F::Side>],
     ) -> Vec<f32> {
         let per_row = self.columns / F::VALUES;
         let (first, width) = (rows.start, rows.len());
@@ -741,7 +756,9 @@ impl<F: Format> Matrix<F> {
         let mut out = vec![0f32; width * tokens];
         let mut token = 0;
         while token < tokens {
+            let side = tokens - token >= WIDE_GROUP && F::side_by_side(isa);
             let count = match tokens - token {
+                _ if side => WIDE_GROUP,
                 left if left >= WIDE_GROUP && F::pairs(isa, left) => WIDE_GROUP,
                 left if left >= GROUP => GROUP,
                 4..GROUP => 4,
@@ -749,7 +766,7 @@ impl<F: Format> Matrix<F> {
                 _ => 1,
             };
             let mut paired = rows.start;
-            if F::pairs(isa, count) {
+            if !side && F::pairs(isa, count) {
                 while paired + 2 <= rows.end {
                     let pair = [weights(paired), weights(paired + 1)];
                     let results = match count {
@@ -773,6 +790,9 @@ impl<F: Format> Matrix<F> {
                 let weights = weights(row);
                 let mut results = [0f32; WIDE_GROUP];
                 match count {
+                    WIDE_GROUP if side => {
+                        results = F::dots_side(isa, weights, &sides[token / WIDE_GROUP]);
+                    }
                     WIDE_GROUP => {
                         for half in 0..2 {
                             let first = token + half * GROUP;
@@ -833,7 +853,7 @@ impl<F: Format> Matrix<F> {
                 let weights = &self.blocks[row * per_row..(row + 1) * per_row];
                 let mut results = [0f32; WIDE_GROUP];
                 match run {
-                    Run::Side(index) => results = F::batch_dots_side(isa, weights, &sides[index]),
+                    Run::Side(index) => results = F::dots_side(isa, weights, &sides[index]),
                     Run::Fours => {
                         results[..4].copy_from_slice(&F::batch_dots4(isa, weights, four()))
                     }
