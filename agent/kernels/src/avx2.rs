@@ -10,12 +10,12 @@ use std::arch::x86_64::*;
 
 use half::f16;
 
-use crate::kquant::{Q4KBlock, Q6KBlock, Q8KBlock, Q50Block};
+use crate::kquant::{Q4KBlock, Q6KBlock, Q8KBlock, Q8KSide, Q50Block};
 
 // Two weight rows at a time in 512-bit registers, where the CPU has AVX-512 with VNNI (`simd`).
 #[path = "avx512.rs"]
 pub(crate) mod wide;
-use crate::quant::{Q8Block, Q41Block, Q80Block};
+use crate::quant::{Q8Block, Q41Block, Q80Block, WIDE_GROUP};
 
 /// ggml's `ggml_vec_dot_q4_1_q8_1`.
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -285,6 +285,103 @@ pub(crate) unsafe fn q4k_dots4(weights: &[Q4KBlock], activations: [&[Q8KBlock]; 
         let mut out = [0f32; 4];
         _mm_storeu_ps(out.as_mut_ptr(), _mm_sub_ps(total, minimums));
         out
+    }
+}
+
+/// [`q4k_dots4`] of the sixteen activation rows `sides` holds side by side, eight rows to a register:
+/// bit for bit the same.
+///
+/// Each row has a 32-bit lane: `maddubs` of four broadcast nibbles with the same four values of each
+/// row gives the row's two pair sums in its lane's halves; a sub-block's eight of them add up in 16 bits
+/// without overflow (at most 8 × 2 × 15 × 128), and `madd` with the sub-block scale gives the row's
+/// exact scaled sum. Then the four-row form's fused multiply-adds per pair, per lane.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub(crate) unsafe fn q4k_dots_side(weights: &[Q4KBlock], sides: &[Q8KSide]) -> [f32; WIDE_GROUP] {
+    assert!(sides.len() >= weights.len());
+    // SAFETY: as in `q41_dot`; every side holds a block for each weight block (checked above), and the
+    // loads read 32 bytes within the blocks' and the sides' arrays.
+    unsafe {
+        let mask = _mm256_set1_epi8(0x0F);
+        let mut total = [_mm256_setzero_ps(); 2];
+        let mut minimums = [_mm256_setzero_ps(); 2];
+        for (weight, side) in weights.iter().zip(sides) {
+            let nibbles = q4k_nibbles(weight, mask);
+            let (d, dmin) = (
+                _mm256_set1_ps(to_f32(weight.d)),
+                _mm256_set1_ps(to_f32(weight.dmin)),
+            );
+            for half in 0..2 {
+                let scales = _mm256_loadu_ps(side.scales.as_ptr().add(8 * half));
+                let (scale, min_scale) = (_mm256_mul_ps(d, scales), _mm256_mul_ps(dmin, scales));
+                for pair in 0..4 {
+                    let mut sums = [_mm256_setzero_si256(); 2];
+                    for (within, sum) in sums.iter_mut().enumerate() {
+                        let sub_block = 2 * pair + within;
+                        let mut pairs = _mm256_setzero_si256();
+                        let rows = &side.values[8 * sub_block..8 * sub_block + 8];
+                        for (values, four) in rows.iter().zip(nibbles[sub_block]) {
+                            let values = _mm256_loadu_si256(values.as_ptr().add(8 * half).cast());
+                            let four_weights = _mm256_set1_epi32(four as i32);
+                            pairs =
+                                _mm256_add_epi16(pairs, _mm256_maddubs_epi16(four_weights, values));
+                        }
+                        *sum = _mm256_madd_epi16(
+                            pairs,
+                            _mm256_set1_epi16(i16::from(weight.scales[sub_block])),
+                        );
+                    }
+                    total[half] = _mm256_fmadd_ps(
+                        _mm256_cvtepi32_ps(_mm256_add_epi32(sums[0], sums[1])),
+                        scale,
+                        total[half],
+                    );
+                    let mins = _mm256_set1_epi32(
+                        i32::from(weight.mins[2 * pair])
+                            | (i32::from(weight.mins[2 * pair + 1]) << 16),
+                    );
+                    let pair_minimums = _mm256_madd_epi16(
+                        _mm256_loadu_si256(side.sums[pair].as_ptr().add(8 * half).cast()),
+                        mins,
+                    );
+                    minimums[half] = _mm256_fmadd_ps(
+                        _mm256_cvtepi32_ps(pair_minimums),
+                        min_scale,
+                        minimums[half],
+                    );
+                }
+            }
+        }
+        let mut out = [0f32; WIDE_GROUP];
+        for half in 0..2 {
+            _mm256_storeu_ps(
+                out.as_mut_ptr().add(8 * half),
+                _mm256_sub_ps(total[half], minimums[half]),
+            );
+        }
+        out
+    }
+}
+
+/// A Q4_K block's nibbles as bytes, in the order of the values: sub-block `2p` (the low nibbles of
+/// bytes `32p..32p + 32`) then `2p + 1` (their high nibbles), each as eight runs of four.
+#[inline(always)]
+pub(crate) unsafe fn q4k_nibbles(weight: &Q4KBlock, mask: __m256i) -> [[u32; 8]; 8] {
+    // SAFETY: the caller runs with AVX2; the loads read 32 bytes of the block's 128-byte array.
+    unsafe {
+        let mut nibbles = [[0u32; 8]; 8];
+        for pair in 0..4 {
+            let bits = _mm256_loadu_si256(weight.values.as_ptr().add(32 * pair).cast());
+            _mm256_storeu_si256(
+                nibbles[2 * pair].as_mut_ptr().cast(),
+                _mm256_and_si256(bits, mask),
+            );
+            _mm256_storeu_si256(
+                nibbles[2 * pair + 1].as_mut_ptr().cast(),
+                _mm256_and_si256(_mm256_srli_epi16(bits, 4), mask),
+            );
+        }
+        nibbles
     }
 }
 

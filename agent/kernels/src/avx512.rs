@@ -17,7 +17,7 @@ use std::arch::x86_64::*;
 
 use half::f16;
 
-use super::{q6k_dots_body, q6k_values, q50_values, sum_lanes, to_f32};
+use super::{q4k_nibbles, q6k_dots_body, q6k_values, q50_values, sum_lanes, to_f32};
 use crate::kquant::{Q4KBlock, Q6KBlock, Q8KBlock, Q8KSide, Q50Block};
 use crate::quant::{Q8Block, Q80Block, WIDE_GROUP};
 
@@ -107,20 +107,7 @@ pub(crate) unsafe fn q4k_dots_side(weights: &[Q4KBlock], sides: &[Q8KSide]) -> [
         let mask = _mm256_set1_epi8(0x0F);
         let (mut total, mut minimums) = (_mm512_setzero_ps(), _mm512_setzero_ps());
         for (weight, side) in weights.iter().zip(sides) {
-            // The nibbles as bytes, in the order of the activations: sub-block `2p` (low nibbles of
-            // bytes `32p..`) then `2p + 1` (high nibbles).
-            let mut nibbles = [[0u32; 8]; 8];
-            for pair in 0..4 {
-                let bits = _mm256_loadu_si256(weight.values.as_ptr().add(32 * pair).cast());
-                _mm256_storeu_si256(
-                    nibbles[2 * pair].as_mut_ptr().cast(),
-                    _mm256_and_si256(bits, mask),
-                );
-                _mm256_storeu_si256(
-                    nibbles[2 * pair + 1].as_mut_ptr().cast(),
-                    _mm256_and_si256(_mm256_srli_epi16(bits, 4), mask),
-                );
-            }
+            let nibbles = q4k_nibbles(weight, mask);
             let scales = _mm512_load_ps(side.scales.as_ptr());
             let scale = _mm512_mul_ps(_mm512_set1_ps(to_f32(weight.d)), scales);
             let min_scale = _mm512_mul_ps(_mm512_set1_ps(to_f32(weight.dmin)), scales);

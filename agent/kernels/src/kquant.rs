@@ -334,7 +334,13 @@ impl Format for Q4K {
 
     #[inline(always)]
     fn side_by_side<I: Dots>(isa: I) -> bool {
-        wide(isa)
+        #[cfg(target_arch = "x86_64")]
+        return isa.avx2().is_some();
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = isa;
+            false
+        }
     }
 
     fn sides(rows: [&[Q8KBlock]; WIDE_GROUP]) -> Vec<Q8KSide> {
@@ -348,8 +354,13 @@ impl Format for Q4K {
             // SAFETY: a `Wide` exists only where the CPU has the features this function enables.
             return unsafe { crate::vector::wide::q4k_dots_side(weights, sides) };
         }
+        #[cfg(target_arch = "x86_64")]
+        if isa.avx2().is_some() {
+            // SAFETY: as in `Q50::dot`.
+            return unsafe { crate::vector::q4k_dots_side(weights, sides) };
+        }
         let _ = (isa, weights, sides);
-        unreachable!("`Q4K::side_by_side` holds only for the 512-bit form")
+        unreachable!("`Q4K::side_by_side` holds only for the AVX2 and 512-bit forms")
     }
 
     #[inline(always)]
@@ -779,6 +790,7 @@ mod tests {
         #[cfg(target_arch = "x86_64")]
         if let Some(avx2) = Avx2::detect(true) {
             check_vector_dots(avx2);
+            check_vector_dots(avx2.narrow());
         }
         check_vector_dots(Baseline);
     }
@@ -822,12 +834,18 @@ mod tests {
                 q4k_dot(Baseline, &q4k, x[1], per_pair).to_bits()
             );
         }
-        if Q4K::side_by_side(isa) && Q6K::side_by_side(isa) {
-            let x = q8k(&rows(WIDE_GROUP * 768 / 3, 3));
-            let x: [&[Q8KBlock]; WIDE_GROUP] = std::array::from_fn(|row| &x[3 * row..3 * row + 3]);
-            let portable: Vec<f32> = x.iter().map(|x| q4k_dot(Baseline, &q4k, x, true)).collect();
-            let side = Q4K::dots_side(isa, &q4k, &Q4K::sides(x));
+        let x16 = q8k(&rows(WIDE_GROUP * 768 / 3, 3));
+        let x16: [&[Q8KBlock]; WIDE_GROUP] = std::array::from_fn(|row| &x16[3 * row..3 * row + 3]);
+        if Q4K::side_by_side(isa) {
+            let portable: Vec<f32> = x16
+                .iter()
+                .map(|x| q4k_dot(Baseline, &q4k, x, true))
+                .collect();
+            let side = Q4K::dots_side(isa, &q4k, &Q4K::sides(x16));
             assert_eq!(bits(&side), bits(&portable));
+        }
+        if Q6K::side_by_side(isa) {
+            let x = x16;
             let portable: Vec<f32> = x.iter().map(|x| q6k_dot(Baseline, &q6k, x)).collect();
             let side = Q6K::dots_side(isa, &q6k, &Q6K::sides(x));
             assert_eq!(bits(&side), bits(&portable));
