@@ -1,8 +1,9 @@
 //! Which forms of the kernels run, chosen once per process at run time, so that one x86-64 binary runs
 //! on every x86-64 CPU and at vector speed on those with AVX2, FMA and F16C (Intel Haswell, AMD
 //! Excavator and later): those get the AVX2 forms, every other CPU the portable ones. Where the CPU also
-//! has AVX-512 with VNNI (Intel Ice Lake and Sapphire Rapids, AMD Zen 4 and later), the Q5_0 and Q8_0
-//! dot products take two weight rows at a time in 512-bit registers (`avx512.rs`), same results.
+//! has AVX-512 with VNNI (Intel Ice Lake and Sapphire Rapids, AMD Zen 4 and later), a prompt's Q5_0 and
+//! Q8_0 dot products take two weight rows at a time in 512-bit registers, and its Q4_K and Q6_K ones
+//! sixteen activation rows side by side (`avx512.rs`), same results.
 //! `SOLLOL_KERNELS=portable` forces the portable forms (for tests, and for a CPU that claims features it
 //! does not have); `SOLLOL_KERNELS=avx2` stops at AVX2 (to measure what an AVX2-only CPU gets).
 //!
