@@ -752,6 +752,7 @@ impl<F: Format> Matrix<F> {
     ) -> Vec<f32> {
         let per_row = self.columns / F::VALUES;
         let (first, width) = (rows.start, rows.len());
+        let activations = |token: usize| &quantized[token * per_row..(token + 1) * per_row];
         let weights = |row: usize| &self.blocks[row * per_row..(row + 1) * per_row];
         let mut out = vec![0f32; width * tokens];
         let mut token = 0;
@@ -814,13 +815,7 @@ impl<F: Format> Matrix<F> {
                     2 => results[..2].copy_from_slice(&dots_at::<F, I, 2>(
                         isa, weights, quantized, per_row, token,
                     )),
-                    _ => {
-                        results[0] = F::dot(
-                            isa,
-                            weights,
-                            &quantized[token * per_row..(token + 1) * per_row],
-                        )
-                    }
+                    _ => results[0] = F::dot(isa, weights, activations(token)),
                 }
                 for (index, value) in results[..count].iter().enumerate() {
                     out[(token + index) * width + row - first] = *value;
@@ -1101,6 +1096,39 @@ pub(crate) mod tests {
                 );
             }
         }
+    }
+
+    /// A batch's runs follow llama.cpp's fours: each sequence's rows four at a time from its first,
+    /// its last `rows % 4` alone; sixteen rows in fours side by side where the form can, across
+    /// sequences too (each four is still one sequence's).
+    #[test]
+    fn a_batch_runs_in_llama_cpp_fours() {
+        use Run::*;
+        assert_eq!(
+            batch_runs(&[19], true),
+            [(0, Side(0)), (16, One), (17, One), (18, One)]
+        );
+        assert_eq!(
+            batch_runs(&[19], false),
+            [
+                (0, Fours),
+                (4, Fours),
+                (8, Fours),
+                (12, Fours),
+                (16, One),
+                (17, One),
+                (18, One)
+            ]
+        );
+        assert_eq!(
+            batch_runs(&[1, 1, 1, 1, 6], true),
+            [(0, Alone), (4, Fours), (8, One), (9, One)]
+        );
+        assert_eq!(batch_runs(&[8, 8, 16], true), [(0, Side(0)), (16, Side(1))]);
+        assert_eq!(
+            batch_runs(&[8, 2, 8, 8], true),
+            [(0, Fours), (4, Fours), (8, One), (9, One), (10, Side(0))]
+        );
     }
 
     #[test]
