@@ -204,10 +204,10 @@ pub struct Q4KBlock {
     pub(crate) values: [u8; 128],
 }
 
-/// One super-block of `WIDE_GROUP` rows of Q8_K activations side by side, as the 512-bit Q4_K and Q6_K
-/// forms read them: each run of four values of every row together, so that one register holds the same four
-/// values of all the rows and one `vpdpbusd` adds them, times a broadcast four weights, to each row's
-/// lane.
+/// One super-block of `WIDE_GROUP` rows of Q8_K activations side by side, as the side-by-side forms
+/// read them (Q4_K with AVX2 or AVX-512 VNNI, Q6_K with VNNI): each run of four values of every row
+/// together, so that one register holds the same four values of all the rows (or of eight, in 256 bits)
+/// and one instruction multiplies them with four broadcast weights into each row's own lane.
 #[derive(Clone, Copy, Debug)]
 #[repr(C, align(64))]
 pub struct Q8KSide {
