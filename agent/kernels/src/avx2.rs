@@ -35,7 +35,8 @@ pub(crate) unsafe fn q41_dot(weights: &[Q41Block], activations: &[Q8Block]) -> f
             let values = _mm256_loadu_si256(activation.values.as_ptr().cast());
             lanes = accumulate(
                 lanes,
-                to_f32(weight.scale) * activation.scale,
+                _mm256_set1_ps(to_f32(weight.scale)),
+                activation.scale,
                 nibbles,
                 values,
             );
@@ -57,7 +58,7 @@ pub(crate) unsafe fn q41_dots<const N: usize>(
         let mut lanes = [_mm256_setzero_ps(); N];
         let mut minimums = [0f32; N];
         for (index, weight) in weights.iter().enumerate() {
-            let (scale, min) = (to_f32(weight.scale), to_f32(weight.min));
+            let (scale, min) = (_mm256_set1_ps(to_f32(weight.scale)), to_f32(weight.min));
             let packed = _mm_loadu_si128(weight.values.as_ptr().cast());
             let nibbles =
                 _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), mask);
@@ -65,7 +66,7 @@ pub(crate) unsafe fn q41_dots<const N: usize>(
                 let activation = &activations[index];
                 minimums[row] = min.mul_add(activation.sum, minimums[row]);
                 let values = _mm256_loadu_si256(activation.values.as_ptr().cast());
-                lanes[row] = accumulate(lanes[row], scale * activation.scale, nibbles, values);
+                lanes[row] = accumulate(lanes[row], scale, activation.scale, nibbles, values);
             }
         }
         std::array::from_fn(|row| sum_lanes(lanes[row]) + minimums[row])
@@ -564,14 +565,23 @@ pub(crate) unsafe fn to_f32(value: f16) -> f32 {
     unsafe { _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(value.to_bits())))) }
 }
 
-/// `lanes + scale * (eight sums of four byte products)`, fused.
+/// `lanes + weight_scale * activation_scale * (eight sums of four byte products)`, fused after the
+/// scales' product (`weight_scale`: eight copies; the product in each lane, as ggml's scalar one, with the
+/// activation scale broadcast from memory).
 #[inline(always)]
-unsafe fn accumulate(lanes: __m256, scale: f32, unsigned: __m256i, signed: __m256i) -> __m256 {
+unsafe fn accumulate(
+    lanes: __m256,
+    weight_scale: __m256,
+    activation_scale: f32,
+    unsigned: __m256i,
+    signed: __m256i,
+) -> __m256 {
     // SAFETY: the caller runs with AVX2 and FMA.
     unsafe {
         let pairs = _mm256_maddubs_epi16(unsigned, signed);
         let quads = _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
-        _mm256_fmadd_ps(_mm256_set1_ps(scale), _mm256_cvtepi32_ps(quads), lanes)
+        let scale = _mm256_mul_ps(weight_scale, _mm256_set1_ps(activation_scale));
+        _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(quads), lanes)
     }
 }
 
@@ -588,13 +598,14 @@ unsafe fn accumulate_signed<const N: usize>(
 ) {
     // SAFETY: the caller runs with AVX2 and FMA; the load reads a block's 32-byte array.
     unsafe {
-        let magnitudes = _mm256_sign_epi8(x, x);
+        let (magnitudes, scale) = (_mm256_sign_epi8(x, x), _mm256_set1_ps(scale));
         for (lanes, activations) in lanes.iter_mut().zip(activations) {
             let activation = &activations[index];
             let y = _mm256_loadu_si256(activation.values.as_ptr().cast());
             *lanes = accumulate(
                 *lanes,
-                scale * activation.scale,
+                scale,
+                activation.scale,
                 magnitudes,
                 _mm256_sign_epi8(y, x),
             );
