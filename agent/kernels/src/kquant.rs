@@ -19,8 +19,9 @@
 
 use half::f16;
 
+use crate::matrix::Matrix;
 use crate::quant::{
-    Dots, Format, Matrix, Q8Block, WIDE_GROUP, accumulate, each_row, quantize, sum_lanes, wide,
+    Dots, Format, Q8Block, WIDE_GROUP, accumulate, each_row, quantize, sum_lanes, wide,
 };
 use crate::simd::Isa;
 

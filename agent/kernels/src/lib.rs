@@ -3,6 +3,7 @@
 mod activation;
 mod attention;
 mod kquant;
+mod matrix;
 mod quant;
 mod simd;
 // The quantized dot products in SIMD: AVX2 on x86-64, chosen at run time where the CPU has it
@@ -19,5 +20,5 @@ pub use attention::{
     Attention, Heads, KvLayer, Rope, Rotary, attend, attend_each, attend_within, rotate,
 };
 pub use kquant::{Q4KMatrix, Q6KMatrix, Q50Matrix};
-pub use quant::{Q41Matrix, Q80Matrix};
+pub use matrix::{Q41Matrix, Q80Matrix};
 pub use simd::Kernels;
