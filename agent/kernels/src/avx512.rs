@@ -17,7 +17,7 @@ use std::arch::x86_64::*;
 
 use half::f16;
 
-use super::{q4k_nibbles, q6k_dots_body, q6k_values, q50_values, sum_lanes, to_f32};
+use super::{q4k_nibbles, q6k_dots_body, q6k_values, q50_values, sum_lanes};
 use crate::kquant::{Q4KBlock, Q6KBlock, Q8KBlock, Q8KSide, Q50Block};
 use crate::quant::{Q8Block, Q80Block, WIDE_GROUP};
 
@@ -81,7 +81,7 @@ unsafe fn rows2<B, const N: usize>(
                 _mm256_xor_si256(first, flip),
                 _mm256_xor_si256(second, flip),
             );
-            let scales = join_ps(to_f32(first_scale), to_f32(second_scale));
+            let scales = join_ps(first_scale, second_scale);
             accumulate(&mut lanes, unsigned, scales, &activations, index);
         }
         split(lanes)
@@ -109,8 +109,8 @@ pub(crate) unsafe fn q4k_dots_side(weights: &[Q4KBlock], sides: &[Q8KSide]) -> [
         for (weight, side) in weights.iter().zip(sides) {
             let nibbles = q4k_nibbles(weight, mask);
             let scales = _mm512_load_ps(side.scales.as_ptr());
-            let scale = _mm512_mul_ps(_mm512_set1_ps(to_f32(weight.d)), scales);
-            let min_scale = _mm512_mul_ps(_mm512_set1_ps(to_f32(weight.dmin)), scales);
+            let scale = _mm512_mul_ps(to_f32x16(weight.d), scales);
+            let min_scale = _mm512_mul_ps(to_f32x16(weight.dmin), scales);
             for pair in 0..4 {
                 // Two chains per sub-block, so that four products are in flight.
                 let mut chains = [_mm512_setzero_si512(); 4];
@@ -174,10 +174,7 @@ pub(crate) unsafe fn q6k_dots_side(weights: &[Q6KBlock], sides: &[Q8KSide]) -> [
             for (chunk, values) in values.into_iter().enumerate() {
                 _mm256_storeu_si256(unpacked[chunk].as_mut_ptr().cast(), values);
             }
-            let scale = _mm512_mul_ps(
-                _mm512_load_ps(side.scales.as_ptr()),
-                _mm512_set1_ps(to_f32(weight.d)),
-            );
+            let scale = _mm512_mul_ps(_mm512_load_ps(side.scales.as_ptr()), to_f32x16(weight.d));
             let pair = |first: usize| {
                 (i32::from(weight.scales[first]) & 0xFFFF)
                     | (i32::from(weight.scales[first + 1]) << 16)
@@ -275,17 +272,24 @@ unsafe fn join(low: __m256i, high: __m256i) -> __m512i {
     unsafe { _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1) }
 }
 
-/// `low` eight times, then `high` eight times.
+/// `low` eight times, then `high` eight times, as f32: converted from broadcasts, which depend on
+/// nothing else (see `avx2::to_f32`).
 #[inline(always)]
-unsafe fn join_ps(low: f32, high: f32) -> __m512 {
+unsafe fn join_ps(low: f16, high: f16) -> __m512 {
     // SAFETY: the caller runs with AVX-512 F.
     unsafe {
-        _mm512_castpd_ps(_mm512_insertf64x4(
-            _mm512_castps_pd(_mm512_set1_ps(low)),
-            _mm256_castps_pd(_mm256_set1_ps(high)),
-            1,
+        _mm512_cvtph_ps(_mm256_set_m128i(
+            _mm_set1_epi16(high.to_bits() as i16),
+            _mm_set1_epi16(low.to_bits() as i16),
         ))
     }
+}
+
+/// A block's f16 scale as f32 in all sixteen lanes, converted from a broadcast.
+#[inline(always)]
+unsafe fn to_f32x16(value: f16) -> __m512 {
+    // SAFETY: the caller runs with AVX-512 F.
+    unsafe { _mm512_cvtph_ps(_mm256_set1_epi16(value.to_bits() as i16)) }
 }
 
 /// Each activation row's two results: the lower half's lanes summed for the first weight row, the
