@@ -54,6 +54,22 @@ pub(crate) unsafe fn q41_dots<const N: usize>(
 ) -> [f32; N] {
     // SAFETY: as in `q41_dot`.
     unsafe {
+        q41_dots_body(weights, activations, |unsigned, signed| {
+            quads(unsigned, signed)
+        })
+    }
+}
+
+/// [`q41_dots`] with the eight four-product sums of a block's nibbles and a row's values from `quads`
+/// (for the AVX-512 VNNI form, one `vpdpbusd`).
+#[inline(always)]
+pub(crate) unsafe fn q41_dots_body<const N: usize>(
+    weights: &[Q41Block],
+    activations: [&[Q8Block]; N],
+    quads: impl Fn(__m256i, __m256i) -> __m256i,
+) -> [f32; N] {
+    // SAFETY: the caller runs with AVX2, FMA and F16C; the loads read the blocks' own arrays.
+    unsafe {
         let mask = _mm256_set1_epi8(0x0F);
         let mut lanes = [_mm256_setzero_ps(); N];
         let mut minimums = [0f32; N];
@@ -66,7 +82,8 @@ pub(crate) unsafe fn q41_dots<const N: usize>(
                 let activation = &activations[index];
                 minimums[row] = min.mul_add(activation.sum, minimums[row]);
                 let values = _mm256_loadu_si256(activation.values.as_ptr().cast());
-                lanes[row] = accumulate(lanes[row], scale, activation.scale, nibbles, values);
+                lanes[row] =
+                    accumulate_quads(lanes[row], scale, activation.scale, quads(nibbles, values));
             }
         }
         std::array::from_fn(|row| sum_lanes(lanes[row]) + minimums[row])
@@ -600,8 +617,33 @@ unsafe fn accumulate(
 ) -> __m256 {
     // SAFETY: the caller runs with AVX2 and FMA.
     unsafe {
-        let pairs = _mm256_maddubs_epi16(unsigned, signed);
-        let quads = _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+        accumulate_quads(
+            lanes,
+            weight_scale,
+            activation_scale,
+            quads(unsigned, signed),
+        )
+    }
+}
+
+/// The eight sums of four products of unsigned bytes `unsigned` with signed bytes `signed`, by
+/// `maddubs` (no pair of products here reaches the 16-bit saturation) then `madd`.
+#[inline(always)]
+unsafe fn quads(unsigned: __m256i, signed: __m256i) -> __m256i {
+    // SAFETY: the caller runs with AVX2.
+    unsafe { _mm256_madd_epi16(_mm256_maddubs_epi16(unsigned, signed), _mm256_set1_epi16(1)) }
+}
+
+/// `lanes + weight_scale * activation_scale * quads`, as [`accumulate`] after its integer sums.
+#[inline(always)]
+unsafe fn accumulate_quads(
+    lanes: __m256,
+    weight_scale: __m256,
+    activation_scale: f32,
+    quads: __m256i,
+) -> __m256 {
+    // SAFETY: the caller runs with AVX2 and FMA.
+    unsafe {
         let scale = _mm256_mul_ps(weight_scale, _mm256_set1_ps(activation_scale));
         _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(quads), lanes)
     }

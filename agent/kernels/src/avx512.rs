@@ -11,15 +11,38 @@
 //!
 //! One `vpdpbusd` does the work of AVX2's sign, `maddubs` and `madd` for two rows, and the activations
 //! are broadcast from memory, which costs no arithmetic.
+//!
+//! Also here: the Q4_1 form for several activation rows with 256-bit VNNI (its nibbles are unsigned, so
+//! `vpdpbusd` replaces `maddubs` and `madd` directly), and the K-quant forms with sixteen activation rows
+//! side by side.
 #![allow(unsafe_code)]
 
 use std::arch::x86_64::*;
 
 use half::f16;
 
-use super::{q4k_nibbles, q6k_dots_body, q6k_values, q50_values, sum_lanes};
+use super::{q4k_nibbles, q6k_dots_body, q6k_values, q41_dots_body, q50_values, sum_lanes};
 use crate::kquant::{Q4KBlock, Q6KBlock, Q8KBlock, Q8KSide, Q50Block};
-use crate::quant::{Q8Block, Q80Block, WIDE_GROUP};
+use crate::quant::{Q8Block, Q41Block, Q80Block, WIDE_GROUP};
+
+/// [`crate::vector::q41_dots`] with VNNI: the nibbles are unsigned already, so one `vpdpbusd` gives
+/// each lane's four products as AVX2's `maddubs` and `madd` do in two instructions.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+pub(crate) unsafe fn q41_dots<const N: usize>(
+    weights: &[Q41Block],
+    activations: [&[Q8Block]; N],
+) -> [f32; N] {
+    // SAFETY: the caller runs with these features.
+    unsafe {
+        q41_dots_body(
+            weights,
+            activations,
+            #[inline(always)]
+            |nibbles, values| _mm256_dpbusd_epi32(_mm256_setzero_si256(), nibbles, values),
+        )
+    }
+}
 
 /// [`crate::vector::q50_dots`] of two weight rows.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]

@@ -233,8 +233,14 @@ impl Dots for Avx2 {
         weights: &[Q41Block],
         activations: [&[Q8Block]; N],
     ) -> [f32; N] {
-        // SAFETY: as in `q41_dot`.
-        unsafe { crate::vector::q41_dots(weights, activations) }
+        // SAFETY: as in `q41_dot`; a `Wide` exists only where the CPU has the 512-bit forms' features.
+        unsafe {
+            if self.wide().is_some() {
+                crate::vector::wide::q41_dots(weights, activations)
+            } else {
+                crate::vector::q41_dots(weights, activations)
+            }
+        }
     }
 
     #[inline(always)]

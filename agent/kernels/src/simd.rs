@@ -2,8 +2,9 @@
 //! on every x86-64 CPU and at vector speed on those with AVX2, FMA and F16C (Intel Haswell, AMD
 //! Excavator and later): those get the AVX2 forms, every other CPU the portable ones. Where the CPU also
 //! has AVX-512 with VNNI (Intel Ice Lake and Sapphire Rapids, AMD Zen 4 and later), a prompt's Q5_0 and
-//! Q8_0 dot products take two weight rows at a time in 512-bit registers, and its Q4_K and Q6_K ones
-//! sixteen activation rows side by side (`avx512.rs`), same results.
+//! Q8_0 dot products take two weight rows at a time in 512-bit registers, its Q4_K and Q6_K ones
+//! sixteen activation rows side by side, and Q4_1 for several rows uses VNNI (`avx512.rs`), same
+//! results.
 //! `SOLLOL_KERNELS=portable` forces the portable forms (for tests, and for a CPU that claims features it
 //! does not have); `SOLLOL_KERNELS=avx2` stops at AVX2 (to measure what an AVX2-only CPU gets).
 //!
