@@ -1,8 +1,8 @@
 //! The quantized matrix: a weight matrix in one of the [`Format`]s, applied to rows of activations.
 //! Which kernel each group of rows goes through is decided here: one token's rows spread over the
 //! threads; a prompt's in chunks of weight rows, token groups outside and rows inside, by sixteen
-//! (two weight rows at once, or side by side), eight, four, two and one; and for a format whose batches
-//! llama.cpp computes differently (Q4_K), in the runs of its batch (`batch_runs`).
+//! (two weight rows at once, or side by side), eight, four, three, two and one; and for a format whose
+//! batches llama.cpp computes differently (Q4_K), in the runs of its batch (`batch_runs`).
 
 use rayon::prelude::*;
 
@@ -269,7 +269,9 @@ impl<F: Format> Matrix<F> {
                 left if left >= WIDE_GROUP && F::pairs(isa, left) => WIDE_GROUP,
                 left if left >= GROUP => GROUP,
                 4..GROUP => 4,
-                2..4 => 2,
+                // Three sequences decoding: one pass over the weights, not a pair and then one.
+                3 => 3,
+                2 => 2,
                 _ => 1,
             };
             let mut paired = rows.start;
@@ -282,6 +284,7 @@ impl<F: Format> Matrix<F> {
                         }
                         GROUP => pairs_at::<F, I, GROUP>(isa, pair, quantized, per_row, token),
                         4 => pairs_at::<F, I, 4>(isa, pair, quantized, per_row, token),
+                        3 => pairs_at::<F, I, 3>(isa, pair, quantized, per_row, token),
                         2 => pairs_at::<F, I, 2>(isa, pair, quantized, per_row, token),
                         _ => pairs_at::<F, I, 1>(isa, pair, quantized, per_row, token),
                     };
@@ -316,6 +319,9 @@ impl<F: Format> Matrix<F> {
                         isa, weights, quantized, per_row, token,
                     )),
                     4 => results[..4].copy_from_slice(&dots_at::<F, I, 4>(
+                        isa, weights, quantized, per_row, token,
+                    )),
+                    3 => results[..3].copy_from_slice(&dots_at::<F, I, 3>(
                         isa, weights, quantized, per_row, token,
                     )),
                     2 => results[..2].copy_from_slice(&dots_at::<F, I, 2>(

@@ -273,7 +273,7 @@ pub(crate) fn wide<I: Isa>(isa: I) -> bool {
 }
 
 /// Activation rows a weight row is applied to at once in prompt processing; what is left of a batch
-/// goes by 4, then 2, then 1.
+/// goes by 4, then 3, 2 or 1.
 pub(crate) const GROUP: usize = 8;
 /// Activation rows two weight rows are applied to at once where a form computes them in pairs (32
 /// registers: the 512-bit forms), and rows a form puts side by side in a 512-bit register's lanes.
