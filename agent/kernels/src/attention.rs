@@ -175,8 +175,8 @@ pub fn attend_within(
 /// One sequence's part of [`attend_each`]: its cache, its queries, where its output goes.
 pub type Attention<'a> = (&'a KvLayer, &'a [f32], &'a mut [f32]);
 
-/// [`attend_within`] for several sequences at once (a decoding step of each), spread over the threads
-/// when there are several: one sequence's step alone is too little work to share.
+/// [`attend_within`] for several sequences at once (a decoding step of each), the sequences spread over
+/// the threads when there are several (one alone spreads its heads where its context is long enough).
 pub fn attend_each(work: Vec<Attention<'_>>, heads: &Heads, window: usize, scale: f32) {
     let attend = |(cache, queries, out): Attention<'_>| {
         attend_within(cache, heads, queries, out, window, scale);
@@ -230,8 +230,10 @@ fn attend_with<I: Isa>(
             },
         );
     };
-    // Short contexts are not worth a hand-off to another thread.
-    if tokens * positions < 256 {
+    // Short contexts are not worth a hand-off to another thread: under 256 query heads' worth of
+    // 64-value positions (some 15 us). One generated token's heads over a few dozen positions are
+    // worth it: on one thread they were a tenth of SmolLM2's generation time, the other thread idle.
+    if tokens * heads.query * positions * dim < 256 * 64 {
         let mut scratch = Scratch::new(dim);
         for (index, out) in out.chunks_exact_mut(dim).enumerate() {
             row(index, out, &mut scratch);
