@@ -231,8 +231,8 @@ fn attend_with<I: Isa>(
         );
     };
     // Short contexts are not worth a hand-off to another thread: under 256 query heads' worth of
-    // 64-value positions (some 15 us). One generated token's heads over a few dozen positions are
-    // worth it: on one thread they were a tenth of SmolLM2's generation time, the other thread idle.
+    // 64-value positions. One generated token's heads over a few dozen positions are worth it: on one
+    // thread they were a tenth of SmolLM2's generation time, the other thread idle.
     if tokens * heads.query * positions * dim < 256 * 64 {
         let mut scratch = Scratch::new(dim);
         for (index, out) in out.chunks_exact_mut(dim).enumerate() {
