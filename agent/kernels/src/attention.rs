@@ -246,32 +246,26 @@ fn attend_with<I: Isa>(
     }
 }
 
-/// Buffers one query row needs, reused across rows. f16 values are worked on as f32 (converted a row at
-/// a time, which vectorises), rounded back to f16 precision where ggml stores f16.
+/// Buffers one query row needs, reused across rows: the query rounded to f16 precision, the weighted
+/// values' sums (kept in f16, as ggml keeps them), and room for the portable form to work on f16 rows
+/// as f32 (converted a row at a time, which vectorises).
 struct Scratch {
     query: Vec<f32>,
-    key: Vec<f32>,
-    value: Vec<f32>,
-    sums: Vec<f32>,
+    sums: Vec<f16>,
     half: Vec<f16>,
+    first: Vec<f32>,
+    second: Vec<f32>,
 }
 
 impl Scratch {
     fn new(dim: usize) -> Self {
         Self {
             query: vec![0.0; dim],
-            key: vec![0.0; dim],
-            value: vec![0.0; dim],
-            sums: vec![0.0; dim],
+            sums: vec![f16::ZERO; dim],
             half: vec![f16::ZERO; dim],
+            first: vec![0.0; dim],
+            second: vec![0.0; dim],
         }
-    }
-
-    /// `values` rounded to the nearest f16, into `into`.
-    #[inline(always)]
-    fn round<I: Isa>(isa: I, half: &mut [f16], values: &[f32], into: &mut [f32]) {
-        isa.to_f16_slice(values, half);
-        isa.to_f32_slice(half, into);
     }
 }
 
@@ -293,44 +287,95 @@ fn attend_row<I: Isa>(
 ) {
     let dim = heads.dim;
     let Scratch {
-        query: rounded_query,
-        key,
-        value,
+        query: rounded,
         sums,
         half,
+        first,
+        second,
     } = scratch;
-    Scratch::round(isa, half, query, rounded_query);
-    sums.fill(0.0);
+    isa.to_f16_slice(query, half);
+    isa.to_f32_slice(half, rounded);
+    sums.fill(f16::ZERO);
     let mut total = 0f32;
     let mut max = f32::NEG_INFINITY;
     for position in positions.saturating_sub(window)..positions {
         let at = (position * heads.kv + kv_head) * dim;
-        isa.to_f32_slice(&cache.keys[at..at + dim], key);
-        let score = dot_f16(key, rounded_query) * scale;
+        let score = key_score(isa, &cache.keys[at..at + dim], rounded, first) * scale;
         let (old_scale, weight) = if score > max {
             let shrink = (max - score).exp();
             max = score;
-            for sum in sums.iter_mut() {
-                *sum *= shrink;
-            }
-            isa.to_f16_slice(sums, half);
-            isa.to_f32_slice(half, sums);
+            scale_sums(isa, sums, shrink, first);
             (shrink, 1.0)
         } else {
             (1.0, (score - max).exp())
         };
-        isa.to_f32_slice(&cache.values[at..at + dim], value);
-        for (sum, value) in sums.iter_mut().zip(value.iter()) {
-            *sum = value.mul_add(weight, *sum);
-        }
-        isa.to_f16_slice(sums, half);
-        isa.to_f32_slice(half, sums);
+        add_weighted(
+            isa,
+            sums,
+            &cache.values[at..at + dim],
+            weight,
+            [first, second],
+        );
         total = total.mul_add(old_scale, weight);
     }
     let inverse = 1.0 / total;
-    for (out, sum) in out.iter_mut().zip(sums.iter()) {
+    isa.to_f32_slice(sums, first);
+    for (out, sum) in out.iter_mut().zip(first.iter()) {
         *out = sum * inverse;
     }
+}
+
+/// A cached key row's score against a rounded query ([`dot_f16`]); the AVX2 form converts the keys as
+/// it loads them, the portable one into `work` first.
+#[inline(always)]
+fn key_score<I: Isa>(isa: I, keys: &[f16], query: &[f32], work: &mut [f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if isa.avx2().is_some() {
+        // SAFETY: an `Avx2` exists only where the CPU has the features it enables.
+        #[allow(unsafe_code)]
+        return unsafe { crate::vector::dot_f16(keys, query) };
+    }
+    isa.to_f32_slice(keys, work);
+    dot_f16(work, query)
+}
+
+/// `sums = f16(sums * by)`, value by value.
+#[inline(always)]
+fn scale_sums<I: Isa>(isa: I, sums: &mut [f16], by: f32, work: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if isa.avx2().is_some() {
+        // SAFETY: as in `key_score`.
+        #[allow(unsafe_code)]
+        return unsafe { crate::vector::scale_f16(sums, by) };
+    }
+    isa.to_f32_slice(sums, work);
+    for value in work.iter_mut() {
+        *value *= by;
+    }
+    isa.to_f16_slice(work, sums);
+}
+
+/// `sums = f16(values * weight + sums)`, value by value, the product fused (ggml's `ggml_vec_mad_f16`).
+#[inline(always)]
+fn add_weighted<I: Isa>(
+    isa: I,
+    sums: &mut [f16],
+    values: &[f16],
+    weight: f32,
+    [work, converted]: [&mut [f32]; 2],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if isa.avx2().is_some() {
+        // SAFETY: as in `key_score`.
+        #[allow(unsafe_code)]
+        return unsafe { crate::vector::mad_f16(sums, values, weight) };
+    }
+    isa.to_f32_slice(sums, work);
+    isa.to_f32_slice(values, converted);
+    for (sum, value) in work.iter_mut().zip(converted.iter()) {
+        *sum = value.mul_add(weight, *sum);
+    }
+    isa.to_f16_slice(work, sums);
 }
 
 /// Lanes of ggml's x86 vector registers for f32 (AVX-512) and the registers its f16 dot product uses.
@@ -386,7 +431,7 @@ mod tests {
             let value = |index: usize, salt: usize| {
                 ((index * 7919 + salt * 104_729) % 2003) as f32 / 97.0 - 10.0
             };
-            for (dim, tokens) in [(64, 3), (80, 40)] {
+            for (dim, tokens) in [(64, 3), (80, 40), (68, 5)] {
                 let heads = Heads {
                     query: 4,
                     kv: 2,

@@ -690,3 +690,90 @@ pub(crate) unsafe fn sum_lanes(lanes: __m256) -> f32 {
         _mm_cvtss_f32(_mm_add_ss(pairs, _mm_movehdup_ps(pairs)))
     }
 }
+
+/// Attention's f16 dot product of a cached key row with a query (f16 values held as f32), summed as
+/// `crate::attention`'s portable form sums it (ggml's 16-lane registers, four of them: here each as two
+/// 256-bit halves), the keys converted as they are loaded. `keys` and `query` have one length.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub(crate) unsafe fn dot_f16(keys: &[f16], query: &[f32]) -> f32 {
+    assert_eq!(keys.len(), query.len());
+    let whole = keys.len() / 64 * 64;
+    // SAFETY: the caller runs with these features; every load reads within `..whole` of both slices.
+    unsafe {
+        let mut sums = [_mm256_setzero_ps(); 8];
+        for step in (0..whole).step_by(64) {
+            for (register, sum) in sums.iter_mut().enumerate() {
+                let at = step + register * 8;
+                let key = _mm256_cvtph_ps(_mm_loadu_si128(keys.as_ptr().add(at).cast()));
+                *sum = _mm256_fmadd_ps(key, _mm256_loadu_ps(query.as_ptr().add(at)), *sum);
+            }
+        }
+        // Register r's lanes 0-7 are `sums[2r]`, lanes 8-15 `sums[2r + 1]`.
+        let half = |high: usize| {
+            _mm256_add_ps(
+                _mm256_add_ps(sums[high], sums[4 + high]),
+                _mm256_add_ps(sums[2 + high], sums[6 + high]),
+            )
+        };
+        let eighths = _mm256_add_ps(half(1), half(0));
+        let quarters = _mm_add_ps(
+            _mm256_extractf128_ps(eighths, 1),
+            _mm256_castps256_ps128(eighths),
+        );
+        let pairs = _mm_add_ps(quarters, _mm_movehl_ps(quarters, quarters));
+        let mut total = f64::from(_mm_cvtss_f32(_mm_add_ss(pairs, _mm_movehdup_ps(pairs))));
+        for (key, query) in keys[whole..].iter().zip(&query[whole..]) {
+            total += f64::from(to_f32(*key) * query);
+        }
+        total as f32
+    }
+}
+
+/// `sums[i] = f16(values[i] * weight + sums[i])`, the product fused, for slices of one length.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub(crate) unsafe fn mad_f16(sums: &mut [f16], values: &[f16], weight: f32) {
+    assert_eq!(sums.len(), values.len());
+    let whole = sums.len() / 8 * 8;
+    // SAFETY: the caller runs with these features; each chunk holds eight values (16 bytes).
+    unsafe {
+        let weights = _mm256_set1_ps(weight);
+        for (sums, values) in sums[..whole]
+            .chunks_exact_mut(8)
+            .zip(values[..whole].chunks_exact(8))
+        {
+            let sum = _mm256_cvtph_ps(_mm_loadu_si128(sums.as_ptr().cast()));
+            let value = _mm256_cvtph_ps(_mm_loadu_si128(values.as_ptr().cast()));
+            let result = _mm256_fmadd_ps(value, weights, sum);
+            _mm_storeu_si128(
+                sums.as_mut_ptr().cast(),
+                _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(result),
+            );
+        }
+        for (sum, value) in sums[whole..].iter_mut().zip(&values[whole..]) {
+            *sum = f16::from_f32(to_f32(*value).mul_add(weight, to_f32(*sum)));
+        }
+    }
+}
+
+/// `sums[i] = f16(sums[i] * by)`.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub(crate) unsafe fn scale_f16(sums: &mut [f16], by: f32) {
+    let whole = sums.len() / 8 * 8;
+    // SAFETY: the caller runs with these features; each chunk holds eight values (16 bytes).
+    unsafe {
+        let factors = _mm256_set1_ps(by);
+        for sums in sums[..whole].chunks_exact_mut(8) {
+            let sum = _mm256_cvtph_ps(_mm_loadu_si128(sums.as_ptr().cast()));
+            _mm_storeu_si128(
+                sums.as_mut_ptr().cast(),
+                _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_mul_ps(sum, factors)),
+            );
+        }
+        for sum in &mut sums[whole..] {
+            *sum = f16::from_f32(to_f32(*sum) * by);
+        }
+    }
+}
