@@ -3,8 +3,33 @@
 //! Each is compiled once per form of the kernels ([`crate::simd`]).
 
 use half::f16;
+use rayon::prelude::*;
 
 use crate::simd::{Isa, dispatch};
+
+/// Values from which a row-wise operation spreads over the threads (a prompt's rows): below, handing
+/// work to another thread costs more than it saves.
+const SPREAD_FROM: usize = 16 * 1024;
+
+/// The size of the pieces (a multiple of `unit` values) to spread `len` values over the threads in, two
+/// a thread; `None` when they are too few to be worth it, or there is one thread.
+pub(crate) fn spread(len: usize, unit: usize) -> Option<usize> {
+    let threads = rayon::current_num_threads();
+    (len >= SPREAD_FROM && threads > 1)
+        .then(|| len.div_ceil(threads * 2).div_ceil(unit).max(1) * unit)
+}
+
+/// `out` filled by `body(first, piece)` for its pieces of `unit`-value multiples (`first`: the index of
+/// the piece's first value), spread over the threads when there are enough values.
+fn in_pieces(out: &mut [f32], unit: usize, body: impl Fn(usize, &mut [f32]) + Sync) {
+    match spread(out.len(), unit) {
+        Some(size) => out
+            .par_chunks_mut(size)
+            .enumerate()
+            .for_each(|(index, piece)| body(index * size, piece)),
+        None => body(0, out),
+    }
+}
 
 /// ggml's `rms_norm` followed by its multiplication by the norm's weights: the squares summed in f64,
 /// `1/sqrt(mean + eps)` in f32, each value scaled, then weighted. `x` holds rows of `weights.len()`.
@@ -14,18 +39,22 @@ pub fn rms_norm(x: &[f32], weights: &[f32], epsilon: f32) -> Vec<f32> {
 
 /// [`rms_norm`] in the form `isa`.
 fn rms_norm_with<I: Isa>(isa: I, x: &[f32], weights: &[f32], epsilon: f32) -> Vec<f32> {
-    isa.run(
-        #[inline(always)]
-        || rms_norm_body(x, weights, epsilon),
-    )
+    let mut out = vec![0f32; x.len()];
+    in_pieces(&mut out, weights.len().max(1), |first, out| {
+        let x = &x[first..first + out.len()];
+        isa.run(
+            #[inline(always)]
+            || rms_norm_body(x, weights, epsilon, out),
+        );
+    });
+    out
 }
 
 // The bodies are plain loops into buffers allocated up front: an iterator adapter the compiler kept out
 // of line would be compiled without the form's target features.
 #[inline(always)]
-fn rms_norm_body(x: &[f32], weights: &[f32], epsilon: f32) -> Vec<f32> {
+fn rms_norm_body(x: &[f32], weights: &[f32], epsilon: f32, out: &mut [f32]) {
     let width = weights.len();
-    let mut out = vec![0f32; x.len()];
     for (row, out) in x.chunks_exact(width).zip(out.chunks_exact_mut(width)) {
         let mut sum = 0f64;
         for value in row {
@@ -37,7 +66,6 @@ fn rms_norm_body(x: &[f32], weights: &[f32], epsilon: f32) -> Vec<f32> {
             *out = (value * scale) * weight;
         }
     }
-    out
 }
 
 /// `silu(gate) * up`, element by element, as ggml's `ggml_vec_swiglu_f32` computes it on AVX-512: 16
@@ -47,19 +75,28 @@ pub fn swiglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
 }
 
 /// [`swiglu`] in the form `isa`.
+/// The pieces hold whole vectors of 16 but the last, so its values past a multiple of 16 are the
+/// whole slice's.
 fn swiglu_with<I: Isa>(isa: I, gate: &[f32], up: &[f32]) -> Vec<f32> {
-    isa.run(
-        #[inline(always)]
-        || swiglu_body(gate, up),
-    )
+    let mut out = vec![0f32; gate.len().min(up.len())];
+    in_pieces(&mut out, VECTOR, |first, out| {
+        let range = first..first + out.len();
+        let (gate, up) = (&gate[range.clone()], &up[range]);
+        isa.run(
+            #[inline(always)]
+            || swiglu_body(gate, up, out),
+        );
+    });
+    out
 }
 
+/// Values in the vector registers of the AVX-512 `ggml_vec_swiglu_f32`.
+const VECTOR: usize = 16;
+
 #[inline(always)]
-fn swiglu_body(gate: &[f32], up: &[f32]) -> Vec<f32> {
-    const VECTOR: usize = 16;
-    let length = gate.len().min(up.len());
+fn swiglu_body(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    let length = out.len();
     let whole = length / VECTOR * VECTOR;
-    let mut out = vec![0f32; length];
     for ((out, x), g) in out[..whole]
         .iter_mut()
         .zip(&gate[..whole])
@@ -74,7 +111,6 @@ fn swiglu_body(gate: &[f32], up: &[f32]) -> Vec<f32> {
     {
         *out = (x / (1.0 + (-x).exp())) * g;
     }
-    out
 }
 
 /// `gelu(gate) * up`, element by element, as ggml's `ggml_vec_geglu_f32` computes it: GELU (tanh form)
@@ -87,20 +123,39 @@ pub fn geglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
 /// [`geglu`] in the form `isa`: the gates rounded to f16 a slice at a time (F16C in the AVX2 form).
 fn geglu_with<I: Isa>(isa: I, gate: &[f32], up: &[f32]) -> Vec<f32> {
     let table = gelu_table();
-    let length = gate.len().min(up.len());
-    let mut halves = vec![f16::ZERO; length];
-    isa.to_f16_slice(&gate[..length], &mut halves);
-    let mut out = vec![0f32; length];
-    for (((out, x), g), half) in out.iter_mut().zip(gate).zip(up).zip(&halves) {
-        *out = if *x <= -10.0 {
-            0.0
-        } else if *x >= 10.0 {
-            x * g
-        } else {
-            table[usize::from(half.to_bits())] * g
-        };
-    }
+    let mut out = vec![0f32; gate.len().min(up.len())];
+    in_pieces(&mut out, 1, |first, out| {
+        let range = first..first + out.len();
+        let (gate, up) = (&gate[range.clone()], &up[range]);
+        isa.run(
+            #[inline(always)]
+            || geglu_body(isa, table, gate, up, out),
+        );
+    });
     out
+}
+
+#[inline(always)]
+fn geglu_body<I: Isa>(isa: I, table: &[f32], gate: &[f32], up: &[f32], out: &mut [f32]) {
+    const CHUNK: usize = 64;
+    let mut halves = [f16::ZERO; CHUNK];
+    for ((out, gate), up) in out
+        .chunks_mut(CHUNK)
+        .zip(gate.chunks(CHUNK))
+        .zip(up.chunks(CHUNK))
+    {
+        let halves = &mut halves[..out.len()];
+        isa.to_f16_slice(gate, halves);
+        for (((out, x), g), half) in out.iter_mut().zip(gate).zip(up).zip(halves.iter()) {
+            *out = if *x <= -10.0 {
+                0.0
+            } else if *x >= 10.0 {
+                x * g
+            } else {
+                table[usize::from(half.to_bits())] * g
+            };
+        }
+    }
 }
 
 /// ggml's `ggml_table_gelu_f16`: `gelu_f32` of every f16 value, rounded to f16. `gelu_f32` is
@@ -179,6 +234,42 @@ mod tests {
                     bits(geglu_with(Baseline, &x, &y)),
                     "geglu, width {width}"
                 );
+            }
+        }
+    }
+
+    /// A prompt's rows spread over the threads (pieces of whole rows, and of whole 16-value vectors for
+    /// SwiGLU, whose values past the last multiple of 16 take libm's exponential) give the values one
+    /// thread gives, bit for bit.
+    #[test]
+    fn spreading_rows_over_threads_changes_no_value() {
+        let pool = |threads| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .expect("a thread pool")
+        };
+        let (one, three) = (pool(1), pool(3));
+        let bits = |values: Vec<f32>| values.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        // 41 rows of 576 and 40 x 576 + 7 values: past the spreading threshold, pieces of unequal
+        // rows, a tail past a multiple of 16.
+        for length in [41 * 576, 40 * 576 + 7] {
+            // Gates where the two exponentials differ in the last bits.
+            let x: Vec<f32> = (0..length)
+                .map(|index| ((index * 7919) % 4001) as f32 / 250.0 - 8.0)
+                .collect();
+            let y: Vec<f32> = x.iter().rev().map(|value| value * 0.37 + 0.5).collect();
+            assert!(three.install(|| spread(length, 576)).is_some());
+            let both = |work: &(dyn Fn() -> Vec<f32> + Sync)| {
+                (bits(one.install(work)), bits(three.install(work)))
+            };
+            let (alone, spread) = both(&|| swiglu(&x, &y));
+            assert_eq!(alone, spread, "swiglu of {length}");
+            let (alone, spread) = both(&|| geglu(&x, &y));
+            assert_eq!(alone, spread, "geglu of {length}");
+            if length % 576 == 0 {
+                let (alone, spread) = both(&|| rms_norm(&x, &y[..576], 1e-6));
+                assert_eq!(alone, spread, "rms_norm of {length}");
             }
         }
     }

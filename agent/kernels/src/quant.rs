@@ -13,7 +13,9 @@
 //! (`i16` products summed into `i32`).
 
 use half::f16;
+use rayon::prelude::*;
 
+use crate::activation::spread;
 #[cfg(target_arch = "x86_64")]
 use crate::simd::Avx2;
 use crate::simd::{Baseline, Isa};
@@ -497,18 +499,27 @@ pub(crate) fn quantize<I: Isa>(isa: I, values: &[f32]) -> Q8Block {
 
 /// `input`, rows of whole blocks, quantized block by block for `F`.
 pub(crate) fn quantize_rows<F: Format, I: Isa>(isa: I, input: &[f32]) -> Vec<F::Activation> {
-    isa.run(
-        #[inline(always)]
-        || {
-            // A plain loop: an iterator adapter the compiler kept out of line would lose the form's
-            // target features.
-            let mut quantized = Vec::with_capacity(input.len() / F::VALUES);
-            for block in input.chunks_exact(F::VALUES) {
-                quantized.push(F::quantize(isa, block));
-            }
-            quantized
-        },
-    )
+    let quantize = |input: &[f32]| {
+        isa.run(
+            #[inline(always)]
+            || {
+                // A plain loop: an iterator adapter the compiler kept out of line would lose the
+                // form's target features.
+                let mut quantized = Vec::with_capacity(input.len() / F::VALUES);
+                for block in input.chunks_exact(F::VALUES) {
+                    quantized.push(F::quantize(isa, block));
+                }
+                quantized
+            },
+        )
+    };
+    match spread(input.len(), F::VALUES) {
+        Some(size) => {
+            let pieces: Vec<Vec<F::Activation>> = input.par_chunks(size).map(quantize).collect();
+            pieces.concat()
+        }
+        None => quantize(input),
+    }
 }
 
 #[cfg(test)]
@@ -600,6 +611,31 @@ pub(crate) mod tests {
             Q80::dot(isa, &q80, &activations).to_bits(),
             q80_dot(Baseline, &q80, &activations).to_bits()
         );
+    }
+
+    /// A prompt's activations quantized in pieces over the threads are the blocks one thread makes.
+    #[test]
+    fn quantizing_over_threads_changes_no_block() {
+        let pool = |threads| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .expect("a thread pool")
+        };
+        let (one, three) = (pool(1), pool(3));
+        // 37 rows of 768: past the spreading threshold, in pieces that end mid-row.
+        let input: Vec<f32> = (0..37 * 768)
+            .map(|index| ((index * 7919) % 4001) as f32 / 97.0 - 20.0)
+            .collect();
+        let blocks = |threads: &rayon::ThreadPool| {
+            threads.install(|| {
+                (
+                    format!("{:?}", quantize_rows::<Q41, _>(Baseline, &input)),
+                    format!("{:?}", quantize_rows::<crate::kquant::Q4K, _>(Baseline, &input)),
+                )
+            })
+        };
+        assert_eq!(blocks(&one), blocks(&three));
     }
 
     #[test]

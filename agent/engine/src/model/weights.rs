@@ -116,12 +116,12 @@ impl Projections {
                 let mut start = 0;
                 let mut parts = Vec::with_capacity(outputs.len());
                 for width in outputs {
-                    parts.push(
-                        all.chunks_exact(total)
-                            .flat_map(|row| &row[start..start + width])
-                            .copied()
-                            .collect(),
-                    );
+                    // A copy per row (value by value, the copies took 3 % of a prompt's time).
+                    let mut part = Vec::with_capacity(tokens * width);
+                    for row in all.chunks_exact(total) {
+                        part.extend_from_slice(&row[start..start + width]);
+                    }
+                    parts.push(part);
                     start += width;
                 }
                 Ok(parts)
