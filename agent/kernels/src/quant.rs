@@ -631,7 +631,10 @@ pub(crate) mod tests {
             threads.install(|| {
                 (
                     format!("{:?}", quantize_rows::<Q41, _>(Baseline, &input)),
-                    format!("{:?}", quantize_rows::<crate::kquant::Q4K, _>(Baseline, &input)),
+                    format!(
+                        "{:?}",
+                        quantize_rows::<crate::kquant::Q4K, _>(Baseline, &input)
+                    ),
                 )
             })
         };
