@@ -856,6 +856,12 @@ mod tests {
         assert_eq!(bits(&Q6K::dots(isa, &q6k, x)), bits(&portable));
     }
 
+    /// Activations quantized for the K-quants (256-value blocks) over the threads: the same blocks.
+    #[test]
+    fn quantizing_over_threads_changes_no_block() {
+        crate::quant::tests::check_quantizing_over_threads::<Q4K>();
+    }
+
     #[test]
     fn q4_k_computes_the_dequantized_product() {
         check::<Q4K>(&blocks(144, 24, &[0, 2], 1), 12, 512, dequantize_q4k);

@@ -616,29 +616,26 @@ pub(crate) mod tests {
     /// A prompt's activations quantized in pieces over the threads are the blocks one thread makes.
     #[test]
     fn quantizing_over_threads_changes_no_block() {
+        check_quantizing_over_threads::<Q41>();
+        check_quantizing_over_threads::<Q80>();
+    }
+
+    /// [`quantize_rows`] for `F` gives the same blocks with one thread and with three.
+    pub(crate) fn check_quantizing_over_threads<F: Format>() {
         let pool = |threads| {
             rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)
                 .build()
                 .expect("a thread pool")
         };
-        let (one, three) = (pool(1), pool(3));
         // 37 rows of 768: past the spreading threshold, in pieces that end mid-row.
         let input: Vec<f32> = (0..37 * 768)
             .map(|index| ((index * 7919) % 4001) as f32 / 97.0 - 20.0)
             .collect();
-        let blocks = |threads: &rayon::ThreadPool| {
-            threads.install(|| {
-                (
-                    format!("{:?}", quantize_rows::<Q41, _>(Baseline, &input)),
-                    format!(
-                        "{:?}",
-                        quantize_rows::<crate::kquant::Q4K, _>(Baseline, &input)
-                    ),
-                )
-            })
+        let blocks = |threads: rayon::ThreadPool| {
+            threads.install(|| format!("{:?}", quantize_rows::<F, _>(Baseline, &input)))
         };
-        assert_eq!(blocks(&one), blocks(&three));
+        assert_eq!(blocks(pool(1)), blocks(pool(3)));
     }
 
     #[test]
