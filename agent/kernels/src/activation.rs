@@ -74,9 +74,8 @@ pub fn swiglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
     dispatch!(isa => swiglu_with(isa, gate, up))
 }
 
-/// [`swiglu`] in the form `isa`.
-/// The pieces hold whole vectors of 16 but the last, so its values past a multiple of 16 are the
-/// whole slice's.
+/// [`swiglu`] in the form `isa`, in pieces of whole 16-value vectors but the last, so that the values
+/// past the last multiple of 16 (libm's exponential) are the whole slice's.
 fn swiglu_with<I: Isa>(isa: I, gate: &[f32], up: &[f32]) -> Vec<f32> {
     let mut out = vec![0f32; gate.len().min(up.len())];
     in_pieces(&mut out, VECTOR, |first, out| {

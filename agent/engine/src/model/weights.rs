@@ -116,7 +116,7 @@ impl Projections {
                 let mut start = 0;
                 let mut parts = Vec::with_capacity(outputs.len());
                 for width in outputs {
-                    // A copy per row (value by value, the copies took 3 % of a prompt's time).
+                    // A copy per row (value by value, these copies took 3 % of a Gemma 3 prompt's time).
                     let mut part = Vec::with_capacity(tokens * width);
                     for row in all.chunks_exact(total) {
                         part.extend_from_slice(&row[start..start + width]);
