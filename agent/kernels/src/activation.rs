@@ -199,7 +199,7 @@ fn vector_exp(x: f32) -> f32 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     #[cfg(target_arch = "x86_64")]
     use crate::simd::{Avx2, Baseline};
@@ -237,17 +237,19 @@ mod tests {
         }
     }
 
+    /// A pool of `threads` threads, to run a kernel with as many as a test needs.
+    pub(crate) fn pool(threads: usize) -> rayon::ThreadPool {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .expect("a thread pool")
+    }
+
     /// A prompt's rows spread over the threads (pieces of whole rows, and of whole 16-value vectors for
     /// SwiGLU, whose values past the last multiple of 16 take libm's exponential) give the values one
     /// thread gives, bit for bit.
     #[test]
     fn spreading_rows_over_threads_changes_no_value() {
-        let pool = |threads| {
-            rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .expect("a thread pool")
-        };
         let (one, three) = (pool(1), pool(3));
         let bits = |values: Vec<f32>| values.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
         // 41 rows of 576 and 40 x 576 + 7 values: past the spreading threshold, pieces of unequal

@@ -622,12 +622,7 @@ pub(crate) mod tests {
 
     /// [`quantize_rows`] for `F` gives the same blocks with one thread and with three.
     pub(crate) fn check_quantizing_over_threads<F: Format>() {
-        let pool = |threads| {
-            rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .expect("a thread pool")
-        };
+        use crate::activation::tests::pool;
         // 37 rows of 768: past the spreading threshold, in pieces that end mid-row.
         let input: Vec<f32> = (0..37 * 768)
             .map(|index| ((index * 7919) % 4001) as f32 / 97.0 - 20.0)
